@@ -1,0 +1,1 @@
+"""Bundled YAML configs, shipped as package data so `--config NAME.yaml` works from any directory."""

@@ -1,0 +1,11 @@
+"""The one error type a user ever sees.
+
+Raise `SppError` where a bad value is used, with a message that names the
+user's thing (flag, file, key, record, module and shape) and says what would be
+valid. `spp.cli` prints it as a single `error: ...` line and exits non-zero;
+every other exception is a bug and keeps its traceback.
+"""
+
+
+class SppError(Exception):
+    """A problem with the user's input or environment, reported as one line."""

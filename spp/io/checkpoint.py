@@ -1,0 +1,254 @@
+"""Checkpoint directories: file names, atomic output directories, hashing and safetensors checks.
+
+An spp output is a plain `save_pretrained` directory plus `masks.safetensors` and
+`spp_manifest.json`. It is always built in a sibling `DIR.partial/` and renamed into
+place at the end, so a crash leaves either the complete output or none. This module
+owns the file-name constants; no other module spells a file name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from spp.errors import SppError
+
+MASK_FILE = "masks.safetensors"
+MANIFEST_FILE = "spp_manifest.json"
+RESOLVED_CONFIG_FILE = "spp_config.yaml"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's names, so the files look familiar
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+RESULTS_FILE = "results.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(output: Path) -> Path:
+    """The fixed sibling where `output` is built (fixed so a resumed run can find it)."""
+    output = Path(output)
+    return output.with_name(output.name + PARTIAL_SUFFIX)
+
+
+def check_output_dir(output: Path, overwrite: bool, flag: str = "--output") -> None:
+    """Refuse an existing output (unless `overwrite`) or an unwritable parent, before any heavy work.
+
+    Raises:
+        SppError: naming the directory and the flag that would allow it.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise SppError(f"{flag} {output} already exists; pass --overwrite to replace it")
+    if output.exists() and not output.is_dir():
+        raise SppError(f"{flag} {output} exists and is not a directory")
+    parent = output.resolve().parent
+    probe = parent
+    while not probe.exists():  # the first existing ancestor decides whether we can create the rest
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise SppError(f"{flag} {output}: cannot write into {probe} (permission denied)")
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def describe_os_error(exc: OSError, path: Path) -> str:
+    """One line for an OSError on an output path, naming disk-full and permission errors as such."""
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device while writing {path}; nothing was kept"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied while writing {path}; nothing was kept"
+    return f"could not write {path}: {exc.strerror or exc}"
+
+
+@contextlib.contextmanager
+def atomic_dir(output: Path, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """Build a directory in `output.partial/` and rename it to `output` only when the block succeeds.
+
+    A leftover `output.partial/` from an earlier crash is removed first, unless
+    `resume` asks to keep it (a resumable stage reads its progress from there).
+    On any exception the partial directory is removed, except for `KeyboardInterrupt`
+    in resumable mode, so that a later `--resume` can continue. With `overwrite`, an
+    existing `output` is replaced only after the new one is complete.
+
+    Yields:
+        The partial directory to write into.
+
+    Raises:
+        SppError: the output exists without `overwrite`, or the disk is full / not writable.
+    """
+    output = Path(output)
+    check_output_dir(output, overwrite)
+    partial = partial_path(output)
+    if partial.exists() and not resume:
+        shutil.rmtree(partial)
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+        yield partial
+        _fsync_tree(partial)
+        if output.exists():
+            old = output.with_name(output.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            output.rename(old)
+            partial.rename(output)
+            shutil.rmtree(old)
+        else:
+            partial.rename(output)
+        _fsync_dir(output.parent)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise SppError(describe_os_error(exc, output)) from exc
+    except BaseException:
+        if not resume:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str = "file") -> dict:
+    """Read a JSON object, turning a missing or malformed file into an SppError that names it."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError as exc:
+        raise SppError(f"{what} {path} does not exist") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SppError(f"{what} {path} is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise SppError(f"{what} {path} must hold a JSON object")
+    return obj
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The weight shards of a saved model directory (masks and adapters excluded), sorted."""
+    model_dir = Path(model_dir)
+    skip = {MASK_FILE, ADAPTER_WEIGHTS_FILE}
+    return sorted(p for p in model_dir.glob("*.safetensors") if p.name not in skip)
+
+
+def safetensors_keys(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """Read a safetensors header without loading tensors: name -> (dtype, shape).
+
+    Raises:
+        SppError: the file is truncated or its header is corrupt (names the file).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+        end = 0
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            out[name] = (info["dtype"], list(info["shape"]))
+            end = max(end, info["data_offsets"][1])
+        if 8 + n + end > size:
+            raise ValueError(f"data ends at byte {8 + n + end} but the file has {size}")
+    except FileNotFoundError as exc:
+        raise SppError(f"{path} does not exist") from exc
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise SppError(f"{path} is not a valid safetensors file (truncated or corrupt: {exc})") from exc
+    return out
+
+
+def save_model(model, tokenizer, directory: Path, max_shard_size: str = "2GB") -> None:
+    """`save_pretrained` the model (safetensors shards of at most `max_shard_size`) and its tokenizer."""
+    model.save_pretrained(str(directory), max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+
+
+def shard_index(model_dir: Path) -> dict[str, Path]:
+    """Saved tensor name -> the shard file that holds it, from the shards' headers."""
+    index = {}
+    for shard in safetensors_files(model_dir):
+        for name in safetensors_keys(shard):
+            index[name] = shard
+    return index
+
+
+def saved_tensor_names(model, model_dir: Path, param_names: list[str]) -> dict[str, str]:
+    """Map in-memory parameter names to the names they were saved under in `model_dir`.
+
+    Most families save parameters under their own names; some rename on save
+    (transformers 5 reverses load-time key conversions, e.g. GPT-NeoX's head). A name
+    not found verbatim is matched by value: the unique saved tensor of equal shape
+    whose content equals the parameter bitwise.
+
+    Raises:
+        RuntimeError: a parameter cannot be matched (a bug, not a user error).
+    """
+    from safetensors import safe_open
+
+    index = shard_index(model_dir)
+    params = dict(model.named_parameters())
+    mapping = {}
+    for name in param_names:
+        if name in index:
+            mapping[name] = name
+            continue
+        value = params[name].detach().cpu()
+        hits = []
+        for key, shard in index.items():
+            with safe_open(str(shard), "pt") as f:
+                if list(f.get_slice(key).get_shape()) == list(value.shape) and torch_equal(f.get_tensor(key), value):
+                    hits.append(key)
+        if len(hits) != 1:
+            raise RuntimeError(f"cannot tell which saved tensor holds parameter {name} (candidates: {hits})")
+        mapping[name] = hits[0]
+    return mapping
+
+
+def torch_equal(a, b) -> bool:
+    """Bitwise equality of two tensors (so +0.0 and -0.0 differ)."""
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))

@@ -1,0 +1,88 @@
+"""Shared fixtures: offline mode, tiny random models per architecture, and the shared data directory."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny configs, one per architecture family: 2 layers, hidden 32, inputs divisible by 8.
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=128),
+    "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
+                    sliding_window=16),
+    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
+                  use_sliding_window=True, sliding_window=16, max_window_layers=1),
+    "qwen3": dict(model_type="qwen3", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128,
+                  max_position_embeddings=128),
+    "gemma2": dict(model_type="gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128,
+                   max_position_embeddings=128, sliding_window=16),
+    "phi3": dict(model_type="phi3", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
+                 pad_token_id=0),
+    "opt": dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=128, max_position_embeddings=128, word_embed_proj_dim=32),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=128,
+                 bos_token_id=0, eos_token_id=0),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, vocab_size=128, max_position_embeddings=128),
+}
+ARCHS = sorted(TINY_CONFIGS)
+
+
+def make_tiny_model(arch: str = "llama", seed: int = 0):
+    """A seeded random causal LM of the given family, in eval mode, float32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(TINY_CONFIGS[arch])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory fixture: `tiny_model("qwen2")` returns a fresh seeded model."""
+    return make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data`, or a clean skip naming the missing path."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_writes_into_repo():
+    """Fail the run if tests wrote files into the repository (everything belongs under tmp_path)."""
+    import subprocess
+
+    def status():
+        try:
+            return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
+                                  capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    before = status()
+    yield
+    after = status()
+    if before is not None and after is not None and after != before:
+        new = sorted(set(after.splitlines()) - set(before.splitlines()))
+        if new:
+            pytest.fail(f"tests wrote into the repository: {new[:10]}")
