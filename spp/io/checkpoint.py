@@ -252,3 +252,32 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def masks_by_parameter(model, model_dir: Path) -> dict[str, "torch.Tensor"]:
+    """Load `model_dir/masks.safetensors` keyed by the in-memory parameter names of `model`.
+
+    Masks come back in the stored weight's shape (Conv1D: (in, out)), bool, True = keep.
+
+    Raises:
+        SppError: the mask file is missing or corrupt, or names a tensor the model does not have
+            or with another shape.
+    """
+    from spp.io.maskfile import load_masks
+
+    masks, _ = load_masks(Path(model_dir) / MASK_FILE)
+    params = dict(model.named_parameters())
+    saved_for = saved_tensor_names(model, model_dir, [n for n in params if n.endswith("weight") and params[n].dim() == 2])
+    param_for = {saved: name for name, saved in saved_for.items()}
+    out = {}
+    for saved, keep in masks.items():
+        name = param_for.get(saved)
+        if name is None:
+            raise SppError(f"{Path(model_dir) / MASK_FILE} names {saved}, which the model in {model_dir} does not have")
+        if tuple(keep.shape) != tuple(params[name].shape):
+            raise SppError(
+                f"{Path(model_dir) / MASK_FILE}: mask for {saved} has shape {tuple(keep.shape)} "
+                f"but the weight has {tuple(params[name].shape)}"
+            )
+        out[name] = keep
+    return out
