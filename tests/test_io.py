@@ -1,0 +1,175 @@
+"""io/: atomic output directories, the mask file, manifests and safetensors checks."""
+
+import errno
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spp.errors import SppError
+from spp.io.checkpoint import (
+    MASK_FILE,
+    atomic_dir,
+    partial_path,
+    read_json,
+    safetensors_keys,
+    sha256_file,
+    torch_equal,
+    write_json,
+)
+from spp.io.manifest import Manifest, check_mask_hash, read_manifest, settings_sha256, write_manifest
+from spp.io.maskfile import load_masks, pack_bits, save_masks, unpack_bits
+
+
+def test_atomic_dir_renames_only_on_success(tmp_path):
+    out = tmp_path / "out"
+    with atomic_dir(out) as part:
+        assert part == partial_path(out)
+        (part / "a.txt").write_text("x")
+        assert not out.exists()
+    assert (out / "a.txt").read_text() == "x"
+    assert not partial_path(out).exists()
+
+
+def test_atomic_dir_removes_partial_on_error(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError):
+        with atomic_dir(out) as part:
+            (part / "a.txt").write_text("x")
+            raise ValueError("boom")
+    assert not out.exists() and not partial_path(out).exists()
+
+
+def test_atomic_dir_refuses_existing_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(SppError, match="already exists"):
+        with atomic_dir(out):
+            pass
+    assert (out / "old.txt").exists()
+    with pytest.raises(RuntimeError):  # a failed overwrite keeps the old output
+        with atomic_dir(out, overwrite=True) as part:
+            (part / "new.txt").write_text("new")
+            raise RuntimeError
+    assert (out / "old.txt").exists()
+    with atomic_dir(out, overwrite=True) as part:
+        (part / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+def test_atomic_dir_clears_a_stale_partial_but_resume_keeps_it(tmp_path):
+    out = tmp_path / "out"
+    partial_path(out).mkdir()
+    (partial_path(out) / "stale").write_text("s")
+    with atomic_dir(out, resume=True) as part:
+        assert (part / "stale").exists()
+    partial_path(out).mkdir()
+    (partial_path(out) / "stale").write_text("s")
+    with atomic_dir(tmp_path / "out2") as part:
+        pass
+    with atomic_dir(out, overwrite=True) as part:
+        assert not (part / "stale").exists()
+
+
+@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "no space left"), (errno.EACCES, "permission denied")])
+def test_atomic_dir_reports_disk_errors_and_leaves_nothing(tmp_path, code, words):
+    out = tmp_path / "out"
+    with pytest.raises(SppError, match=words):
+        with atomic_dir(out) as part:
+            (part / "half").write_text("x")
+            raise OSError(code, "simulated")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_json_roundtrip_and_errors(tmp_path):
+    write_json(tmp_path / "a.json", {"k": [1, 2]})
+    assert read_json(tmp_path / "a.json") == {"k": [1, 2]}
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(SppError, match="not valid JSON"):
+        read_json(tmp_path / "bad.json")
+    with pytest.raises(SppError, match="does not exist"):
+        read_json(tmp_path / "missing.json")
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 9), inp=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_pack_bits_roundtrip_and_size(out, inp, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(out, inp, generator=g) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (out, (inp + 7) // 8)
+    assert torch.equal(unpack_bits(packed, inp), mask)
+
+
+def test_pack_bits_little_bit_order():
+    mask = torch.zeros(1, 9, dtype=torch.bool)
+    mask[0, 0] = mask[0, 3] = mask[0, 8] = True
+    assert pack_bits(mask).tolist() == [[0b1001, 1]]
+
+
+def test_mask_file_roundtrip_with_layouts(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    masks = {"a.weight": torch.rand(6, 16, generator=g) > 0.5, "b.weight": torch.rand(16, 6, generator=g) > 0.5}
+    layouts = {"a.weight": "linear", "b.weight": "conv1d"}
+    save_masks(tmp_path / MASK_FILE, masks, layouts)
+    loaded, loaded_layouts = load_masks(tmp_path / MASK_FILE)
+    assert loaded_layouts == layouts
+    for k in masks:
+        assert torch.equal(loaded[k], masks[k])
+    # packed along the input axis: at most numel/8 bytes + padding per output row
+    keys = safetensors_keys(tmp_path / MASK_FILE)
+    assert keys["a.weight"] == ("U8", [6, 2]) and keys["b.weight"] == ("U8", [6, 2])
+
+
+def test_mask_file_corrupt_or_foreign(tmp_path):
+    path = tmp_path / MASK_FILE
+    save_masks(path, {"a": torch.ones(2, 8, dtype=torch.bool)}, {"a": "linear"})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SppError, match="corrupt|truncated"):
+        load_masks(path)
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2, dtype=torch.uint8)}, str(path))
+    with pytest.raises(SppError, match="not an spp mask file"):
+        load_masks(path)
+    with pytest.raises(SppError, match="does not exist"):
+        load_masks(tmp_path / "nope.safetensors")
+
+
+def test_safetensors_keys_detects_truncation(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.randn(4, 4)}, str(path))
+    assert safetensors_keys(path) == {"w": ("F32", [4, 4])}
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(SppError, match="truncated or corrupt"):
+        safetensors_keys(path)
+
+
+def test_manifest_roundtrip_and_mask_hash(tmp_path):
+    save_masks(tmp_path / MASK_FILE, {"a": torch.ones(2, 8, dtype=torch.bool)}, {"a": "linear"})
+    (tmp_path / "config.json").write_text("{}")
+    m = write_manifest(tmp_path, Manifest(stage="prune", settings={"b": 1, "a": 2}, details={"x": 1}))
+    assert m.mask_sha256 == sha256_file(tmp_path / MASK_FILE)
+    assert set(m.outputs) == {MASK_FILE, "config.json"}
+    back = read_manifest(tmp_path)
+    assert back.settings_sha256 == settings_sha256({"a": 2, "b": 1}) and back.details == {"x": 1}
+    assert check_mask_hash(tmp_path, m.mask_sha256, "the manifest") == m.mask_sha256
+    with pytest.raises(SppError, match="different base"):
+        check_mask_hash(tmp_path, "0" * 64, "the adapter config")
+    raw = json.loads((tmp_path / "spp_manifest.json").read_text())
+    raw["schema_version"] = 99
+    (tmp_path / "spp_manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(SppError, match="schema"):
+        read_manifest(tmp_path)
+
+
+def test_torch_equal_distinguishes_signed_zero():
+    assert torch_equal(torch.tensor([0.0]), torch.tensor([0.0]))
+    assert not torch_equal(torch.tensor([0.0]), torch.tensor([-0.0]))
