@@ -1,0 +1,20 @@
+"""Named fault-injection points for crash tests.
+
+`SPP_FAULT=<point>:<n>` makes the process SIGKILL itself the n-th time it reaches
+`fault_point(point, n)` (for example `prune_block:1` after block 1 is persisted,
+`train_step:3` after step 3, `checkpoint_write:2` in the middle of writing
+checkpoint 2). SIGKILL, not an exception, so no cleanup code runs: the test sees
+exactly what a lost node leaves behind. Without the variable this is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def fault_point(point: str, n: int) -> None:
+    """Kill this process if `$SPP_FAULT` names this point and count."""
+    spec = os.environ.get("SPP_FAULT")
+    if spec and spec == f"{point}:{n}":
+        os.kill(os.getpid(), signal.SIGKILL)
