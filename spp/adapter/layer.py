@@ -1,0 +1,241 @@
+"""The SPP layer: pure weight functions, the one-matmul autograd function, and `SPPLinear`.
+
+SPP (Lu et al., "SPP: Sparsity-Preserved Parameter-Efficient Fine-Tuning for Large
+Language Models", ICML 2024) adapts a frozen pruned weight W by *multiplying* it:
+
+    W_eff = W ⊙ (1 + s·Â ⊙ β·1ᵀ)
+
+so every zero of W stays zero. This module owns the math and the layer; finding the
+layers of a model and saving adapters is `spp.adapter.model`.
+
+Shapes: W (out, in) in the (out, in) view (GPT-2's Conv1D stores it (in, out));
+α (r, in); β (out,); Â (out, in) is α with row k repeated over the k-th of r nearly
+equal contiguous blocks of output rows (the first out mod r blocks have one row more).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spp.errors import SppError
+from spp.models import is_conv1d, weight_out_in
+
+
+def row_blocks(out_features: int, r: int) -> list[tuple[int, int, int, int]]:
+    """Split `out_features` rows into r nearly equal contiguous groups, as at most two uniform runs.
+
+    Returns:
+        [(first_row, first_group, n_groups, rows_per_group), ...]: groups of q + 1 rows first
+        (out mod r of them), then groups of q rows, with q = out // r. Empty runs are left out.
+    """
+    q, m = divmod(out_features, r)
+    runs = [(0, 0, m, q + 1), (m * (q + 1), m, r - m, q)]
+    return [run for run in runs if run[2] > 0 and run[3] > 0]
+
+
+def expand_rows(alpha: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Â: repeat row k of α over the k-th contiguous block of output rows.
+
+    Args:
+        alpha: α, (r, in).
+        out_features: out.
+
+    Returns:
+        Â, (out, in). Equals `alpha.repeat_interleave(out // r, 0)` when r divides out (not tiling).
+    """
+    q, m = divmod(out_features, alpha.shape[0])
+    return torch.cat([alpha[:m].repeat_interleave(q + 1, 0), alpha[m:].repeat_interleave(q, 0)])
+
+
+def spp_delta(W: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW = s·W ⊙ (Â ⊙ β·1ᵀ), the naive reference form (allocates Â).
+
+    Args:
+        W: (out, in). alpha: α, (r, in). beta: β, (out,). scale: s.
+
+    Returns:
+        (out, in) in the promoted dtype of the inputs.
+    """
+    return scale * W * (expand_rows(alpha, W.shape[0]) * beta[:, None])
+
+
+def _compute_dtype(W: torch.Tensor, alpha: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when W or α is float64 (so float64 checks stay exact)."""
+    return torch.promote_types(torch.promote_types(W.dtype, alpha.dtype), torch.float32)
+
+
+def effective_weight(W: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float) -> torch.Tensor:
+    """W_eff = W ⊙ (1 + s·Â ⊙ β·1ᵀ), computed in float32 (float64 for float64 inputs), cast to W's dtype.
+
+    Builds Â ⊙ β·1ᵀ by broadcasting over row groups into one preallocated (out, in) float32
+    buffer, so the only full-size temporaries are that buffer and, for bf16/fp16, the cast.
+    Pruned zeros of W stay zero, though a negative factor turns +0.0 into -0.0
+    (`spp_merge_weight` with a keep-mask restores +0.0).
+
+    Args:
+        W: (out, in), any float dtype. alpha: α, (r, in). beta: β, (out,). scale: s.
+
+    Returns:
+        (out, in), dtype of W.
+    """
+    out_features, in_features = W.shape
+    dtype = _compute_dtype(W, alpha)
+    alpha32, beta32 = alpha.to(dtype), beta.to(dtype)
+    factor = torch.empty_like(W, dtype=dtype)  # same strides as W: Conv1D's (in, out) storage stays so
+    for row0, group0, n_groups, rows in row_blocks(out_features, alpha.shape[0]):
+        view = factor[row0 : row0 + n_groups * rows].view(n_groups, rows, in_features)  # (g, p, in)
+        b = beta32[row0 : row0 + n_groups * rows].view(n_groups, rows, 1)  # (g, p, 1)
+        torch.mul(b, alpha32[group0 : group0 + n_groups, None, :], out=view)  # β ⊙ Â, per group
+    factor.mul_(scale).add_(1.0).mul_(W)  # W ⊙ (1 + s·Â ⊙ β)
+    return factor.to(W.dtype)
+
+
+def spp_merge_weight(
+    W: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The merged weight W ⊙ (1 + s·Â ⊙ β·1ᵀ) in float32, cast back, pruned entries set to +0.0.
+
+    Bitwise equal to the weight the training forward uses (same function, same order of
+    operations), so a merged model reproduces the adapter model.
+
+    Args:
+        W: (out, in). alpha: α, (r, in). beta: β, (out,). scale: s.
+        keep: optional bool keep-mask, (out, in); where False the result is +0.0.
+
+    Returns:
+        (out, in), dtype of W.
+    """
+    merged = effective_weight(W, alpha, beta, scale)
+    if keep is None:
+        return merged
+    return torch.where(keep, merged, torch.zeros((), dtype=merged.dtype, device=merged.device))
+
+
+def _group_grads(G: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float):
+    """dα and dβ from G = dL/dW_eff ⊙ W, by batched reductions over the row groups.
+
+    dα[k, i] = s·Σ_{o in block k} β[o]·G[o, i];  dβ[o] = s·Σ_i Â[o, i]·G[o, i].
+
+    Args:
+        G: (out, in). alpha: α, (r, in). beta: β, (out,).
+
+    Returns:
+        (dα (r, in), dβ (out,)) in the dtypes of α and β.
+    """
+    out_features, in_features = G.shape
+    acc = _compute_dtype(G, alpha)
+    d_alpha = torch.zeros_like(alpha, dtype=acc)
+    d_beta = torch.zeros_like(beta, dtype=acc)
+    a, b = alpha.to(G.dtype), beta.to(G.dtype)
+    for row0, group0, n_groups, rows in row_blocks(out_features, alpha.shape[0]):
+        rows_end, groups_end = row0 + n_groups * rows, group0 + n_groups
+        g = G[row0:rows_end].reshape(n_groups, rows, in_features)  # (g, p, in)
+        b_run = b[row0:rows_end].view(n_groups, 1, rows)  # (g, 1, p)
+        a_run = a[group0:groups_end].unsqueeze(-1)  # (g, in, 1)
+        d_alpha[group0:groups_end] = torch.bmm(b_run, g).squeeze(1).to(acc)  # (g, in)
+        d_beta[row0:rows_end] = torch.bmm(g, a_run).flatten().to(acc)  # (g·p,)
+    return (d_alpha * scale).to(alpha.dtype), (d_beta * scale).to(beta.dtype)
+
+
+class SPPFunction(torch.autograd.Function):
+    """y = x·W_effᵀ + b with W_eff = W ⊙ (1 + s·Â ⊙ β·1ᵀ), in one matrix product.
+
+    Forward keeps x, W, α, β (not W_eff, which backward rebuilds). Backward:
+    dx = dy·W_eff, G = (dyᵀ·x) ⊙ W, then dα and dβ by group reductions of G.
+    W is frozen: it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, alpha, beta, bias, scale):
+        ctx.scale = scale
+        ctx.save_for_backward(x, W, alpha, beta)
+        ctx.has_bias = bias is not None
+        return F.linear(x, effective_weight(W, alpha, beta, scale), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, W, alpha, beta = ctx.saved_tensors
+        needs_x, _, needs_alpha, needs_beta, needs_bias, _ = ctx.needs_input_grad
+        out_features, in_features = W.shape
+        grad_x = d_alpha = d_beta = grad_bias = None
+        if needs_x:
+            W_eff = effective_weight(W, alpha, beta, ctx.scale).to(grad_y.dtype)
+            grad_x = (grad_y @ W_eff).to(x.dtype)
+            del W_eff
+        dy = grad_y.reshape(-1, out_features)  # (N, out)
+        if needs_alpha or needs_beta:
+            G = dy.t() @ x.reshape(-1, in_features).to(dy.dtype)  # dL/dW_eff, (out, in)
+            G.mul_(W)  # ⊙ W, in place: no second (out, in) buffer
+            d_alpha, d_beta = _group_grads(G, alpha, beta, ctx.scale)
+        if needs_bias and ctx.has_bias:
+            grad_bias = dy.sum(0)
+        return grad_x, None, d_alpha, d_beta, grad_bias, None
+
+
+class SPPLinear(nn.Module):
+    """A frozen (pruned) linear layer with the SPP adapter.
+
+        y = W·x + s·(W ⊙ (Â ⊙ β·1ᵀ))·x + b  =  (W ⊙ (1 + s·Â ⊙ β·1ᵀ))·x + b
+
+    with W (out, in) frozen, α (r, in) and β (out,) learnable, Â (out, in) = row k of α
+    repeated over the k-th contiguous block of output rows, and s = lora_alpha / lora_r.
+    Every zero of W stays zero, since the update multiplies W elementwise. At init α is
+    Kaiming-uniform (a = √5) and β = 0, so the layer equals the base layer exactly.
+    α and β are float32 for bf16/fp16/fp32 bases (W_eff is computed in float32 and cast
+    to the base dtype). The base may be `nn.Linear` or GPT-2's `Conv1D` (weight
+    stored (in, out)); it is kept as `base_layer`, as in PEFT.
+    Reference: Lu et al., "SPP: Sparsity-Preserved Parameter-Efficient Fine-Tuning for
+    Large Language Models", ICML 2024.
+
+    Args:
+        base_layer: the layer to adapt (its parameters are frozen here).
+        row_groups: r, at most out.
+        scale: s.
+    """
+
+    def __init__(self, base_layer: nn.Module, row_groups: int, scale: float):
+        super().__init__()
+        out_features, in_features = weight_out_in(base_layer).shape
+        if not 1 <= row_groups <= out_features:
+            raise SppError(f"spp_row_groups={row_groups} must be between 1 and the layer's {out_features} output rows")
+        self.base_layer = base_layer.requires_grad_(False)
+        self.scale = float(scale)
+        device = base_layer.weight.device
+        dtype = torch.promote_types(base_layer.weight.dtype, torch.float32)  # fp32 for bf16/fp16 bases
+        self.spp_alpha = nn.Parameter(torch.empty(row_groups, in_features, dtype=dtype, device=device))
+        self.spp_beta = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.spp_alpha, a=math.sqrt(5))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's (frozen) weight, for code that inspects `layer.weight`."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = weight_out_in(self.base_layer)  # (out, in) view
+        return SPPFunction.apply(x, W, self.spp_alpha, self.spp_beta, self.base_layer.bias, self.scale)
+
+    @torch.no_grad()
+    def merged_weight(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """W ⊙ (1 + s·Â ⊙ β·1ᵀ) in the base layer's storage layout and dtype.
+
+        Args:
+            keep: bool keep-mask in the storage layout; default `W != 0`, so every zero
+                of W (in particular every pruned entry) comes out +0.0.
+        """
+        W = weight_out_in(self.base_layer)
+        keep_out_in = (W != 0) if keep is None else (keep.t() if is_conv1d(self.base_layer) else keep)
+        merged = spp_merge_weight(W, self.spp_alpha, self.spp_beta, self.scale, keep_out_in)
+        return merged.t().contiguous() if is_conv1d(self.base_layer) else merged
+
+    def extra_repr(self) -> str:
+        r, in_features = self.spp_alpha.shape
+        return f"row_groups={r}, in={in_features}, out={self.spp_beta.shape[0]}, scale={self.scale:g}"

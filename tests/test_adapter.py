@@ -1,0 +1,355 @@
+"""The SPP adapter: layer math against the naive formula, dtypes, layouts, and model wrapping."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from spp.adapter.config import AdapterConfig
+from spp.adapter.layer import (SPPFunction, SPPLinear, effective_weight, expand_rows, row_blocks, spp_delta,
+                               spp_merge_weight)
+from spp.adapter.model import (adapter_state_dict, add_spp, count_trainable, load_adapter, merge_spp,
+                               save_adapter)
+from spp.errors import SppError
+from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from spp.models import weight_out_in
+from spp.prune.masks import apply_mask, unstructured_mask
+
+SHAPES = [(12, 5, 4), (10, 6, 4), (7, 3, 2), (5, 4, 5), (9, 8, 1)]  # (out, in, r); 10/4 and 7/2 not divisible
+
+
+def group_of_rows(out_features: int, r: int) -> torch.Tensor:
+    """Row -> group index by the definition: r nearly equal contiguous blocks, in order."""
+    return torch.cat([torch.full((len(c),), k) for k, c in enumerate(torch.tensor_split(torch.arange(out_features), r))])
+
+
+def naive_forward(x, W, alpha, beta, bias, s):
+    """y = W x + s·(W ⊙ Â ⊙ β) x + b, two matrix products, Â built row by row from its definition."""
+    A_hat = alpha[group_of_rows(W.shape[0], alpha.shape[0])]
+    return F.linear(x, W, bias) + s * F.linear(x, W * (A_hat * beta[:, None]))
+
+
+def random_params(out, inp, r, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inp, generator=g, dtype=dtype)
+    alpha = torch.randn(r, inp, generator=g, dtype=dtype)
+    beta = torch.randn(out, generator=g, dtype=dtype)
+    return W, alpha, beta
+
+
+# ------------------------------------------------------------------ pure functions
+
+
+@pytest.mark.parametrize("out,inp,r", SHAPES)
+def test_expand_rows_matches_the_block_definition(out, inp, r):
+    _, alpha, _ = random_params(out, inp, r)
+    assert torch.equal(expand_rows(alpha, out), alpha[group_of_rows(out, r)])
+    sizes = [n_groups * rows for _, _, n_groups, rows in row_blocks(out, r)]
+    assert sum(sizes) == out
+
+
+def test_expand_rows_is_repeat_interleave_not_tiling():
+    alpha = torch.arange(6.0).view(3, 2)
+    A_hat = expand_rows(alpha, 6)
+    assert torch.equal(A_hat, alpha.repeat_interleave(2, 0))
+    assert torch.equal(A_hat[:2], alpha[[0, 0]])
+    assert not torch.equal(A_hat, alpha.repeat(2, 1))
+
+
+def test_uneven_blocks_put_the_larger_blocks_first():
+    alpha = torch.arange(3.0)[:, None]
+    assert expand_rows(alpha, 8).flatten().tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("out,inp,r", SHAPES)
+def test_effective_and_merged_weight_follow_the_formula(out, inp, r):
+    W, alpha, beta = random_params(out, inp, r)
+    s = 2.0
+    expected = W * (1 + s * alpha[group_of_rows(out, r)] * beta[:, None])
+    torch.testing.assert_close(effective_weight(W, alpha, beta, s), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(W + spp_delta(W, alpha, beta, s), expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(spp_merge_weight(W, alpha, beta, s), effective_weight(W, alpha, beta, s))
+
+
+def test_merge_keeps_pruned_entries_positive_zero_even_with_negative_factors():
+    W, alpha, beta = random_params(16, 8, 4, dtype=torch.float32)
+    keep = unstructured_mask(W.abs(), 0.5)
+    W = apply_mask(W, keep)
+    beta = beta * 10  # many factors 1 + s·α·β are negative, which turns +0.0 into -0.0
+    raw = effective_weight(W, alpha, beta, 2.0)
+    assert torch.signbit(raw[~keep]).any(), "the test needs negative factors on pruned entries"
+    merged = spp_merge_weight(W, alpha, beta, 2.0, keep)
+    assert (merged[~keep] == 0).all() and not torch.signbit(merged[~keep]).any()
+    assert torch.equal(merged[keep], raw[keep])
+
+
+def test_merge_in_fp32_then_cast_back():
+    W, alpha, beta = random_params(8, 16, 2, dtype=torch.float32)
+    W16 = W.to(torch.bfloat16)
+    merged = spp_merge_weight(W16, alpha, beta, 2.0)
+    assert merged.dtype == torch.bfloat16
+    expected = (W16.float() * (1 + 2.0 * expand_rows(alpha, 8) * beta[:, None])).to(torch.bfloat16)
+    assert torch.equal(merged, expected)
+
+
+# ------------------------------------------------------------------ the autograd function
+
+
+@pytest.mark.parametrize("out,inp,r", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_function_gradcheck_float64(out, inp, r, with_bias):
+    W, alpha, beta = random_params(out, inp, r)
+    alpha.requires_grad_(True)
+    beta.requires_grad_(True)
+    x = torch.randn(2, 3, inp, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(out, dtype=torch.float64, requires_grad=True) if with_bias else None
+    inputs = (x, alpha, beta) + ((bias,) if with_bias else ())
+
+    def f(x, alpha, beta, *rest):
+        return SPPFunction.apply(x, W, alpha, beta, rest[0] if rest else None, 2.0)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("out,inp,r", SHAPES)
+def test_function_equals_naive_formula_in_value_and_gradient(out, inp, r):
+    W, alpha0, beta0 = random_params(out, inp, r, seed=1)
+    x0 = torch.randn(4, inp, dtype=torch.float64)
+    bias0 = torch.randn(out, dtype=torch.float64)
+    grad_y = torch.randn(4, out, dtype=torch.float64)
+    results = []
+    for fn in (lambda *a: SPPFunction.apply(a[0], W, *a[1:], 2.0), lambda *a: naive_forward(a[0], W, *a[1:], 2.0)):
+        leaves = [t.clone().requires_grad_(True) for t in (x0, alpha0, beta0, bias0)]
+        y = fn(*leaves)
+        y.backward(grad_y)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for ours, naive in zip(*results):
+        torch.testing.assert_close(ours, naive, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------ SPPLinear
+
+
+def make_layer(kind: str, out=10, inp=8, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    if kind == "conv1d":
+        layer = Conv1D(out, inp)
+        nn.init.normal_(layer.bias)
+    else:
+        layer = nn.Linear(inp, out, bias=(kind == "linear_bias"))
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d"])
+def test_at_init_the_layer_is_the_base_layer(kind):
+    base = make_layer(kind)
+    x = torch.randn(3, 8)
+    expected = base(x)
+    layer = SPPLinear(base, row_groups=3, scale=2.0)
+    assert torch.equal(layer(x), expected)
+    assert torch.equal(layer.spp_beta, torch.zeros(10))
+    bound = 1 / 8**0.5  # Kaiming-uniform with a = √5 on (r, in): U(-1/√in, 1/√in)
+    assert layer.spp_alpha.abs().max() <= bound and layer.spp_alpha.std() > 0.2 * bound
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d"])
+def test_layer_equals_naive_formula_for_each_layout(kind):
+    base = make_layer(kind, dtype=torch.float64)
+    layer = SPPLinear(base, row_groups=4, scale=2.0)  # out = 10, not divisible by 4
+    with torch.no_grad():
+        layer.spp_beta.normal_()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    y = layer(x)
+    W = weight_out_in(base).detach()
+    alpha = layer.spp_alpha.detach().clone().requires_grad_(True)
+    beta = layer.spp_beta.detach().clone().requires_grad_(True)
+    y_naive = naive_forward(x, W, alpha, beta, base.bias, 2.0)
+    torch.testing.assert_close(y, y_naive, rtol=1e-10, atol=1e-10)
+    y.square().sum().backward()
+    y_naive.square().sum().backward()
+    torch.testing.assert_close(layer.spp_alpha.grad, alpha.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.spp_beta.grad, beta.grad, rtol=1e-10, atol=1e-10)
+    assert base.weight.grad is None and not base.weight.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["linear_bias", "conv1d"])
+def test_merged_weight_is_in_storage_layout_and_reproduces_the_layer(kind):
+    base = make_layer(kind)
+    layer = SPPLinear(base, row_groups=4, scale=2.0)
+    with torch.no_grad():
+        layer.spp_beta.normal_()
+    x = torch.randn(3, 8)
+    y = layer(x)
+    merged = layer.merged_weight()
+    assert merged.shape == base.weight.shape
+    with torch.no_grad():
+        base.weight.copy_(merged)
+        torch.testing.assert_close(base(x), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_forward_and_backward_close_to_fp32(dtype):
+    base32 = make_layer("linear_bias", out=32, inp=64)
+    layer32 = SPPLinear(base32, row_groups=4, scale=2.0)
+    with torch.no_grad():
+        layer32.spp_beta.normal_(std=0.1)
+    layer16 = SPPLinear(make_layer("linear_bias", out=32, inp=64).to(dtype), row_groups=4, scale=2.0)
+    layer16.load_state_dict(layer32.state_dict())
+    assert layer16.spp_alpha.dtype == torch.float32
+    x = torch.randn(4, 64)
+    y32, y16 = layer32(x), layer16(x.to(dtype))
+    assert y16.dtype == dtype
+    torch.testing.assert_close(y16.float(), y32, rtol=3e-2, atol=3e-2)
+    y16.float().sum().backward()
+    y32.sum().backward()
+    assert layer16.spp_beta.grad.dtype == torch.float32
+    torch.testing.assert_close(layer16.spp_beta.grad, layer32.spp_beta.grad, rtol=5e-2, atol=5e-2)
+
+
+def test_autocast_bf16_trains():
+    layer = SPPLinear(make_layer("linear_bias", out=16, inp=8), row_groups=4, scale=2.0)
+    x = torch.randn(3, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.spp_alpha.grad.dtype == torch.float32
+
+
+def test_row_groups_larger_than_out_is_an_error():
+    with pytest.raises(SppError, match="spp_row_groups=20"):
+        SPPLinear(make_layer("linear"), row_groups=20, scale=2.0)
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_scale_json_round_trip_and_checks():
+    cfg = AdapterConfig(spp_row_groups=4, lora_alpha=32, lora_r=8, target_modules=["*proj"], mask_sha256="ab")
+    assert cfg.scale == 4.0
+    obj = json.loads(json.dumps(cfg.to_json()))
+    assert obj["peft_type"] == "SPP" and obj["scale"] == 4.0
+    assert AdapterConfig.from_json(obj) == cfg
+    with pytest.raises(SppError, match="one matrix product"):
+        AdapterConfig(lora_dropout=0.05)
+    with pytest.raises(SppError, match="spp_row_groups"):
+        AdapterConfig(spp_row_groups=0)
+    with pytest.raises(SppError, match="lora_r"):
+        AdapterConfig(lora_r=0)
+    with pytest.raises(SppError, match="not an SPP adapter"):
+        AdapterConfig.from_json({"peft_type": "LORA"})
+    with pytest.raises(SppError, match="spp_row_group"):
+        AdapterConfig.from_json({**obj, "spp_row_group": 3})
+
+
+# ------------------------------------------------------------------ whole models
+
+
+def prune_in_place(model, sparsity=0.5):
+    """Magnitude-prune every linear layer of the decoder blocks; keep-masks by parameter name."""
+    from spp.adapter.model import target_layers
+
+    masks = {}
+    with torch.no_grad():
+        for name, layer in target_layers(model, ["*"]).items():
+            keep = unstructured_mask(layer.weight.abs(), sparsity)
+            layer.weight.copy_(apply_mask(layer.weight, keep))
+            masks[f"{name}.weight"] = keep
+    return masks
+
+
+def perturb(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter_state_dict(model).items():
+            p.add_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("beta") else 0.1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_add_spp_wraps_targets_freezes_the_rest_and_starts_at_the_base(tiny_model, arch):
+    model = tiny_model(arch)
+    masks = prune_in_place(model)
+    ids = torch.randint(0, 128, (2, 12))
+    expected = model(ids).logits
+    names = add_spp(model, AdapterConfig(spp_row_groups=4), masks)
+    per_block = 7 if arch == "llama" else 4
+    assert len(names) == 2 * per_block
+    assert all(isinstance(model.get_submodule(n), SPPLinear) for n in names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(adapter_state_dict(model))
+    assert count_trainable(model) == sum(p.numel() for p in adapter_state_dict(model).values())
+    assert torch.equal(model(ids).logits, expected)
+
+
+def test_target_patterns_choose_layers(tiny_model):
+    model = tiny_model("llama")
+    names = add_spp(model, AdapterConfig(spp_row_groups=4, target_modules=["self_attn.*"]))
+    assert len(names) == 8 and all(".self_attn." in n for n in names)
+    with pytest.raises(SppError, match="already has SPP"):
+        add_spp(model, AdapterConfig())
+    with pytest.raises(SppError, match="match no linear layer.*q_proj"):
+        add_spp(tiny_model("llama"), AdapterConfig(target_modules=["attn.qkv"]))
+
+
+@pytest.mark.parametrize("bad", ["nonzero", "negative_zero"])
+def test_add_spp_refuses_a_base_that_breaks_its_mask(tiny_model, bad):
+    model = tiny_model("llama")
+    masks = prune_in_place(model)
+    name = "model.layers.1.mlp.down_proj.weight"
+    row, col = (~masks[name]).nonzero()[0].tolist()
+    with torch.no_grad():
+        model.get_parameter(name)[row, col] = 0.5 if bad == "nonzero" else -0.0
+    with pytest.raises(SppError, match="model.layers.1.mlp.down_proj: 1 entries"):
+        add_spp(model, AdapterConfig(spp_row_groups=4), masks)
+    assert not any(isinstance(m, SPPLinear) for m in model.modules())
+    assert model.get_parameter(name)[row, col].item() != 0 or torch.signbit(model.get_parameter(name)[row, col])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_save_load_and_in_memory_merge(tiny_model, tmp_path, arch):
+    model = tiny_model(arch)
+    masks = prune_in_place(model)
+    cfg = AdapterConfig(spp_row_groups=4, base_model="somewhere", mask_sha256="x" * 64)
+    add_spp(model, cfg, masks)
+    perturb(model)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        y_adapter = model(ids).logits
+    save_adapter(model, cfg, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted([ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE])
+
+    reloaded = tiny_model(arch)
+    prune_in_place(reloaded)
+    with torch.no_grad():
+        y_base = reloaded(ids).logits
+    assert load_adapter(reloaded, tmp_path / "adapter", masks) == cfg
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, y_adapter)
+        merge_spp(reloaded, masks)
+        assert not any(isinstance(m, SPPLinear) for m in reloaded.modules())
+        y_merged = reloaded(ids).logits
+    torch.testing.assert_close(y_merged, y_adapter, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y_merged, y_base, atol=1e-3)
+    for name, keep in masks.items():
+        w = reloaded.get_parameter(name)
+        assert (w[~keep] == 0).all() and not torch.signbit(w[~keep]).any()
+
+
+def test_load_adapter_bad_inputs(tiny_model, tmp_path):
+    model = tiny_model("llama")
+    cfg = AdapterConfig(spp_row_groups=4)
+    add_spp(model, cfg)
+    save_adapter(model, cfg, tmp_path / "ok")
+    with pytest.raises(SppError, match="does not exist"):
+        load_adapter(tiny_model("llama"), tmp_path / "missing")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / ADAPTER_CONFIG_FILE).write_text((tmp_path / "ok" / ADAPTER_CONFIG_FILE).read_text())
+    (tmp_path / "corrupt" / ADAPTER_WEIGHTS_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(SppError, match="corrupt"):
+        load_adapter(tiny_model("llama"), tmp_path / "corrupt")
+    (tmp_path / "ok" / ADAPTER_CONFIG_FILE).write_text(json.dumps({**cfg.to_json(), "spp_row_groups": 2}))
+    with pytest.raises(SppError, match="spp_alpha has shape \\(4, 32\\), the model needs \\(2, 32\\)"):
+        load_adapter(tiny_model("llama"), tmp_path / "ok")
