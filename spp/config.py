@@ -103,7 +103,7 @@ def merge_into(cls, layers: list[tuple[str, dict]]):
             if value is not None or _type_ok(None, hints[key]):
                 if not _type_ok(value, hints[key]):
                     raise SppError(f"{source}: {key}={value!r} should be {_describe(hints[key])}")
-                values[key] = int(value) if hints[key] is float and isinstance(value, int) else value
+                values[key] = float(value) if hints[key] is float and isinstance(value, int) else value
     try:
         return cls(**values)
     except TypeError as exc:  # a required field nobody supplied
@@ -154,6 +154,7 @@ class PruneConfig:
     offload_activations: bool = False  # keep calibration activations on the CPU between blocks
     blocksize: int = 128  # SparseGPT column block width
     percdamp: float = 0.01  # SparseGPT dampening, as a fraction of the mean Hessian diagonal
+    batch_size: int = 16  # calibration windows per block forward
 
     def __post_init__(self):
         from spp.prune.masks import parse_pattern
@@ -177,3 +178,119 @@ class PruneConfig:
             _check_range("--seqlen", self.seqlen, 1)
         _check_range("--blocksize", self.blocksize, 1)
         _check_range("--percdamp", self.percdamp, 0.0, lo_open=True)
+        _check_range("--batch-size", self.batch_size, 1)
+
+
+# --------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `spp train`. Key names follow alpaca-lora's `finetune.py` where one exists.
+
+    The global batch is `batch_size` examples; each process runs `micro_batch_size` at a
+    time and accumulates `batch_size / (micro_batch_size · processes)` micro-batches per
+    optimizer step. `num_epochs` sets the length unless `max_steps` is given.
+    """
+
+    base_model: str = ""  # an `spp prune` output directory
+    data_path: str = ""  # Alpaca .json/.jsonl, a plain .txt, or a `datasets` hub name
+    output_dir: str = ""
+    data_format: Literal["auto", "alpaca", "text"] = "auto"  # auto: .txt -> text, anything else -> alpaca
+    data_split: str = "train"  # split of a hub dataset
+    prompt_template: Literal["alpaca"] = "alpaca"
+    cutoff_len: int = 256
+    train_on_inputs: bool = True
+    add_eos_token: bool = True
+    val_set_size: int | float = 0  # a count, or a fraction < 1 of the records
+    micro_batch_size: int = 4
+    batch_size: int = 128
+    num_epochs: int = 1
+    max_steps: int | None = None
+    learning_rate: float = 4e-3  # the SPP reference's rate
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    logging_steps: int = 10
+    eval_steps: int = 200
+    save_steps: int = 200
+    save_total_limit: int = 2
+    spp_row_groups: int = 16
+    lora_alpha: float = 16.0
+    lora_r: int = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    overwrite: bool = False
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.cutoff_len < 2:
+            raise SppError(f"cutoff_len={self.cutoff_len} must be at least 2 (one input and one target token)")
+        if isinstance(self.val_set_size, float) and not 0 <= self.val_set_size < 1:
+            raise SppError(f"val_set_size={self.val_set_size}: a fraction must be in [0, 1); use an integer for a count")
+        _check_range("val_set_size", self.val_set_size, 0)
+        for key in ("micro_batch_size", "batch_size", "num_epochs", "logging_steps", "eval_steps", "save_steps",
+                    "save_total_limit", "spp_row_groups", "lora_r"):
+            _check_range(key, getattr(self, key), 1)
+        if self.max_steps is not None:
+            _check_range("max_steps", self.max_steps, 1)
+        if self.batch_size % self.micro_batch_size:
+            raise SppError(
+                f"batch_size={self.batch_size} is not divisible by micro_batch_size={self.micro_batch_size} "
+                "(batch_size is the global batch; gradient accumulation makes up the difference)"
+            )
+        _check_range("learning_rate", self.learning_rate, 0.0, lo_open=True)
+        _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        _check_range("weight_decay", self.weight_decay, 0.0)
+        if self.max_grad_norm is not None:
+            _check_range("max_grad_norm", self.max_grad_norm, 0.0, lo_open=True)
+        self.adapter_config()  # checks the adapter keys (a non-zero lora_dropout among them)
+
+    def adapter_config(self, base_model: str = "", mask_sha256: str = ""):
+        """The `AdapterConfig` these settings describe (it raises SppError on bad adapter keys)."""
+        from spp.adapter.config import AdapterConfig
+
+        return AdapterConfig(spp_row_groups=self.spp_row_groups, lora_alpha=self.lora_alpha, lora_r=self.lora_r,
+                             lora_dropout=self.lora_dropout, target_modules=list(self.target_modules),
+                             base_model=base_model, mask_sha256=mask_sha256)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@dataclass
+class EvalConfig:
+    """Settings of `spp eval`: perplexity sets (`ppl`) and lm-eval zero-shot tasks (`tasks`).
+
+    `seqlen` None means the model's context capped at 4096 (the published protocol:
+    2048 for LLaMA-1, 4096 for LLaMA-2). `task_data` None means the hub; a directory
+    means the local copies described in the README (`spp eval`, offline task data).
+    """
+
+    model: str
+    adapter: str | None = None
+    ppl: list[str] = dataclasses.field(default_factory=list)  # wikitext2, c4, ptb, NAME:PATH or PATH
+    seqlen: int | None = None
+    max_windows: int | None = None
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    task_data: str | None = None
+    limit: int | None = None
+    batch_size: int = 1
+    num_fewshot: int = 0
+    output: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if not self.ppl and not self.tasks:
+            raise SppError("nothing to evaluate: pass --ppl (e.g. wikitext2) and/or --tasks (e.g. boolq,piqa)")
+        for name in ("seqlen", "max_windows", "limit"):
+            if getattr(self, name) is not None:
+                _check_range("--" + name.replace("_", "-"), getattr(self, name), 1)
+        _check_range("--batch-size", self.batch_size, 1)
+        _check_range("--num-fewshot", self.num_fewshot, 0)

@@ -1,0 +1,246 @@
+"""Perplexity with the protocol of Wanda and SparseGPT: text -> ids -> windows -> summed NLL -> exp.
+
+The text of a set is tokenized once, as the reference code does
+(`tokenizer(text, return_tensors="pt")`, special tokens included: a LLaMA tokenizer
+puts one BOS at the very start of the stream, not one per window). The ids are cut
+into non-overlapping windows of `seqlen` tokens and a partial last window is dropped.
+Each window is one forward pass with no context from the previous one; its first
+token is not predicted, so a window contributes seqlen − 1 predicted tokens:
+
+    PPL = exp( Σ_w Σ_{t=1}^{seqlen−1} −log p(x_{w,t} | x_{w,<t}) / (n_windows · (seqlen − 1)) )
+
+which is exactly the reference's `exp(Σ_w mean_loss_w · seqlen / (n_windows · seqlen))`.
+Text construction per set (as in the reference code):
+
+- `wikitext2`: hub `Salesforce/wikitext` `wikitext-2-raw-v1` test rows joined with "\\n\\n".
+- `c4`: the first 1100 documents of `allenai/c4` `en/c4-validation.00000-of-00008.json.gz`
+  joined with " ", the ids truncated to 256 · seqlen.
+- `ptb`: the test sentences joined with " " (local file only, see `ptb_text`).
+- `NAME:PATH` gives a set's local copy; a bare PATH is a `.txt` read in text mode
+  (`wikitext-test.txt` read so is exactly the WikiText-2 text) or a `.jsonl` with a
+  `text` field (documents joined with "\\n\\n").
+
+This module owns the math and the text; model loading and output files live in `spp.eval`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spp.errors import SppError
+
+HUB_SETS = ("wikitext2", "c4", "ptb")
+C4_DOCS = 1100
+C4_WINDOWS = 256
+C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"
+
+
+@dataclass
+class PplText:
+    """The text of one perplexity set and where it came from."""
+
+    name: str  # wikitext2, c4, ptb, or the file's path
+    text: str
+    source: str  # hub id or local path
+    file_sha256: str | None = None  # of a local file
+    max_tokens_per_seqlen: int | None = None  # c4: ids truncated to this many windows
+
+    @property
+    def text_sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class PerplexityResult:
+    """Perplexity of one set with everything needed to reproduce it."""
+
+    ppl: float
+    nll_sum: float
+    predicted_tokens: int  # windows · (seqlen − 1)
+    windows: int
+    seqlen: int
+    total_tokens: int  # ids in the tokenized text (after the c4 truncation)
+
+
+# --------------------------------------------------------------------------- math
+
+
+def perplexity_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Cut a stream of ids into non-overlapping full windows (a view, no copy).
+
+    Args:
+        ids: LongTensor (n,).
+        seqlen: window length.
+        max_windows: keep at most this many windows (the first ones).
+
+    Returns:
+        LongTensor (w, seqlen) with w = min(⌊n / seqlen⌋, max_windows); the partial tail is dropped.
+    """
+    n_windows = ids.numel() // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    return ids[: n_windows * seqlen].view(n_windows, seqlen)
+
+
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1) -> tuple[float, int]:
+    """Summed next-token NLL over windows, `batch_size` windows per forward pass.
+
+    For a batch X of shape (b, s), logits L = model(X) of shape (b, s, V), and the
+    target of position t is X[:, t+1]; the last position of each window has no target
+    (label −100). The loss is summed in float32 per batch and accumulated in float64.
+
+    Returns:
+        (Σ −log p, number of predicted tokens = w · (s − 1)).
+    """
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, windows.shape[0], batch_size):
+            x = windows[start : start + batch_size].to(device)  # (b, s)
+            logits = model(input_ids=x, use_cache=False).logits  # (b, s, V)
+            labels = torch.full_like(x, -100)
+            labels[:, :-1] = x[:, 1:]
+            flat = logits.reshape(-1, logits.shape[-1])  # (b·s, V): a view, no copy
+            if flat.dtype != torch.float32:
+                flat = flat.float()
+            nll = torch.nn.functional.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum")
+            total += float(nll)
+            count += x.shape[0] * (x.shape[1] - 1)
+    return total, count
+
+
+def perplexity(model, ids: torch.Tensor, seqlen: int, batch_size: int = 1,
+               max_windows: int | None = None) -> PerplexityResult:
+    """PPL = exp(Σ NLL / predicted tokens) over the full windows of `ids` (see the module docstring).
+
+    Raises:
+        SppError: fewer than `seqlen` ids (not even one window).
+    """
+    if seqlen < 2:
+        raise SppError(f"--seqlen {seqlen} is too short: a window needs at least 2 tokens")
+    windows = perplexity_windows(ids, seqlen, max_windows)
+    if windows.shape[0] == 0:
+        raise SppError(f"the text has {ids.numel()} tokens, shorter than one window of --seqlen {seqlen}")
+    nll_sum, count = window_nll(model, windows, batch_size)
+    return PerplexityResult(ppl=math.exp(nll_sum / count), nll_sum=nll_sum, predicted_tokens=count,
+                            windows=windows.shape[0], seqlen=seqlen, total_tokens=ids.numel())
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """Ids of the whole text, exactly as the reference: `tokenizer(text, return_tensors="pt")`, BOS included.
+
+    Returns:
+        LongTensor (n,).
+    """
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "sequence longer than the maximum" is expected here
+    try:
+        return tokenizer(text, return_tensors="pt").input_ids[0]
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def set_ids(tokenizer, text: PplText, seqlen: int) -> torch.Tensor:
+    """Tokenize a set's text, applying its truncation (c4: 256 · seqlen ids)."""
+    ids = tokenize_text(tokenizer, text.text)
+    if text.max_tokens_per_seqlen is not None:
+        ids = ids[: text.max_tokens_per_seqlen * seqlen]
+    return ids
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _hub_rows(what: str, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(**kwargs)
+    except Exception as exc:  # offline, missing, or a script dataset: all mean "give a local copy"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SppError(
+            f"cannot load {what} from the hub ({first}); pass a local copy as --ppl {what}:PATH"
+        ) from exc
+
+
+def wikitext2_text() -> PplText:
+    """WikiText-2 raw test split from the hub, rows joined with "\\n\\n"."""
+    rows = _hub_rows("wikitext2", path="Salesforce/wikitext", name="wikitext-2-raw-v1", split="test")
+    return PplText("wikitext2", "\n\n".join(rows["text"]), "hub:Salesforce/wikitext/wikitext-2-raw-v1/test")
+
+
+def c4_text() -> PplText:
+    """The first 1100 documents of the first English C4 validation shard, joined with " "."""
+    rows = _hub_rows("c4", path="allenai/c4", data_files={"validation": C4_SHARD}, split="validation")
+    docs = rows[:C4_DOCS]["text"]
+    return PplText("c4", " ".join(docs), f"hub:allenai/c4/{C4_SHARD}", max_tokens_per_seqlen=C4_WINDOWS)
+
+
+def ptb_text(path: Path) -> PplText:
+    """PTB test sentences (one per line, e.g. `ptb.test.txt`), stripped and joined with " "."""
+    path = _existing(path, "ptb")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return PplText("ptb", " ".join(line.strip() for line in lines), str(path), _sha256(path))
+
+
+def local_text(path: Path, name: str | None = None, join: str = "\n\n") -> PplText:
+    """A local `.txt` (text mode, one document) or `.jsonl`/`.json` with a `text` field."""
+    from spp.data import read_text_documents
+
+    path = _existing(path, name or "--ppl")
+    docs = read_text_documents(path)
+    return PplText(name or str(path), join.join(docs), str(path), _sha256(path))
+
+
+def c4_local_text(path: Path) -> PplText:
+    """A local C4 validation sample (`.jsonl` with `text`): first 1100 documents joined with " "."""
+    from spp.data import read_text_documents
+
+    path = _existing(path, "c4")
+    docs = read_text_documents(path)[:C4_DOCS]
+    return PplText("c4", " ".join(docs), str(path), _sha256(path), max_tokens_per_seqlen=C4_WINDOWS)
+
+
+def ppl_text(spec: str) -> PplText:
+    """Resolve one `--ppl` entry: `wikitext2`, `c4`, `ptb`, `NAME:PATH`, or a local PATH.
+
+    Raises:
+        SppError: an unknown name, a missing file, or a hub set that cannot be loaded.
+    """
+    name, sep, path = spec.partition(":")
+    if sep and name in HUB_SETS and path:
+        return {"wikitext2": lambda p: local_text(p, "wikitext2"), "c4": c4_local_text, "ptb": ptb_text}[name](Path(path))
+    if spec == "wikitext2":
+        return wikitext2_text()
+    if spec == "c4":
+        return c4_text()
+    if spec == "ptb":
+        raise SppError(
+            "--ppl ptb needs a local copy: the hub's PTB (ptb_text_only) is a loading-script dataset that "
+            "current `datasets` no longer runs; pass --ppl ptb:PATH/ptb.test.txt"
+        )
+    if not Path(spec).exists() and "/" not in spec and "." not in spec:
+        from spp.config import nearest
+
+        raise SppError(f"--ppl {spec!r} is neither {', '.join(HUB_SETS)} nor an existing file{nearest(spec, HUB_SETS)}")
+    return local_text(Path(spec))
+
+
+def _existing(path: Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SppError(f"--ppl {what}: file {path} does not exist")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    from spp.io.checkpoint import sha256_file
+
+    return sha256_file(path)
