@@ -72,3 +72,285 @@ def tokenize_stream(tokenizer, documents: list[str]) -> torch.Tensor:
             ids.append(eos)
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
     return torch.tensor(ids, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- calibration
+
+HUB_CALIBRATION = ("c4", "wikitext2")
+_C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
+_LOAD_ATTEMPTS = 2
+_C4_TRIES_PER_SAMPLE = 100
+
+
+def calibration_windows(tokenizer, calib: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` token ids for calibration, from a local file or a hub dataset.
+
+    A local `.txt` / `.jsonl` / `.json` is tokenized as one stream (documents joined by EOS)
+    and the windows start at seeded random offsets. `c4` and `wikitext2` load through
+    `datasets` (see `c4_windows`, `wikitext2_windows`).
+
+    Returns:
+        LongTensor (nsamples, seqlen).
+
+    Raises:
+        SppError: missing/empty file, too few tokens (says how many the file has), or a hub load failure.
+    """
+    if calib == "c4":
+        return c4_windows(tokenizer, nsamples, seqlen, seed)
+    if calib == "wikitext2":
+        return wikitext2_windows(tokenizer, nsamples, seqlen, seed)
+    path = Path(calib)
+    if not path.exists():
+        raise SppError(f"--calib {calib}: no such file (use a .txt/.jsonl/.json path, c4 or wikitext2)")
+    stream = tokenize_stream(tokenizer, read_text_documents(path))
+    return random_windows(stream, nsamples, seqlen, seed, source=f"--calib {calib}")
+
+
+def random_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, source: str) -> torch.Tensor:
+    """Cut `nsamples` windows of `seqlen` from a 1-D id stream at seeded random starts.
+
+    Raises:
+        SppError: the stream has fewer than max(seqlen, nsamples·seqlen) tokens.
+    """
+    n_tokens = stream.numel()
+    needed = nsamples * seqlen
+    if n_tokens < seqlen:
+        raise SppError(f"{source} has only {n_tokens} tokens, too short for one window of --seqlen {seqlen}")
+    if n_tokens < needed:
+        raise SppError(
+            f"{source} has only {n_tokens} tokens; --nsamples {nsamples} x --seqlen {seqlen} needs {needed}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n_tokens - seqlen + 1, (nsamples,), generator=generator)
+    offsets = starts[:, None] + torch.arange(seqlen)[None, :]  # (nsamples, seqlen)
+    return stream[offsets]
+
+
+def _load_hub_dataset(name: str, *args, **kwargs):
+    """`datasets.load_dataset` with a bounded number of attempts and one clear error at the end."""
+    import datasets
+
+    last = None
+    for _ in range(_LOAD_ATTEMPTS):
+        try:
+            return datasets.load_dataset(name, *args, **kwargs)
+        except Exception as exc:  # network, offline mode, missing files: all mean "not reachable"
+            last = exc
+    reason = str(last).splitlines()[0] if str(last) else type(last).__name__
+    raise SppError(
+        f"cannot load {name} from the Hugging Face hub after {_LOAD_ATTEMPTS} attempts ({reason}); "
+        "pass --calib PATH to a local .txt/.jsonl/.json file instead"
+    ) from last
+
+
+def c4_windows(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Windows from the first English C4 train shard, sampled as the reference pruners do.
+
+    Each window: draw random documents until one is longer than `seqlen` tokens, then a
+    random window inside it. Gives up after `_C4_TRIES_PER_SAMPLE · nsamples` draws.
+
+    Returns:
+        LongTensor (nsamples, seqlen).
+    """
+    import random
+
+    data = _load_hub_dataset("allenai/c4", data_files={"train": _C4_SHARD}, split="train")
+    rng = random.Random(seed)
+    windows, tries = [], 0
+    while len(windows) < nsamples:
+        tries += 1
+        if tries > _C4_TRIES_PER_SAMPLE * nsamples:
+            raise SppError(
+                f"c4: found only {len(windows)} of {nsamples} documents longer than --seqlen {seqlen} "
+                f"in {tries - 1} draws; lower --seqlen or use --calib PATH"
+            )
+        doc = data[rng.randint(0, len(data) - 1)]["text"]
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if len(ids) <= seqlen:
+            continue
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        windows.append(ids[start : start + seqlen])
+    return torch.tensor(windows, dtype=torch.long)
+
+
+def wikitext2_windows(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Windows from the WikiText-2 (raw) train split joined into one stream, at seeded random offsets.
+
+    Returns:
+        LongTensor (nsamples, seqlen).
+    """
+    data = _load_hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="train")
+    stream = tokenize_stream(tokenizer, ["\n\n".join(data["text"])])
+    return random_windows(stream, nsamples, seqlen, seed, source="wikitext2 (train)")
+
+
+# --------------------------------------------------------------------------- training data
+#
+# An example is a pair (input_ids, labels) of equal-length int lists; a label of
+# IGNORE_INDEX marks a position that is not a target (a prompt token when
+# train_on_inputs is false, or padding). The model predicts labels[t] from ids[:t].
+
+IGNORE_INDEX = -100
+
+# The two Alpaca prompt shapes (instruction with and without an input), in our own words;
+# the section headers are the ones Alpaca-style models and tools expect.
+ALPACA_PROMPTS = {
+    "input": (
+        "Here is a task, together with some context for it. Write a reply that does what the task asks.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    ),
+    "no_input": (
+        "Here is a task. Write a reply that does what it asks.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n"
+    ),
+}
+ALPACA_REQUIRED = ("instruction", "output")
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The Alpaca prompt for one record: the `input` template when `input_text` is non-empty, else `no_input`."""
+    if input_text.strip():
+        return ALPACA_PROMPTS["input"].format(instruction=instruction, input=input_text)
+    return ALPACA_PROMPTS["no_input"].format(instruction=instruction)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in (".json", ".jsonl", ".txt")
+
+
+def _load_hub_records(name: str, split: str) -> list[dict]:
+    """Records of a `datasets` hub dataset (or a local dataset directory), as plain dicts."""
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types for "not found / offline / bad split"
+        raise SppError(f"data {name!r} is neither a local file nor a loadable dataset: {str(exc).splitlines()[0]}") from exc
+    return [dict(row) for row in dataset]
+
+
+def read_alpaca_records(source: str, split: str = "train") -> list[dict]:
+    """Alpaca records {instruction, input, output} from a local .json/.jsonl file or a hub dataset name.
+
+    `input` may be missing or null (read as ""); `instruction` and `output` are required strings.
+
+    Raises:
+        SppError: a missing or empty file, bad JSON, or a record without a required field
+            (naming the record's index and the field).
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".jsonl":
+            records = []
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            raise SppError(f"{path}:{lineno} is not valid JSON: {exc.msg}") from exc
+        else:
+            try:
+                records = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise SppError(f"data file {path} is not valid JSON: {exc}") from exc
+            if not isinstance(records, list):
+                raise SppError(f"data file {path} must hold a JSON list of Alpaca records")
+    elif path.exists() or _looks_like_path(source):
+        raise SppError(f"data file {source} does not exist")
+    else:
+        records = _load_hub_records(source, split)
+    if not records:
+        raise SppError(f"data {source} holds no records")
+    out = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise SppError(f"{source}: record {i} is not an object with instruction/input/output")
+        for key in ALPACA_REQUIRED:
+            if key not in record or record[key] is None:
+                raise SppError(f"{source}: record {i} has no {key!r} field (Alpaca records need instruction and output)")
+        input_text = record.get("input") or ""
+        for key, value in (("instruction", record["instruction"]), ("input", input_text), ("output", record["output"])):
+            if not isinstance(value, str):
+                raise SppError(f"{source}: record {i} field {key!r} is {type(value).__name__}, not a string")
+        out.append({"instruction": record["instruction"], "input": input_text, "output": record["output"]})
+    return out
+
+
+def tokenize_instruction(tokenizer, record: dict, cutoff_len: int, train_on_inputs: bool,
+                         add_eos_token: bool = True) -> tuple[list[int], list[int]]:
+    """One Alpaca record -> (input_ids, labels), at most `cutoff_len` tokens.
+
+    ids = BOS? + tokens(prompt) + tokens(output) + EOS (EOS only when it fits), cut to
+    `cutoff_len`. Prompt and response are tokenized separately so the boundary is exact.
+    labels = ids, with the prompt positions set to IGNORE_INDEX unless `train_on_inputs`.
+    """
+    prompt_ids = tokenizer(alpaca_prompt(record["instruction"], record["input"]))["input_ids"]
+    output_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + output_ids)[:cutoff_len]
+    if add_eos_token and tokenizer.eos_token_id is not None and len(ids) < cutoff_len:
+        ids.append(tokenizer.eos_token_id)
+    labels = list(ids)
+    if not train_on_inputs:
+        n_prompt = min(len(prompt_ids), len(ids))
+        labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
+    return ids, labels
+
+
+def text_windows(tokenizer, documents: list[str], cutoff_len: int) -> list[tuple[list[int], list[int]]]:
+    """Plain text for language-model training: one token stream cut into `cutoff_len` windows.
+
+    The stream is BOS (if the tokenizer has one) + the documents joined by EOS. Windows
+    do not overlap; a last window shorter than 2 tokens is dropped. Every token is a target.
+
+    Returns:
+        [(ids, labels)] with labels == ids.
+    """
+    stream = tokenize_stream(tokenizer, documents).tolist()
+    if tokenizer.bos_token_id is not None:
+        stream = [tokenizer.bos_token_id] + stream
+    windows = [stream[i:i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
+    return [(w, list(w)) for w in windows if len(w) >= 2]
+
+
+def validation_count(n_records: int, val_set_size: int | float) -> int:
+    """How many records to hold out: an int is a count, a float < 1 a fraction (rounded)."""
+    if isinstance(val_set_size, float):
+        return int(round(n_records * val_set_size))
+    return int(val_set_size)
+
+
+def split_train_val(n_records: int, val_set_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """Shuffle record indices with `seed` and hold out the first `validation_count` for validation.
+
+    Returns:
+        (train_indices, val_indices).
+
+    Raises:
+        SppError: the hold-out leaves no training records.
+    """
+    n_val = validation_count(n_records, val_set_size)
+    if n_val >= n_records:
+        raise SppError(
+            f"val_set_size={val_set_size} holds out {n_val} of {n_records} examples and leaves none to train on"
+        )
+    order = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order[n_val:], order[:n_val]
+
+
+def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples into tensors.
+
+    Returns:
+        input_ids (B, T) padded with `pad_id`, attention_mask (B, T) 1 on real tokens,
+        labels (B, T) padded with IGNORE_INDEX; T is the longest example.
+    """
+    longest = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

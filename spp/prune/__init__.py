@@ -1,0 +1,288 @@
+"""`spp prune`: check inputs, calibrate, prune block by block, and write a checkpoint with its mask file.
+
+`run_prune(cfg)` reads top to bottom: input checks (before loading any weights), the
+calibration windows, the model on the CPU, `sequential.capture_block_inputs` and
+`sequential.prune_blocks` with the method picked from `METHODS`, then one atomic output
+directory holding the `save_pretrained` files, `masks.safetensors`, the resolved config and
+the manifest. The math lives in `masks`, `wanda` and `sparsegpt`; this module only wires it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from spp.config import PruneConfig, to_dict, write_yaml
+from spp.errors import SppError
+from spp.prune.masks import apply_mask, parse_pattern, select_mask, sparsity_stats
+from spp.prune.sparsegpt import accumulate_hessian, hessian_from_sum, sparsegpt_prune
+from spp.prune.wanda import accumulate_sq_norms, magnitude_scores, wanda_scores
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method prunes a layer: statistics from its inputs (None: no calibration) and the pruning."""
+
+    accumulate: Callable[[Any, torch.Tensor], Any] | None
+    prune: Callable[[torch.Tensor, Any, PruneConfig], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def _accumulate_hessian(state, X):
+    H, n_tokens = state if state is not None else (None, 0)
+    H, n_batch = accumulate_hessian(H, X)
+    return H, n_tokens + n_batch
+
+
+def _prune_magnitude(W, state, cfg):
+    keep = select_mask(magnitude_scores(W), parse_pattern(cfg.pattern), cfg.sparsity, per_row=False)
+    return apply_mask(W, keep), keep, {}
+
+
+def _prune_wanda(W, sq_norm, cfg):
+    keep = select_mask(wanda_scores(W, sq_norm), parse_pattern(cfg.pattern), cfg.sparsity, per_row=True)
+    return apply_mask(W, keep), keep, {}
+
+
+def _prune_sparsegpt(W, state, cfg):
+    H_sum, n_tokens = state
+    W_new, keep, damp = sparsegpt_prune(
+        W, hessian_from_sum(H_sum, n_tokens), parse_pattern(cfg.pattern), cfg.sparsity, cfg.blocksize, cfg.percdamp
+    )
+    return W_new, keep, ({"percdamp_used": damp} if damp != cfg.percdamp else {})
+
+
+METHODS: dict[str, Method] = {
+    "magnitude": Method(accumulate=None, prune=_prune_magnitude),
+    "wanda": Method(accumulate=accumulate_sq_norms, prune=_prune_wanda),
+    "sparsegpt": Method(accumulate=_accumulate_hessian, prune=_prune_sparsegpt),
+}
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class PruneReport:
+    """What `run_prune` did: sparsity per block (name, numel, pruned) and in total."""
+
+    output: Path
+    method: str
+    pattern: str
+    requested_sparsity: float
+    blocks: list[tuple[str, int, int]]
+    total_sparsity: float
+    kept_zero: int
+    wall_time_s: float
+    dampening_retries: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+@dataclass
+class _Checked:
+    seqlen: int
+    device: torch.device
+    tokenizer: Any
+    windows: torch.Tensor | None
+
+
+def _meta_model(model_config):
+    """The model's module tree without weights (cheap), to check layer shapes before loading."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(model_config)
+    except (ValueError, KeyError) as exc:
+        raise SppError(f"{type(model_config).__name__} is not a causal language model spp can build: {exc}") from exc
+
+
+def _check_layer_shapes(model: nn.Module, cfg: PruneConfig) -> None:
+    from spp.models import find_decoder_blocks, find_linear_layers, weight_out_in
+
+    n_m = parse_pattern(cfg.pattern)
+    blocks_name, blocks = find_decoder_blocks(model)
+    for index, block in enumerate(blocks):
+        for name, layer in find_linear_layers(block).items():
+            out_features, in_features = weight_out_in(layer).shape
+            if n_m is not None and in_features % n_m[1]:
+                raise SppError(
+                    f"--pattern {cfg.pattern}: module {blocks_name}.{index}.{name} has weight (out, in) = "
+                    f"({out_features}, {in_features}); its input dimension {in_features} is not divisible by M={n_m[1]}"
+                )
+    if n_m is not None and cfg.method == "sparsegpt" and cfg.blocksize % n_m[1]:
+        raise SppError(f"--blocksize {cfg.blocksize} must be a multiple of M={n_m[1]} for --pattern {cfg.pattern}")
+
+
+def _check_inputs(cfg: PruneConfig) -> _Checked:
+    """Every check that can fail on the user's input, before any weights are loaded."""
+    from spp.data import calibration_windows
+    from spp.io.checkpoint import check_output_dir
+    from spp.models import context_length, load_config, load_tokenizer, resolve_device, resolve_dtype
+
+    if cfg.method not in METHODS:
+        raise SppError(f"--method {cfg.method!r} is not one of {', '.join(sorted(METHODS))}")
+    parse_pattern(cfg.pattern)
+    check_output_dir(Path(cfg.output), cfg.overwrite)
+    device = resolve_device(cfg.device)
+    resolve_dtype(cfg.dtype)
+    model_config = load_config(cfg.model)
+    context = context_length(model_config)
+    if cfg.seqlen is not None and context is not None and cfg.seqlen > context:
+        raise SppError(f"--seqlen {cfg.seqlen} is above the model's context of {context} tokens")
+    seqlen = cfg.seqlen or min(2048, context or 2048)
+    _check_layer_shapes(_meta_model(model_config), cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    windows = None
+    if METHODS[cfg.method].accumulate is not None:
+        windows = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, seqlen, cfg.seed)
+    return _Checked(seqlen=seqlen, device=device, tokenizer=tokenizer, windows=windows)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | None = None) -> PruneReport:
+    """Prune `cfg.model` with `cfg.method` at `cfg.pattern` and write the checkpoint to `cfg.output`.
+
+    Args:
+        cfg: the resolved settings.
+        on_module: progress callback (block index, number of blocks, module name) before each layer.
+
+    Returns:
+        The report: sparsity per block and in total, kept zeros, wall time, dampening retries.
+
+    Raises:
+        SppError: any bad input (checked before the weights are loaded), or a singular Hessian.
+    """
+    from spp.models import find_decoder_blocks, load_model
+    from spp.prune.sequential import capture_block_inputs, prune_blocks
+
+    start = time.perf_counter()
+    checked = _check_inputs(cfg)
+    method = METHODS[cfg.method]
+    model = load_model(cfg.model, cfg.dtype, "cpu")
+    blocks_name, blocks = find_decoder_blocks(model)
+    storage = torch.device("cpu") if cfg.offload_activations else checked.device
+    inputs = None
+    if checked.windows is not None:
+        inputs = capture_block_inputs(model, blocks, checked.windows, cfg.batch_size, storage)
+
+    layouts: dict[str, str] = {}
+    module_stats: dict[str, dict] = {}
+    retries: list[dict] = []
+
+    def prune_layer(index: int, name: str, layer: nn.Module, state) -> torch.Tensor:
+        from spp.models import layer_layout, weight_out_in
+
+        full = f"{blocks_name}.{index}.{name}"
+        if method.accumulate is not None and state is None:
+            raise SppError(f"module {full} received no calibration input; spp cannot prune it with {cfg.method}")
+        W = weight_out_in(layer)  # (out, in) view of the stored weight
+        try:
+            W_new, keep, info = method.prune(W, state, cfg)
+        except SppError as exc:
+            raise SppError(f"module {full}: {exc}") from exc
+        with torch.no_grad():
+            W.copy_(W_new)
+        if info:
+            retries.append({"module": full, "percdamp_requested": cfg.percdamp, **info})
+        layouts[f"{full}.weight"] = layer_layout(layer)
+        module_stats[f"{full}.weight"] = sparsity_stats(W.detach().cpu(), keep.cpu())
+        return keep
+
+    masks = prune_blocks(
+        blocks, inputs, method.accumulate, prune_layer, checked.device,
+        on_module=(lambda i, name: on_module(i, len(blocks), f"{blocks_name}.{i}.{name}")) if on_module else None,
+    )
+    del inputs
+    keep_by_param = {
+        f"{blocks_name}.{i}.{name}.weight": keep for i, block_masks in enumerate(masks) for name, keep in block_masks.items()
+    }
+    report = _write_output(cfg, checked, model, keep_by_param, layouts, module_stats, retries, start)
+    return report
+
+
+def _write_output(cfg, checked, model, keep_by_param, layouts, module_stats, retries, start) -> PruneReport:
+    """Save the pruned model, masks (keyed by saved tensor name, in stored shape), config and manifest atomically."""
+    from spp.io.checkpoint import RESOLVED_CONFIG_FILE, MASK_FILE, atomic_dir, save_model, saved_tensor_names
+    from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
+    from spp.io.maskfile import save_masks
+
+    blocks = _block_table(module_stats)
+    total = sum(s["numel"] for s in module_stats.values())
+    pruned = sum(s["pruned"] for s in module_stats.values())
+    kept_zero = sum(s["kept_zero"] for s in module_stats.values())
+    with atomic_dir(Path(cfg.output), overwrite=cfg.overwrite) as tmp:
+        save_model(model, checked.tokenizer, tmp, cfg.max_shard_size)
+        saved = saved_tensor_names(model, tmp, list(keep_by_param))
+        stored = {}
+        for param, keep in keep_by_param.items():
+            stored[saved[param]] = keep.t() if layouts[param] == "conv1d" else keep  # mask in the stored shape
+        save_masks(tmp / MASK_FILE, stored, {saved[p]: layouts[p] for p in keep_by_param})
+        write_yaml(tmp / RESOLVED_CONFIG_FILE, cfg)
+        details = {
+            "method": cfg.method,
+            "pattern": cfg.pattern,
+            "requested_sparsity": cfg.sparsity,
+            "achieved_sparsity": pruned / total if total else 0.0,
+            "kept_zero": kept_zero,
+            "modules": {
+                saved[p]: {"requested": cfg.sparsity, "achieved": s["sparsity"], "numel": s["numel"],
+                           "pruned": s["pruned"], "kept_zero": s["kept_zero"], "layout": layouts[p]}
+                for p, s in module_stats.items()
+            },
+            "calibration": None if checked.windows is None else {
+                "source": cfg.calib, "nsamples": cfg.nsamples, "seqlen": checked.seqlen, "seed": cfg.seed,
+            },
+            "dampening_retries": retries,
+        }
+        wall = time.perf_counter() - start
+        write_manifest(tmp, Manifest(stage="prune", settings=to_dict(cfg), inputs=_input_hashes(cfg),
+                                     details=details, wall_time_s=wall, peak_memory=peak_memory_bytes()))
+    return PruneReport(output=Path(cfg.output), method=cfg.method, pattern=cfg.pattern,
+                       requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=pruned / total if total else 0.0,
+                       kept_zero=kept_zero, wall_time_s=time.perf_counter() - start, dampening_retries=retries)
+
+
+def block_name(tensor_name: str) -> str:
+    """The decoder block a tensor belongs to: its name up to the first numeric component (`model.layers.3`)."""
+    parts = tensor_name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return tensor_name
+
+
+def _block_table(module_stats: dict[str, dict]) -> list[tuple[str, int, int]]:
+    table: dict[str, list[int]] = {}
+    for name, s in module_stats.items():
+        row = table.setdefault(block_name(name), [0, 0])
+        row[0] += s["numel"]
+        row[1] += s["pruned"]
+    return [(name, numel, pruned) for name, (numel, pruned) in table.items()]
+
+
+def _input_hashes(cfg: PruneConfig) -> dict[str, str]:
+    """sha256 of the local model directory's files and of a local calibration file (hub ids are recorded as such)."""
+    from spp.io.checkpoint import sha256_file
+
+    out = {}
+    model_dir = Path(cfg.model)
+    if model_dir.is_dir():
+        for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
+            out[str(path)] = sha256_file(path)
+    else:
+        out[cfg.model] = "hub"
+    if cfg.method != "magnitude" and Path(cfg.calib).is_file():
+        out[str(cfg.calib)] = sha256_file(Path(cfg.calib))
+    return out

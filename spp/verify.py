@@ -1,0 +1,118 @@
+"""`spp verify DIR`: check a checkpoint against its mask file and manifest, one shard at a time.
+
+Checks, in order: the manifest reads; the mask file's sha256 equals the manifest's
+`mask_sha256`; every file the manifest lists exists with the recorded sha256; every mask
+names a saved tensor of the same shape; each entry the mask marks pruned is +0.0 bitwise
+(-0.0 fails); N:M masks keep at most N in every group of M inputs when the manifest says
+N:M; and the pruned counts agree with the manifest's per-module record. Weights are read
+one tensor at a time from each shard, so memory stays at one tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from spp.errors import SppError
+
+
+@dataclass
+class VerifyReport:
+    """What `verify_checkpoint` checked: sparsity per block (name, numel, pruned) and in total."""
+
+    directory: Path
+    pattern: str
+    tensors_checked: int
+    files_checked: int
+    blocks: list[tuple[str, int, int]]
+    total_sparsity: float
+    kept_zero: int
+
+
+def _check_files(directory: Path, outputs: dict[str, str]) -> int:
+    from spp.io.checkpoint import safetensors_files, sha256_file
+
+    for rel, expected in outputs.items():
+        path = directory / rel
+        if not path.is_file():
+            raise SppError(f"{path} is listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise SppError(f"{path} has sha256 {actual[:12]}… but the manifest records {expected[:12]}…")
+    for shard in safetensors_files(directory):
+        if shard.relative_to(directory).as_posix() not in outputs:
+            raise SppError(f"{shard} is a weight shard the manifest does not list")
+    return len(outputs)
+
+
+def _check_tensor(name: str, weight, keep, layout: str, n_m) -> None:
+    """Raise naming `name` if a pruned entry is not +0.0 or the N:M pattern is broken."""
+    from spp.prune.masks import is_nm_valid, pruned_is_positive_zero
+
+    if tuple(weight.shape) != tuple(keep.shape):
+        raise SppError(f"{name}: the mask has shape {tuple(keep.shape)} but the weight has {tuple(weight.shape)}")
+    ok = pruned_is_positive_zero(weight, keep)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero()[0].tolist()
+        count = int((~ok).sum())
+        raise SppError(
+            f"{name}: {count} entries the mask marks pruned are not +0.0 (first at {tuple(bad)}: {weight[tuple(bad)].item()!r})"
+        )
+    if n_m is not None:
+        keep_out_in = keep.t() if layout == "conv1d" else keep
+        if not is_nm_valid(keep_out_in, *n_m):
+            raise SppError(f"{name}: the mask keeps more than {n_m[0]} in some group of {n_m[1]} inputs")
+
+
+def _natural(name: str) -> list:
+    """Sort key that orders `layers.2` before `layers.10`."""
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def verify_checkpoint(directory: Path) -> VerifyReport:
+    """Check an `spp` checkpoint directory; see the module docstring for the list.
+
+    Raises:
+        SppError: the first violation, naming the file or tensor.
+    """
+    from safetensors import safe_open
+
+    from spp.io.checkpoint import MASK_FILE, shard_index
+    from spp.io.manifest import check_mask_hash, read_manifest
+    from spp.io.maskfile import load_masks
+    from spp.prune import block_name
+    from spp.prune.masks import parse_pattern
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SppError(f"{directory} is not a directory")
+    manifest = read_manifest(directory)
+    check_mask_hash(directory, manifest.mask_sha256, "the manifest")
+    files = _check_files(directory, manifest.outputs)
+    masks, layouts = load_masks(directory / MASK_FILE)
+    pattern = manifest.details.get("pattern", "unstructured")
+    n_m = parse_pattern(pattern)
+    recorded = manifest.details.get("modules", {})
+    index = shard_index(directory)
+    missing = sorted(set(masks) - set(index))
+    if missing:
+        raise SppError(f"{MASK_FILE} names {missing[0]}, which no weight shard in {directory} holds")
+    blocks: dict[str, list[int]] = {}
+    kept_zero = 0
+    for shard in sorted(set(index[name] for name in masks)):
+        with safe_open(str(shard), "pt") as f:
+            for name in sorted(n for n in masks if index[n] == shard):
+                weight, keep = f.get_tensor(name), masks[name]
+                _check_tensor(name, weight, keep, layouts[name], n_m)
+                pruned = int((~keep).sum())
+                if name in recorded and recorded[name].get("pruned") != pruned:
+                    raise SppError(f"{name}: the mask prunes {pruned} entries but the manifest records {recorded[name]['pruned']}")
+                kept_zero += int(((weight == 0) & keep).sum())
+                row = blocks.setdefault(block_name(name), [0, 0])
+                row[0] += keep.numel()
+                row[1] += pruned
+    total = sum(r[0] for r in blocks.values())
+    pruned_total = sum(r[1] for r in blocks.values())
+    return VerifyReport(directory=directory, pattern=pattern, tensors_checked=len(masks), files_checked=files,
+                        blocks=[(b, r[0], r[1]) for b, r in sorted(blocks.items(), key=lambda kv: _natural(kv[0]))],
+                        total_sparsity=pruned_total / total if total else 0.0, kept_zero=kept_zero)
