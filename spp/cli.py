@@ -63,3 +63,123 @@ def main(
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ):
     """spp: prune -> train -> merge -> eval, with every pruned zero kept."""
+
+
+# --------------------------------------------------------------------------- prune / verify
+
+
+def _quiet_transformers() -> None:
+    """Silence transformers' own progress bars and info logs (our progress bar and table say it all)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _sparsity_table(title: str, blocks: list[tuple[str, int, int]], total: float):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("block")
+    table.add_column("weights", justify="right")
+    table.add_column("pruned", justify="right")
+    table.add_column("sparsity", justify="right")
+    for name, numel, pruned in blocks:
+        table.add_row(name, f"{numel:,}", f"{pruned:,}", f"{pruned / numel:.2%}" if numel else "-")
+    table.add_row("total", f"{sum(b[1] for b in blocks):,}", f"{sum(b[2] for b in blocks):,}", f"{total:.2%}")
+    return table
+
+
+@command("prune")
+def prune(
+    model: str = typer.Option(..., "--model", help="Local Hugging Face directory or hub id."),
+    output: str = typer.Option(..., "--output", help="Output directory (built in OUTPUT.partial, then renamed)."),
+    method: str = typer.Option("wanda", "--method", help="wanda, sparsegpt or magnitude."),
+    pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M = at most N kept in every M inputs."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction pruned, unstructured only (default 0.5)."),
+    calib: str = typer.Option("c4", "--calib", help="c4, wikitext2, or a local .txt/.jsonl/.json file."),
+    nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default min(2048, context))."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the calibration window offsets."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda: where each block is pruned."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Calibration windows per block forward."),
+    offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations on the CPU."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (only once the new one is complete)."),
+):
+    """Prune a causal LM block by block (Wanda, SparseGPT or magnitude) and write it with its mask file."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from spp.config import PruneConfig
+    from spp.prune import run_prune
+
+    cfg = PruneConfig(model=model, output=output, method=method, pattern=pattern, sparsity=sparsity, calib=calib,
+                      nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
+                      max_shard_size=max_shard_size, batch_size=batch_size,
+                      offload_activations=offload_activations, overwrite=overwrite)
+    _quiet_transformers()
+    console = Console()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("checking inputs", total=None)
+
+        def on_module(index: int, n_blocks: int, name: str) -> None:
+            progress.update(task, total=n_blocks, completed=index, description=f"pruning {name}")
+
+        report = run_prune(cfg, on_module=on_module)
+    title = f"{report.method} {report.pattern} -> {report.output} ({report.wall_time_s:.1f} s)"
+    console.print(_sparsity_table(title, report.blocks, report.total_sparsity))
+    if report.kept_zero:
+        console.print(f"{report.kept_zero} kept weights are zero (counted, not pruned)")
+    for retry in report.dampening_retries:
+        console.print(f"[yellow]{retry['module']}: Cholesky needed dampening {retry['percdamp_used']:g}[/yellow]")
+
+
+@command("verify")
+def verify(directory: str = typer.Argument(..., help="An spp output directory (prune or merge).")):
+    """Check a checkpoint against its mask file and manifest; non-zero exit on any violation."""
+    from rich.console import Console
+
+    from spp.verify import verify_checkpoint
+
+    report = verify_checkpoint(directory)
+    console = Console()
+    console.print(_sparsity_table(f"{report.directory} ({report.pattern})", report.blocks, report.total_sparsity))
+    console.print(f"ok: {report.tensors_checked} masked tensors and {report.files_checked} files match the manifest; "
+                  f"every pruned entry is +0.0" + (f"; {report.kept_zero} kept weights are zero" if report.kept_zero else ""))
+
+
+@command("train", no_args_is_help=True)
+def train(
+    config: str = typer.Option(..., "--config", help="A YAML file, or the name of a bundled config (alpaca.yaml, tinystories.yaml)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The pruned model directory (an `spp prune` output)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Alpaca .json/.jsonl, a plain .txt, or a datasets hub name."),
+    output: Optional[str] = typer.Option(None, "--output", help="The output directory (built in OUTPUT.partial)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set learning_rate=1e-3 (repeatable)."),
+):
+    """Fine-tune a pruned model with the SPP adapter (every pruned zero stays zero)."""
+    import os
+
+    from spp.config import TrainConfig, find_config, merge_into, parse_set, read_yaml
+
+    path = find_config(config)
+    flags = {"base_model": model, "data_path": data, "output_dir": output, "max_steps": max_steps,
+             "resume": resume or None, "overwrite": overwrite or None}
+    cfg = merge_into(TrainConfig, [(str(path), read_yaml(path)),
+                                   ("flags", {k: v for k, v in flags.items() if v is not None}),
+                                   ("--set", parse_set(set_ or []))])
+    from spp.train import run_train
+
+    report = run_train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from rich.console import Console
+
+        val = f", val loss {report.val_loss:.4f}" if report.val_loss is not None else ""
+        Console().print(f"trained {report.steps} steps on {report.world_size} process(es): train loss "
+                        f"{report.train_loss:.4f}{val}; {report.trainable_params:,} trainable parameters in "
+                        f"{report.adapted_modules} layers -> {report.output}")
