@@ -183,3 +183,94 @@ def train(
         Console().print(f"trained {report.steps} steps on {report.world_size} process(es): train loss "
                         f"{report.train_loss:.4f}{val}; {report.trainable_params:,} trainable parameters in "
                         f"{report.adapted_modules} layers -> {report.output}")
+
+
+@command("merge")
+def merge(
+    model: Optional[str] = typer.Option(None, "--model", help="The pruned base (default: the one the adapter records)."),
+    adapter: str = typer.Option("train", "--adapter", help="The adapter directory (an `spp train` output)."),
+    output: str = typer.Option("merged", "--output", help="The merged model directory (built in OUTPUT.partial)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+):
+    """Merge an SPP adapter into its pruned base, shard by shard; the result is a plain HF model, as sparse as the base."""
+    from spp.config import MergeConfig
+    from spp.merge import run_merge
+
+    report = run_merge(MergeConfig(model=model, adapter=adapter, output=output, overwrite=overwrite))
+    print(f"merged {report.n_modules} layers of {report.model} with {report.adapter} "
+          f"({report.n_shards} shard(s), every pruned entry +0.0) -> {report.output}")
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _split_list(values: Optional[list[str]]) -> list[str]:
+    """`--tasks a,b --tasks c` -> [a, b, c]."""
+    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
+
+
+@command("eval")
+def eval_(
+    paths: Optional[list[str]] = typer.Argument(None, help="With --compare: results directories or JSON files."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory or hub id (dense, pruned, merged)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="An `spp train` output to evaluate unmerged on top of --model."),
+    ppl: Optional[list[str]] = typer.Option(None, "--ppl", help="Comma list of wikitext2, c4, ptb, NAME:PATH or PATH (.txt/.jsonl)."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Perplexity window (default: the model's context, at most 4096)."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Use at most this many perplexity windows per set."),
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Comma list of lm-eval tasks: boolq,piqa,arc_easy,..."),
+    task_data: Optional[str] = typer.Option(None, "--task-data", help="Local task data directory (default $SPP_TASK_DATA)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Perplexity windows / lm-eval requests per forward."),
+    num_fewshot: int = typer.Option(0, "--num-fewshot", help="Few-shot examples per prompt (the papers use 0)."),
+    output: Optional[str] = typer.Option(None, "--output", help="Write results.json and the manifest here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
+    compare: bool = typer.Option(False, "--compare", help="Print earlier results side by side instead of evaluating."),
+):
+    """Perplexity (Wanda/SparseGPT protocol) and lm-eval zero-shot accuracy; or --compare earlier results."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if compare:
+        from spp.eval import compare_results
+
+        result = compare_results(paths or [])
+        table = Table(box=box.MARKDOWN)
+        table.add_column("metric")
+        for column in result.columns:
+            table.add_column(column, justify="right")
+        for metric, values in result.rows:
+            table.add_row(metric, *values)
+        console.print(table)
+        return
+    if paths:
+        raise SppError(f"unexpected argument {paths[0]!r} (positional paths are only for --compare)")
+    if model is None:
+        raise SppError("--model is required (or --compare A B ... to compare results)")
+    import os
+
+    from spp.config import EvalConfig
+    from spp.eval import run_eval
+
+    cfg = EvalConfig(model=model, adapter=adapter, ppl=_split_list(ppl), seqlen=seqlen, max_windows=max_windows,
+                     tasks=_split_list(tasks), task_data=task_data or os.environ.get("SPP_TASK_DATA") or None,
+                     limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, output=output, device=device,
+                     dtype=dtype, overwrite=overwrite)
+    _quiet_transformers()
+    report = run_eval(cfg)
+    table = Table(title=f"{model}" + (f" + adapter {adapter}" if adapter else ""))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for metric, value in report.rows:
+        table.add_row(metric, value)
+    console.print(table)
+    for name, task in ((report.results.get("zeroshot") or {}).get("tasks") or {}).items():
+        if task.get("approximate"):
+            console.print(f"[yellow]{name} is approximate: {task['approximate']}[/yellow]")
+        if task.get("note"):
+            console.print(f"[yellow]{name}: {task['note']}[/yellow]")
+    if report.output:
+        console.print(f"results -> {report.output}")

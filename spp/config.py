@@ -294,3 +294,36 @@ class EvalConfig:
                 _check_range("--" + name.replace("_", "-"), getattr(self, name), 1)
         _check_range("--batch-size", self.batch_size, 1)
         _check_range("--num-fewshot", self.num_fewshot, 0)
+
+
+def find_config(name: str) -> Path:
+    """A `--config` value as a file: an existing path, else a config bundled with spp (`alpaca.yaml`).
+
+    Raises:
+        SppError: neither exists (lists the bundled names).
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    from importlib.resources import files
+
+    bundled = files("spp.configs")
+    candidate = bundled / name
+    if "/" not in name and candidate.is_file():
+        return Path(str(candidate))
+    names = sorted(p.name for p in bundled.iterdir() if p.name.endswith(".yaml"))
+    raise SppError(f"config {name} does not exist (bundled configs: {', '.join(names)})")
+
+
+# --------------------------------------------------------------------------- merge
+
+
+@dataclass
+class MergeConfig:
+    """Settings of `spp merge`. Run inside a training run's directory, the defaults need no flags:
+    `adapter` is `./train`, `model` the base recorded in the adapter config, `output` `./merged`."""
+
+    model: str | None = None  # the pruned base; None = the adapter config's base_model
+    adapter: str = "train"
+    output: str = "merged"
+    overwrite: bool = False
