@@ -94,3 +94,47 @@ def _no_writes_into_repo():
         new = sorted(set(after.splitlines()) - set(before.splitlines()))
         if new:
             pytest.fail(f"tests wrote into the repository: {new[:10]}")
+
+
+def build_pruned_dir(model, tokenizer, directory: Path, sparsity: float = 0.5) -> Path:
+    """Magnitude-prune every decoder linear of `model` (one threshold per matrix) and save it the way
+    `spp prune` does: save_pretrained + tokenizer, `masks.safetensors` keyed by saved tensor names,
+    and a prune-stage manifest. Returns `directory`."""
+    from spp.io.checkpoint import MASK_FILE, save_model
+    from spp.io.manifest import Manifest, write_manifest
+    from spp.io.maskfile import save_masks
+    from spp.models import find_decoder_blocks, find_linear_layers, layer_layout, weight_out_in
+    from spp.prune.masks import apply_mask, unstructured_mask
+
+    prefix, blocks = find_decoder_blocks(model)
+    masks, layouts = {}, {}
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            for name, layer in find_linear_layers(block).items():
+                W = weight_out_in(layer)
+                keep = unstructured_mask(W.abs(), sparsity, per_row=False)
+                W.copy_(apply_mask(W, keep))
+                key = f"{prefix}.{i}.{name}.weight"
+                layout = layer_layout(layer)
+                masks[key] = keep.t() if layout == "conv1d" else keep
+                layouts[key] = layout
+    directory = Path(directory)
+    save_model(model, tokenizer, directory)
+    save_masks(directory / MASK_FILE, masks, layouts)
+    write_manifest(directory, Manifest(stage="prune", settings={"method": "magnitude", "sparsity": sparsity}))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def pruned_tiny_dir(tmp_path_factory, shared_data) -> Path:
+    """A 50%-magnitude-pruned tiny random LLaMA (vocab 512, 2 layers, hidden 32) saved like an `spp prune`
+    output, with the stories260K tokenizer. Session-scoped: treat it as read-only."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_data / "stories260K-hf")
+    kwargs = dict(TINY_CONFIGS["llama"], vocab_size=512, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return build_pruned_dir(model, tokenizer, tmp_path_factory.mktemp("pruned") / "tiny")

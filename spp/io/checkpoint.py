@@ -281,3 +281,13 @@ def masks_by_parameter(model, model_dir: Path) -> dict[str, "torch.Tensor"]:
             )
         out[name] = keep
     return out
+
+# `spp train` outputs: the JSONL log, and resumable checkpoints `checkpoints/step-N/`, each holding the
+# adapter files above plus the optimizer (tensors + JSON), trainer state (JSON) and per-rank RNG states.
+TRAIN_LOG_FILE = "train_log.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+OPTIMIZER_WEIGHTS_FILE = "optimizer.safetensors"
+OPTIMIZER_CONFIG_FILE = "optimizer.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+RNG_FILE_PATTERN = "rng-rank{rank}.safetensors"

@@ -1,0 +1,263 @@
+"""`spp train`: fine-tune a pruned model with the SPP adapter, keeping every pruned zero.
+
+`run_train(cfg)` reads top to bottom: check the inputs (base directory, mask file and
+manifest, data, output), start accelerate, tokenize the data, load the pruned model
+and wrap its target layers in `SPPLinear`, then run `train.loop` inside the output's
+`DIR.partial/` (kept on a crash so `--resume` can continue), check the pruned-entries
+invariant on the effective weights, and write the adapter, the manifest and the log.
+The loop itself (steps, checkpoints, resume state) is `spp.train.loop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spp.config import TrainConfig, read_yaml, to_dict, write_yaml
+from spp.errors import SppError
+from spp.io.checkpoint import MASK_FILE, RESOLVED_CONFIG_FILE, TRAIN_LOG_FILE, atomic_dir, check_output_dir, partial_path, sha256_file
+
+PRECISIONS = {"fp32": ("no", "float32"), "bf16": ("bf16", "bfloat16"), "fp16": ("fp16", "float16")}  # accelerate, base dtype
+# Keys that may change between a run and its --resume (they do not change the numbers).
+RESUMABLE_CHANGES = {"resume", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit"}
+
+
+@dataclass
+class TrainReport:
+    """What `spp train` did."""
+
+    output: Path
+    steps: int
+    train_loss: float | None
+    val_loss: float | None
+    trainable_params: int
+    adapted_modules: int
+    train_examples: int
+    val_examples: int
+    world_size: int
+    tokens_seen: int
+    resumed_from: int  # the step a --resume started at (0 for a fresh run)
+    wall_time_s: float
+
+
+def run_train(cfg: TrainConfig) -> TrainReport:
+    """Train an SPP adapter on `cfg.base_model` and write it to `cfg.output_dir`.
+
+    Raises:
+        SppError: bad inputs (before anything is written), a non-finite loss (the partial
+            output and its last checkpoint are kept), or a failed resume.
+    """
+    from spp.adapter.model import add_spp, count_trainable, save_adapter
+    from spp.io.checkpoint import masks_by_parameter
+    from spp.models import load_model, load_tokenizer
+    from spp.train.loop import LoopInputs, LoopState, checkpoint_dirs, load_checkpoint, train_loop, truncate_log
+
+    start = time.time()
+    base, output, mask_sha256 = check_inputs(cfg)
+    accelerator = make_accelerator(cfg)
+    tokenizer = load_tokenizer(str(base))
+    train, val = build_examples(cfg, tokenizer)
+    total_steps = plan_steps(cfg, len(train))
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # the same α init on every process
+    model = load_model(str(base), dtype=PRECISIONS[cfg.precision][1])
+    masks = masks_by_parameter(model, base)
+    adapter_cfg = cfg.adapter_config(base_model=str(base), mask_sha256=mask_sha256)
+    adapted = add_spp(model, adapter_cfg, masks)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = count_trainable(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    with output_workdir(accelerator, output, cfg) as workdir:
+        state = LoopState()
+        if cfg.resume:
+            checkpoint = checkpoint_dirs(workdir)[-1]
+            state = load_checkpoint(accelerator, model, optimizer, checkpoint)
+            if accelerator.is_main_process:
+                truncate_log(workdir / TRAIN_LOG_FILE, state.step)
+        elif accelerator.is_main_process:
+            write_yaml(workdir / RESOLVED_CONFIG_FILE, cfg)
+        resumed_from = state.step
+        inputs = LoopInputs(train=train, val=val, pad_id=pad_id, total_steps=total_steps, cfg=cfg, workdir=workdir)
+        state = train_loop(accelerator, model, optimizer, adapter_cfg, inputs, state)
+        report = TrainReport(output=output, steps=state.step, train_loss=state.train_loss, val_loss=state.val_loss,
+                             trainable_params=trainable, adapted_modules=len(adapted), train_examples=len(train),
+                             val_examples=len(val), world_size=accelerator.num_processes,
+                             tokens_seen=state.tokens_seen, resumed_from=resumed_from, wall_time_s=time.time() - start)
+        unwrapped = accelerator.unwrap_model(model)
+        if accelerator.is_main_process:
+            check_pruned_zeros(unwrapped, masks)
+            save_adapter(unwrapped, adapter_cfg, workdir)
+            write_train_manifest(workdir, cfg, base, mask_sha256, report)
+        accelerator.wait_for_everyone()
+    return report
+
+
+# --------------------------------------------------------------------------- steps of run_train
+
+
+def check_inputs(cfg: TrainConfig) -> tuple[Path, Path, str]:
+    """Check everything that can be checked cheaply, before any model is loaded or file written.
+
+    Returns:
+        (base directory, output directory, the base's mask sha256).
+    """
+    from spp.io.manifest import check_mask_hash, read_manifest
+
+    for key, flag in (("base_model", "--model"), ("data_path", "--data"), ("output_dir", "--output")):
+        if not getattr(cfg, key):
+            raise SppError(f"no {key} given: pass {flag} or set {key} in the config")
+    base, output = Path(cfg.base_model).expanduser(), Path(cfg.output_dir).expanduser()
+    if not base.is_dir():
+        raise SppError(f"--model {base} does not exist")
+    if not (base / "config.json").is_file():
+        raise SppError(f"--model {base} holds no model (no config.json)")
+    if not (base / MASK_FILE).is_file():
+        raise SppError(f"--model {base} has no {MASK_FILE}: train needs an `spp prune` output")
+    manifest = read_manifest(base)
+    mask_sha256 = check_mask_hash(base, manifest.mask_sha256, who=f"{base}'s manifest")
+    check_output_dir(output, cfg.overwrite)
+    partial = partial_path(output)
+    if cfg.resume:
+        check_resumable(cfg, partial)
+    elif partial.exists() and not cfg.overwrite:
+        raise SppError(f"{partial} holds an interrupted run: pass --resume to continue it, or --overwrite to start over")
+    return base, output, mask_sha256
+
+
+def check_resumable(cfg: TrainConfig, partial: Path) -> None:
+    """A --resume needs a checkpoint in `partial` made with the same settings (bar RESUMABLE_CHANGES)."""
+    from spp.train.loop import checkpoint_dirs
+
+    if not checkpoint_dirs(partial):
+        raise SppError(f"--resume: there is no checkpoint in {partial} to resume from")
+    saved = read_yaml(partial / RESOLVED_CONFIG_FILE)
+    now = to_dict(cfg)
+    changed = sorted(k for k in now.keys() | saved.keys() if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed:
+        first = changed[0]
+        raise SppError(f"--resume: {first} was {saved.get(first)!r} in the interrupted run but is {now.get(first)!r} now "
+                       f"({len(changed)} setting(s) differ: {', '.join(changed)})")
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An `Accelerator` for `cfg.precision`, refusing a launch whose processes did not join.
+
+    Raises:
+        SppError: WORLD_SIZE > 1 but accelerate sees one process, the global batch does not
+            split into micro-batches over the processes, or the precision is unavailable.
+    """
+    from accelerate import Accelerator
+
+    try:
+        accelerator = Accelerator(mixed_precision=PRECISIONS[cfg.precision][0])
+    except (ValueError, RuntimeError) as exc:
+        raise SppError(f"precision={cfg.precision}: {str(exc).splitlines()[0]}") from exc
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        raise SppError(f"WORLD_SIZE={world} but accelerate reports 1 process: launch with `accelerate launch` "
+                       "(on a CPU-only machine: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N)")
+    per_step = cfg.micro_batch_size * accelerator.num_processes
+    if cfg.batch_size % per_step:
+        raise SppError(f"batch_size={cfg.batch_size} (global) is not divisible by micro_batch_size × processes = "
+                       f"{cfg.micro_batch_size} × {accelerator.num_processes} = {per_step}")
+    return accelerator
+
+
+def build_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
+    """Tokenized (train, val) examples from `cfg.data_path`: Alpaca records or plain-text windows."""
+    from spp.data import (_load_hub_records, read_alpaca_records, read_text_documents, split_train_val,
+                          text_windows, tokenize_instruction)
+
+    source = cfg.data_path
+    fmt = cfg.data_format
+    if fmt == "auto":
+        fmt = "text" if Path(source).suffix.lower() == ".txt" else "alpaca"
+    if fmt == "text":
+        if Path(source).expanduser().exists() or Path(source).suffix:
+            documents = read_text_documents(Path(source).expanduser())
+        else:
+            documents = [r["text"] for r in _load_hub_records(source, cfg.data_split) if isinstance(r.get("text"), str)]
+        examples = text_windows(tokenizer, documents, cfg.cutoff_len)
+    else:
+        records = read_alpaca_records(source, cfg.data_split)
+        examples = [tokenize_instruction(tokenizer, r, cfg.cutoff_len, cfg.train_on_inputs, cfg.add_eos_token)
+                    for r in records]
+    if not examples:
+        raise SppError(f"data {source} gives no training examples")
+    train_idx, val_idx = split_train_val(len(examples), cfg.val_set_size, cfg.seed)
+    return [examples[i] for i in train_idx], [examples[i] for i in val_idx]
+
+
+def plan_steps(cfg: TrainConfig, n_train: int) -> int:
+    """Optimizer steps: `max_steps`, else `num_epochs` × (n_train // batch_size)."""
+    if n_train < cfg.batch_size:
+        raise SppError(f"only {n_train} training examples, fewer than one global batch (batch_size={cfg.batch_size})")
+    return cfg.max_steps or cfg.num_epochs * (n_train // cfg.batch_size)
+
+
+@contextlib.contextmanager
+def output_workdir(accelerator, output: Path, cfg: TrainConfig):
+    """The main process builds `output.partial/` (kept on a crash, for --resume) and renames it at the end."""
+    if accelerator.is_main_process:
+        partial = partial_path(output)
+        if partial.exists() and cfg.overwrite and not cfg.resume:
+            shutil.rmtree(partial)
+        context = atomic_dir(output, overwrite=cfg.overwrite, resume=True)
+    else:
+        context = contextlib.nullcontext(partial_path(output))
+    with context as workdir:
+        accelerator.wait_for_everyone()
+        yield Path(workdir)
+
+
+def check_pruned_zeros(model, masks: dict[str, torch.Tensor]) -> None:
+    """The invariant after training: where the mask says pruned, the frozen W is bitwise +0.0 and
+    the effective weight W ⊙ (1 + s·Â ⊙ β) is exactly zero (a NaN/inf in α or β would break it).
+
+    Raises:
+        RuntimeError: a violation, which can only be a bug in spp.
+    """
+    from spp.adapter.layer import SPPLinear, effective_weight
+    from spp.models import is_conv1d, weight_out_in
+    from spp.prune.masks import pruned_is_positive_zero
+
+    for name, layer in model.named_modules():
+        if not isinstance(layer, SPPLinear) or f"{name}.weight" not in masks:
+            continue
+        keep = masks[f"{name}.weight"].to(layer.weight.device)
+        keep = keep.t() if is_conv1d(layer.base_layer) else keep  # (out, in)
+        W = weight_out_in(layer.base_layer).detach()
+        with torch.no_grad():
+            W_eff = effective_weight(W, layer.spp_alpha, layer.spp_beta, layer.scale)
+        if not pruned_is_positive_zero(W, keep).all() or (W_eff[~keep] != 0).any():
+            raise RuntimeError(f"{name}: a pruned entry is not zero after training; this is a bug in spp")
+
+
+def write_train_manifest(workdir: Path, cfg: TrainConfig, base: Path, mask_sha256: str, report: TrainReport) -> None:
+    """`spp_manifest.json` for the train stage: inputs hashed, trainable parameters, final losses."""
+    from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
+
+    inputs = {str(base / MASK_FILE): mask_sha256}
+    data = Path(cfg.data_path).expanduser()
+    if data.is_file():
+        inputs[str(data)] = sha256_file(data)
+    details = {key: getattr(report, key) for key in ("steps", "train_loss", "val_loss", "trainable_params",
+                                                     "adapted_modules", "train_examples", "val_examples",
+                                                     "world_size", "tokens_seen", "resumed_from")}
+    manifest = Manifest(stage="train", settings=to_dict(cfg), inputs=inputs, mask_sha256=mask_sha256,
+                        details={"base_model": str(base), **details}, wall_time_s=report.wall_time_s,
+                        peak_memory=peak_memory_bytes())
+    write_manifest(workdir, manifest)

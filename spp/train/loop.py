@@ -1,0 +1,363 @@
+"""The training loop under accelerate: one optimizer step per global batch, logging, checkpoints, resume.
+
+Data order is a pure function of (seed, step): epoch e visits the training examples in
+the order `randperm(n, seed + e)`, and global step t takes the next `batch_size` of
+them. Each process takes its own contiguous slice of that global batch (so ranks see
+disjoint examples) and runs it in micro-batches of `micro_batch_size`. Because the
+order is recomputed from the step, a checkpoint only has to record the step count to
+resume the data exactly. Loss = summed token NLL over the global batch / its number
+of target tokens, so one process, several processes and a resumed run all optimise
+the same quantity. This module does not load models or data (`spp.train` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from spp.adapter.model import adapter_state_dict, read_adapter_weights, save_adapter
+from spp.config import TrainConfig
+from spp.data import IGNORE_INDEX, pad_batch
+from spp.errors import SppError
+from spp.faults import fault_point
+from spp.io.checkpoint import (
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    OPTIMIZER_CONFIG_FILE,
+    OPTIMIZER_WEIGHTS_FILE,
+    RNG_FILE_PATTERN,
+    TRAIN_LOG_FILE,
+    TRAINER_STATE_FILE,
+    read_json,
+    write_json,
+)
+
+Example = tuple[list[int], list[int]]  # (input_ids, labels)
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the base learning rate for optimizer step `step` (0-based).
+
+    Warmup: (step + 1) / warmup_steps for step < warmup_steps. Then, with
+    p = (step - warmup_steps) / (total_steps - warmup_steps) in [0, 1):
+    linear 1 - p, cosine (1 + cos πp) / 2, constant 1.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+def global_batch(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Example indices of global step `step`: epoch e = step // (n // B) shuffles with `seed + e`.
+
+    A last incomplete batch of each epoch is skipped (it would change the batch size).
+    """
+    steps_per_epoch = n_examples // batch_size
+    epoch, within = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[within * batch_size : (within + 1) * batch_size].tolist()
+
+
+def rank_slice(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """This process's contiguous share of a global batch (len divisible by world_size)."""
+    share = len(indices) // world_size
+    return indices[rank * share : (rank + 1) * share]
+
+
+def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ_t −log p(labels[t] | ids[:t]) over target positions (labels ≠ IGNORE_INDEX), in float32.
+
+    Args:
+        logits: (B, T, V). labels: (B, T); position t is predicted by logits[:, t - 1].
+
+    Returns:
+        A scalar: the summed NLL (not the mean).
+    """
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def target_count(labels: torch.Tensor) -> int:
+    """Number of target positions `summed_nll` sums over: labels[:, 1:] ≠ IGNORE_INDEX."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# --------------------------------------------------------------------------- state on disk
+
+
+@dataclass
+class LoopState:
+    """Where training stands; all of it is saved in every checkpoint (as JSON)."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # non-padding input tokens, all processes
+    train_loss: float | None = None  # loss of the last step
+    val_loss: float | None = None  # last validation loss
+
+
+def checkpoint_dirs(workdir: Path) -> list[Path]:
+    """Complete checkpoints under `workdir/checkpoints`, oldest first (temporary ones are ignored)."""
+    root = Path(workdir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def optimizer_tensors(optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer's state into tensors keyed `<param name>/<state key>` and a JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{names[index]}/{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{names[index]}/{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "param_names": names}
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], config: dict, names: list[str]) -> dict:
+    """Inverse of `optimizer_tensors`, for `optimizer.load_state_dict`."""
+    if config["param_names"] != names:
+        raise SppError("the checkpoint's optimizer holds other parameters than this model's adapter")
+    index = {name: i for i, name in enumerate(names)}
+    state: dict[int, dict] = {}
+    for flat, value in list(tensors.items()) + list(config["scalars"].items()):
+        name, _, key = flat.rpartition("/")
+        state.setdefault(index[name], {})[key] = value
+    return {"state": state, "param_groups": config["param_groups"]}
+
+
+def save_checkpoint(accelerator, model, optimizer, adapter_cfg, state: LoopState, workdir: Path,
+                    keep: int) -> Path:
+    """Write `checkpoints/step-N/` atomically: build `step-N.tmp/`, then rename; then drop old ones.
+
+    The previous checkpoint stays until the new one is complete; at most `keep` remain.
+    Every process writes its own RNG state; the main process writes the rest.
+    """
+    from safetensors.torch import save_file
+
+    root = Path(workdir) / CHECKPOINTS_DIR
+    final = root / f"{CHECKPOINT_PREFIX}{state.step}"
+    tmp = root / f"{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / RNG_FILE_PATTERN.format(rank=accelerator.process_index)))
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_adapter(unwrapped, adapter_cfg, tmp)
+        fault_point("checkpoint_write", state.step)
+        names = list(adapter_state_dict(unwrapped))
+        tensors, config = optimizer_tensors(optimizer, names)
+        save_file(tensors, str(tmp / OPTIMIZER_WEIGHTS_FILE))
+        write_json(tmp / OPTIMIZER_CONFIG_FILE, config)
+        write_json(tmp / TRAINER_STATE_FILE, {**asdict(state), "python_random": _python_rng_json()})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(workdir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _python_rng_json() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def load_checkpoint(accelerator, model, optimizer, checkpoint: Path) -> LoopState:
+    """Restore adapter, optimizer, RNG and loop state from `checkpoint` (in place)."""
+    from safetensors.torch import load_file
+
+    unwrapped = accelerator.unwrap_model(model)
+    weights = read_adapter_weights(checkpoint)
+    params = adapter_state_dict(unwrapped)
+    if set(weights) != set(params):
+        raise SppError(f"checkpoint {checkpoint} holds another adapter than this model has")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+    names = list(params)
+    tensors = load_file(str(checkpoint / OPTIMIZER_WEIGHTS_FILE))
+    config = read_json(checkpoint / OPTIMIZER_CONFIG_FILE, what="optimizer state")
+    optimizer.load_state_dict(optimizer_state(tensors, config, names))
+    rng_path = checkpoint / RNG_FILE_PATTERN.format(rank=accelerator.process_index)
+    if not rng_path.is_file():
+        raise SppError(f"checkpoint {checkpoint} has no RNG state for process {accelerator.process_index} "
+                       "(was it written with another number of processes?)")
+    rng = load_file(str(rng_path))
+    torch.set_rng_state(rng["torch"])
+    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    raw = read_json(checkpoint / TRAINER_STATE_FILE, what="trainer state")
+    version, internal, gauss = raw.pop("python_random")
+    random.setstate((version, tuple(internal), gauss))
+    return LoopState(**raw)
+
+
+def truncate_log(log_path: Path, step: int) -> None:
+    """Drop log records after `step` (a resumed run redoes those steps)."""
+    if not log_path.is_file():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def evaluate(accelerator, model, examples: list[Example], micro_batch_size: int, pad_id: int) -> float:
+    """Validation loss: Σ NLL / Σ targets over all `examples`, each process taking every world-th one."""
+    share = examples[accelerator.process_index :: accelerator.num_processes]
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (Σ NLL, Σ targets)
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(share), micro_batch_size):
+            batch = {k: v.to(accelerator.device) for k, v in pad_batch(share[start : start + micro_batch_size], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            totals[0] += summed_nll(logits, batch["labels"]).double()
+            totals[1] += target_count(batch["labels"])
+    model.train()
+    totals = accelerator.reduce(totals, reduction="sum")
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+@dataclass
+class LoopInputs:
+    """What the loop needs besides the model: data, settings and where to write."""
+
+    train: list[Example]
+    val: list[Example]
+    pad_id: int
+    total_steps: int
+    cfg: TrainConfig
+    workdir: Path
+
+
+def _step(accelerator, model, batches: list[dict], world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward/backward over this process's micro-batches; gradients of Σ NLL / N_global.
+
+    N_global, the target count of the whole global batch, is all-reduced first. DDP
+    averages gradients over processes, so each process scales its loss by world_size.
+
+    Returns:
+        (Σ NLL over the global batch, N_global, input tokens of the global batch).
+    """
+    local = torch.tensor([sum(target_count(b["labels"]) for b in batches),
+                          sum(int(b["attention_mask"].sum()) for b in batches)], device=accelerator.device)
+    n_targets, n_tokens = accelerator.reduce(local, reduction="sum")
+    nll_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for k, batch in enumerate(batches):
+        batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+        sync = contextlib.nullcontext() if k == len(batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            nll = summed_nll(logits, batch["labels"])
+            accelerator.backward(nll * (world_size / n_targets.clamp(min=1)))
+        nll_total += nll.detach().double()
+    return accelerator.reduce(nll_total, reduction="sum"), n_targets, n_tokens
+
+
+def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, state: LoopState) -> LoopState:
+    """Run optimizer steps `state.step` .. `inputs.total_steps - 1`, logging, evaluating and saving.
+
+    Raises:
+        SppError: the loss became NaN/inf (the step is not applied; names the last good checkpoint).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cfg, world, rank = inputs.cfg, accelerator.num_processes, accelerator.process_index
+    micro = cfg.micro_batch_size
+    warmup = math.ceil(cfg.warmup_ratio * inputs.total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    log_path = inputs.workdir / TRAIN_LOG_FILE
+    window_tokens, window_start = 0, time.perf_counter()
+    model.train()
+    columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not accelerator.is_main_process) as progress:
+        task = progress.add_task("train", total=inputs.total_steps, completed=state.step, info="")
+        while state.step < inputs.total_steps:
+            ids = rank_slice(global_batch(len(inputs.train), cfg.batch_size, cfg.seed, state.step), rank, world)
+            batches = [pad_batch([inputs.train[i] for i in ids[j : j + micro]], inputs.pad_id)
+                       for j in range(0, len(ids), micro)]
+            nll, n_targets, n_tokens = _step(accelerator, model, batches, world)
+            loss = float(nll / n_targets.clamp(min=1))
+            if not math.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                _stop_on_bad_loss(loss, state.step + 1, inputs.workdir)
+            lr = cfg.learning_rate * lr_factor(state.step, inputs.total_steps, warmup, cfg.lr_scheduler)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if cfg.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += int(n_tokens)
+            state.train_loss = loss
+            window_tokens += int(n_tokens)
+            record = None
+            if state.step % cfg.logging_steps == 0 or state.step == inputs.total_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": state.step, "epoch": state.step * cfg.batch_size / len(inputs.train), "loss": loss,
+                          "lr": lr, "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": state.tokens_seen,
+                          "example_ids": _gather_ids(accelerator, ids)}
+                window_tokens, window_start = 0, time.perf_counter()
+            if inputs.val and (state.step % cfg.eval_steps == 0 or state.step == inputs.total_steps):
+                state.val_loss = evaluate(accelerator, model, inputs.val, micro, inputs.pad_id)
+                record = {**(record or {"step": state.step}), "val_loss": state.val_loss}
+            if record is not None and accelerator.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if state.step % cfg.save_steps == 0 or state.step == inputs.total_steps:
+                save_checkpoint(accelerator, model, optimizer, adapter_cfg, state, inputs.workdir, cfg.save_total_limit)
+            info = f"loss {loss:.4f}  lr {lr:.2e}"
+            if record is not None and "tokens_per_s" in record:
+                info += f"  {record['tokens_per_s']:.0f} tok/s"
+            progress.update(task, completed=state.step, info=info)
+            fault_point("train_step", state.step)
+    return state
+
+
+def _gather_ids(accelerator, ids: list[int]) -> list[list[int]]:
+    """Every process's example indices for this step, as [rank 0's, rank 1's, …]."""
+    if accelerator.num_processes == 1:
+        return [list(ids)]
+    from accelerate.utils import gather_object
+
+    return [list(chunk) for chunk in gather_object([list(ids)])]
+
+
+def _stop_on_bad_loss(loss: float, step: int, workdir: Path) -> None:
+    saved = checkpoint_dirs(workdir)
+    where = (f"the last good checkpoint is {saved[-1]}; continue from it with --resume (after lowering learning_rate)"
+             if saved else f"no checkpoint was saved yet; the partial output is {workdir}")
+    raise SppError(f"the training loss is {loss} at step {step}; stopped without applying that step. {where}")
