@@ -1,0 +1,206 @@
+"""`spp merge`: merged = unmerged adapter = reloaded with plain transformers ≠ pruned, sparsity kept, bad inputs refused."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from spp.adapter.config import AdapterConfig
+from spp.adapter.model import adapter_state_dict, add_spp, save_adapter, target_layers
+from spp.cli import app
+from spp.config import MergeConfig
+from spp.errors import SppError
+from spp.io.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE,
+                               masks_by_parameter, read_json, safetensors_files, save_model, saved_tensor_names,
+                               sha256_file)
+from spp.io.manifest import Manifest, read_manifest, write_manifest
+from spp.io.maskfile import save_masks
+from spp.merge import run_merge, saved_weight_name
+from spp.models import layer_layout, weight_out_in
+from spp.prune.masks import apply_mask, unstructured_mask
+from spp.verify import verify_checkpoint
+
+IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def load(directory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def make_pruned(model, directory, sparsity=0.5, max_shard_size="2GB"):
+    """Magnitude-prune the decoder linears of `model` and save it as `spp prune` would."""
+    keep_by_param, layouts = {}, {}
+    with torch.no_grad():
+        for name, layer in target_layers(model, ["*"]).items():
+            W = weight_out_in(layer)
+            keep = unstructured_mask(W.abs(), sparsity)
+            W.copy_(apply_mask(W, keep))
+            stored = keep.t() if layer_layout(layer) == "conv1d" else keep
+            keep_by_param[f"{name}.weight"], layouts[f"{name}.weight"] = stored, layer_layout(layer)
+    directory.mkdir(parents=True)
+    save_model(model, None, directory, max_shard_size=max_shard_size)
+    saved = saved_tensor_names(model, directory, list(keep_by_param))
+    save_masks(directory / MASK_FILE, {saved[p]: k for p, k in keep_by_param.items()},
+               {saved[p]: layouts[p] for p in keep_by_param})
+    write_manifest(directory, Manifest(stage="prune", settings={"sparsity": sparsity},
+                                       details={"method": "magnitude", "pattern": "unstructured"}))
+    return directory
+
+
+def make_adapter(pruned_dir, directory, seed=0, row_groups=3):
+    """add_spp on the saved pruned model, move α and β away from init, save; returns the adapter model's logits."""
+    model = load(pruned_dir)
+    cfg = AdapterConfig(spp_row_groups=row_groups, lora_alpha=16, lora_r=8, base_model=str(pruned_dir),
+                        mask_sha256=sha256_file(pruned_dir / MASK_FILE))
+    add_spp(model, cfg, masks_by_parameter(model, pruned_dir))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter_state_dict(model).items():
+            p.add_(torch.randn(p.shape, generator=g) * (1.0 if name.endswith("beta") else 0.2))
+    save_adapter(model, cfg, directory)
+    return logits(model)
+
+
+@pytest.fixture
+def run(tmp_path, tiny_model):
+    """A pruned llama in 3+ shards and a trained-looking adapter for it."""
+    pruned = make_pruned(tiny_model("llama"), tmp_path / "pruned", max_shard_size="20KB")
+    adapter_logits = make_adapter(pruned, tmp_path / "train")
+    return tmp_path, pruned, adapter_logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_merged_equals_unmerged_and_reloads_with_plain_transformers(tmp_path, tiny_model, arch):
+    shard_size = "20KB" if arch == "llama" else "2GB"
+    pruned = make_pruned(tiny_model(arch), tmp_path / "pruned", max_shard_size=shard_size)
+    adapter_logits = make_adapter(pruned, tmp_path / "train")
+    report = run_merge(MergeConfig(model=str(pruned), adapter=str(tmp_path / "train"), output=str(tmp_path / "merged")))
+    merged = tmp_path / "merged"
+    assert report.n_modules == (14 if arch == "llama" else 8)
+    merged_logits = logits(load(merged))
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-5, atol=1e-5)
+    assert (merged_logits - logits(load(pruned))).abs().max() > 1e-2
+    assert (merged / MASK_FILE).read_bytes() == (pruned / MASK_FILE).read_bytes()
+    assert sorted(p.name for p in merged.iterdir()) == sorted(p.name for p in pruned.iterdir())
+    if arch == "llama":
+        assert len(safetensors_files(merged)) >= 3
+    verify_checkpoint(merged)  # every pruned entry +0.0, files match the manifest
+    manifest = read_manifest(merged)
+    assert manifest.stage == "merge" and manifest.mask_sha256 == sha256_file(pruned / MASK_FILE)
+    assert str(tmp_path / "train" / ADAPTER_WEIGHTS_FILE) in manifest.inputs
+    assert not (tmp_path / "merged.partial").exists()
+
+
+def test_merge_changes_only_adapted_weights(run):
+    from safetensors.torch import load_file
+
+    tmp_path, pruned, _ = run
+    run_merge(MergeConfig(adapter=str(tmp_path / "train"), output=str(tmp_path / "merged")))
+    changed = set()
+    for shard in safetensors_files(pruned):
+        before, after = load_file(str(shard)), load_file(str(tmp_path / "merged" / shard.name))
+        assert before.keys() == after.keys()
+        changed |= {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"model.layers.{i}.{m}.weight" for i in range(2) for m in
+                       ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
+
+
+def test_bare_spp_merge_works_inside_a_run_directory(run, monkeypatch):
+    tmp_path, _, adapter_logits = run
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["merge"])
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(logits(load(tmp_path / "merged")), adapter_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_an_adapter_for_another_base(run, tiny_model):
+    tmp_path, _, _ = run
+    other = make_pruned(tiny_model("llama"), tmp_path / "other", sparsity=0.6)
+    with pytest.raises(SppError, match="different base"):
+        run_merge(MergeConfig(model=str(other), adapter=str(tmp_path / "train"), output=str(tmp_path / "merged")))
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+
+
+def test_saved_weight_name_falls_back_to_the_block_relative_tail():
+    saved = {"transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight", "lm.weight"}
+    assert saved_weight_name("transformer.h.0.attn.c_attn", saved) == "transformer.h.0.attn.c_attn.weight"
+    assert saved_weight_name("model.h.1.attn.c_attn", saved) == "transformer.h.1.attn.c_attn.weight"
+    assert saved_weight_name("model.h.2.attn.c_attn", saved) is None
+
+
+def _corrupt_weights(tmp_path):
+    (tmp_path / "train" / ADAPTER_WEIGHTS_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+
+
+def _corrupt_config(tmp_path):
+    (tmp_path / "train" / ADAPTER_CONFIG_FILE).write_text("{not json")
+
+
+def _no_mask_hash(tmp_path):
+    path = tmp_path / "train" / ADAPTER_CONFIG_FILE
+    path.write_text(json.dumps({**read_json(path), "mask_sha256": ""}))
+
+
+def _lora_config(tmp_path):
+    path = tmp_path / "train" / ADAPTER_CONFIG_FILE
+    path.write_text(json.dumps({**read_json(path), "peft_type": "LORA"}))
+
+
+def _wrong_shape(tmp_path):
+    path = tmp_path / "train" / ADAPTER_CONFIG_FILE
+    path.write_text(json.dumps({**read_json(path), "target_modules": ["self_attn.*"]}))
+
+
+def _other_base(tmp_path):
+    (tmp_path / "pruned" / MASK_FILE).write_bytes((tmp_path / "pruned" / MASK_FILE).read_bytes() + b" ")
+
+
+def _existing_output(tmp_path):
+    (tmp_path / "merged").mkdir()
+
+
+BAD_INPUTS = {
+    "missing adapter dir": (["--adapter", "nowhere"], None, "nowhere does not exist"),
+    "corrupt adapter weights": ([], _corrupt_weights, "corrupt"),
+    "corrupt adapter config": ([], _corrupt_config, "not valid JSON"),
+    "adapter without mask hash": ([], _no_mask_hash, "records no mask_sha256"),
+    "not an SPP adapter": ([], _lora_config, "not an SPP adapter"),
+    "adapter does not fit": ([], _wrong_shape, "do not fit"),
+    "adapter for another base": ([], _other_base, "different base"),
+    "missing model": (["--model", "nothing"], None, "nothing does not exist"),
+    "existing output": ([], _existing_output, "already exists"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_cli_bad_inputs_give_one_error_line_and_no_output(run, monkeypatch, case):
+    tmp_path, _, _ = run
+    args, damage, message = BAD_INPUTS[case]
+    if damage:
+        damage(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    existed = (tmp_path / "merged").exists()
+    result = CliRunner().invoke(app, ["merge", *args])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert (tmp_path / "merged").exists() == existed
+    assert not (tmp_path / "merged.partial").exists()
+
+
+def test_overwrite_replaces_an_existing_output(run):
+    tmp_path, _, adapter_logits = run
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "stale.txt").write_text("old")
+    run_merge(MergeConfig(adapter=str(tmp_path / "train"), output=str(tmp_path / "merged"), overwrite=True))
+    assert not (tmp_path / "merged" / "stale.txt").exists() and (tmp_path / "merged" / MANIFEST_FILE).is_file()
+    torch.testing.assert_close(logits(load(tmp_path / "merged")), adapter_logits, rtol=1e-5, atol=1e-5)
