@@ -82,6 +82,7 @@ class PruneReport:
     kept_zero: int
     wall_time_s: float
     dampening_retries: list[dict] = field(default_factory=list)
+    model: nn.Module | None = field(default=None, repr=False)  # the pruned model, still in memory
 
 
 # --------------------------------------------------------------------------- input checks
@@ -251,7 +252,8 @@ def _write_output(cfg, checked, model, keep_by_param, layouts, module_stats, ret
                                      details=details, wall_time_s=wall, peak_memory=peak_memory_bytes()))
     return PruneReport(output=Path(cfg.output), method=cfg.method, pattern=cfg.pattern,
                        requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=pruned / total if total else 0.0,
-                       kept_zero=kept_zero, wall_time_s=time.perf_counter() - start, dampening_retries=retries)
+                       kept_zero=kept_zero, wall_time_s=time.perf_counter() - start, dampening_retries=retries,
+                       model=model)
 
 
 def block_name(tensor_name: str) -> str:

@@ -1,0 +1,424 @@
+"""spp prune end to end on tiny random models of every family, the sequential pipeline, SparseGPT
+against a straightforward reference, calibration loaders, and the command line's bad-input contract."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import ARCHS, TINY_CONFIGS
+from spp.cli import app
+from spp.config import PruneConfig
+from spp.errors import SppError
+from spp.io.checkpoint import MASK_FILE, MANIFEST_FILE, shard_index
+from spp.io.maskfile import load_masks
+from spp.models import find_decoder_blocks, find_linear_layers, weight_out_in
+from spp.prune import run_prune
+from spp.prune.masks import is_nm_valid, pruned_count
+from spp.prune.sequential import capture_block_inputs, prune_blocks, run_block
+from spp.prune.sparsegpt import accumulate_hessian, hessian_from_sum, sparsegpt_prune
+from spp.verify import verify_checkpoint
+
+CHARS = ["<unk>", "<eos>"] + list(string.ascii_letters + string.digits + " .,!?'\n")  # 71 < every tiny vocab
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer built offline (ids < 71, so it fits the tiny models' vocab of 128)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+def make_model(arch: str, n_layers: int = 2, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(TINY_CONFIGS[arch])
+    kwargs["n_layer" if arch == "gpt2" else "num_hidden_layers"] = n_layers
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def save_tiny(arch: str, directory: Path, n_layers: int = 2) -> Path:
+    model = make_model(arch, n_layers)
+    model.save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def write_text(path: Path, n_words: int = 3000, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(1, 7))) for _ in range(200)]
+    path.write_text(" ".join(rng.choice(words) + ("." if rng.random() < 0.1 else "") for _ in range(n_words)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    return write_text(tmp_path_factory.mktemp("calib") / "calib.txt")
+
+
+def saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for shard in set(shard_index(directory).values()):
+        out.update(load_file(str(shard)))
+    return out
+
+
+# --------------------------------------------------------------------------- every architecture
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prune_every_arch(arch, method, pattern, tmp_path, text_file):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny(arch, tmp_path / "model")
+    out = tmp_path / "pruned"
+    cfg = PruneConfig(model=str(model_dir), output=str(out), method=method, pattern=pattern, calib=str(text_file),
+                      nsamples=4, seqlen=32, device="cpu", blocksize=16)
+    report = run_prune(cfg)
+
+    masks, layouts = load_masks(out / MASK_FILE)
+    tensors = saved_tensors(out)
+    n_blocks = TINY_CONFIGS[arch].get("num_hidden_layers", TINY_CONFIGS[arch].get("n_layer"))
+    blocks_name, blocks = find_decoder_blocks(report.model)
+    assert len(masks) == sum(len(find_linear_layers(b)) for b in blocks) and n_blocks == len(blocks)
+    for name, keep in masks.items():
+        assert name in tensors, f"mask key {name} is not a saved tensor"
+        W = tensors[name]
+        assert keep.shape == W.shape
+        pruned = ~keep
+        assert torch.all(W[pruned] == 0) and not torch.signbit(W[pruned]).any(), f"{name}: pruned entry not +0.0"
+        keep_oi = keep.t() if layouts[name] == "conv1d" else keep  # (out, in)
+        if pattern == "unstructured":
+            assert (~keep_oi).sum(1).tolist() == [pruned_count(keep_oi.shape[1], 0.5)] * keep_oi.shape[0]
+        else:
+            assert (keep_oi.reshape(keep_oi.shape[0], -1, 4).sum(-1) == 2).all()
+    assert all(not any(k in name for k in ("embed", "wte", "wpe", "lm_head", "norm", "ln_")) for name in masks)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, len(CHARS), (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, report.model(ids).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(report.model(ids).logits, report.model(ids).logits)  # deterministic forward
+    verify_checkpoint(out)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["details"]["method"] == method and manifest["details"]["calibration"]["nsamples"] == 4
+    assert abs(manifest["details"]["achieved_sparsity"] - 0.5) < 1e-9
+
+
+def test_output_files_exactly(tmp_path, text_file):
+    model_dir = save_tiny("llama", tmp_path / "model")
+    out = tmp_path / "pruned"
+    run_prune(PruneConfig(model=str(model_dir), output=str(out), method="wanda", pattern="2:4",
+                          calib=str(text_file), nsamples=2, seqlen=16, device="cpu"))
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        MASK_FILE, MANIFEST_FILE, "spp_config.yaml",
+    ])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "pruned"]  # no .partial left behind
+
+
+def test_magnitude_needs_no_calibration_and_uses_one_threshold(tmp_path):
+    model_dir = save_tiny("llama", tmp_path / "model")
+    original = {n: weight_out_in(m).detach().clone()
+                for n, m in find_linear_layers(find_decoder_blocks(make_model("llama"))[1][0]).items()}
+    out = tmp_path / "pruned"
+    report = run_prune(PruneConfig(model=str(model_dir), output=str(out), method="magnitude", sparsity=0.3,
+                                   calib=str(tmp_path / "does-not-exist.txt"), device="cpu"))
+    block0 = find_linear_layers(find_decoder_blocks(report.model)[1][0])
+    for name, W0 in original.items():
+        W = weight_out_in(block0[name])
+        keep = W != 0
+        assert (~keep).sum() == pruned_count(W.numel(), 0.3)
+        assert W0.abs()[~keep].max() <= W0.abs()[keep].min()  # one threshold over the whole matrix
+        assert torch.equal(W[keep], W0[keep])  # kept weights unchanged
+
+
+def test_verify_names_the_tensor_on_violation(tmp_path, text_file):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = save_tiny("llama", tmp_path / "model")
+    out = tmp_path / "pruned"
+    run_prune(PruneConfig(model=str(model_dir), output=str(out), method="wanda", pattern="2:4",
+                          calib=str(text_file), nsamples=2, seqlen=16, device="cpu"))
+    masks, _ = load_masks(out / MASK_FILE)
+    name = sorted(masks)[0]
+    tensors = load_file(str(out / "model.safetensors"))
+    W = tensors[name]
+    row, col = (~masks[name]).nonzero()[0].tolist()
+    W[row, col] = -0.0  # equal to zero, but not bitwise +0.0
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SppError, match="sha256"):  # the shard no longer matches the manifest
+        verify_checkpoint(out)
+    from spp.io.checkpoint import sha256_file
+
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["outputs"]["model.safetensors"] = sha256_file(out / "model.safetensors")
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(SppError, match=rf"{name}: 1 entries the mask marks pruned are not \+0\.0"):
+        verify_checkpoint(out)
+
+
+# --------------------------------------------------------------------------- sequential
+
+
+def _windows(n=4, seqlen=32, seed=0):
+    return torch.randint(2, len(CHARS), (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_captured_calls_reproduce_the_model(arch):
+    """With nothing pruned, block-by-block propagation equals the model's own hidden states.
+
+    Three layers and a sliding window shorter than the windows, so a per-layer mask recorded
+    for the wrong layer (Qwen2's max_window_layers, Gemma2's alternation) changes the result.
+    """
+    model = make_model(arch, n_layers=3)
+    windows = _windows()
+    with torch.no_grad():
+        expected = model(windows, output_hidden_states=True, use_cache=False).hidden_states
+    _, blocks = find_decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks, windows, batch_size=3, storage=torch.device("cpu"))
+    torch.testing.assert_close(torch.cat(inputs.hidden), expected[0])
+    seen = []
+    prune_blocks(blocks, inputs, lambda s, X: None,
+                 lambda i, name, layer, s: torch.ones_like(weight_out_in(layer), dtype=torch.bool), torch.device("cpu"),
+                 on_block_done=lambda i, block, masks, inp: seen.append(torch.cat(inp.hidden)))
+    for i in range(len(blocks) - 1):
+        torch.testing.assert_close(seen[i], expected[i + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_block1_inputs_change_when_block0_is_pruned():
+    model = make_model("llama")
+    _, blocks = find_decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks, _windows(), batch_size=4, storage=torch.device("cpu"))
+    unpruned_out = run_block(blocks[0], 0, inputs, torch.device("cpu"))[0].clone()
+    block0_inputs = [h.clone() for h in inputs.hidden]
+
+    def halve(i, name, layer, state):
+        W = weight_out_in(layer)
+        keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(i)) > 0.5
+        with torch.no_grad():
+            W.copy_(torch.where(keep, W, torch.zeros(())))
+        return keep
+
+    seen = []
+    prune_blocks(blocks, inputs, None, halve, torch.device("cpu"),
+                 on_block_done=lambda i, b, m, inp: seen.append([h.clone() for h in inp.hidden]))
+    assert not torch.allclose(seen[0][0], unpruned_out, atol=1e-4)
+    inputs.hidden, inputs.calls[0] = block0_inputs, capture_block_inputs(
+        model, blocks, _windows(), batch_size=4, storage=torch.device("cpu")).calls[0]
+    torch.testing.assert_close(seen[0][0], run_block(blocks[0], 0, inputs, torch.device("cpu"))[0])
+
+
+# --------------------------------------------------------------------------- SparseGPT against a reference
+
+
+def reference_sparsegpt(W, H, sparsity, blocksize, n_m=None, percdamp=0.01):
+    """Algorithm 1 of the paper written out literally: explicit inverse, one column at a time, Python loops."""
+    W = W.double().clone()
+    H = H.double().clone()
+    cols = W.shape[1]
+    H += percdamp * torch.diag(H).mean() * torch.eye(cols, dtype=torch.float64)
+    Hinv = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    keep = torch.ones_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        if n_m is None:
+            sal = [(float(W[r, c] ** 2 / Hinv[c, c] ** 2), c - i1 + (i2 - i1) * r, r, c)
+                   for r in range(W.shape[0]) for c in range(i1, i2)]
+            sal.sort(key=lambda t: (t[0], t[1]))  # ties: lower flat index pruned first
+            for _, _, r, c in sal[: pruned_count(W.shape[0] * (i2 - i1), sparsity)]:
+                keep[r, c] = False
+        for c in range(i1, i2):
+            if n_m is not None and (c - i1) % n_m[1] == 0:
+                for r in range(W.shape[0]):
+                    group = sorted(range(c, c + n_m[1]), key=lambda k: (float(W[r, k] ** 2 / Hinv[k, k] ** 2), k))
+                    for k in group[: n_m[1] - n_m[0]]:
+                        keep[r, k] = False
+            q = torch.where(keep[:, c], W[:, c], torch.zeros((), dtype=W.dtype))
+            err = (W[:, c] - q) / Hinv[c, c]
+            for k in range(c, cols):  # the OBS update of every later column, including the other blocks
+                W[:, k] -= err * Hinv[c, k]
+            W[:, c] = q
+    return W, keep
+
+
+@pytest.mark.parametrize("n_m,sparsity", [(None, 0.5), (None, 0.3), ((2, 4), 0.5), ((1, 4), 0.75), ((4, 8), 0.5)])
+def test_sparsegpt_equals_reference(n_m, sparsity):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 24, generator=g, dtype=torch.float64)
+    X = torch.randn(200, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    H_sum, n = accumulate_hessian(None, X)
+    H = hessian_from_sum(H_sum, n).double()
+    W_ref, keep_ref = reference_sparsegpt(W, H, sparsity, blocksize=8, n_m=n_m)
+    W_new, keep, damp = sparsegpt_prune(W.float(), H.float(), n_m, sparsity, blocksize=8)
+    assert damp == 0.01
+    assert torch.equal(keep, keep_ref)
+    torch.testing.assert_close(W_new.double(), W_ref, rtol=1e-3, atol=1e-4)
+    if n_m is None:  # exactly floor(out·b·s) pruned in each column block of width 8
+        assert (~keep).reshape(6, 3, 8).sum((0, 2)).tolist() == [pruned_count(48, sparsity)] * 3
+    else:
+        assert is_nm_valid(keep, *n_m)
+    assert not torch.signbit(W_new[~keep]).any() and (W_new[~keep] == 0).all()
+
+
+def test_sparsegpt_lowers_the_reconstruction_error_of_magnitude_masking():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(16, 32, generator=g)
+    X = torch.randn(512, 32, generator=g) * torch.linspace(0.1, 3, 32)
+    H_sum, n = accumulate_hessian(None, X)
+    W_new, keep, _ = sparsegpt_prune(W, hessian_from_sum(H_sum, n), (2, 4), 0.5, blocksize=16)
+    masked = torch.where(keep, W, torch.zeros(()))
+    assert ((X @ (W - W_new).t()) ** 2).sum() < ((X @ (W - masked).t()) ** 2).sum()
+
+
+def test_sparsegpt_retries_dampening_and_records_it():
+    H = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    H[0, 1] = H[1, 0] = 1.5  # indefinite: eigenvalue 1 - 1.5 < 0 until the dampening exceeds 0.5
+    W = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    W_new, keep, damp = sparsegpt_prune(W, H, None, 0.5, blocksize=4, percdamp=0.01)
+    assert damp == pytest.approx(1.0)  # 0.01 and 0.1 fail, 1.0 (× mean diagonal 1) works
+    with pytest.raises(SppError, match="not positive definite"):
+        sparsegpt_prune(W, -torch.eye(4), None, 0.5, blocksize=4)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_calibration_windows_from_a_file(tmp_path):
+    from spp.data import calibration_windows
+
+    tok = char_tokenizer()
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["hello world", "abc def", "xyz"]))
+    stream = tok("hello world<eos>abc def<eos>xyz", add_special_tokens=False)["input_ids"]
+    windows = calibration_windows(tok, str(path), nsamples=5, seqlen=4, seed=3)
+    assert windows.shape == (5, 4)
+    for row in windows.tolist():  # every window is a contiguous slice of the EOS-joined stream
+        assert any(stream[s : s + 4] == row for s in range(len(stream) - 3))
+    assert torch.equal(windows, calibration_windows(tok, str(path), 5, 4, seed=3))
+    assert not torch.equal(windows, calibration_windows(tok, str(path), 5, 4, seed=4))
+    with pytest.raises(SppError, match=f"has only {len(stream)} tokens"):
+        calibration_windows(tok, str(path), nsamples=1, seqlen=len(stream) + 1, seed=0)
+
+
+def test_hub_loaders_with_a_mocked_load_dataset(monkeypatch):
+    import datasets
+
+    from spp import data
+
+    tok = char_tokenizer()
+    calls = []
+
+    def fake_load(name, *args, **kwargs):
+        calls.append((name, args, kwargs))
+        if name == "allenai/c4":
+            return [{"text": "short"}, {"text": "a long enough document " * 5}]
+        return {"text": ["first line", "", "second line of wikitext " * 4]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    c4 = data.calibration_windows(tok, "c4", nsamples=3, seqlen=10, seed=0)
+    assert c4.shape == (3, 10) and calls[0][0] == "allenai/c4" and "data_files" in calls[0][2]
+    wiki = data.calibration_windows(tok, "wikitext2", nsamples=2, seqlen=10, seed=0)
+    assert wiki.shape == (2, 10) and calls[1][:2] == ("Salesforce/wikitext", ("wikitext-2-raw-v1",))
+    with pytest.raises(SppError, match=r"c4: found only 0 of 2 documents longer than --seqlen 1000"):
+        data.calibration_windows(tok, "c4", nsamples=2, seqlen=1000, seed=0)
+
+    attempts = []
+
+    def offline(name, *args, **kwargs):
+        attempts.append(name)
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SppError, match=r"cannot load Salesforce/wikitext .*hub unreachable.*--calib PATH"):
+        data.calibration_windows(tok, "wikitext2", nsamples=1, seqlen=4, seed=0)
+    assert 1 < len(attempts) <= 5  # retried, but a bounded number of times
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory) -> Path:
+    """A tiny LLaMA whose MLP input is 36 wide (not divisible by 8) and context 64."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = tmp_path_factory.mktemp("cli") / "model"
+    kwargs = dict(TINY_CONFIGS["llama"], intermediate_size=36, max_position_embeddings=64)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+BAD_INPUTS = [
+    ("unknown method", ["--method", "obs"], r"--method 'obs' is not one of"),
+    ("malformed pattern", ["--pattern", "2:5x"], r"--pattern '2:5x'"),
+    ("zero kept", ["--pattern", "0:4"], r"--pattern 0:4: N:M needs 0 < N < M"),
+    ("n above m", ["--pattern", "5:4"], r"--pattern 5:4: N:M needs 0 < N < M"),
+    ("sparsity 1", ["--sparsity", "1.0"], r"--sparsity=1.0 is out of range"),
+    ("sparsity negative", ["--sparsity", "-0.1"], r"--sparsity=-0.1 is out of range"),
+    ("sparsity vs N:M", ["--pattern", "2:4", "--sparsity", "0.6"], r"contradicts --pattern 2:4"),
+    ("in-dim not divisible", ["--pattern", "4:8"], r"model\.layers\.0\.mlp\.down_proj has weight \(out, in\) = \(32, 36\)"),
+    ("missing model", ["--model", "{tmp}/nope"], r"model .*nope does not exist"),
+    ("dir without model", ["--model", "{tmp}"], r"holds no model"),
+    ("missing calib", ["--calib", "{tmp}/none.txt"], r"--calib .*none\.txt: no such file"),
+    ("empty calib", ["--calib", "{tmp}/empty.txt"], r"empty"),
+    ("short calib", ["--calib", "{tmp}/short.txt"], r"has only 5 tokens"),
+    ("too few tokens", ["--nsamples", "1000"], r"has only \d+ tokens; --nsamples 1000 x --seqlen 16 needs 16000"),
+    ("seqlen above context", ["--seqlen", "65"], r"--seqlen 65 is above the model's context of 64"),
+    ("output exists", ["--output", "{tmp}/exists"], r"already exists; pass --overwrite"),
+]
+
+
+@pytest.mark.parametrize("case,flags,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_cli_bad_inputs(case, flags, message, cli_model, tmp_path, text_file):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("hello")
+    (tmp_path / "exists").mkdir()
+    args = {"--model": str(cli_model), "--calib": str(text_file), "--output": str(tmp_path / "out"),
+            "--nsamples": "2", "--seqlen": "16", "--device": "cpu"}
+    extra = []
+    for i in range(0, len(flags), 2):
+        value = flags[i + 1].format(tmp=tmp_path)
+        if flags[i] in args:
+            args[flags[i]] = value
+        else:
+            extra += [flags[i], value]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(app, ["prune", *[x for kv in args.items() for x in kv], *extra])
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert __import__("re").search(message, lines[0]), lines[0]
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output dir, no .partial
+
+
+def test_cli_prune_then_verify(cli_model, tmp_path, text_file):
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["prune", "--model", str(cli_model), "--method", "sparsegpt", "--pattern", "2:4",
+                                 "--calib", str(text_file), "--nsamples", "2", "--seqlen", "16", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "model.layers.1" in result.stdout and "50.00%" in result.stdout
+    result = runner.invoke(app, ["verify", str(out)])
+    assert result.exit_code == 0 and "ok:" in result.stdout
+    (out / MASK_FILE).write_bytes((out / MASK_FILE).read_bytes()[:-1] + b"\x00")
+    result = runner.invoke(app, ["verify", str(out)])
+    assert result.exit_code == 1 and result.stderr.startswith("error: ") and "sha256" in result.stderr
