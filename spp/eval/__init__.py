@@ -1,0 +1,251 @@
+"""`spp eval`: perplexity (Wanda/SparseGPT protocol) and lm-eval zero-shot accuracy of one model.
+
+`run_eval(cfg)` checks every input before loading the model (context length, data
+files, task names and task files, the adapter's base), then loads the model (and an
+unmerged SPP adapter on top when asked), measures, and writes `results.json` and the
+manifest atomically. `compare_results(paths)` lines several results up side by side.
+The math is in `spp.eval.perplexity`; lm-eval plumbing in `spp.eval.zeroshot`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spp import __version__
+from spp.config import EvalConfig, to_dict
+from spp.errors import SppError
+
+MAX_DEFAULT_SEQLEN = 4096
+PROTOCOL = "wanda-sparsegpt: non-overlapping windows, partial tail dropped, exp(summed NLL / predicted tokens)"
+
+
+@dataclass
+class EvalReport:
+    """What `run_eval` measured; `results` is exactly what `results.json` holds."""
+
+    results: dict
+    output: Path | None = None
+    rows: list[tuple[str, str]] = field(default_factory=list)  # (metric, value) for the terminal table
+
+
+def resolve_seqlen(requested: int | None, context: int | None) -> int:
+    """The perplexity window: `requested`, or the model's context capped at 4096.
+
+    Raises:
+        SppError: `requested` exceeds the context, or neither is known.
+    """
+    if requested is not None:
+        if context is not None and requested > context:
+            raise SppError(f"--seqlen {requested} is larger than the model's context of {context} tokens")
+        return requested
+    if context is None:
+        raise SppError("the model's config does not state its context length; pass --seqlen")
+    return min(context, MAX_DEFAULT_SEQLEN)
+
+
+def mask_sparsity(model_dir: Path) -> dict | None:
+    """Sparsity recorded by the mask file of an `spp prune`/`merge` output, or None without one."""
+    from spp.io.checkpoint import MASK_FILE, sha256_file
+    from spp.io.maskfile import load_masks
+
+    path = Path(model_dir) / MASK_FILE
+    if not path.is_file():
+        return None
+    masks, _ = load_masks(path)
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return {"sparsity": 1 - kept / total if total else 0.0, "masked_weights": total, "tensors": len(masks),
+            "mask_sha256": sha256_file(path)}
+
+
+def _check_adapter(cfg: EvalConfig):
+    """Read the adapter's config and refuse it unless it was trained on this base (mask hash)."""
+    from spp.adapter.model import read_adapter_config
+    from spp.io.manifest import check_mask_hash
+
+    adapter_cfg = read_adapter_config(Path(cfg.adapter))
+    if not Path(cfg.model).is_dir():
+        raise SppError(f"--adapter needs --model to be the local pruned directory it was trained on, not {cfg.model}")
+    check_mask_hash(Path(cfg.model), adapter_cfg.mask_sha256 or None, who=f"adapter {cfg.adapter}")
+    return adapter_cfg
+
+
+def _prepare_ppl(cfg: EvalConfig, tokenizer, seqlen: int) -> list[tuple[str, object, object]]:
+    """(key, PplText, ids) for every --ppl entry, each checked to hold at least one window."""
+    from spp.eval.perplexity import ppl_text, set_ids
+
+    out, seen = [], set()
+    for spec in cfg.ppl:
+        text = ppl_text(spec)
+        ids = set_ids(tokenizer, text, seqlen)
+        if ids.numel() < seqlen:
+            raise SppError(f"--ppl {spec}: the text has {ids.numel()} tokens, fewer than one window of "
+                           f"--seqlen {seqlen}")
+        key = text.name if text.name not in seen else spec
+        seen.add(key)
+        out.append((key, text, ids))
+    return out
+
+
+def _load(cfg: EvalConfig, device):
+    from spp.models import load_model
+
+    model = load_model(cfg.model, cfg.dtype, device)
+    if cfg.adapter:
+        from spp.adapter.model import load_adapter
+        from spp.io.checkpoint import masks_by_parameter
+
+        load_adapter(model, Path(cfg.adapter), masks_by_parameter(model, Path(cfg.model)))
+        model.eval()
+    return model
+
+
+def run_eval(cfg: EvalConfig) -> EvalReport:
+    """Evaluate one model: perplexity sets, then zero-shot tasks; write results when `cfg.output` is set.
+
+    Raises:
+        SppError: any bad input, detected before the model is loaded where possible.
+    """
+    from spp.eval.perplexity import perplexity
+    from spp.eval.zeroshot import evaluate_tasks, prepare_tasks
+    from spp.models import context_length, load_config, load_tokenizer, resolve_device, resolve_dtype
+
+    start = time.time()
+    seqlen = resolve_seqlen(cfg.seqlen, context_length(load_config(cfg.model)))
+    device, _ = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    if cfg.output:
+        from spp.io.checkpoint import check_output_dir
+
+        check_output_dir(Path(cfg.output), cfg.overwrite)
+    adapter_cfg = _check_adapter(cfg) if cfg.adapter else None
+    tokenizer = load_tokenizer(cfg.model)
+    ppl_inputs = _prepare_ppl(cfg, tokenizer, seqlen)
+    with tempfile.TemporaryDirectory(prefix="spp-tasks-") as workdir:
+        setup = prepare_tasks(cfg.tasks, cfg.task_data, Path(workdir)) if cfg.tasks else None
+        model = _load(cfg, device)
+        ppl_results = {}
+        for key, text, ids in ppl_inputs:
+            res = perplexity(model, ids, seqlen, cfg.batch_size, cfg.max_windows)
+            ppl_results[key] = {
+                "ppl": res.ppl, "seqlen": res.seqlen, "windows": res.windows, "max_windows": cfg.max_windows,
+                "predicted_tokens": res.predicted_tokens, "total_tokens": res.total_tokens, "nll_sum": res.nll_sum,
+                "source": text.source, "text_sha256": text.text_sha256, "file_sha256": text.file_sha256,
+                "truncated_to_windows": text.max_tokens_per_seqlen, "protocol": PROTOCOL,
+            }
+        zeroshot = None
+        if setup is not None:
+            zeroshot = evaluate_tasks(model, tokenizer, setup, cfg.limit, cfg.batch_size, cfg.num_fewshot)
+            zeroshot.update(limit=cfg.limit, num_fewshot=cfg.num_fewshot, task_data=cfg.task_data)
+    results = {
+        "model": cfg.model,
+        "adapter": cfg.adapter,
+        "adapter_mask_sha256": adapter_cfg.mask_sha256 if adapter_cfg else None,
+        "sparsity": mask_sparsity(Path(cfg.model)) if Path(cfg.model).is_dir() else None,
+        "seqlen": seqlen,
+        "perplexity": ppl_results,
+        "zeroshot": zeroshot,
+        "lm_eval_version": _lm_eval_version(),
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "spp_version": __version__,
+        "wall_time_s": round(time.time() - start, 3),
+    }
+    output = _write(cfg, results, start) if cfg.output else None
+    return EvalReport(results=results, output=output, rows=results_rows(results))
+
+
+def _lm_eval_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return None
+
+
+def _write(cfg: EvalConfig, results: dict, start: float) -> Path:
+    from spp.io.checkpoint import RESULTS_FILE, atomic_dir, write_json
+    from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
+
+    inputs = {}
+    for entry in (results["perplexity"] or {}).values():
+        if entry["file_sha256"]:
+            inputs[entry["source"]] = entry["file_sha256"]
+    for task in ((results["zeroshot"] or {}).get("tasks") or {}).values():
+        inputs.update(task.get("files", {}))
+    output = Path(cfg.output)
+    with atomic_dir(output, overwrite=cfg.overwrite) as tmp:
+        write_json(tmp / RESULTS_FILE, results)
+        write_manifest(tmp, Manifest(
+            stage="eval", settings=to_dict(cfg), inputs=inputs,
+            mask_sha256=(results["sparsity"] or {}).get("mask_sha256"),
+            details={"seqlen": results["seqlen"], "summary": dict(results_rows(results))},
+            wall_time_s=round(time.time() - start, 3), peak_memory=peak_memory_bytes(),
+        ))
+    return output
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def results_rows(results: dict) -> list[tuple[str, str]]:
+    """(metric, formatted value) rows of one results dict, in a stable order."""
+    rows = []
+    if results.get("sparsity"):
+        rows.append(("sparsity", f"{results['sparsity']['sparsity']:.4f}"))
+    for name, entry in (results.get("perplexity") or {}).items():
+        rows.append((f"ppl {name} @{entry['seqlen']}", f"{entry['ppl']:.4f}"))
+    zeroshot = results.get("zeroshot") or {}
+    for name, task in (zeroshot.get("tasks") or {}).items():
+        label = name + (" (approx.)" if task.get("approximate") else "")
+        for metric in ("acc", "acc_norm"):
+            if metric in task:
+                err = task.get(f"{metric}_stderr")
+                rows.append((f"{label} {metric}", f"{task[metric]:.4f}" + (f" ± {err:.4f}" if err is not None else "")))
+        for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+            if metric in task:
+                rows.append((f"{label} {metric} (lm-eval; not token ppl)", f"{task[metric]:.4f}"))
+    if zeroshot.get("mean_acc") is not None:
+        rows.append(("mean acc", f"{zeroshot['mean_acc']:.4f}"))
+    return rows
+
+
+@dataclass
+class CompareTable:
+    """Rows = metrics, columns = runs; a missing metric is "—"."""
+
+    columns: list[str]
+    rows: list[tuple[str, list[str]]]
+
+
+def _read_results(path: Path) -> dict:
+    from spp.io.checkpoint import RESULTS_FILE, read_json
+
+    file = path / RESULTS_FILE if path.is_dir() else path
+    if not file.exists():
+        raise SppError(f"--compare {path}: no {RESULTS_FILE} there (is it an `spp eval --output` directory?)")
+    return read_json(file, what="results")
+
+
+def compare_results(paths: list[str]) -> CompareTable:
+    """Line up several `spp eval` outputs (directories or results JSON files) side by side.
+
+    Raises:
+        SppError: fewer than one path, or a path that holds no results.
+    """
+    if not paths:
+        raise SppError("--compare needs at least one results directory or JSON file")
+    columns, per_run = [], []
+    for p in paths:
+        path = Path(p)
+        results = _read_results(path)
+        label = path.name if path.is_dir() else (path.parent.name if path.name == "results.json" else path.stem)
+        columns.append(label if label not in columns else str(path))
+        per_run.append(dict(results_rows(results)))
+    metrics: list[str] = []
+    for run in per_run:
+        metrics += [m for m in run if m not in metrics]
+    return CompareTable(columns, [(m, [run.get(m, "—") for run in per_run]) for m in metrics])
