@@ -178,7 +178,7 @@ def make_accelerator(cfg: TrainConfig):
 
 def build_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
     """Tokenized (train, val) examples from `cfg.data_path`: Alpaca records or plain-text windows."""
-    from spp.data import (_load_hub_records, read_alpaca_records, read_text_documents, split_train_val,
+    from spp.data import (IGNORE_INDEX, _load_hub_records, read_alpaca_records, read_text_documents, split_train_val,
                           text_windows, tokenize_instruction)
 
     source = cfg.data_path
@@ -197,6 +197,9 @@ def build_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
                     for r in records]
     if not examples:
         raise SppError(f"data {source} gives no training examples")
+    if not any(label != IGNORE_INDEX for _, labels in examples for label in labels[1:]):
+        raise SppError(f"no example of {source} has a target token within cutoff_len={cfg.cutoff_len} "
+                       "(the prompts fill it); raise cutoff_len or set train_on_inputs: true")
     train_idx, val_idx = split_train_val(len(examples), cfg.val_set_size, cfg.seed)
     return [examples[i] for i in train_idx], [examples[i] for i in val_idx]
 

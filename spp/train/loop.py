@@ -300,6 +300,9 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
     params = [p for p in model.parameters() if p.requires_grad]
     log_path = inputs.workdir / TRAIN_LOG_FILE
     window_tokens, window_start = 0, time.perf_counter()
+    if inputs.val and state.step == 0:  # the pruned model's own validation loss, as the baseline
+        state.val_loss = evaluate(accelerator, model, inputs.val, micro, inputs.pad_id)
+        _append_log(accelerator, log_path, {"step": 0, "val_loss": state.val_loss})
     model.train()
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
     with Progress(*columns, disable=not accelerator.is_main_process) as progress:
@@ -334,9 +337,8 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             if inputs.val and (state.step % cfg.eval_steps == 0 or state.step == inputs.total_steps):
                 state.val_loss = evaluate(accelerator, model, inputs.val, micro, inputs.pad_id)
                 record = {**(record or {"step": state.step}), "val_loss": state.val_loss}
-            if record is not None and accelerator.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            if record is not None:
+                _append_log(accelerator, log_path, record)
             if state.step % cfg.save_steps == 0 or state.step == inputs.total_steps:
                 save_checkpoint(accelerator, model, optimizer, adapter_cfg, state, inputs.workdir, cfg.save_total_limit)
             info = f"loss {loss:.4f}  lr {lr:.2e}"
@@ -345,6 +347,12 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             progress.update(task, completed=state.step, info=info)
             fault_point("train_step", state.step)
     return state
+
+
+def _append_log(accelerator, log_path: Path, record: dict) -> None:
+    if accelerator.is_main_process:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def _gather_ids(accelerator, ids: list[int]) -> list[list[int]]:

@@ -1,0 +1,422 @@
+"""spp train: the loop's pure pieces, training data, end-to-end runs, resume, DDP, bad inputs, quality."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from spp.config import TrainConfig, merge_into
+from spp.data import (IGNORE_INDEX, alpaca_prompt, pad_batch, read_alpaca_records, split_train_val, text_windows,
+                      tokenize_instruction, tokenize_stream)
+from spp.errors import SppError
+from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, TRAIN_LOG_FILE, partial_path
+from spp.train import run_train
+from spp.train.loop import global_batch, lr_factor, rank_slice, summed_nll, target_count
+
+SPP_MAIN = "from spp.cli import app; app()"
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shared_data):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(shared_data / "stories260K-hf")
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory, shared_data) -> Path:
+    """The first 20k characters of TinyStories validation text."""
+    path = tmp_path_factory.mktemp("text") / "stories.txt"
+    path.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:20000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory, shared_data) -> Path:
+    """The first 24 records of the small Alpaca file."""
+    path = tmp_path_factory.mktemp("alpaca") / "alpaca.json"
+    records = json.loads((shared_data / "alpaca" / "alpaca_small.json").read_text())[:24]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def tiny_cfg(base, data, output, **overrides) -> TrainConfig:
+    settings = dict(base_model=str(base), data_path=str(data), output_dir=str(output), cutoff_len=32,
+                    micro_batch_size=2, batch_size=4, max_steps=4, save_steps=2, logging_steps=1, eval_steps=2,
+                    val_set_size=4, learning_rate=2e-2, warmup_ratio=0.0)
+    return merge_into(TrainConfig, [("test", {**settings, **overrides})])
+
+
+def adapter(output) -> dict:
+    return load_file(str(Path(output) / ADAPTER_WEIGHTS_FILE))
+
+
+def assert_adapters_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= atol, f"adapters differ by {worst}"
+
+
+def log_records(output) -> list[dict]:
+    return [json.loads(line) for line in (Path(output) / TRAIN_LOG_FILE).read_text().splitlines()]
+
+
+def spp_command(*args, env=None, launcher=None, timeout=240):
+    """Run `spp` in a child process (so a SIGKILL fault or a second process cannot touch pytest)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = (launcher or [sys.executable, "-c", SPP_MAIN]) + list(args)
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    """`spp train` arguments that reproduce `cfg` (every key through --set)."""
+    args = ["train", "--config", "tinystories.yaml"]
+    for key in ("base_model", "data_path", "output_dir", "cutoff_len", "micro_batch_size", "batch_size", "max_steps",
+                "save_steps", "logging_steps", "eval_steps", "val_set_size", "learning_rate", "warmup_ratio",
+                "data_format", "seed", "num_epochs", "lr_scheduler", "max_grad_norm"):
+        args += ["--set", f"{key}={getattr(cfg, key)}"]
+    return args
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_lr_factor_matches_formulas():
+    total, warmup = 20, 4
+    for step in range(total):
+        p = (step - warmup) / (total - warmup)
+        expected_warm = (step + 1) / warmup
+        assert lr_factor(step, total, warmup, "linear") == pytest.approx(expected_warm if step < warmup else 1 - p)
+        assert lr_factor(step, total, warmup, "cosine") == pytest.approx(
+            expected_warm if step < warmup else (1 + math.cos(math.pi * p)) / 2)
+        assert lr_factor(step, total, warmup, "constant") == pytest.approx(expected_warm if step < warmup else 1.0)
+    assert lr_factor(0, 10, 0, "linear") == 1.0
+
+
+def test_global_batches_cover_each_epoch_once_and_ranks_are_disjoint():
+    n, batch = 23, 4  # 5 full batches per epoch, 3 examples left over
+    for epoch in range(2):
+        seen = [i for step in range(epoch * 5, epoch * 5 + 5) for i in global_batch(n, batch, 7, step)]
+        assert len(seen) == len(set(seen)) == 20 and set(seen) <= set(range(n))
+    assert global_batch(n, batch, 7, 0) != global_batch(n, batch, 7, 5)  # a new shuffle each epoch
+    assert global_batch(n, batch, 7, 3) == global_batch(n, batch, 7, 3)  # a pure function of the step
+    ids = global_batch(n, batch, 7, 2)
+    parts = [rank_slice(ids, r, 2) for r in range(2)]
+    assert parts[0] + parts[1] == ids and not set(parts[0]) & set(parts[1])
+
+
+def test_summed_nll_matches_log_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, 3:] = IGNORE_INDEX
+    labels[2, 1] = IGNORE_INDEX
+    logp = torch.log_softmax(logits, -1)
+    expected, count = 0.0, 0
+    for b in range(3):
+        for t in range(1, 5):
+            if labels[b, t] != IGNORE_INDEX:
+                expected -= float(logp[b, t - 1, labels[b, t]])
+                count += 1
+    assert float(summed_nll(logits, labels)) == pytest.approx(expected, rel=1e-5)
+    assert target_count(labels) == count
+
+
+# --------------------------------------------------------------------------- training data
+
+
+def test_alpaca_prompt_uses_the_input_template_only_with_an_input():
+    with_input = alpaca_prompt("Add the numbers.", "2 and 3")
+    assert "### Input:\n2 and 3" in with_input and with_input.endswith("### Response:\n")
+    without = alpaca_prompt("Name a colour.", "  ")
+    assert "### Input" not in without and "Name a colour." in without
+
+
+@pytest.mark.parametrize("train_on_inputs", [True, False])
+def test_tokenize_instruction_labels(tokenizer, train_on_inputs):
+    record = {"instruction": "Tell a story.", "input": "", "output": "Once upon a time there was a cat."}
+    prompt_ids = tokenizer(alpaca_prompt("Tell a story."))["input_ids"]
+    output_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+    ids, labels = tokenize_instruction(tokenizer, record, 512, train_on_inputs)
+    assert ids == prompt_ids + output_ids + [tokenizer.eos_token_id]
+    n = len(prompt_ids)
+    assert labels[n:] == ids[n:]
+    assert labels[:n] == (ids[:n] if train_on_inputs else [IGNORE_INDEX] * n)
+    short_ids, short_labels = tokenize_instruction(tokenizer, record, 10, train_on_inputs)
+    assert short_ids == ids[:10] and len(short_labels) == 10  # cut at cutoff_len, no EOS squeezed in
+
+
+def test_read_alpaca_records_names_the_bad_record(tmp_path):
+    good = {"instruction": "a", "input": "b", "output": "c"}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([good, {"instruction": "x", "output": "y"}, {"instruction": "z", "input": ""}]))
+    with pytest.raises(SppError, match=r"record 2 has no 'output' field"):
+        read_alpaca_records(str(path))
+    path.write_text(json.dumps([good, {"instruction": "x", "output": "y"}]))
+    assert read_alpaca_records(str(path))[1] == {"instruction": "x", "input": "", "output": "y"}
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps(good) + "\n" + json.dumps({"instruction": 3, "output": "y"}) + "\n")
+    with pytest.raises(SppError, match=r"record 1 field 'instruction' is int"):
+        read_alpaca_records(str(jsonl))
+    with pytest.raises(SppError, match="does not exist"):
+        read_alpaca_records(str(tmp_path / "missing.json"))
+
+
+def test_text_windows_cut_one_stream(tokenizer):
+    docs = ["Tom had a red ball.", "Sue saw the big dog and ran home."]
+    stream = [tokenizer.bos_token_id] + tokenize_stream(tokenizer, docs).tolist()
+    windows = text_windows(tokenizer, docs, 7)
+    assert [t for ids, _ in windows for t in ids] == stream[: len(stream) - (len(stream) % 7 == 1)]
+    assert all(len(ids) == 7 for ids, _ in windows[:-1]) and all(ids == labels for ids, labels in windows)
+
+
+def test_split_train_val_counts_and_fractions():
+    train, val = split_train_val(50, 0.2, seed=1)
+    assert len(val) == 10 and sorted(train + val) == list(range(50))
+    train, val = split_train_val(50, 7, seed=1)
+    assert len(val) == 7 and not set(train) & set(val)
+    assert split_train_val(50, 0, seed=1)[1] == []
+    with pytest.raises(SppError, match="leaves none to train on"):
+        split_train_val(5, 5, seed=1)
+
+
+def test_pad_batch_masks_padding():
+    batch = pad_batch([([5, 6, 7], [5, 6, 7]), ([8], [IGNORE_INDEX])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [IGNORE_INDEX] * 3]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_train_writes_the_adapter_and_keeps_every_zero(pruned_tiny_dir, alpaca_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from spp.adapter.layer import SPPLinear
+    from spp.adapter.model import load_adapter, merge_spp
+    from spp.io.checkpoint import masks_by_parameter, read_json
+    from spp.io.manifest import read_manifest
+    from spp.prune.masks import pruned_is_positive_zero
+
+    out = tmp_path / "train"
+    report = run_train(tiny_cfg(pruned_tiny_dir, alpaca_file, out, train_on_inputs=False, cutoff_len=160))
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    ckpt_files = ["adapter_config.json", "adapter_model.safetensors", "optimizer.json", "optimizer.safetensors",
+                  "rng-rank0.safetensors", "trainer_state.json"]
+    assert files == sorted(["adapter_config.json", "adapter_model.safetensors", "spp_config.yaml",
+                            "spp_manifest.json", "train_log.jsonl"]
+                           + [f"checkpoints/step-{s}/{f}" for s in (2, 4) for f in ckpt_files])
+    assert not partial_path(out).exists()
+
+    base_manifest = read_manifest(pruned_tiny_dir)
+    cfg_json = read_json(out / "adapter_config.json")
+    assert cfg_json["mask_sha256"] == base_manifest.mask_sha256 and cfg_json["base_model"] == str(pruned_tiny_dir)
+    assert (cfg_json["spp_row_groups"], cfg_json["scale"], cfg_json["target_modules"]) == (16, 2.0, ["*"])
+    manifest = read_manifest(out)
+    assert manifest.stage == "train" and manifest.mask_sha256 == base_manifest.mask_sha256
+    assert manifest.details["trainable_params"] == report.trainable_params == sum(v.numel() for v in adapter(out).values())
+    assert manifest.details["train_loss"] == report.train_loss
+    log = log_records(out)
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 4]
+    assert log[0]["val_loss"] > 0 and all(r["lr"] > 0 and r["tokens_per_s"] > 0 for r in log[1:])
+    assert "val_loss" in log[2] and "val_loss" in log[4]
+
+    # β moved away from zero, so the model changed; yet every pruned entry is still +0.0 after a merge.
+    model = AutoModelForCausalLM.from_pretrained(pruned_tiny_dir)
+    masks = masks_by_parameter(model, pruned_tiny_dir)
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    pruned_logits = model(ids).logits
+    load_adapter(model, out, masks)
+    betas = [m.spp_beta for m in model.modules() if isinstance(m, SPPLinear)]
+    assert all(float(b.detach().abs().max()) > 0 for b in betas)
+    merge_spp(model, masks)
+    assert not torch.allclose(model(ids).logits, pruned_logits, atol=1e-4)
+    params = dict(model.named_parameters())
+    assert masks and all(bool(pruned_is_positive_zero(params[name], keep).all()) for name, keep in masks.items())
+
+
+def test_micro_batches_accumulate_to_the_global_batch(pruned_tiny_dir, text_file, tmp_path):
+    one = run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "a", micro_batch_size=4, max_steps=3))
+    four = run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "b", micro_batch_size=1, max_steps=3))
+    assert one.train_loss == pytest.approx(four.train_loss, rel=1e-5)
+    assert_adapters_close(adapter(tmp_path / "a"), adapter(tmp_path / "b"), atol=1e-5)
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(pruned_tiny_dir, text_file, tmp_path):
+    straight = tmp_path / "straight"
+    run_train(tiny_cfg(pruned_tiny_dir, text_file, straight, max_steps=6))
+
+    crashed = tmp_path / "crashed"
+    cfg = tiny_cfg(pruned_tiny_dir, text_file, crashed, max_steps=6)
+    # Killed (SIGKILL) while writing checkpoint 4: step-2 is complete, step-4 only a temporary directory.
+    result = spp_command(*cli_args(cfg), env={"SPP_FAULT": "checkpoint_write:4"})
+    assert result.returncode == -9, result.stderr[-2000:]
+    partial = partial_path(crashed)
+    assert not crashed.exists()
+    assert sorted(p.name for p in (partial / "checkpoints").iterdir()) == ["step-2", "step-4.tmp"]
+
+    report = run_train(tiny_cfg(pruned_tiny_dir, text_file, crashed, max_steps=6, resume=True))
+    assert report.resumed_from == 2 and report.steps == 6
+    assert_adapters_close(adapter(straight), adapter(crashed), atol=1e-6)
+    assert [r["step"] for r in log_records(crashed)] == [r["step"] for r in log_records(straight)]
+    assert [r["loss"] for r in log_records(crashed)[1:]] == pytest.approx([r["loss"] for r in log_records(straight)[1:]], rel=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(pruned_tiny_dir, text_file, tmp_path, monkeypatch):
+    import spp.train.loop as loop
+
+    calls = {"n": 0}
+    real = loop.summed_nll
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        value = real(logits, labels)
+        return value * float("nan") if calls["n"] > 4 else value  # steps 1-2 (2 micro-batches each) are fine
+
+    monkeypatch.setattr(loop, "summed_nll", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(SppError, match=r"loss is nan at step 3.*last good checkpoint is .*step-2.*--resume"):
+        run_train(tiny_cfg(pruned_tiny_dir, text_file, out, max_steps=6, val_set_size=0))
+    assert not out.exists() and (partial_path(out) / "checkpoints" / "step-2" / ADAPTER_WEIGHTS_FILE).is_file()
+
+
+def test_ddp_two_processes_match_one(pruned_tiny_dir, text_file, tmp_path):
+    single = tmp_path / "single"
+    run_train(tiny_cfg(pruned_tiny_dir, text_file, single, max_steps=3, batch_size=8, micro_batch_size=2))
+    script = tmp_path / "spp_main.py"
+    script.write_text(SPP_MAIN + "\n")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    ddp = tmp_path / "ddp"
+    cfg = tiny_cfg(pruned_tiny_dir, text_file, ddp, max_steps=3, batch_size=8, micro_batch_size=2)
+    result = spp_command(*cli_args(cfg), env={"ACCELERATE_USE_CPU": "true"}, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    from spp.io.manifest import read_manifest
+
+    assert read_manifest(ddp).details["world_size"] == 2
+    for one, two in zip(log_records(single)[1:], log_records(ddp)[1:]):
+        rank0, rank1 = two["example_ids"]  # written from inside the run: one list per process
+        assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1)
+        assert rank0 + rank1 == one["example_ids"][0]  # together, the same global batch
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert_adapters_close(adapter(single), adapter(ddp), atol=1e-5)
+
+
+def test_world_size_without_launcher_is_refused(pruned_tiny_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SppError, match="WORLD_SIZE=2 but accelerate reports 1 process"):
+        run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "o"))
+    assert not (tmp_path / "o").exists() and not partial_path(tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- the CLI contract
+
+
+def _bad_inputs(tmp: Path, pruned: Path, text: Path):
+    (tmp / "bad.yaml").write_text("cutoff_len: [1,\n")
+    (tmp / "unknown.yaml").write_text("micro_batch: 4\n")
+    (tmp / "mistyped.yaml").write_text("cutoff_len: long\n")
+    (tmp / "empty.txt").write_text("\n")
+    (tmp / "norecord.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
+    nomask = tmp / "nomask"
+    nomask.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (nomask / name).write_bytes((pruned / name).read_bytes())
+    (tmp / "exists").mkdir()
+    ok = ["--model", str(pruned), "--data", str(text)]
+    return {
+        "config missing": (["--config", str(tmp / "nope.yaml"), *ok], "does not exist"),
+        "config not YAML": (["--config", str(tmp / "bad.yaml"), *ok], "not valid YAML"),
+        "unknown key": (["--config", str(tmp / "unknown.yaml"), *ok], "did you mean 'micro_batch_size'"),
+        "mistyped value": (["--config", "tinystories.yaml", *ok, "--set", "cutoff_len=long"], "cutoff_len='long' should be int"),
+        "mistyped in file": (["--config", str(tmp / "mistyped.yaml"), *ok], "cutoff_len='long' should be int"),
+        "base without mask": (["--config", "tinystories.yaml", "--model", str(nomask), "--data", str(text)], "has no masks.safetensors"),
+        "data missing": (["--config", "tinystories.yaml", "--model", str(pruned), "--data", str(tmp / "no.txt")], "does not exist"),
+        "data empty": (["--config", "tinystories.yaml", "--model", str(pruned), "--data", str(tmp / "empty.txt")], "is empty"),
+        "record without field": (["--config", "tinystories.yaml", "--model", str(pruned), "--data", str(tmp / "norecord.json"), "--set", "data_format=auto"], "record 1 has no 'output'"),
+        "batch not divisible": (["--config", "tinystories.yaml", *ok, "--set", "batch_size=10"], "not divisible by micro_batch_size"),
+        "lora_dropout": (["--config", "tinystories.yaml", *ok, "--set", "lora_dropout=0.05"], "lora_dropout=0.05 is not supported"),
+        "output exists": (["--config", "tinystories.yaml", *ok], "already exists"),
+    }
+
+
+def test_cli_bad_inputs_fail_with_one_line_and_leave_nothing(pruned_tiny_dir, text_file, tmp_path):
+    from spp.cli import app
+
+    cases = _bad_inputs(tmp_path, pruned_tiny_dir, text_file)
+    runner = CliRunner()
+    for name, (args, message) in cases.items():
+        output = tmp_path / ("exists" if name == "output exists" else f"out-{name.replace(' ', '-')}")
+        result = runner.invoke(app, ["train", *args, "--output", str(output), "--max-steps", "1"])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1, (name, result.stderr, result.exception)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, lines)
+        assert not partial_path(output).exists(), name
+        assert (output.exists() and not any(output.iterdir())) if name == "output exists" else not output.exists(), name
+
+
+def test_cli_trains_from_a_bundled_config_in_any_directory(pruned_tiny_dir, text_file, tmp_path, monkeypatch):
+    from spp.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--config", "tinystories.yaml", "--model", str(pruned_tiny_dir),
+                                      "--data", str(text_file), "--output", "run", "--max-steps", "2",
+                                      "--set", "cutoff_len=16", "--set", "batch_size=4", "--set", "micro_batch_size=4",
+                                      "--set", "val_set_size=0"])
+    assert result.exit_code == 0, result.stderr
+    from spp.config import read_yaml
+
+    resolved = read_yaml(tmp_path / "run" / "spp_config.yaml")
+    # defaults < file < flags < --set: lr from the file, max_steps from the flag, cutoff_len from --set
+    assert (resolved["learning_rate"], resolved["max_steps"], resolved["cutoff_len"], resolved["lr_scheduler"]) == (
+        4e-3, 2, 16, "linear")
+
+
+# --------------------------------------------------------------------------- quality on the real model
+
+
+@pytest.mark.slow
+def test_spp_recovers_perplexity_of_pruned_stories260k(shared_data, tmp_path):
+    from conftest import build_pruned_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spp.adapter.model import load_adapter, merge_spp
+    from spp.io.checkpoint import masks_by_parameter
+    from spp.prune.masks import pruned_is_positive_zero
+
+    source = shared_data / "stories260K-hf"
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    pruned = build_pruned_dir(AutoModelForCausalLM.from_pretrained(source), tokenizer, tmp_path / "pruned", 0.5)
+    text = (shared_data / "tinystories" / "tinystories_val.txt").read_text()
+    (tmp_path / "train.txt").write_text(text[:150_000])
+    held_out = tokenize_stream(tokenizer, [text[-20_000:]])[: 16 * 64].view(16, 64)  # text training never sees
+
+    def perplexity(model) -> float:
+        with torch.no_grad():
+            return math.exp(float(summed_nll(model(held_out).logits, held_out)) / target_count(held_out))
+
+    out = tmp_path / "train"
+    run_train(tiny_cfg(pruned, tmp_path / "train.txt", out, cutoff_len=64, batch_size=16, micro_batch_size=16,
+                       max_steps=30, learning_rate=4e-3, val_set_size=0, save_steps=30, logging_steps=10))
+    model = AutoModelForCausalLM.from_pretrained(pruned)
+    before = perplexity(model)
+    masks = masks_by_parameter(model, pruned)
+    load_adapter(model, out, masks)
+    after = perplexity(model)
+    assert after < 0.9 * before, (before, after)
+    merge_spp(model, masks)
+    assert perplexity(model) == pytest.approx(after, rel=1e-4)
+    params = dict(model.named_parameters())
+    assert len(masks) == 35 and all(bool(pruned_is_positive_zero(params[n], k).all()) for n, k in masks.items())
