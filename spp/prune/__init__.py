@@ -165,26 +165,53 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
     Raises:
         SppError: any bad input (checked before the weights are loaded), or a singular Hessian.
     """
-    from spp.models import find_decoder_blocks, load_model
-    from spp.prune.sequential import capture_block_inputs, prune_blocks
+    from spp.models import load_model
 
     start = time.perf_counter()
     checked = _check_inputs(cfg)
-    method = METHODS[cfg.method]
     model = load_model(cfg.model, cfg.dtype, "cpu")
-    blocks_name, blocks = find_decoder_blocks(model)
-    storage = torch.device("cpu") if cfg.offload_activations else checked.device
-    inputs = None
-    if checked.windows is not None:
-        inputs = capture_block_inputs(model, blocks, checked.windows, cfg.batch_size, storage)
+    pruned = prune_model(model, checked.windows, cfg, checked.device, on_module)
+    return _write_output(cfg, checked, model, pruned, start)
 
-    layouts: dict[str, str] = {}
-    module_stats: dict[str, dict] = {}
-    retries: list[dict] = []
+
+@dataclass
+class PrunedModel:
+    """What `prune_model` changed: keep-masks (out, in) by parameter name, layouts, counts, dampening retries."""
+
+    masks: dict[str, torch.Tensor]
+    layouts: dict[str, str]
+    module_stats: dict[str, dict]
+    retries: list[dict]
+
+
+def prune_model(
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    cfg: PruneConfig,
+    device: torch.device,
+    on_module: Callable[[int, int, str], None] | None = None,
+) -> PrunedModel:
+    """Prune `model` in place, block by block (no files): the in-memory half of `run_prune`.
+
+    Args:
+        model: a causal LM on the CPU.
+        windows: (nsamples, seqlen) calibration ids, or None for magnitude.
+        cfg: method, pattern, sparsity, SparseGPT settings, batch size, offloading.
+        device: where each block is pruned.
+        on_module: progress callback (block index, number of blocks, module name).
+    """
+    from spp.models import find_decoder_blocks, layer_layout, weight_out_in
+    from spp.prune.sequential import capture_block_inputs, prune_blocks
+
+    method = METHODS[cfg.method]
+    blocks_name, blocks = find_decoder_blocks(model)
+    storage = torch.device("cpu") if cfg.offload_activations else device
+    inputs = None
+    if windows is not None and method.accumulate is not None:
+        inputs = capture_block_inputs(model, blocks, windows, cfg.batch_size, storage)
+    result = PrunedModel(masks={}, layouts={}, module_stats={}, retries=[])
 
     def prune_layer(index: int, name: str, layer: nn.Module, state) -> torch.Tensor:
-        from spp.models import layer_layout, weight_out_in
-
         full = f"{blocks_name}.{index}.{name}"
         if method.accumulate is not None and state is None:
             raise SppError(f"module {full} received no calibration input; spp cannot prune it with {cfg.method}")
@@ -196,32 +223,31 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
         with torch.no_grad():
             W.copy_(W_new)
         if info:
-            retries.append({"module": full, "percdamp_requested": cfg.percdamp, **info})
-        layouts[f"{full}.weight"] = layer_layout(layer)
-        module_stats[f"{full}.weight"] = sparsity_stats(W.detach().cpu(), keep.cpu())
+            result.retries.append({"module": full, "percdamp_requested": cfg.percdamp, **info})
+        result.layouts[f"{full}.weight"] = layer_layout(layer)
+        result.module_stats[f"{full}.weight"] = sparsity_stats(W.detach().cpu(), keep.cpu())
         return keep
 
     masks = prune_blocks(
-        blocks, inputs, method.accumulate, prune_layer, checked.device,
+        blocks, inputs, method.accumulate, prune_layer, device,
         on_module=(lambda i, name: on_module(i, len(blocks), f"{blocks_name}.{i}.{name}")) if on_module else None,
     )
-    del inputs
-    keep_by_param = {
-        f"{blocks_name}.{i}.{name}.weight": keep for i, block_masks in enumerate(masks) for name, keep in block_masks.items()
-    }
-    report = _write_output(cfg, checked, model, keep_by_param, layouts, module_stats, retries, start)
-    return report
+    for i, block_masks in enumerate(masks):
+        for name, keep in block_masks.items():
+            result.masks[f"{blocks_name}.{i}.{name}.weight"] = keep
+    return result
 
 
-def _write_output(cfg, checked, model, keep_by_param, layouts, module_stats, retries, start) -> PruneReport:
+def _write_output(cfg, checked, model, pruned: PrunedModel, start) -> PruneReport:
     """Save the pruned model, masks (keyed by saved tensor name, in stored shape), config and manifest atomically."""
     from spp.io.checkpoint import RESOLVED_CONFIG_FILE, MASK_FILE, atomic_dir, save_model, saved_tensor_names
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
     from spp.io.maskfile import save_masks
 
+    keep_by_param, layouts, module_stats, retries = pruned.masks, pruned.layouts, pruned.module_stats, pruned.retries
     blocks = _block_table(module_stats)
     total = sum(s["numel"] for s in module_stats.values())
-    pruned = sum(s["pruned"] for s in module_stats.values())
+    n_pruned = sum(s["pruned"] for s in module_stats.values())
     kept_zero = sum(s["kept_zero"] for s in module_stats.values())
     with atomic_dir(Path(cfg.output), overwrite=cfg.overwrite) as tmp:
         save_model(model, checked.tokenizer, tmp, cfg.max_shard_size)
@@ -235,7 +261,7 @@ def _write_output(cfg, checked, model, keep_by_param, layouts, module_stats, ret
             "method": cfg.method,
             "pattern": cfg.pattern,
             "requested_sparsity": cfg.sparsity,
-            "achieved_sparsity": pruned / total if total else 0.0,
+            "achieved_sparsity": n_pruned / total if total else 0.0,
             "kept_zero": kept_zero,
             "modules": {
                 saved[p]: {"requested": cfg.sparsity, "achieved": s["sparsity"], "numel": s["numel"],
@@ -251,7 +277,7 @@ def _write_output(cfg, checked, model, keep_by_param, layouts, module_stats, ret
         write_manifest(tmp, Manifest(stage="prune", settings=to_dict(cfg), inputs=_input_hashes(cfg),
                                      details=details, wall_time_s=wall, peak_memory=peak_memory_bytes()))
     return PruneReport(output=Path(cfg.output), method=cfg.method, pattern=cfg.pattern,
-                       requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=pruned / total if total else 0.0,
+                       requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=n_pruned / total if total else 0.0,
                        kept_zero=kept_zero, wall_time_s=time.perf_counter() - start, dampening_retries=retries,
                        model=model)
 
