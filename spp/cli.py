@@ -229,7 +229,6 @@ def eval_(
     compare: bool = typer.Option(False, "--compare", help="Print earlier results side by side instead of evaluating."),
 ):
     """Perplexity (Wanda/SparseGPT protocol) and lm-eval zero-shot accuracy; or --compare earlier results."""
-    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -237,14 +236,7 @@ def eval_(
     if compare:
         from spp.eval import compare_results
 
-        result = compare_results(paths or [])
-        table = Table(box=box.MARKDOWN)
-        table.add_column("metric")
-        for column in result.columns:
-            table.add_column(column, justify="right")
-        for metric, values in result.rows:
-            table.add_row(metric, *values)
-        console.print(table)
+        print(compare_results(paths or []).markdown())
         return
     if paths:
         raise SppError(f"unexpected argument {paths[0]!r} (positional paths are only for --compare)")

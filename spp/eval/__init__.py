@@ -220,6 +220,18 @@ class CompareTable:
     columns: list[str]
     rows: list[tuple[str, list[str]]]
 
+    def markdown(self) -> str:
+        """A GitHub/Markdown pipe table, ready to paste into a paper draft or an issue."""
+        header = ["metric", *self.columns]
+        body = [[metric, *values] for metric, values in self.rows]
+        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+        def line(cells):
+            return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+        rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+        return "\n".join([line(header), rule, *(line(r) for r in body)])
+
 
 def _read_results(path: Path) -> dict:
     from spp.io.checkpoint import RESULTS_FILE, read_json
