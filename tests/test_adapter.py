@@ -74,16 +74,24 @@ def test_effective_and_merged_weight_follow_the_formula(out, inp, r):
     assert torch.equal(spp_merge_weight(W, alpha, beta, s), effective_weight(W, alpha, beta, s))
 
 
-def test_merge_keeps_pruned_entries_positive_zero_even_with_negative_factors():
+def test_pruned_entries_stay_positive_zero_even_with_negative_factors():
     W, alpha, beta = random_params(16, 8, 4, dtype=torch.float32)
     keep = unstructured_mask(W.abs(), 0.5)
     W = apply_mask(W, keep)
-    beta = beta * 10  # many factors 1 + s·α·β are negative, which turns +0.0 into -0.0
-    raw = effective_weight(W, alpha, beta, 2.0)
-    assert torch.signbit(raw[~keep]).any(), "the test needs negative factors on pruned entries"
+    beta = beta * 10  # many factors 1 + s·α·β are negative
+    naive = W * (1 + 2.0 * expand_rows(alpha, 16) * beta[:, None])
+    assert torch.signbit(naive[~keep]).any(), "the test needs factors that turn +0.0 into -0.0"
+    for merged in (effective_weight(W, alpha, beta, 2.0), spp_merge_weight(W, alpha, beta, 2.0, keep)):
+        assert (merged[~keep] == 0).all() and not torch.signbit(merged[~keep]).any()
+        torch.testing.assert_close(merged, naive, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_keep_mask_zeroes_what_it_prunes():
+    W, alpha, beta = random_params(6, 8, 2, dtype=torch.float32)
+    keep = torch.rand(6, 8, generator=torch.Generator().manual_seed(0)) > 0.5
     merged = spp_merge_weight(W, alpha, beta, 2.0, keep)
+    assert torch.equal(merged[keep], effective_weight(W, alpha, beta, 2.0)[keep])
     assert (merged[~keep] == 0).all() and not torch.signbit(merged[~keep]).any()
-    assert torch.equal(merged[keep], raw[keep])
 
 
 def test_merge_in_fp32_then_cast_back():
@@ -91,8 +99,9 @@ def test_merge_in_fp32_then_cast_back():
     W16 = W.to(torch.bfloat16)
     merged = spp_merge_weight(W16, alpha, beta, 2.0)
     assert merged.dtype == torch.bfloat16
-    expected = (W16.float() * (1 + 2.0 * expand_rows(alpha, 8) * beta[:, None])).to(torch.bfloat16)
-    assert torch.equal(merged, expected)
+    assert torch.equal(merged, spp_merge_weight(W16.float(), alpha, beta, 2.0).to(torch.bfloat16))
+    torch.testing.assert_close(merged.float(), W16.float() * (1 + 2.0 * expand_rows(alpha, 8) * beta[:, None]),
+                               rtol=1e-2, atol=1e-3)
 
 
 # ------------------------------------------------------------------ the autograd function

@@ -69,35 +69,37 @@ def _compute_dtype(W: torch.Tensor, alpha: torch.Tensor) -> torch.dtype:
 
 
 def effective_weight(W: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float) -> torch.Tensor:
-    """W_eff = W ⊙ (1 + s·Â ⊙ β·1ᵀ), computed in float32 (float64 for float64 inputs), cast to W's dtype.
+    """W_eff = W ⊙ (1 + s·Â ⊙ β·1ᵀ), evaluated as W + (s·β·1ᵀ ⊙ W) ⊙ Â in float32 and cast to W's dtype.
 
-    Builds Â ⊙ β·1ᵀ by broadcasting over row groups into one preallocated (out, in) float32
-    buffer, so the only full-size temporaries are that buffer and, for bf16/fp16, the cast.
-    Pruned zeros of W stay zero, though a negative factor turns +0.0 into -0.0
-    (`spp_merge_weight` with a keep-mask restores +0.0).
+    Two elementwise passes into one (out, in) buffer, broadcasting α over each group's rows
+    instead of building Â. The evaluated form keeps every +0.0 of W at +0.0 whatever the
+    signs of α and β (+0.0 + (±0.0) = +0.0), so pruned entries stay +0.0 exactly. Computed in
+    float64 when W or α is float64 (so float64 checks are exact).
 
     Args:
-        W: (out, in), any float dtype. alpha: α, (r, in). beta: β, (out,). scale: s.
+        W: (out, in), any float dtype (a transposed view for Conv1D is fine).
+        alpha: α, (r, in). beta: β, (out,). scale: s.
 
     Returns:
-        (out, in), dtype of W.
+        (out, in), dtype of W, with W's strides.
     """
     out_features, in_features = W.shape
     dtype = _compute_dtype(W, alpha)
-    alpha32, beta32 = alpha.to(dtype), beta.to(dtype)
-    factor = torch.empty_like(W, dtype=dtype)  # same strides as W: Conv1D's (in, out) storage stays so
+    W32, alpha32, beta32 = W.to(dtype), alpha.to(dtype), beta.to(dtype) * scale
+    W_eff = torch.empty_like(W32)  # same strides as W: Conv1D's (in, out) storage stays so
     for row0, group0, n_groups, rows in row_blocks(out_features, alpha.shape[0]):
-        view = factor[row0 : row0 + n_groups * rows].view(n_groups, rows, in_features)  # (g, p, in)
-        b = beta32[row0 : row0 + n_groups * rows].view(n_groups, rows, 1)  # (g, p, 1)
-        torch.mul(b, alpha32[group0 : group0 + n_groups, None, :], out=view)  # β ⊙ Â, per group
-    factor.mul_(scale).add_(1.0).mul_(W)  # W ⊙ (1 + s·Â ⊙ β)
-    return factor.to(W.dtype)
+        rows_end = row0 + n_groups * rows
+        w = W32[row0:rows_end].view(n_groups, rows, in_features)  # (g, p, in)
+        e = W_eff[row0:rows_end].view(n_groups, rows, in_features)  # (g, p, in)
+        torch.mul(w, beta32[row0:rows_end].view(n_groups, rows, 1), out=e)  # s·β ⊙ W
+        torch.addcmul(w, e, alpha32[group0 : group0 + n_groups, None, :], out=e)  # W + (s·β ⊙ W) ⊙ Â
+    return W_eff.to(W.dtype)
 
 
 def spp_merge_weight(
     W: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float, keep: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The merged weight W ⊙ (1 + s·Â ⊙ β·1ᵀ) in float32, cast back, pruned entries set to +0.0.
+    """The merged weight W ⊙ (1 + s·Â ⊙ β·1ᵀ) in float32, cast back, entries outside `keep` set to +0.0.
 
     Bitwise equal to the weight the training forward uses (same function, same order of
     operations), so a merged model reproduces the adapter model.
