@@ -74,7 +74,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     adapter_cfg = cfg.adapter_config(base_model=str(base), mask_sha256=mask_sha256)
     adapted = add_spp(model, adapter_cfg, masks)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     trainable = count_trainable(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -174,6 +174,15 @@ def make_accelerator(cfg: TrainConfig):
         raise SppError(f"batch_size={cfg.batch_size} (global) is not divisible by micro_batch_size × processes = "
                        f"{cfg.micro_batch_size} × {accelerator.num_processes} = {per_step}")
     return accelerator
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder block's activations in backward (non-reentrant, so frozen inputs work)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
