@@ -253,6 +253,12 @@ def test_micro_batches_accumulate_to_the_global_batch(pruned_tiny_dir, text_file
     assert_adapters_close(adapter(tmp_path / "a"), adapter(tmp_path / "b"), atol=1e-5)
 
 
+def test_gradient_checkpointing_gives_the_same_adapter(pruned_tiny_dir, text_file, tmp_path):
+    run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "a", max_steps=2, val_set_size=0))
+    run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "b", max_steps=2, val_set_size=0, gradient_checkpointing=True))
+    assert_adapters_close(adapter(tmp_path / "a"), adapter(tmp_path / "b"), atol=1e-6)
+
+
 def test_resume_after_a_crash_matches_an_uninterrupted_run(pruned_tiny_dir, text_file, tmp_path):
     straight = tmp_path / "straight"
     run_train(tiny_cfg(pruned_tiny_dir, text_file, straight, max_steps=6))
@@ -289,6 +295,14 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(pruned_tiny_dir, text_file
     with pytest.raises(SppError, match=r"loss is nan at step 3.*last good checkpoint is .*step-2.*--resume"):
         run_train(tiny_cfg(pruned_tiny_dir, text_file, out, max_steps=6, val_set_size=0))
     assert not out.exists() and (partial_path(out) / "checkpoints" / "step-2" / ADAPTER_WEIGHTS_FILE).is_file()
+
+    monkeypatch.undo()
+    with pytest.raises(SppError, match="holds an interrupted run: pass --resume"):
+        run_train(tiny_cfg(pruned_tiny_dir, text_file, out, max_steps=6, val_set_size=0))
+    with pytest.raises(SppError, match="--resume: learning_rate was 0.02 .* is 0.01 now"):
+        run_train(tiny_cfg(pruned_tiny_dir, text_file, out, max_steps=6, val_set_size=0, learning_rate=1e-2, resume=True))
+    report = run_train(tiny_cfg(pruned_tiny_dir, text_file, out, max_steps=6, val_set_size=0, resume=True))
+    assert (report.resumed_from, report.steps) == (2, 6) and math.isfinite(report.train_loss)
 
 
 def test_ddp_two_processes_match_one(pruned_tiny_dir, text_file, tmp_path):

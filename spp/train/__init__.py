@@ -223,6 +223,7 @@ def plan_steps(cfg: TrainConfig, n_train: int) -> int:
 @contextlib.contextmanager
 def output_workdir(accelerator, output: Path, cfg: TrainConfig):
     """The main process builds `output.partial/` (kept on a crash, for --resume) and renames it at the end."""
+    accelerator.wait_for_everyone()  # every process has checked the inputs before the partial directory appears
     if accelerator.is_main_process:
         partial = partial_path(output)
         if partial.exists() and cfg.overwrite and not cfg.resume:

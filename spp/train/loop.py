@@ -299,7 +299,7 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
     warmup = math.ceil(cfg.warmup_ratio * inputs.total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     log_path = inputs.workdir / TRAIN_LOG_FILE
-    window_tokens, window_start = 0, time.perf_counter()
+    window_tokens, window_start, rate = 0, time.perf_counter(), 0.0
     if inputs.val and state.step == 0:  # the pruned model's own validation loss, as the baseline
         state.val_loss = evaluate(accelerator, model, inputs.val, micro, inputs.pad_id)
         _append_log(accelerator, log_path, {"step": 0, "val_loss": state.val_loss})
@@ -333,7 +333,6 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
                 record = {"step": state.step, "epoch": state.step * cfg.batch_size / len(inputs.train), "loss": loss,
                           "lr": lr, "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": state.tokens_seen,
                           "example_ids": _gather_ids(accelerator, ids)}
-                window_tokens, window_start = 0, time.perf_counter()
             if inputs.val and (state.step % cfg.eval_steps == 0 or state.step == inputs.total_steps):
                 state.val_loss = evaluate(accelerator, model, inputs.val, micro, inputs.pad_id)
                 record = {**(record or {"step": state.step}), "val_loss": state.val_loss}
@@ -341,10 +340,9 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
                 _append_log(accelerator, log_path, record)
             if state.step % cfg.save_steps == 0 or state.step == inputs.total_steps:
                 save_checkpoint(accelerator, model, optimizer, adapter_cfg, state, inputs.workdir, cfg.save_total_limit)
-            info = f"loss {loss:.4f}  lr {lr:.2e}"
-            if record is not None and "tokens_per_s" in record:
-                info += f"  {record['tokens_per_s']:.0f} tok/s"
-            progress.update(task, completed=state.step, info=info)
+            if record is not None and "tokens_per_s" in record:  # the next window starts after eval and save
+                rate, window_tokens, window_start = record["tokens_per_s"], 0, time.perf_counter()
+            progress.update(task, completed=state.step, info=f"loss {loss:.4f}  lr {lr:.2e}  {rate:.0f} tok/s")
             fault_point("train_step", state.step)
     return state
 
