@@ -156,15 +156,21 @@ def make_accelerator(cfg: TrainConfig):
     """An `Accelerator` for `cfg.precision`, refusing a launch whose processes did not join.
 
     Raises:
-        SppError: WORLD_SIZE > 1 but accelerate sees one process, the global batch does not
-            split into micro-batches over the processes, or the precision is unavailable.
+        SppError: WORLD_SIZE > 1 but accelerate sees one process, a sharded launch (FSDP,
+            DeepSpeed), the global batch does not split into micro-batches over the processes,
+            or accelerate cannot start (e.g. the precision is unavailable).
     """
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     try:
         accelerator = Accelerator(mixed_precision=PRECISIONS[cfg.precision][0])
     except (ValueError, RuntimeError) as exc:
-        raise SppError(f"precision={cfg.precision}: {str(exc).splitlines()[0]}") from exc
+        raise SppError(f"accelerate could not start (precision={cfg.precision}): {str(exc).splitlines()[0]}") from exc
+    sharded = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.MEGATRON_LM: "Megatron-LM"}
+    if accelerator.distributed_type in sharded:
+        raise SppError(f"{sharded[accelerator.distributed_type]} is not supported by spp train yet (its checkpoints "
+                       "would hold sharded adapter and optimizer state); launch with DDP: accelerate launch --multi_gpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes == 1:
         raise SppError(f"WORLD_SIZE={world} but accelerate reports 1 process: launch with `accelerate launch` "
