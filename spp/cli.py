@@ -175,6 +175,7 @@ def train(
                                    ("--set", parse_set(set_ or []))])
     from spp.train import run_train
 
+    _quiet_transformers()
     report = run_train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         from rich.console import Console

@@ -3,20 +3,22 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from spp.config import TrainConfig, merge_into
 from spp.data import (IGNORE_INDEX, alpaca_prompt, pad_batch, read_alpaca_records, split_train_val, text_windows,
                       tokenize_instruction, tokenize_stream)
 from spp.errors import SppError
-from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, TRAIN_LOG_FILE, partial_path
+from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE, TRAIN_LOG_FILE, partial_path
+from spp.io.maskfile import load_masks
 from spp.train import run_train
 from spp.train.loop import global_batch, lr_factor, rank_slice, summed_nll, target_count
 
@@ -221,7 +223,7 @@ def test_train_writes_the_adapter_and_keeps_every_zero(pruned_tiny_dir, alpaca_f
 
     base_manifest = read_manifest(pruned_tiny_dir)
     cfg_json = read_json(out / "adapter_config.json")
-    assert cfg_json["mask_sha256"] == base_manifest.mask_sha256 and cfg_json["base_model"] == str(pruned_tiny_dir)
+    assert cfg_json["mask_sha256"] == base_manifest.mask_sha256 and cfg_json["base_model"] == str(pruned_tiny_dir.resolve())
     assert (cfg_json["spp_row_groups"], cfg_json["scale"], cfg_json["target_modules"]) == (16, 2.0, ["*"])
     manifest = read_manifest(out)
     assert manifest.stage == "train" and manifest.mask_sha256 == base_manifest.mask_sha256
@@ -350,6 +352,15 @@ def _bad_inputs(tmp: Path, pruned: Path, text: Path):
         (nomask / name).write_bytes((pruned / name).read_bytes())
     (tmp / "exists").mkdir()
     ok = ["--model", str(pruned), "--data", str(text)]
+    broken, rehashed = tmp / "broken", tmp / "rehashed"
+    for copy in (broken, rehashed):
+        shutil.copytree(pruned, copy)
+    weights = load_file(str(broken / "model.safetensors"))
+    keep = load_masks(broken / MASK_FILE)[0]["model.layers.0.mlp.up_proj.weight"]
+    weights["model.layers.0.mlp.up_proj.weight"][~keep] = 0.5  # pruned entries that are not zero
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    manifest = json.loads((rehashed / MANIFEST_FILE).read_text())
+    (rehashed / MANIFEST_FILE).write_text(json.dumps({**manifest, "mask_sha256": "0" * 64}))
     return {
         "config missing": (["--config", str(tmp / "nope.yaml"), *ok], "does not exist"),
         "config not YAML": (["--config", str(tmp / "bad.yaml"), *ok], "not valid YAML"),
@@ -362,6 +373,9 @@ def _bad_inputs(tmp: Path, pruned: Path, text: Path):
         "record without field": (["--config", "tinystories.yaml", "--model", str(pruned), "--data", str(tmp / "norecord.json"), "--set", "data_format=auto"], "record 1 has no 'output'"),
         "batch not divisible": (["--config", "tinystories.yaml", *ok, "--set", "batch_size=10"], "not divisible by micro_batch_size"),
         "lora_dropout": (["--config", "tinystories.yaml", *ok, "--set", "lora_dropout=0.05"], "lora_dropout=0.05 is not supported"),
+        "val set takes everything": (["--config", "tinystories.yaml", *ok, "--set", "val_set_size=100000"], "leaves none to train on"),
+        "base breaks its mask": (["--config", "tinystories.yaml", "--model", str(broken), "--data", str(text), "--set", "batch_size=8"], "are not +0.0 in the base weight"),
+        "mask hash differs": (["--config", "tinystories.yaml", "--model", str(rehashed), "--data", str(text)], "the mask changed or this is a different base"),
         "output exists": (["--config", "tinystories.yaml", *ok], "already exists"),
     }
 

@@ -71,7 +71,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     set_seed(cfg.seed)  # the same α init on every process
     model = load_model(str(base), dtype=PRECISIONS[cfg.precision][1])
     masks = masks_by_parameter(model, base)
-    adapter_cfg = cfg.adapter_config(base_model=str(base), mask_sha256=mask_sha256)
+    adapter_cfg = cfg.adapter_config(base_model=str(base.resolve()), mask_sha256=mask_sha256)
     adapted = add_spp(model, adapter_cfg, masks)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
