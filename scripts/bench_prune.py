@@ -1,0 +1,311 @@
+"""Prune benchmark: `spp`'s pruners against straightforward implementations of the published algorithms.
+
+Each measurement runs in its own child process (so peak memory is its own): peak RSS on
+the CPU, `torch.cuda.max_memory_allocated` on CUDA. The model is a random LLaMA config of
+about 100M parameters; calibration is 16x256 tokens on the CPU and 128x2048 on a GPU.
+
+The baselines are written the way the reference research scripts are: block 0's inputs
+caught one window at a time, every block run one window at a time, statistics as running
+means, and N:M masks chosen in a Python loop over groups of columns. `bench_prune` returns
+one record per measurement; `main` prints them side by side with ratios (baseline / spp).
+
+    python scripts/bench_prune.py                 # all methods, both patterns, auto device
+    python scripts/bench_prune.py --layers 4      # a smaller model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+MODEL = dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+             num_attention_heads=12, num_key_value_heads=12, vocab_size=16384, max_position_embeddings=2048,
+             tie_word_embeddings=True)
+SETUPS = {"cpu": dict(nsamples=16, seqlen=256), "cuda": dict(nsamples=128, seqlen=2048)}
+METHOD_NAMES = ("magnitude", "wanda", "sparsegpt")
+PATTERNS = ("unstructured", "2:4")
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def random_llama(layers: int, seed: int = 0):
+    """A seeded random LLaMA (hidden 768, MLP 2048, 12 heads, vocab 16384, tied head), float32, on the CPU."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(MODEL, num_hidden_layers=layers)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+# --------------------------------------------------------------------------- baselines (reference style)
+
+
+def _baseline_nm(W_metric, n, m):
+    """Prune-mask (True = prune) with M-N lowest per group, one Python iteration per group of columns."""
+    import torch
+
+    mask = torch.zeros_like(W_metric, dtype=torch.bool)
+    for ii in range(0, W_metric.shape[1], m):
+        tmp = W_metric[:, ii : ii + m].float()
+        mask.scatter_(1, ii + torch.topk(tmp, m - n, dim=1, largest=False)[1], True)
+    return mask
+
+
+def _baseline_magnitude(W, n_m, sparsity):
+    import torch
+
+    W_metric = W.abs()
+    if n_m:
+        return _baseline_nm(W_metric, *n_m)
+    thresh = torch.sort(W_metric.flatten())[0][int(W.numel() * sparsity)]
+    return W_metric <= thresh
+
+
+def _baseline_wanda(W, scaler_row, n_m, sparsity):
+    import torch
+
+    W_metric = W.abs() * torch.sqrt(scaler_row.reshape(1, -1))
+    if n_m:
+        return _baseline_nm(W_metric, *n_m)
+    mask = torch.zeros_like(W_metric, dtype=torch.bool)
+    indices = torch.sort(W_metric, dim=-1, stable=True)[1][:, : int(W.shape[1] * sparsity)]
+    return mask.scatter_(1, indices, True)
+
+
+def _baseline_sparsegpt(W, H, n_m, sparsity, blocksize=128, percdamp=0.01):
+    """SparseGPT Algorithm 1 as the reference script lays it out; returns the updated W."""
+    import torch
+
+    W = W.clone().float()
+    cols = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H[range(cols), range(cols)] += percdamp * torch.mean(torch.diag(H))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if n_m is None:
+            tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+            mask1 = tmp <= thresh
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(count):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if n_m is not None and i % n_m[1] == 0:
+                tmp = W1[:, i : i + n_m[1]] ** 2 / (torch.diag(Hinv1)[i : i + n_m[1]].reshape((1, -1))) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, n_m[1] - n_m[0], dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W
+
+
+def baseline_prune(model, windows, method: str, n_m, sparsity: float, device) -> None:
+    """Prune `model.model.layers` in place the way the reference scripts do (LLaMA only, one window at a time)."""
+    import torch
+
+    layers = model.model.layers
+    nsamples, seqlen = windows.shape
+    inps = torch.zeros(nsamples, seqlen, model.config.hidden_size, device=device)
+    caught = {"i": 0}
+
+    class Catcher(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x, **kwargs):
+            inps[caught["i"]] = x[0]
+            caught["i"] += 1
+            caught["kwargs"] = kwargs
+            raise ValueError
+
+    if method != "magnitude":
+        layers[0] = Catcher(layers[0])
+        for j in range(nsamples):
+            try:
+                model(windows[j : j + 1], use_cache=False)
+            except ValueError:
+                pass
+        layers[0] = layers[0].module
+        kwargs = {k: v for k, v in caught["kwargs"].items() if k not in ("cache", "past_key_values")}
+        kwargs = {k: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else
+                      v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    outs = torch.zeros_like(inps)
+    for layer in layers:
+        layer.to(device)
+        subset = {n: mod for n, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
+        stats, handles = {}, []
+        if method != "magnitude":
+            for name, mod in subset.items():
+                cols = mod.weight.shape[1]
+                stats[name] = {"n": 0, "s": torch.zeros(cols, device=device) if method == "wanda"
+                               else torch.zeros(cols, cols, device=device)}
+
+                def hook(mod, inp, out, name=name):
+                    x = inp[0].reshape(-1, inp[0].shape[-1]).float().t()  # (in, tokens)
+                    st, tmp = stats[name], 1
+                    st["s"] *= st["n"] / (st["n"] + tmp)
+                    st["n"] += tmp
+                    if method == "wanda":
+                        st["s"] += torch.norm(x, p=2, dim=1) ** 2 / st["n"]
+                    else:
+                        x = (2 / st["n"]) ** 0.5 * x
+                        st["s"] += x.matmul(x.t())
+
+                handles.append(mod.register_forward_hook(hook))
+            with torch.no_grad():
+                for j in range(nsamples):
+                    outs[j] = layer(inps[j : j + 1], **kwargs)[0]
+            for h in handles:
+                h.remove()
+        with torch.no_grad():
+            for name, mod in subset.items():
+                W = mod.weight.data
+                if method == "magnitude":
+                    W[_baseline_magnitude(W, n_m, sparsity)] = 0
+                elif method == "wanda":
+                    W[_baseline_wanda(W, stats[name]["s"], n_m, sparsity)] = 0
+                else:
+                    mod.weight.data = _baseline_sparsegpt(W, stats[name]["s"], n_m, sparsity).to(W.dtype)
+            del stats
+            if method != "magnitude":
+                for j in range(nsamples):
+                    outs[j] = layer(inps[j : j + 1], **kwargs)[0]
+                inps, outs = outs, inps
+        layer.cpu()
+
+
+# --------------------------------------------------------------------------- one measurement (child process)
+
+
+def measure(impl: str, method: str, pattern: str, device: str, nsamples: int, seqlen: int, layers: int) -> dict:
+    """Prune a fresh random LLaMA once and return a record with wall time and peak memory."""
+    import torch
+
+    from spp.config import PruneConfig
+    from spp.prune import prune_model
+    from spp.prune.masks import parse_pattern
+
+    model = random_llama(layers)
+    params = sum(p.numel() for p in model.parameters())
+    windows = torch.randint(0, MODEL["vocab_size"], (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    dev = torch.device(device)
+    cfg = PruneConfig(model="-", output="-", method=method, pattern=pattern, calib="-", nsamples=nsamples,
+                      seqlen=seqlen)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if impl == "spp":
+        prune_model(model, windows if method != "magnitude" else None, cfg, dev)
+    else:
+        baseline_prune(model, windows, method, parse_pattern(pattern), cfg.sparsity, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    weights = [m.weight for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    achieved = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    record = dict(impl=impl, method=method, pattern=pattern, device=device, nsamples=nsamples, seqlen=seqlen,
+                  params=params, seconds=seconds, sparsity=achieved,
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if dev.type == "cuda":
+        record["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return record
+
+
+def _run_child(spec: dict, timeout: float) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement {spec} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_prune(methods=METHOD_NAMES, patterns=PATTERNS, device: str = "auto", nsamples: int | None = None,
+                seqlen: int | None = None, layers: int = 12, timeout: float = 1800) -> list[dict]:
+    """Measure spp and the baseline for every method and pattern, each in its own child process.
+
+    Returns:
+        One record per measurement: impl, method, pattern, device, nsamples, seqlen, params,
+        seconds, achieved sparsity, peak_rss_mb (and peak_cuda_mb on CUDA).
+    """
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    setup = SETUPS["cuda" if device.startswith("cuda") else "cpu"]
+    nsamples, seqlen = nsamples or setup["nsamples"], seqlen or setup["seqlen"]
+    records = []
+    for method in methods:
+        for pattern in patterns:
+            for impl in ("baseline", "spp"):
+                spec = dict(impl=impl, method=method, pattern=pattern, device=device, nsamples=nsamples,
+                            seqlen=seqlen, layers=layers)
+                records.append(_run_child(spec, timeout))
+                print(f"  {impl:8s} {method:9s} {pattern:12s} {records[-1]['seconds']:8.2f} s", file=sys.stderr)
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    """A Markdown table: baseline and spp side by side per method and pattern, with ratios baseline / spp."""
+    mem = "peak_cuda_mb" if "peak_cuda_mb" in records[0] else "peak_rss_mb"
+    label = "peak CUDA MiB" if mem == "peak_cuda_mb" else "peak RSS MiB"
+    lines = [f"| method | pattern | baseline s | spp s | time ratio | baseline {label} | spp {label} | memory ratio |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    by_key = {(r["method"], r["pattern"], r["impl"]): r for r in records}
+    for method, pattern, impl in by_key:
+        if impl != "spp" or (method, pattern, "baseline") not in by_key:
+            continue
+        b, s = by_key[(method, pattern, "baseline")], by_key[(method, pattern, "spp")]
+        lines.append(f"| {method} | {pattern} | {b['seconds']:.2f} | {s['seconds']:.2f} | "
+                     f"{b['seconds'] / s['seconds']:.2f}x | {b[mem]:.0f} | {s[mem]:.0f} | {b[mem] / s[mem]:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--nsamples", type=int)
+    parser.add_argument("--seqlen", type=int)
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES))
+    parser.add_argument("--patterns", default=",".join(PATTERNS))
+    parser.add_argument("--json", help="also write the records to this file")
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(**json.loads(args.child))))
+        return
+    records = bench_prune(args.methods.split(","), args.patterns.split(","), args.device, args.nsamples, args.seqlen,
+                          args.layers)
+    r = records[0]
+    print(f"random LLaMA, {r['params'] / 1e6:.0f}M parameters, {r['nsamples']}x{r['seqlen']} calibration tokens, "
+          f"device {r['device']}; ratio = baseline / spp (above 1: spp is faster / smaller)")
+    print(format_table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
