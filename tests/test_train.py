@@ -273,6 +273,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(pruned_tiny_dir, text
     partial = partial_path(crashed)
     assert not crashed.exists()
     assert sorted(p.name for p in (partial / "checkpoints").iterdir()) == ["step-2", "step-4.tmp"]
+    saved = json.loads((partial / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert saved["step"] == 2 and saved["data_position"]["batch_in_epoch"] == 2
 
     report = run_train(tiny_cfg(pruned_tiny_dir, text_file, crashed, max_steps=6, resume=True))
     assert report.resumed_from == 2 and report.steps == 6

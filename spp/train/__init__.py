@@ -84,7 +84,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
         state = LoopState()
         if cfg.resume:
             checkpoint = checkpoint_dirs(workdir)[-1]
-            state = load_checkpoint(accelerator, model, optimizer, checkpoint)
+            state = load_checkpoint(accelerator, model, optimizer, checkpoint, len(train))
             if accelerator.is_main_process:
                 truncate_log(workdir / TRAIN_LOG_FILE, state.step)
         elif accelerator.is_main_process:

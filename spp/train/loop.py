@@ -149,7 +149,7 @@ def optimizer_state(tensors: dict[str, torch.Tensor], config: dict, names: list[
 
 
 def save_checkpoint(accelerator, model, optimizer, adapter_cfg, state: LoopState, workdir: Path,
-                    keep: int) -> Path:
+                    keep: int, data_position: dict) -> Path:
     """Write `checkpoints/step-N/` atomically: build `step-N.tmp/`, then rename; then drop old ones.
 
     The previous checkpoint stays until the new one is complete; at most `keep` remain.
@@ -176,7 +176,8 @@ def save_checkpoint(accelerator, model, optimizer, adapter_cfg, state: LoopState
         tensors, config = optimizer_tensors(optimizer, names)
         save_file(tensors, str(tmp / OPTIMIZER_WEIGHTS_FILE))
         write_json(tmp / OPTIMIZER_CONFIG_FILE, config)
-        write_json(tmp / TRAINER_STATE_FILE, {**asdict(state), "python_random": _python_rng_json()})
+        write_json(tmp / TRAINER_STATE_FILE, {**asdict(state), "data_position": data_position,
+                                              "python_random": _python_rng_json()})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -192,8 +193,20 @@ def _python_rng_json() -> list:
     return [version, list(internal), gauss]
 
 
-def load_checkpoint(accelerator, model, optimizer, checkpoint: Path) -> LoopState:
-    """Restore adapter, optimizer, RNG and loop state from `checkpoint` (in place)."""
+def data_position(n_examples: int, batch_size: int, seed: int, step: int) -> dict:
+    """Where step `step` leaves the data: a record for people; the step alone fixes the order."""
+    epoch, batch_in_epoch = divmod(step, n_examples // batch_size)
+    return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "examples": n_examples, "batch_size": batch_size,
+            "seed": seed}
+
+
+def load_checkpoint(accelerator, model, optimizer, checkpoint: Path, n_examples: int) -> LoopState:
+    """Restore adapter, optimizer, RNG and loop state from `checkpoint` (in place).
+
+    Raises:
+        SppError: the checkpoint does not fit (another adapter, other processes, or data
+            that now gives another number of training examples).
+    """
     from safetensors.torch import load_file
 
     unwrapped = accelerator.unwrap_model(model)
@@ -218,6 +231,10 @@ def load_checkpoint(accelerator, model, optimizer, checkpoint: Path) -> LoopStat
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     raw = read_json(checkpoint / TRAINER_STATE_FILE, what="trainer state")
+    saved_examples = raw.pop("data_position")["examples"]
+    if saved_examples != n_examples:
+        raise SppError(f"--resume: the data now gives {n_examples} training examples but the interrupted run had "
+                       f"{saved_examples}; the data changed, so the run cannot continue in the same order")
     version, internal, gauss = raw.pop("python_random")
     random.setstate((version, tuple(internal), gauss))
     return LoopState(**raw)
@@ -339,7 +356,9 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             if record is not None:
                 _append_log(accelerator, log_path, record)
             if state.step % cfg.save_steps == 0 or state.step == inputs.total_steps:
-                save_checkpoint(accelerator, model, optimizer, adapter_cfg, state, inputs.workdir, cfg.save_total_limit)
+                position = data_position(len(inputs.train), cfg.batch_size, cfg.seed, state.step)
+                save_checkpoint(accelerator, model, optimizer, adapter_cfg, state, inputs.workdir,
+                                cfg.save_total_limit, position)
             if record is not None and "tokens_per_s" in record:  # the next window starts after eval and save
                 rate, window_tokens, window_start = record["tokens_per_s"], 0, time.perf_counter()
             progress.update(task, completed=state.step, info=f"loss {loss:.4f}  lr {lr:.2e}  {rate:.0f} tok/s")
