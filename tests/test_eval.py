@@ -397,3 +397,14 @@ def test_adapter_for_another_base_is_refused(pruned_adapter_merged, tiny_dir, te
     _assert_one_error(cli("eval", "--model", tiny_dir, "--adapter", adapter, "--ppl", text_file, "--output", out),
                       "masks.safetensors")
     assert not out.exists()
+
+
+def test_lm_eval_wikitext_is_labelled_word_perplexity():
+    from spp.eval import results_rows
+
+    metrics = Z.task_metrics({"word_perplexity,none": 31.5, "byte_perplexity,none": 1.9, "alias": "wikitext",
+                              "acc,other_filter": 0.1}, {"effective": 62})
+    assert metrics == {"word_perplexity": 31.5, "byte_perplexity": 1.9, "n": 62}
+    rows = dict(results_rows({"zeroshot": {"tasks": {"wikitext": {**metrics, "note": Z.WORD_PPL_NOTE}}, "mean_acc": None}}))
+    assert rows == {"wikitext word_perplexity (lm-eval; not token ppl)": "31.5000",
+                    "wikitext byte_perplexity (lm-eval; not token ppl)": "1.9000"}

@@ -194,7 +194,7 @@ def local_text(path: Path, name: str | None = None, join: str = "\n\n") -> PplTe
     """A local `.txt` (text mode, one document) or `.jsonl`/`.json` with a `text` field."""
     from spp.data import read_text_documents
 
-    path = _existing(path, name or "--ppl")
+    path = _existing(path, name)
     docs = read_text_documents(path)
     return PplText(name or str(path), join.join(docs), str(path), _sha256(path))
 
@@ -233,10 +233,10 @@ def ppl_text(spec: str) -> PplText:
     return local_text(Path(spec))
 
 
-def _existing(path: Path, what: str) -> Path:
+def _existing(path: Path, what: str | None) -> Path:
     path = Path(path).expanduser()
     if not path.is_file():
-        raise SppError(f"--ppl {what}: file {path} does not exist")
+        raise SppError(f"--ppl {what + ': ' if what else ''}file {path} does not exist")
     return path
 
 
