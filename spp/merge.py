@@ -59,10 +59,10 @@ class MergeReport:
 def resolve_base(cfg: MergeConfig, adapter_cfg: AdapterConfig) -> Path:
     """`--model`, or else the base model the adapter config records."""
     if cfg.model:
-        return Path(cfg.model)
+        return Path(cfg.model).expanduser()
     if not adapter_cfg.base_model:
         raise SppError(f"{Path(cfg.adapter) / ADAPTER_CONFIG_FILE} records no base model; pass --model PRUNED_DIR")
-    return Path(adapter_cfg.base_model)
+    return Path(adapter_cfg.base_model).expanduser()
 
 
 def _meta_model(model_dir: Path):
@@ -192,7 +192,7 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
             (mask hash mismatch), an adapter that does not fit, or an existing output.
     """
     start = time.perf_counter()
-    adapter_dir, output = Path(cfg.adapter), Path(cfg.output)
+    adapter_dir, output = Path(cfg.adapter).expanduser(), Path(cfg.output).expanduser()
     adapter_cfg = read_adapter_config(adapter_dir)
     model_dir = resolve_base(cfg, adapter_cfg)
     check_output_dir(output, cfg.overwrite)

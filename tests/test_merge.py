@@ -204,3 +204,28 @@ def test_overwrite_replaces_an_existing_output(run):
     run_merge(MergeConfig(adapter=str(tmp_path / "train"), output=str(tmp_path / "merged"), overwrite=True))
     assert not (tmp_path / "merged" / "stale.txt").exists() and (tmp_path / "merged" / MANIFEST_FILE).is_file()
     torch.testing.assert_close(logits(load(tmp_path / "merged")), adapter_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_train_then_bare_merge_end_to_end(pruned_tiny_dir, shared_data, tmp_path, monkeypatch):
+    """A real `spp train` output merges with a bare `spp merge` in the run directory."""
+    from spp.adapter.model import load_adapter
+    from spp.config import TrainConfig, merge_into
+    from spp.train import run_train
+
+    text = tmp_path / "stories.txt"
+    text.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:8000])
+    settings = dict(base_model=str(pruned_tiny_dir), data_path=str(text), output_dir=str(tmp_path / "train"),
+                    cutoff_len=32, micro_batch_size=2, batch_size=4, max_steps=3, save_steps=100, logging_steps=1,
+                    eval_steps=100, learning_rate=2e-2, warmup_ratio=0.0, spp_row_groups=4)
+    run_train(merge_into(TrainConfig, [("test", settings)]))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["merge"])
+    assert result.exit_code == 0, result.output
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    unmerged = load(pruned_tiny_dir)
+    load_adapter(unmerged, tmp_path / "train", masks_by_parameter(unmerged, pruned_tiny_dir))
+    with torch.no_grad():
+        expected, merged, pruned = (m(ids).logits for m in (unmerged, load(tmp_path / "merged"), load(pruned_tiny_dir)))
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
+    assert (merged - pruned).abs().max() > 1e-4
+    verify_checkpoint(tmp_path / "merged")
