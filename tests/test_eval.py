@@ -408,3 +408,9 @@ def test_lm_eval_wikitext_is_labelled_word_perplexity():
     rows = dict(results_rows({"zeroshot": {"tasks": {"wikitext": {**metrics, "note": Z.WORD_PPL_NOTE}}, "mean_acc": None}}))
     assert rows == {"wikitext word_perplexity (lm-eval; not token ppl)": "31.5000",
                     "wikitext byte_perplexity (lm-eval; not token ppl)": "1.9000"}
+
+
+def test_boolq_jsonl_labels(tmp_path):
+    (tmp_path / "val.jsonl").write_text('{"question": "q", "passage": "p", "label": true}\n'
+                                        '{"question": "q", "passage": "p", "label": false}\n')
+    assert [r["label"] for r in Z.boolq_rows([tmp_path / "val.jsonl"])] == [1, 0]

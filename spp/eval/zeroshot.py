@@ -82,9 +82,10 @@ def boolq_rows(paths: list[Path]) -> list[dict]:
     rows = []
     for i, r in enumerate(records):
         _need(r, ("question", "passage", "label"), path, i)
-        label = r["label"]
-        label = int(label in (True, 1, "1", "True", "true")) if not isinstance(label, int) or isinstance(label, bool) else label
-        rows.append({"question": r["question"], "passage": r["passage"], "label": label, "idx": i})
+        label = r["label"]  # CSV: "0"/"1"; SuperGLUE JSONL: false/true
+        if isinstance(label, str):
+            label = label.strip().lower() in ("1", "true")
+        rows.append({"question": r["question"], "passage": r["passage"], "label": int(label), "idx": i})
     return rows
 
 
