@@ -85,11 +85,11 @@ def effective_weight(W: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, s
     """
     out_features, in_features = W.shape
     dtype = _compute_dtype(W, alpha)
-    W32, alpha32, beta32 = W.to(dtype), alpha.to(dtype), beta.to(dtype) * scale
-    W_eff = torch.empty_like(W32)  # same strides as W: Conv1D's (in, out) storage stays so
+    alpha32, beta32 = alpha.to(dtype), beta.to(dtype) * scale
+    W_eff = torch.empty_like(W, dtype=dtype)  # same strides as W: Conv1D's (in, out) storage stays so
     for row0, group0, n_groups, rows in row_blocks(out_features, alpha.shape[0]):
         rows_end = row0 + n_groups * rows
-        w = W32[row0:rows_end].view(n_groups, rows, in_features)  # (g, p, in)
+        w = W[row0:rows_end].view(n_groups, rows, in_features)  # (g, p, in); bf16/fp16 upcast per element
         e = W_eff[row0:rows_end].view(n_groups, rows, in_features)  # (g, p, in)
         torch.mul(w, beta32[row0:rows_end].view(n_groups, rows, 1), out=e)  # s·β ⊙ W
         torch.addcmul(w, e, alpha32[group0 : group0 + n_groups, None, :], out=e)  # W + (s·β ⊙ W) ⊙ Â
