@@ -68,13 +68,15 @@ def _compute_dtype(W: torch.Tensor, alpha: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(W.dtype, alpha.dtype), torch.float32)
 
 
+@torch.no_grad()
 def effective_weight(W: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float) -> torch.Tensor:
     """W_eff = W ⊙ (1 + s·Â ⊙ β·1ᵀ), evaluated as W + (s·β·1ᵀ ⊙ W) ⊙ Â in float32 and cast to W's dtype.
 
     Two elementwise passes into one (out, in) buffer, broadcasting α over each group's rows
     instead of building Â. The evaluated form keeps every +0.0 of W at +0.0 whatever the
     signs of α and β (+0.0 + (±0.0) = +0.0), so pruned entries stay +0.0 exactly. Computed in
-    float64 when W or α is float64 (so float64 checks are exact).
+    float64 when W or α is float64 (so float64 checks are exact). Not tracked by autograd:
+    `SPPFunction` supplies the gradients (`spp_delta` is the differentiable reference).
 
     Args:
         W: (out, in), any float dtype (a transposed view for Conv1D is fine).
@@ -171,7 +173,7 @@ class SPPFunction(torch.autograd.Function):
         dy = grad_y.reshape(-1, out_features)  # (N, out)
         if needs_alpha or needs_beta:
             G = dy.t() @ x.reshape(-1, in_features).to(dy.dtype)  # dL/dW_eff, (out, in)
-            G.mul_(W)  # ⊙ W, in place: no second (out, in) buffer
+            G = G.to(_compute_dtype(G, alpha)).mul_(W)  # ⊙ W in float32 (a no-op cast for fp32 G)
             d_alpha, d_beta = _group_grads(G, alpha, beta, ctx.scale)
         if needs_bias and ctx.has_bias:
             grad_bias = dy.sum(0)
