@@ -267,3 +267,46 @@ def eval_(
             console.print(f"[yellow]{name}: {task['note']}[/yellow]")
     if report.output:
         console.print(f"results -> {report.output}")
+
+
+# --------------------------------------------------------------------------- run / demo
+
+
+@command("run", no_args_is_help=True)
+def run(
+    pipeline: str = typer.Argument(..., help="A pipeline YAML: model, output, prune, sweep, train, eval."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Start at this stage (prune, train, merge, eval); earlier ones must be up to date."),
+    until_stage: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
+    force: bool = typer.Option(False, "--force", help="Re-run the stages in range even when they are up to date."),
+):
+    """Prune, train, merge and evaluate from one file, skipping stages that are up to date; writes RUN/report.md.
+
+    Example: spp run configs/pipeline_stories.yaml --until prune
+    """
+    from pathlib import Path
+
+    from spp.pipeline import REPORT_MD, run_pipeline
+
+    _quiet_transformers()
+    report = run_pipeline(Path(pipeline), from_stage, until_stage, force)
+    print(report.table)
+    print(f"report -> {report.output / REPORT_MD}")
+
+
+@command("demo")
+def demo(
+    output: str = typer.Option("spp-demo", "--output", help="The run directory (the demo model itself is cached in $XDG_CACHE_HOME/spp)."),
+):
+    """The whole method offline in a few CPU minutes: a built-in small LLaMA, Wanda 2:4 and 50%, SPP, merge, eval.
+
+    Example: spp demo --output /tmp/spp-demo
+    """
+    from pathlib import Path
+
+    from spp.demo import run_demo
+    from spp.pipeline import REPORT_MD
+
+    _quiet_transformers()
+    report = run_demo(Path(output))
+    print(report.table)
+    print(f"report -> {report.output / REPORT_MD}")

@@ -327,3 +327,35 @@ class MergeConfig:
     adapter: str = "train"
     output: str = "merged"
     overwrite: bool = False
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class PipelineConfig:
+    """A `spp run` file: the model, the run directory, shared prune settings, the sweep, train and eval sections.
+
+    `prune` holds PruneConfig keys shared by every setting; each `sweep` entry adds or
+    overrides keys for one setting (and may carry a `name`, the setting's folder).
+    `train` holds TrainConfig keys, optionally `config: NAME` (a file or a bundled
+    config such as `alpaca.yaml`) whose keys come first. `eval` holds EvalConfig keys,
+    used alike for the dense, pruned and merged models. Paths, output folders and
+    `overwrite`/`resume` are set by the run itself.
+    """
+
+    model: str
+    output: str = "run"
+    prune: dict = dataclasses.field(default_factory=dict)
+    sweep: list[dict] = dataclasses.field(default_factory=lambda: [{}])
+    train: dict = dataclasses.field(default_factory=dict)
+    eval: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.sweep:
+            raise SppError("sweep: is empty; list at least one prune setting (e.g. - {pattern: '2:4'})")
+        for i, entry in enumerate(self.sweep):
+            if not isinstance(entry, dict):
+                raise SppError(f"sweep entry {i + 1} must be a mapping of prune keys, not {entry!r}")
+        if not self.eval:
+            raise SppError("eval: is empty; give at least ppl: [...] or tasks: [...]")

@@ -300,3 +300,43 @@ def ensure_demo_model(settings: DemoSettings = DemoSettings(), log=print) -> Pat
             peak_memory=peak_memory_bytes(),
         ))
     return output
+
+
+# --------------------------------------------------------------------------- the demo run
+
+PIPELINE_FILE = "pipeline.yaml"
+
+
+def demo_pipeline(model_dir: Path, output: Path) -> dict:
+    """The `spp run` file of the demo: Wanda at 2:4 and at 50%, SPP training, merge, held-out perplexity."""
+    train_text, heldout_text = str(model_dir / TRAIN_TEXT), str(model_dir / HELDOUT_TEXT)
+    return {
+        "model": str(model_dir),
+        "output": str(output),
+        "prune": {"method": "wanda", "calib": train_text, "nsamples": 64, "seqlen": 128},
+        "sweep": [{"pattern": "2:4"}, {"pattern": "unstructured", "sparsity": 0.5}],
+        "train": {"data_path": train_text, "cutoff_len": 128, "micro_batch_size": 16, "batch_size": 16,
+                  "max_steps": 150, "learning_rate": 4e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
+                  "val_set_size": 0, "logging_steps": 25, "save_steps": 50, "eval_steps": 1000, "seed": 0,
+                  "spp_row_groups": 16, "lora_alpha": 16.0, "lora_r": 8},
+        "eval": {"ppl": [heldout_text], "seqlen": 128},
+    }
+
+
+def run_demo(output: Path, settings: DemoSettings = DemoSettings(), log=print):
+    """Build (or reuse) the demo model, write `OUTPUT/pipeline.yaml` and run it with `spp.pipeline`.
+
+    Returns:
+        The `PipelineReport` (its `table` is what `spp demo` prints).
+    """
+    import yaml
+
+    from spp.pipeline import run_pipeline
+
+    model_dir = ensure_demo_model(settings, log)
+    output = Path(output).expanduser().resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    header = (f"# The pipeline `spp demo` ran on its built-in model; run it again with:\n"
+              f"#   spp run {output / PIPELINE_FILE}\n")
+    (output / PIPELINE_FILE).write_text(header + yaml.safe_dump(demo_pipeline(model_dir, output), sort_keys=False))
+    return run_pipeline(output / PIPELINE_FILE, log=log)

@@ -1,0 +1,593 @@
+"""`spp run`: the whole prune → train → merge → eval chain from one file, skipping what is done.
+
+`run_pipeline(path)` reads a `PipelineConfig`, plans every stage of every sweep setting
+(and checks every stage's config, folder names and the --from/--until range before
+any work), then runs the stages in order, each through its own `run_<stage>` entry,
+writing the layout
+
+    RUN/dense/eval/                         the dense model, evaluated
+    RUN/<setting>/prune/                    `spp prune` output (weights + masks.safetensors)
+    RUN/<setting>/train/                    `spp train` output (the SPP adapter)
+    RUN/<setting>/merged/                   `spp merge` output (a plain HF model, as sparse as prune/)
+    RUN/<setting>/eval/{pruned,merged}/     `spp eval` of the pruned and of the merged model
+    RUN/report.md, RUN/report.json
+
+A stage is skipped when its folder holds a manifest whose settings (bar the output
+path and overwrite/resume flags) hash to the same sha256 as now, whose input files
+still have the recorded sha256, whose output files are all present, and which is
+newer than the manifests of the stages it reads. Anything else re-runs the stage, and
+so every stage after it. An interrupted training run resumes from its last
+checkpoint. This module does no math; the report's numbers come from the stages'
+manifests and results files and from counting zeros in the saved weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from spp.config import EvalConfig, PipelineConfig, PruneConfig, TrainConfig, find_config, merge_into, nearest, read_yaml, to_dict
+from spp.errors import SppError
+from spp.io.checkpoint import (ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE, RESOLVED_CONFIG_FILE, RESULTS_FILE,
+                               partial_path, read_json, safetensors_files, safetensors_keys, sha256_file, write_json)
+from spp.io.manifest import read_manifest, settings_sha256
+
+STAGES = ("prune", "train", "merge", "eval")
+# Keys that name where a stage writes or how it treats an existing output; they do not change its numbers.
+VOLATILE_KEYS = {"output", "output_dir", "overwrite", "resume"}
+# Keys the run sets itself, per section: a pipeline file may not set them.
+RUN_SET_KEYS = {"prune": {"model", "output", "overwrite", "resume"},
+                "train": {"base_model", "output_dir", "overwrite", "resume"},
+                "eval": {"model", "adapter", "output", "overwrite"}}
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Step:
+    """One stage of one setting: where it writes, its config, and the files whose newer mtime makes it stale."""
+
+    stage: str
+    setting: str  # "dense" or the sweep setting's folder name
+    label: str  # e.g. "wanda-2of4/prune", "dense/eval"
+    folder: Path
+    config: object
+    upstream: list[Path] = field(default_factory=list)
+    command: str = ""
+
+
+def _absolute_if_local(value: str | None) -> str | None:
+    """A path that exists relative to the working directory becomes absolute (so records do not depend on cwd)."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def _ppl_entry(spec: str) -> str:
+    name, sep, rest = spec.partition(":")
+    if sep and rest and not Path(spec).exists():
+        return f"{name}:{_absolute_if_local(rest)}"
+    return _absolute_if_local(spec)
+
+
+def _check_section(section: str, values: dict) -> None:
+    for key in values:
+        if key in RUN_SET_KEYS.get(section, ()):
+            raise SppError(f"{section}.{key} is set by `spp run` itself (from `model:` and the run layout); remove it")
+
+
+def setting_name(cfg: PruneConfig) -> str:
+    """The folder name of a sweep setting: `wanda-2of4`, `sparsegpt-50pct`."""
+    from spp.prune.masks import parse_pattern
+
+    n_m = parse_pattern(cfg.pattern)
+    if n_m is not None:
+        return f"{cfg.method}-{n_m[0]}of{n_m[1]}"
+    return f"{cfg.method}-{cfg.sparsity * 100:g}pct"
+
+
+def load_pipeline(path: Path) -> PipelineConfig:
+    """Read a pipeline file into a `PipelineConfig` (unknown top-level keys are errors)."""
+    return merge_into(PipelineConfig, [(str(path), read_yaml(Path(path)))])
+
+
+def _train_config(cfg: PipelineConfig, source: str, base: Path, output: Path) -> tuple[TrainConfig, dict, str | None]:
+    """The TrainConfig of one setting; also the inline keys and the named config file (for the command)."""
+    inline = dict(cfg.train)
+    config_name = inline.pop("config", None)
+    _check_section("train", inline)
+    if "data_path" in inline:
+        inline["data_path"] = _absolute_if_local(inline["data_path"])
+    layers = []
+    if config_name is not None:
+        layers.append((str(find_config(config_name)), read_yaml(find_config(config_name))))
+    layers += [(f"{source}: train", inline), ("spp run", {"base_model": str(base), "output_dir": str(output)})]
+    return merge_into(TrainConfig, layers), inline, config_name
+
+
+def plan(cfg: PipelineConfig, source: str = "pipeline") -> list[Step]:
+    """Every step of the run, in execution order, with its config built and checked.
+
+    Raises:
+        SppError: an unknown or run-owned key in a section, a bad value, or two steps that
+            would write into the same folder.
+    """
+    from spp.config import MergeConfig
+
+    run = Path(cfg.output).expanduser().resolve()
+    model = _absolute_if_local(cfg.model)
+    _check_section("prune", cfg.prune)
+    _check_section("eval", cfg.eval)
+    eval_values = dict(cfg.eval)
+    if "ppl" in eval_values and isinstance(eval_values["ppl"], list):
+        eval_values["ppl"] = [_ppl_entry(str(p)) for p in eval_values["ppl"]]
+    if eval_values.get("task_data"):
+        eval_values["task_data"] = _absolute_if_local(eval_values["task_data"])
+
+    def eval_step(setting: str, label: str, folder: Path, model_dir: str, upstream: list[Path]) -> Step:
+        ecfg = merge_into(EvalConfig, [(f"{source}: eval", eval_values),
+                                       ("spp run", {"model": model_dir, "output": str(folder)})])
+        return Step("eval", setting, label, folder, ecfg, upstream, eval_command(ecfg))
+
+    model_files = sorted(p for p in Path(model).iterdir() if p.is_file()) if Path(model).is_dir() else []
+    prunes, trains, merges, evals = [], [], [], []
+    evals.append(eval_step("dense", "dense/eval", run / "dense" / "eval", model, model_files))
+    owners: dict[str, int] = {}
+    for i, entry in enumerate(cfg.sweep, 1):
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        _check_section("prune", entry)
+        values = {**cfg.prune, **entry}
+        if "calib" in values:
+            values["calib"] = _absolute_if_local(values["calib"])
+        placeholder = str(run / "_")
+        pcfg = merge_into(PruneConfig, [(f"{source}: prune + sweep entry {i}", values),
+                                        ("spp run", {"model": model, "output": placeholder})])
+        name = str(name) if name is not None else setting_name(pcfg)
+        if name in ("dense", "") or "/" in name or name.startswith("."):
+            raise SppError(f"sweep entry {i}: {name!r} cannot be a setting folder name (use letters, digits, - and _)")
+        if name in owners:
+            raise SppError(f"sweep entries {owners[name]} and {i} would both write into {run / name}; "
+                           f"give one of them a distinct `name:`")
+        owners[name] = i
+        folder = run / name
+        pcfg = dataclasses.replace(pcfg, output=str(folder / "prune"))
+        prunes.append(Step("prune", name, f"{name}/prune", folder / "prune", pcfg, [], prune_command(pcfg)))
+        tcfg, inline, config_name = _train_config(cfg, source, folder / "prune", folder / "train")
+        trains.append(Step("train", name, f"{name}/train", folder / "train", tcfg, [folder / "prune" / MANIFEST_FILE],
+                           train_command(tcfg, inline, config_name)))
+        mcfg = MergeConfig(model=str(folder / "prune"), adapter=str(folder / "train"), output=str(folder / "merged"))
+        merges.append(Step("merge", name, f"{name}/merged", folder / "merged", mcfg,
+                           [folder / "prune" / MANIFEST_FILE, folder / "train" / MANIFEST_FILE], merge_command(mcfg)))
+        evals.append(eval_step(name, f"{name}/eval/pruned", folder / "eval" / "pruned", str(folder / "prune"),
+                               [folder / "prune" / MANIFEST_FILE]))
+        evals.append(eval_step(name, f"{name}/eval/merged", folder / "eval" / "merged", str(folder / "merged"),
+                               [folder / "merged" / MANIFEST_FILE]))
+    return prunes + trains + merges + evals
+
+
+def stage_range(from_stage: str | None, until_stage: str | None) -> tuple[str, ...]:
+    """The stages between --from and --until, inclusive.
+
+    Raises:
+        SppError: an unknown stage name, or --from after --until.
+    """
+    for flag, value in (("--from", from_stage), ("--until", until_stage)):
+        if value is not None and value not in STAGES:
+            raise SppError(f"{flag} {value!r} is not a stage{nearest(value, STAGES)}; stages: {', '.join(STAGES)}")
+    first = STAGES.index(from_stage) if from_stage else 0
+    last = STAGES.index(until_stage) if until_stage else len(STAGES) - 1
+    if first > last:
+        raise SppError(f"--from {from_stage} comes after --until {until_stage}")
+    return STAGES[first : last + 1]
+
+
+# --------------------------------------------------------------------------- reproducing commands
+
+
+def _flags(cfg, defaults, command: str, order: list[str]) -> list[str]:
+    """`--key value` for every key of `cfg` that differs from `defaults` and that the command has a flag for."""
+    from spp.cli import app
+    import typer.main
+
+    options = {opt for p in typer.main.get_command(app).commands[command].params for opt in p.opts}
+    out = []
+    for key in order:
+        value = getattr(cfg, key)
+        if key in VOLATILE_KEYS or value == getattr(defaults, key, object()) or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if flag not in options:
+            raise SppError(f"{command}: {key}={value!r} cannot be given on the `spp {command}` command line")
+        if isinstance(value, bool):
+            out.append(flag)
+        elif isinstance(value, list):
+            out += [flag, ",".join(str(v) for v in value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _join(words: list[str]) -> str:
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def prune_command(cfg: PruneConfig) -> str:
+    """The `spp prune` command that makes this step's output alone."""
+    from spp.prune.masks import parse_pattern
+
+    defaults = PruneConfig(model=cfg.model, output=cfg.output, pattern=cfg.pattern)
+    keys = [f.name for f in dataclasses.fields(PruneConfig) if f.name not in ("model", "output", "pattern", "sparsity")]
+    words = ["spp", "prune", "--model", cfg.model, "--output", cfg.output, "--method", cfg.method, "--pattern", cfg.pattern]
+    if parse_pattern(cfg.pattern) is None:
+        words += ["--sparsity", f"{cfg.sparsity:g}"]
+    return _join(words + _flags(cfg, defaults, "prune", [k for k in keys if k != "method"]))
+
+
+def train_command(cfg: TrainConfig, inline: dict, config_name: str | None) -> str:
+    """`spp train` with the named config (if any), the paths, and `--set` for each inline key."""
+    words = ["spp", "train", "--config", config_name or str(Path(cfg.output_dir) / RESOLVED_CONFIG_FILE)]
+    words += ["--model", cfg.base_model, "--data", cfg.data_path, "--output", cfg.output_dir]
+    if config_name:
+        for key, value in inline.items():
+            if key != "data_path":
+                words += ["--set", f"{key}={_yaml_scalar(value)}"]
+    return _join(words)
+
+
+def _yaml_scalar(value) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def merge_command(cfg) -> str:
+    return _join(["spp", "merge", "--model", cfg.model, "--adapter", cfg.adapter, "--output", cfg.output])
+
+
+def eval_command(cfg: EvalConfig) -> str:
+    defaults = EvalConfig(model=cfg.model, ppl=cfg.ppl, tasks=cfg.tasks)
+    words = ["spp", "eval", "--model", cfg.model]
+    words += ["--ppl", ",".join(cfg.ppl)] if cfg.ppl else []
+    words += ["--tasks", ",".join(cfg.tasks)] if cfg.tasks else []
+    keys = [f.name for f in dataclasses.fields(EvalConfig) if f.name not in ("model", "ppl", "tasks")]
+    return _join(words + _flags(cfg, defaults, "eval", keys) + ["--output", cfg.output])
+
+
+# --------------------------------------------------------------------------- up to date?
+
+
+def comparable_settings(stage: str, settings: dict) -> dict:
+    """A stage's settings without the keys that only say where and how it writes."""
+    return {k: v for k, v in settings.items() if k not in VOLATILE_KEYS}
+
+
+def expected_settings(step: Step) -> dict:
+    """The settings the step's stage would record in its manifest."""
+    return comparable_settings(step.stage, to_dict(step.config))
+
+
+def stale_reason(step: Step) -> str | None:
+    """Why `step` must run, or None when its folder is complete and made from the same inputs.
+
+    Compares: the manifest's settings sha256 (volatile keys dropped) with the step's,
+    the recorded sha256 of every input file with the file now, the recorded outputs with
+    the folder, and the manifest's mtime with its upstream files' (a newer upstream means
+    it was made from something older).
+    """
+    manifest_path = step.folder / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return "not run yet" if not step.folder.exists() else f"{step.folder} has no {MANIFEST_FILE}"
+    try:
+        manifest = read_manifest(step.folder)
+    except SppError as exc:
+        return str(exc)
+    if manifest.stage != step.stage:
+        return f"{step.folder} holds a {manifest.stage} output, not {step.stage}"
+    recorded = comparable_settings(step.stage, manifest.settings)
+    if settings_sha256(recorded) != settings_sha256(expected_settings(step)):
+        now = expected_settings(step)
+        changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+        return f"settings changed ({', '.join(changed)})"
+    for path, digest in manifest.inputs.items():
+        if digest == "hub":
+            continue
+        if not Path(path).is_file():
+            return f"input {path} is gone"
+        if sha256_file(Path(path)) != digest:
+            return f"input {path} changed"
+    for rel in manifest.outputs:
+        if not (step.folder / rel).is_file():
+            return f"{step.folder / rel} is missing"
+    mtime = manifest_path.stat().st_mtime_ns
+    for up in step.upstream:
+        if up.exists() and up.stat().st_mtime_ns > mtime:
+            return f"{up} is newer"
+    return None
+
+
+def resumable_train(step: Step) -> bool:
+    """True when `train.partial/` holds a checkpoint made with the same settings (so `resume` continues it)."""
+    from spp.train import RESUMABLE_CHANGES
+    from spp.train.loop import checkpoint_dirs
+
+    partial = partial_path(step.folder)
+    if not partial.is_dir() or not checkpoint_dirs(partial) or not (partial / RESOLVED_CONFIG_FILE).is_file():
+        return False
+    saved, now = read_yaml(partial / RESOLVED_CONFIG_FILE), to_dict(step.config)
+    return all(saved.get(k) == now.get(k) for k in saved.keys() | now.keys() if k not in RESUMABLE_CHANGES)
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass
+class StepResult:
+    """What happened to one step: `ran`, `resumed`, `skipped (up to date)` or `not in --from/--until`."""
+
+    label: str
+    stage: str
+    status: str
+    reason: str | None
+    wall_time_s: float | None
+    peak_memory: dict
+    command: str
+
+
+@dataclass
+class PipelineReport:
+    """The run's results: one row per model, what each step did, and the report files."""
+
+    output: Path
+    steps: list[StepResult]
+    rows: list[dict]
+    settings: list[dict]
+    markdown: str
+    table: str  # just the results table (what `spp demo` prints)
+
+
+def reset_peak_memory() -> None:
+    """Reset this process's peak RSS (Linux: /proc/self/clear_refs) and CUDA peak, so each stage reports its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_step(step: Step, resume: bool) -> None:
+    """Run one step's stage entry with its output replaced (or, for train, resumed)."""
+    if step.stage == "prune":
+        from spp.prune import run_prune
+
+        run_prune(dataclasses.replace(step.config, overwrite=True))
+    elif step.stage == "train":
+        from spp.train import run_train
+
+        run_train(dataclasses.replace(step.config, overwrite=True, resume=resume))
+    elif step.stage == "merge":
+        from spp.merge import run_merge
+
+        run_merge(dataclasses.replace(step.config, overwrite=True))
+    else:
+        from spp.eval import run_eval
+
+        run_eval(dataclasses.replace(step.config, overwrite=True))
+
+
+def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | None = None, force: bool = False,
+                 log: Callable[[str], None] = print) -> PipelineReport:
+    """Run (or bring up to date) every stage of the pipeline file `path`, then write the report.
+
+    Args:
+        path: the pipeline YAML.
+        from_stage, until_stage: run only the stages in this range; stages before it must be up to date.
+        force: re-run every stage in the range even when it is up to date.
+        log: where progress lines go.
+
+    Raises:
+        SppError: any bad input (before any stage runs), or a stage's own error.
+    """
+    cfg = load_pipeline(path)
+    in_range = stage_range(from_stage, until_stage)
+    steps = plan(cfg, source=str(path))
+    for step in steps:  # everything before the range must already be there
+        if STAGES.index(step.stage) < STAGES.index(in_range[0]):
+            reason = stale_reason(step)
+            if reason:
+                raise SppError(f"--from {in_range[0]}: {step.label} is not up to date ({reason}); run without --from")
+    run = Path(cfg.output).expanduser().resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    results = []
+    for step in steps:
+        if step.stage not in in_range:
+            results.append(_result(step, "skipped (before --from)" if STAGES.index(step.stage) < STAGES.index(in_range[0])
+                                   else "not run (after --until)", None))
+            continue
+        reason = "--force" if force else stale_reason(step)
+        if reason is None:
+            log(f"{step.label}: skipped (up to date)")
+            results.append(_result(step, "skipped (up to date)", None))
+            continue
+        resume = step.stage == "train" and not force and resumable_train(step)
+        log(f"{step.label}: {'resuming from its last checkpoint' if resume else 'running'} ({reason})")
+        reset_peak_memory()
+        run_step(step, resume)
+        gc.collect()
+        results.append(_result(step, "resumed" if resume else "ran", reason))
+    report = build_report(run, steps, results)
+    write_json(run / REPORT_JSON, report_json(report))
+    (run / REPORT_MD).write_text(report.markdown)
+    return report
+
+
+def _result(step: Step, status: str, reason: str | None) -> StepResult:
+    wall, memory = None, {}
+    if (step.folder / MANIFEST_FILE).is_file():
+        manifest = read_manifest(step.folder)
+        wall, memory = manifest.wall_time_s, manifest.peak_memory
+    return StepResult(step.label, step.stage, status, reason, wall, memory, step.command)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def weight_sparsity(model_dir: Path, tensor_names: list[str]) -> float | None:
+    """Fraction of exact zeros over the named tensors of a saved model, counted in the weights themselves."""
+    import torch
+    from safetensors import safe_open
+
+    if not model_dir.is_dir() or not tensor_names:
+        return None
+    wanted, zeros, total = set(tensor_names), 0, 0
+    for shard in safetensors_files(model_dir):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                if name in wanted:
+                    tensor = f.get_tensor(name)
+                    zeros += int((tensor == 0).sum())
+                    total += tensor.numel()
+                    wanted.discard(name)
+    return zeros / total if total and not wanted else None
+
+
+def adapter_parameter_count(train_dir: Path) -> int | None:
+    """Number of trainable numbers in the saved adapter (every α and β entry)."""
+    path = train_dir / ADAPTER_WEIGHTS_FILE
+    if not path.is_file():
+        return None
+    return sum(math.prod(shape) for _, shape in safetensors_keys(path).values())
+
+
+def _eval_numbers(folder: Path) -> dict:
+    """{"ppl <set>": value, "<task> acc": value, ...} from an eval folder's results (empty if absent)."""
+    if not (folder / RESULTS_FILE).is_file():
+        return {}
+    results = read_json(folder / RESULTS_FILE, what="results")
+    out = {}
+    for name, entry in (results.get("perplexity") or {}).items():
+        out[f"ppl {Path(name).name if '/' in name else name}"] = entry["ppl"]  # a local file by its base name
+    for name, task in ((results.get("zeroshot") or {}).get("tasks") or {}).items():
+        for metric in ("acc", "acc_norm"):
+            if metric in task:
+                out[f"{name} {metric}"] = task[metric]
+    return out
+
+
+def gap_recovered(dense: float, pruned: float, recovered: float) -> float | None:
+    """(log p_pruned − log p_spp) / (log p_pruned − log p_dense): the share of the log-perplexity gap SPP closes."""
+    gap = math.log(pruned) - math.log(dense)
+    return (math.log(pruned) - math.log(recovered)) / gap if gap > 0 else None
+
+
+def build_report(run: Path, steps: list[Step], results: list[StepResult]) -> PipelineReport:
+    """Collect the numbers of a run into rows (dense, then pruned and SPP per setting) and Markdown."""
+    by_label = {s.label: s for s in steps}
+    dense_numbers = _eval_numbers(by_label["dense/eval"].folder)
+    rows = [{"model": "dense", "setting": "dense", **dense_numbers}]
+    settings = []
+    for step in steps:
+        if step.stage != "prune":
+            continue
+        name = step.setting
+        masked = _mask_names(step.folder)
+        pruned_numbers = _eval_numbers(run / name / "eval" / "pruned")
+        merged_numbers = _eval_numbers(run / name / "eval" / "merged")
+        before = weight_sparsity(step.folder, masked)
+        after = weight_sparsity(run / name / "merged", masked)
+        info = {
+            "setting": name, "method": step.config.method, "pattern": step.config.pattern,
+            "sparsity_before": before, "sparsity_after": after,
+            "sparsity_equal": before is not None and after is not None and before == after,
+            "trainable_params": adapter_parameter_count(run / name / "train"),
+        }
+        ppl_keys = [k for k in dense_numbers if k.startswith("ppl ")]
+        for key in ppl_keys:
+            if key in pruned_numbers and key in merged_numbers:
+                info[f"recovered {key}"] = gap_recovered(dense_numbers[key], pruned_numbers[key], merged_numbers[key])
+        settings.append(info)
+        rows.append({"model": f"{name} pruned", "setting": name, "sparsity": before, **pruned_numbers})
+        rows.append({"model": f"{name} + SPP (merged)", "setting": name, "sparsity": after, **merged_numbers})
+    rows[0]["sparsity"] = weight_sparsity(Path(by_label["dense/eval"].config.model),
+                                          _mask_names(steps[0].folder)) if steps[0].stage == "prune" else None
+    table = results_table(rows, settings)
+    markdown = "\n\n".join([f"# spp run report: {run}", "## Results", table,
+                            "## Sparsity and trainable parameters", settings_table(settings),
+                            "## Stages", stages_table(results),
+                            "## Reproduce each stage alone", "```bash\n" + "\n".join(r.command for r in results) + "\n```"])
+    return PipelineReport(output=run, steps=results, rows=rows, settings=settings, markdown=markdown + "\n", table=table)
+
+
+def _mask_names(prune_dir: Path) -> list[str]:
+    from spp.io.maskfile import load_masks
+
+    path = prune_dir / MASK_FILE
+    return sorted(load_masks(path)[0]) if path.is_file() else []
+
+
+def _fmt(value, kind: str = "num") -> str:
+    if value is None:
+        return "—"
+    if kind == "pct":
+        return f"{value:.2%}"
+    if kind == "int":
+        return f"{value:,}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def results_table(rows: list[dict], settings: list[dict]) -> str:
+    """Perplexities and zero-shot accuracies side by side: dense, then pruned and merged SPP per setting."""
+    metrics = []
+    for row in rows:
+        metrics += [k for k in row if k not in ("model", "setting", "sparsity") and k not in metrics]
+    first_ppl = next((m for m in metrics if m.startswith("ppl ")), None)
+    recovered = {s["setting"]: s.get(f"recovered {first_ppl}") for s in settings}
+    header = ["model", "sparsity", *metrics] + ([f"gap recovered ({first_ppl})"] if first_ppl else [])
+    body = []
+    for row in rows:
+        cells = [row["model"], _fmt(row.get("sparsity"), "pct"), *(_fmt(row.get(m)) for m in metrics)]
+        if first_ppl:
+            spp_row = row["model"].endswith("(merged)")
+            cells.append(_fmt(recovered.get(row["setting"]), "pct") if spp_row else "")
+        body.append(cells)
+    return _markdown_table(header, body)
+
+
+def settings_table(settings: list[dict]) -> str:
+    body = [[s["setting"], _fmt(s["sparsity_before"], "pct"), _fmt(s["sparsity_after"], "pct"),
+             "yes" if s["sparsity_equal"] else "NO", _fmt(s["trainable_params"], "int")] for s in settings]
+    return _markdown_table(["setting", "sparsity pruned", "sparsity merged", "equal", "trainable params"], body)
+
+
+def stages_table(results: list[StepResult]) -> str:
+    body = []
+    for r in results:
+        rss = r.peak_memory.get("host_rss")
+        cuda = r.peak_memory.get("cuda_allocated")
+        memory = "—" if rss is None else f"{rss / 2**20:,.0f} MiB" + (f" (GPU {cuda / 2**20:,.0f} MiB)" if cuda else "")
+        body.append([r.label, r.status, "—" if r.wall_time_s is None else f"{r.wall_time_s:.1f}", memory])
+    return _markdown_table(["stage", "this run", "wall time (s)", "peak memory"], body)
+
+
+def report_json(report: PipelineReport) -> dict:
+    return {"output": str(report.output), "rows": report.rows, "settings": report.settings,
+            "steps": [dataclasses.asdict(s) for s in report.steps]}
