@@ -176,8 +176,9 @@ def save_checkpoint(accelerator, model, optimizer, adapter_cfg, state: LoopState
         tensors, config = optimizer_tensors(optimizer, names)
         save_file(tensors, str(tmp / OPTIMIZER_WEIGHTS_FILE))
         write_json(tmp / OPTIMIZER_CONFIG_FILE, config)
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None  # fp16 loss scale
         write_json(tmp / TRAINER_STATE_FILE, {**asdict(state), "data_position": data_position,
-                                              "python_random": _python_rng_json()})
+                                              "python_random": _python_rng_json(), "grad_scaler": scaler})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -227,7 +228,7 @@ def load_checkpoint(accelerator, model, optimizer, checkpoint: Path, n_examples:
                        "(was it written with another number of processes?)")
     rng = load_file(str(rng_path))
     torch.set_rng_state(rng["torch"])
-    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
+    cuda_states = [rng[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in rng))]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     raw = read_json(checkpoint / TRAINER_STATE_FILE, what="trainer state")
@@ -235,6 +236,9 @@ def load_checkpoint(accelerator, model, optimizer, checkpoint: Path, n_examples:
     if saved_examples != n_examples:
         raise SppError(f"--resume: the data now gives {n_examples} training examples but the interrupted run had "
                        f"{saved_examples}; the data changed, so the run cannot continue in the same order")
+    scaler = raw.pop("grad_scaler", None)
+    if scaler and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(scaler)
     version, internal, gauss = raw.pop("python_random")
     random.setstate((version, tuple(internal), gauss))
     return LoopState(**raw)
