@@ -115,27 +115,29 @@ class Cell:
         return f"{self.prune_key}-{self.adapter}" + (f"-r{self.row_groups}" if self.row_groups else "")
 
 
-def grid(name: str, seeds: tuple[int, ...] = (0, 1, 2), row_groups: tuple[int, ...] = (1, 4, 64)) -> list[Cell]:
+def grid(name: str, seeds: tuple[int, ...] = (0, 1, 2), row_groups: tuple[int, ...] = (1, 4, 32)) -> list[Cell]:
     """The cells of a grid.
 
     `full`: the dense model; every method × pattern × adapter with seed 0; seeds 1.. for
     SEEDED_METHODS × SEEDED_PATTERNS × ADAPTERS; SPP at each of `row_groups` (besides the
-    default) for SEEDED_METHODS × SEEDED_PATTERNS with seed 0. `tiny`: dense and Wanda 50 %
+    default) for SEEDED_METHODS × SEEDED_PATTERNS with seed 0. Cells are listed in the order they
+    run: every seed-0 cell at the default settings first, then the other seeds, then the row-group
+    sweep, so a study cut short still has the whole first seed. `tiny`: dense and Wanda 50 %
     with no recovery, SPP and LoRA (what the test runs).
     """
     if name == "tiny":
         return [Cell("dense", "0%")] + [Cell("wanda", "50%", a) for a in ("none", "spp", "lora")]
     if name != "full":
         raise SppError(f"--grid {name!r} is not one of full, tiny")
-    cells = [Cell("dense", "0%")]
+    first, more_seeds, sweep = [Cell("dense", "0%")], [], []
     for method in METHODS:
         for pattern in PATTERNS:
             seeded = method in SEEDED_METHODS and pattern in SEEDED_PATTERNS
-            for seed in seeds if seeded else seeds[:1]:
-                cells += [Cell(method, pattern, adapter, seed) for adapter in ADAPTERS]
+            first += [Cell(method, pattern, adapter, seeds[0]) for adapter in ADAPTERS]
             if seeded:
-                cells += [Cell(method, pattern, "spp", seeds[0], r) for r in row_groups]
-    return cells
+                more_seeds += [Cell(method, pattern, adapter, seed) for seed in seeds[1:] for adapter in ADAPTERS]
+                sweep += [Cell(method, pattern, "spp", seeds[0], r) for r in row_groups]
+    return first + more_seeds + sweep
 
 
 # --------------------------------------------------------------------------- data
@@ -157,6 +159,28 @@ def split_halves(text: str) -> tuple[str, str]:
     middle = text.find("\n", len(text) // 2)
     middle = len(text) // 2 if middle < 0 else middle + 1
     return text[:middle], text[middle:]
+
+
+def check_row_groups(model: str, cells: list[Cell], default: int) -> None:
+    """SPP needs r ≤ the output rows of every adapted layer; check it on the weightless model before any work.
+
+    Raises:
+        SppError: a row-group setting above the smallest layer's output rows (names both).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from spp.models import find_decoder_blocks, find_linear_layers, load_config, weight_out_in
+
+    wanted = {c.row_groups or default for c in cells if c.adapter == "spp"}
+    if not wanted:
+        return
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(load_config(model))
+    smallest = min(weight_out_in(layer).shape[0] for block in find_decoder_blocks(meta)[1]
+                   for layer in find_linear_layers(block).values())
+    if max(wanted) > smallest:
+        raise SppError(f"SPP row groups {max(wanted)} exceed the {smallest} output rows of {model}'s smallest "
+                       f"linear layer; use --row-groups / --spp-row-groups of at most {smallest}")
 
 
 def prepare_data(settings: StudySettings, work: Path) -> StudyData:
@@ -470,6 +494,7 @@ def run_grid(cells: list[Cell], settings: StudySettings, work: Path, jobs: int =
     """
     start = time.perf_counter()
     load_start = os.getloadavg()[0]
+    check_row_groups(settings.model, cells, settings.spp_row_groups)
     data = prepare_data(settings, work)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = threads or max(1, cores // jobs)
@@ -492,10 +517,14 @@ def run_grid(cells: list[Cell], settings: StudySettings, work: Path, jobs: int =
                                  initargs=(settings, data, work, threads)) as pool:
             for future in as_completed([pool.submit(_worker, "prune", c) for c in prunes]):
                 future.result()
-            futures = {pool.submit(_worker, "cell", c): c for c in todo}
-            for future in as_completed(futures):
-                cell = futures[future]
-                records[cell.key] = _finish(work, cell, future.result(), log)
+            futures = {pool.submit(_worker, "cell", c): c for c in todo}  # submitted in grid order
+            try:
+                for future in as_completed(futures):
+                    cell = futures[future]
+                    records[cell.key] = _finish(work, cell, future.result(), log)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # stop at the first failure; finished cells stay cached
+                raise
     timing = {"wall_s": time.perf_counter() - start, "cells_computed": len(todo), "prunes": len(prunes),
               "jobs": jobs, "threads_per_job": threads, "settings_sha256": settings.sha256(),
               "cpu_cores": cores, "load_avg_1min_start": load_start, "load_avg_1min_end": os.getloadavg()[0],
@@ -531,8 +560,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", default=str(REPO / "runs" / "study"), help="cache of pruned models and cells")
     parser.add_argument("--jobs", type=int, default=None, help="cells run in parallel (default: 2 on CPU, 1 on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / jobs)")
+    parser.add_argument("--only", default=None, help="comma-separated globs over cell keys (e.g. 'dense*,wanda-2of4-*')")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--row-groups", default="1,4,64", help="SPP row-group settings besides the default")
+    parser.add_argument("--row-groups", default="1,4,32", help="SPP row-group settings besides the default")
     for f in dataclasses.fields(StudySettings):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
     args = parser.parse_args(argv)
@@ -544,6 +574,10 @@ def main(argv: list[str] | None = None) -> dict:
         settings = dataclasses.replace(settings, device="cuda" if torch.cuda.is_available() else "cpu")
     cells = grid(args.grid, tuple(int(s) for s in args.seeds.split(",")),
                  tuple(int(r) for r in args.row_groups.split(",") if r))
+    if args.only:
+        from fnmatch import fnmatchcase
+
+        cells = [c for c in cells if any(fnmatchcase(c.key, p) for p in args.only.split(","))]
     jobs = args.jobs or (1 if settings.device.startswith("cuda") else 2)
     try:
         records, timing = run_grid(cells, settings, Path(args.work), jobs, args.threads)

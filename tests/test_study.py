@@ -113,6 +113,8 @@ def test_the_full_grid_has_the_issue_cells(study):
     single = (3 * 3 - 4) * 4  # the other method × pattern pairs, one seed
     row_groups = 2 * 2 * 3  # SPP at 3 more row-group settings on the seeded pairs
     assert len(cells) == 1 + seeded + single + row_groups
+    first_seed = 1 + 3 * 3 * 4  # dense, then every seed-0 default cell runs first
+    assert all(c.seed == 0 and c.row_groups is None for c in cells[:first_seed])
     assert {c.pattern for c in cells} == {"0%", "50%", "75%", "2:4"}
     with pytest.raises(study.SppError, match="--grid"):
         study.grid("huge")
@@ -124,3 +126,12 @@ def test_split_halves_cuts_at_a_line_break_after_the_middle(study):
     assert first + second == text
     assert first.endswith("\n") and len(first) >= len(text) // 2
     assert first == "aaaa\nbbbbbb\n"
+
+
+def test_row_groups_above_the_smallest_layer_are_refused_before_any_work(study, shared_data):
+    model = str(shared_data / "stories260K-hf")  # k_proj / v_proj have 32 output rows
+    study.check_row_groups(model, [study.Cell("wanda", "50%", "spp", 0, 32)], 16)
+    with pytest.raises(study.SppError, match="32 output rows"):
+        study.check_row_groups(model, [study.Cell("wanda", "50%", "spp", 0, 64)], 16)
+    with pytest.raises(study.SppError, match="at most 32"):
+        study.check_row_groups(model, [study.Cell("wanda", "50%", "spp")], 33)

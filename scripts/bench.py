@@ -1,0 +1,436 @@
+"""One benchmark entry: prune, train step, merge, evaluation and 2:4 speed, side by side, in one run.
+
+Composes the stage benchmarks (`bench_prune.bench_prune`, `bench_train.main`,
+`bench_eval.bench_eval`) with the two measured here (`bench_merge`: the streaming
+`spp merge` against loading, merging in memory and saving; `bench_semi_structured`:
+2:4 weights through `torch.sparse.to_sparse_semi_structured` against the same weights
+dense, on CUDA GPUs that support it). Every comparison is a ratio of two measurements
+taken in the same run, so it holds on a busy machine even when the absolute numbers do
+not. Sections that cannot run here (no GPU, an unsupported GPU, a missing package) are
+reported as skipped with the reason, never left out silently.
+
+    python scripts/bench.py                       # CPU (and CUDA when present); writes docs/results/bench.*
+    python scripts/bench.py --quick               # smaller models, fewer steps: a look in a few minutes
+    python scripts/bench.py --device cuda --out DIR --sections semi,eval,train,prune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:0] = [str(REPO), str(HERE)]  # spp from this checkout; the bench_* modules beside this file
+
+SECTIONS = ("prune", "train", "merge", "eval", "semi")
+# (out, in) of the linear layers of one LLaMA-7B decoder block, and how many of each it has
+LLAMA7B_LINEARS = {"q/k/v/o (4096×4096)": ((4096, 4096), 4), "gate/up (11008×4096)": ((11008, 4096), 2),
+                   "down (4096×11008)": ((4096, 11008), 1)}
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def _child_env() -> dict:
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _run_child(spec: dict, timeout: float = 1800) -> dict:
+    """Run one measurement of this file in a fresh interpreter, so its peak memory is its own."""
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          timeout=timeout, env=_child_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement {spec['kind']} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prepare_merge_inputs(root: Path, layers: int, tokenizer_dir: str, max_shard_size: str = "100MB") -> tuple[Path, Path]:
+    """A 2:4 magnitude-pruned random LLaMA (`spp prune`, sharded) and an SPP adapter with random α, β for it.
+
+    Returns:
+        (pruned directory, adapter directory).
+    """
+    import torch
+
+    from bench_prune import random_llama
+    from spp.adapter.config import AdapterConfig
+    from spp.adapter.model import add_spp, save_adapter
+    from spp.config import PruneConfig
+    from spp.io.checkpoint import MASK_FILE, masks_by_parameter, sha256_file
+    from spp.models import load_model, load_tokenizer
+    from spp.prune import run_prune
+
+    dense, pruned, adapter = root / "dense", root / "pruned", root / "adapter"
+    random_llama(layers).save_pretrained(str(dense), max_shard_size=max_shard_size)
+    load_tokenizer(tokenizer_dir).save_pretrained(str(dense))  # run_prune wants one; magnitude never uses it
+    run_prune(PruneConfig(model=str(dense), output=str(pruned), method="magnitude", pattern="2:4", device="cpu",
+                          max_shard_size=max_shard_size))
+    model = load_model(str(pruned))
+    cfg = AdapterConfig(base_model=str(pruned), mask_sha256=sha256_file(pruned / MASK_FILE))
+    add_spp(model, cfg, masks_by_parameter(model, pruned))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("spp_beta"):
+                param.uniform_(-0.5, 0.5)  # β = 0 would make the merge a copy
+    save_adapter(model, cfg, adapter)
+    return pruned, adapter
+
+
+def measure_merge(impl: str, pruned: str, adapter: str, output: str) -> dict:
+    """One merge in this process: `spp` = `run_merge` (shard by shard); `in_memory` = load the whole model,
+    `load_adapter`, `merge_spp`, `save_pretrained` (what a script without streaming does).
+
+    Memory: the peak resident set, and its increase over the resident set after the imports."""
+    import torch  # noqa: F401  (imported before the baseline reading, as both paths need it)
+
+    from spp.adapter.model import load_adapter, merge_spp
+    from spp.config import MergeConfig
+    from spp.io.checkpoint import masks_by_parameter, save_model
+    from spp.merge import run_merge
+    from spp.models import load_model
+
+    with open("/proc/self/status") as f:
+        before = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+    start = time.perf_counter()
+    if impl == "spp":
+        run_merge(MergeConfig(model=pruned, adapter=adapter, output=output))
+    else:
+        model = load_model(pruned)
+        masks = masks_by_parameter(model, Path(pruned))
+        load_adapter(model, Path(adapter), masks)
+        merge_spp(model, masks)
+        save_model(model, None, Path(output), max_shard_size="100MB")
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"impl": impl, "seconds": seconds, "peak_rss_mb": peak, "increase_mb": peak - before}
+
+
+def _max_abs_difference(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    from spp.io.checkpoint import safetensors_files
+
+    left = {k: v for f in safetensors_files(a) for k, v in load_file(str(f)).items()}
+    right = {k: v for f in safetensors_files(b) for k, v in load_file(str(f)).items()}
+    if set(left) != set(right):
+        return float("inf")
+    return max(float((left[k].float() - right[k].float()).abs().max()) for k in left)
+
+
+def bench_merge(layers: int = 12, repeats: int = 2, tokenizer_dir: str | None = None) -> list[dict]:
+    """Time and peak memory of the streaming merge and the in-memory merge on the same inputs.
+
+    Each measurement is a child process; the two alternate for `repeats` rounds and the best
+    time and the lowest peak of each are kept. The outputs are compared tensor by tensor.
+
+    Returns:
+        Records {impl, seconds, peak_rss_mb, params, layers, max_abs_diff}.
+    """
+    tokenizer_dir = tokenizer_dir or str(REPO.parent / "shared" / "data" / "stories260K-hf")
+    with tempfile.TemporaryDirectory(prefix="spp-bench-merge-") as tmp:
+        root = Path(tmp)
+        pruned, adapter = prepare_merge_inputs(root, layers, tokenizer_dir)
+        best: dict[str, dict] = {}
+        for round_index in range(repeats):
+            for impl in (("spp", "in_memory") if round_index % 2 == 0 else ("in_memory", "spp")):
+                output = root / f"{impl}-{round_index}"
+                r = _run_child({"kind": "merge", "impl": impl, "pruned": str(pruned), "adapter": str(adapter),
+                                "output": str(output)})
+                old = best.get(impl)
+                best[impl] = r if old is None else {key: min(r[key], old[key]) if key != "impl" else r[key] for key in r}
+        diff = _max_abs_difference(root / "spp-0", root / "in_memory-0")
+        from spp.io.checkpoint import safetensors_files
+
+        params = sum(p.stat().st_size for p in safetensors_files(pruned)) // 4
+    return [{**best[i], "layers": layers, "params": params, "max_abs_diff": diff} for i in ("spp", "in_memory")]
+
+
+# --------------------------------------------------------------------------- 2:4 on GPUs
+
+
+def semi_structured_support(device: str) -> str | None:
+    """None if 2:4 semi-structured sparse matmul can run on `device`, else why not."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return "2:4 semi-structured kernels need a CUDA GPU"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}) has no sparse tensor cores (needs sm_80+)"
+    try:
+        from torch.sparse import to_sparse_semi_structured  # noqa: F401
+    except ImportError as exc:
+        return f"torch {torch.__version__} has no to_sparse_semi_structured ({exc})"
+    return None
+
+
+def _cuda_time(fn, repeats: int) -> float:
+    """Median milliseconds of `fn` over `repeats` timed calls (CUDA events), after 3 warm-ups."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench_semi_structured(device: str = "cuda", tokens=(16, 128, 2048), dtypes=("float16", "bfloat16"),
+                          backends=("cusparselt", "cutlass"), repeats: int = 50) -> list[dict]:
+    """y = x·Wᵀ with W (out, in) pruned 2:4 by magnitude: dense F.linear against the same W compressed
+    with `to_sparse_semi_structured`, for LLaMA-7B's linear shapes and several token counts.
+
+    Returns:
+        Records {shape, tokens, dtype, backend, dense_ms, sparse_ms, speedup = dense/sparse, rel_err},
+        or records with `error` where a backend or shape is refused.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    from spp.prune.masks import nm_mask
+
+    records = []
+    generator = torch.Generator(device=device).manual_seed(0)
+    for backend in backends:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            for label, ((out_f, in_f), count) in LLAMA7B_LINEARS.items():
+                W = torch.randn(out_f, in_f, device=device, dtype=dtype, generator=generator)
+                W = W * nm_mask(W.abs().float(), 2, 4).to(dtype)
+                for n_tokens in tokens:
+                    x = torch.randn(n_tokens, in_f, device=device, dtype=dtype, generator=generator)
+                    record = {"shape": label, "per_block": count, "tokens": n_tokens, "dtype": dtype_name,
+                              "backend": backend}
+                    try:
+                        W_sparse = to_sparse_semi_structured(W)
+                        dense_ms = _cuda_time(lambda: F.linear(x, W), repeats)
+                        sparse_ms = _cuda_time(lambda: F.linear(x, W_sparse), repeats)
+                        ref = F.linear(x, W).float()
+                        rel = float((F.linear(x, W_sparse).float() - ref).norm() / ref.norm())
+                        record.update(dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms, rel_err=rel)
+                    except Exception as exc:  # a refused backend/shape is a result to report, not a crash
+                        record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    records.append(record)
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False
+    return records
+
+
+# --------------------------------------------------------------------------- composing the stage benchmarks
+
+
+def run_section(name: str, args) -> dict:
+    """Run one section; returns {"records": [...]} or {"skipped": reason}."""
+    device = args.device
+    if name == "semi":
+        reason = semi_structured_support(device)
+        if reason:
+            return {"skipped": reason}
+        return {"records": bench_semi_structured(device, repeats=20 if args.quick else 50)}
+    if name == "prune":
+        from bench_prune import bench_prune
+
+        methods = ("wanda", "sparsegpt") if args.quick else ("magnitude", "wanda", "sparsegpt")
+        patterns = ("2:4",) if args.quick and device.startswith("cuda") else ("unstructured", "2:4")
+        return {"records": bench_prune(methods, patterns, device, layers=args.layers)}
+    if name == "train":
+        import contextlib
+        import io
+
+        from bench_train import main as bench_train_main
+
+        import peft
+
+        variants = ["spp", "lora", "hira", "naive_spp"] if hasattr(peft, "HiraConfig") else ["spp", "lora", "naive_spp"]
+        argv = ["--device", device, "--rounds", "1" if args.quick else "2", "--steps", "3" if args.quick else "5",
+                "--variants", ",".join(variants)]
+        if args.quick or not device.startswith("cuda"):
+            argv.append("--small")
+        with contextlib.redirect_stdout(io.StringIO()):  # its own table; ours is printed below
+            summary = bench_train_main(argv)
+        note = None if "hira" in variants else f"peft {peft.__version__} has no HiraConfig: HiRA not measured"
+        return {"records": summary, "dims": "small" if "--small" in argv else "full", "note": note}
+    if name == "merge":
+        if device.startswith("cuda"):
+            return {"skipped": "the merge streams shards on the CPU; it is measured in the CPU run"}
+        return {"records": bench_merge(layers=args.layers, repeats=1 if args.quick else 2)}
+    if name == "eval":
+        from bench_eval import bench_eval
+
+        seqlens = (512,) if args.quick else (512, 2048)
+        return {"records": bench_eval(seqlens, windows=4, batch_size=2, layers=args.layers, repeats=2, device=device)}
+    raise ValueError(name)
+
+
+def summary_rows(results: dict) -> list[list[str]]:
+    """The one table: [area, comparison, device, measured, ratio (> 1 favours spp / the sparse kernel)]."""
+    rows = []
+    for device, sections in results.items():
+        for name, section in sections.items():
+            if "skipped" in section or "error" in section:
+                rows.append([name, "–", device, section.get("skipped") or section.get("error"), "–"])
+                continue
+            rows += _section_rows(name, device, section)
+    return rows
+
+
+def _section_rows(name: str, device: str, section: dict) -> list[list[str]]:
+    records, rows = section["records"], []
+    if name == "prune":
+        mem = "peak_cuda_mb" if "peak_cuda_mb" in records[0] else "peak_rss_mb"
+        by = {(r["method"], r["pattern"], r["impl"]): r for r in records}
+        for (method, pattern, impl), s in by.items():
+            b = by.get((method, pattern, "baseline"))
+            if impl == "spp" and b:
+                rows.append(["prune", f"{method} {pattern}: reference-style loop / spp", device,
+                             f"{b['seconds']:.1f} s / {s['seconds']:.1f} s; {b[mem]:.0f} / {s[mem]:.0f} MiB",
+                             f"time {b['seconds'] / s['seconds']:.2f}×, memory {b[mem] / s[mem]:.2f}×"])
+    elif name == "train":
+        ref = next((r for r in records if r["variant"] == "lora"), None)
+        for r in records:
+            if ref and r["variant"] != "lora":
+                rows.append(["train step", f"{r['variant']} / LoRA ({section['dims']} LLaMA)", device,
+                             f"{1000 * r['step_s']:.0f} ms vs {1000 * ref['step_s']:.0f} ms; "
+                             f"{r['peak_bytes'] / 2**20:.0f} vs {ref['peak_bytes'] / 2**20:.0f} MiB",
+                             f"time {r['step_s'] / ref['step_s']:.2f}×, memory {r['peak_bytes'] / ref['peak_bytes']:.2f}×"])
+    elif name == "merge":
+        s, m = records
+        rows.append(["merge", f"in-memory / streaming spp merge ({s['params'] / 1e6:.0f}M params; outputs differ by "
+                     f"at most {s['max_abs_diff']:.1e})", device,
+                     f"{m['seconds']:.1f} s / {s['seconds']:.1f} s; peak {m['peak_rss_mb']:.0f} / {s['peak_rss_mb']:.0f} MiB, "
+                     f"added over the imports {m['increase_mb']:.0f} / {s['increase_mb']:.0f} MiB",
+                     f"time {m['seconds'] / s['seconds']:.2f}×, added memory {m['increase_mb'] / max(s['increase_mb'], 1):.2f}×"])
+    elif name == "eval":
+        for r in records:
+            rows.append(["eval", f"spp perplexity / plain loop, seqlen {r['seqlen']} ({r['params_m']}M)", device,
+                         f"{r['spp_tok_s']:.0f} vs {r['plain_tok_s']:.0f} tokens/s", f"{r['speedup']:.2f}×"])
+    elif name == "semi":
+        ok = [r for r in records if "speedup" in r]
+        for backend in sorted({r["backend"] for r in records}):
+            for dtype in sorted({r["dtype"] for r in records}):
+                for n in sorted({r["tokens"] for r in records}):
+                    block = [r for r in ok if (r["backend"], r["dtype"], r["tokens"]) == (backend, dtype, n)]
+                    failed = [r for r in records if "error" in r and (r["backend"], r["dtype"], r["tokens"]) == (backend, dtype, n)]
+                    if failed and not block:
+                        rows.append(["2:4 matmul", f"{backend} {dtype}, {n} tokens", device, failed[0]["error"], "–"])
+                        continue
+                    if not block:
+                        continue
+                    dense = sum(r["dense_ms"] * r["per_block"] for r in block)
+                    sparse = sum(r["sparse_ms"] * r["per_block"] for r in block)
+                    rows.append(["2:4 matmul", f"dense / 2:4 ({backend}, {dtype}), one LLaMA-7B block's linears, "
+                                 f"{n} tokens", device, f"{dense:.3f} ms vs {sparse:.3f} ms",
+                                 f"{dense / sparse:.2f}×" + ("" if dense > sparse else " (slower)")])
+    return rows
+
+
+def markdown(results: dict, meta: dict) -> str:
+    rows = summary_rows(results)
+    lines = ["# Benchmarks", "",
+             f"Generated by `python scripts/bench.py` on {meta['when']}; {meta['where']}. Each ratio compares two "
+             "measurements from the same run; above 1 favours spp (or, for 2:4, the sparse kernel).", "",
+             "| area | comparison | device | measured | ratio |", "|---|---|---|---|---:|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    semi = [r for s in results.values() for r in s.get("semi", {}).get("records", [])]
+    if semi:
+        lines += ["", "## 2:4 semi-structured matmul per shape", "",
+                  "| backend | dtype | shape | tokens | dense ms | 2:4 ms | dense / 2:4 | rel. error |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in semi:
+            if "speedup" in r:
+                lines.append(f"| {r['backend']} | {r['dtype']} | {r['shape']} | {r['tokens']} | {r['dense_ms']:.4f} | "
+                             f"{r['sparse_ms']:.4f} | {r['speedup']:.2f}× | {r['rel_err']:.1e} |")
+            else:
+                lines.append(f"| {r['backend']} | {r['dtype']} | {r['shape']} | {r['tokens']} | – | – | {r['error']} | – |")
+    lines += ["", "Raw records: `bench.json`. Each stage benchmark also runs on its own: "
+              "`scripts/bench_prune.py`, `scripts/bench_train.py`, `scripts/bench_eval.py`.", ""]
+    return "\n".join(lines)
+
+
+def _where(device: str) -> str:
+    import platform
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = f"{cores} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto: the CPU, then CUDA when present")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps, smaller models")
+    parser.add_argument("--layers", type=int, default=None, help="layers of the random LLaMA (default 12; quick 2)")
+    parser.add_argument("--out", default=str(REPO / "docs" / "results"), help="writes bench.md and bench.json here")
+    parser.add_argument("--include", action="append", default=[], help="bench.json of another run to add (e.g. a GPU's)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(measure_merge(spec["impl"], spec["pruned"], spec["adapter"], spec["output"])))
+        return {}
+    import torch
+
+    args.layers = args.layers or (2 if args.quick else 12)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [args.device]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for extra in args.include:
+        results.update(json.loads(Path(extra).read_text())["results"])
+    meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "where": _where(devices[-1]),
+            "quick": args.quick, "layers": args.layers}
+    for device in devices:
+        args.device = device
+        results[device] = {}
+        for name in args.sections.split(","):
+            print(f"[{device}] {name} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            try:
+                results[device][name] = run_section(name, args)
+            except Exception as exc:  # one broken section must not hide the others
+                results[device][name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                                         "traceback": traceback.format_exc()[-3000:]}
+            results[device][name]["seconds"] = time.perf_counter() - start
+            _write(out, results, meta)  # after every section, so a cut-off run keeps what it measured
+    text = _write(out, results, meta)
+    print(text)
+    return {"meta": meta, "results": results}
+
+
+def _write(out: Path, results: dict, meta: dict) -> str:
+    text = markdown(results, meta)
+    for name, content in (("bench.json", json.dumps({"meta": meta, "results": results}, indent=1)), ("bench.md", text)):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(content)
+        tmp.replace(out / name)
+    return text
+
+
+if __name__ == "__main__":
+    main()
