@@ -199,9 +199,13 @@ def baseline_prune(model, windows, method: str, n_m, sparsity: float, device) ->
 # --------------------------------------------------------------------------- one measurement (child process)
 
 
-def measure(impl: str, method: str, pattern: str, device: str, nsamples: int, seqlen: int, layers: int) -> dict:
+def measure(impl: str, method: str, pattern: str, device: str, nsamples: int, seqlen: int, layers: int,
+            threads: int | None = None) -> dict:
     """Prune a fresh random LLaMA once and return a record with wall time and peak memory."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from spp.config import PruneConfig
     from spp.prune import prune_model
@@ -226,7 +230,7 @@ def measure(impl: str, method: str, pattern: str, device: str, nsamples: int, se
     weights = [m.weight for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     achieved = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     record = dict(impl=impl, method=method, pattern=pattern, device=device, nsamples=nsamples, seqlen=seqlen,
-                  params=params, seconds=seconds, sparsity=achieved,
+                  params=params, layers=layers, threads=torch.get_num_threads(), seconds=seconds, sparsity=achieved,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if dev.type == "cuda":
         record["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -242,7 +246,8 @@ def _run_child(spec: dict, timeout: float) -> dict:
 
 
 def bench_prune(methods=METHOD_NAMES, patterns=PATTERNS, device: str = "auto", nsamples: int | None = None,
-                seqlen: int | None = None, layers: int = 12, timeout: float = 1800) -> list[dict]:
+                seqlen: int | None = None, layers: int = 12, threads: int | None = None,
+                timeout: float = 1800) -> list[dict]:
     """Measure spp and the baseline for every method and pattern, each in its own child process.
 
     Returns:
@@ -260,7 +265,7 @@ def bench_prune(methods=METHOD_NAMES, patterns=PATTERNS, device: str = "auto", n
         for pattern in patterns:
             for impl in ("baseline", "spp"):
                 spec = dict(impl=impl, method=method, pattern=pattern, device=device, nsamples=nsamples,
-                            seqlen=seqlen, layers=layers)
+                            seqlen=seqlen, layers=layers, threads=threads)
                 records.append(_run_child(spec, timeout))
                 print(f"  {impl:8s} {method:9s} {pattern:12s} {records[-1]['seconds']:8.2f} s", file=sys.stderr)
     return records
@@ -287,6 +292,7 @@ def main(argv=None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--threads", type=int, help="torch threads in each child (default: torch's choice)")
     parser.add_argument("--nsamples", type=int)
     parser.add_argument("--seqlen", type=int)
     parser.add_argument("--methods", default=",".join(METHOD_NAMES))
@@ -297,10 +303,10 @@ def main(argv=None) -> None:
         print(json.dumps(measure(**json.loads(args.child))))
         return
     records = bench_prune(args.methods.split(","), args.patterns.split(","), args.device, args.nsamples, args.seqlen,
-                          args.layers)
+                          args.layers, args.threads)
     r = records[0]
-    print(f"random LLaMA, {r['params'] / 1e6:.0f}M parameters, {r['nsamples']}x{r['seqlen']} calibration tokens, "
-          f"device {r['device']}; ratio = baseline / spp (above 1: spp is faster / smaller)")
+    print(f"random LLaMA, {r['layers']} layers, {r['params'] / 1e6:.0f}M parameters, {r['nsamples']}x{r['seqlen']} "
+          f"calibration tokens, device {r['device']}, {r['threads']} threads; ratio = baseline / spp (above 1: spp is faster / smaller)")
     print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:

@@ -51,14 +51,14 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
         SppError: the factorisation failed even at percdamp · 10^MAX_DAMPENING_RETRIES.
     """
     mean_diag = torch.diagonal(H).mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(MAX_DAMPENING_RETRIES + 1):
         damp = percdamp * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        H_damped = H.clone()
+        H_damped.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(H_damped)
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0 and torch.isfinite(U).all():
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(torch.diagonal(U)).all():
                 return U, damp
     raise SppError(
         f"the calibration Hessian is not positive definite even with dampening {damp:g} x mean diagonal; "
@@ -100,25 +100,25 @@ def sparsegpt_prune(
     keep = torch.ones(out_features, in_features, dtype=torch.bool, device=W.device)
     for i1 in range(0, in_features, blocksize):
         i2 = min(i1 + blocksize, in_features)
-        W1 = W_new[:, i1:i2].clone()  # (out, b)
+        W1 = W_new[:, i1:i2].clone()  # (out, b), contiguous: the column loop below is memory-bound
         U1 = U[i1:i2, i1:i2]  # (b, b)
         d = torch.diagonal(U1)  # (b,)
-        Err1 = torch.zeros_like(W1)
-        keep1 = torch.ones_like(W1, dtype=torch.bool)
+        Err1 = torch.empty_like(W1)
         if pattern is None:
             keep1 = unstructured_mask(W1**2 / d[None, :] ** 2, sparsity, per_row=False)
+        else:
+            keep1 = torch.ones_like(W1, dtype=torch.bool)
+        prune1 = ~keep1
         for j in range(i2 - i1):
             if pattern is not None and j % pattern[1] == 0:
                 m = pattern[1]
                 keep1[:, j : j + m] = nm_mask(W1[:, j : j + m] ** 2 / d[None, j : j + m] ** 2, *pattern)
-            w = W1[:, j]
-            q = torch.where(keep1[:, j], w, torch.zeros((), dtype=w.dtype, device=w.device))
-            err = (w - q) / d[j]  # (out,)
-            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
-            W1[:, j] = q
+                prune1[:, j : j + m] = ~keep1[:, j : j + m]
+            err = W1[:, j] * prune1[:, j] / d[j]  # (w − q)/[U]_jj with q = w on kept entries, 0 on pruned
+            W1[:, j:] -= err[:, None] @ U1[None, j, j:]  # column j becomes q (up to rounding; zeroed below)
             Err1[:, j] = err
         W_new[:, i1:i2] = W1
         keep[:, i1:i2] = keep1
-        W_new[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        W_new[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
     W_out = W_new.to(W.dtype)
     return torch.where(keep, W_out, torch.zeros((), dtype=W.dtype, device=W.device)), keep, damp_used
