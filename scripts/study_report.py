@@ -217,6 +217,14 @@ def cost_table(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------- plots
 
 
+def unmerged_slowdown(rows: list[dict]) -> float | None:
+    """Median over LoRA cells of eval time unmerged / merged, both measured in the same worker one after the other."""
+    merged = {(r["method"], r["pattern"], r["seed"]): r for r in rows if r["recovery"] == "lora-merged"}
+    ratios = [r["infer_s"] / merged[k]["infer_s"] for r in rows if r["recovery"] == "lora-unmerged"
+              and (k := (r["method"], r["pattern"], r["seed"])) in merged]
+    return statistics.median(ratios) if ratios else None
+
+
 def plot_ppl_vs_sparsity(summary: list[dict], path: Path) -> None:
     """Perplexity against achieved sparsity per pruning method, before (solid) and after SPP (dashed);
     2:4 as squares; LoRA merged as crosses at the sparsity it ends with."""
@@ -251,7 +259,7 @@ def plot_ppl_vs_sparsity(summary: list[dict], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("fraction of zero weights in the decoder linears")
         ax.set_ylabel("perplexity")
-        ax.set_title(SET_TITLES[name] + " (squares: 2:4)")
+        ax.set_title(SET_TITLES[name] + "\ncircles: unstructured, squares: 2:4; open: pruned, filled: + SPP", fontsize=9)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -346,6 +354,10 @@ def write_report(out: Path, settings, cells: list, records: dict[str, dict], run
     return report
 
 
+def _fmt_ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
 def _adapter_share(report: dict) -> str:
     """'x%–y%': trainable parameters of the default adapters as a share of the model's parameters."""
     shares = [r["trainable"] / rec["model_params"] for rec in report["records"].values() for r in rec["rows"]
@@ -421,6 +433,13 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], report: dict
         "",
         cost_table(rows),
         "",
+        "Cells ran one after another while the load on the machine changed, so the step times and eval speeds of "
+        "different cells are only roughly comparable. One comparison is side by side: each LoRA cell evaluated its model "
+        "unmerged and then merged in the same process, and the unmerged model took "
+        f"{_fmt_ratio(unmerged_slowdown(rows))} the time of the merged one (median over cells). The merged models of "
+        "every method run the same dense CPU kernels, so their sparsity buys no speed here; `bench.md` has what "
+        "2:4 kernels measured on a GPU.",
+        "",
         "## Training loss",
         "",
         "![training loss curves](study_loss_curves.png)",
@@ -434,6 +453,9 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], report: dict
         f"vocabulary and a 64-wide residual stream, and the adapters here train {_adapter_share(report)} of the "
         "model's parameter count. The fine-tuning text is in the model's own training domain. Perplexity on "
         f"{settings.eval_windows} windows per set is the only quality measure (no zero-shot tasks).",
+        "- Fine-tuning also adapts the model to the evaluation text's format: the perplexity protocol reads one "
+        "stream of stories separated by blank lines, while the model was trained one story at a time. That is why "
+        "a recovered fraction can exceed 1 (better than the dense model), on WikiText-2 too.",
         "- One learning rate serves every adapter (no per-method tuning), so a method that prefers another rate "
         "is at a disadvantage. Times on a shared 2-core CPU are noisy; the ratios come from the same run.",
         "",
