@@ -424,6 +424,7 @@ def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | N
             results.append(_result(step, "skipped (up to date)", None))
             continue
         resume = step.stage == "train" and not force and resumable_train(step)
+        reason = "interrupted" if resume else reason
         log(f"{step.label}: {'resuming from its last checkpoint' if resume else 'running'} ({reason})")
         reset_peak_memory()
         run_step(step, resume)

@@ -1,0 +1,250 @@
+"""`spp run`: end to end on a tiny fixture, stage skipping, re-running what changed, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from spp.cli import app
+from spp.io.maskfile import load_masks
+from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE, RESULTS_FILE, sha256_file
+from spp.pipeline import REPORT_JSON, REPORT_MD, run_pipeline
+
+SETTINGS = ["wanda-2of4", "wanda-50pct"]
+SETTING_FOLDERS = {"prune", "train", "merged", "eval"}
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory) -> Path:
+    """A random 2-layer LLaMA (hidden 32) with the demo's word-level tokenizer, plus train/held-out text."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spp.demo import demo_corpus, demo_tokenizer
+
+    root = tmp_path_factory.mktemp("pipeline-fixture")
+    train, heldout = demo_corpus(0, 150), demo_corpus(1, 40)
+    tokenizer = demo_tokenizer(train + heldout, 64)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "train.txt").write_text("\n".join(train))
+    (root / "heldout.txt").write_text("\n".join(heldout))
+    return root
+
+
+def pipeline_dict(fixture_dir: Path, output: Path, sweep=None) -> dict:
+    return {
+        "model": str(fixture_dir / "model"),
+        "output": str(output),
+        "prune": {"method": "wanda", "calib": str(fixture_dir / "train.txt"), "nsamples": 8, "seqlen": 64},
+        "sweep": sweep or [{"pattern": "2:4"}, {"pattern": "unstructured", "sparsity": 0.5}],
+        "train": {"data_path": str(fixture_dir / "train.txt"), "cutoff_len": 64, "micro_batch_size": 4,
+                  "batch_size": 4, "max_steps": 6, "save_steps": 2, "logging_steps": 1, "learning_rate": 0.05},
+        "eval": {"ppl": [str(fixture_dir / "heldout.txt")], "seqlen": 64},
+    }
+
+
+def write(path: Path, pipeline: dict) -> Path:
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    return path
+
+
+def statuses(report) -> dict[str, str]:
+    return {step.label: step.status for step in report.steps}
+
+
+def manifest_mtimes(run: Path) -> dict[str, int]:
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in sorted(run.rglob(MANIFEST_FILE))}
+
+
+@pytest.fixture(scope="module")
+def first_run(fixture_dir, tmp_path_factory):
+    """The two-setting pipeline run once; later tests reuse its outputs."""
+    root = tmp_path_factory.mktemp("run")
+    path = write(root / "pipeline.yaml", pipeline_dict(fixture_dir, root / "run"))
+    lines: list[str] = []
+    report = run_pipeline(path, log=lines.append)
+    return path, report, lines
+
+
+def test_first_run_writes_the_layout_and_a_consistent_report(first_run, fixture_dir):
+    path, report, _ = first_run
+    run = report.output
+    assert set(statuses(report).values()) == {"ran"}
+    assert {p.name for p in run.iterdir()} == {"dense", *SETTINGS, REPORT_MD, REPORT_JSON}
+    assert {p.name for p in (run / "dense").iterdir()} == {"eval"}
+    for setting in SETTINGS:
+        assert {p.name for p in (run / setting).iterdir()} == SETTING_FOLDERS
+        assert {p.name for p in (run / setting / "eval").iterdir()} == {"pruned", "merged"}
+        for folder in ("prune", "train", "merged", "eval/pruned", "eval/merged"):
+            assert (run / setting / folder / MANIFEST_FILE).is_file()
+        # merge keeps the mask file as it is
+        assert sha256_file(run / setting / "prune" / MASK_FILE) == sha256_file(run / setting / "merged" / MASK_FILE)
+
+    saved = json.loads((run / REPORT_JSON).read_text())
+    rows = {row["model"]: row for row in saved["rows"]}
+    for setting in SETTINGS:
+        # the report's numbers are the eval folders' numbers
+        for kind, label in (("pruned", f"{setting} pruned"), ("merged", f"{setting} + SPP (merged)")):
+            results = json.loads((run / setting / "eval" / kind / RESULTS_FILE).read_text())
+            assert rows[label]["ppl heldout.txt"] == next(iter(results["perplexity"].values()))["ppl"]
+    # sparsity counted in the weights: pruned == merged == 1/2 for both settings
+    by_setting = {s["setting"]: s for s in saved["settings"]}
+    for setting in SETTINGS:
+        info = by_setting[setting]
+        pruned = load_file(str(run / setting / "prune" / "model.safetensors"))
+        merged = load_file(str(run / setting / "merged" / "model.safetensors"))
+        masked = [k for k in pruned if ".layers." in k and k.endswith("proj.weight")]
+        zeros = sum(int((pruned[k] == 0).sum()) for k in masked) / sum(pruned[k].numel() for k in masked)
+        assert info["sparsity_before"] == pytest.approx(zeros) and zeros == pytest.approx(0.5)
+        assert info["sparsity_after"] == info["sparsity_before"] and info["sparsity_equal"] is True
+        assert all(torch.equal(merged[k] == 0, pruned[k] == 0) for k in masked)
+        # trainable parameters: α (r, in) + β (out,) for every linear layer in the decoder blocks, r = 16
+        expected = sum(16 * pruned[k].shape[1] + pruned[k].shape[0] for k in masked)
+        assert info["trainable_params"] == expected
+    # SPP moved the weights: merged != pruned on the kept entries
+    merged = load_file(str(run / "wanda-2of4" / "merged" / "model.safetensors"))
+    pruned = load_file(str(run / "wanda-2of4" / "prune" / "model.safetensors"))
+    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], pruned["model.layers.0.mlp.up_proj.weight"])
+    markdown = (run / REPORT_MD).read_text()
+    for needle in ("| dense |", "wanda-2of4 + SPP (merged)", "spp prune --model", "spp train --config",
+                   "spp merge --model", "spp eval --model", "peak memory"):
+        assert needle in markdown
+
+
+def test_second_run_does_no_work_and_says_so(first_run):
+    path, report, _ = first_run
+    before = manifest_mtimes(report.output)
+    lines: list[str] = []
+    again = run_pipeline(path, log=lines.append)
+    assert set(statuses(again).values()) == {"skipped (up to date)"}
+    assert len(lines) == len(again.steps) and all(line.endswith("skipped (up to date)") for line in lines)
+    assert manifest_mtimes(report.output) == before
+    assert again.rows == report.rows
+
+
+def test_changed_settings_rerun_that_stage_and_the_ones_after(first_run):
+    path, report, _ = first_run
+    pipeline = yaml.safe_load(path.read_text())
+    # only eval settings change: every eval re-runs, nothing else
+    pipeline["eval"]["max_windows"] = 3
+    changed = run_pipeline(write(path, pipeline), log=lambda line: None)
+    for label, status in statuses(changed).items():
+        assert status == ("ran" if "eval" in label else "skipped (up to date)"), label
+    # one sweep entry's prune setting changes: that setting's chain re-runs, the other and dense do not
+    pipeline["sweep"][1]["nsamples"] = 6
+    changed = run_pipeline(write(path, pipeline), log=lambda line: None)
+    for label, status in statuses(changed).items():
+        assert status == ("ran" if label.startswith("wanda-50pct/") else "skipped (up to date)"), label
+    # an output file removed behind the run's back makes its stage (and the ones after it) run again
+    pipeline_run = report.output
+    results = pipeline_run / "dense" / "eval" / RESULTS_FILE
+    assert results.is_file()
+    (pipeline_run / "wanda-2of4" / "merged" / "config.json").unlink()
+    changed = run_pipeline(path, log=lambda line: None)
+    assert statuses(changed)["wanda-2of4/merged"] == "ran"
+    assert statuses(changed)["wanda-2of4/eval/merged"] == "ran"
+    assert statuses(changed)["wanda-2of4/train"] == "skipped (up to date)"
+
+
+def test_until_and_from_limit_the_stages(fixture_dir, tmp_path):
+    path = write(tmp_path / "p.yaml", pipeline_dict(fixture_dir, tmp_path / "run", sweep=[{"pattern": "2:4"}]))
+    result = CliRunner().invoke(app, ["run", str(path), "--from", "train"])
+    assert result.exit_code == 1 and "wanda-2of4/prune is not up to date (not run yet)" in result.stderr
+    assert not (tmp_path / "run").exists()
+    report = run_pipeline(path, until_stage="prune", log=lambda line: None)
+    assert statuses(report) == {"wanda-2of4/prune": "ran", "wanda-2of4/train": "not run (after --until)",
+                                "wanda-2of4/merged": "not run (after --until)", "dense/eval": "not run (after --until)",
+                                "wanda-2of4/eval/pruned": "not run (after --until)",
+                                "wanda-2of4/eval/merged": "not run (after --until)"}
+    assert {p.name for p in (tmp_path / "run" / "wanda-2of4").iterdir()} == {"prune"}
+    report = run_pipeline(path, from_stage="prune", until_stage="prune", force=True, log=lambda line: None)
+    assert statuses(report)["wanda-2of4/prune"] == "ran"
+
+
+def test_killed_during_training_resumes_to_the_same_adapter(first_run, fixture_dir, tmp_path):
+    _, reference, _ = first_run
+    path = write(tmp_path / "p.yaml", pipeline_dict(fixture_dir, tmp_path / "run", sweep=[{"pattern": "2:4"}]))
+    env = {**os.environ, "SPP_FAULT": "train_step:3", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([str(Path(sys.executable).parent / "spp"), "run", str(path)], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    partial = tmp_path / "run" / "wanda-2of4" / "train.partial"
+    assert partial.is_dir() and not (tmp_path / "run" / "wanda-2of4" / "train").exists()
+    lines: list[str] = []
+    report = run_pipeline(path, log=lines.append)
+    assert statuses(report)["wanda-2of4/prune"] == "skipped (up to date)"
+    assert statuses(report)["wanda-2of4/train"] == "resumed"
+    assert "wanda-2of4/train: resuming from its last checkpoint (interrupted)" in lines
+    resumed = load_file(str(tmp_path / "run" / "wanda-2of4" / "train" / ADAPTER_WEIGHTS_FILE))
+    straight = load_file(str(reference.output / "wanda-2of4" / "train" / ADAPTER_WEIGHTS_FILE))
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in straight.items() if k.endswith("beta"))
+
+
+def test_reproduce_commands_rebuild_the_same_outputs(first_run, tmp_path):
+    _, report, _ = first_run
+    commands = {step.label: step.command for step in report.steps}
+    prune = shlex.split(commands["wanda-2of4/prune"])
+    out = str(tmp_path / "again")
+    prune[prune.index("--output") + 1] = out
+    result = CliRunner().invoke(app, prune[1:])
+    assert result.exit_code == 0, result.output
+    again, _ = load_masks(Path(out) / MASK_FILE)
+    first, _ = load_masks(report.output / "wanda-2of4" / "prune" / MASK_FILE)
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    evaluate = shlex.split(commands["wanda-2of4/eval/merged"])
+    evaluate[evaluate.index("--output") + 1] = str(tmp_path / "eval")
+    assert CliRunner().invoke(app, evaluate[1:]).exit_code == 0
+    again = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())["perplexity"]
+    first = {row["model"]: row for row in report.rows}["wanda-2of4 + SPP (merged)"]  # the first run's number
+    assert [v["ppl"] for v in again.values()] == [first["ppl heldout.txt"]]
+
+
+BAD = [
+    ({"modle": "x"}, [], "unknown key 'modle'", "did you mean 'model'"),
+    ({"prune": {"method": "wanda", "nsample": 4}}, [], "unknown key 'nsample'", "nsamples"),
+    ({"prune": {"output": "elsewhere"}}, [], "prune.output is set by `spp run` itself", None),
+    ({"train": {"max_step": 3}}, [], "unknown key 'max_step'", "max_steps"),
+    ({"eval": {"tasks": "boolq", "ppl": []}}, [], "tasks", None),
+    ({"sweep": [{"pattern": "2:4"}, {"pattern": "2:4", "nsamples": 4}]}, [], "would both write into", "name"),
+    ({"sweep": [{"pattern": "2:4", "name": "dense"}]}, [], "cannot be a setting folder name", None),
+    ({"sweep": [{"pattern": "3:2"}]}, [], "3:2", None),
+    ({}, ["--from", "trian"], "--from 'trian' is not a stage", "did you mean 'train'"),
+    ({}, ["--until", "merge", "--from", "eval"], "--from eval comes after --until merge", None),
+]
+
+
+@pytest.mark.parametrize("change, flags, message, hint", BAD)
+def test_bad_input_is_one_line_before_any_work(fixture_dir, tmp_path, change, flags, message, hint):
+    pipeline = pipeline_dict(fixture_dir, tmp_path / "run")
+    for key, value in change.items():
+        if isinstance(value, dict) and key in pipeline:
+            pipeline[key] = {**pipeline[key], **value}
+        else:
+            pipeline[key] = value
+    result = CliRunner().invoke(app, ["run", str(write(tmp_path / "p.yaml", pipeline)), *flags])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0] and (hint is None or hint in lines[0]), lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_pipeline_file(tmp_path):
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1 and result.stderr.strip() == f"error: config {tmp_path / 'nope.yaml'} does not exist"
