@@ -36,7 +36,7 @@ class DemoSettings:
     seed: int = 0
     train_stories: int = 4000
     heldout_stories: int = 300
-    hidden_size: int = 128
+    hidden_size: int = 64
     intermediate_size: int = 256
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
@@ -272,6 +272,7 @@ def ensure_demo_model(settings: DemoSettings = DemoSettings(), log=print) -> Pat
     from spp.data import tokenize_stream
     from spp.io.checkpoint import save_model
 
+    log = log or (lambda line: None)
     output = demo_model_dir(settings)
     if (output / MANIFEST_FILE).is_file():
         return output

@@ -11,7 +11,16 @@ from spp import config as spp_config
 from spp.config import find_config, merge_into, read_yaml
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-STAGES = {"prune": "PruneConfig", "train": "TrainConfig", "merge": "MergeConfig", "eval": "EvalConfig"}
+STAGES = {"prune": "PruneConfig", "train": "TrainConfig", "merge": "MergeConfig", "eval": "EvalConfig",
+          "run": "PipelineConfig"}
+# `spp run` takes the pipeline file as its argument; every other stage takes `--config NAME`.
+COMMAND = r"spp (?:(run) (?:configs/)?|(\w+) [^\n]*--config ){name}"
+
+
+def stage_named(text: str, path: Path) -> str | None:
+    """The stage of the `spp <stage> ... --config NAME` (or `spp run [configs/]NAME`) command in `text`."""
+    match = re.search(COMMAND.format(name=re.escape(path.name)), text)
+    return (match.group(1) or match.group(2)) if match else None
 
 
 def header(path: Path) -> str:
@@ -27,13 +36,12 @@ def test_there_are_configs():
 def test_config_opens_with_purpose_and_command(path):
     text = header(path)
     assert text.startswith("# ") and len(text.splitlines()) >= 2, "open with a comment saying what it is for"
-    match = re.search(rf"spp (\w+) [^\n]*--config {re.escape(path.name)}", text)
-    assert match and match.group(1) in STAGES, "the header names the exact `spp <stage> --config NAME` command"
+    assert stage_named(text, path) in STAGES, "the header names the exact `spp <stage> --config NAME` command"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads_into_its_stage(path):
-    stage = re.search(rf"spp (\w+) [^\n]*--config {re.escape(path.name)}", header(path)).group(1)
+    stage = stage_named(header(path), path)
     cls = getattr(spp_config, STAGES[stage])
     required = {f.name: "placeholder" for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
