@@ -35,7 +35,7 @@ def _reporting_errors(fn):
             return fn(*args, **kwargs)
         except SppError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            raise typer.Exit(1) from None
+            raise typer.Exit(getattr(exc, "exit_code", 1)) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
@@ -107,6 +107,7 @@ def prune(
     batch_size: int = typer.Option(16, "--batch-size", help="Calibration windows per block forward."),
     offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations on the CPU."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (only once the new one is complete)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed or interrupted run at its first unfinished block (same settings)."),
 ):
     """Prune a causal LM block by block (Wanda, SparseGPT or magnitude) and write it with its mask file."""
     from rich.console import Console
@@ -118,7 +119,7 @@ def prune(
     cfg = PruneConfig(model=model, output=output, method=method, pattern=pattern, sparsity=sparsity, calib=calib,
                       nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
                       max_shard_size=max_shard_size, batch_size=batch_size,
-                      offload_activations=offload_activations, overwrite=overwrite)
+                      offload_activations=offload_activations, overwrite=overwrite, resume=resume)
     _quiet_transformers()
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

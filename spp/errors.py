@@ -9,3 +9,12 @@ every other exception is a bug and keeps its traceback.
 
 class SppError(Exception):
     """A problem with the user's input or environment, reported as one line."""
+
+
+class SppInterrupted(SppError):
+    """Ctrl-C (SIGINT) stopped a stage after it saved what it could; the message says how to resume.
+
+    The command line exits with 130, the shell's code for an interrupted command.
+    """
+
+    exit_code = 130

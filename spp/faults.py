@@ -4,7 +4,9 @@
 `fault_point(point, n)` (for example `prune_block:1` after block 1 is persisted,
 `train_step:3` after step 3, `checkpoint_write:2` in the middle of writing
 checkpoint 2). SIGKILL, not an exception, so no cleanup code runs: the test sees
-exactly what a lost node leaves behind. Without the variable this is a no-op.
+exactly what a lost node leaves behind. A point may send another signal instead
+(`train_sigint:3` sends SIGINT after step 3, as a Ctrl-C would). Without the variable
+this is a no-op.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import os
 import signal
 
 
-def fault_point(point: str, n: int) -> None:
-    """Kill this process if `$SPP_FAULT` names this point and count."""
+def fault_point(point: str, n: int, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` (default: kill) to this process if `$SPP_FAULT` names this point and count."""
     spec = os.environ.get("SPP_FAULT")
     if spec and spec == f"{point}:{n}":
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)

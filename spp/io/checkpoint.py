@@ -120,9 +120,12 @@ def atomic_dir(output: Path, overwrite: bool = False, resume: bool = False) -> I
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise SppError(describe_os_error(exc, output)) from exc
-    except BaseException:
-        if not resume:
+    except BaseException as exc:
+        os_error = as_os_error(exc)  # a disk-full safetensors write
+        if os_error is not None or not resume:
             shutil.rmtree(partial, ignore_errors=True)
+        if os_error is not None:
+            raise SppError(describe_os_error(os_error, output)) from exc
         raise
 
 
@@ -291,3 +294,22 @@ OPTIMIZER_WEIGHTS_FILE = "optimizer.safetensors"
 OPTIMIZER_CONFIG_FILE = "optimizer.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 RNG_FILE_PATTERN = "rng-rank{rank}.safetensors"
+
+# `spp prune` progress inside OUTPUT.partial/ (see spp.io.progress); removed before the output is renamed.
+PRUNE_PROGRESS_DIR = "prune-progress"
+PRUNE_PROGRESS_FILE = "progress.json"
+
+
+def as_os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`: itself, or the `(os error N)` that safetensors' Rust writer puts in its message
+    (it raises SafetensorError, not OSError, when the disk is full). None for anything else."""
+    import re
+
+    if isinstance(exc, OSError):
+        return exc
+    if type(exc).__name__ == "SafetensorError":
+        match = re.search(r"\(os error (\d+)\)", str(exc))
+        if match:
+            code = int(match.group(1))
+            return OSError(code, os.strerror(code))
+    return None

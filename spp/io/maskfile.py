@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from spp.errors import SppError
 
@@ -56,7 +56,23 @@ def save_masks(path: Path, masks: dict[str, torch.Tensor], layouts: dict[str, st
         out_in = mask.t() if layout == "conv1d" else mask
         tensors[name] = pack_bits(out_in).contiguous()
         metadata[name] = json.dumps({"shape": list(mask.shape), "layout": layout, "bitorder": "little"})
-    save_file(tensors, str(path), metadata=metadata)
+    Path(path).write_bytes(_sorted_metadata(save(tensors, metadata=metadata)))
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """The same safetensors bytes with the header's `__metadata__` keys sorted.
+
+    safetensors writes metadata from a Rust HashMap, whose order changes from one process to
+    the next; sorting makes equal masks give equal files, and so equal sha256 (the mask's identity).
+    The header keeps its length (same keys, same values), so the tensor data does not move.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > n:  # cannot happen for a reordering; keep safetensors' own bytes rather than guess
+        return blob
+    return blob[:8] + text + b" " * (n - len(text)) + blob[8 + n :]
 
 
 def load_masks(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -4,11 +4,17 @@
 calibration windows, the model on the CPU, `sequential.capture_block_inputs` and
 `sequential.prune_blocks` with the method picked from `METHODS`, then one atomic output
 directory holding the `save_pretrained` files, `masks.safetensors`, the resolved config and
-the manifest. The math lives in `masks`, `wanda` and `sparsegpt`; this module only wires it.
+the manifest. Every finished block is persisted in `OUTPUT.partial/` (`spp.io.progress`),
+so `--resume` continues a killed or interrupted run at its first unfinished block, with
+the same result bit for bit. The math lives in `masks`, `wanda` and `sparsegpt`; this
+module only wires it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +24,8 @@ import torch
 from torch import nn
 
 from spp.config import PruneConfig, to_dict, write_yaml
-from spp.errors import SppError
+from spp.errors import SppError, SppInterrupted
+from spp.faults import fault_point
 from spp.prune.masks import apply_mask, parse_pattern, select_mask, sparsity_stats
 from spp.prune.sparsegpt import accumulate_hessian, hessian_from_sum, sparsegpt_prune
 from spp.prune.wanda import accumulate_sq_norms, magnitude_scores, wanda_scores
@@ -94,6 +101,7 @@ class _Checked:
     device: torch.device
     tokenizer: Any
     windows: torch.Tensor | None
+    blocks_done: int = 0  # finished blocks of the interrupted run that --resume continues
 
 
 def _meta_model(model_config):
@@ -146,7 +154,21 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     windows = None
     if METHODS[cfg.method].accumulate is not None:
         windows = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, seqlen, cfg.seed)
-    return _Checked(seqlen=seqlen, device=device, tokenizer=tokenizer, windows=windows)
+    blocks_done = 0
+    if cfg.resume:
+        from spp.io.checkpoint import partial_path
+        from spp.io.progress import check_resumable
+
+        blocks_done = check_resumable(partial_path(Path(cfg.output)), resume_settings(cfg, windows))
+    return _Checked(seqlen=seqlen, device=device, tokenizer=tokenizer, windows=windows, blocks_done=blocks_done)
+
+
+def resume_settings(cfg: PruneConfig, windows: torch.Tensor | None) -> dict:
+    """What must not change between a run and its --resume: every setting but overwrite/resume, and the
+    sha256 of the calibration token ids (so a changed calibration file is caught too)."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "resume")}
+    ids = b"" if windows is None else windows.to(torch.int64).contiguous().numpy().tobytes()
+    return {**settings, "calibration_ids_sha256": hashlib.sha256(ids).hexdigest()}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -165,13 +187,41 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
     Raises:
         SppError: any bad input (checked before the weights are loaded), or a singular Hessian.
     """
-    from spp.models import load_model
+    from spp.io.checkpoint import partial_path
+    from spp.io.progress import progress_dir, start_progress
+    from spp.models import find_decoder_blocks, load_model
 
     start = time.perf_counter()
     checked = _check_inputs(cfg)
     model = load_model(cfg.model, cfg.dtype, "cpu")
-    pruned = prune_model(model, checked.windows, cfg, checked.device, on_module)
-    return _write_output(cfg, checked, model, pruned, start)
+    try:
+        with _workdir(cfg) as tmp:
+            if not checked.blocks_done:
+                start_progress(tmp, resume_settings(cfg, checked.windows), len(find_decoder_blocks(model)[1]))
+            pruned = prune_model(model, checked.windows, cfg, checked.device, on_module,
+                                 partial=tmp, blocks_done=checked.blocks_done)
+            shutil.rmtree(progress_dir(tmp))
+            return _write_output(cfg, checked, model, pruned, start, tmp)
+    except KeyboardInterrupt:
+        raise SppInterrupted(f"interrupted; the finished blocks are kept in {partial_path(Path(cfg.output))}: "
+                             "run the same command with --resume to continue") from None
+
+
+@contextlib.contextmanager
+def _workdir(cfg: PruneConfig):
+    """`OUTPUT.partial/`: a stale one is removed unless resuming; it is kept after an interrupt or a
+    kill (for --resume) and removed after any other error (nothing half-written stays)."""
+    from spp.io.checkpoint import atomic_dir, partial_path
+
+    partial = partial_path(Path(cfg.output))
+    if partial.exists() and not cfg.resume:
+        shutil.rmtree(partial)
+    with atomic_dir(Path(cfg.output), overwrite=cfg.overwrite, resume=True) as tmp:
+        try:
+            yield tmp
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 @dataclass
@@ -190,8 +240,10 @@ def prune_model(
     cfg: PruneConfig,
     device: torch.device,
     on_module: Callable[[int, int, str], None] | None = None,
+    partial: Path | None = None,
+    blocks_done: int = 0,
 ) -> PrunedModel:
-    """Prune `model` in place, block by block (no files): the in-memory half of `run_prune`.
+    """Prune `model` in place, block by block: the in-memory half of `run_prune`.
 
     Args:
         model: a causal LM on the CPU.
@@ -199,7 +251,10 @@ def prune_model(
         cfg: method, pattern, sparsity, SparseGPT settings, batch size, offloading.
         device: where each block is pruned.
         on_module: progress callback (block index, number of blocks, module name).
+        partial: where to persist each finished block (`spp.io.progress`), or None to keep nothing.
+        blocks_done: blocks an interrupted run already finished in `partial` (restored, not redone).
     """
+    from spp.io.progress import BlockRecord, restore_blocks, save_block
     from spp.models import find_decoder_blocks, layer_layout, weight_out_in
     from spp.prune.sequential import capture_block_inputs, prune_blocks
 
@@ -210,6 +265,26 @@ def prune_model(
     if windows is not None and method.accumulate is not None:
         inputs = capture_block_inputs(model, blocks, windows, cfg.batch_size, storage)
     result = PrunedModel(masks={}, layouts={}, module_stats={}, retries=[])
+    restored_masks = []
+    if partial is not None and blocks_done:
+        restored = restore_blocks(partial, blocks, blocks_done, inputs is not None, storage)
+        if restored.hidden is not None:
+            inputs.hidden = restored.hidden
+        for record in restored.records:
+            result.layouts.update(record.layouts)
+            result.module_stats.update(record.module_stats)
+            result.retries.extend(record.retries)
+        restored_masks = restored.masks
+
+    def block_done(index: int, block: nn.Module, block_masks: dict, block_inputs) -> None:
+        prefix = f"{blocks_name}.{index}."
+        record = BlockRecord(layouts={k: v for k, v in result.layouts.items() if k.startswith(prefix)},
+                             module_stats={k: v for k, v in result.module_stats.items() if k.startswith(prefix)},
+                             retries=[r for r in result.retries if r["module"].startswith(prefix)])
+        last = index + 1 == len(blocks)
+        save_block(partial, index, block, block_masks, None if block_inputs is None or last else block_inputs.hidden,
+                   record)
+        fault_point("prune_block", index)
 
     def prune_layer(index: int, name: str, layer: nn.Module, state) -> torch.Tensor:
         full = f"{blocks_name}.{index}.{name}"
@@ -231,16 +306,19 @@ def prune_model(
     masks = prune_blocks(
         blocks, inputs, method.accumulate, prune_layer, device,
         on_module=(lambda i, name: on_module(i, len(blocks), f"{blocks_name}.{i}.{name}")) if on_module else None,
+        on_block_done=block_done if partial is not None else None, start=len(restored_masks),
     )
+    masks[: len(restored_masks)] = restored_masks
     for i, block_masks in enumerate(masks):
         for name, keep in block_masks.items():
             result.masks[f"{blocks_name}.{i}.{name}.weight"] = keep
     return result
 
 
-def _write_output(cfg, checked, model, pruned: PrunedModel, start) -> PruneReport:
-    """Save the pruned model, masks (keyed by saved tensor name, in stored shape), config and manifest atomically."""
-    from spp.io.checkpoint import RESOLVED_CONFIG_FILE, MASK_FILE, atomic_dir, save_model, saved_tensor_names
+def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) -> PruneReport:
+    """Save the pruned model, masks (keyed by saved tensor name, in stored shape), config and manifest into
+    `tmp` (the partial directory, renamed by the caller)."""
+    from spp.io.checkpoint import RESOLVED_CONFIG_FILE, MASK_FILE, save_model, saved_tensor_names
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
     from spp.io.maskfile import save_masks
 
@@ -249,33 +327,32 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start) -> PruneRepor
     total = sum(s["numel"] for s in module_stats.values())
     n_pruned = sum(s["pruned"] for s in module_stats.values())
     kept_zero = sum(s["kept_zero"] for s in module_stats.values())
-    with atomic_dir(Path(cfg.output), overwrite=cfg.overwrite) as tmp:
-        save_model(model, checked.tokenizer, tmp, cfg.max_shard_size)
-        saved = saved_tensor_names(model, tmp, list(keep_by_param))
-        stored = {}
-        for param, keep in keep_by_param.items():
-            stored[saved[param]] = keep.t() if layouts[param] == "conv1d" else keep  # mask in the stored shape
-        save_masks(tmp / MASK_FILE, stored, {saved[p]: layouts[p] for p in keep_by_param})
-        write_yaml(tmp / RESOLVED_CONFIG_FILE, cfg)
-        details = {
-            "method": cfg.method,
-            "pattern": cfg.pattern,
-            "requested_sparsity": cfg.sparsity,
-            "achieved_sparsity": n_pruned / total if total else 0.0,
-            "kept_zero": kept_zero,
-            "modules": {
-                saved[p]: {"requested": cfg.sparsity, "achieved": s["sparsity"], "numel": s["numel"],
-                           "pruned": s["pruned"], "kept_zero": s["kept_zero"], "layout": layouts[p]}
-                for p, s in module_stats.items()
-            },
-            "calibration": None if checked.windows is None else {
-                "source": cfg.calib, "nsamples": cfg.nsamples, "seqlen": checked.seqlen, "seed": cfg.seed,
-            },
-            "dampening_retries": retries,
-        }
-        wall = time.perf_counter() - start
-        write_manifest(tmp, Manifest(stage="prune", settings=to_dict(cfg), inputs=_input_hashes(cfg),
-                                     details=details, wall_time_s=wall, peak_memory=peak_memory_bytes()))
+    save_model(model, checked.tokenizer, tmp, cfg.max_shard_size)
+    saved = saved_tensor_names(model, tmp, list(keep_by_param))
+    stored = {}
+    for param, keep in keep_by_param.items():
+        stored[saved[param]] = keep.t() if layouts[param] == "conv1d" else keep  # mask in the stored shape
+    save_masks(tmp / MASK_FILE, stored, {saved[p]: layouts[p] for p in keep_by_param})
+    write_yaml(tmp / RESOLVED_CONFIG_FILE, cfg)
+    details = {
+        "method": cfg.method,
+        "pattern": cfg.pattern,
+        "requested_sparsity": cfg.sparsity,
+        "achieved_sparsity": n_pruned / total if total else 0.0,
+        "kept_zero": kept_zero,
+        "modules": {
+            saved[p]: {"requested": cfg.sparsity, "achieved": s["sparsity"], "numel": s["numel"],
+                       "pruned": s["pruned"], "kept_zero": s["kept_zero"], "layout": layouts[p]}
+            for p, s in module_stats.items()
+        },
+        "calibration": None if checked.windows is None else {
+            "source": cfg.calib, "nsamples": cfg.nsamples, "seqlen": checked.seqlen, "seed": cfg.seed,
+        },
+        "dampening_retries": retries,
+    }
+    wall = time.perf_counter() - start
+    write_manifest(tmp, Manifest(stage="prune", settings=to_dict(cfg), inputs=_input_hashes(cfg),
+                                 details=details, wall_time_s=wall, peak_memory=peak_memory_bytes()))
     return PruneReport(output=Path(cfg.output), method=cfg.method, pattern=cfg.pattern,
                        requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=n_pruned / total if total else 0.0,
                        kept_zero=kept_zero, wall_time_s=time.perf_counter() - start, dampening_retries=retries,

@@ -163,6 +163,7 @@ def prune_blocks(
     device: torch.device,
     on_module: Callable[[int, str], None] | None = None,
     on_block_done: Callable[[int, nn.Module, dict, BlockInputs | None], None] | None = None,
+    start: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
     """Prune every linear layer of every block, in order, each block seeing the pruned blocks before it.
 
@@ -176,12 +177,19 @@ def prune_blocks(
         on_module: called with (block index, layer name) before each layer is pruned (progress).
         on_block_done: called with (block index, block, its masks, next block's inputs) after each
             block, the place to persist per-block state.
+        start: the first block to prune (a resumed run: blocks before it are already pruned and
+            `inputs.hidden` holds block `start`'s inputs); skipped blocks get an empty dict.
 
     Returns:
         One dict per block: layer name (relative to the block) -> keep-mask (out, in), on the CPU.
     """
     masks = []
     for index, block in enumerate(blocks):
+        if index < start:
+            masks.append({})
+            if inputs is not None:
+                inputs.calls[index] = []
+            continue
         home = next(block.parameters()).device
         block.to(device)
         layers = find_linear_layers(block)

@@ -17,6 +17,9 @@ import json
 import math
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from spp.adapter.model import adapter_state_dict, read_adapter_weights, save_adapter
 from spp.config import TrainConfig
 from spp.data import IGNORE_INDEX, pad_batch
-from spp.errors import SppError
+from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
 from spp.io.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -326,7 +329,7 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
         _append_log(accelerator, log_path, {"step": 0, "val_loss": state.val_loss})
     model.train()
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
-    with Progress(*columns, disable=not accelerator.is_main_process) as progress:
+    with Progress(*columns, disable=not accelerator.is_main_process) as progress, InterruptGuard() as guard:
         task = progress.add_task("train", total=inputs.total_steps, completed=state.step, info="")
         while state.step < inputs.total_steps:
             ids = rank_slice(global_batch(len(inputs.train), cfg.batch_size, cfg.seed, state.step), rank, world)
@@ -359,7 +362,8 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
                 record = {**(record or {"step": state.step}), "val_loss": state.val_loss}
             if record is not None:
                 _append_log(accelerator, log_path, record)
-            if state.step % cfg.save_steps == 0 or state.step == inputs.total_steps:
+            saved = state.step % cfg.save_steps == 0 or state.step == inputs.total_steps
+            if saved:
                 position = data_position(len(inputs.train), cfg.batch_size, cfg.seed, state.step)
                 save_checkpoint(accelerator, model, optimizer, adapter_cfg, state, inputs.workdir,
                                 cfg.save_total_limit, position)
@@ -367,7 +371,52 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
                 rate, window_tokens, window_start = record["tokens_per_s"], 0, time.perf_counter()
             progress.update(task, completed=state.step, info=f"loss {loss:.4f}  lr {lr:.2e}  {rate:.0f} tok/s")
             fault_point("train_step", state.step)
+            fault_point("train_sigint", state.step, signal.SIGINT)  # a Ctrl-C arriving during this step
+            if _stop_requested(accelerator, guard):
+                if not saved:
+                    position = data_position(len(inputs.train), cfg.batch_size, cfg.seed, state.step)
+                    save_checkpoint(accelerator, model, optimizer, adapter_cfg, state, inputs.workdir,
+                                    cfg.save_total_limit, position)
+                raise SppInterrupted(f"interrupted at step {state.step} of {inputs.total_steps}; the checkpoint is "
+                                     f"in {inputs.workdir / CHECKPOINTS_DIR}: continue with the same `spp train ...` "
+                                     "command plus --resume")
     return state
+
+
+class InterruptGuard:
+    """Ctrl-C while training: the first SIGINT asks the loop to save a checkpoint at the end of the
+    current step and stop (`requested`); a second one raises KeyboardInterrupt at once.
+
+    Installed only in the main thread (Python delivers signals there); the previous handler is
+    restored on exit.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "InterruptGuard":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("interrupt: saving a checkpoint after this step (press Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _stop_requested(accelerator, guard: InterruptGuard) -> bool:
+    """Whether any process got a Ctrl-C (all processes must agree, since saving has barriers)."""
+    if accelerator.num_processes == 1:
+        return guard.requested
+    flag = torch.tensor([float(guard.requested)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def _append_log(accelerator, log_path: Path, record: dict) -> None:

@@ -1,0 +1,143 @@
+"""Per-block progress of `spp prune`, kept in `OUTPUT.partial/prune-progress/` so a killed run can resume.
+
+After decoder block i is pruned, `save_block` writes (each file through a temporary name
+and a rename): `block-i.safetensors` (the block's pruned parameters and buffers, bitwise),
+`masks-i.safetensors` (its bool keep-masks (out, in), keyed by block-relative layer name)
+and `hidden-(i+1).safetensors` (block i+1's calibration inputs, one (batch, seq, hidden)
+tensor per chunk of windows). Only then does `progress.json` (the settings it was made
+with, their sha256, and per finished block its statistics) advance to i + 1, and the now
+stale `hidden-i` is deleted. A kill between two writes therefore leaves `progress.json`
+pointing at complete files. The per-call keyword arguments of each block (attention masks,
+position embeddings) are not stored: resuming recomputes them from the embeddings, which is
+cheap and deterministic. SparseGPT changes the kept weights, so the blocks are stored
+whole rather than as masks. Nothing here is unpickled: tensors in safetensors, the rest JSON.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spp.errors import SppError
+from spp.io.checkpoint import PRUNE_PROGRESS_DIR, PRUNE_PROGRESS_FILE, read_json, write_json
+from spp.io.manifest import settings_sha256
+
+
+@dataclass
+class BlockRecord:
+    """What `prune_model` keeps for a finished block besides its weights: per-parameter layout and
+    sparsity statistics (keyed by full parameter name), and SparseGPT dampening retries."""
+
+    layouts: dict[str, str]
+    module_stats: dict[str, dict]
+    retries: list[dict]
+
+
+@dataclass
+class Restored:
+    """The state of an interrupted prune: finished blocks' masks and records, and the next block's inputs."""
+
+    blocks_done: int
+    masks: list[dict[str, torch.Tensor]]
+    records: list[BlockRecord]
+    hidden: list[torch.Tensor] | None
+
+
+def progress_dir(partial: Path) -> Path:
+    return Path(partial) / PRUNE_PROGRESS_DIR
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors through a temporary file and a rename, so a kill never leaves half a file under `path`."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise SppError(f"--resume: {path} is missing; the interrupted run's progress is incomplete "
+                       "(run without --resume to start over)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SppError(f"--resume: {path} is corrupt or truncated ({exc}); run without --resume to start over") from exc
+
+
+def start_progress(partial: Path, settings: dict, n_blocks: int) -> None:
+    """Record a fresh run's settings (no block finished yet)."""
+    directory = progress_dir(partial)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / PRUNE_PROGRESS_FILE, {"settings": settings, "settings_sha256": settings_sha256(settings),
+                                                 "n_blocks": n_blocks, "blocks_done": 0, "blocks": []})
+
+
+def check_resumable(partial: Path, settings: dict) -> int:
+    """The number of finished blocks of the interrupted run in `partial`, if it used the same settings.
+
+    Raises:
+        SppError: no progress to resume, or a setting differs (names the first differing key).
+    """
+    path = progress_dir(partial) / PRUNE_PROGRESS_FILE
+    if not path.is_file():
+        raise SppError(f"--resume: there is no interrupted prune in {partial} to resume from")
+    saved = read_json(path, what="prune progress")
+    if saved.get("settings_sha256") != settings_sha256(settings):
+        old = saved.get("settings", {})
+        changed = sorted((k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k)),
+                         key=lambda k: (k.endswith("_sha256"), k))  # the user's own settings first
+        first = changed[0] if changed else "settings"
+        raise SppError(f"--resume: {first} was {old.get(first)!r} in the interrupted run but is {settings.get(first)!r} "
+                       f"now ({len(changed)} setting(s) differ: {', '.join(changed)}); run without --resume to start over")
+    return int(saved["blocks_done"])
+
+
+def save_block(partial: Path, index: int, block: nn.Module, masks: dict[str, torch.Tensor],
+               hidden: list[torch.Tensor] | None, record: BlockRecord) -> None:
+    """Persist finished block `index` and the next block's inputs, then advance `progress.json`."""
+    directory = progress_dir(partial)
+    _save_tensors(directory / f"block-{index}.safetensors", block.state_dict())
+    _save_tensors(directory / f"masks-{index}.safetensors", masks)
+    if hidden is not None:
+        _save_tensors(directory / f"hidden-{index + 1}.safetensors", {f"chunk.{c}": h for c, h in enumerate(hidden)})
+    path = directory / PRUNE_PROGRESS_FILE
+    progress = read_json(path, what="prune progress")
+    progress["blocks"] = progress["blocks"][:index] + [record.__dict__]
+    progress["blocks_done"] = index + 1
+    write_json(path, progress)
+    (directory / f"hidden-{index}.safetensors").unlink(missing_ok=True)  # block index's inputs are spent
+
+
+def restore_blocks(partial: Path, blocks: nn.ModuleList, blocks_done: int, calibrated: bool,
+                   storage: torch.device) -> Restored:
+    """Load finished blocks 0 .. blocks_done - 1 into `blocks` (in place) and block `blocks_done`'s inputs.
+
+    Raises:
+        SppError: a progress file is missing or corrupt, or a stored block does not fit the model.
+    """
+    directory = progress_dir(partial)
+    progress = read_json(directory / PRUNE_PROGRESS_FILE, what="prune progress")
+    masks, records = [], []
+    for index in range(blocks_done):
+        state = _load_tensors(directory / f"block-{index}.safetensors")
+        try:
+            blocks[index].load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise SppError(f"--resume: {directory / f'block-{index}.safetensors'} does not fit block {index} "
+                           f"of the model: {str(exc).splitlines()[0]}") from exc
+        masks.append({k: v.to(torch.bool) for k, v in _load_tensors(directory / f"masks-{index}.safetensors").items()})
+        records.append(BlockRecord(**progress["blocks"][index]))
+    hidden = None
+    if calibrated and 0 < blocks_done < len(blocks):  # with none done, the captured inputs are block 0's
+        chunks = _load_tensors(directory / f"hidden-{blocks_done}.safetensors")
+        hidden = [chunks[f"chunk.{c}"].to(storage) for c in range(len(chunks))]
+    return Restored(blocks_done=blocks_done, masks=masks, records=records, hidden=hidden)
