@@ -123,8 +123,11 @@ def capture_block_inputs(
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, index: int, inputs: BlockInputs, device: torch.device) -> list[torch.Tensor]:
-    """Run block `index` on every chunk of `inputs.hidden`; returns its outputs, kept on `inputs.storage`."""
+def run_block(
+    block: nn.Module, index: int, inputs: BlockInputs, device: torch.device, keep_outputs: bool = True
+) -> list[torch.Tensor]:
+    """Run block `index` on every chunk of `inputs.hidden`; returns its outputs (on `inputs.storage`), or
+    an empty list when `keep_outputs` is False (a pass run only for its hooks)."""
     outputs = []
     for hidden, (args, kwargs) in zip(inputs.hidden, inputs.calls[index]):
         args, kwargs = to_device((args, kwargs), device)
@@ -132,7 +135,8 @@ def run_block(block: nn.Module, index: int, inputs: BlockInputs, device: torch.d
         out = block(hidden_states=hidden, **kwargs) if inputs.hidden_as_kwarg else block(hidden, *args, **kwargs)
         if isinstance(out, tuple):  # transformers < 5 returned (hidden, ...)
             out = out[0]
-        outputs.append(out.to(inputs.storage))
+        if keep_outputs:
+            outputs.append(out.to(inputs.storage))
     return outputs
 
 
@@ -148,7 +152,7 @@ def _collect_statistics(block, index, inputs, layers, accumulate, device) -> dic
 
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
     try:
-        run_block(block, index, inputs, device)
+        run_block(block, index, inputs, device, keep_outputs=False)
     finally:
         for handle in handles:
             handle.remove()
