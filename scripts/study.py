@@ -561,6 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=None, help="cells run in parallel (default: 2 on CPU, 1 on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / jobs)")
     parser.add_argument("--only", default=None, help="comma-separated globs over cell keys (e.g. 'dense*,wanda-2of4-*')")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the cached cells only")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--row-groups", default="1,4,32", help="SPP row-group settings besides the default")
     for f in dataclasses.fields(StudySettings):
@@ -579,15 +580,42 @@ def main(argv: list[str] | None = None) -> dict:
 
         cells = [c for c in cells if any(fnmatchcase(c.key, p) for p in args.only.split(","))]
     jobs = args.jobs or (1 if settings.device.startswith("cuda") else 2)
-    try:
-        records, timing = run_grid(cells, settings, Path(args.work), jobs, args.threads)
-    except SppError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    runs = record_timing(Path(args.work), timing, cells)
+    work = Path(args.work)
+    if args.report_only:  # tables from whatever the cache holds; the cells not run are listed in the report
+        records = {c.key: r for c in cells if (r := cached(work, c, settings)) is not None}
+        runs = json.loads((work / "runs.json").read_text()) if (work / "runs.json").is_file() else []
+    else:
+        try:
+            records, timing = run_grid(cells, settings, work, jobs, args.threads)
+        except SppError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+        runs = record_timing(work, timing, cells)
     from study_report import write_report  # scripts/study_report.py: tables and plots
 
-    return write_report(Path(args.out), settings, cells, records, runs)
+    return write_report(Path(args.out), settings, cells, records, runs, grid_span(work, cells, records))
+
+
+def grid_span(work: Path, cells: list[Cell], records: dict[str, dict]) -> dict:
+    """Time the cache itself records, so it holds across interruptions and resumes:
+
+    span = (last cell file written) − (earliest start: a pruned model's manifest time − its
+    prune time, or a cell file's time − its compute time), and the sum of the cells' compute times.
+    """
+    from spp.io.checkpoint import MANIFEST_FILE
+
+    ends, starts = [], []
+    for cell in cells:
+        if cell.key in records:
+            mtime = cell_path(work, cell).stat().st_mtime
+            ends.append(mtime)
+            starts.append(mtime - records[cell.key]["wall_s"])
+    for manifest in (work / "pruned").glob(f"*/{MANIFEST_FILE}"):
+        if any(manifest.parent.name == c.prune_key for c in cells):
+            starts.append(manifest.stat().st_mtime - json.loads(manifest.read_text())["wall_time_s"])
+    return {"span_minutes": (max(ends) - min(starts)) / 60 if ends else 0.0,
+            "cell_minutes": sum(r["wall_s"] for r in records.values()) / 60,
+            "missing": [c.key for c in cells if c.key not in records]}
 
 
 if __name__ == "__main__":

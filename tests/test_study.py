@@ -135,3 +135,20 @@ def test_row_groups_above_the_smallest_layer_are_refused_before_any_work(study, 
         study.check_row_groups(model, [study.Cell("wanda", "50%", "spp", 0, 64)], 16)
     with pytest.raises(study.SppError, match="at most 32"):
         study.check_row_groups(model, [study.Cell("wanda", "50%", "spp")], 33)
+
+
+def test_report_only_lists_the_cells_the_cache_lacks(study, tiny_run, tmp_path):
+    import shutil
+
+    argv, _, _, work = tiny_run
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    (copy / "cells" / "wanda-50pct-s0-lora.json").unlink()
+    args = list(argv)
+    args[args.index("--work") + 1], args[args.index("--out") + 1] = str(copy), str(tmp_path / "out")
+    report = study.main(args + ["--report-only"])
+    assert report["missing"] == ["wanda-50pct-s0-lora"]
+    assert {r["recovery"] for r in report["rows"]} == {"none", "spp"}
+    assert "Not run: 1 cells" in (tmp_path / "out" / "study.md").read_text()
+    runs = json.loads((copy / "runs.json").read_text())
+    assert len(runs) == len(json.loads((work / "runs.json").read_text()))  # a report-only call runs nothing
