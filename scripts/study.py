@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -554,7 +554,6 @@ def record_timing(work: Path, timing: dict, cells: list[Cell]) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     """Parse flags, run the grid (resuming from `--work`), and write the report into `--out`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = StudySettings()
     parser.add_argument("--grid", default="full", choices=["full", "tiny"])
     parser.add_argument("--out", default=str(REPO / "docs" / "results"), help="where tables, JSON and plots go")
     parser.add_argument("--work", default=str(REPO / "runs" / "study"), help="cache of pruned models and cells")
