@@ -24,14 +24,12 @@ SETTINGS = ["wanda-2of4", "wanda-50pct"]
 SETTING_FOLDERS = {"prune", "train", "merged", "eval"}
 
 
-@pytest.fixture(scope="module")
-def fixture_dir(tmp_path_factory) -> Path:
+def make_fixture(root: Path) -> Path:
     """A random 2-layer LLaMA (hidden 32) with the demo's word-level tokenizer, plus train/held-out text."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from spp.demo import demo_corpus, demo_tokenizer
 
-    root = tmp_path_factory.mktemp("pipeline-fixture")
     train, heldout = demo_corpus(0, 150), demo_corpus(1, 40)
     tokenizer = demo_tokenizer(train + heldout, 64)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -44,6 +42,11 @@ def fixture_dir(tmp_path_factory) -> Path:
     (root / "train.txt").write_text("\n".join(train))
     (root / "heldout.txt").write_text("\n".join(heldout))
     return root
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory) -> Path:
+    return make_fixture(tmp_path_factory.mktemp("pipeline-fixture"))
 
 
 def pipeline_dict(fixture_dir: Path, output: Path, sweep=None) -> dict:
