@@ -332,10 +332,12 @@ def run_demo(output: Path, settings: DemoSettings = DemoSettings(), log=print):
     """
     import yaml
 
+    from spp.io.checkpoint import check_output_dir
     from spp.pipeline import run_pipeline
 
-    model_dir = ensure_demo_model(settings, log)
     output = Path(output).expanduser().resolve()
+    check_output_dir(output, overwrite=True)  # a file there or an unwritable parent: refused before any work
+    model_dir = ensure_demo_model(settings, log)
     output.mkdir(parents=True, exist_ok=True)
     header = (f"# The pipeline `spp demo` ran on its built-in model; run it again with:\n"
               f"#   spp run {output / PIPELINE_FILE}\n")

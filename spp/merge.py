@@ -25,6 +25,7 @@ from spp.errors import SppError
 from spp.io.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE,
                                RESOLVED_CONFIG_FILE, RESULTS_FILE, atomic_dir, check_output_dir, safetensors_files,
                                safetensors_keys, sha256_file, shard_index)
+from spp.io.integrity import check_model_dir
 from spp.io.manifest import Manifest, check_mask_hash, peak_memory_bytes, read_manifest, write_manifest
 from spp.io.maskfile import load_masks
 from spp.models import is_conv1d, load_config
@@ -201,6 +202,7 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
     if not adapter_cfg.mask_sha256:
         raise SppError(f"{adapter_dir / ADAPTER_CONFIG_FILE} records no mask_sha256, so its base cannot be checked")
     mask_sha256 = check_mask_hash(model_dir, adapter_cfg.mask_sha256, who=f"adapter {adapter_dir}")
+    check_model_dir(model_dir)  # whole shards, config.json agreeing with them, the mask its manifest records
     masks, _ = load_masks(model_dir / MASK_FILE)
     shards = safetensors_files(model_dir)
     if not shards:

@@ -65,9 +65,11 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str | torch.devic
     from transformers import AutoModelForCausalLM
 
     _check_model_path(name_or_path)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # SafetensorError: a corrupt shard
         raise SppError(f"cannot load a causal LM from {name_or_path}: {str(exc).splitlines()[0]}") from exc
     return model.to(device).eval()
 

@@ -78,6 +78,7 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
     from safetensors import safe_open
 
     from spp.io.checkpoint import MASK_FILE, shard_index
+    from spp.io.integrity import check_model_dir
     from spp.io.manifest import check_mask_hash, read_manifest
     from spp.io.maskfile import load_masks
     from spp.prune import block_name
@@ -89,6 +90,7 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
     manifest = read_manifest(directory)
     check_mask_hash(directory, manifest.mask_sha256, "the manifest")
     files = _check_files(directory, manifest.outputs)
+    check_model_dir(directory)  # the hashes match, but the config must also describe these weights
     masks, layouts = load_masks(directory / MASK_FILE)
     pattern = manifest.details.get("pattern", "unstructured")
     n_m = parse_pattern(pattern)

@@ -204,3 +204,203 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_ends_with_the_same_adapter(pruned_
     assert resumed.exit_code == 0, resumed.output
     assert_adapters_close(adapter(straight), adapter(out), atol=1e-6)
     assert not partial_path(out).exists()
+
+
+# --------------------------------------------------------------------------- a world of inputs, good and damaged
+
+
+def _damage(world: Path, name: str, change) -> Path:
+    directory = world / name
+    shutil.copytree(world / "base", directory)
+    change(directory)
+    return directory
+
+
+def _truncate(d: Path) -> None:
+    blob = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(blob[: len(blob) - 100])
+
+
+def _bad_header(d: Path) -> None:
+    blob = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes((10**9).to_bytes(8, "little") + blob[8:])
+
+
+def _config(**changes):
+    def change(d: Path) -> None:
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, **changes}))
+
+    return change
+
+
+def _flip_mask_bit(d: Path) -> None:
+    from spp.io.maskfile import load_masks, save_masks
+
+    masks, layouts = load_masks(d / MASK_FILE)
+    name = sorted(masks)[0]
+    masks[name][0, 0] = ~masks[name][0, 0]
+    save_masks(d / MASK_FILE, masks, layouts)
+
+
+DAMAGED = {  # name: (how, the file the message must name)
+    "truncated shard": (_truncate, "model.safetensors"),
+    "corrupt shard header": (_bad_header, "model.safetensors"),
+    "config disagrees with shapes": (_config(intermediate_size=72), "config.json"),
+    "config with fewer layers": (_config(num_hidden_layers=1), "config.json"),
+    "mask differs from manifest": (_flip_mask_bit, MASK_FILE),
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, pruned_tiny_dir, text_file) -> Path:
+    """Everything the tables below need, in one folder whose snapshot must not change."""
+    from test_merge import make_adapter
+
+    from conftest import build_pruned_dir
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("world")
+    shutil.copytree(pruned_tiny_dir, root / "base")
+    shutil.copy(text_file, root / "text.txt")
+    kwargs = dict(TINY_CONFIGS["llama"], vocab_size=512, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(1)
+    other = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    build_pruned_dir(other, AutoTokenizer.from_pretrained(root / "base"), root / "other", sparsity=0.6)
+    make_adapter(root / "base", root / "adapter")
+    make_adapter(root / "other", root / "other-adapter")
+    for name, (how, _) in DAMAGED.items():
+        _damage(root, name.replace(" ", "-"), how)
+    (root / "empty.txt").write_text("")
+    (root / "afile").write_text("not a directory")
+    (root / "ro").mkdir()
+    (root / "empty-adapter").mkdir()
+    (root / "empty-adapter" / "adapter_config.json").write_text((root / "adapter" / "adapter_config.json").read_text())
+    (root / "empty-adapter" / "adapter_model.safetensors").write_bytes(b"")
+    (root / "train-unknown.yaml").write_text("lerning_rate: 0.01\n")
+    (root / "empty.yaml").write_text("")
+    pipeline = {"model": str(root / "base"), "output": str(root / "run"),
+                "prune": {"method": "wanda", "calib": str(root / "text.txt"), "nsamples": 2, "seqlen": 32},
+                "sweep": [{"pattern": "2:4"}],
+                "train": {"data_path": str(root / "text.txt"), "cutoff_len": 32, "micro_batch_size": 2,
+                          "batch_size": 2, "max_steps": 1},
+                "eval": {"ppl": [str(root / "text.txt")], "seqlen": 32}}
+    import yaml
+
+    def write_pipeline(name, **changes):
+        (root / name).write_text(yaml.safe_dump({**pipeline, **changes}, sort_keys=False))
+
+    write_pipeline("pipeline.yaml")
+    write_pipeline("pipeline-bad-pattern.yaml", sweep=[{"pattern": "2:4x"}])
+    write_pipeline("pipeline-eval-key.yaml", eval={"ppl": [str(root / "text.txt")], "seqlenn": 32})
+    write_pipeline("pipeline-truncated.yaml", model=str(root / "truncated-shard"))
+    write_pipeline("pipeline-to-file.yaml", output=str(root / "afile"))
+    write_pipeline("pipeline-ro.yaml", output=str(root / "ro" / "run"))
+    return root
+
+
+@pytest.fixture
+def read_only(monkeypatch, world):
+    """`world/ro` reads as unwritable to spp's checks (tests run as root, where chmod 555 would not stop a write)."""
+    real = os.access
+    ro = str(world / "ro")
+
+    def access(path, mode, *args, **kwargs):
+        if str(path).startswith(ro) and mode & os.W_OK:
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+# --------------------------------------------------------------------------- damaged inputs, every stage
+
+
+def _stage_args(stage: str, model: Path, world: Path) -> list:
+    out = world / "out"
+    return {
+        "prune": ["prune", "--model", model, "--output", out, "--method", "magnitude", "--device", "cpu"],
+        "train": ["train", "--config", "tinystories.yaml", "--model", model, "--data", world / "text.txt",
+                  "--output", out],
+        "merge": ["merge", "--model", model, "--adapter", world / "adapter", "--output", out],
+        "eval": ["eval", "--model", model, "--ppl", world / "text.txt", "--seqlen", "32", "--device", "cpu",
+                 "--output", out],
+        "verify": ["verify", model],
+    }[stage]
+
+
+@pytest.mark.parametrize("stage", ["prune", "train", "merge", "eval", "verify"])
+def test_every_stage_refuses_damaged_model_files_naming_them(world, stage):
+    for damage, (_, file) in DAMAGED.items():
+        model = world / damage.replace(" ", "-")
+        before = snapshot(world)
+        result = invoke(*_stage_args(stage, model, world))
+        line = assert_one_error(result, str(model / file))
+        assert snapshot(world) == before, (damage, line)
+
+
+def test_nothing_is_ever_unpickled():
+    """No torch.load / pickle anywhere in spp (tensors are safetensors, everything else JSON)."""
+    sources = "\n".join(p.read_text() for p in Path(__file__).resolve().parents[1].joinpath("spp").rglob("*.py"))
+    for forbidden in ("torch.load(", "import pickle", "pickle.load", "from pickle"):
+        assert forbidden not in sources
+
+
+# --------------------------------------------------------------------------- disk full / permission denied
+
+
+def _hook_replace(monkeypatch, root: Path, code: int) -> None:
+    """Every atomic JSON write (write_json's rename) under `root` fails with `code`."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).startswith(str(root)):
+            raise OSError(code, os.strerror(code), str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def _hook_safetensors(monkeypatch, root: Path, code: int) -> None:
+    """Every safetensors write fails as safetensors' Rust writer does on a full disk (SafetensorError, not OSError)."""
+    import safetensors.torch
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    import spp.io.maskfile
+
+    def fail(*args, **kwargs):
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fail)
+    monkeypatch.setattr(spp.io.maskfile, "save", fail)
+
+
+DISK_ERRORS = {"ENOSPC": (28, "no space left on device"), "EACCES": (13, "permission denied")}
+DISK_CASES = [  # (stage, hook, errno)
+    ("prune", "safetensors", "ENOSPC"), ("prune", "json", "EACCES"),
+    ("train", "safetensors", "ENOSPC"), ("train", "json", "EACCES"),
+    ("merge", "safetensors", "EACCES"), ("merge", "json", "ENOSPC"),
+    ("eval", "json", "ENOSPC"),
+]
+
+
+@pytest.mark.parametrize("stage,hook,code", DISK_CASES)
+def test_disk_full_and_permission_denied_leave_the_file_system_as_it_was(world, monkeypatch, stage, hook, code):
+    args = _stage_args(stage, world / "base", world)
+    if stage == "train":
+        args += ["--max-steps", "1", "--set", "batch_size=2", "--set", "micro_batch_size=2", "--set", "cutoff_len=32",
+                 "--set", "val_set_size=0"]
+    if stage == "prune":
+        args[args.index("magnitude")] = "wanda"
+        args += ["--calib", world / "text.txt", "--nsamples", "2", "--seqlen", "16"]
+    number, words = DISK_ERRORS[code]
+    before = snapshot(world)
+    (_hook_safetensors if hook == "safetensors" else _hook_replace)(monkeypatch, world, number)
+    result = invoke(*args)
+    monkeypatch.undo()
+    assert_one_error(result, words, str(world / "out"))
+    assert snapshot(world) == before

@@ -111,10 +111,12 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     """
     from spp.eval.perplexity import perplexity
     from spp.eval.zeroshot import evaluate_tasks, prepare_tasks
+    from spp.io.integrity import check_model_dir
     from spp.models import context_length, load_config, load_tokenizer, resolve_device, resolve_dtype
 
     start = time.time()
     seqlen = resolve_seqlen(cfg.seqlen, context_length(load_config(cfg.model)))
+    check_model_dir(Path(cfg.model))
     device, _ = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     if cfg.output:
         from spp.io.checkpoint import check_output_dir

@@ -136,6 +136,7 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     """Every check that can fail on the user's input, before any weights are loaded."""
     from spp.data import calibration_windows
     from spp.io.checkpoint import check_output_dir
+    from spp.io.integrity import check_model_dir
     from spp.models import context_length, load_config, load_tokenizer, resolve_device, resolve_dtype
 
     if cfg.method not in METHODS:
@@ -145,6 +146,7 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     device = resolve_device(cfg.device)
     resolve_dtype(cfg.dtype)
     model_config = load_config(cfg.model)
+    check_model_dir(Path(cfg.model))
     context = context_length(model_config)
     if cfg.seqlen is not None and context is not None and cfg.seqlen > context:
         raise SppError(f"--seqlen {cfg.seqlen} is above the model's context of {context} tokens")

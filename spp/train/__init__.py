@@ -114,6 +114,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[Path, Path, str]:
     Returns:
         (base directory, output directory, the base's mask sha256).
     """
+    from spp.io.integrity import check_model_dir
     from spp.io.manifest import check_mask_hash, read_manifest
 
     for key, flag in (("base_model", "--model"), ("data_path", "--data"), ("output_dir", "--output")):
@@ -128,6 +129,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[Path, Path, str]:
         raise SppError(f"--model {base} has no {MASK_FILE}: train needs an `spp prune` output")
     manifest = read_manifest(base)
     mask_sha256 = check_mask_hash(base, manifest.mask_sha256, who=f"{base}'s manifest")
+    check_model_dir(base)  # whole shards, config.json agreeing with the weights
     check_output_dir(output, cfg.overwrite)
     partial = partial_path(output)
     if cfg.resume:
