@@ -412,6 +412,11 @@ def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | N
             if reason:
                 raise SppError(f"--from {in_range[0]}: {step.label} is not up to date ({reason}); run without --from")
     run = Path(cfg.output).expanduser().resolve()
+    from spp.io.checkpoint import check_output_dir
+    from spp.io.integrity import check_model_dir
+
+    check_output_dir(run, overwrite=True, flag="output:")  # a file there, or an unwritable parent
+    check_model_dir(Path(cfg.model).expanduser())  # every stage starts from it: refuse a damaged one before any work
     run.mkdir(parents=True, exist_ok=True)
     results = []
     for step in steps:

@@ -404,3 +404,70 @@ def test_disk_full_and_permission_denied_leave_the_file_system_as_it_was(world, 
     monkeypatch.undo()
     assert_one_error(result, words, str(world / "out"))
     assert snapshot(world) == before
+
+
+# --------------------------------------------------------------------------- bad inputs over every subcommand
+
+W = "{w}"
+TRAIN = ["train", "--config", "tinystories.yaml", "--model", f"{W}/base", "--data", f"{W}/text.txt"]
+EVAL = ["eval", "--model", f"{W}/base", "--ppl", f"{W}/text.txt", "--seqlen", "32", "--device", "cpu"]
+PRUNE = ["prune", "--model", f"{W}/base", "--method", "magnitude", "--device", "cpu"]
+MERGE = ["merge", "--model", f"{W}/base", "--adapter", f"{W}/adapter"]
+BAD_INPUTS = [  # (case, argv with {w} for the world folder, words the one error line must hold)
+    ("prune: pattern a:b", [*PRUNE, "--output", f"{W}/out", "--pattern", "a:b"], ["--pattern 'a:b'"]),
+    ("prune: pattern 2:4:8", [*PRUNE, "--output", f"{W}/out", "--pattern", "2:4:8"], ["--pattern '2:4:8'"]),
+    ("prune: nsamples 0", [*PRUNE, "--output", f"{W}/out", "--nsamples", "0"], ["--nsamples=0 is out of range"]),
+    ("prune: batch size 0", [*PRUNE, "--output", f"{W}/out", "--batch-size", "0"], ["--batch-size=0 is out of range"]),
+    ("prune: seqlen 0", [*PRUNE, "--output", f"{W}/out", "--seqlen", "0"], ["--seqlen=0 is out of range"]),
+    ("prune: unknown dtype", [*PRUNE, "--output", f"{W}/out", "--dtype", "float8"], ["--dtype 'float8'"]),
+    ("prune: model is a file", [*PRUNE, "--output", f"{W}/out", "--model", f"{W}/afile"], ["afile does not exist"]),
+    ("prune: output is a file", [*PRUNE, "--output", f"{W}/afile", "--overwrite"], ["afile exists and is not a directory"]),
+    ("prune: unwritable output", [*PRUNE, "--output", f"{W}/ro/out"], ["permission denied"]),
+    ("verify: missing directory", ["verify", f"{W}/nowhere"], ["nowhere is not a directory"]),
+    ("verify: a file", ["verify", f"{W}/afile"], ["afile is not a directory"]),
+    ("verify: no manifest", ["verify", f"{W}/ro"], ["spp_manifest.json does not exist"]),
+    ("verify: empty manifest", ["verify", f"{W}/empty-manifest"], ["spp_manifest.json is not valid JSON"]),
+    ("train: unknown --set key", [*TRAIN, "--output", f"{W}/out", "--set", "lerning_rate=1"], ["did you mean 'learning_rate'"]),
+    ("train: unknown key in file", ["train", "--config", f"{W}/train-unknown.yaml", "--model", f"{W}/base", "--data",
+                                    f"{W}/text.txt", "--output", f"{W}/out"], ["unknown key 'lerning_rate'"]),
+    ("train: --set without =", [*TRAIN, "--output", f"{W}/out", "--set", "seed"], ["must look like key=value"]),
+    ("train: max steps 0", [*TRAIN, "--output", f"{W}/out", "--max-steps", "0"], ["max_steps=0 is out of range"]),
+    ("train: negative learning rate", [*TRAIN, "--output", f"{W}/out", "--set", "learning_rate=-1"], ["learning_rate=-1"]),
+    ("train: resume with no checkpoint", [*TRAIN, "--output", f"{W}/out", "--resume"], ["no checkpoint"]),
+    ("train: output is a file", [*TRAIN, "--output", f"{W}/afile", "--overwrite"], ["afile exists and is not a directory"]),
+    ("train: unwritable output", [*TRAIN, "--output", f"{W}/ro/out"], ["permission denied"]),
+    ("merge: adapter of another base", [*MERGE, "--output", f"{W}/out", "--adapter", f"{W}/other-adapter"],
+     ["different base"]),
+    ("merge: empty adapter weights", [*MERGE, "--output", f"{W}/out", "--adapter", f"{W}/empty-adapter"],
+     ["adapter_model.safetensors", "corrupt"]),
+    ("merge: adapter is a file", [*MERGE, "--output", f"{W}/out", "--adapter", f"{W}/afile"], ["afile does not exist"]),
+    ("merge: output is a file", [*MERGE, "--output", f"{W}/afile", "--overwrite"], ["afile exists and is not a directory"]),
+    ("merge: unwritable output", [*MERGE, "--output", f"{W}/ro/out"], ["permission denied"]),
+    ("eval: batch size 0", [*EVAL, "--batch-size", "0"], ["--batch-size=0 is out of range"]),
+    ("eval: limit 0", [*EVAL, "--limit", "0"], ["--limit=0 is out of range"]),
+    ("eval: max windows 0", [*EVAL, "--max-windows", "0"], ["--max-windows=0 is out of range"]),
+    ("eval: negative few-shot", [*EVAL, "--num-fewshot", "-1"], ["--num-fewshot=-1 is out of range"]),
+    ("eval: empty ppl file", [*EVAL, "--ppl", f"{W}/empty.txt"], ["empty.txt"]),
+    ("eval: output is a file", [*EVAL, "--output", f"{W}/afile", "--overwrite"], ["afile exists and is not a directory"]),
+    ("eval: unwritable output", [*EVAL, "--output", f"{W}/ro/out"], ["permission denied"]),
+    ("eval: compare a missing path", ["eval", "--compare", f"{W}/nowhere"], ["nowhere"]),
+    ("run: empty pipeline file", ["run", f"{W}/empty.yaml"], ["model"]),
+    ("run: malformed sweep pattern", ["run", f"{W}/pipeline-bad-pattern.yaml"], ["2:4x"]),
+    ("run: unknown eval key", ["run", f"{W}/pipeline-eval-key.yaml"], ["unknown key 'seqlenn'", "seqlen"]),
+    ("run: truncated model shard", ["run", f"{W}/pipeline-truncated.yaml"], ["truncated-shard/model.safetensors"]),
+    ("run: output is a file", ["run", f"{W}/pipeline-to-file.yaml"], ["afile"]),
+    ("run: unwritable output", ["run", f"{W}/pipeline-ro.yaml"], ["permission denied"]),
+    ("demo: output is a file", ["demo", "--output", f"{W}/afile"], ["afile exists and is not a directory"]),
+    ("demo: unwritable output", ["demo", "--output", f"{W}/ro/demo"], ["permission denied"]),
+]
+
+
+@pytest.mark.parametrize("case,argv,words", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_error_line_and_changes_nothing(world, read_only, case, argv, words):
+    if not (world / "empty-manifest").exists():
+        (world / "empty-manifest").mkdir()
+        (world / "empty-manifest" / "spp_manifest.json").write_text("")
+    before = snapshot(world)
+    result = invoke(*[a.format(w=world) if isinstance(a, str) else a for a in argv])
+    assert_one_error(result, *words)
+    assert snapshot(world) == before
