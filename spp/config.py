@@ -130,6 +130,17 @@ def _check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=Fals
         raise SppError(f"{name}={value} is out of range {left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{right}")
 
 
+def _check_shard_size(value: str) -> None:
+    """`--max-shard-size` as save_pretrained reads it: a positive number followed by KB, MB, GB or TB."""
+    text = str(value).strip()
+    try:
+        ok = text[-2:].upper() in ("KB", "MB", "GB", "TB") and float(text[:-2]) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SppError(f"--max-shard-size {value!r} must be a size such as 2GB or 500MB (units KB, MB, GB, TB)")
+
+
 # --------------------------------------------------------------------------- prune
 
 
@@ -179,6 +190,7 @@ class PruneConfig:
         _check_range("--blocksize", self.blocksize, 1)
         _check_range("--percdamp", self.percdamp, 0.0, lo_open=True)
         _check_range("--batch-size", self.batch_size, 1)
+        _check_shard_size(self.max_shard_size)
 
 
 # --------------------------------------------------------------------------- train

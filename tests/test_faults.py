@@ -420,6 +420,7 @@ BAD_INPUTS = [  # (case, argv with {w} for the world folder, words the one error
     ("prune: batch size 0", [*PRUNE, "--output", f"{W}/out", "--batch-size", "0"], ["--batch-size=0 is out of range"]),
     ("prune: seqlen 0", [*PRUNE, "--output", f"{W}/out", "--seqlen", "0"], ["--seqlen=0 is out of range"]),
     ("prune: unknown dtype", [*PRUNE, "--output", f"{W}/out", "--dtype", "float8"], ["--dtype 'float8'"]),
+    ("prune: bad max shard size", [*PRUNE, "--output", f"{W}/out", "--max-shard-size", "abc"], ["--max-shard-size 'abc'"]),
     ("prune: model is a file", [*PRUNE, "--output", f"{W}/out", "--model", f"{W}/afile"], ["afile does not exist"]),
     ("prune: output is a file", [*PRUNE, "--output", f"{W}/afile", "--overwrite"], ["afile exists and is not a directory"]),
     ("prune: unwritable output", [*PRUNE, "--output", f"{W}/ro/out"], ["permission denied"]),
@@ -471,3 +472,140 @@ def test_bad_input_is_one_error_line_and_changes_nothing(world, read_only, case,
     result = invoke(*[a.format(w=world) if isinstance(a, str) else a for a in argv])
     assert_one_error(result, *words)
     assert snapshot(world) == before
+
+
+# --------------------------------------------------------------------------- properties
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(-3, 12), m=st.integers(-3, 12), left=st.sampled_from(["", " ", "\t"]),
+       right=st.sampled_from(["", " ", "\n"]))
+def test_n_m_patterns_parse_exactly_when_0_lt_n_lt_m(n, m, left, right):
+    from spp.config import PruneConfig
+    from spp.errors import SppError
+    from spp.prune.masks import parse_pattern
+
+    text = f"{left}{n}:{m}{right}"
+    if 0 < n < m:
+        assert parse_pattern(text) == (n, m)
+        assert PruneConfig("model", "out", pattern=text).sparsity == pytest.approx(1 - n / m)
+    else:
+        with pytest.raises(SppError):
+            parse_pattern(text)
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 500), st.floats(-2, 2, allow_nan=False),
+                     st.text(alphabet="abc*:_0123", max_size=5), st.lists(st.sampled_from(["*", "mlp.*"]), max_size=2))
+_TRAIN_KEYS = ["micro_batch_size", "batch_size", "learning_rate", "warmup_ratio", "lora_r", "spp_row_groups",
+               "cutoff_len", "val_set_size", "max_steps", "lr_scheduler", "precision", "target_modules",
+               "max_grad_norm", "lora_dropout", "micro_batch", "lerning_rate"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=st.dictionaries(st.sampled_from(_TRAIN_KEYS), _SCALARS, max_size=4))
+def test_any_train_config_builds_or_raises_one_spp_error(values):
+    """Unknown keys, wrong types and out-of-range values all end in SppError; what builds holds the given values."""
+    from spp.config import TrainConfig, merge_into
+    from spp.errors import SppError
+
+    try:
+        cfg = merge_into(TrainConfig, [("test", values)])
+    except SppError as exc:
+        assert "\n" not in str(exc)
+        return
+    for key, value in values.items():
+        if value is not None:
+            assert getattr(cfg, key) == value
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.fixed_dictionaries({}, optional={
+    "learning_rate": st.floats(1e-6, 1.0), "batch_size": st.sampled_from([8, 16, 32]),
+    "micro_batch_size": st.sampled_from([1, 2, 4, 8]), "lr_scheduler": st.sampled_from(["linear", "cosine", "constant"]),
+    "train_on_inputs": st.booleans(), "max_grad_norm": st.one_of(st.none(), st.floats(0.1, 10.0)),
+    "data_path": st.text(alphabet="abc/._-", min_size=1, max_size=8)}))
+def test_set_overrides_round_trip_through_yaml(values):
+    """`--set key=<YAML of value>` gives back exactly the value, and a file plus --set layers in order."""
+    import yaml
+
+    from spp.config import TrainConfig, merge_into, parse_set
+
+    items = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+             for key, value in values.items()]
+    parsed = parse_set(items)
+    assert parsed == values
+    cfg = merge_into(TrainConfig, [("file", {"learning_rate": 0.5, "seed": 7}), ("--set", parsed)])
+    assert cfg.learning_rate == values.get("learning_rate", 0.5) and cfg.seed == 7
+
+
+PATTERNS = st.sampled_from([("unstructured", 0.3), ("unstructured", 0.7), ("1:4", None), ("2:4", None), ("4:8", None)])
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=PATTERNS, row_groups=st.sampled_from([1, 3, 16]), seed=st.integers(0, 1000))
+def test_mask_invariant_survives_save_load_train_merge_load(pattern, row_groups, seed):
+    """Prune with a random pattern, save, load the masks, train the SPP adapter a few steps, save it, merge
+    the files, reload with plain transformers: every pruned entry is +0.0, N:M holds, kept weights moved."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_model
+    from spp.adapter.config import AdapterConfig
+    from spp.adapter.model import add_spp, save_adapter
+    from spp.config import MergeConfig
+    from spp.io.checkpoint import masks_by_parameter, save_model, sha256_file
+    from spp.io.manifest import Manifest, write_manifest
+    from spp.io.maskfile import save_masks
+    from spp.merge import run_merge
+    from spp.models import find_decoder_blocks, find_linear_layers
+    from spp.prune.masks import apply_mask, is_nm_valid, parse_pattern, pruned_is_positive_zero, select_mask
+    from spp.verify import verify_checkpoint
+
+    name, sparsity = pattern
+    n_m = parse_pattern(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = make_tiny_model("llama", seed=seed)
+        prefix, blocks = find_decoder_blocks(model)
+        masks = {}
+        with torch.no_grad():
+            for i, block in enumerate(blocks):
+                for layer_name, layer in find_linear_layers(block).items():
+                    keep = select_mask(layer.weight.abs(), n_m, sparsity if n_m is None else 1 - n_m[0] / n_m[1],
+                                       per_row=True)
+                    layer.weight.copy_(apply_mask(layer.weight, keep))
+                    masks[f"{prefix}.{i}.{layer_name}.weight"] = keep
+        save_model(model, None, tmp / "pruned")
+        save_masks(tmp / "pruned" / MASK_FILE, masks, {k: "linear" for k in masks})
+        write_manifest(tmp / "pruned", Manifest(stage="prune", settings={}, details={"method": "magnitude",
+                                                                                   "pattern": name}))
+
+        base = AutoModelForCausalLM.from_pretrained(tmp / "pruned").train()
+        loaded = masks_by_parameter(base, tmp / "pruned")
+        assert loaded.keys() == masks.keys() and all(torch.equal(loaded[k], masks[k]) for k in masks)
+        cfg = AdapterConfig(spp_row_groups=row_groups, base_model=str(tmp / "pruned"),
+                            mask_sha256=sha256_file(tmp / "pruned" / MASK_FILE))
+        add_spp(base, cfg, loaded)
+        optimizer = torch.optim.AdamW([p for p in base.parameters() if p.requires_grad], lr=0.05)
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+        for _ in range(2):
+            base(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        save_adapter(base, cfg, tmp / "adapter")
+        run_merge(MergeConfig(model=str(tmp / "pruned"), adapter=str(tmp / "adapter"), output=str(tmp / "merged")))
+
+        merged = dict(AutoModelForCausalLM.from_pretrained(tmp / "merged").named_parameters())
+        pruned = dict(AutoModelForCausalLM.from_pretrained(tmp / "pruned").named_parameters())
+        moved = 0
+        for key, keep in masks.items():
+            assert bool(pruned_is_positive_zero(merged[key], keep).all()), key
+            if n_m is not None:
+                assert is_nm_valid(keep, *n_m)
+            moved += int((merged[key][keep] != pruned[key][keep]).sum())
+        assert moved > 0
+        verify_checkpoint(tmp / "merged")
