@@ -3,7 +3,8 @@
 Sun et al., "A Simple and Effective Pruning Approach for Large Language Models" (ICLR 2024), §3:
 S_ij = |W_ij| · ‖X_j‖₂, where X is (tokens, in) and the norm runs over all calibration tokens.
 Scores are compared within each output row (unstructured) or each group of M inputs (N:M);
-the selection itself lives in `spp.prune.masks`. Pure tensor functions: no modules, no hooks.
+the selection itself lives in `spp.prune.masks`. The magnitude baseline's S = |W| sits here too, as
+Wanda with every input norm equal. Pure tensor functions: no modules, no hooks.
 
 Shapes: W (out, in); X (..., in); sq_norm (in,).
 """
