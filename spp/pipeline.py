@@ -529,8 +529,8 @@ def build_report(run: Path, steps: list[Step], results: list[StepResult]) -> Pip
         settings.append(info)
         rows.append({"model": f"{name} pruned", "setting": name, "sparsity": before, **pruned_numbers})
         rows.append({"model": f"{name} + SPP (merged)", "setting": name, "sparsity": after, **merged_numbers})
-    rows[0]["sparsity"] = weight_sparsity(Path(by_label["dense/eval"].config.model),
-                                          _mask_names(steps[0].folder)) if steps[0].stage == "prune" else None
+    first_prune = next(step for step in steps if step.stage == "prune")
+    rows[0]["sparsity"] = weight_sparsity(Path(by_label["dense/eval"].config.model), _mask_names(first_prune.folder))
     table = results_table(rows, settings)
     markdown = "\n\n".join([f"# spp run report: {run}", "## Results", table,
                             "## Sparsity and trainable parameters", settings_table(settings),
