@@ -158,6 +158,28 @@ def test_resume_refuses_other_settings_and_a_fresh_run_clears_the_partial(model4
     assert not partial_path(out).exists() and not (out / "stale-file").exists()
 
 
+def test_ctrl_c_in_prune_keeps_the_finished_blocks_for_resume(model4, calib, tmp_path):
+    from spp.config import PruneConfig
+    from spp.errors import SppInterrupted
+    from spp.prune import run_prune
+
+    def cfg(output, **flags):
+        return PruneConfig(model=str(model4), output=str(output), method="sparsegpt", pattern="2:4", calib=str(calib),
+                           nsamples=4, seqlen=16, batch_size=3, device="cpu", **flags)
+
+    def ctrl_c_at_block_2(index, n_blocks, name):
+        if index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(SppInterrupted, match=r"finished blocks are kept in .*out\.partial.*--resume"):
+        run_prune(cfg(tmp_path / "out"), on_module=ctrl_c_at_block_2)
+    progress = json.loads((partial_path(tmp_path / "out") / PRUNE_PROGRESS_DIR / PRUNE_PROGRESS_FILE).read_text())
+    assert progress["blocks_done"] == 2
+    run_prune(cfg(tmp_path / "out", resume=True))
+    run_prune(cfg(tmp_path / "straight"))
+    assert_bitwise_equal(saved_tensors(tmp_path / "straight"), saved_tensors(tmp_path / "out"))
+
+
 # --------------------------------------------------------------------------- Ctrl-C in training
 
 
