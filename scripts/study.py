@@ -592,14 +592,17 @@ def main(argv: list[str] | None = None) -> dict:
         runs = record_timing(work, timing, cells)
     from study_report import write_report  # scripts/study_report.py: tables and plots
 
-    return write_report(Path(args.out), settings, cells, records, runs, grid_span(work, cells, records))
+    span = grid_span(work, cells, records)
+    span["split"] = prepare_data(settings, work).split  # cheap: tokenizing the two texts again
+    return write_report(Path(args.out), settings, cells, records, runs, span)
 
 
 def grid_span(work: Path, cells: list[Cell], records: dict[str, dict]) -> dict:
     """Time the cache itself records, so it holds across interruptions and resumes:
 
     span = (last cell file written) − (earliest start: a pruned model's manifest time − its
-    prune time, or a cell file's time − its compute time), and the sum of the cells' compute times.
+    prune time, or a cell file's time − its compute time), the sum of the cells' compute times,
+    and the most cells whose compute intervals overlap (the parallelism actually used).
     """
     from spp.io.checkpoint import MANIFEST_FILE
 
@@ -612,8 +615,11 @@ def grid_span(work: Path, cells: list[Cell], records: dict[str, dict]) -> dict:
     for manifest in (work / "pruned").glob(f"*/{MANIFEST_FILE}"):
         if any(manifest.parent.name == c.prune_key for c in cells):
             starts.append(manifest.stat().st_mtime - json.loads(manifest.read_text())["wall_time_s"])
+    intervals = [(end - records[c.key]["wall_s"], end) for c in cells if c.key in records
+                 for end in [cell_path(work, c).stat().st_mtime]]
+    concurrent = max((sum(1 for s, e in intervals if s <= t < e) for t, _ in intervals), default=0)
     return {"span_minutes": (max(ends) - min(starts)) / 60 if ends else 0.0,
-            "cell_minutes": sum(r["wall_s"] for r in records.values()) / 60,
+            "cell_minutes": sum(r["wall_s"] for r in records.values()) / 60, "max_concurrent": concurrent,
             "missing": [c.key for c in cells if c.key not in records]}
 
 

@@ -154,8 +154,9 @@ def headline_table(summary: list[dict]) -> str:
                   "recovered (WT)", "sparsity after merge", "seeds"], lines, "lllrrrrrr")
 
 
-def full_table(summary: list[dict]) -> str:
-    """Every (method, pattern, recovery) at the default settings, with costs."""
+def full_table(summary: list[dict], show_memory: bool) -> str:
+    """Every (method, pattern, recovery) at the default settings, with costs (training memory only where
+    it is measured per cell: CUDA's peak counter; see `study_markdown`)."""
     lines = []
     for e in summary:
         if e["recovery"].startswith("spp-r"):
@@ -165,9 +166,11 @@ def full_table(summary: list[dict]) -> str:
                       fmt_pm(e, "ppl_wikitext"), fmt_pm(e, "recovered_tinystories", fmt_frac),
                       fmt_pct(e["sparsity_mean"]), f"{e['trainable_mean']:,.0f}",
                       "–" if e["step_s_mean"] is None else f"{1000 * e['step_s_mean']:.0f}",
-                      "–" if mem is None else f"{mem / 2**20:.1f}", f"{e['infer_tokens_per_s_mean']:,.0f}"])
-    return table(["method", "pattern", "recovery", "seeds", "PPL TS", "PPL WT", "recovered (TS)", "sparsity",
-                  "trainable", "train step (ms)", "train mem (MiB)", "eval tokens/s"], lines, "lllrrrrrrrrr")
+                      *(["–" if mem is None else f"{mem / 2**20:.1f}"] if show_memory else []),
+                      f"{e['infer_tokens_per_s_mean']:,.0f}"])
+    header = ["method", "pattern", "recovery", "seeds", "PPL TS", "PPL WT", "recovered (TS)", "sparsity", "trainable",
+              "train step (ms)", *(["train mem (MiB)"] if show_memory else []), "eval tokens/s"]
+    return table(header, lines, "lll" + "r" * (len(header) - 3))
 
 
 def row_group_table(rows: list[dict], default_r: int) -> str:
@@ -187,7 +190,7 @@ def row_group_table(rows: list[dict], default_r: int) -> str:
                   "trainable", "train step (ms)", "sparsity"], lines, "llrrrrrrrr")
 
 
-def cost_table(rows: list[dict]) -> str:
+def cost_table(rows: list[dict], show_memory: bool) -> str:
     """Median cost per recovery over all seed-0 default cells, with ratios to LoRA measured in the same run."""
     kinds = [k for k in ("spp", "lora-unmerged", "lora-merged", "hira", "none")
              if any(r["recovery"] == k for r in rows)]
@@ -206,12 +209,14 @@ def cost_table(rows: list[dict]) -> str:
     lines = []
     for kind in kinds:
         m = med[kind]
+        memory = ["–" if m["train_mem_bytes"] is None else f"{m['train_mem_bytes'] / 2**20:.1f}",
+                  ratio(kind, "train_mem_bytes")] if show_memory else []
         lines.append([_recovery_label({"recovery": kind}), f"{m['trainable']:,.0f}",
-                      "–" if m["step_s"] is None else f"{1000 * m['step_s']:.0f}", ratio(kind, "step_s"),
-                      "–" if m["train_mem_bytes"] is None else f"{m['train_mem_bytes'] / 2**20:.1f}",
-                      ratio(kind, "train_mem_bytes"), f"{m['infer_tokens_per_s']:,.0f}", ratio(kind, "infer_tokens_per_s")])
-    return table(["recovery", "trainable", "train step (ms)", "× LoRA", "train mem (MiB)", "× LoRA",
-                  "eval tokens/s", "× LoRA (unmerged)"], lines, "lrrrrrrr")
+                      "–" if m["step_s"] is None else f"{1000 * m['step_s']:.0f}", ratio(kind, "step_s"), *memory,
+                      f"{m['infer_tokens_per_s']:,.0f}", ratio(kind, "infer_tokens_per_s")])
+    header = ["recovery", "trainable", "train step (ms)", "× LoRA", *(["train mem (MiB)", "× LoRA"] if show_memory else []),
+              "eval tokens/s", "× LoRA (unmerged)"]
+    return table(header, lines, "l" + "r" * (len(header) - 1))
 
 
 # --------------------------------------------------------------------------- plots
@@ -345,8 +350,8 @@ def write_report(out: Path, settings, cells: list, records: dict[str, dict], run
     mine = [r for r in runs if r.get("settings_sha256") == settings.sha256()]
     report = {"settings": asdict(settings), "settings_sha256": settings.sha256(), "cells": [c.key for c in cells],
               "runs": mine, "span_minutes": span["span_minutes"], "cell_minutes": span["cell_minutes"],
-              "missing": span["missing"], "environment": environment(settings),
-              "split": mine[-1]["split"] if mine else None, "summary": summary, "rows": rows, "records": records}
+              "missing": span["missing"], "max_concurrent": span["max_concurrent"], "environment": environment(settings),
+              "split": span["split"], "summary": summary, "rows": rows, "records": records}
     _write_text(out / "study.json", json.dumps(report, indent=1, default=str))
     plot_ppl_vs_sparsity(summary, out / "study_ppl_vs_sparsity.png")
     plot_loss_curves(records, out / "study_loss_curves.png")
@@ -371,9 +376,9 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], report: dict
     """The human-readable report: setup, time taken, the tables, the plots, and what it does not show."""
     dense = next((e for e in summary if e["method"] == "dense"), None)
     env, split, runs = report["environment"], report["split"] or {}, report["runs"]
+    show_memory = settings.device.startswith("cuda")
     cores = env["cpu_cores"]
     where = f"{env.get('gpu')} (CUDA)" if settings.device.startswith("cuda") else f"{cores} CPU cores"
-    jobs = sorted({r["jobs"] for r in runs}) or ["?"]
     loads = [round(r["load_avg_1min_start"], 1) for r in runs if r["cells_computed"]]
     missing = report["missing"]
     done = len(report["cells"]) - len(missing)
@@ -386,7 +391,7 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], report: dict
         "",
         f"**{done} of {len(report['cells'])} cells took {report['span_minutes']:.0f} minutes on {where}** "
         f"(from the first pruning to the last cell written; the cells' own compute times sum to "
-        f"{report['cell_minutes']:.0f} minutes over {', '.join(map(str, jobs))} parallel worker(s); "
+        f"{report['cell_minutes']:.0f} minutes, with up to {report['max_concurrent']} cells computing at once; "
         f"1-minute load average when the recorded runs started: {loads or 'not recorded'}; the machine was shared "
         "with other work, so times are upper bounds).",
         "",
@@ -426,18 +431,22 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], report: dict
         "",
         "## Every pruning method, pattern and recovery",
         "",
-        "Train step and memory are measured in one worker process per cell (memory: peak resident set added during "
-        "training, or peak CUDA memory added); eval tokens/s is the speed of the perplexity passes of the final model.",
+        "Train step is the median step time of the cell's training; eval tokens/s is the speed of the perplexity "
+        "passes of the final model. "
+        + ("Train mem is the peak CUDA memory added during training." if show_memory else
+           "Training memory is not compared here: cells share long-lived worker processes whose allocator keeps "
+           "memory from earlier cells, so a cell's resident-set peak says little. `bench.md` compares the adapters' "
+           "training memory, each in a fresh process."),
         "",
-        full_table(summary),
+        full_table(summary, show_memory),
         "",
         "## SPP row groups",
         "",
         row_group_table(rows, settings.spp_row_groups),
         "",
-        "## Cost per recovery method (median over the seed-0 cells, ratios in the same run)",
+        "## Cost per recovery method (median over the seed-0 cells)",
         "",
-        cost_table(rows),
+        cost_table(rows, show_memory),
         "",
         "Cells ran one after another while the load on the machine changed, so the step times and eval speeds of "
         "different cells are only roughly comparable. One comparison is side by side: each LoRA cell evaluated its model "
