@@ -17,26 +17,24 @@ path and overwrite/resume flags) hash to the same sha256 as now, whose input fil
 still have the recorded sha256, whose output files are all present, and which is
 newer than the manifests of the stages it reads. Anything else re-runs the stage, and
 so every stage after it. An interrupted training run resumes from its last
-checkpoint. This module does no math; the report's numbers come from the stages'
-manifests and results files and from counting zeros in the saved weights.
+checkpoint. This module does no math and reads no numbers: `spp.report` builds the
+report from the stages' manifests and results files and the saved weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import shlex
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from spp.config import EvalConfig, PipelineConfig, PruneConfig, TrainConfig, find_config, merge_into, nearest, read_yaml, to_dict
 from spp.errors import SppError
-from spp.io.checkpoint import (ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE, RESOLVED_CONFIG_FILE, RESULTS_FILE,
-                               partial_path, read_json, safetensors_files, safetensors_keys, sha256_file, write_json)
+from spp.io.checkpoint import MANIFEST_FILE, RESOLVED_CONFIG_FILE, partial_path, sha256_file, write_json
 from spp.io.manifest import read_manifest, settings_sha256
+from spp.report import REPORT_JSON, REPORT_MD, PipelineReport, build_report, report_json
 
 STAGES = ("prune", "train", "merge", "eval")
 # Keys that name where a stage writes or how it treats an existing output; they do not change its numbers.
@@ -45,8 +43,6 @@ VOLATILE_KEYS = {"output", "output_dir", "overwrite", "resume"}
 RUN_SET_KEYS = {"prune": {"model", "output", "overwrite", "resume"},
                 "train": {"base_model", "output_dir", "overwrite", "resume"},
                 "eval": {"model", "adapter", "output", "overwrite"}}
-REPORT_MD = "report.md"
-REPORT_JSON = "report.json"
 
 
 # --------------------------------------------------------------------------- plan
@@ -344,18 +340,6 @@ class StepResult:
     command: str
 
 
-@dataclass
-class PipelineReport:
-    """The run's results: one row per model, what each step did, and the report files."""
-
-    output: Path
-    steps: list[StepResult]
-    rows: list[dict]
-    settings: list[dict]
-    markdown: str
-    table: str  # just the results table (what `spp demo` prints)
-
-
 def reset_peak_memory() -> None:
     """Reset this process's peak RSS (Linux: /proc/self/clear_refs) and CUDA peak, so each stage reports its own."""
     try:
@@ -448,153 +432,3 @@ def _result(step: Step, status: str, reason: str | None) -> StepResult:
         manifest = read_manifest(step.folder)
         wall, memory = manifest.wall_time_s, manifest.peak_memory
     return StepResult(step.label, step.stage, status, reason, wall, memory, step.command)
-
-
-# --------------------------------------------------------------------------- report
-
-
-def weight_sparsity(model_dir: Path, tensor_names: list[str]) -> float | None:
-    """Fraction of exact zeros over the named tensors of a saved model, counted in the weights themselves."""
-    import torch
-    from safetensors import safe_open
-
-    if not model_dir.is_dir() or not tensor_names:
-        return None
-    wanted, zeros, total = set(tensor_names), 0, 0
-    for shard in safetensors_files(model_dir):
-        with safe_open(str(shard), "pt") as f:
-            for name in f.keys():
-                if name in wanted:
-                    tensor = f.get_tensor(name)
-                    zeros += int((tensor == 0).sum())
-                    total += tensor.numel()
-                    wanted.discard(name)
-    return zeros / total if total and not wanted else None
-
-
-def adapter_parameter_count(train_dir: Path) -> int | None:
-    """Number of trainable numbers in the saved adapter (every α and β entry)."""
-    path = train_dir / ADAPTER_WEIGHTS_FILE
-    if not path.is_file():
-        return None
-    return sum(math.prod(shape) for _, shape in safetensors_keys(path).values())
-
-
-def _eval_numbers(folder: Path) -> dict:
-    """{"ppl <set>": value, "<task> acc": value, ...} from an eval folder's results (empty if absent)."""
-    if not (folder / RESULTS_FILE).is_file():
-        return {}
-    results = read_json(folder / RESULTS_FILE, what="results")
-    out = {}
-    for name, entry in (results.get("perplexity") or {}).items():
-        out[f"ppl {Path(name).name if '/' in name else name}"] = entry["ppl"]  # a local file by its base name
-    for name, task in ((results.get("zeroshot") or {}).get("tasks") or {}).items():
-        for metric in ("acc", "acc_norm"):
-            if metric in task:
-                out[f"{name} {metric}"] = task[metric]
-    return out
-
-
-def gap_recovered(dense: float, pruned: float, recovered: float) -> float | None:
-    """(log p_pruned − log p_spp) / (log p_pruned − log p_dense): the share of the log-perplexity gap SPP closes."""
-    gap = math.log(pruned) - math.log(dense)
-    return (math.log(pruned) - math.log(recovered)) / gap if gap > 0 else None
-
-
-def build_report(run: Path, steps: list[Step], results: list[StepResult]) -> PipelineReport:
-    """Collect the numbers of a run into rows (dense, then pruned and SPP per setting) and Markdown."""
-    by_label = {s.label: s for s in steps}
-    dense_numbers = _eval_numbers(by_label["dense/eval"].folder)
-    rows = [{"model": "dense", "setting": "dense", **dense_numbers}]
-    settings = []
-    for step in steps:
-        if step.stage != "prune":
-            continue
-        name = step.setting
-        masked = _mask_names(step.folder)
-        pruned_numbers = _eval_numbers(run / name / "eval" / "pruned")
-        merged_numbers = _eval_numbers(run / name / "eval" / "merged")
-        before = weight_sparsity(step.folder, masked)
-        after = weight_sparsity(run / name / "merged", masked)
-        info = {
-            "setting": name, "method": step.config.method, "pattern": step.config.pattern,
-            "sparsity_before": before, "sparsity_after": after,
-            "sparsity_equal": before is not None and after is not None and before == after,
-            "trainable_params": adapter_parameter_count(run / name / "train"),
-        }
-        ppl_keys = [k for k in dense_numbers if k.startswith("ppl ")]
-        for key in ppl_keys:
-            if key in pruned_numbers and key in merged_numbers:
-                info[f"recovered {key}"] = gap_recovered(dense_numbers[key], pruned_numbers[key], merged_numbers[key])
-        settings.append(info)
-        rows.append({"model": f"{name} pruned", "setting": name, "sparsity": before, **pruned_numbers})
-        rows.append({"model": f"{name} + SPP (merged)", "setting": name, "sparsity": after, **merged_numbers})
-    first_prune = next(step for step in steps if step.stage == "prune")
-    rows[0]["sparsity"] = weight_sparsity(Path(by_label["dense/eval"].config.model), _mask_names(first_prune.folder))
-    table = results_table(rows, settings)
-    markdown = "\n\n".join([f"# spp run report: {run}", "## Results", table,
-                            "## Sparsity and trainable parameters", settings_table(settings),
-                            "## Stages", stages_table(results),
-                            "## Reproduce each stage alone", "```bash\n" + "\n".join(r.command for r in results) + "\n```"])
-    return PipelineReport(output=run, steps=results, rows=rows, settings=settings, markdown=markdown + "\n", table=table)
-
-
-def _mask_names(prune_dir: Path) -> list[str]:
-    from spp.io.maskfile import load_masks
-
-    path = prune_dir / MASK_FILE
-    return sorted(load_masks(path)[0]) if path.is_file() else []
-
-
-def _fmt(value, kind: str = "num") -> str:
-    if value is None:
-        return "—"
-    if kind == "pct":
-        return f"{value:.2%}"
-    if kind == "int":
-        return f"{value:,}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _markdown_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
-
-
-def results_table(rows: list[dict], settings: list[dict]) -> str:
-    """Perplexities and zero-shot accuracies side by side: dense, then pruned and merged SPP per setting."""
-    metrics = []
-    for row in rows:
-        metrics += [k for k in row if k not in ("model", "setting", "sparsity") and k not in metrics]
-    first_ppl = next((m for m in metrics if m.startswith("ppl ")), None)
-    recovered = {s["setting"]: s.get(f"recovered {first_ppl}") for s in settings}
-    header = ["model", "sparsity", *metrics] + ([f"gap recovered ({first_ppl})"] if first_ppl else [])
-    body = []
-    for row in rows:
-        cells = [row["model"], _fmt(row.get("sparsity"), "pct"), *(_fmt(row.get(m)) for m in metrics)]
-        if first_ppl:
-            spp_row = row["model"].endswith("(merged)")
-            cells.append(_fmt(recovered.get(row["setting"]), "pct") if spp_row else "")
-        body.append(cells)
-    return _markdown_table(header, body)
-
-
-def settings_table(settings: list[dict]) -> str:
-    body = [[s["setting"], _fmt(s["sparsity_before"], "pct"), _fmt(s["sparsity_after"], "pct"),
-             "yes" if s["sparsity_equal"] else "NO", _fmt(s["trainable_params"], "int")] for s in settings]
-    return _markdown_table(["setting", "sparsity pruned", "sparsity merged", "equal", "trainable params"], body)
-
-
-def stages_table(results: list[StepResult]) -> str:
-    body = []
-    for r in results:
-        rss = r.peak_memory.get("host_rss")
-        cuda = r.peak_memory.get("cuda_allocated")
-        memory = "—" if rss is None else f"{rss / 2**20:,.0f} MiB" + (f" (GPU {cuda / 2**20:,.0f} MiB)" if cuda else "")
-        body.append([r.label, r.status, "—" if r.wall_time_s is None else f"{r.wall_time_s:.1f}", memory])
-    return _markdown_table(["stage", "this run", "wall time (s)", "peak memory"], body)
-
-
-def report_json(report: PipelineReport) -> dict:
-    return {"output": str(report.output), "rows": report.rows, "settings": report.settings,
-            "steps": [dataclasses.asdict(s) for s in report.steps]}

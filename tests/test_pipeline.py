@@ -250,4 +250,7 @@ def test_bad_input_is_one_line_before_any_work(fixture_dir, tmp_path, change, fl
 
 def test_missing_pipeline_file(tmp_path):
     result = CliRunner().invoke(app, ["run", str(tmp_path / "nope.yaml")])
-    assert result.exit_code == 1 and result.stderr.strip() == f"error: config {tmp_path / 'nope.yaml'} does not exist"
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1
+    assert lines[0].startswith(f"error: config {tmp_path / 'nope.yaml'} does not exist (bundled configs: ")
+    assert "pipeline_stories.yaml" in lines[0]
