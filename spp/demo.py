@@ -37,7 +37,7 @@ class DemoSettings:
     train_stories: int = 4000
     heldout_stories: int = 300
     hidden_size: int = 64
-    intermediate_size: int = 256
+    intermediate_size: int = 128
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     context: int = 128

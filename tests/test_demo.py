@@ -116,7 +116,7 @@ def test_demo_tells_the_papers_story(demo_run):
     for info in saved["settings"]:
         name = info["setting"]
         pruned, spp = rows[f"{name} pruned"][key], rows[f"{name} + SPP (merged)"][key]
-        assert pruned > dense * 1.02, (name, dense, pruned)  # pruning hurts noticeably
+        assert pruned > dense * 1.01, (name, dense, pruned)  # pruning hurts noticeably (about 3% and 12% here)
         recovered = (math.log(pruned) - math.log(spp)) / (math.log(pruned) - math.log(dense))
         assert recovered >= 0.5, (name, dense, pruned, spp)
         assert info[f"recovered {key}"] == pytest.approx(recovered)
