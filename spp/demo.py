@@ -159,7 +159,7 @@ def demo_corpus(seed: int, n_stories: int) -> list[str]:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def demo_tokenizer(texts: list[str], context: int):
+def demo_tokenizer(texts: list[str]):
     """A word-level tokenizer whose vocabulary is every word of `texts` (sorted) plus the special tokens.
 
     Returns:
@@ -216,6 +216,10 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train_demo_model(settings: DemoSettings, tokenizer, train_ids, log=print):
     """Train the demo LLaMA from scratch on random windows of the token stream `train_ids` (n_tokens,).
+
+    Each step takes `batch_size` windows of `context` tokens at seeded random offsets and
+    minimises the mean next-token cross-entropy with AdamW (β = 0.9, 0.95), gradients
+    clipped to norm 1, learning rate from `lr_at`.
 
     Returns:
         The trained model in eval mode (float32, CPU).
@@ -280,7 +284,7 @@ def ensure_demo_model(settings: DemoSettings = DemoSettings(), log=print) -> Pat
     start = time.perf_counter()
     train_text = demo_corpus(settings.seed, settings.train_stories)
     heldout_text = demo_corpus(settings.seed + 1_000_003, settings.heldout_stories)
-    tokenizer = demo_tokenizer(train_text + heldout_text, settings.context)
+    tokenizer = demo_tokenizer(train_text + heldout_text)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(threads, 4)))  # a model this small gains nothing from more
     try:

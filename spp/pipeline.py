@@ -108,7 +108,10 @@ def _train_config(cfg: PipelineConfig, source: str, base: Path, output: Path) ->
     if config_name is not None:
         layers.append((str(find_config(config_name)), read_yaml(find_config(config_name))))
     layers += [(f"{source}: train", inline), ("spp run", {"base_model": str(base), "output_dir": str(output)})]
-    return merge_into(TrainConfig, layers), inline, config_name
+    train_cfg = merge_into(TrainConfig, layers)
+    if not train_cfg.data_path:
+        raise SppError(f"{source}: train: has no data_path (an Alpaca .json/.jsonl, a .txt or a hub dataset name)")
+    return train_cfg, inline, config_name
 
 
 def plan(cfg: PipelineConfig, source: str = "pipeline") -> list[Step]:

@@ -100,7 +100,7 @@ def build_report(run: Path, steps: list[Step], results: list[StepResult]) -> Pip
         info = {
             "setting": name, "method": step.config.method, "pattern": step.config.pattern,
             "sparsity_before": before, "sparsity_after": after,
-            "sparsity_equal": before is not None and after is not None and before == after,
+            "sparsity_equal": None if before is None or after is None else before == after,
             "trainable_params": adapter_parameter_count(run / name / "train"),
         }
         ppl_keys = [k for k in dense_numbers if k.startswith("ppl ")]
@@ -162,7 +162,7 @@ def results_table(rows: list[dict], settings: list[dict]) -> str:
 
 def settings_table(settings: list[dict]) -> str:
     body = [[s["setting"], _fmt(s["sparsity_before"], "pct"), _fmt(s["sparsity_after"], "pct"),
-             "yes" if s["sparsity_equal"] else "NO", _fmt(s["trainable_params"], "int")] for s in settings]
+             {True: "yes", False: "NO", None: "—"}[s["sparsity_equal"]], _fmt(s["trainable_params"], "int")] for s in settings]
     return _markdown_table(["setting", "sparsity pruned", "sparsity merged", "equal", "trainable params"], body)
 
 

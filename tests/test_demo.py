@@ -45,7 +45,7 @@ def test_tokenizer_round_trips_the_corpus_and_loads_with_autotokenizer(tmp_path)
     from transformers import AutoTokenizer
 
     stories = demo.demo_corpus(0, 200)
-    tokenizer = demo.demo_tokenizer(stories, 128)
+    tokenizer = demo.demo_tokenizer(stories)
     ids = tokenizer(stories[0], add_special_tokens=False)["input_ids"]
     assert len(ids) == len(stories[0].split()) and tokenizer.unk_token_id not in ids
     assert tokenizer.decode(ids) == stories[0]

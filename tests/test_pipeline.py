@@ -31,7 +31,7 @@ def make_fixture(root: Path) -> Path:
     from spp.demo import demo_corpus, demo_tokenizer
 
     train, heldout = demo_corpus(0, 150), demo_corpus(1, 40)
-    tokenizer = demo_tokenizer(train + heldout, 64)
+    tokenizer = demo_tokenizer(train + heldout)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -224,6 +224,7 @@ BAD = [
     ({"prune": {"method": "wanda", "nsample": 4}}, [], "unknown key 'nsample'", "nsamples"),
     ({"prune": {"output": "elsewhere"}}, [], "prune.output is set by `spp run` itself", None),
     ({"train": {"max_step": 3}}, [], "unknown key 'max_step'", "max_steps"),
+    ({"train": {"data_path": ""}}, [], "train: has no data_path", None),
     ({"eval": {"tasks": "boolq", "ppl": []}}, [], "tasks", None),
     ({"sweep": [{"pattern": "2:4"}, {"pattern": "2:4", "nsamples": 4}]}, [], "would both write into", "name"),
     ({"sweep": [{"pattern": "2:4", "name": "dense"}]}, [], "cannot be a setting folder name", None),
