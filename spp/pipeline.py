@@ -63,8 +63,8 @@ class Step:
 
 def _absolute_if_local(value: str | None) -> str | None:
     """A path that exists relative to the working directory becomes absolute (so records do not depend on cwd)."""
-    if value is None:
-        return None
+    if not value:
+        return value
     path = Path(value).expanduser()
     return str(path.resolve()) if path.exists() else value
 
