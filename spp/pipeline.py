@@ -17,8 +17,9 @@ path and overwrite/resume flags) hash to the same sha256 as now, whose input fil
 still have the recorded sha256, whose output files are all present, and which is
 newer than the manifests of the stages it reads. Anything else re-runs the stage, and
 so every stage after it. An interrupted training run resumes from its last
-checkpoint. This module does no math and reads no numbers: `spp.report` builds the
-report from the stages' manifests and results files and the saved weights.
+checkpoint, an interrupted prune from its last finished block. This module does no
+math and reads no numbers: `spp.report` builds the report from the stages' manifests
+and results files and the saved weights.
 """
 
 from __future__ import annotations
@@ -332,7 +333,7 @@ def resumable_train(step: Step) -> bool:
 
 @dataclass
 class StepResult:
-    """What happened to one step: `ran`, `resumed`, `skipped (up to date)` or `not in --from/--until`."""
+    """What happened to one step: `ran`, `resumed`, `skipped (up to date)`, or outside --from/--until."""
 
     label: str
     stage: str
@@ -356,12 +357,25 @@ def reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_step(step: Step, resume: bool) -> None:
-    """Run one step's stage entry with its output replaced (or, for train, resumed)."""
+def resumable_prune(step: Step) -> bool:
+    """True when `prune.partial/` holds the per-block progress of an interrupted prune."""
+    from spp.io.progress import progress_dir
+
+    return progress_dir(partial_path(step.folder)).is_dir()
+
+
+def run_step(step: Step, resume: bool, log: Callable[[str], None] = print) -> None:
+    """Run one step's stage entry with its output replaced (or, for prune and train, resumed)."""
     if step.stage == "prune":
         from spp.prune import run_prune
 
-        run_prune(dataclasses.replace(step.config, overwrite=True))
+        try:
+            run_prune(dataclasses.replace(step.config, overwrite=True, resume=resume))
+        except SppError as exc:
+            if not (resume and str(exc).startswith("--resume:")):
+                raise
+            log(f"{step.label}: cannot resume ({exc}); starting over")  # e.g. the calibration text changed
+            run_prune(dataclasses.replace(step.config, overwrite=True))
     elif step.stage == "train":
         from spp.train import run_train
 
@@ -416,11 +430,12 @@ def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | N
             log(f"{step.label}: skipped (up to date)")
             results.append(_result(step, "skipped (up to date)", None))
             continue
-        resume = step.stage == "train" and not force and resumable_train(step)
+        resume = not force and ((step.stage == "train" and resumable_train(step)) or
+                                (step.stage == "prune" and resumable_prune(step)))
         reason = "interrupted" if resume else reason
-        log(f"{step.label}: {'resuming from its last checkpoint' if resume else 'running'} ({reason})")
+        log(f"{step.label}: {'resuming where it stopped' if resume else 'running'} ({reason})")
         reset_peak_memory()
-        run_step(step, resume)
+        run_step(step, resume, log)
         gc.collect()
         results.append(_result(step, "resumed" if resume else "ran", reason))
     report = build_report(run, steps, results)

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from spp.cli import app
-from spp.io.maskfile import load_masks
 from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE, RESULTS_FILE, sha256_file
 from spp.pipeline import REPORT_JSON, REPORT_MD, run_pipeline
 
@@ -192,12 +191,30 @@ def test_killed_during_training_resumes_to_the_same_adapter(first_run, fixture_d
     report = run_pipeline(path, log=lines.append)
     assert statuses(report)["wanda-2of4/prune"] == "skipped (up to date)"
     assert statuses(report)["wanda-2of4/train"] == "resumed"
-    assert "wanda-2of4/train: resuming from its last checkpoint (interrupted)" in lines
+    assert "wanda-2of4/train: resuming where it stopped (interrupted)" in lines
     resumed = load_file(str(tmp_path / "run" / "wanda-2of4" / "train" / ADAPTER_WEIGHTS_FILE))
     straight = load_file(str(reference.output / "wanda-2of4" / "train" / ADAPTER_WEIGHTS_FILE))
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in straight.items() if k.endswith("beta"))
+
+
+def test_killed_during_pruning_resumes_at_the_next_block(first_run, fixture_dir, tmp_path):
+    _, reference, _ = first_run
+    path = write(tmp_path / "p.yaml", pipeline_dict(fixture_dir, tmp_path / "run", sweep=[{"pattern": "2:4"}]))
+    env = {**os.environ, "SPP_FAULT": "prune_block:0", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([str(Path(sys.executable).parent / "spp"), "run", str(path), "--until", "prune"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "run" / "wanda-2of4" / "prune.partial").is_dir()
+    lines: list[str] = []
+    report = run_pipeline(path, until_stage="prune", log=lines.append)
+    assert statuses(report)["wanda-2of4/prune"] == "resumed"
+    assert "wanda-2of4/prune: resuming where it stopped (interrupted)" in lines
+    resumed = tmp_path / "run" / "wanda-2of4" / "prune"
+    assert sha256_file(resumed / MASK_FILE) == sha256_file(reference.output / "wanda-2of4" / "prune" / MASK_FILE)
+    assert sha256_file(resumed / "model.safetensors") == sha256_file(
+        reference.output / "wanda-2of4" / "prune" / "model.safetensors")
 
 
 def test_reproduce_commands_rebuild_the_same_outputs(first_run, tmp_path):
@@ -208,9 +225,7 @@ def test_reproduce_commands_rebuild_the_same_outputs(first_run, tmp_path):
     prune[prune.index("--output") + 1] = out
     result = CliRunner().invoke(app, prune[1:])
     assert result.exit_code == 0, result.output
-    again, _ = load_masks(Path(out) / MASK_FILE)
-    first, _ = load_masks(report.output / "wanda-2of4" / "prune" / MASK_FILE)
-    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    assert sha256_file(Path(out) / MASK_FILE) == sha256_file(report.output / "wanda-2of4" / "prune" / MASK_FILE)
     evaluate = shlex.split(commands["wanda-2of4/eval/merged"])
     evaluate[evaluate.index("--output") + 1] = str(tmp_path / "eval")
     assert CliRunner().invoke(app, evaluate[1:]).exit_code == 0
