@@ -193,10 +193,11 @@ def row_group_table(rows: list[dict], default_r: int) -> str:
 def cost_table(rows: list[dict], show_memory: bool) -> str:
     """Median cost per recovery over all seed-0 default cells, with ratios to LoRA measured in the same run."""
     kinds = [k for k in ("spp", "lora-unmerged", "lora-merged", "hira", "none")
-             if any(r["recovery"] == k for r in rows)]
+             if any(r["recovery"] == k and r["method"] != "dense" for r in rows)]
     med = {}
     for kind in kinds:
-        members = [r for r in rows if r["recovery"] == kind and r["seed"] == 0 and r["method"] != "dense"]
+        members = [r for r in rows if r["recovery"] == kind and r["method"] != "dense"]
+        members = [r for r in members if r["seed"] == 0] or members  # a partial grid may lack seed 0
         med[kind] = {key: statistics.median([m[key] for m in members]) if all(m[key] is not None for m in members)
                      else None for key in ("trainable", "step_s", "train_mem_bytes", "infer_tokens_per_s")}
     ref = med.get("lora-unmerged")
