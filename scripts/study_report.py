@@ -106,16 +106,25 @@ def summarise(rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- markdown
 
 
-def fmt_ppl(value: float | None) -> str:
+def ppl_decimals(value: float) -> int:
+    """3 decimals below 10, 1 below 1000, else none."""
+    return 3 if value < 10 else 1 if value < 1000 else 0
+
+
+def fmt_ppl(value: float | None, decimals: int | None = None) -> str:
     if value is None:
         return "–"
-    return f"{value:.3f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+    return f"{value:.{ppl_decimals(value) if decimals is None else decimals}f}"
 
 
-def fmt_pm(entry: dict, key: str, fmt=fmt_ppl) -> str:
+def fmt_pm(entry: dict, key: str, fmt=None) -> str:
+    """'mean ± sd' (sd with the mean's decimals), or the mean alone for one seed."""
     mean, sd = entry[f"{key}_mean"], entry[f"{key}_sd"]
     if mean is None:
         return "–"
+    if fmt is None:
+        digits = ppl_decimals(mean)
+        return fmt_ppl(mean, digits) + (f" ± {fmt_ppl(sd, digits)}" if sd is not None else "")
     return fmt(mean) + (f" ± {fmt(sd)}" if sd is not None else "")
 
 
