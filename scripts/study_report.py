@@ -379,7 +379,8 @@ def _adapter_share(report: dict) -> str:
               if r["trainable"] and not rec["cell"]["row_groups"]]
     if not shares:
         return "–"
-    return f"{100 * min(shares):.0f}%–{100 * max(shares):.0f}%"
+    low, high = f"{100 * min(shares):.0f}%", f"{100 * max(shares):.0f}%"
+    return low if low == high else f"{low}–{high}"
 
 
 def study_markdown(settings, summary: list[dict], rows: list[dict], report: dict) -> str:
@@ -482,7 +483,8 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], report: dict
         "stream of stories separated by blank lines, while the model was trained one story at a time. That is why "
         "a recovered fraction can exceed 1 (better than the dense model), on WikiText-2 too.",
         "- One learning rate serves every adapter (no per-method tuning), so a method that prefers another rate "
-        "is at a disadvantage. Times on a shared 2-core CPU are noisy; the ratios come from the same run.",
+        "is at a disadvantage. Times on a shared CPU are noisy: compare speeds with `bench.md`, whose ratios come "
+        "from measurements taken side by side.",
         "",
     ]
     return "\n".join(parts)
