@@ -53,3 +53,11 @@ def test_readme_block_runs(index, tmp_path, shared_data):
     assert result.returncode == 0, f"README block {index} failed:\n{script}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     if "spp run" in script:
         assert "skipped (up to date)" in result.stdout and (work / "runs" / "stories" / "report.md").is_file()
+
+
+def test_readme_pipeline_example_is_the_bundled_file():
+    """The `spp run` section shows configs/pipeline_stories.yaml; the two must say the same thing."""
+    section = README.read_text().split("## spp run: the whole chain from one file", 1)[1]
+    example = next(body for info, body in FENCE.findall(section) if info.strip() == "yaml")
+    bundled = README.parent / "configs" / "pipeline_stories.yaml"
+    assert yaml.safe_load(example) == yaml.safe_load(bundled.read_text())
