@@ -15,6 +15,23 @@ import torch
 from spp.errors import SppError
 
 
+def read_jsonl(path: Path) -> list:
+    """One JSON value per non-empty line.
+
+    Raises:
+        SppError: a line that is not valid JSON (naming the file and line number).
+    """
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise SppError(f"{path}:{lineno} is not valid JSON: {exc.msg}") from exc
+    return records
+
+
 def read_text_documents(path: Path, field: str = "text") -> list[str]:
     """Documents from a local file: a `.txt` is one document; `.jsonl`/`.json` records give `field`.
 
@@ -27,14 +44,7 @@ def read_text_documents(path: Path, field: str = "text") -> list[str]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
-            records = []
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except json.JSONDecodeError as exc:
-                            raise SppError(f"{path}:{lineno} is not valid JSON: {exc.msg}") from exc
+            records = read_jsonl(path)
         elif suffix == ".json":
             try:
                 records = json.loads(path.read_text(encoding="utf-8"))
@@ -241,14 +251,7 @@ def read_alpaca_records(source: str, split: str = "train") -> list[dict]:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".jsonl":
-            records = []
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except json.JSONDecodeError as exc:
-                            raise SppError(f"{path}:{lineno} is not valid JSON: {exc.msg}") from exc
+            records = read_jsonl(path)
         else:
             try:
                 records = json.loads(path.read_text(encoding="utf-8"))

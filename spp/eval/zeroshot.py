@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from spp.data import read_jsonl
 from spp.errors import SppError
 
 LOCAL_SUFFIX = "_local"
@@ -44,18 +45,6 @@ class LocalTask:
 
 
 # --------------------------------------------------------------------------- converters (pure: files -> rows)
-
-
-def _jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise SppError(f"{path}:{lineno} is not valid JSON: {exc.msg}") from exc
-    return rows
 
 
 def _labels(path: Path, n: int) -> list[str]:
@@ -78,7 +67,7 @@ def boolq_rows(paths: list[Path]) -> list[dict]:
         with open(path, encoding="utf-8", newline="") as f:
             records = list(csv.DictReader(f))
     else:
-        records = _jsonl(path)
+        records = read_jsonl(path)
     rows = []
     for i, r in enumerate(records):
         _need(r, ("question", "passage", "label"), path, i)
@@ -92,7 +81,7 @@ def boolq_rows(paths: list[Path]) -> list[dict]:
 def piqa_rows(paths: list[Path]) -> list[dict]:
     """PIQA `valid.jsonl` + `valid-labels.lst` -> goal, sol1, sol2, label (0/1)."""
     data, labels_path = paths
-    records = _jsonl(data)
+    records = read_jsonl(data)
     labels = _labels(labels_path, len(records))
     for i, r in enumerate(records):
         _need(r, ("goal", "sol1", "sol2"), data, i)
@@ -103,7 +92,7 @@ def arc_rows(paths: list[Path]) -> list[dict]:
     """ARC `ARC-*-Test.jsonl` (nested question.stem/choices) -> question, choices{text,label}, answerKey."""
     (path,) = paths
     rows = []
-    for i, r in enumerate(_jsonl(path)):
+    for i, r in enumerate(read_jsonl(path)):
         _need(r, ("question", "answerKey"), path, i)
         q = r["question"]
         rows.append({
@@ -118,7 +107,7 @@ def arc_rows(paths: list[Path]) -> list[dict]:
 def winogrande_rows(paths: list[Path]) -> list[dict]:
     """WinoGrande `dev.jsonl` + `dev-labels.lst` -> sentence, option1, option2, answer ("1"/"2")."""
     data, labels_path = paths
-    records = _jsonl(data)
+    records = read_jsonl(data)
     labels = _labels(labels_path, len(records))
     rows = []
     for i, (r, y) in enumerate(zip(records, labels)):
@@ -131,7 +120,7 @@ def rte_rows(paths: list[Path]) -> list[dict]:
     """SuperGLUE-style RTE (premise, hypothesis, entailment/not_entailment) -> GLUE columns, label 0 = entailment."""
     (path,) = paths
     rows = []
-    for i, r in enumerate(_jsonl(path)):
+    for i, r in enumerate(read_jsonl(path)):
         _need(r, ("premise", "hypothesis", "label"), path, i)
         label = r["label"]
         if isinstance(label, str):
@@ -146,7 +135,7 @@ def openbookqa_rows(paths: list[Path]) -> list[dict]:
     """OpenBookQA as {query, choices[4], gold} -> question_stem, choices{text,label A-D}, answerKey."""
     (path,) = paths
     rows = []
-    for i, r in enumerate(_jsonl(path)):
+    for i, r in enumerate(read_jsonl(path)):
         _need(r, ("query", "choices", "gold"), path, i)
         letters = [chr(ord("A") + k) for k in range(len(r["choices"]))]
         rows.append({"id": str(i), "question_stem": r["query"], "choices": {"text": list(r["choices"]), "label": letters},
