@@ -109,7 +109,10 @@ def prune(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (only once the new one is complete)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed or interrupted run at its first unfinished block (same settings)."),
 ):
-    """Prune a causal LM block by block (Wanda, SparseGPT or magnitude) and write it with its mask file."""
+    """Prune a causal LM block by block (Wanda, SparseGPT or magnitude) and write it with its mask file.
+
+    Example: spp prune --model ../shared/data/stories260K-hf --method wanda --pattern 2:4 --calib ../shared/data/tinystories/tinystories_val.txt --nsamples 64 --seqlen 256 --output pruned
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -140,7 +143,10 @@ def prune(
 
 @command("verify")
 def verify(directory: str = typer.Argument(..., help="An spp output directory (prune or merge).")):
-    """Check a checkpoint against its mask file and manifest; non-zero exit on any violation."""
+    """Check a checkpoint against its mask file and manifest; non-zero exit on any violation.
+
+    Example: spp verify pruned
+    """
     from rich.console import Console
 
     from spp.verify import verify_checkpoint
@@ -163,7 +169,10 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set learning_rate=1e-3 (repeatable)."),
 ):
-    """Fine-tune a pruned model with the SPP adapter (every pruned zero stays zero)."""
+    """Fine-tune a pruned model with the SPP adapter (every pruned zero stays zero).
+
+    Example: spp train --config tinystories.yaml --model pruned --data ../shared/data/tinystories/tinystories_val.txt --output train
+    """
     import os
 
     from spp.config import TrainConfig, find_config, merge_into, parse_set, read_yaml
@@ -194,7 +203,10 @@ def merge(
     output: str = typer.Option("merged", "--output", help="The merged model directory (built in OUTPUT.partial)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
 ):
-    """Merge an SPP adapter into its pruned base, shard by shard; the result is a plain HF model, as sparse as the base."""
+    """Merge an SPP adapter into its pruned base, shard by shard; the result is a plain HF model, as sparse as the base.
+
+    Example: spp merge --model pruned --adapter train --output merged
+    """
     from spp.config import MergeConfig
     from spp.merge import run_merge
 
@@ -230,7 +242,10 @@ def eval_(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
     compare: bool = typer.Option(False, "--compare", help="Print earlier results side by side instead of evaluating."),
 ):
-    """Perplexity (Wanda/SparseGPT protocol) and lm-eval zero-shot accuracy; or --compare earlier results."""
+    """Perplexity (Wanda/SparseGPT protocol) and lm-eval zero-shot accuracy; or --compare earlier results.
+
+    Example: spp eval --model merged --ppl wikitext2 --tasks boolq,piqa --output eval
+    """
     from rich.console import Console
     from rich.table import Table
 
