@@ -1,0 +1,323 @@
+"""Read a model directory once, into the `Checkpoint` that every stage receives.
+
+`read_checkpoint(dir)` resolves, in one pass and without reading any weight values: the
+safetensors shards (each header whole, each promised byte present, every shard an index
+names on disk), each saved tensor's shard, dtype and shape; the saved-name ↔
+parameter-name correspondence *as transformers resolves it* (its conversion mapping and
+the model's `base_model_prefix`, so `h.0.attn.c_attn.weight` is GPT-2's
+`transformer.h.0.attn.c_attn.weight`); transformers' own verdict on the weights (its
+loader run on the meta device over tensors built from the headers: missing, unexpected
+and mismatched keys); the manifest; and the mask file (its sha256 checked against the
+manifest, each entry naming a saved tensor of its shape). Refusals are one `SppError`
+naming the file: a missing weight, a shape mismatch, a truncated or corrupt shard, a
+saved tensor the model does not have. A saved tensor that transformers itself ignores for
+the architecture (`_keys_to_ignore_on_load_unexpected`, old `rotary_emb.inv_freq` buffers)
+gets a one-line warning: it is not used and `save_pretrained` will not write it again.
+Weight values are hashed only by `spp verify` (against the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from spp.errors import SppError
+from spp.io.checkpoint import MANIFEST_FILE, MASK_FILE, safetensors_files, safetensors_keys, sha256_file
+
+INDEX_SUFFIX = ".safetensors.index.json"
+CONFIG_FILE = "config.json"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """One tensor as a shard stores it."""
+
+    shard: Path
+    dtype: str  # the safetensors dtype string, e.g. "F32"
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Checkpoint:
+    """A model directory, resolved once: shards, names, the module tree, the manifest and the mask file.
+
+    Attributes:
+        directory: the local directory (a hub id is resolved to its cached snapshot).
+        config: the transformers config `config.json` describes.
+        model: that model's module tree on the meta device (no memory), with transformers' parameter names.
+        tensors: saved tensor name -> its shard, dtype and shape.
+        saved_names: parameter (or persistent buffer) name -> the saved tensor it is loaded from, for every
+            one-to-one correspondence (a fused mixture-of-experts parameter built from several saved tensors
+            has none).
+        ignored: saved tensors transformers ignores for this architecture (not loaded, not saved again).
+        manifest: the directory's `spp_manifest.json`, or None when it has none.
+        mask_sha256: sha256 of `masks.safetensors`, or None when there is no mask file.
+        mask_shapes: saved tensor name -> the shape its mask records (from the mask file's header).
+    """
+
+    directory: Path
+    config: Any
+    model: nn.Module
+    tensors: dict[str, SavedTensor]
+    saved_names: dict[str, str]
+    ignored: list[str] = field(default_factory=list)
+    manifest: Any = None
+    mask_sha256: str | None = None
+    mask_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def mask_file(self) -> Path:
+        return self.directory / MASK_FILE
+
+    @property
+    def shards(self) -> list[Path]:
+        """The weight shards, sorted."""
+        return sorted({t.shard for t in self.tensors.values()})
+
+    def saved_name(self, parameter: str) -> str:
+        """The saved tensor name of a parameter (`transformer.h.0.attn.c_attn.weight` -> `h.0.attn.c_attn.weight`)."""
+        try:
+            return self.saved_names[parameter]
+        except KeyError:
+            raise SppError(f"{self.directory} holds no saved tensor for the parameter {parameter}") from None
+
+    def parameter_name(self, saved: str) -> str | None:
+        """The parameter a saved tensor is loaded into, or None."""
+        return {s: p for p, s in self.saved_names.items()}.get(saved)
+
+    def read_masks(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The mask file: (bool masks in the stored weight's shape, layouts), both keyed by saved tensor name.
+
+        Raises:
+            SppError: there is no mask file, or it is corrupt.
+        """
+        from spp.io.maskfile import load_masks
+
+        if self.mask_sha256 is None:
+            raise SppError(f"{self.directory} has no {MASK_FILE} (is it an `spp prune` output?)")
+        return load_masks(self.mask_file)
+
+    def masks_by_parameter(self) -> dict[str, torch.Tensor]:
+        """The mask file keyed by in-memory parameter name (masks in the stored weight's shape, True = keep)."""
+        masks, _ = self.read_masks()
+        out = {}
+        for saved, keep in masks.items():
+            name = self.parameter_name(saved)
+            if name is None:  # read_checkpoint checked every entry; a file changed since then
+                raise SppError(f"{self.mask_file} names {saved}, which the model in {self.directory} does not have")
+            out[name] = keep
+        return out
+
+    def check_mask_hash(self, expected: str | None, who: str) -> str:
+        """The mask file's sha256, refused unless it equals `expected` (from an adapter config or a manifest).
+
+        Raises:
+            SppError: no mask file, or another hash (naming both and `who` recorded it).
+        """
+        if self.mask_sha256 is None:
+            raise SppError(f"{self.directory} has no {MASK_FILE} (is it an `spp prune` output?)")
+        if expected is not None and self.mask_sha256 != expected:
+            raise SppError(f"{self.mask_file} has sha256 {self.mask_sha256[:12]}… but {who} records {expected[:12]}…: "
+                           "the mask changed or this is a different base")
+        return self.mask_sha256
+
+
+def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoint:
+    """Resolve a model directory (or a hub id) into a `Checkpoint`; see the module docstring.
+
+    Args:
+        source: a local directory, or a hub id (resolved to its local snapshot).
+        need_manifest: refuse a directory without `spp_manifest.json` (read first, so its errors come first).
+
+    Raises:
+        SppError: the first problem, naming the file.
+    """
+    from spp.io.manifest import read_manifest
+
+    directory = _local_directory(str(source))
+    manifest = None
+    if need_manifest or (directory / MANIFEST_FILE).is_file():
+        manifest = read_manifest(directory)
+    if not (directory / CONFIG_FILE).is_file():
+        raise SppError(f"model {source} holds no model (no {CONFIG_FILE})")
+    from spp.models import load_config
+
+    config = load_config(str(directory))
+    tensors = saved_tensors(directory)
+    model, saved_names, ignored = _resolve_names(directory, config, tensors)
+    if ignored:
+        print(f"warning: {directory} holds {len(ignored)} tensor(s) that transformers ignores for "
+              f"{type(model).__name__} (first: {ignored[0]}); they are not used and are not written again",
+              file=sys.stderr)
+    ckpt = Checkpoint(directory=directory, config=config, model=model, tensors=tensors, saved_names=saved_names,
+                      ignored=ignored, manifest=manifest)
+    if (directory / MASK_FILE).is_file():
+        ckpt.mask_sha256 = sha256_file(directory / MASK_FILE)
+        if manifest is not None and manifest.mask_sha256:
+            ckpt.check_mask_hash(manifest.mask_sha256, who=str(directory / MANIFEST_FILE))
+        _read_mask_header(ckpt)
+    return ckpt
+
+
+def _local_directory(name_or_path: str) -> Path:
+    """A local model directory as is; a hub id as its (cached) snapshot, weights in safetensors only."""
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise SppError(f"model {name_or_path} does not exist")
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # noqa: BLE001 - hub errors have many types; all mean "cannot get this model"
+        raise SppError(f"cannot load a model config from {name_or_path}: {str(exc).splitlines()[0]}") from exc
+
+
+def saved_tensors(directory: Path) -> dict[str, SavedTensor]:
+    """Saved tensor name -> (shard, dtype, shape), from the headers; every shard whole, every indexed shard present.
+
+    Raises:
+        SppError: a truncated or corrupt shard, an index naming a missing shard, a tensor in two shards, or
+            no safetensors shard at all (names the file).
+    """
+    for index in directory.glob(f"*{INDEX_SUFFIX}"):
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise SppError(f"{index} is not a valid safetensors index ({exc})") from exc
+        for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).is_file():
+                raise SppError(f"{index} names the shard {directory / shard}, which is missing")
+    out: dict[str, SavedTensor] = {}
+    for shard in safetensors_files(directory):
+        for name, (dtype, shape) in safetensors_keys(shard).items():
+            if name in out:
+                raise SppError(f"{shard} and {out[name].shard} both hold {name}")
+            out[name] = SavedTensor(shard, dtype, tuple(shape))
+    if not out:
+        raise SppError(f"{directory} holds no safetensors weights (spp reads *.safetensors only)")
+    return out
+
+
+def _resolve_names(directory: Path, config, tensors: dict[str, SavedTensor]):
+    """transformers' loader on the meta device over header-shaped tensors: its verdict and its name mapping.
+
+    Returns:
+        (the meta model, parameter name -> saved name, saved names transformers ignores).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    config_file = directory / CONFIG_FILE
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError as exc:
+        raise SppError(f"{config_file} does not describe a causal LM spp can build "
+                       f"({type(config).__name__} has no causal-LM class in transformers)") from exc
+    state = {name: torch.empty(t.shape, dtype=_DTYPES.get(t.dtype, torch.float32), device="meta")
+             for name, t in tensors.items()}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # our refusal below is the report; transformers' table would be a second one
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = model_class.from_pretrained(None, config=config, state_dict=state, device_map="meta",
+                                                  output_loading_info=True, ignore_mismatched_sizes=True)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise SppError(f"{config_file} does not describe these weights as transformers loads them: "
+                       f"{str(exc).splitlines()[0]}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    renamed = _renamed_keys(model, tensors)
+    _refuse(directory, info, tensors, renamed)
+    state = model.state_dict()
+    saved_names = {key: saved for saved, (key, pattern) in renamed.items() if key in state and pattern is None}
+    ignored = sorted((saved for saved, (key, _) in renamed.items() if key not in state), key=_natural)
+    return model, saved_names, ignored
+
+
+def _renamed_keys(model, tensors: dict[str, SavedTensor]) -> dict[str, tuple[str, str | None]]:
+    """Saved name -> (the state-dict key transformers loads it into, the converter pattern or None).
+
+    The two-step lookup of `transformers.core_model_loading.convert_and_load_state_dict_in_model`: every
+    renaming, at most one converter (which merges several saved tensors into one parameter, e.g. experts),
+    and the base-model prefix added or stripped as the model's state dict needs.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    state, prefix = model.state_dict(), model.base_model_prefix
+    out = {}
+    for saved in tensors:
+        key, pattern = rename_source_key(saved, renamings, converters, prefix, state)
+        if key not in state and saved in state:
+            key, pattern = rename_source_key(saved, [], [], base_model_prefix=prefix, meta_state_dict=state)
+        out[saved] = (key, pattern)
+    return out
+
+
+def _refuse(directory: Path, info: dict, tensors: dict[str, SavedTensor], renamed: dict) -> None:
+    """Refuse what transformers would re-initialise or drop: mismatched, missing and unexpected tensors."""
+    config_file = directory / CONFIG_FILE
+    saved_of = {key: saved for saved, (key, _) in renamed.items()}
+    mismatched = sorted(info["mismatched_keys"], key=lambda m: _natural(m[0]))
+    if mismatched:
+        key, saved_shape, model_shape = mismatched[0]
+        saved = saved_of.get(key, key)
+        shard = tensors[saved].shard if saved in tensors else directory
+        raise SppError(f"{config_file} disagrees with the weights: {saved} is {tuple(saved_shape)} in {shard} "
+                       f"but the config makes it {tuple(model_shape)} ({len(mismatched)} such tensors)")
+    missing = sorted(info["missing_keys"], key=_natural)
+    if missing:
+        raise SppError(f"{config_file} disagrees with the weights: it describes {missing[0]}, which no shard in "
+                       f"{directory} holds ({len(missing)} such tensors; more layers or modules than were saved?)")
+    unexpected = sorted(info["unexpected_keys"], key=_natural)
+    if unexpected:
+        saved = saved_of.get(unexpected[0], unexpected[0])
+        shard = tensors[saved].shard if saved in tensors else directory
+        raise SppError(f"{config_file} disagrees with the weights: {shard} holds {saved}, which the model "
+                       f"the config describes does not have ({len(unexpected)} such tensors)")
+
+
+def _read_mask_header(ckpt: Checkpoint) -> None:
+    """Check each mask-file entry names a saved tensor of the shape it records (header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = ckpt.mask_file
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SppError(f"mask file {path} is corrupt or truncated: {exc}") from exc
+    for name in keys:
+        try:
+            shape = tuple(json.loads(metadata[name])["shape"])
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise SppError(f"mask file {path}: entry {name} has no valid metadata") from exc
+        if name not in ckpt.tensors:
+            raise SppError(f"{path} names {name}, which no weight shard in {ckpt.directory} holds")
+        if shape != ckpt.tensors[name].shape:
+            raise SppError(f"{path}: the mask for {name} has shape {shape} but {ckpt.tensors[name].shard} stores "
+                           f"it as {ckpt.tensors[name].shape}")
+        ckpt.mask_shapes[name] = shape
+
+
+def _natural(name: str) -> list:
+    """Sort key that orders `layers.2` before `layers.10`."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
