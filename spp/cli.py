@@ -165,6 +165,7 @@ def train(
     data: Optional[str] = typer.Option(None, "--data", help="Alpaca .json/.jsonl, a plain .txt, or a datasets hub name."),
     output: Optional[str] = typer.Option(None, "--output", help="The output directory (built in OUTPUT.partial)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="The dense model to distil from (with kd_weight or squarehead_weight > 0)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set learning_rate=1e-3 (repeatable)."),
@@ -178,7 +179,7 @@ def train(
     from spp.config import TrainConfig, find_config, merge_into, parse_set, read_yaml
 
     path = find_config(config)
-    flags = {"base_model": model, "data_path": data, "output_dir": output, "max_steps": max_steps,
+    flags = {"base_model": model, "data_path": data, "output_dir": output, "max_steps": max_steps, "teacher": teacher,
              "resume": resume or None, "overwrite": overwrite or None}
     cfg = merge_into(TrainConfig, [(str(path), read_yaml(path)),
                                    ("flags", {k: v for k, v in flags.items() if v is not None}),

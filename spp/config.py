@@ -175,6 +175,13 @@ class TrainConfig:
     lora_r: int = 8
     lora_dropout: float = 0.0
     target_modules: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    # Distillation from the dense model (spp.train.losses): the loss is ce_weight·CE + kd_weight·T²·KL
+    # + squarehead_weight·SquareHead, each per target token; kd/squarehead need a teacher.
+    teacher: str = ""  # the dense model that was pruned (`spp run` sets it when a distillation weight is > 0)
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0  # KL(teacher ‖ student) of the logits at temperature kd_temperature, times T²
+    kd_temperature: float = 1.0
+    squarehead_weight: float = 0.0  # per-block ‖h_t − h_s‖² / ‖h_t‖² (Kurtic et al. 2023)
     overwrite: bool = False
     resume: bool = False
 
@@ -199,7 +206,23 @@ class TrainConfig:
         _check_range("weight_decay", self.weight_decay, 0.0)
         if self.max_grad_norm is not None:
             _check_range("max_grad_norm", self.max_grad_norm, 0.0, lo_open=True)
+        self._check_distillation()
         self.adapter_config()  # checks the adapter keys (a non-zero lora_dropout among them)
+
+    def _check_distillation(self) -> None:
+        for key in ("ce_weight", "kd_weight", "squarehead_weight"):
+            _check_range(key, getattr(self, key), 0.0)
+        _check_range("kd_temperature", self.kd_temperature, 0.0, lo_open=True)
+        distilling = self.kd_weight > 0 or self.squarehead_weight > 0
+        if not distilling and self.ce_weight == 0:
+            raise SppError("ce_weight, kd_weight and squarehead_weight are all 0: nothing to train on; set one > 0")
+        if distilling and not self.teacher:
+            which = "kd_weight" if self.kd_weight > 0 else "squarehead_weight"
+            raise SppError(f"{which}={getattr(self, which)} needs a teacher: pass --teacher (the dense model that was "
+                           "pruned) or set teacher in the config")
+        if self.teacher and not distilling:
+            raise SppError(f"teacher {self.teacher} is set but kd_weight and squarehead_weight are both 0, so it "
+                           "would not be used: set one of them > 0 or drop the teacher")
 
     def adapter_config(self, base_model: str = "", mask_sha256: str = ""):
         """The `AdapterConfig` these settings describe (it raises SppError on bad adapter keys)."""

@@ -105,9 +105,15 @@ def _train_config(cfg: PipelineConfig, source: str, base: Path, output: Path) ->
     _check_section("train", inline)
     if "data_path" in inline:
         inline["data_path"] = _absolute_if_local(inline["data_path"])
+    if inline.get("teacher"):
+        inline["teacher"] = _absolute_if_local(inline["teacher"])
     layers = []
     if config_name is not None:
         layers.append((str(find_config(config_name)), read_yaml(find_config(config_name))))
+    values = {k: v for _, layer in layers for k, v in layer.items()} | inline
+    weights = [values.get(k) for k in ("kd_weight", "squarehead_weight")]
+    if not values.get("teacher") and any(isinstance(w, (int, float)) and w > 0 for w in weights):
+        inline["teacher"] = _absolute_if_local(cfg.model)  # distillation on: the teacher is the model that was pruned
     layers += [(f"{source}: train", inline), ("spp run", {"base_model": str(base), "output_dir": str(output)})]
     train_cfg = merge_into(TrainConfig, layers)
     if not train_cfg.data_path:

@@ -44,6 +44,7 @@ class TrainReport:
     tokens_seen: int
     resumed_from: int  # the step a --resume started at (0 for a fresh run)
     wall_time_s: float
+    teacher_param_bytes: int = 0  # the distillation teacher's parameters in memory (0 without a teacher)
 
 
 def run_train(cfg: TrainConfig) -> TrainReport:
@@ -56,10 +57,12 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     from spp.adapter.model import add_spp, count_trainable, save_adapter
     from spp.io.checkpoint import masks_by_parameter
     from spp.models import load_model, load_tokenizer
+    from spp.train.distill import Distillation, check_teacher, load_teacher, parameter_bytes
     from spp.train.loop import LoopInputs, LoopState, checkpoint_dirs, load_checkpoint, train_loop, truncate_log
 
     start = time.time()
     base, output, mask_sha256 = check_inputs(cfg)
+    teacher_dir = check_teacher(cfg, base) if cfg.teacher else None  # configs and tokenizers only: cheap
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer(str(base))
     train, val = build_examples(cfg, tokenizer)
@@ -68,6 +71,9 @@ def run_train(cfg: TrainConfig) -> TrainReport:
 
     from accelerate.utils import set_seed
 
+    teacher = None
+    if teacher_dir is not None:  # before set_seed, so the student's init draws the same numbers as without one
+        teacher = load_teacher(teacher_dir, PRECISIONS[cfg.precision][1], accelerator.device)
     set_seed(cfg.seed)  # the same α init on every process
     model = load_model(str(base), dtype=PRECISIONS[cfg.precision][1])
     masks = masks_by_parameter(model, base)
@@ -78,7 +84,8 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     trainable = count_trainable(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the teacher is not prepared: no DDP wrapper, no grads
+    distill = Distillation.build(cfg, teacher, accelerator.unwrap_model(model)) if teacher is not None else None
 
     with output_workdir(accelerator, output, cfg) as workdir:
         state = LoopState()
@@ -90,12 +97,16 @@ def run_train(cfg: TrainConfig) -> TrainReport:
         elif accelerator.is_main_process:
             write_yaml(workdir / RESOLVED_CONFIG_FILE, cfg)
         resumed_from = state.step
-        inputs = LoopInputs(train=train, val=val, pad_id=pad_id, total_steps=total_steps, cfg=cfg, workdir=workdir)
+        inputs = LoopInputs(train=train, val=val, pad_id=pad_id, total_steps=total_steps, cfg=cfg, workdir=workdir,
+                            distill=distill)
         state = train_loop(accelerator, model, optimizer, adapter_cfg, inputs, state)
         report = TrainReport(output=output, steps=state.step, train_loss=state.train_loss, val_loss=state.val_loss,
                              trainable_params=trainable, adapted_modules=len(adapted), train_examples=len(train),
                              val_examples=len(val), world_size=accelerator.num_processes,
-                             tokens_seen=state.tokens_seen, resumed_from=resumed_from, wall_time_s=time.time() - start)
+                             tokens_seen=state.tokens_seen, resumed_from=resumed_from, wall_time_s=time.time() - start,
+                             teacher_param_bytes=parameter_bytes(teacher) if teacher is not None else 0)
+        if distill is not None:
+            distill.close()
         unwrapped = accelerator.unwrap_model(model)
         if accelerator.is_main_process:
             check_pruned_zeros(unwrapped, masks)
@@ -278,6 +289,8 @@ def write_train_manifest(workdir: Path, cfg: TrainConfig, base: Path, mask_sha25
     details = {key: getattr(report, key) for key in ("steps", "train_loss", "val_loss", "trainable_params",
                                                      "adapted_modules", "train_examples", "val_examples",
                                                      "world_size", "tokens_seen", "resumed_from")}
+    if cfg.teacher:  # a second full model in the training dtype, besides its activations for one micro-batch
+        details.update(teacher=str(Path(cfg.teacher).expanduser().resolve()), teacher_param_bytes=report.teacher_param_bytes)
     manifest = Manifest(stage="train", settings=to_dict(cfg), inputs=inputs, mask_sha256=mask_sha256,
                         details={"base_model": str(base), **details}, wall_time_s=report.wall_time_s,
                         peak_memory=peak_memory_bytes())

@@ -25,11 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from spp.adapter.model import adapter_state_dict, read_adapter_weights, save_adapter
 from spp.config import TrainConfig
-from spp.data import IGNORE_INDEX, pad_batch
+from spp.data import pad_batch
 from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
 from spp.io.checkpoint import (
@@ -43,6 +42,8 @@ from spp.io.checkpoint import (
     read_json,
     write_json,
 )
+from spp.train.distill import Distillation
+from spp.train.losses import kd_kl_sum, squarehead_sum, summed_nll, target_count
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
@@ -82,25 +83,6 @@ def rank_slice(indices: list[int], rank: int, world_size: int) -> list[int]:
     """This process's contiguous share of a global batch (len divisible by world_size)."""
     share = len(indices) // world_size
     return indices[rank * share : (rank + 1) * share]
-
-
-def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ_t −log p(labels[t] | ids[:t]) over target positions (labels ≠ IGNORE_INDEX), in float32.
-
-    Args:
-        logits: (B, T, V). labels: (B, T); position t is predicted by logits[:, t - 1].
-
-    Returns:
-        A scalar: the summed NLL (not the mean).
-    """
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
-def target_count(labels: torch.Tensor) -> int:
-    """Number of target positions `summed_nll` sums over: labels[:, 1:] ≠ IGNORE_INDEX."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 # --------------------------------------------------------------------------- state on disk
@@ -284,30 +266,63 @@ class LoopInputs:
     total_steps: int
     cfg: TrainConfig
     workdir: Path
+    distill: Distillation | None = None  # the teacher, when kd_weight or squarehead_weight > 0
 
 
-def _step(accelerator, model, batches: list[dict], world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward/backward over this process's micro-batches; gradients of Σ NLL / N_global.
+TERMS = ("ce", "kd", "squarehead")  # the loss terms logged besides the total, in _step's order
+
+
+def _micro_batch_loss(accelerator, model, batch: dict, ce_weight: float,
+                      distill: Distillation | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's ce_weight·Σnll + kd_weight·Σkl + squarehead_weight·Σsq (differentiable) and the
+    three sums (float64, detached; a term whose weight is 0 is not computed and reads 0)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if distill is None:
+        nll = summed_nll(model(**inputs).logits, batch["labels"])
+        loss = nll if ce_weight == 1.0 else ce_weight * nll
+        return loss, torch.stack([nll.detach().double(), *torch.zeros(2, dtype=torch.float64, device=nll.device)])
+    labels = batch["labels"]
+    teacher_rec = distill.teacher_blocks.recording() if distill.teacher_blocks else contextlib.nullcontext([])
+    student_rec = distill.student_blocks.recording() if distill.student_blocks else contextlib.nullcontext([])
+    # The teacher first, without a graph: only its logits (and block outputs) outlive its forward.
+    with torch.no_grad(), accelerator.autocast(), teacher_rec as teacher_hiddens:
+        teacher_logits = distill.teacher(**inputs).logits
+    with student_rec as student_hiddens:
+        logits = model(**inputs).logits
+    nll = summed_nll(logits, labels)
+    zero = torch.zeros((), dtype=torch.float32, device=nll.device)
+    kl = kd_kl_sum(logits, teacher_logits, labels, distill.temperature) if distill.kd_weight > 0 else zero
+    sq = squarehead_sum(student_hiddens, teacher_hiddens, labels) if distill.squarehead_weight > 0 else zero
+    loss = sum(w * term for w, term in ((ce_weight, nll), (distill.kd_weight, kl), (distill.squarehead_weight, sq))
+               if w > 0)
+    return loss, torch.stack([nll.detach(), kl.detach(), sq.detach()]).double()
+
+
+def _step(accelerator, model, batches: list[dict], world_size: int, ce_weight: float = 1.0,
+          distill: Distillation | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward/backward over this process's micro-batches; gradients of (ce_weight·Σ NLL + the
+    distillation terms) / N_global.
 
     N_global, the target count of the whole global batch, is all-reduced first. DDP
     averages gradients over processes, so each process scales its loss by world_size.
 
     Returns:
-        (Σ NLL over the global batch, N_global, input tokens of the global batch).
+        (Σ over the global batch of (loss, NLL, KL, SquareHead) as a float64 (4,) tensor, N_global,
+        input tokens of the global batch).
     """
     local = torch.tensor([sum(target_count(b["labels"]) for b in batches),
                           sum(int(b["attention_mask"].sum()) for b in batches)], device=accelerator.device)
     n_targets, n_tokens = accelerator.reduce(local, reduction="sum")
-    nll_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    totals = torch.zeros(1 + len(TERMS), dtype=torch.float64, device=accelerator.device)
     for k, batch in enumerate(batches):
         batch = {key: v.to(accelerator.device) for key, v in batch.items()}
         sync = contextlib.nullcontext() if k == len(batches) - 1 else accelerator.no_sync(model)
         with sync:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            nll = summed_nll(logits, batch["labels"])
-            accelerator.backward(nll * (world_size / n_targets.clamp(min=1)))
-        nll_total += nll.detach().double()
-    return accelerator.reduce(nll_total, reduction="sum"), n_targets, n_tokens
+            loss, terms = _micro_batch_loss(accelerator, model, batch, ce_weight, distill)
+            accelerator.backward(loss * (world_size / n_targets.clamp(min=1)))
+        totals[0] += loss.detach().double()
+        totals[1:] += terms
+    return accelerator.reduce(totals, reduction="sum"), n_targets, n_tokens
 
 
 def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, state: LoopState) -> LoopState:
@@ -335,8 +350,8 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             ids = rank_slice(global_batch(len(inputs.train), cfg.batch_size, cfg.seed, state.step), rank, world)
             batches = [pad_batch([inputs.train[i] for i in ids[j : j + micro]], inputs.pad_id)
                        for j in range(0, len(ids), micro)]
-            nll, n_targets, n_tokens = _step(accelerator, model, batches, world)
-            loss = float(nll / n_targets.clamp(min=1))
+            sums, n_targets, n_tokens = _step(accelerator, model, batches, world, cfg.ce_weight, inputs.distill)
+            loss = float(sums[0] / n_targets.clamp(min=1))
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 _stop_on_bad_loss(loss, state.step + 1, inputs.workdir)
@@ -357,6 +372,10 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
                 record = {"step": state.step, "epoch": state.step * cfg.batch_size / len(inputs.train), "loss": loss,
                           "lr": lr, "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": state.tokens_seen,
                           "example_ids": _gather_ids(accelerator, ids)}
+                if inputs.distill is not None:  # each term / N, as optimised before its weight
+                    weights = (cfg.ce_weight, cfg.kd_weight, cfg.squarehead_weight)
+                    record.update({name: float(sums[i + 1] / n_targets.clamp(min=1))
+                                   for i, name in enumerate(TERMS) if name == "ce" or weights[i] > 0})
             if inputs.val and (state.step % cfg.eval_steps == 0 or state.step == inputs.total_steps):
                 state.val_loss = evaluate(accelerator, model, inputs.val, micro, inputs.pad_id)
                 record = {**(record or {"step": state.step}), "val_loss": state.val_loss}
