@@ -297,7 +297,7 @@ def test_target_patterns_choose_layers(tiny_model):
     model = tiny_model("llama")
     names = add_spp(model, AdapterConfig(spp_row_groups=4, target_modules=["self_attn.*"]))
     assert len(names) == 8 and all(".self_attn." in n for n in names)
-    with pytest.raises(SppError, match="already has SPP"):
+    with pytest.raises(SppError, match="already has spp adapters"):
         add_spp(model, AdapterConfig())
     with pytest.raises(SppError, match="match no linear layer.*q_proj"):
         add_spp(tiny_model("llama"), AdapterConfig(target_modules=["attn.qkv"]))

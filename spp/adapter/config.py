@@ -1,6 +1,9 @@
-"""`AdapterConfig`: the SPP adapter's settings and their `adapter_config.json` form.
+"""`AdapterConfig`: the settings of a sparsity-preserving adapter and their `adapter_config.json` form.
 
-The adapter has r row groups (`spp_row_groups`) and a scale s = `lora_alpha` / `lora_r`.
+Three kinds (`kind`), all keeping every pruned entry +0.0:
+  - `spp`: W ⊙ (1 + s·Â ⊙ β·1ᵀ) with r row groups (`spp_row_groups`), s = `lora_alpha` / `lora_r`;
+  - `masked_lora`: W + M ⊙ (s·B·A) with rank `rank`, s = `lora_alpha` / `rank`;
+  - `full`: the kept entries of W themselves (no scale).
 It owns no tensors; `spp.adapter.model` applies it to a model and writes the weights.
 """
 
@@ -8,24 +11,37 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 from spp.errors import SppError
+from spp.typed import merge_into
 
-ADAPTER_TYPE = "SPP"
+ADAPTER_TYPE = "SPP"  # `peft_type` of every spp adapter, whatever its kind (PEFT cannot load any of them)
+KINDS = ("spp", "masked_lora", "full")
+
+
+def check_kind(kind, source: str = "adapter config") -> None:
+    """Raise a one-line SppError unless `kind` is one of KINDS (names it and the valid kinds)."""
+    if kind not in KINDS:
+        raise SppError(f"{source}: unknown adapter kind {kind!r} (valid kinds: {', '.join(KINDS)})")
 
 
 @dataclass
 class AdapterConfig:
-    """Settings of the SPP adapter (Lu et al., ICML 2024).
+    """Settings of one adapter.
 
     Attributes:
-        spp_row_groups: r, the number of rows of α (r × in); row k of α is shared by the
-            k-th contiguous block of output rows.
-        lora_alpha: numerator of the scale s = lora_alpha / lora_r.
-        lora_r: denominator of the scale. In SPP `lora_alpha` and `lora_r` only set s
-            (defaults 16 / 8 = 2, as in the reference code); `lora_r` is *not* a rank.
-        lora_dropout: must be 0. SPP computes W ⊙ (1 + s·Â ⊙ β) in one matrix product, so
-            there is no separate adapter branch whose input could be dropped out.
+        kind: `spp` (Lu et al., ICML 2024), `masked_lora` (SQFT's SparsePEFT, LoSA) or
+            `full` (masked full fine-tuning); see `spp.adapter` for the math of each.
+        spp_row_groups: SPP only. r, the number of rows of α (r × in); row k of α is shared
+            by the k-th contiguous block of output rows.
+        rank: masked LoRA only. r, the rank of B (out × r) · A (r × in).
+        lora_alpha: numerator of the scale: s = lora_alpha / lora_r (SPP) or lora_alpha / rank
+            (masked LoRA).
+        lora_r: SPP only, the denominator of its scale. In SPP `lora_alpha` and `lora_r` only
+            set s (defaults 16 / 8 = 2, as in the reference code); `lora_r` is *not* a rank.
+        lora_dropout: must be 0. Every kind computes its effective weight and does one matrix
+            product, so there is no separate adapter branch whose input could be dropped out.
         target_modules: fnmatch patterns over a linear layer's name relative to its decoder
             block (`self_attn.q_proj`, `*proj`, `mlp.*`); `*` adapts every linear layer
             inside the decoder blocks.
@@ -33,7 +49,9 @@ class AdapterConfig:
         mask_sha256: sha256 of that directory's `masks.safetensors` (merge refuses another base).
     """
 
+    kind: Literal["spp", "masked_lora", "full"] = "spp"
     spp_row_groups: int = 16
+    rank: int = 8
     lora_alpha: float = 16.0
     lora_r: int = 8
     lora_dropout: float = 0.0
@@ -42,16 +60,19 @@ class AdapterConfig:
     mask_sha256: str = ""
 
     def __post_init__(self):
+        check_kind(self.kind)
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         self.target_modules = list(self.target_modules)
         if self.spp_row_groups < 1:
             raise SppError(f"spp_row_groups={self.spp_row_groups} must be at least 1")
+        if self.rank < 1:
+            raise SppError(f"rank={self.rank} must be at least 1 (the rank of masked LoRA's B·A)")
         if self.lora_r <= 0:
-            raise SppError(f"lora_r={self.lora_r} must be positive (it only sets the scale lora_alpha / lora_r)")
+            raise SppError(f"lora_r={self.lora_r} must be positive (it only sets SPP's scale lora_alpha / lora_r)")
         if self.lora_dropout != 0:
             raise SppError(
-                f"lora_dropout={self.lora_dropout} is not supported: SPP folds the adapter into the weight and "
+                f"lora_dropout={self.lora_dropout} is not supported: spp folds the adapter into the weight and "
                 "does one matrix product, so there is no separate adapter branch to drop out; set lora_dropout: 0"
             )
         if not self.target_modules or not all(isinstance(p, str) and p for p in self.target_modules):
@@ -59,24 +80,28 @@ class AdapterConfig:
 
     @property
     def scale(self) -> float:
-        """s = lora_alpha / lora_r."""
-        return self.lora_alpha / self.lora_r
+        """s: lora_alpha / lora_r for SPP, lora_alpha / rank for masked LoRA, 1 for `full` (unused)."""
+        if self.kind == "spp":
+            return self.lora_alpha / self.lora_r
+        if self.kind == "masked_lora":
+            return self.lora_alpha / self.rank
+        return 1.0
 
     def to_json(self) -> dict:
-        """The `adapter_config.json` object: every field, plus the adapter type and the scale."""
+        """The `adapter_config.json` object: every field (`kind` among them), plus the adapter type and the scale."""
         return {"peft_type": ADAPTER_TYPE, **dataclasses.asdict(self), "scale": self.scale}
 
     @classmethod
     def from_json(cls, obj: dict, source: str = "adapter config") -> "AdapterConfig":
-        """Inverse of `to_json`.
+        """Inverse of `to_json`. A file without `kind` (written before there were kinds) is an SPP adapter.
 
         Raises:
-            SppError: not an SPP adapter, an unknown key, or a value of the wrong type (names `source`).
+            SppError: not an spp adapter, an unknown kind, an unknown key, or a value of the wrong
+                type (names `source`).
         """
-        from spp.config import merge_into
-
-        kind = obj.get("peft_type")
-        if kind != ADAPTER_TYPE:
-            raise SppError(f"{source} is not an SPP adapter (peft_type={kind!r}, expected {ADAPTER_TYPE!r})")
+        peft_type = obj.get("peft_type")
+        if peft_type != ADAPTER_TYPE:
+            raise SppError(f"{source} is not an SPP adapter (peft_type={peft_type!r}, expected {ADAPTER_TYPE!r})")
+        check_kind(obj.get("kind", "spp"), source)
         values = {k: v for k, v in obj.items() if k not in ("peft_type", "scale")}
         return merge_into(cls, [(source, values)])

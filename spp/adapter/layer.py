@@ -199,13 +199,18 @@ class SPPLinear(nn.Module):
         base_layer: the layer to adapt (its parameters are frozen here).
         row_groups: r, at most out.
         scale: s.
+        name: the layer's name in the model, for error messages.
     """
 
-    def __init__(self, base_layer: nn.Module, row_groups: int, scale: float):
+    kind = "spp"
+
+    def __init__(self, base_layer: nn.Module, row_groups: int, scale: float, name: str = ""):
         super().__init__()
         out_features, in_features = weight_out_in(base_layer).shape
-        if not 1 <= row_groups <= out_features:
-            raise SppError(f"spp_row_groups={row_groups} must be between 1 and the layer's {out_features} output rows")
+        if row_groups < 1:
+            raise SppError(f"spp_row_groups={row_groups} must be at least 1")
+        if row_groups > out_features:
+            raise SppError(f"{name or 'the layer'} has {out_features} output rows, fewer than spp_row_groups={row_groups}")
         self.base_layer = base_layer.requires_grad_(False)
         self.scale = float(scale)
         device = base_layer.weight.device
@@ -222,6 +227,10 @@ class SPPLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors `adapter_model.safetensors` holds for this layer (detached, sharing storage)."""
+        return {"spp_alpha": self.spp_alpha.detach(), "spp_beta": self.spp_beta.detach()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         W = weight_out_in(self.base_layer)  # (out, in) view
@@ -243,3 +252,33 @@ class SPPLinear(nn.Module):
     def extra_repr(self) -> str:
         r, in_features = self.spp_alpha.shape
         return f"row_groups={r}, in={in_features}, out={self.spp_beta.shape[0]}, scale={self.scale:g}"
+
+
+# ------------------------------------------------------------------ the table's uniform entry points
+
+TENSORS = ("spp_alpha", "spp_beta")
+
+
+def tensor_shapes(out_features: int, in_features: int, cfg) -> dict[str, tuple[int, ...]]:
+    """The saved tensors of one adapted (out, in) layer and their shapes."""
+    return {"spp_alpha": (cfg.spp_row_groups, in_features), "spp_beta": (out_features,)}
+
+
+def make_layer(name: str, base_layer: nn.Module, cfg, keep: torch.Tensor | None) -> SPPLinear:
+    """SPP needs no mask: W_eff multiplies W, so every zero of W stays zero (`keep` is unused)."""
+    return SPPLinear(base_layer, cfg.spp_row_groups, cfg.scale, name=name)
+
+
+def effective(W, keep, tensors: dict, scale: float) -> torch.Tensor:
+    return effective_weight(W, tensors["spp_alpha"], tensors["spp_beta"], scale)
+
+
+def gradients(G, W, keep, tensors: dict, scale: float) -> dict[str, torch.Tensor]:
+    """dα, dβ from G = dL/dW_eff (out, in): the group reductions of G ⊙ W."""
+    alpha = tensors["spp_alpha"]
+    d_alpha, d_beta = _group_grads(G.to(_compute_dtype(G, alpha)) * W, alpha, tensors["spp_beta"], scale)
+    return {"spp_alpha": d_alpha, "spp_beta": d_beta}
+
+
+def merged(W, keep, tensors: dict, scale: float) -> torch.Tensor:
+    return spp_merge_weight(W, tensors["spp_alpha"], tensors["spp_beta"], scale, keep)

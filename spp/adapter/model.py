@@ -1,9 +1,11 @@
-"""Put SPP adapters into a model, save and load them, and merge them in memory.
+"""Put adapters of any kind into a model, save and load them, and merge them in memory.
 
-`add_spp` wraps the chosen linear layers of the decoder blocks in `SPPLinear` and
-freezes everything else; `save_adapter` / `load_adapter` write and read
-`adapter_model.safetensors` (only α and β) and `adapter_config.json`. The streaming
-merge of a saved checkpoint is `spp.merge`; the layer math is `spp.adapter.layer`.
+`add_adapter` wraps the chosen linear layers of the decoder blocks in the layer of the
+config's kind (`spp.adapter.ADAPTERS`) and freezes everything else; `save_adapter` /
+`load_adapter` write and read `adapter_model.safetensors` (only the trained tensors) and
+`adapter_config.json` (with the `kind`). Nothing here knows a kind: the math is in
+`spp.adapter.layer` (SPP), `spp.adapter.masked_lora` and `spp.adapter.full`. The streaming
+merge of a saved checkpoint is `spp.merge`.
 """
 
 from __future__ import annotations
@@ -14,14 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spp.adapter import ADAPTERS, LAYER_TYPES
 from spp.adapter.config import AdapterConfig
-from spp.adapter.layer import SPPLinear
 from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, read_json, write_json
 from spp.models import find_decoder_blocks, find_linear_layers
 from spp.prune.masks import pruned_is_positive_zero
-
-ADAPTER_PARAMS = ("spp_alpha", "spp_beta")
 
 
 def target_layers(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
@@ -56,55 +56,76 @@ def _check_pruned_zeros(name: str, layer: nn.Module, keep: torch.Tensor) -> None
                        "this base is not the pruned model the mask belongs to (spp never re-masks it)")
 
 
-def add_spp(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Tensor] | None = None) -> list[str]:
-    """Wrap every target linear layer in `SPPLinear` (in place) and freeze all other parameters.
+def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Wrap every target linear layer in the layer of `cfg.kind` (in place) and freeze all other parameters.
 
     Args:
-        model: a Hugging Face causal LM without SPP layers.
-        cfg: row groups, scale and target patterns.
-        masks: optional keep-masks keyed by in-memory parameter name (`<module>.weight`,
-            stored layout, as from `io.checkpoint.masks_by_parameter`). Each target weight
-            must be bitwise +0.0 wherever its mask says pruned.
+        model: a Hugging Face causal LM without adapter layers.
+        cfg: the kind, its sizes and scale, and the target patterns.
+        masks: keep-masks keyed by in-memory parameter name (`<module>.weight`, stored layout,
+            as from `io.reader.Checkpoint.masks_by_parameter`). Each target weight must be bitwise
+            +0.0 wherever its mask says pruned. Optional for `spp` (its update multiplies W);
+            `masked_lora` and `full` need the mask of every target layer.
 
     Returns:
         The adapted module names, in model order.
 
     Raises:
-        SppError: the model already has SPP layers, no layer matches, or a base weight
-            breaks its mask (names the module).
+        SppError: the model already has adapter layers, no layer matches, a base weight breaks
+            its mask, a target layer has no mask where the kind needs one, or a layer is too
+            small for the adapter (each names the module).
     """
-    if any(isinstance(m, SPPLinear) for m in model.modules()):
-        raise SppError("the model already has SPP adapters")
+    if any(isinstance(m, LAYER_TYPES) for m in model.modules()):
+        raise SppError("the model already has spp adapters")
+    kind = ADAPTERS[cfg.kind]
     targets = target_layers(model, cfg.target_modules)
-    if masks is not None:
-        for name, layer in targets.items():
-            if f"{name}.weight" in masks:
-                _check_pruned_zeros(name, layer, masks[f"{name}.weight"])
-    model.requires_grad_(False)
+    masks = masks or {}
     for name, layer in targets.items():
+        keep = masks.get(f"{name}.weight")
+        if keep is not None:
+            _check_pruned_zeros(name, layer, keep)
+        elif kind.needs_mask:
+            raise SppError(f"{name} has no entry in the keep-masks (masks.safetensors); adapter kind {cfg.kind!r} "
+                           "needs the mask of every target layer")
+    model.requires_grad_(False)
+    wrapped = {}
+    for name, layer in targets.items():  # build every layer before changing the model, so an error leaves it alone
+        keep = masks.get(f"{name}.weight")
+        wrapped[name] = kind.make_layer(name, layer, cfg, None if keep is None else keep.to(layer.weight.device))
+    for name, new in wrapped.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, SPPLinear(layer, cfg.spp_row_groups, cfg.scale))
+        setattr(model.get_submodule(parent_name), child, new)
     return list(targets)
 
 
+add_spp = add_adapter  # the name from before there were several kinds
+
+
+def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every adapter layer of the model, by module name, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)}
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter parameters, keyed `<module path>.spp_alpha` / `.spp_beta` (detached)."""
-    return {
-        name: param.detach()
-        for name, param in model.named_parameters()
-        if name.rpartition(".")[2] in ADAPTER_PARAMS
-    }
+    """The trained tensors, keyed `<module path>.<tensor>` (detached, sharing storage with the parameters).
+
+    One entry per trainable parameter, in the order of `model.parameters()`: SPP's `spp_alpha`,
+    `spp_beta`; masked LoRA's `lora_A`, `lora_B`; `full`'s `full_weight` ((out, in) view of the
+    trained weight). Copying into an entry writes the parameter.
+    """
+    return {f"{name}.{key}": tensor for name, m in adapter_layers(model).items()
+            for key, tensor in m.adapter_tensors().items()}
 
 
 def save_adapter(model: nn.Module, cfg: AdapterConfig, directory: Path) -> None:
-    """Write `adapter_model.safetensors` (α and β) and `adapter_config.json` into `directory`."""
+    """Write `adapter_model.safetensors` (the trained tensors) and `adapter_config.json` into `directory`."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     if not state:
-        raise SppError("the model has no SPP adapters to save")
+        raise SppError("the model has no spp adapters to save")
     save_file(state, str(directory / ADAPTER_WEIGHTS_FILE), metadata={"format": "spp-adapter"})
     write_json(directory / ADAPTER_CONFIG_FILE, cfg.to_json())
 
@@ -141,12 +162,12 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path, masks: dict[str, torch.Tensor] | None = None) -> AdapterConfig:
-    """Add SPP layers to `model` as `adapter_dir` describes and load their α and β.
+    """Add adapter layers to `model` as `adapter_dir` describes (its kind) and load their tensors.
 
     Args:
-        model: the base (pruned) model, without SPP layers.
+        model: the base (pruned) model, without adapter layers.
         adapter_dir: an `spp train` output (or a checkpoint inside one).
-        masks: optional keep-masks to check the base against, as in `add_spp`.
+        masks: keep-masks, as in `add_adapter` (needed by `masked_lora` and `full`).
 
     Returns:
         The adapter's config.
@@ -158,7 +179,7 @@ def load_adapter(model: nn.Module, adapter_dir: Path, masks: dict[str, torch.Ten
     cfg = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir)  # read before touching the model
     path = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
-    add_spp(model, cfg, masks)
+    add_adapter(model, cfg, masks)
     params = dict(adapter_state_dict(model))
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
@@ -175,27 +196,31 @@ def load_adapter(model: nn.Module, adapter_dir: Path, masks: dict[str, torch.Ten
     return cfg
 
 
-def merge_spp(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Replace every `SPPLinear` by its base layer holding the merged weight (in place).
+def merge_adapter(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace every adapter layer by its base layer holding the merged weight (in place).
 
     Args:
-        masks: optional keep-masks by parameter name (`<module>.weight`, stored layout);
-            without them every zero of W stays +0.0.
+        masks: optional keep-masks by parameter name (`<module>.weight`, stored layout); the
+            entries they mark pruned come out +0.0. Without one, SPP keeps every zero of W at
+            +0.0 and the other kinds use the mask they were built with.
 
     Returns:
-        The same model, with plain linear layers.
+        The same model, with plain linear layers (frozen).
     """
-    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, SPPLinear)]
-    for name, module in wrapped:
+    for name, module in adapter_layers(model).items():
         keep = None if masks is None else masks.get(f"{name}.weight")
         base = module.base_layer
         with torch.no_grad():
             base.weight.copy_(module.merged_weight(keep))
+        base.requires_grad_(False)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, base)
     return model
 
 
+merge_spp = merge_adapter  # the name from before there were several kinds
+
+
 def count_trainable(model: nn.Module) -> int:
-    """The number of trainable parameters (α and β after `add_spp`)."""
+    """The number of trainable parameters (the adapter's, after `add_adapter`)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
