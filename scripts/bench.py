@@ -67,7 +67,8 @@ def prepare_merge_inputs(root: Path, layers: int, tokenizer_dir: str, max_shard_
     from spp.adapter.config import AdapterConfig
     from spp.adapter.model import add_spp, save_adapter
     from spp.config import PruneConfig
-    from spp.io.checkpoint import MASK_FILE, masks_by_parameter, sha256_file
+    from spp.io.checkpoint import MASK_FILE, sha256_file
+    from spp.io.reader import read_checkpoint
     from spp.models import load_model, load_tokenizer
     from spp.prune import run_prune
 
@@ -78,7 +79,7 @@ def prepare_merge_inputs(root: Path, layers: int, tokenizer_dir: str, max_shard_
                           max_shard_size=max_shard_size))
     model = load_model(str(pruned))
     cfg = AdapterConfig(base_model=str(pruned), mask_sha256=sha256_file(pruned / MASK_FILE))
-    add_spp(model, cfg, masks_by_parameter(model, pruned))
+    add_spp(model, cfg, read_checkpoint(pruned).masks_by_parameter())
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -97,7 +98,8 @@ def measure_merge(impl: str, pruned: str, adapter: str, output: str) -> dict:
 
     from spp.adapter.model import load_adapter, merge_spp
     from spp.config import MergeConfig
-    from spp.io.checkpoint import masks_by_parameter, save_model
+    from spp.io.checkpoint import save_model
+    from spp.io.reader import read_checkpoint
     from spp.merge import run_merge
     from spp.models import load_model
 
@@ -108,7 +110,7 @@ def measure_merge(impl: str, pruned: str, adapter: str, output: str) -> dict:
         run_merge(MergeConfig(model=pruned, adapter=adapter, output=output))
     else:
         model = load_model(pruned)
-        masks = masks_by_parameter(model, Path(pruned))
+        masks = read_checkpoint(pruned).masks_by_parameter()
         load_adapter(model, Path(adapter), masks)
         merge_spp(model, masks)
         save_model(model, None, Path(output), max_shard_size="100MB")

@@ -1,7 +1,8 @@
-"""`spp merge`: fold a trained SPP adapter into its pruned base, one safetensors shard at a time.
+"""`spp merge`: fold a trained adapter of any kind into its pruned base, one safetensors shard at a time.
 
-Each adapted weight becomes W ⊙ (1 + s·Â ⊙ β·1ᵀ) (computed in float32, cast back, pruned
-entries +0.0; see `spp.adapter.layer.spp_merge_weight`). Only one shard and one merged
+The adapter's `kind` (`adapter_config.json`) picks the merged weight from `spp.adapter.ADAPTERS`:
+W ⊙ (1 + s·Â ⊙ β·1ᵀ) for SPP, W + M ⊙ (s·B·A) for masked LoRA, M ⊙ W_trained for `full`, each
+computed in float32, cast back, with every pruned entry +0.0 bitwise. Only one shard and one merged
 tensor are in memory at a time, so peak memory is about the largest shard plus one tensor.
 The output is a plain Hugging Face directory with the same shard names and index, the
 unchanged `masks.safetensors` and a manifest, built atomically. Nothing here trains or
@@ -17,18 +18,18 @@ from pathlib import Path
 
 import torch
 
+from spp.adapter import ADAPTERS
 from spp.adapter.config import AdapterConfig
-from spp.adapter.layer import spp_merge_weight
-from spp.adapter.model import ADAPTER_PARAMS, read_adapter_config, read_adapter_weights, target_layers
+from spp.adapter.model import read_adapter_config, read_adapter_weights, target_layers
 from spp.config import MergeConfig, to_dict
 from spp.errors import SppError
 from spp.io.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE,
                                RESOLVED_CONFIG_FILE, RESULTS_FILE, atomic_dir, check_output_dir, safetensors_files,
-                               safetensors_keys, sha256_file, shard_index)
-from spp.io.integrity import check_model_dir
-from spp.io.manifest import Manifest, check_mask_hash, peak_memory_bytes, read_manifest, write_manifest
-from spp.io.maskfile import load_masks
-from spp.models import is_conv1d, load_config
+                               sha256_file)
+from spp.io.conditions import run_conditions
+from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
+from spp.io.reader import Checkpoint, read_checkpoint
+from spp.models import is_conv1d
 from spp.prune.masks import pruned_is_positive_zero
 
 NOT_COPIED = {MANIFEST_FILE, RESOLVED_CONFIG_FILE, RESULTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE}
@@ -36,13 +37,12 @@ NOT_COPIED = {MANIFEST_FILE, RESOLVED_CONFIG_FILE, RESULTS_FILE, ADAPTER_CONFIG_
 
 @dataclass
 class MergeTarget:
-    """One adapted weight: where it is saved, its layout, and its α (r, in) and β (out,)."""
+    """One adapted weight: where it is saved, its layout, and the adapter's tensors for it (by short name)."""
 
     module: str
     tensor: str
     conv1d: bool
-    alpha: torch.Tensor
-    beta: torch.Tensor
+    tensors: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -53,6 +53,7 @@ class MergeReport:
     n_modules: int
     n_shards: int
     mask_sha256: str
+    kept_zero: int  # kept entries (mask True) that are zero in the merged weights
     wall_time_s: float
     peak_memory: dict
 
@@ -66,73 +67,51 @@ def resolve_base(cfg: MergeConfig, adapter_cfg: AdapterConfig) -> Path:
     return Path(adapter_cfg.base_model).expanduser()
 
 
-def _meta_model(model_dir: Path):
-    """The model's module tree on the meta device: names and layer types, no weights."""
-    from transformers import AutoModelForCausalLM
-
-    config = load_config(str(model_dir))
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError) as exc:
-        raise SppError(f"{model_dir} does not hold a causal language model spp can build: {exc}") from exc
-
-
-def saved_weight_name(module: str, saved_names) -> str | None:
-    """The saved name of `<module>.weight`: verbatim, or the unique saved name ending in its longest suffix.
-
-    A family that renames on save keeps the block-relative tail (`layers.0.attention.dense.weight`).
-    """
-    wanted = f"{module}.weight"
-    if wanted in saved_names:
-        return wanted
-    parts = wanted.split(".")
-    for start in range(1, len(parts) - 2):
-        tail = "." + ".".join(parts[start:])
-        hits = [name for name in saved_names if name.endswith(tail)]
-        if len(hits) == 1:
-            return hits[0]
-        if hits:
-            return None
-    return None
-
-
-def merge_targets(model_dir: Path, adapter_dir: Path, adapter_cfg: AdapterConfig) -> list[MergeTarget]:
-    """Match the adapter's tensors to the base's saved weights, checking names and shapes.
+def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfig) -> list[MergeTarget]:
+    """Match the adapter's tensors to the base's saved weights, checking names and shapes for its kind.
 
     Raises:
         SppError: the adapter does not fit the base (names the module, file and shapes).
     """
     weights = read_adapter_weights(adapter_dir)
     weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
-    layers = target_layers(_meta_model(model_dir), adapter_cfg.target_modules)
-    modules = {key.rpartition(".")[0] for key in weights}
-    if modules != set(layers) or len(weights) != 2 * len(modules):
-        extra = sorted(modules - set(layers)) or sorted(set(layers) - modules)
+    model_dir = base.directory
+    kind = ADAPTERS[adapter_cfg.kind]
+    layers = target_layers(base.model, adapter_cfg.target_modules)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        module, _, short = key.rpartition(".")
+        by_module.setdefault(module, {})[short] = value
+    if set(by_module) != set(layers):
+        extra = sorted(set(by_module) - set(layers)) or sorted(set(layers) - set(by_module))
         raise SppError(f"adapter weights {weights_path} do not fit the model in {model_dir} "
-                       f"(first mismatched module: {extra[0] if extra else 'a module lacks spp_alpha or spp_beta'})")
-    index = shard_index(model_dir)
-    shapes = {name: shape for shard in safetensors_files(model_dir) for name, (_, shape) in safetensors_keys(shard).items()}
+                       f"(first mismatched module: {extra[0]})")
     targets = []
     for module, layer in layers.items():
-        alpha, beta = (weights[f"{module}.{p}"] for p in ADAPTER_PARAMS)
-        tensor = saved_weight_name(module, index)
-        if tensor is None:
-            raise SppError(f"{model_dir} has no saved weight for the adapted module {module}")
+        tensor = base.saved_name(f"{module}.weight")  # the name transformers loads it from
         conv1d = is_conv1d(layer)
-        out_in = shapes[tensor][::-1] if conv1d else shapes[tensor]
-        if alpha.dim() != 2 or beta.dim() != 1 or [beta.shape[0], alpha.shape[1]] != list(out_in):
-            raise SppError(f"adapter weights {weights_path}: {module} has α {tuple(alpha.shape)} and β "
-                           f"{tuple(beta.shape)}, but {tensor} is (out, in) = {tuple(out_in)}")
-        targets.append(MergeTarget(module, tensor, conv1d, alpha, beta))
+        shape = base.tensors[tensor].shape
+        out_in = shape[::-1] if conv1d else shape
+        expected = {short: tuple(size) for short, size in kind.tensor_shapes(out_in[0], out_in[1], adapter_cfg).items()}
+        got = {short: tuple(t.shape) for short, t in by_module[module].items()}
+        if got != expected:
+            raise SppError(f"adapter weights {weights_path}: {module} has {_shapes(got)}, but a {adapter_cfg.kind} "
+                           f"adapter of {tensor} ((out, in) = {tuple(out_in)}) needs {_shapes(expected)}")
+        targets.append(MergeTarget(module, tensor, conv1d, by_module[module]))
     return targets
 
 
-def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget], masks: dict, scale: float) -> None:
+def _shapes(shapes: dict) -> str:
+    return ", ".join(f"{name} {shape}" for name, shape in sorted(shapes.items()))
+
+
+def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget], masks: dict,
+                adapter_cfg: AdapterConfig) -> None:
     """Write `shard` to `destination` with every target weight merged; other tensors copied as they are."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    kind = ADAPTERS[adapter_cfg.kind]
     tensors = {}
     with safe_open(str(shard), "pt") as f:
         metadata = f.metadata()
@@ -143,45 +122,53 @@ def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget],
                 keep = masks.get(name)
                 W = tensor.t() if target.conv1d else tensor  # (out, in)
                 if keep is None:
-                    keep = W != 0  # no mask: keep every zero of W at +0.0
+                    keep = W != 0  # no mask (SPP only; checked before): keep every zero of W at +0.0
                 elif target.conv1d:
                     keep = keep.t()
-                merged = spp_merge_weight(W, target.alpha, target.beta, scale, keep)
+                merged = kind.merged_weight(W, keep, target.tensors, adapter_cfg.scale)
                 tensor = (merged.t() if target.conv1d else merged).contiguous()
             tensors[name] = tensor
     save_file(tensors, str(destination), metadata=metadata)
 
 
-def check_invariant(directory: Path, masks: dict[str, torch.Tensor]) -> int:
+def check_invariant(directory: Path, masks: dict[str, torch.Tensor]) -> tuple[int, int]:
     """Every entry a mask marks pruned is bitwise +0.0 in the written shards.
 
     Returns:
-        The number of tensors checked.
+        (the number of tensors checked, the number of kept entries that are zero).
 
     Raises:
         RuntimeError: a pruned entry is not +0.0 (a bug in merge, not a user error).
     """
     from safetensors import safe_open
 
-    checked = 0
+    checked = kept_zero = 0
     for shard in safetensors_files(directory):
         with safe_open(str(shard), "pt") as f:
             for name in f.keys():
                 if name in masks:
-                    bad = ~pruned_is_positive_zero(f.get_tensor(name), masks[name])
+                    weight = f.get_tensor(name)
+                    bad = ~pruned_is_positive_zero(weight, masks[name])
                     if bad.any():
                         raise RuntimeError(f"merged {name} has {int(bad.sum())} pruned entries that are not +0.0")
+                    kept_zero += int(((weight == 0) & masks[name]).sum())
                     checked += 1
     if checked != len(masks):
         raise RuntimeError(f"the merged checkpoint holds {checked} of the {len(masks)} masked tensors")
-    return checked
+    return checked, kept_zero
 
 
-def _base_details(model_dir: Path) -> dict:
+def _size(adapter_cfg: AdapterConfig) -> dict:
+    """The adapter's size for the manifest: SPP's row groups or masked LoRA's rank (`full` has none)."""
+    sizes = {"spp": {"row_groups": adapter_cfg.spp_row_groups}, "masked_lora": {"rank": adapter_cfg.rank}}
+    return sizes.get(adapter_cfg.kind, {})
+
+
+def _base_details(base: Checkpoint) -> dict:
     """The base's pruning method and pattern, carried over so `spp verify` checks N:M on the merged model."""
-    if not (model_dir / MANIFEST_FILE).is_file():
+    if base.manifest is None:
         return {}
-    details = read_manifest(model_dir).details
+    details = base.manifest.details
     return {key: details[key] for key in ("method", "pattern") if key in details}
 
 
@@ -201,31 +188,32 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
         raise SppError(f"base model {model_dir} does not exist (pass --model PRUNED_DIR)")
     if not adapter_cfg.mask_sha256:
         raise SppError(f"{adapter_dir / ADAPTER_CONFIG_FILE} records no mask_sha256, so its base cannot be checked")
-    mask_sha256 = check_mask_hash(model_dir, adapter_cfg.mask_sha256, who=f"adapter {adapter_dir}")
-    check_model_dir(model_dir)  # whole shards, config.json agreeing with them, the mask its manifest records
-    masks, _ = load_masks(model_dir / MASK_FILE)
-    shards = safetensors_files(model_dir)
-    if not shards:
-        raise SppError(f"base model {model_dir} holds no safetensors weights")
-    targets = {t.tensor: t for t in merge_targets(model_dir, adapter_dir, adapter_cfg)}
-    unknown = sorted(set(masks) - set(shard_index(model_dir)))
-    if unknown:
-        raise SppError(f"{model_dir / MASK_FILE} names {unknown[0]}, which the shards in {model_dir} do not hold")
+    base = read_checkpoint(model_dir)  # names as transformers resolves them, whole shards, mask = manifest's
+    mask_sha256 = base.check_mask_hash(adapter_cfg.mask_sha256, who=f"adapter {adapter_dir}")
+    masks, _ = base.read_masks()  # keyed by saved name, each naming a saved tensor of its shape
+    shards = base.shards
+    targets = {t.tensor: t for t in merge_targets(base, adapter_dir, adapter_cfg)}
+    unmasked = [t.module for t in targets.values() if t.tensor not in masks]
+    if unmasked and ADAPTERS[adapter_cfg.kind].needs_mask:
+        raise SppError(f"{unmasked[0]} has no entry in {model_dir / MASK_FILE}; adapter kind {adapter_cfg.kind!r} "
+                       "needs the mask of every target layer")
     inputs = {str(p): sha256_file(p) for p in [*shards, adapter_dir / ADAPTER_WEIGHTS_FILE, adapter_dir / ADAPTER_CONFIG_FILE]}
     inputs[str(model_dir / MASK_FILE)] = mask_sha256
 
     with atomic_dir(output, overwrite=cfg.overwrite) as tmp:
         for shard in shards:
-            merge_shard(shard, tmp / shard.name, targets, masks, adapter_cfg.scale)
+            merge_shard(shard, tmp / shard.name, targets, masks, adapter_cfg)
         for path in sorted(model_dir.iterdir()):
             if path.is_file() and path.name not in NOT_COPIED and not (tmp / path.name).exists():
                 shutil.copy2(path, tmp / path.name)  # config, index, tokenizer, generation config, masks
-        checked = check_invariant(tmp, masks)
+        checked, kept_zero = check_invariant(tmp, masks)
         settings = {**to_dict(cfg), "model": str(model_dir)}
-        details = {**_base_details(model_dir), "adapted_modules": len(targets), "row_groups": adapter_cfg.spp_row_groups,
-                   "scale": adapter_cfg.scale, "shards": len(shards), "invariant_tensors_checked": checked}
+        details = {**_base_details(base), "adapter": adapter_cfg.kind, "adapted_modules": len(targets),
+                   **_size(adapter_cfg), "scale": adapter_cfg.scale, "shards": len(shards),
+                   "invariant_tensors_checked": checked, "kept_zero": kept_zero}
         write_manifest(tmp, Manifest(stage="merge", settings=settings, inputs=inputs, details=details,
+                                     conditions=run_conditions("cpu", "float32"),  # the merge math: fp32 on the CPU
                                      wall_time_s=time.perf_counter() - start, peak_memory=peak_memory_bytes()))
     return MergeReport(output=output, model=model_dir, adapter=adapter_dir, n_modules=len(targets),
-                       n_shards=len(shards), mask_sha256=mask_sha256, wall_time_s=time.perf_counter() - start,
+                       n_shards=len(shards), mask_sha256=mask_sha256, kept_zero=kept_zero, wall_time_s=time.perf_counter() - start,
                        peak_memory=peak_memory_bytes())

@@ -385,7 +385,13 @@ def run_step(step: Step, resume: bool, log: Callable[[str], None] = print) -> No
     elif step.stage == "train":
         from spp.train import run_train
 
-        run_train(dataclasses.replace(step.config, overwrite=True, resume=resume))
+        try:
+            run_train(dataclasses.replace(step.config, overwrite=True, resume=resume))
+        except SppError as exc:
+            if not (resume and str(exc).startswith("--resume:")):
+                raise
+            log(f"{step.label}: cannot resume ({exc}); starting over")  # e.g. another torch thread count
+            run_train(dataclasses.replace(step.config, overwrite=True))
     elif step.stage == "merge":
         from spp.merge import run_merge
 
@@ -420,10 +426,10 @@ def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | N
                 raise SppError(f"--from {in_range[0]}: {step.label} is not up to date ({reason}); run without --from")
     run = Path(cfg.output).expanduser().resolve()
     from spp.io.checkpoint import check_output_dir
-    from spp.io.integrity import check_model_dir
+    from spp.io.reader import read_checkpoint
 
     check_output_dir(run, overwrite=True, flag="output:")  # a file there, or an unwritable parent
-    check_model_dir(Path(cfg.model).expanduser())  # every stage starts from it: refuse a damaged one before any work
+    read_checkpoint(cfg.model)  # every stage starts from it: refuse a damaged one before any work
     run.mkdir(parents=True, exist_ok=True)
     results = []
     for step in steps:

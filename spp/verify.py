@@ -77,28 +77,22 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
     """
     from safetensors import safe_open
 
-    from spp.io.checkpoint import MASK_FILE, shard_index
-    from spp.io.integrity import check_model_dir
-    from spp.io.manifest import check_mask_hash, read_manifest
-    from spp.io.maskfile import load_masks
+    from spp.io.reader import read_checkpoint
     from spp.prune import block_name
     from spp.prune.masks import parse_pattern
 
     directory = Path(directory)
     if not directory.is_dir():
         raise SppError(f"{directory} is not a directory")
-    manifest = read_manifest(directory)
-    check_mask_hash(directory, manifest.mask_sha256, "the manifest")
+    checkpoint = read_checkpoint(directory, need_manifest=True)  # the mask its manifest records, names, shapes
+    manifest = checkpoint.manifest
+    checkpoint.check_mask_hash(manifest.mask_sha256, "the manifest")  # a mask file is required here
     files = _check_files(directory, manifest.outputs)
-    check_model_dir(directory)  # the hashes match, but the config must also describe these weights
-    masks, layouts = load_masks(directory / MASK_FILE)
+    masks, layouts = checkpoint.read_masks()  # each entry names a saved tensor of its shape
     pattern = manifest.details.get("pattern", "unstructured")
     n_m = parse_pattern(pattern)
     recorded = manifest.details.get("modules", {})
-    index = shard_index(directory)
-    missing = sorted(set(masks) - set(index))
-    if missing:
-        raise SppError(f"{MASK_FILE} names {missing[0]}, which no weight shard in {directory} holds")
+    index = {name: saved.shard for name, saved in checkpoint.tensors.items()}
     blocks: dict[str, list[int]] = {}
     kept_zero = 0
     for shard in sorted(set(index[name] for name in masks)):

@@ -11,6 +11,7 @@ SIGKILL in a checkpoint write (`test_train.py`), and atomic_dir itself (`test_io
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,8 +46,9 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def spp_child(*args, env=None, timeout=240):
-    """`spp ARGS` in a child process, so a SIGKILL fault point cannot touch pytest."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    """`spp ARGS` in a child process, so a SIGKILL fault point cannot touch pytest. The child uses this
+    process's torch thread count (a run condition: `--resume` refuses a different one)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}
     return subprocess.run([sys.executable, "-c", SPP_MAIN, *map(str, args)], env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -178,6 +180,114 @@ def test_ctrl_c_in_prune_keeps_the_finished_blocks_for_resume(model4, calib, tmp
     run_prune(cfg(tmp_path / "out", resume=True))
     run_prune(cfg(tmp_path / "straight"))
     assert_bitwise_equal(saved_tensors(tmp_path / "straight"), saved_tensors(tmp_path / "out"))
+
+
+# --------------------------------------------------------------------------- run conditions
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the body with `n` torch threads (what the refusal message offers besides OMP_NUM_THREADS)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def other_thread_count() -> int:
+    return 2 if torch.get_num_threads() == 1 else 1
+
+
+CONDITION_CHANGES = [  # (condition, the interrupted run's value, words the one line must hold)
+    ("torch_threads", 7, ["used 7 torch threads, this one", "OMP_NUM_THREADS=7", "torch.set_num_threads(7)"]),
+    ("world_size", 2, ["ran on 2 processes, this one on 1", "--num_processes 2"]),
+    ("torch", "2.0.0", ["used torch 2.0.0, this one torch", "install torch==2.0.0"]),
+    ("transformers", "4.0.0", ["install transformers==4.0.0"]),
+    ("device", "cuda", ["ran on device 'cuda', this one on 'cpu'"]),
+    ("device_name", "x86_64 AVX2", ["'x86_64 AVX2'"]),
+    ("dtype", "bfloat16", ["dtype 'bfloat16', this one 'float32'"]),
+    ("deterministic_algorithms", True, ["torch.use_deterministic_algorithms(True)"]),
+    ("float32_matmul_precision", "high", ["torch.set_float32_matmul_precision('high')"]),
+]
+
+
+@pytest.mark.parametrize("key,old,words", CONDITION_CHANGES, ids=[c[0] for c in CONDITION_CHANGES])
+def test_a_changed_run_condition_is_named_with_how_to_match_it(key, old, words):
+    from spp.errors import SppError
+    from spp.io.conditions import check_same_conditions, run_conditions
+
+    now = run_conditions("cpu", "float32")
+    check_same_conditions(dict(now), now, "the interrupted run", "start over")  # the same: accepted
+    with pytest.raises(SppError) as raised:
+        check_same_conditions({**now, key: old}, now, "the interrupted run", "run without --resume to start over")
+    line = str(raised.value)
+    assert "\n" not in line and line.startswith("--resume: the interrupted run ")
+    assert line.endswith("to continue bit-exactly, or run without --resume to start over")
+    for word in words:
+        assert word in line, line
+
+
+def test_unrecorded_or_several_changed_conditions_are_refused_in_one_line():
+    from spp.errors import SppError
+    from spp.io.conditions import check_same_conditions, run_conditions
+
+    now = run_conditions("cpu", "float32")
+    with pytest.raises(SppError, match="recorded no run conditions .*older spp.*; start over$"):
+        check_same_conditions(None, now, "the interrupted run", "start over")
+    with pytest.raises(SppError, match=r"used 9 torch threads.*\(also differs: world_size, torch\)$"):
+        check_same_conditions({**now, "torch_threads": 9, "world_size": 3, "torch": "1.0"}, now, "the interrupted run",
+                              "start over")
+
+
+def test_prune_resume_with_another_thread_count_is_refused_then_continues_under_the_recorded_one(
+        model4, calib, tmp_path):
+    here, other = torch.get_num_threads(), other_thread_count()
+    args = prune_args(model4, calib, tmp_path / "killed", "sparsegpt")  # SparseGPT's sums depend on the threads
+    killed = spp_child(*args, env={"SPP_FAULT": "prune_block:1", "OMP_NUM_THREADS": str(other)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    progress = json.loads((partial_path(tmp_path / "killed") / PRUNE_PROGRESS_DIR / PRUNE_PROGRESS_FILE).read_text())
+    assert progress["conditions"]["torch_threads"] == other and progress["blocks_done"] == 2
+
+    before = snapshot(tmp_path)
+    line = assert_one_error(invoke(*args, "--resume"), "--resume: the interrupted run used",
+                            f"torch thread{'s' if other != 1 else ''}, this one {here};", f"OMP_NUM_THREADS={other}",
+                            "run without --resume to start over")
+    assert snapshot(tmp_path) == before, line
+
+    with torch_threads(other):  # the conditions the interrupted run recorded
+        assert invoke(*args, "--resume").exit_code == 0
+        assert invoke(*prune_args(model4, calib, tmp_path / "straight", "sparsegpt")).exit_code == 0
+    assert_bitwise_equal(saved_tensors(tmp_path / "straight"), saved_tensors(tmp_path / "killed"))
+    manifest = json.loads((tmp_path / "killed" / "spp_manifest.json").read_text())
+    assert manifest["conditions"] == progress["conditions"]
+
+
+def test_train_resume_with_another_thread_count_is_refused_then_continues_under_the_recorded_one(
+        pruned_tiny_dir, text_file, tmp_path):
+    from test_train import cli_args, tiny_cfg
+
+    from spp.io.manifest import read_manifest
+    from spp.train import run_train
+
+    here, other = torch.get_num_threads(), other_thread_count()
+    out = tmp_path / "out"
+    args = cli_args(tiny_cfg(pruned_tiny_dir, text_file, out, max_steps=4, val_set_size=0))
+    killed = spp_child(*args, env={"SPP_FAULT": "train_step:2", "OMP_NUM_THREADS": str(other)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    state = json.loads((partial_path(out) / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["run_conditions"]["torch_threads"] == other
+
+    before = snapshot(tmp_path)
+    assert_one_error(invoke(*args, "--resume"), "--resume: the interrupted run used", f"this one {here};",
+                     f"OMP_NUM_THREADS={other}", "--overwrite")
+    assert snapshot(tmp_path) == before
+
+    with torch_threads(other):
+        report = run_train(tiny_cfg(pruned_tiny_dir, text_file, out, max_steps=4, val_set_size=0, resume=True))
+    assert (report.resumed_from, report.steps) == (2, 4)
+    assert read_manifest(out).conditions == state["run_conditions"]
 
 
 # --------------------------------------------------------------------------- Ctrl-C in training
@@ -579,7 +689,8 @@ def test_mask_invariant_survives_save_load_train_merge_load(pattern, row_groups,
     from spp.adapter.config import AdapterConfig
     from spp.adapter.model import add_spp, save_adapter
     from spp.config import MergeConfig
-    from spp.io.checkpoint import masks_by_parameter, save_model, sha256_file
+    from spp.io.checkpoint import save_model, sha256_file
+    from spp.io.reader import read_checkpoint
     from spp.io.manifest import Manifest, write_manifest
     from spp.io.maskfile import save_masks
     from spp.merge import run_merge
@@ -607,7 +718,7 @@ def test_mask_invariant_survives_save_load_train_merge_load(pattern, row_groups,
                                                                                    "pattern": name}))
 
         base = AutoModelForCausalLM.from_pretrained(tmp / "pruned").train()
-        loaded = masks_by_parameter(base, tmp / "pruned")
+        loaded = read_checkpoint(tmp / "pruned").masks_by_parameter()
         assert loaded.keys() == masks.keys() and all(torch.equal(loaded[k], masks[k]) for k in masks)
         cfg = AdapterConfig(spp_row_groups=row_groups, base_model=str(tmp / "pruned"),
                             mask_sha256=sha256_file(tmp / "pruned" / MASK_FILE))

@@ -19,7 +19,8 @@ from spp.io.checkpoint import (
     torch_equal,
     write_json,
 )
-from spp.io.manifest import Manifest, check_mask_hash, read_manifest, settings_sha256, write_manifest
+from spp.io.manifest import Manifest, read_manifest, settings_sha256, write_manifest
+from spp.io.reader import Checkpoint
 from spp.io.maskfile import load_masks, pack_bits, save_masks, unpack_bits
 
 
@@ -160,9 +161,11 @@ def test_manifest_roundtrip_and_mask_hash(tmp_path):
     assert set(m.outputs) == {MASK_FILE, "config.json"}
     back = read_manifest(tmp_path)
     assert back.settings_sha256 == settings_sha256({"a": 2, "b": 1}) and back.details == {"x": 1}
-    assert check_mask_hash(tmp_path, m.mask_sha256, "the manifest") == m.mask_sha256
+    checkpoint = Checkpoint(directory=tmp_path, config=None, model=None, tensors={}, saved_names={},
+                            mask_sha256=sha256_file(tmp_path / MASK_FILE))
+    assert checkpoint.check_mask_hash(m.mask_sha256, "the manifest") == m.mask_sha256
     with pytest.raises(SppError, match="different base"):
-        check_mask_hash(tmp_path, "0" * 64, "the adapter config")
+        checkpoint.check_mask_hash("0" * 64, "the adapter config")
     raw = json.loads((tmp_path / "spp_manifest.json").read_text())
     raw["schema_version"] = 99
     (tmp_path / "spp_manifest.json").write_text(json.dumps(raw))

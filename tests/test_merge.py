@@ -12,11 +12,11 @@ from spp.cli import app
 from spp.config import MergeConfig
 from spp.errors import SppError
 from spp.io.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE,
-                               masks_by_parameter, read_json, safetensors_files, save_model, saved_tensor_names,
-                               sha256_file)
+                               read_json, safetensors_files, save_model, sha256_file)
 from spp.io.manifest import Manifest, read_manifest, write_manifest
 from spp.io.maskfile import save_masks
-from spp.merge import run_merge, saved_weight_name
+from spp.io.reader import read_checkpoint
+from spp.merge import run_merge
 from spp.models import layer_layout, weight_out_in
 from spp.prune.masks import apply_mask, unstructured_mask
 from spp.verify import verify_checkpoint
@@ -47,7 +47,8 @@ def make_pruned(model, directory, sparsity=0.5, max_shard_size="2GB"):
             keep_by_param[f"{name}.weight"], layouts[f"{name}.weight"] = stored, layer_layout(layer)
     directory.mkdir(parents=True)
     save_model(model, None, directory, max_shard_size=max_shard_size)
-    saved = saved_tensor_names(model, directory, list(keep_by_param))
+    written = read_checkpoint(directory)
+    saved = {param: written.saved_name(param) for param in keep_by_param}
     save_masks(directory / MASK_FILE, {saved[p]: k for p, k in keep_by_param.items()},
                {saved[p]: layouts[p] for p in keep_by_param})
     write_manifest(directory, Manifest(stage="prune", settings={"sparsity": sparsity},
@@ -60,7 +61,7 @@ def make_adapter(pruned_dir, directory, seed=0, row_groups=3):
     model = load(pruned_dir)
     cfg = AdapterConfig(spp_row_groups=row_groups, lora_alpha=16, lora_r=8, base_model=str(pruned_dir),
                         mask_sha256=sha256_file(pruned_dir / MASK_FILE))
-    add_spp(model, cfg, masks_by_parameter(model, pruned_dir))
+    add_spp(model, cfg, read_checkpoint(pruned_dir).masks_by_parameter())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in adapter_state_dict(model).items():
@@ -128,13 +129,6 @@ def test_refuses_an_adapter_for_another_base(run, tiny_model):
     with pytest.raises(SppError, match="different base"):
         run_merge(MergeConfig(model=str(other), adapter=str(tmp_path / "train"), output=str(tmp_path / "merged")))
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
-
-
-def test_saved_weight_name_falls_back_to_the_block_relative_tail():
-    saved = {"transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight", "lm.weight"}
-    assert saved_weight_name("transformer.h.0.attn.c_attn", saved) == "transformer.h.0.attn.c_attn.weight"
-    assert saved_weight_name("model.h.1.attn.c_attn", saved) == "transformer.h.1.attn.c_attn.weight"
-    assert saved_weight_name("model.h.2.attn.c_attn", saved) is None
 
 
 def _corrupt_weights(tmp_path):
@@ -223,7 +217,7 @@ def test_train_then_bare_merge_end_to_end(pruned_tiny_dir, shared_data, tmp_path
     assert result.exit_code == 0, result.output
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     unmerged = load(pruned_tiny_dir)
-    load_adapter(unmerged, tmp_path / "train", masks_by_parameter(unmerged, pruned_tiny_dir))
+    load_adapter(unmerged, tmp_path / "train", read_checkpoint(pruned_tiny_dir).masks_by_parameter())
     with torch.no_grad():
         expected, merged, pruned = (m(ids).logits for m in (unmerged, load(tmp_path / "merged"), load(pruned_tiny_dir)))
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,8 @@ from conftest import ARCHS, TINY_CONFIGS
 from spp.cli import app
 from spp.config import PruneConfig
 from spp.errors import SppError
-from spp.io.checkpoint import MASK_FILE, MANIFEST_FILE, shard_index
+from spp.io.checkpoint import MASK_FILE, MANIFEST_FILE
+from spp.io.reader import read_checkpoint
 from spp.io.maskfile import load_masks
 from spp.models import find_decoder_blocks, find_linear_layers, weight_out_in
 from spp.prune import run_prune
@@ -70,7 +71,7 @@ def saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     out = {}
-    for shard in set(shard_index(directory).values()):
+    for shard in read_checkpoint(directory).shards:
         out.update(load_file(str(shard)))
     return out
 

@@ -74,8 +74,9 @@ def log_records(output) -> list[dict]:
 
 
 def spp_command(*args, env=None, launcher=None, timeout=240):
-    """Run `spp` in a child process (so a SIGKILL fault or a second process cannot touch pytest)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    """Run `spp` in a child process (so a SIGKILL fault or a second process cannot touch pytest), with this
+    process's torch thread count (a run condition: `--resume` refuses another one)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}
     cmd = (launcher or [sys.executable, "-c", SPP_MAIN]) + list(args)
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
@@ -207,7 +208,8 @@ def test_train_writes_the_adapter_and_keeps_every_zero(pruned_tiny_dir, alpaca_f
 
     from spp.adapter.layer import SPPLinear
     from spp.adapter.model import load_adapter, merge_spp
-    from spp.io.checkpoint import masks_by_parameter, read_json
+    from spp.io.checkpoint import read_json
+    from spp.io.reader import read_checkpoint
     from spp.io.manifest import read_manifest
     from spp.prune.masks import pruned_is_positive_zero
 
@@ -236,7 +238,7 @@ def test_train_writes_the_adapter_and_keeps_every_zero(pruned_tiny_dir, alpaca_f
 
     # β moved away from zero, so the model changed; yet every pruned entry is still +0.0 after a merge.
     model = AutoModelForCausalLM.from_pretrained(pruned_tiny_dir)
-    masks = masks_by_parameter(model, pruned_tiny_dir)
+    masks = read_checkpoint(pruned_tiny_dir).masks_by_parameter()
     ids = torch.tensor([[1, 20, 30, 40, 50]])
     pruned_logits = model(ids).logits
     load_adapter(model, out, masks)
@@ -318,7 +320,7 @@ def test_ddp_two_processes_match_one(pruned_tiny_dir, text_file, tmp_path):
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
     ddp = tmp_path / "ddp"
     cfg = tiny_cfg(pruned_tiny_dir, text_file, ddp, max_steps=3, batch_size=8, micro_batch_size=2)
-    result = spp_command(*cli_args(cfg), env={"ACCELERATE_USE_CPU": "true"}, launcher=launcher)
+    result = spp_command(*cli_args(cfg), env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
 
     from spp.io.manifest import read_manifest
@@ -423,7 +425,7 @@ def test_spp_recovers_perplexity_of_pruned_stories260k(shared_data, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spp.adapter.model import load_adapter, merge_spp
-    from spp.io.checkpoint import masks_by_parameter
+    from spp.io.reader import read_checkpoint
     from spp.prune.masks import pruned_is_positive_zero
 
     source = shared_data / "stories260K-hf"
@@ -442,7 +444,7 @@ def test_spp_recovers_perplexity_of_pruned_stories260k(shared_data, tmp_path):
                        max_steps=30, learning_rate=4e-3, val_set_size=0, save_steps=30, logging_steps=10))
     model = AutoModelForCausalLM.from_pretrained(pruned)
     before = perplexity(model)
-    masks = masks_by_parameter(model, pruned)
+    masks = read_checkpoint(pruned).masks_by_parameter()
     load_adapter(model, out, masks)
     after = perplexity(model)
     assert after < 0.9 * before, (before, after)

@@ -46,30 +46,25 @@ def resolve_seqlen(requested: int | None, context: int | None) -> int:
     return min(context, MAX_DEFAULT_SEQLEN)
 
 
-def mask_sparsity(model_dir: Path) -> dict | None:
+def mask_sparsity(checkpoint) -> dict | None:
     """Sparsity recorded by the mask file of an `spp prune`/`merge` output, or None without one."""
-    from spp.io.checkpoint import MASK_FILE, sha256_file
-    from spp.io.maskfile import load_masks
-
-    path = Path(model_dir) / MASK_FILE
-    if not path.is_file():
+    if checkpoint.mask_sha256 is None:
         return None
-    masks, _ = load_masks(path)
+    masks, _ = checkpoint.read_masks()
     total = sum(m.numel() for m in masks.values())
     kept = sum(int(m.sum()) for m in masks.values())
     return {"sparsity": 1 - kept / total if total else 0.0, "masked_weights": total, "tensors": len(masks),
-            "mask_sha256": sha256_file(path)}
+            "mask_sha256": checkpoint.mask_sha256}
 
 
-def _check_adapter(cfg: EvalConfig):
+def _check_adapter(cfg: EvalConfig, checkpoint):
     """Read the adapter's config and refuse it unless it was trained on this base (mask hash)."""
     from spp.adapter.model import read_adapter_config
-    from spp.io.manifest import check_mask_hash
 
     adapter_cfg = read_adapter_config(Path(cfg.adapter))
     if not Path(cfg.model).is_dir():
         raise SppError(f"--adapter needs --model to be the local pruned directory it was trained on, not {cfg.model}")
-    check_mask_hash(Path(cfg.model), adapter_cfg.mask_sha256 or None, who=f"adapter {cfg.adapter}")
+    checkpoint.check_mask_hash(adapter_cfg.mask_sha256 or None, who=f"adapter {cfg.adapter}")
     return adapter_cfg
 
 
@@ -90,15 +85,14 @@ def _prepare_ppl(cfg: EvalConfig, tokenizer, seqlen: int) -> list[tuple[str, obj
     return out
 
 
-def _load(cfg: EvalConfig, device):
+def _load(cfg: EvalConfig, checkpoint, device):
     from spp.models import load_model
 
-    model = load_model(cfg.model, cfg.dtype, device)
+    model = load_model(str(checkpoint.directory), cfg.dtype, device)
     if cfg.adapter:
         from spp.adapter.model import load_adapter
-        from spp.io.checkpoint import masks_by_parameter
 
-        load_adapter(model, Path(cfg.adapter), masks_by_parameter(model, Path(cfg.model)))
+        load_adapter(model, Path(cfg.adapter), checkpoint.masks_by_parameter())
         model.eval()
     return model
 
@@ -111,23 +105,24 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     """
     from spp.eval.perplexity import perplexity
     from spp.eval.zeroshot import evaluate_tasks, prepare_tasks
-    from spp.io.integrity import check_model_dir
-    from spp.models import context_length, load_config, load_tokenizer, resolve_device, resolve_dtype
+    from spp.io.conditions import run_conditions
+    from spp.io.reader import read_checkpoint
+    from spp.models import context_length, load_tokenizer, resolve_device, resolve_dtype
 
     start = time.time()
-    seqlen = resolve_seqlen(cfg.seqlen, context_length(load_config(cfg.model)))
-    check_model_dir(Path(cfg.model))
+    checkpoint = read_checkpoint(cfg.model)  # names as transformers resolves them, shapes, shards, manifest, masks
+    seqlen = resolve_seqlen(cfg.seqlen, context_length(checkpoint.config))
     device, _ = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     if cfg.output:
         from spp.io.checkpoint import check_output_dir
 
         check_output_dir(Path(cfg.output), cfg.overwrite)
-    adapter_cfg = _check_adapter(cfg) if cfg.adapter else None
-    tokenizer = load_tokenizer(cfg.model)
+    adapter_cfg = _check_adapter(cfg, checkpoint) if cfg.adapter else None
+    tokenizer = load_tokenizer(str(checkpoint.directory))
     ppl_inputs = _prepare_ppl(cfg, tokenizer, seqlen)
     with tempfile.TemporaryDirectory(prefix="spp-tasks-") as workdir:
         setup = prepare_tasks(cfg.tasks, cfg.task_data, Path(workdir)) if cfg.tasks else None
-        model = _load(cfg, device)
+        model = _load(cfg, checkpoint, device)
         ppl_results = {}
         for key, text, ids in ppl_inputs:
             res = perplexity(model, ids, seqlen, cfg.batch_size, cfg.max_windows)
@@ -147,13 +142,14 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
         "model": cfg.model,
         "adapter": cfg.adapter,
         "adapter_mask_sha256": adapter_cfg.mask_sha256 if adapter_cfg else None,
-        "sparsity": mask_sparsity(Path(cfg.model)) if Path(cfg.model).is_dir() else None,
+        "sparsity": mask_sparsity(checkpoint),
         "seqlen": seqlen,
         "perplexity": ppl_results,
         "zeroshot": zeroshot,
         "lm_eval_version": _lm_eval_version(),
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "run_conditions": run_conditions(device, next(model.parameters()).dtype),  # what changes the numbers
         "spp_version": __version__,
         "wall_time_s": round(time.time() - start, 3),
     }
@@ -185,7 +181,7 @@ def _write(cfg: EvalConfig, results: dict, start: float) -> Path:
         write_json(tmp / RESULTS_FILE, results)
         write_manifest(tmp, Manifest(
             stage="eval", settings=to_dict(cfg), inputs=inputs,
-            mask_sha256=(results["sparsity"] or {}).get("mask_sha256"),
+            mask_sha256=(results["sparsity"] or {}).get("mask_sha256"), conditions=results["run_conditions"],
             details={"seqlen": results["seqlen"], "summary": dict(results_rows(results))},
             wall_time_s=round(time.time() - start, 3), peak_memory=peak_memory_bytes(),
         ))

@@ -1,9 +1,10 @@
-"""Checkpoint directories: file names, atomic output directories, hashing and safetensors checks.
+"""Checkpoint directories: file names, atomic output directories, hashing and safetensors headers.
 
 An spp output is a plain `save_pretrained` directory plus `masks.safetensors` and
 `spp_manifest.json`. It is always built in a sibling `DIR.partial/` and renamed into
 place at the end, so a crash leaves either the complete output or none. This module
-owns the file-name constants; no other module spells a file name.
+owns the file-name constants; no other module spells a file name. Reading a model
+directory as a whole (names, shapes, mask file, manifest) is `spp.io.reader`.
 """
 
 from __future__ import annotations
@@ -209,81 +210,12 @@ def save_model(model, tokenizer, directory: Path, max_shard_size: str = "2GB") -
         tokenizer.save_pretrained(str(directory))
 
 
-def shard_index(model_dir: Path) -> dict[str, Path]:
-    """Saved tensor name -> the shard file that holds it, from the shards' headers."""
-    index = {}
-    for shard in safetensors_files(model_dir):
-        for name in safetensors_keys(shard):
-            index[name] = shard
-    return index
-
-
-def saved_tensor_names(model, model_dir: Path, param_names: list[str]) -> dict[str, str]:
-    """Map in-memory parameter names to the names they were saved under in `model_dir`.
-
-    Most families save parameters under their own names; some rename on save
-    (transformers 5 reverses load-time key conversions, e.g. GPT-NeoX's head). A name
-    not found verbatim is matched by value: the unique saved tensor of equal shape
-    whose content equals the parameter bitwise.
-
-    Raises:
-        RuntimeError: a parameter cannot be matched (a bug, not a user error).
-    """
-    from safetensors import safe_open
-
-    index = shard_index(model_dir)
-    params = dict(model.named_parameters())
-    mapping = {}
-    for name in param_names:
-        if name in index:
-            mapping[name] = name
-            continue
-        value = params[name].detach().cpu()
-        hits = []
-        for key, shard in index.items():
-            with safe_open(str(shard), "pt") as f:
-                if list(f.get_slice(key).get_shape()) == list(value.shape) and torch_equal(f.get_tensor(key), value):
-                    hits.append(key)
-        if len(hits) != 1:
-            raise RuntimeError(f"cannot tell which saved tensor holds parameter {name} (candidates: {hits})")
-        mapping[name] = hits[0]
-    return mapping
-
-
 def torch_equal(a, b) -> bool:
     """Bitwise equality of two tensors (so +0.0 and -0.0 differ)."""
     import torch
 
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
-
-def masks_by_parameter(model, model_dir: Path) -> dict[str, "torch.Tensor"]:
-    """Load `model_dir/masks.safetensors` keyed by the in-memory parameter names of `model`.
-
-    Masks come back in the stored weight's shape (Conv1D: (in, out)), bool, True = keep.
-
-    Raises:
-        SppError: the mask file is missing or corrupt, or names a tensor the model does not have
-            or with another shape.
-    """
-    from spp.io.maskfile import load_masks
-
-    masks, _ = load_masks(Path(model_dir) / MASK_FILE)
-    params = dict(model.named_parameters())
-    saved_for = saved_tensor_names(model, model_dir, [n for n in params if n.endswith("weight") and params[n].dim() == 2])
-    param_for = {saved: name for name, saved in saved_for.items()}
-    out = {}
-    for saved, keep in masks.items():
-        name = param_for.get(saved)
-        if name is None:
-            raise SppError(f"{Path(model_dir) / MASK_FILE} names {saved}, which the model in {model_dir} does not have")
-        if tuple(keep.shape) != tuple(params[name].shape):
-            raise SppError(
-                f"{Path(model_dir) / MASK_FILE}: mask for {saved} has shape {tuple(keep.shape)} "
-                f"but the weight has {tuple(params[name].shape)}"
-            )
-        out[name] = keep
-    return out
 
 # `spp train` outputs: the JSONL log, and resumable checkpoints `checkpoints/step-N/`, each holding the
 # adapter files above plus the optimizer (tensors + JSON), trainer state (JSON) and per-rank RNG states.

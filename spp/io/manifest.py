@@ -2,8 +2,9 @@
 
 A manifest ties an output to what made it: the stage, the resolved settings and
 their sha256, the sha256 of every input and output file, the mask's identity
-(`mask_sha256`, the sha256 of `masks.safetensors`), library versions, wall time and
-peak memory, and stage-specific details (for prune: method, pattern, sparsity per
+(`mask_sha256`, the sha256 of `masks.safetensors`), library versions, the run conditions
+that change float results (`spp.io.conditions`: threads, device, dtype, processes), wall
+time and peak memory, and stage-specific details (for prune: method, pattern, sparsity per
 module, calibration). It holds no tensors.
 """
 
@@ -67,6 +68,7 @@ class Manifest:
     outputs: dict[str, str] = field(default_factory=dict)  # file relative to the dir -> sha256
     mask_sha256: str | None = None
     details: dict = field(default_factory=dict)
+    conditions: dict = field(default_factory=dict)  # spp.io.conditions.run_conditions the output was made under
     wall_time_s: float = 0.0
     peak_memory: dict[str, int] = field(default_factory=dict)
     settings_sha256: str = ""
@@ -118,24 +120,3 @@ def read_manifest(directory: Path) -> Manifest:
     if missing:
         raise SppError(f"manifest {path} lacks {', '.join(sorted(missing))}")
     return Manifest(**{k: v for k, v in raw.items() if k in names})
-
-
-def check_mask_hash(directory: Path, expected: str | None, who: str) -> str:
-    """Compare the directory's mask file hash to `expected` (from a manifest or adapter config).
-
-    Returns:
-        The actual sha256.
-
-    Raises:
-        SppError: naming both hashes and `who` recorded the expectation.
-    """
-    path = Path(directory) / MASK_FILE
-    if not path.is_file():
-        raise SppError(f"{directory} has no {MASK_FILE} (is it an `spp prune` output?)")
-    actual = sha256_file(path)
-    if expected is not None and actual != expected:
-        raise SppError(
-            f"{path} has sha256 {actual[:12]}… but {who} records {expected[:12]}…: "
-            "the mask changed or this is a different base"
-        )
-    return actual

@@ -102,17 +102,8 @@ class _Checked:
     tokenizer: Any
     windows: torch.Tensor | None
     blocks_done: int = 0  # finished blocks of the interrupted run that --resume continues
-
-
-def _meta_model(model_config):
-    """The model's module tree without weights (cheap), to check layer shapes before loading."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(model_config)
-    except (ValueError, KeyError) as exc:
-        raise SppError(f"{type(model_config).__name__} is not a causal language model spp can build: {exc}") from exc
+    conditions: dict = field(default_factory=dict)  # spp.io.conditions.run_conditions of this run
+    checkpoint: Any = None  # the input model, resolved once (spp.io.reader.Checkpoint)
 
 
 def _check_layer_shapes(model: nn.Module, cfg: PruneConfig) -> None:
@@ -136,8 +127,8 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     """Every check that can fail on the user's input, before any weights are loaded."""
     from spp.data import calibration_windows
     from spp.io.checkpoint import check_output_dir
-    from spp.io.integrity import check_model_dir
-    from spp.models import context_length, load_config, load_tokenizer, resolve_device, resolve_dtype
+    from spp.io.reader import read_checkpoint
+    from spp.models import context_length, load_tokenizer, resolve_device, resolve_dtype
 
     if cfg.method not in METHODS:
         raise SppError(f"--method {cfg.method!r} is not one of {', '.join(sorted(METHODS))}")
@@ -145,24 +136,34 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     check_output_dir(Path(cfg.output), cfg.overwrite)
     device = resolve_device(cfg.device)
     resolve_dtype(cfg.dtype)
-    model_config = load_config(cfg.model)
-    check_model_dir(Path(cfg.model))
+    checkpoint = read_checkpoint(cfg.model)  # names as transformers resolves them, shapes, shards, manifest, masks
+    model_config = checkpoint.config
     context = context_length(model_config)
     if cfg.seqlen is not None and context is not None and cfg.seqlen > context:
         raise SppError(f"--seqlen {cfg.seqlen} is above the model's context of {context} tokens")
     seqlen = cfg.seqlen or min(2048, context or 2048)
-    _check_layer_shapes(_meta_model(model_config), cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    _check_layer_shapes(checkpoint.model, cfg)
+    tokenizer = load_tokenizer(str(checkpoint.directory))
     windows = None
     if METHODS[cfg.method].accumulate is not None:
         windows = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, seqlen, cfg.seed)
     blocks_done = 0
+    conditions = prune_conditions(cfg, device, model_config)
     if cfg.resume:
         from spp.io.checkpoint import partial_path
         from spp.io.progress import check_resumable
 
-        blocks_done = check_resumable(partial_path(Path(cfg.output)), resume_settings(cfg, windows))
-    return _Checked(seqlen=seqlen, device=device, tokenizer=tokenizer, windows=windows, blocks_done=blocks_done)
+        blocks_done = check_resumable(partial_path(Path(cfg.output)), resume_settings(cfg, windows), conditions)
+    return _Checked(seqlen=seqlen, device=device, tokenizer=tokenizer, windows=windows, blocks_done=blocks_done,
+                    conditions=conditions, checkpoint=checkpoint)
+
+
+def prune_conditions(cfg: PruneConfig, device: torch.device, model_config) -> dict:
+    """The run conditions of this prune (`spp.io.conditions`); dtype `auto` is the checkpoint's own."""
+    from spp.io.conditions import run_conditions
+
+    dtype = cfg.dtype if cfg.dtype != "auto" else (getattr(model_config, "dtype", None) or "auto")
+    return run_conditions(device, dtype, world_size=1)
 
 
 def resume_settings(cfg: PruneConfig, windows: torch.Tensor | None) -> dict:
@@ -195,11 +196,12 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
 
     start = time.perf_counter()
     checked = _check_inputs(cfg)
-    model = load_model(cfg.model, cfg.dtype, "cpu")
+    model = load_model(str(checked.checkpoint.directory), cfg.dtype, "cpu")
     try:
         with _workdir(cfg) as tmp:
             if not checked.blocks_done:
-                start_progress(tmp, resume_settings(cfg, checked.windows), len(find_decoder_blocks(model)[1]))
+                start_progress(tmp, resume_settings(cfg, checked.windows), len(find_decoder_blocks(model)[1]),
+                               checked.conditions)
             pruned = prune_model(model, checked.windows, cfg, checked.device, on_module,
                                  partial=tmp, blocks_done=checked.blocks_done)
             shutil.rmtree(progress_dir(tmp))
@@ -320,7 +322,8 @@ def prune_model(
 def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) -> PruneReport:
     """Save the pruned model, masks (keyed by saved tensor name, in stored shape), config and manifest into
     `tmp` (the partial directory, renamed by the caller)."""
-    from spp.io.checkpoint import RESOLVED_CONFIG_FILE, MASK_FILE, save_model, saved_tensor_names
+    from spp.io.checkpoint import RESOLVED_CONFIG_FILE, MASK_FILE, save_model
+    from spp.io.reader import read_checkpoint
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
     from spp.io.maskfile import save_masks
 
@@ -330,7 +333,8 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) ->
     n_pruned = sum(s["pruned"] for s in module_stats.values())
     kept_zero = sum(s["kept_zero"] for s in module_stats.values())
     save_model(model, checked.tokenizer, tmp, cfg.max_shard_size)
-    saved = saved_tensor_names(model, tmp, list(keep_by_param))
+    written = read_checkpoint(tmp)  # the mask file and manifest name tensors as they were just saved
+    saved = {param: written.saved_name(param) for param in keep_by_param}
     stored = {}
     for param, keep in keep_by_param.items():
         stored[saved[param]] = keep.t() if layouts[param] == "conv1d" else keep  # mask in the stored shape
@@ -354,6 +358,7 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) ->
     }
     wall = time.perf_counter() - start
     write_manifest(tmp, Manifest(stage="prune", settings=to_dict(cfg), inputs=_input_hashes(cfg),
+                                 conditions=checked.conditions,
                                  details=details, wall_time_s=wall, peak_memory=peak_memory_bytes()))
     return PruneReport(output=Path(cfg.output), method=cfg.method, pattern=cfg.pattern,
                        requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=n_pruned / total if total else 0.0,

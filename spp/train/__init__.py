@@ -1,8 +1,8 @@
-"""`spp train`: fine-tune a pruned model with the SPP adapter, keeping every pruned zero.
+"""`spp train`: fine-tune a pruned model with a sparsity-preserving adapter, keeping every pruned zero.
 
 `run_train(cfg)` reads top to bottom: check the inputs (base directory, mask file and
 manifest, data, output), start accelerate, tokenize the data, load the pruned model
-and wrap its target layers in `SPPLinear`, then run `train.loop` inside the output's
+and wrap its target layers in the adapter layer of `cfg.adapter` (`spp.adapter`), then run `train.loop` inside the output's
 `DIR.partial/` (kept on a crash so `--resume` can continue), check the pruned-entries
 invariant on the effective weights, and write the adapter, the manifest and the log.
 The loop itself (steps, checkpoints, resume state) is `spp.train.loop`.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from spp.config import TrainConfig, read_yaml, to_dict, write_yaml
 from spp.errors import SppError
+from spp.io.conditions import check_same_conditions, run_conditions
 from spp.io.checkpoint import MASK_FILE, RESOLVED_CONFIG_FILE, TRAIN_LOG_FILE, atomic_dir, check_output_dir, partial_path, sha256_file
 
 PRECISIONS = {"fp32": ("no", "float32"), "bf16": ("bf16", "bfloat16"), "fp16": ("fp16", "float16")}  # accelerate, base dtype
@@ -48,22 +50,25 @@ class TrainReport:
 
 
 def run_train(cfg: TrainConfig) -> TrainReport:
-    """Train an SPP adapter on `cfg.base_model` and write it to `cfg.output_dir`.
+    """Train the adapter `cfg.adapter` (SPP, masked LoRA or full) on `cfg.base_model` and write it to `cfg.output_dir`.
 
     Raises:
         SppError: bad inputs (before anything is written), a non-finite loss (the partial
             output and its last checkpoint are kept), or a failed resume.
     """
-    from spp.adapter.model import add_spp, count_trainable, save_adapter
-    from spp.io.checkpoint import masks_by_parameter
+    from spp.adapter.model import add_adapter, count_trainable, save_adapter
     from spp.models import load_model, load_tokenizer
     from spp.train.distill import Distillation, check_teacher, load_teacher, parameter_bytes
     from spp.train.loop import LoopInputs, LoopState, checkpoint_dirs, load_checkpoint, train_loop, truncate_log
 
     start = time.time()
-    base, output, mask_sha256 = check_inputs(cfg)
+    checkpoint, output = check_inputs(cfg)
+    base, mask_sha256 = checkpoint.directory, checkpoint.mask_sha256
     teacher_dir = check_teacher(cfg, base) if cfg.teacher else None  # configs and tokenizers only: cheap
     accelerator = make_accelerator(cfg)
+    conditions = run_conditions(accelerator.device, PRECISIONS[cfg.precision][1], accelerator.num_processes)
+    if cfg.resume:
+        check_resumable_conditions(partial_path(output), conditions)
     tokenizer = load_tokenizer(str(base))
     train, val = build_examples(cfg, tokenizer)
     total_steps = plan_steps(cfg, len(train))
@@ -76,9 +81,9 @@ def run_train(cfg: TrainConfig) -> TrainReport:
         teacher = load_teacher(teacher_dir, PRECISIONS[cfg.precision][1], accelerator.device)
     set_seed(cfg.seed)  # the same α init on every process
     model = load_model(str(base), dtype=PRECISIONS[cfg.precision][1])
-    masks = masks_by_parameter(model, base)
+    masks = checkpoint.masks_by_parameter()
     adapter_cfg = cfg.adapter_config(base_model=str(base.resolve()), mask_sha256=mask_sha256)
-    adapted = add_spp(model, adapter_cfg, masks)
+    adapted = add_adapter(model, adapter_cfg, masks)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     trainable = count_trainable(model)
@@ -88,7 +93,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     distill = Distillation.build(cfg, teacher, accelerator.unwrap_model(model)) if teacher is not None else None
 
     with output_workdir(accelerator, output, cfg) as workdir:
-        state = LoopState()
+        state = LoopState(run_conditions=conditions)
         if cfg.resume:
             checkpoint = checkpoint_dirs(workdir)[-1]
             state = load_checkpoint(accelerator, model, optimizer, checkpoint, len(train))
@@ -111,7 +116,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
         if accelerator.is_main_process:
             check_pruned_zeros(unwrapped, masks)
             save_adapter(unwrapped, adapter_cfg, workdir)
-            write_train_manifest(workdir, cfg, base, mask_sha256, report)
+            write_train_manifest(workdir, cfg, base, mask_sha256, report, conditions)
         accelerator.wait_for_everyone()
     return report
 
@@ -119,14 +124,14 @@ def run_train(cfg: TrainConfig) -> TrainReport:
 # --------------------------------------------------------------------------- steps of run_train
 
 
-def check_inputs(cfg: TrainConfig) -> tuple[Path, Path, str]:
+def check_inputs(cfg: TrainConfig):
     """Check everything that can be checked cheaply, before any model is loaded or file written.
 
     Returns:
-        (base directory, output directory, the base's mask sha256).
+        (the base checkpoint, resolved once (`spp.io.reader.Checkpoint`; its mask matches its manifest), the
+        output directory).
     """
-    from spp.io.integrity import check_model_dir
-    from spp.io.manifest import check_mask_hash, read_manifest
+    from spp.io.reader import read_checkpoint
 
     for key, flag in (("base_model", "--model"), ("data_path", "--data"), ("output_dir", "--output")):
         if not getattr(cfg, key):
@@ -138,16 +143,14 @@ def check_inputs(cfg: TrainConfig) -> tuple[Path, Path, str]:
         raise SppError(f"--model {base} holds no model (no config.json)")
     if not (base / MASK_FILE).is_file():
         raise SppError(f"--model {base} has no {MASK_FILE}: train needs an `spp prune` output")
-    manifest = read_manifest(base)
-    mask_sha256 = check_mask_hash(base, manifest.mask_sha256, who=f"{base}'s manifest")
-    check_model_dir(base)  # whole shards, config.json agreeing with the weights
+    checkpoint = read_checkpoint(base, need_manifest=True)  # names, shapes, whole shards, mask = manifest's
     check_output_dir(output, cfg.overwrite)
     partial = partial_path(output)
     if cfg.resume:
         check_resumable(cfg, partial)
     elif partial.exists() and not cfg.overwrite:
         raise SppError(f"{partial} holds an interrupted run: pass --resume to continue it, or --overwrite to start over")
-    return base, output, mask_sha256
+    return checkpoint, output
 
 
 def check_resumable(cfg: TrainConfig, partial: Path) -> None:
@@ -163,6 +166,20 @@ def check_resumable(cfg: TrainConfig, partial: Path) -> None:
         first = changed[0]
         raise SppError(f"--resume: {first} was {saved.get(first)!r} in the interrupted run but is {now.get(first)!r} now "
                        f"({len(changed)} setting(s) differ: {', '.join(changed)})")
+
+
+def check_resumable_conditions(partial: Path, conditions: dict) -> None:
+    """A --resume continues bit-exactly only under the run conditions its last checkpoint recorded.
+
+    Raises:
+        SppError: a condition differs (threads, device, dtype, processes, versions), naming how to match it.
+    """
+    from spp.io.checkpoint import TRAINER_STATE_FILE, read_json
+    from spp.train.loop import checkpoint_dirs
+
+    saved = read_json(checkpoint_dirs(partial)[-1] / TRAINER_STATE_FILE, what="trainer state")
+    check_same_conditions(saved.get("run_conditions"), conditions, "the interrupted run",
+                          "start over with --overwrite (without --resume)")
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -206,7 +223,7 @@ def enable_checkpointing(model) -> None:
 
 def build_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
     """Tokenized (train, val) examples from `cfg.data_path`: Alpaca records or plain-text windows."""
-    from spp.data import (IGNORE_INDEX, _load_hub_records, read_alpaca_records, read_text_documents, split_train_val,
+    from spp.data import (_load_hub_records, read_alpaca_records, read_text_documents, split_train_val, target_count_of,
                           text_windows, tokenize_instruction)
 
     source = cfg.data_path
@@ -225,9 +242,17 @@ def build_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
                     for r in records]
     if not examples:
         raise SppError(f"data {source} gives no training examples")
-    if not any(label != IGNORE_INDEX for _, labels in examples for label in labels[1:]):
+    # An example without a target token adds nothing to the loss; a batch of only such examples would
+    # step the optimizer on a zero gradient (momentum still moves it). Drop them before the split.
+    with_targets = [(ids, labels) for ids, labels in examples if target_count_of(labels)]
+    if not with_targets:
         raise SppError(f"no example of {source} has a target token within cutoff_len={cfg.cutoff_len} "
                        "(the prompts fill it); raise cutoff_len or set train_on_inputs: true")
+    dropped = len(examples) - len(with_targets)
+    if dropped and os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        print(f"note: dropped {dropped} of {len(examples)} examples of {source} that have no target token within "
+              f"cutoff_len={cfg.cutoff_len} (their prompts fill it)", file=sys.stderr)
+    examples = with_targets
     train_idx, val_idx = split_train_val(len(examples), cfg.val_set_size, cfg.seed)
     return [examples[i] for i in train_idx], [examples[i] for i in val_idx]
 
@@ -256,29 +281,33 @@ def output_workdir(accelerator, output: Path, cfg: TrainConfig):
 
 
 def check_pruned_zeros(model, masks: dict[str, torch.Tensor]) -> None:
-    """The invariant after training: where the mask says pruned, the frozen W is bitwise +0.0 and
-    the effective weight W ⊙ (1 + s·Â ⊙ β) is exactly zero (a NaN/inf in α or β would break it).
+    """The invariant after training: where the mask says pruned, the base weight and the effective
+    weight of every adapter layer (of any kind, via `spp.adapter.ADAPTERS`) are bitwise +0.0 (a
+    NaN/inf in a trained tensor would break it).
 
     Raises:
         RuntimeError: a violation, which can only be a bug in spp.
     """
-    from spp.adapter.layer import SPPLinear, effective_weight
+    from spp.adapter import ADAPTERS
+    from spp.adapter.model import adapter_layers
     from spp.models import is_conv1d, weight_out_in
     from spp.prune.masks import pruned_is_positive_zero
 
-    for name, layer in model.named_modules():
-        if not isinstance(layer, SPPLinear) or f"{name}.weight" not in masks:
+    for name, layer in adapter_layers(model).items():
+        if f"{name}.weight" not in masks:
             continue
         keep = masks[f"{name}.weight"].to(layer.weight.device)
         keep = keep.t() if is_conv1d(layer.base_layer) else keep  # (out, in)
         W = weight_out_in(layer.base_layer).detach()
+        kind = ADAPTERS[layer.kind]
         with torch.no_grad():
-            W_eff = effective_weight(W, layer.spp_alpha, layer.spp_beta, layer.scale)
-        if not pruned_is_positive_zero(W, keep).all() or (W_eff[~keep] != 0).any():
-            raise RuntimeError(f"{name}: a pruned entry is not zero after training; this is a bug in spp")
+            W_eff = kind.effective_weight(W, keep, layer.adapter_tensors(), getattr(layer, "scale", 1.0))
+        if not pruned_is_positive_zero(W, keep).all() or not pruned_is_positive_zero(W_eff, keep).all():
+            raise RuntimeError(f"{name}: a pruned entry is not +0.0 after training; this is a bug in spp")
 
 
-def write_train_manifest(workdir: Path, cfg: TrainConfig, base: Path, mask_sha256: str, report: TrainReport) -> None:
+def write_train_manifest(workdir: Path, cfg: TrainConfig, base: Path, mask_sha256: str, report: TrainReport,
+                         conditions: dict | None = None) -> None:
     """`spp_manifest.json` for the train stage: inputs hashed, trainable parameters, final losses."""
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
 
@@ -292,6 +321,7 @@ def write_train_manifest(workdir: Path, cfg: TrainConfig, base: Path, mask_sha25
     if cfg.teacher:  # a second full model in the training dtype, besides its activations for one micro-batch
         details.update(teacher=str(Path(cfg.teacher).expanduser().resolve()), teacher_param_bytes=report.teacher_param_bytes)
     manifest = Manifest(stage="train", settings=to_dict(cfg), inputs=inputs, mask_sha256=mask_sha256,
+                        conditions=conditions or {},
                         details={"base_model": str(base), **details}, wall_time_s=report.wall_time_s,
                         peak_memory=peak_memory_bytes())
     write_manifest(workdir, manifest)
