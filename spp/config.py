@@ -2,7 +2,7 @@
 
 Precedence: dataclass defaults < YAML file < explicit flags < `--set key=value`.
 Every key must name a field; an unknown key is an error naming the nearest valid
-one. `--set` values are parsed as YAML scalars and checked against the field's
+one. Values are read by the field's type (`spp.typed.coerce`: `1e-3` is a float) and checked against the field's
 type. Each dataclass checks its own ranges in `__post_init__`.
 """
 
@@ -20,16 +20,23 @@ from spp.typed import merge_into, nearest  # noqa: F401 (re-exported: callers im
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """`["a=1", "b=x"]` -> `{"a": 1, "b": "x"}`, each value parsed as a YAML scalar."""
+    """`["a=1e-3", "b=x", "c={spp: 1e-2}"]` -> `{"a": "1e-3", "b": "x", "c": {"spp": "1e-2"}}`.
+
+    Values stay text, read later by the field's type (`spp.typed.coerce`), so `1e-3` is a
+    float and `no` a string where the field says so; only a `{...}` mapping is parsed (as YAML).
+    """
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise SppError(f"--set {item!r} must look like key=value")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise SppError(f"--set {item!r}: the value is not valid YAML") from exc
+        raw = raw.strip()
+        if raw.startswith("{"):
+            try:
+                raw = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise SppError(f"--set {item!r}: the mapping is not valid YAML") from exc
+        out[key.strip()] = raw
     return out
 
 
@@ -158,7 +165,9 @@ class TrainConfig:
     batch_size: int = 128
     num_epochs: int = 1
     max_steps: int | None = None
-    learning_rate: float = 4e-3  # the SPP reference's rate
+    # None: the adapter's documented default (spp.adapter.DEFAULT_LEARNING_RATE); a mapping {adapter: rate}
+    # picks the rate of the chosen adapter (so one file can carry a rate per adapter). Resolved to a float.
+    learning_rate: float | dict[str, float] | None = None
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -170,7 +179,9 @@ class TrainConfig:
     eval_steps: int = 200
     save_steps: int = 200
     save_total_limit: int = 2
+    adapter: Literal["spp", "masked_lora", "full"] = "spp"  # the sparsity-preserving recovery (spp.adapter)
     spp_row_groups: int = 16
+    rank: int = 8  # masked_lora's rank (lora_r is only SPP's scale denominator)
     lora_alpha: float = 16.0
     lora_r: int = 8
     lora_dropout: float = 0.0
@@ -192,7 +203,7 @@ class TrainConfig:
             raise SppError(f"val_set_size={self.val_set_size}: a fraction must be in [0, 1); use an integer for a count")
         _check_range("val_set_size", self.val_set_size, 0)
         for key in ("micro_batch_size", "batch_size", "num_epochs", "logging_steps", "eval_steps", "save_steps",
-                    "save_total_limit", "spp_row_groups", "lora_r"):
+                    "save_total_limit", "spp_row_groups", "rank", "lora_r"):
             _check_range(key, getattr(self, key), 1)
         if self.max_steps is not None:
             _check_range("max_steps", self.max_steps, 1)
@@ -201,6 +212,7 @@ class TrainConfig:
                 f"batch_size={self.batch_size} is not divisible by micro_batch_size={self.micro_batch_size} "
                 "(batch_size is the global batch; gradient accumulation makes up the difference)"
             )
+        self.learning_rate = self._resolve_learning_rate()
         _check_range("learning_rate", self.learning_rate, 0.0, lo_open=True)
         _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         _check_range("weight_decay", self.weight_decay, 0.0)
@@ -224,11 +236,26 @@ class TrainConfig:
             raise SppError(f"teacher {self.teacher} is set but kd_weight and squarehead_weight are both 0, so it "
                            "would not be used: set one of them > 0 or drop the teacher")
 
+    def _resolve_learning_rate(self) -> float:
+        """`learning_rate` as a number: as given, the chosen adapter's entry of a mapping, or the adapter's default."""
+        from spp.adapter import DEFAULT_LEARNING_RATE
+        from spp.adapter.config import check_kind
+
+        check_kind(self.adapter, "adapter")
+        rate = self.learning_rate
+        if isinstance(rate, dict):
+            for kind, value in rate.items():
+                check_kind(kind, "learning_rate")
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise SppError(f"learning_rate: {kind}={value!r} should be a number")
+            rate = rate.get(self.adapter)
+        return float(DEFAULT_LEARNING_RATE[self.adapter] if rate is None else rate)
+
     def adapter_config(self, base_model: str = "", mask_sha256: str = ""):
         """The `AdapterConfig` these settings describe (it raises SppError on bad adapter keys)."""
         from spp.adapter.config import AdapterConfig
 
-        return AdapterConfig(spp_row_groups=self.spp_row_groups, lora_alpha=self.lora_alpha, lora_r=self.lora_r,
+        return AdapterConfig(kind=self.adapter, rank=self.rank, spp_row_groups=self.spp_row_groups, lora_alpha=self.lora_alpha, lora_r=self.lora_r,
                              lora_dropout=self.lora_dropout, target_modules=list(self.target_modules),
                              base_model=base_model, mask_sha256=mask_sha256)
 
