@@ -275,6 +275,7 @@ def ensure_demo_model(settings: DemoSettings = DemoSettings(), log=print) -> Pat
 
     from spp.data import tokenize_stream
     from spp.io.checkpoint import save_model
+    from spp.io.conditions import run_conditions
 
     log = log or (lambda line: None)
     output = demo_model_dir(settings)
@@ -291,6 +292,7 @@ def ensure_demo_model(settings: DemoSettings = DemoSettings(), log=print) -> Pat
         # one document, exactly as the later stages read train.txt
         train_ids = tokenize_stream(tokenizer, ["\n".join(train_text)])
         model = train_demo_model(settings, tokenizer, train_ids, log)
+        conditions = run_conditions("cpu", "float32")  # the thread count it was trained with, not the caller's
     finally:
         torch.set_num_threads(threads)
     with atomic_dir(output, overwrite=True) as partial:
@@ -301,6 +303,7 @@ def ensure_demo_model(settings: DemoSettings = DemoSettings(), log=print) -> Pat
             stage="demo-model",
             settings=dataclasses.asdict(settings),
             details={"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)},
+            conditions=conditions,
             wall_time_s=time.perf_counter() - start,
             peak_memory=peak_memory_bytes(),
         ))

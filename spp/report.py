@@ -33,6 +33,7 @@ class PipelineReport:
     settings: list[dict]
     markdown: str
     table: str  # just the results table (what `spp demo` prints)
+    machine: str = ""  # the run conditions the stages' manifests record (spp.io.conditions), in words
 
 
 def weight_sparsity(model_dir: Path, tensor_names: list[str]) -> float | None:
@@ -113,11 +114,29 @@ def build_report(run: Path, steps: list[Step], results: list[StepResult]) -> Pip
     first_prune = next(step for step in steps if step.stage == "prune")
     rows[0]["sparsity"] = weight_sparsity(Path(by_label["dense/eval"].config.model), _mask_names(first_prune.folder))
     table = results_table(rows, settings)
+    machine = conditions_line([step.folder for step in steps])
     markdown = "\n\n".join([f"# spp run report: {run}", "## Results", table,
                             "## Sparsity and trainable parameters", settings_table(settings),
                             "## Stages", stages_table(results),
+                            "## Run conditions", f"The numbers repeat bit for bit only under the same run conditions "
+                            f"(threads, device, dtype, processes, versions); these stages ran with: {machine}.",
                             "## Reproduce each stage alone", "```bash\n" + "\n".join(r.command for r in results) + "\n```"])
-    return PipelineReport(output=run, steps=results, rows=rows, settings=settings, markdown=markdown + "\n", table=table)
+    return PipelineReport(output=run, steps=results, rows=rows, settings=settings, markdown=markdown + "\n", table=table,
+                          machine=machine)
+
+
+def conditions_line(folders: list[Path]) -> str:
+    """The distinct run conditions recorded in the manifests of `folders`, in words, joined by ` | `."""
+    from spp.io.checkpoint import MANIFEST_FILE
+    from spp.io.conditions import describe_conditions
+
+    seen = []
+    for folder in folders:
+        if (Path(folder) / MANIFEST_FILE).is_file():
+            line = describe_conditions(read_json(Path(folder) / MANIFEST_FILE, what="manifest").get("conditions") or {})
+            if line not in seen:
+                seen.append(line)
+    return " | ".join(seen) or "not recorded"
 
 
 def _mask_names(prune_dir: Path) -> list[str]:
@@ -177,5 +196,5 @@ def stages_table(results: list[StepResult]) -> str:
 
 
 def report_json(report: PipelineReport) -> dict:
-    return {"output": str(report.output), "rows": report.rows, "settings": report.settings,
+    return {"output": str(report.output), "rows": report.rows, "settings": report.settings, "machine": report.machine,
             "steps": [asdict(s) for s in report.steps]}

@@ -181,7 +181,7 @@ def test_until_and_from_limit_the_stages(fixture_dir, tmp_path):
 def test_killed_during_training_resumes_to_the_same_adapter(first_run, fixture_dir, tmp_path):
     _, reference, _ = first_run
     path = write(tmp_path / "p.yaml", pipeline_dict(fixture_dir, tmp_path / "run", sweep=[{"pattern": "2:4"}]))
-    env = {**os.environ, "SPP_FAULT": "train_step:3", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "SPP_FAULT": "train_step:3", "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as resumed below
     killed = subprocess.run([str(Path(sys.executable).parent / "spp"), "run", str(path)], env=env, capture_output=True,
                             text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -202,7 +202,7 @@ def test_killed_during_training_resumes_to_the_same_adapter(first_run, fixture_d
 def test_killed_during_pruning_resumes_at_the_next_block(first_run, fixture_dir, tmp_path):
     _, reference, _ = first_run
     path = write(tmp_path / "p.yaml", pipeline_dict(fixture_dir, tmp_path / "run", sweep=[{"pattern": "2:4"}]))
-    env = {**os.environ, "SPP_FAULT": "prune_block:0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "SPP_FAULT": "prune_block:0", "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as resumed below
     killed = subprocess.run([str(Path(sys.executable).parent / "spp"), "run", str(path), "--until", "prune"], env=env,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]

@@ -5,7 +5,8 @@ and a rename): `block-i.safetensors` (the block's pruned parameters and buffers,
 `masks-i.safetensors` (its bool keep-masks (out, in), keyed by block-relative layer name)
 and `hidden-(i+1).safetensors` (block i+1's calibration inputs, one (batch, seq, hidden)
 tensor per chunk of windows). Only then does `progress.json` (the settings it was made
-with, their sha256, and per finished block its statistics) advance to i + 1, and the now
+with, their sha256, the run conditions (`spp.io.conditions`: threads, device, dtype,
+versions), and per finished block its statistics) advance to i + 1, and the now
 stale `hidden-i` is deleted. A kill between two writes therefore leaves `progress.json`
 pointing at complete files. The per-call keyword arguments of each block (attention masks,
 position embeddings) are not stored: resuming recomputes them from the embeddings, which is
@@ -24,6 +25,7 @@ from torch import nn
 
 from spp.errors import SppError
 from spp.io.checkpoint import PRUNE_PROGRESS_DIR, PRUNE_PROGRESS_FILE, read_json, write_json
+from spp.io.conditions import check_same_conditions
 from spp.io.manifest import settings_sha256
 
 
@@ -73,19 +75,22 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise SppError(f"--resume: {path} is corrupt or truncated ({exc}); run without --resume to start over") from exc
 
 
-def start_progress(partial: Path, settings: dict, n_blocks: int) -> None:
-    """Record a fresh run's settings (no block finished yet)."""
+def start_progress(partial: Path, settings: dict, n_blocks: int, conditions: dict) -> None:
+    """Record a fresh run's settings and run conditions (no block finished yet)."""
     directory = progress_dir(partial)
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / PRUNE_PROGRESS_FILE, {"settings": settings, "settings_sha256": settings_sha256(settings),
-                                                 "n_blocks": n_blocks, "blocks_done": 0, "blocks": []})
+                                                 "conditions": conditions, "n_blocks": n_blocks, "blocks_done": 0,
+                                                 "blocks": []})
 
 
-def check_resumable(partial: Path, settings: dict) -> int:
-    """The number of finished blocks of the interrupted run in `partial`, if it used the same settings.
+def check_resumable(partial: Path, settings: dict, conditions: dict) -> int:
+    """The number of finished blocks of the interrupted run in `partial`, if it used the same settings
+    and ran under the same conditions (`spp.io.conditions.run_conditions`), so the result stays bit-exact.
 
     Raises:
-        SppError: no progress to resume, or a setting differs (names the first differing key).
+        SppError: no progress to resume, a setting differs (names the first differing key), or a run
+            condition differs (names it and how to match it).
     """
     path = progress_dir(partial) / PRUNE_PROGRESS_FILE
     if not path.is_file():
@@ -98,6 +103,8 @@ def check_resumable(partial: Path, settings: dict) -> int:
         first = changed[0] if changed else "settings"
         raise SppError(f"--resume: {first} was {old.get(first)!r} in the interrupted run but is {settings.get(first)!r} "
                        f"now ({len(changed)} setting(s) differ: {', '.join(changed)}); run without --resume to start over")
+    check_same_conditions(saved.get("conditions"), conditions, "the interrupted run",
+                          "run without --resume to start over")
     return int(saved["blocks_done"])
 
 

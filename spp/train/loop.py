@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -96,6 +96,7 @@ class LoopState:
     tokens_seen: int = 0  # non-padding input tokens, all processes
     train_loss: float | None = None  # loss of the last step
     val_loss: float | None = None  # last validation loss
+    run_conditions: dict = field(default_factory=dict)  # spp.io.conditions the run computes under (--resume checks)
 
 
 def checkpoint_dirs(workdir: Path) -> list[Path]:

@@ -1,0 +1,110 @@
+"""Run conditions: what, besides the settings and the inputs, changes the float results of a run.
+
+The same settings on the same inputs give bit-identical numbers only under the same
+conditions: the number of torch intra-op threads (a matmul or reduction splits its sum
+differently with more threads), the device and its kernels (the GPU model, or on a CPU
+the instruction set torch dispatches to), the compute dtype, the number of processes
+(DDP sums gradients across them), the torch and transformers versions, and torch's
+global numeric switches (deterministic algorithms, float32 matmul precision, i.e. TF32).
+`run_conditions` builds that record in this one place; prune keeps it with its progress,
+train with every checkpoint, and every stage writes it into its manifest.
+`check_same_conditions` refuses a `--resume` whose conditions differ. This module does not
+decide what a stage does with the record.
+
+Considered and left out: torch inter-op threads (they run independent ops side by side,
+each op's sum is unchanged), the CPU model name (kernels are picked by instruction set,
+which is recorded), the accelerate version (it only wraps torch's DDP all-reduce), and the
+cuDNN switches (the models spp handles have no convolutions).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from spp.errors import SppError
+
+
+def run_conditions(device: torch.device | str, dtype: torch.dtype | str, world_size: int = 1) -> dict:
+    """The conditions this process computes under, as a JSON-able dict.
+
+    Args:
+        device: where the math runs (`cpu`, `cuda`, `cuda:1`, ...); only its type and model are kept.
+        dtype: the compute dtype (a torch dtype or its name, e.g. `float32`).
+        world_size: the number of processes that share the work.
+    """
+    import transformers
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:  # CPU kernels are picked by instruction set (AVX2, AVX512, ...), which changes the sums
+        name = f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "device": device.type,
+        "device_name": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "world_size": int(world_size),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+
+
+def describe_conditions(conditions: dict) -> str:
+    """One short line for people: `2 torch threads, cpu (x86_64 AVX512), float32, 1 process, torch …, transformers …`."""
+    if not conditions:
+        return "not recorded"
+    threads, world = conditions.get("torch_threads"), conditions.get("world_size")
+    return (f"{threads} torch thread{'s' if threads != 1 else ''}, {conditions.get('device')} "
+            f"({conditions.get('device_name')}), {conditions.get('dtype')}, "
+            f"{world} process{'es' if world != 1 else ''}, torch {conditions.get('torch')}, "
+            f"transformers {conditions.get('transformers')}")
+
+
+def _difference(key: str, old, new) -> tuple[str, str]:
+    """(what differs, in words; how to match the old run) for one condition."""
+    if key == "torch_threads":
+        return (f"used {old} torch thread{'s' if old != 1 else ''}, this one {new}",
+                f"rerun with OMP_NUM_THREADS={old} (or torch.set_num_threads({old}))")
+    if key == "world_size":
+        return (f"ran on {old} process{'es' if old != 1 else ''}, this one on {new}",
+                f"launch with {old} process{'es' if old != 1 else ''} (accelerate launch --num_processes {old})")
+    if key in ("torch", "transformers"):
+        return f"used {key} {old}, this one {key} {new}", f"install {key}=={old}"
+    if key == "deterministic_algorithms":
+        return (f"ran with torch.use_deterministic_algorithms({old}), this one with {new}",
+                f"call torch.use_deterministic_algorithms({old})")
+    if key == "float32_matmul_precision":
+        return (f"ran with float32 matmul precision {old!r}, this one {new!r}",
+                f"call torch.set_float32_matmul_precision({old!r})")
+    if key in ("device", "device_name"):
+        return f"ran on {key.replace('_', ' ')} {old!r}, this one on {new!r}", "run on the same kind of device"
+    return f"had {key} {old!r}, this one {new!r}", f"run with {key} {old!r}"
+
+
+def check_same_conditions(saved: dict | None, now: dict, what: str, start_over: str) -> None:
+    """Refuse to continue `what` (e.g. "the interrupted run") when its recorded conditions differ from `now`.
+
+    Args:
+        saved: the record kept with the progress or checkpoint (None or empty: an older spp kept none).
+        now: `run_conditions(...)` of this process.
+        what: the thing being resumed, as the message names it.
+        start_over: how to start over instead (e.g. "run without --resume to start over").
+
+    Raises:
+        SppError: one line naming the first differing condition, how to match it, and the others that differ.
+    """
+    if not saved:
+        raise SppError(f"--resume: {what} recorded no run conditions (it was made by an older spp), so it cannot be "
+                       f"continued bit-exactly; {start_over}")
+    changed = [key for key in now if saved.get(key) != now[key]]
+    if not changed:
+        return
+    first = changed[0]
+    differs, how = _difference(first, saved.get(first), now[first])
+    others = f" (also differs: {', '.join(changed[1:])})" if changed[1:] else ""
+    raise SppError(f"--resume: {what} {differs}; {how} to continue bit-exactly, or {start_over}{others}")
