@@ -16,12 +16,14 @@ import typer
 
 from spp import __version__
 from spp.errors import SppError
+from spp.quiet import quiet_output
 
 app = typer.Typer(
     help="Prune LLMs (Wanda, SparseGPT, magnitude), fine-tune them with SPP, merge and evaluate, keeping every zero.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: flags show no "<bool>" as if they took a value
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -66,14 +68,6 @@ def main(
 
 
 # --------------------------------------------------------------------------- prune / verify
-
-
-def _quiet_transformers() -> None:
-    """Silence transformers' own progress bars and info logs (our progress bar and table say it all)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def _sparsity_table(title: str, blocks: list[tuple[str, int, int]], total: float):
@@ -123,10 +117,9 @@ def prune(
                       nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
                       max_shard_size=max_shard_size, batch_size=batch_size,
                       offload_activations=offload_activations, overwrite=overwrite, resume=resume)
-    _quiet_transformers()
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with quiet_output(), Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("checking inputs", total=None)
 
         def on_module(index: int, n_blocks: int, name: str) -> None:
@@ -186,8 +179,8 @@ def train(
                                    ("--set", parse_set(set_ or []))])
     from spp.train import run_train
 
-    _quiet_transformers()
-    report = run_train(cfg)
+    with quiet_output():
+        report = run_train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         from rich.console import Console
 
@@ -213,7 +206,8 @@ def merge(
 
     report = run_merge(MergeConfig(model=model, adapter=adapter, output=output, overwrite=overwrite))
     print(f"merged {report.n_modules} layers of {report.model} with {report.adapter} "
-          f"({report.n_shards} shard(s), every pruned entry +0.0) -> {report.output}")
+          f"({report.n_shards} shard(s), every pruned entry +0.0"
+          + (f"; {report.kept_zero} kept weights are zero" if report.kept_zero else "") + f") -> {report.output}")
 
 
 # --------------------------------------------------------------------------- eval
@@ -242,6 +236,7 @@ def eval_(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
     compare: bool = typer.Option(False, "--compare", help="Print earlier results side by side instead of evaluating."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show every library message (by default spp.quiet drops the ones listed there)."),
 ):
     """Perplexity (Wanda/SparseGPT protocol) and lm-eval zero-shot accuracy; or --compare earlier results.
 
@@ -269,8 +264,8 @@ def eval_(
                      tasks=_split_list(tasks), task_data=task_data or os.environ.get("SPP_TASK_DATA") or None,
                      limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, output=output, device=device,
                      dtype=dtype, overwrite=overwrite)
-    _quiet_transformers()
-    report = run_eval(cfg)
+    with quiet_output(verbose, lm_eval=bool(cfg.tasks)) as noise:
+        report = run_eval(cfg)
     table = Table(title=f"{model}" + (f" + adapter {adapter}" if adapter else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -282,6 +277,8 @@ def eval_(
             console.print(f"[yellow]{name} is approximate: {task['approximate']}[/yellow]")
         if task.get("note"):
             console.print(f"[yellow]{name}: {task['note']}[/yellow]")
+    for line in noise.summary_lines():  # on stderr, where the library's own lines would have gone
+        print(line, file=sys.stderr)
     if report.output:
         console.print(f"results -> {report.output}")
 
@@ -304,9 +301,11 @@ def run(
 
     from spp.pipeline import REPORT_MD, run_pipeline
 
-    _quiet_transformers()
-    report = run_pipeline(Path(pipeline), from_stage, until_stage, force)
+    with quiet_output(lm_eval=True) as noise:
+        report = run_pipeline(Path(pipeline), from_stage, until_stage, force)
     print(report.table)
+    for line in noise.summary_lines():
+        print(line, file=sys.stderr)
     print(f"report -> {report.output / REPORT_MD}")
 
 
@@ -323,8 +322,8 @@ def demo(
     from spp.demo import run_demo
     from spp.pipeline import REPORT_MD
 
-    _quiet_transformers()
-    report = run_demo(Path(output))
+    with quiet_output():
+        report = run_demo(Path(output))
     print(report.table)
     print(f"machine: {report.machine} (the table repeats bit for bit under these conditions)")
     print(f"report -> {report.output / REPORT_MD}")
