@@ -233,6 +233,15 @@ def test_distillation_accumulates_micro_batches_to_the_global_batch(pruned_tiny_
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
 
 
+def test_squarehead_under_gradient_checkpointing_gives_the_same_adapter(pruned_tiny_dir, teachers, text, tmp_path):
+    # the SquareHead gradient flows through checkpointed blocks (recomputed in backward) as through plain ones
+    kw = dict(teacher=str(teachers["dense"]), squarehead_weight=1.0, max_steps=2, save_steps=2)
+    run_train(_cfg(pruned_tiny_dir, text, tmp_path / "a", **kw))
+    run_train(_cfg(pruned_tiny_dir, text, tmp_path / "b", gradient_checkpointing=True, **kw))
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
 def test_resume_with_distillation_equals_an_uninterrupted_run(pruned_tiny_dir, teachers, text, tmp_path, monkeypatch):
     kw = dict(teacher=str(teachers["dense"]), kd_weight=0.5, squarehead_weight=0.5, max_steps=4, save_steps=4)
     straight = tmp_path / "straight"
