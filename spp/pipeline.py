@@ -293,7 +293,7 @@ def stale_reason(step: Step) -> str | None:
     """
     manifest_path = step.folder / MANIFEST_FILE
     if not manifest_path.is_file():
-        return "not run yet" if not step.folder.exists() else f"{step.folder} has no {MANIFEST_FILE}"
+        return "no output yet" if not step.folder.exists() else f"{step.folder} has no {MANIFEST_FILE}"
     try:
         manifest = read_manifest(step.folder)
     except SppError as exc:

@@ -166,9 +166,11 @@ def test_changed_settings_rerun_that_stage_and_the_ones_after(first_run):
 def test_until_and_from_limit_the_stages(fixture_dir, tmp_path):
     path = write(tmp_path / "p.yaml", pipeline_dict(fixture_dir, tmp_path / "run", sweep=[{"pattern": "2:4"}]))
     result = CliRunner().invoke(app, ["run", str(path), "--from", "train"])
-    assert result.exit_code == 1 and "wanda-2of4/prune is not up to date (not run yet)" in result.stderr
+    assert result.exit_code == 1 and "wanda-2of4/prune is not up to date (no output yet)" in result.stderr
     assert not (tmp_path / "run").exists()
-    report = run_pipeline(path, until_stage="prune", log=lambda line: None)
+    lines = []
+    report = run_pipeline(path, until_stage="prune", log=lines.append)
+    assert "wanda-2of4/prune: running (no output yet)" in lines
     assert statuses(report) == {"wanda-2of4/prune": "ran", "wanda-2of4/train": "not run (after --until)",
                                 "wanda-2of4/merged": "not run (after --until)", "dense/eval": "not run (after --until)",
                                 "wanda-2of4/eval/pruned": "not run (after --until)",
