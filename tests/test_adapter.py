@@ -362,3 +362,282 @@ def test_load_adapter_bad_inputs(tiny_model, tmp_path):
     (tmp_path / "ok" / ADAPTER_CONFIG_FILE).write_text(json.dumps({**cfg.to_json(), "spp_row_groups": 2}))
     with pytest.raises(SppError, match="spp_alpha has shape \\(4, 32\\), the model needs \\(2, 32\\)"):
         load_adapter(tiny_model("llama"), tmp_path / "ok")
+
+
+# ------------------------------------------------------------------ masked LoRA
+
+from spp.adapter import ADAPTERS, DEFAULT_LEARNING_RATE, LAYER_TYPES  # noqa: E402
+from spp.adapter.full import FullFunction, FullLinear  # noqa: E402
+from spp.adapter.masked_lora import MaskedLoRAFunction, MaskedLoRALinear, masked_lora_weight  # noqa: E402
+
+LORA_SHAPES = [(11, 6, 3), (7, 9, 2), (5, 4, 6)]  # (out, in, rank): out 11 and 7 are prime; rank may exceed min(out, in)
+
+
+def lora_params(out, inp, r, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(out, inp, generator=g) > 0.5
+    W = torch.where(keep, torch.randn(out, inp, generator=g, dtype=dtype), torch.zeros((), dtype=dtype))
+    A = torch.randn(r, inp, generator=g, dtype=dtype)
+    B = torch.randn(out, r, generator=g, dtype=dtype)
+    return W, A, B, keep
+
+
+def naive_lora_forward(x, W, A, B, keep, bias, s):
+    """y = (W + M ⊙ (s·B·A)) x + b, by the formula (autograd does the gradients)."""
+    return F.linear(x, W + keep * (s * B @ A), bias)
+
+
+@pytest.mark.parametrize("out,inp,r", LORA_SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_masked_lora_function_gradcheck_float64(out, inp, r, with_bias):
+    W, A, B, keep = lora_params(out, inp, r)
+    x = torch.randn(2, 3, inp, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(out, dtype=torch.float64, requires_grad=True) if with_bias else None
+    inputs = (x, A.requires_grad_(True), B.requires_grad_(True)) + ((bias,) if with_bias else ())
+
+    def f(x, A, B, *rest):
+        return MaskedLoRAFunction.apply(x, W, A, B, keep, rest[0] if rest else None, 1.5)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("out,inp,r", LORA_SHAPES)
+def test_masked_lora_equals_naive_formula_in_value_and_gradient(out, inp, r):
+    W, A0, B0, keep = lora_params(out, inp, r, seed=1)
+    x0, bias0 = torch.randn(4, inp, dtype=torch.float64), torch.randn(out, dtype=torch.float64)
+    grad_y = torch.randn(4, out, dtype=torch.float64)
+    results = []
+    for fn in (lambda x, A, B, b: MaskedLoRAFunction.apply(x, W, A, B, keep, b, 2.0),
+               lambda x, A, B, b: naive_lora_forward(x, W, A, B, keep, b, 2.0)):
+        leaves = [t.clone().requires_grad_(True) for t in (x0, A0, B0, bias0)]
+        fn(*leaves).backward(grad_y)
+        results.append([fn(*leaves).detach()] + [t.grad for t in leaves])
+    for ours, naive in zip(*results):
+        torch.testing.assert_close(ours, naive, rtol=1e-10, atol=1e-10)
+    # the table's pure gradients: dA = s·Bᵀ(G ⊙ M), dB = s·(G ⊙ M)Aᵀ
+    G = grad_y.t() @ x0
+    grads = ADAPTERS["masked_lora"].gradients(G.clone(), W, keep, {"lora_A": A0, "lora_B": B0}, 2.0)
+    torch.testing.assert_close(grads["lora_A"], results[1][2], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads["lora_B"], results[1][3], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d"])
+def test_masked_lora_layer_equals_naive_formula_for_each_layout(kind):
+    base = make_layer(kind, out=11, inp=8, dtype=torch.float64)
+    keep = torch.rand(base.weight.shape, generator=torch.Generator().manual_seed(3)) > 0.4  # storage layout
+    with torch.no_grad():
+        base.weight.copy_(torch.where(keep, base.weight, torch.zeros((), dtype=torch.float64)))
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    expected = base(x)
+    layer = MaskedLoRALinear(base, keep, rank=3, scale=16 / 3)
+    assert torch.equal(layer(x), expected)  # B = 0 at init: the base layer exactly
+    bound = 1 / 8**0.5  # Kaiming-uniform with a = √5 on (r, in)
+    assert layer.lora_A.abs().max() <= bound and not layer.lora_B.any()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    y = layer(x)
+    W, keep_oi = weight_out_in(base).detach(), layer.keep_out_in()
+    A = layer.lora_A.detach().clone().requires_grad_(True)
+    B = layer.lora_B.detach().clone().requires_grad_(True)
+    y_naive = naive_lora_forward(x, W, A, B, keep_oi, base.bias, 16 / 3)
+    torch.testing.assert_close(y, y_naive, rtol=1e-10, atol=1e-10)
+    y.square().sum().backward()
+    y_naive.square().sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, A.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.lora_B.grad, B.grad, rtol=1e-10, atol=1e-10)
+    assert base.weight.grad is None
+    merged = layer.merged_weight()
+    assert merged.shape == base.weight.shape
+    assert (merged[~keep] == 0).all() and not torch.signbit(merged[~keep]).any()
+    with torch.no_grad():
+        base.weight.copy_(merged)
+        assert torch.equal(base(x), y.detach())  # the merged weight is bitwise the forward's
+
+
+def test_masked_lora_pruned_entries_are_positive_zero_and_kept_ones_may_vanish():
+    W, A, B, keep = lora_params(8, 6, 2, dtype=torch.float32)
+    W_eff = masked_lora_weight(W, A, B, 2.0, keep)
+    assert (W_eff[~keep] == 0).all() and not torch.signbit(W_eff[~keep]).any()
+    # a kept entry whose update cancels W becomes a kept zero, not a pruned one
+    row, col = keep.nonzero()[0].tolist()
+    B2 = B.clone()
+    B2[row] = 0
+    W2 = W.clone()
+    W2[row, col] = 0.0
+    assert masked_lora_weight(W2, A, B2, 2.0, keep)[row, col] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masked_lora_low_precision_close_to_fp32(dtype):
+    keep = torch.rand(32, 64, generator=torch.Generator().manual_seed(0)) > 0.5
+    base32 = make_layer("linear_bias", out=32, inp=64)
+    with torch.no_grad():
+        base32.weight.copy_(torch.where(keep, base32.weight, torch.zeros(())))
+    layer32 = MaskedLoRALinear(base32, keep, rank=4, scale=4.0)
+    with torch.no_grad():
+        layer32.lora_B.normal_(std=0.1)
+    base16 = make_layer("linear_bias", out=32, inp=64).to(dtype)
+    with torch.no_grad():
+        base16.weight.copy_(base32.weight)
+    layer16 = MaskedLoRALinear(base16, keep, rank=4, scale=4.0)
+    layer16.load_state_dict(layer32.state_dict())
+    assert layer16.lora_A.dtype == torch.float32
+    x = torch.randn(4, 64)
+    y32, y16 = layer32(x), layer16(x.to(dtype))
+    assert y16.dtype == dtype
+    torch.testing.assert_close(y16.float(), y32, rtol=3e-2, atol=3e-2)
+    y16.float().sum().backward()
+    y32.sum().backward()
+    assert layer16.lora_B.grad.dtype == torch.float32
+    torch.testing.assert_close(layer16.lora_B.grad, layer32.lora_B.grad, rtol=5e-2, atol=5e-2)
+    merged = layer16.merged_weight()
+    assert merged.dtype == dtype and (merged[~keep] == 0).all() and not torch.signbit(merged[~keep]).any()
+
+
+# ------------------------------------------------------------------ full (masked) fine-tuning
+
+
+@pytest.mark.parametrize("kind", ["linear_bias", "conv1d"])
+def test_full_gradient_is_the_dense_gradient_times_the_mask(kind):
+    base = make_layer(kind, out=11, inp=8, dtype=torch.float64)
+    keep = torch.rand(base.weight.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    with torch.no_grad():
+        base.weight.copy_(torch.where(keep, base.weight, torch.zeros((), dtype=torch.float64)))
+    dense = make_layer(kind, out=11, inp=8, dtype=torch.float64)
+    dense.load_state_dict(base.state_dict())
+    x = torch.randn(3, 8, dtype=torch.float64)
+    layer = FullLinear(base, keep)
+    assert base.weight.requires_grad and not base.bias.requires_grad  # an fp32/fp64 base is its own master
+    y, y_dense = layer(x), dense(x)
+    torch.testing.assert_close(y, y_dense, rtol=1e-12, atol=1e-12)
+    y.square().sum().backward()
+    y_dense.square().sum().backward()
+    expected = torch.where(keep, dense.weight.grad, torch.zeros((), dtype=torch.float64))
+    assert torch.equal(base.weight.grad, expected)  # storage layout, exactly +0.0 where pruned
+    assert not torch.signbit(base.weight.grad[~keep]).any()
+    assert base.bias.grad is None
+
+
+def test_full_function_gradcheck_float64():
+    W, _, _, keep = lora_params(7, 5, 1)
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, W, b: FullFunction.apply(x, W, keep, b, torch.float64),
+                                    (x, W.requires_grad_(True), bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_full_pruned_entries_stay_positive_zero_through_adamw_with_weight_decay(dtype, kind):
+    base = make_layer(kind, out=16, inp=8, dtype=dtype)
+    keep = torch.rand(base.weight.shape, generator=torch.Generator().manual_seed(2)) > 0.5
+    with torch.no_grad():
+        base.weight.copy_(torch.where(keep, base.weight, torch.zeros((), dtype=dtype)))
+    layer = FullLinear(base, keep)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    assert len(params) == 1 and params[0].dtype == torch.float32  # the base itself (fp32) or a float32 master (bf16)
+    assert (layer.full_master is None) == (dtype == torch.float32)
+    optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5)
+    for step in range(5):
+        x = torch.randn(4, 8, dtype=dtype)
+        layer(x).float().sin().sum().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    master = params[0]
+    assert (master[~keep] == 0).all() and not torch.signbit(master[~keep]).any()
+    assert not torch.equal(master[keep], base.weight.float()[keep]) or dtype == torch.float32
+    merged = layer.merged_weight()
+    assert merged.dtype == dtype and (merged[~keep] == 0).all() and not torch.signbit(merged[~keep]).any()
+    for state in optimizer.state[master].values():
+        if torch.is_tensor(state) and state.shape == master.shape:
+            assert not state[~keep].any() and not torch.signbit(state[~keep]).any()
+
+
+# ------------------------------------------------------------------ the table, the config, whole models
+
+
+def test_every_kind_has_the_same_entry_points_and_a_default_learning_rate():
+    assert set(ADAPTERS) == set(DEFAULT_LEARNING_RATE) == {"spp", "masked_lora", "full"}
+    for name, kind in ADAPTERS.items():
+        assert kind.layer.kind == name
+        assert all(callable(f) for f in (kind.make_layer, kind.tensor_shapes, kind.effective_weight, kind.gradients,
+                                         kind.merged_weight))
+
+
+def test_config_records_the_kind_and_refuses_an_unknown_one():
+    cfg = AdapterConfig(kind="masked_lora", rank=4, lora_alpha=16)
+    obj = json.loads(json.dumps(cfg.to_json()))
+    assert obj["kind"] == "masked_lora" and obj["scale"] == 4.0 and AdapterConfig.from_json(obj) == cfg
+    assert AdapterConfig(kind="spp", rank=4).scale == 2.0  # lora_alpha / lora_r: rank is not SPP's
+    old = {k: v for k, v in AdapterConfig().to_json().items() if k not in ("kind", "rank")}
+    assert AdapterConfig.from_json(old).kind == "spp"  # written before there were kinds
+    with pytest.raises(SppError, match=r"unknown adapter kind 'lora' \(valid kinds: spp, masked_lora, full\)"):
+        AdapterConfig.from_json({**obj, "kind": "lora"}, source="x/adapter_config.json")
+    with pytest.raises(SppError, match="rank=0"):
+        AdapterConfig(kind="masked_lora", rank=0)
+
+
+def test_spp_row_groups_error_names_the_layer(tiny_model):
+    model = tiny_model("llama")  # k_proj and v_proj have 2 kv heads × 8 = 16 output rows
+    with pytest.raises(SppError, match=r"^model\.layers\.0\.self_attn\.k_proj has 16 output rows, fewer than "
+                                       r"spp_row_groups=32$"):
+        add_spp(model, AdapterConfig(spp_row_groups=32))
+    assert not any(isinstance(m, SPPLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["masked_lora", "full"])
+def test_a_target_without_a_mask_is_refused_for_kinds_that_need_one(tiny_model, kind):
+    model = tiny_model("llama")
+    masks = prune_in_place(model)
+    del masks["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(SppError, match=rf"^model\.layers\.1\.mlp\.up_proj has no entry in the keep-masks .*{kind}"):
+        add_spp(model, AdapterConfig(kind=kind), masks)
+    assert not any(isinstance(m, LAYER_TYPES) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())  # refused before anything changed
+    with pytest.raises(SppError, match="has no entry in the keep-masks"):
+        add_spp(tiny_model("llama"), AdapterConfig(kind=kind))  # no masks at all
+
+
+def perturb_any(model, seed=0):
+    """Move every adapter tensor away from its init (any kind)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter_state_dict(model).items():
+            p.add_(torch.randn(p.shape, generator=g) * (0.05 if name.endswith("full_weight") else 0.3))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["masked_lora", "full"])
+def test_save_load_and_in_memory_merge_for_each_kind(tiny_model, tmp_path, arch, kind):
+    model = tiny_model(arch)
+    masks = prune_in_place(model)
+    cfg = AdapterConfig(kind=kind, rank=3, base_model="somewhere", mask_sha256="x" * 64)
+    add_spp(model, cfg, masks)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == len(adapter_state_dict(model))
+    assert [p.shape for p in trainable] == [  # one tensor per trainable parameter, in order (optimizer state)
+        (t.t() if t.shape != p.shape else t).shape for p, t in zip(trainable, adapter_state_dict(model).values())]
+    perturb_any(model)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        y_adapter = model(ids).logits
+    save_adapter(model, cfg, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_FILE).read_text())["kind"] == kind
+
+    reloaded = tiny_model(arch)
+    prune_in_place(reloaded)
+    with torch.no_grad():
+        y_base = reloaded(ids).logits
+    assert load_adapter(reloaded, tmp_path / "adapter", masks) == cfg
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, y_adapter)
+        merge_spp(reloaded, masks)
+        y_merged = reloaded(ids).logits
+    assert not any(isinstance(m, (SPPLinear, MaskedLoRALinear, FullLinear)) for m in reloaded.modules())
+    assert not any(p.requires_grad for p in reloaded.parameters())
+    torch.testing.assert_close(y_merged, y_adapter, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y_merged, y_base, atol=1e-3)
+    for name, keep in masks.items():
+        w = reloaded.get_parameter(name)
+        assert (w[~keep] == 0).all() and not torch.signbit(w[~keep]).any()
