@@ -297,23 +297,31 @@ class EvalConfig:
         _check_range("--num-fewshot", self.num_fewshot, 0)
 
 
-def find_config(name: str) -> Path:
-    """A `--config` value as a file: an existing path, else a config bundled with spp (`alpaca.yaml`).
+PIPELINE_SECTIONS = {"sweep", "prune", "eval"}  # keys only an `spp run` file has (its eval section is required)
+
+
+def find_config(name: str, kind: Literal["train", "pipeline"] = "train") -> Path:
+    """A train `--config` value, or an `spp run` file: an existing path, else one bundled with spp.
+
+    Bundled pipelines are the `pipeline_*.yaml` files; the others (`alpaca.yaml`, ...) are train configs.
 
     Raises:
-        SppError: neither exists (lists the bundled names).
+        SppError: neither exists (lists the bundled files of that kind), or a pipeline file given as a train config.
     """
-    path = Path(name).expanduser()
-    if path.is_file():
-        return path
     from importlib.resources import files
 
     bundled = files("spp.configs")
-    candidate = bundled / name
-    if "/" not in name and candidate.is_file():
-        return Path(str(candidate))
-    names = sorted(p.name for p in bundled.iterdir() if p.name.endswith(".yaml"))
-    raise SppError(f"config {name} does not exist (bundled configs: {', '.join(names)})")
+    path = Path(name).expanduser()
+    if not path.is_file() and "/" not in name and (bundled / name).is_file():
+        path = Path(str(bundled / name))
+    names = sorted(p.name for p in bundled.iterdir() if p.name.endswith(".yaml")
+                   and p.name.startswith("pipeline_") == (kind == "pipeline"))
+    if not path.is_file():
+        raise SppError(f"config {name} does not exist (bundled configs: {', '.join(names)})")
+    if kind == "train" and PIPELINE_SECTIONS & read_yaml(path).keys():
+        raise SppError(f"{name} is an `spp run` pipeline, not a train config: run it with `spp run {name}` "
+                       f"(bundled train configs: {', '.join(names)})")
+    return path
 
 
 # --------------------------------------------------------------------------- merge

@@ -415,7 +415,7 @@ def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | N
     Raises:
         SppError: any bad input (before any stage runs), or a stage's own error.
     """
-    path = find_config(str(path))  # a file, or a pipeline bundled with spp (pipeline_stories.yaml)
+    path = find_config(str(path), kind="pipeline")  # a file, or a pipeline bundled with spp (pipeline_stories.yaml)
     cfg = load_pipeline(path)
     in_range = stage_range(from_stage, until_stage)
     steps = plan(cfg, source=str(path))

@@ -55,5 +55,26 @@ def test_config_loads_into_its_stage(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_bundled_name_resolves_from_any_directory(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    found = find_config(path.name)
+    found = find_config(path.name, kind="pipeline" if stage_named(header(path), path) == "run" else "train")
     assert found.read_text() == path.read_text()
+
+
+@pytest.mark.parametrize("name", [p.name for p in CONFIGS if p.name.startswith("pipeline_")])
+def test_a_pipeline_is_refused_as_a_train_config_in_one_line(name, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from spp.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for value in (name, str(Path(__file__).resolve().parents[1] / "configs" / name)):  # bundled name, then a path
+        result = CliRunner().invoke(app, ["train", "--config", value, "--model", "m", "--data", "d.txt"])
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert f"is an `spp run` pipeline, not a train config: run it with `spp run {value}`" in result.stderr
+        assert "unknown key" not in result.stderr and "pipeline_" not in result.stderr.split("bundled train configs")[1]
+
+
+@pytest.mark.parametrize("kind", ["train", "pipeline"])
+def test_a_missing_config_lists_the_bundled_ones_of_its_kind(kind):
+    names = [p.name for p in CONFIGS if (stage_named(header(p), p) == "run") == (kind == "pipeline")]
+    with pytest.raises(spp_config.SppError, match=re.escape(f"(bundled configs: {', '.join(names)})")):
+        find_config("nope.yaml", kind=kind)
