@@ -1,5 +1,7 @@
 """The command line as a whole: version, and help with an example for every subcommand."""
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -26,3 +28,10 @@ def test_top_level_help_lists_every_subcommand():
     assert result.exit_code == 0
     for name in SUBCOMMANDS:
         assert name in result.output
+
+
+@pytest.mark.parametrize("name", ["", *SUBCOMMANDS])
+def test_flags_take_no_value_in_help(name):
+    result = CliRunner().invoke(app, [name, "--help"] if name else ["--help"], terminal_width=200)
+    assert result.exit_code == 0 and "<bool>" not in result.output
+    assert re.search(r"^  -h, --help +Show this message and exit\.$", result.output, re.M), result.output
