@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from spp.adapter.config import AdapterConfig
-from spp.adapter.model import adapter_state_dict, add_spp, save_adapter, target_layers
+from spp.adapter.model import adapter_state_dict, add_adapter, save_adapter, target_layers
 from spp.cli import app
 from spp.config import MergeConfig
 from spp.errors import SppError
@@ -56,16 +56,19 @@ def make_pruned(model, directory, sparsity=0.5, max_shard_size="2GB"):
     return directory
 
 
-def make_adapter(pruned_dir, directory, seed=0, row_groups=3):
-    """add_spp on the saved pruned model, move α and β away from init, save; returns the adapter model's logits."""
+STEP = {"spp_beta": 1.0, "spp_alpha": 0.2, "lora_A": 0.2, "lora_B": 0.2, "full_weight": 0.05}
+
+
+def make_adapter(pruned_dir, directory, seed=0, row_groups=3, kind="spp"):
+    """add_adapter on the saved pruned model, move its tensors away from init, save; returns the adapter model's logits."""
     model = load(pruned_dir)
-    cfg = AdapterConfig(spp_row_groups=row_groups, lora_alpha=16, lora_r=8, base_model=str(pruned_dir),
-                        mask_sha256=sha256_file(pruned_dir / MASK_FILE))
-    add_spp(model, cfg, read_checkpoint(pruned_dir).masks_by_parameter())
+    cfg = AdapterConfig(kind=kind, spp_row_groups=row_groups, rank=3, lora_alpha=16, lora_r=8,
+                        base_model=str(pruned_dir), mask_sha256=sha256_file(pruned_dir / MASK_FILE))
+    add_adapter(model, cfg, read_checkpoint(pruned_dir).masks_by_parameter())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in adapter_state_dict(model).items():
-            p.add_(torch.randn(p.shape, generator=g) * (1.0 if name.endswith("beta") else 0.2))
+            p.add_(torch.randn(p.shape, generator=g) * STEP[name.rpartition(".")[2]])
     save_adapter(model, cfg, directory)
     return logits(model)
 
@@ -98,6 +101,54 @@ def test_merged_equals_unmerged_and_reloads_with_plain_transformers(tmp_path, ti
     assert manifest.stage == "merge" and manifest.mask_sha256 == sha256_file(pruned / MASK_FILE)
     assert str(tmp_path / "train" / ADAPTER_WEIGHTS_FILE) in manifest.inputs
     assert not (tmp_path / "merged.partial").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["masked_lora", "full"])
+def test_every_kind_merges_to_its_unmerged_model_and_verifies(tmp_path, tiny_model, arch, kind):
+    pruned = make_pruned(tiny_model(arch), tmp_path / "pruned", max_shard_size="20KB" if arch == "llama" else "2GB")
+    adapter_logits = make_adapter(pruned, tmp_path / "train", kind=kind)
+    report = run_merge(MergeConfig(model=str(pruned), adapter=str(tmp_path / "train"), output=str(tmp_path / "merged")))
+    merged_logits = logits(load(tmp_path / "merged"))
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-5, atol=1e-5)
+    assert (merged_logits - logits(load(pruned))).abs().max() > 1e-2
+    checked = verify_checkpoint(tmp_path / "merged")  # every pruned entry +0.0, files match the manifest
+    details = read_manifest(tmp_path / "merged").details
+    assert details["adapter"] == kind and details["kept_zero"] == report.kept_zero == checked.kept_zero
+
+
+def test_a_kept_entry_that_becomes_zero_is_counted_as_kept_zero(tmp_path, tiny_model):
+    from safetensors.torch import load_file, save_file
+
+    pruned = make_pruned(tiny_model("llama"), tmp_path / "pruned")
+    make_adapter(pruned, tmp_path / "train", kind="full")
+    weights = load_file(str(tmp_path / "train" / ADAPTER_WEIGHTS_FILE))
+    keep = read_checkpoint(pruned).masks_by_parameter()["model.layers.0.mlp.up_proj.weight"]
+    full = weights["model.layers.0.mlp.up_proj.full_weight"]
+    full[keep.nonzero()[:5].unbind(1)] = 0.0  # five kept weights trained to exactly zero
+    save_file(weights, str(tmp_path / "train" / ADAPTER_WEIGHTS_FILE))
+    result = CliRunner().invoke(app, ["merge", "--model", str(pruned), "--adapter", str(tmp_path / "train"),
+                                      "--output", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    assert "5 kept weights are zero" in result.output
+    assert read_manifest(tmp_path / "merged").details["kept_zero"] == verify_checkpoint(tmp_path / "merged").kept_zero == 5
+
+
+def test_a_target_without_a_mask_entry_is_refused_for_masked_lora(tmp_path, tiny_model):
+    from spp.io.maskfile import load_masks
+
+    pruned = make_pruned(tiny_model("llama"), tmp_path / "pruned")
+    make_adapter(pruned, tmp_path / "train", kind="masked_lora")
+    masks, layouts = load_masks(pruned / MASK_FILE)
+    del masks["model.layers.1.mlp.up_proj.weight"]
+    save_masks(pruned / MASK_FILE, masks, {k: layouts[k] for k in masks})
+    write_manifest(pruned, read_manifest(pruned))  # a consistent base whose mask file lacks one target
+    path = tmp_path / "train" / ADAPTER_CONFIG_FILE
+    path.write_text(json.dumps({**read_json(path), "mask_sha256": sha256_file(pruned / MASK_FILE)}))
+    with pytest.raises(SppError, match=r"^model\.layers\.1\.mlp\.up_proj has no entry in .*masks\.safetensors; "
+                                       r"adapter kind 'masked_lora' needs the mask of every target layer$"):
+        run_merge(MergeConfig(model=str(pruned), adapter=str(tmp_path / "train"), output=str(tmp_path / "merged")))
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
 
 
 def test_merge_changes_only_adapted_weights(run):
@@ -149,6 +200,11 @@ def _lora_config(tmp_path):
     path.write_text(json.dumps({**read_json(path), "peft_type": "LORA"}))
 
 
+def _unknown_kind(tmp_path):
+    path = tmp_path / "train" / ADAPTER_CONFIG_FILE
+    path.write_text(json.dumps({**read_json(path), "kind": "dora"}))
+
+
 def _wrong_shape(tmp_path):
     path = tmp_path / "train" / ADAPTER_CONFIG_FILE
     path.write_text(json.dumps({**read_json(path), "target_modules": ["self_attn.*"]}))
@@ -169,6 +225,7 @@ BAD_INPUTS = {
     "adapter without mask hash": ([], _no_mask_hash, "records no mask_sha256"),
     "not an SPP adapter": ([], _lora_config, "not an SPP adapter"),
     "adapter does not fit": ([], _wrong_shape, "do not fit"),
+    "unknown adapter kind": ([], _unknown_kind, "unknown adapter kind 'dora' (valid kinds: spp, masked_lora, full)"),
     "adapter for another base": ([], _other_base, "different base"),
     "missing model": (["--model", "nothing"], None, "nothing does not exist"),
     "existing output": ([], _existing_output, "already exists"),
