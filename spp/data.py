@@ -316,6 +316,12 @@ def text_windows(tokenizer, documents: list[str], cutoff_len: int) -> list[tuple
     return [(w, list(w)) for w in windows if len(w) >= 2]
 
 
+def target_count_of(labels: list[int]) -> int:
+    """Target tokens of one example, counted as the loss counts them: labels[1:] ≠ IGNORE_INDEX
+    (position 0 is never predicted; see `spp.train.loop.target_count`)."""
+    return sum(label != IGNORE_INDEX for label in labels[1:])
+
+
 def validation_count(n_records: int, val_set_size: int | float) -> int:
     """How many records to hold out: an int is a count, a float < 1 a fraction (rounded)."""
     if isinstance(val_set_size, float):

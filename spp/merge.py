@@ -24,8 +24,8 @@ from spp.adapter.model import read_adapter_config, read_adapter_weights, target_
 from spp.config import MergeConfig, to_dict
 from spp.errors import SppError
 from spp.io.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE,
-                               RESOLVED_CONFIG_FILE, RESULTS_FILE, atomic_dir, check_output_dir, safetensors_files,
-                               sha256_file)
+                               RESOLVED_CONFIG_FILE, RESULTS_FILE, atomic_dir, check_output_dir,
+                               drop_tokenizer_load_options, safetensors_files, save_tensors, sha256_file)
 from spp.io.conditions import run_conditions
 from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
 from spp.io.reader import Checkpoint, read_checkpoint
@@ -109,7 +109,6 @@ def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget],
                 adapter_cfg: AdapterConfig) -> None:
     """Write `shard` to `destination` with every target weight merged; other tensors copied as they are."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     kind = ADAPTERS[adapter_cfg.kind]
     tensors = {}
@@ -128,7 +127,7 @@ def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget],
                 merged = kind.merged_weight(W, keep, target.tensors, adapter_cfg.scale)
                 tensor = (merged.t() if target.conv1d else merged).contiguous()
             tensors[name] = tensor
-    save_file(tensors, str(destination), metadata=metadata)
+    save_tensors(tensors, destination, metadata=metadata)
 
 
 def check_invariant(directory: Path, masks: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -206,6 +205,7 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
         for path in sorted(model_dir.iterdir()):
             if path.is_file() and path.name not in NOT_COPIED and not (tmp / path.name).exists():
                 shutil.copy2(path, tmp / path.name)  # config, index, tokenizer, generation config, masks
+        drop_tokenizer_load_options(tmp)  # a base written by an older spp may carry them
         checked, kept_zero = check_invariant(tmp, masks)
         settings = {**to_dict(cfg), "model": str(model_dir)}
         details = {**_base_details(base), "adapter": adapter_cfg.kind, "adapted_modules": len(targets),

@@ -138,3 +138,21 @@ def pruned_tiny_dir(tmp_path_factory, shared_data) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     return build_pruned_dir(model, tokenizer, tmp_path_factory.mktemp("pruned") / "tiny")
+
+
+def save_tiny_stories_llama(directory: Path, shared_data: Path, seed: int = 0) -> Path:
+    """A seeded random LLaMA (vocab 512, hidden 64, 2 layers) saved as a user's checkpoint looks: `save_pretrained`
+    plus the stories260K tokenizer files (`tokenizer.json`, the SentencePiece `tokenizer.model`,
+    `tokenizer_config.json`) copied beside it. Returns `directory`."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).eval().save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(shared_data / "stories260K-hf" / name, Path(directory) / name)
+    return Path(directory)

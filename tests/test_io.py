@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 
 import pytest
 import torch
@@ -176,3 +177,52 @@ def test_manifest_roundtrip_and_mask_hash(tmp_path):
 def test_torch_equal_distinguishes_signed_zero():
     assert torch_equal(torch.tensor([0.0]), torch.tensor([0.0]))
     assert not torch_equal(torch.tensor([0.0]), torch.tensor([-0.0]))
+
+
+# --------------------------------------------------------------------------- what the writers leave on disk
+
+
+def _chain(root, shared_data):
+    """prune -> train -> merge of the hidden-64 tiny LLaMA with stories260K tokenizer files; returns the four dirs."""
+    from conftest import save_tiny_stories_llama
+    from spp.config import MergeConfig, PruneConfig, TrainConfig, merge_into
+    from spp.merge import run_merge
+    from spp.prune import run_prune
+    from spp.train import run_train
+
+    text = root / "stories.txt"
+    text.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:12000])
+    dense, pruned, train, merged = (root / name for name in ("dense", "pruned", "train", "merged"))
+    save_tiny_stories_llama(dense, shared_data)
+    run_prune(PruneConfig(model=str(dense), output=str(pruned), method="wanda", pattern="2:4", calib=str(text),
+                          nsamples=4, seqlen=64, device="cpu"))
+    run_train(merge_into(TrainConfig, [("test", dict(
+        base_model=str(pruned), data_path=str(text), output_dir=str(train), cutoff_len=64, micro_batch_size=4,
+        batch_size=4, max_steps=2, save_steps=1, logging_steps=1, eval_steps=2, val_set_size=2))]))
+    run_merge(MergeConfig(model=str(pruned), adapter=str(train), output=str(merged)))
+    return dense, pruned, train, merged
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_outputs_follow_the_umask_and_keep_every_tokenizer_file(shared_data, tmp_path, umask):
+    from transformers import AutoTokenizer
+
+    previous = os.umask(umask)
+    try:
+        dense, pruned, train, merged = _chain(tmp_path, shared_data)
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask  # what open() gives a new file; safetensors' own writer gives 0600
+    files = [p for out in (pruned, train, merged) for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "optimizer.safetensors" for p in files) and any(p.name == MASK_FILE for p in files)
+    wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files
+             if p.stat().st_mode & 0o777 != expected}
+    assert not wrong, f"expected {oct(expected)}: {wrong}"
+
+    for out in (pruned, merged):  # every tokenizer file of the input, and no loading options baked in
+        assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+        assert (out / "tokenizer.model").read_bytes() == (dense / "tokenizer.model").read_bytes()
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        assert not {"local_files_only", "is_local"} & set(config)
+        sample = "Once upon a time, there was a little girl."
+        assert AutoTokenizer.from_pretrained(out)(sample).input_ids == AutoTokenizer.from_pretrained(dense)(sample).input_ids

@@ -452,3 +452,53 @@ def test_spp_recovers_perplexity_of_pruned_stories260k(shared_data, tmp_path):
     assert perplexity(model) == pytest.approx(after, rel=1e-4)
     params = dict(model.named_parameters())
     assert len(masks) == 35 and all(bool(pruned_is_positive_zero(params[n], k).all()) for n, k in masks.items())
+
+
+# --------------------------------------------------------------------------- examples without target tokens
+
+
+@pytest.fixture(scope="module")
+def stories_tiny_pruned(tmp_path_factory, shared_data) -> Path:
+    """The hidden-64 tiny LLaMA with the stories260K tokenizer files, pruned by `spp prune` (Wanda 2:4)."""
+    from conftest import save_tiny_stories_llama
+    from spp.config import PruneConfig
+    from spp.prune import run_prune
+
+    root = tmp_path_factory.mktemp("stories_tiny")
+    calib = root / "calib.txt"
+    calib.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:20000])
+    run_prune(PruneConfig(model=str(save_tiny_stories_llama(root / "dense", shared_data)), output=str(root / "pruned"),
+                          method="wanda", pattern="2:4", calib=str(calib), nsamples=4, seqlen=64, device="cpu"))
+    return root / "pruned"
+
+
+def alpaca_with_long_prompts(path: Path, n_long: int, n_short: int) -> Path:
+    """Records whose prompt alone is longer than 128 tokens, and records that fit, interleaved."""
+    long = {"instruction": "Summarise the text.", "input": "the cat sat on the mat " * 60, "output": "A cat sat."}
+    short = {"instruction": "Say hello.", "input": "", "output": "Hello there, my friend."}
+    records = [long] * n_long + [short] * n_short
+    path.write_text(json.dumps([records[(7 * i) % len(records)] for i in range(len(records))]))
+    return path
+
+
+def test_examples_without_targets_are_dropped_before_the_split(stories_tiny_pruned, tmp_path, capfd):
+    # The case from the issue: 15 of 16 prompts fill cutoff_len; what is left is less than one global batch.
+    data = alpaca_with_long_prompts(tmp_path / "issue.json", n_long=15, n_short=1)
+    cfg = tiny_cfg(stories_tiny_pruned, data, tmp_path / "refused", cutoff_len=128, train_on_inputs=False,
+                   micro_batch_size=4, batch_size=4, val_set_size=0)
+    with pytest.raises(SppError, match="only 1 training examples"):
+        run_train(cfg)
+    notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("note: dropped")]
+    assert notes == [f"note: dropped 15 of 16 examples of {data} that have no target token within cutoff_len=128 "
+                     "(their prompts fill it)"]
+
+    # With enough examples left, every step has targets and every logged loss is a real one.
+    data = alpaca_with_long_prompts(tmp_path / "mixed.json", n_long=15, n_short=9)
+    out = tmp_path / "train"
+    report = run_train(tiny_cfg(stories_tiny_pruned, data, out, cutoff_len=128, train_on_inputs=False,
+                                micro_batch_size=4, batch_size=4, val_set_size=1, max_steps=4))
+    assert "dropped 15 of 24" in capfd.readouterr().err
+    assert (report.train_examples, report.val_examples) == (8, 1)
+    steps = [r for r in log_records(out) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["targets"] > 0 and r["loss"] > 0 for r in steps) and report.train_loss > 0

@@ -119,14 +119,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, cfg: AdapterConfig, directory: Path) -> None:
     """Write `adapter_model.safetensors` (the trained tensors) and `adapter_config.json` into `directory`."""
-    from safetensors.torch import save_file
+    from spp.io.checkpoint import save_tensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     if not state:
         raise SppError("the model has no spp adapters to save")
-    save_file(state, str(directory / ADAPTER_WEIGHTS_FILE), metadata={"format": "spp-adapter"})
+    save_tensors(state, directory / ADAPTER_WEIGHTS_FILE, metadata={"format": "spp-adapter"})
     write_json(directory / ADAPTER_CONFIG_FILE, cfg.to_json())
 
 

@@ -55,8 +55,11 @@ def check_output_dir(output: Path, overwrite: bool, flag: str = "--output") -> N
 
 
 def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`, first giving each file the umask's mode (`follow_umask`)."""
+    mode = umask_file_mode()
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
+            os.chmod(os.path.join(dirpath, name), mode)  # any file a writer or a copy left 0600 or read-only
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -203,11 +206,87 @@ def safetensors_keys(path: Path) -> dict[str, tuple[str, list[int]]]:
     return out
 
 
+# Tokenizer files a model directory may hold, beyond the tokenizer class's own `vocab_files_names`.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# How the tokenizer was loaded on this machine (transformers records them in its init kwargs): not part of it.
+TOKENIZER_LOAD_OPTIONS = ("local_files_only", "is_local")
+
+
 def save_model(model, tokenizer, directory: Path, max_shard_size: str = "2GB") -> None:
-    """`save_pretrained` the model (safetensors shards of at most `max_shard_size`) and its tokenizer."""
+    """`save_pretrained` the model (safetensors shards of at most `max_shard_size`) and its tokenizer.
+
+    Every tokenizer file of the directory the tokenizer came from that `save_pretrained` does not
+    write (e.g. a SentencePiece `tokenizer.model` beside `tokenizer.json`) is copied as it is;
+    loading options are dropped from `tokenizer_config.json`; files get their mode from the umask.
+    """
+    directory = Path(directory)
     model.save_pretrained(str(directory), max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+        drop_tokenizer_load_options(directory)
+        for source in tokenizer_source_files(tokenizer):
+            if not (directory / source.name).exists():
+                shutil.copyfile(source, directory / source.name)
+    follow_umask(*(p for p in directory.iterdir() if p.is_file()))
+
+
+def tokenizer_source_files(tokenizer) -> list[Path]:
+    """The tokenizer files in the directory `tokenizer` was loaded from (none for one built in memory)."""
+    names = set(TOKENIZER_FILES) | {n for n in getattr(tokenizer, "vocab_files_names", {}).values() if isinstance(n, str)}
+    folders = []
+    if getattr(tokenizer, "name_or_path", "") and Path(tokenizer.name_or_path).is_dir():
+        folders.append(Path(tokenizer.name_or_path))
+    for value in (getattr(tokenizer, "init_kwargs", None) or {}).values():  # a hub tokenizer: files in the cache
+        if isinstance(value, str) and Path(value).name in names and Path(value).is_file():
+            folders.append(Path(value).parent)
+    found = {}
+    for folder in folders:
+        for name in sorted(names):
+            if (folder / name).is_file():
+                found.setdefault(name, folder / name)
+    return list(found.values())
+
+
+def drop_tokenizer_load_options(directory: Path) -> None:
+    """Remove `TOKENIZER_LOAD_OPTIONS` from `directory/tokenizer_config.json`, if it has any."""
+    path = Path(directory) / TOKENIZER_CONFIG_FILE
+    if not path.is_file():
+        return
+    config = read_json(path, what="tokenizer config")
+    if any(key in config for key in TOKENIZER_LOAD_OPTIONS):
+        write_json(path, {k: v for k, v in config.items() if k not in TOKENIZER_LOAD_OPTIONS})
+
+
+def umask_file_mode() -> int:
+    """The mode a newly created file gets from the process umask: 0o666 & ~umask (0o644 under 022)."""
+    try:  # Linux states it without changing it, so no other thread ever sees a zero umask
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def follow_umask(*paths: Path) -> None:
+    """Give files the mode the umask gives new files. safetensors' writer (also under `save_pretrained`)
+    creates every file 0600, which makes a model in a shared directory unreadable to others."""
+    mode = umask_file_mode()
+    for path in paths:
+        os.chmod(path, mode)
+
+
+def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, then the file mode from the umask (see `follow_umask`)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    follow_umask(Path(path))
 
 
 def torch_equal(a, b) -> bool:

@@ -55,10 +55,10 @@ def progress_dir(partial: Path) -> Path:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors through a temporary file and a rename, so a kill never leaves half a file under `path`."""
-    from safetensors.torch import save_file
+    from spp.io.checkpoint import save_tensors
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)
 
 

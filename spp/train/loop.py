@@ -40,6 +40,7 @@ from spp.io.checkpoint import (
     TRAIN_LOG_FILE,
     TRAINER_STATE_FILE,
     read_json,
+    save_tensors,
     write_json,
 )
 from spp.train.distill import Distillation
@@ -141,8 +142,6 @@ def save_checkpoint(accelerator, model, optimizer, adapter_cfg, state: LoopState
     The previous checkpoint stays until the new one is complete; at most `keep` remain.
     Every process writes its own RNG state; the main process writes the rest.
     """
-    from safetensors.torch import save_file
-
     root = Path(workdir) / CHECKPOINTS_DIR
     final = root / f"{CHECKPOINT_PREFIX}{state.step}"
     tmp = root / f"{final.name}.tmp"
@@ -153,14 +152,14 @@ def save_checkpoint(accelerator, model, optimizer, adapter_cfg, state: LoopState
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / RNG_FILE_PATTERN.format(rank=accelerator.process_index)))
+    save_tensors(rng, tmp / RNG_FILE_PATTERN.format(rank=accelerator.process_index))
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         save_adapter(unwrapped, adapter_cfg, tmp)
         fault_point("checkpoint_write", state.step)
         names = list(adapter_state_dict(unwrapped))
         tensors, config = optimizer_tensors(optimizer, names)
-        save_file(tensors, str(tmp / OPTIMIZER_WEIGHTS_FILE))
+        save_tensors(tensors, tmp / OPTIMIZER_WEIGHTS_FILE)
         write_json(tmp / OPTIMIZER_CONFIG_FILE, config)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None  # fp16 loss scale
         write_json(tmp / TRAINER_STATE_FILE, {**asdict(state), "data_position": data_position,
@@ -352,6 +351,8 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             batches = [pad_batch([inputs.train[i] for i in ids[j : j + micro]], inputs.pad_id)
                        for j in range(0, len(ids), micro)]
             sums, n_targets, n_tokens = _step(accelerator, model, batches, world, cfg.ce_weight, inputs.distill)
+            if int(n_targets) == 0:  # spp.train.build_examples drops every example without a target token
+                raise RuntimeError(f"step {state.step + 1} has no target token in its global batch; this is a bug in spp")
             loss = float(sums[0] / n_targets.clamp(min=1))
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
@@ -372,7 +373,7 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
                 elapsed = time.perf_counter() - window_start
                 record = {"step": state.step, "epoch": state.step * cfg.batch_size / len(inputs.train), "loss": loss,
                           "lr": lr, "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": state.tokens_seen,
-                          "example_ids": _gather_ids(accelerator, ids)}
+                          "targets": int(n_targets), "example_ids": _gather_ids(accelerator, ids)}
                 if inputs.distill is not None:  # each term / N, as optimised before its weight
                     weights = (cfg.ce_weight, cfg.kd_weight, cfg.squarehead_weight)
                     record.update({name: float(sums[i + 1] / n_targets.clamp(min=1))
