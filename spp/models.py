@@ -93,6 +93,16 @@ def context_length(config) -> int | None:
     return None
 
 
+def check_seqlen(seqlen: int | None, context: int | None) -> None:
+    """Refuse a `--seqlen` longer than the model's context (prune and eval share this one message).
+
+    Raises:
+        SppError: `seqlen` is above `context`.
+    """
+    if seqlen is not None and context is not None and seqlen > context:
+        raise SppError(f"--seqlen {seqlen} is above the model's context of {context} tokens")
+
+
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of decoder blocks and its dotted name (e.g. `model.layers`).
 

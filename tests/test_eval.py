@@ -285,7 +285,7 @@ def _bad_inputs(tiny_dir, text_file, tmp_path):
         "task file missing": (["--tasks", "piqa", "--task-data", partial], "valid-labels.lst"),
         "ppl file missing": (["--ppl", tmp_path / "nope.txt"], "does not exist"),
         "ppl shorter than a window": (["--ppl", short], "fewer than one window"),
-        "seqlen above context": (["--ppl", text_file, "--seqlen", 256], "--seqlen 256 is larger than the model's context of 128"),
+        "seqlen above context": (["--ppl", text_file, "--seqlen", 256], "--seqlen 256 is above the model's context of 128"),
         "ptb from the hub": (["--ppl", "ptb"], "ptb:PATH"),
         "nothing to evaluate": ([], "nothing to evaluate"),
     }

@@ -37,9 +37,10 @@ def resolve_seqlen(requested: int | None, context: int | None) -> int:
     Raises:
         SppError: `requested` exceeds the context, or neither is known.
     """
+    from spp.models import check_seqlen
+
     if requested is not None:
-        if context is not None and requested > context:
-            raise SppError(f"--seqlen {requested} is larger than the model's context of {context} tokens")
+        check_seqlen(requested, context)
         return requested
     if context is None:
         raise SppError("the model's config does not state its context length; pass --seqlen")

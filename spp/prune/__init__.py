@@ -128,7 +128,7 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     from spp.data import calibration_windows
     from spp.io.checkpoint import check_output_dir
     from spp.io.reader import read_checkpoint
-    from spp.models import context_length, load_tokenizer, resolve_device, resolve_dtype
+    from spp.models import check_seqlen, context_length, load_tokenizer, resolve_device, resolve_dtype
 
     if cfg.method not in METHODS:
         raise SppError(f"--method {cfg.method!r} is not one of {', '.join(sorted(METHODS))}")
@@ -139,8 +139,7 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     checkpoint = read_checkpoint(cfg.model)  # names as transformers resolves them, shapes, shards, manifest, masks
     model_config = checkpoint.config
     context = context_length(model_config)
-    if cfg.seqlen is not None and context is not None and cfg.seqlen > context:
-        raise SppError(f"--seqlen {cfg.seqlen} is above the model's context of {context} tokens")
+    check_seqlen(cfg.seqlen, context)
     seqlen = cfg.seqlen or min(2048, context or 2048)
     _check_layer_shapes(checkpoint.model, cfg)
     tokenizer = load_tokenizer(str(checkpoint.directory))
