@@ -167,16 +167,12 @@ def test_a_buffer_transformers_ignores_is_a_one_line_warning(inputs, tmp_path):
 # --------------------------------------------------------------------------- refused, one line, nothing written
 
 
-def _drop_weight(tensors):
-    return {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.down_proj.weight"}
+def _without(name):
+    return lambda tensors: {k: v for k, v in tensors.items() if k != name}
 
 
-def _wrong_shape(tensors):
-    return {**tensors, "model.layers.0.mlp.up_proj.weight": torch.zeros(96, 64)}
-
-
-def _unknown_tensor(tensors):
-    return {**tensors, "model.layers.0.mlp.extra_proj.weight": torch.zeros(64, 64)}
+def _with(name, tensor):
+    return lambda tensors: {**tensors, name: tensor}
 
 
 def _truncate(directory: Path) -> None:
@@ -184,24 +180,27 @@ def _truncate(directory: Path) -> None:
     (directory / "model.safetensors").write_bytes(blob[: len(blob) - 64])
 
 
-REFUSALS = {  # case: (damage to a copy of the LLaMA directory, words the one error line must hold)
-    "missing decoder weight": (lambda d: _rewrite(d, _drop_weight),
-                               ["config.json", "model.layers.1.mlp.down_proj.weight", "which no shard"]),
-    "shape mismatch": (lambda d: _rewrite(d, _wrong_shape),
-                       ["config.json", "model.layers.0.mlp.up_proj.weight", "(96, 64)", "(128, 64)"]),
-    "truncated shard": (_truncate, ["model.safetensors", "truncated"]),
-    "unexpected tensor": (lambda d: _rewrite(d, _unknown_tensor),
-                          ["config.json", "model.layers.0.mlp.extra_proj.weight", "does not have"]),
+REFUSALS = {  # case: (input, change to its saved file, words the one error line must hold)
+    "missing decoder weight": ("gpt2-no-prefix", _without("h.1.mlp.c_proj.weight"),
+                               ["config.json", "transformer.h.1.mlp.c_proj.weight", "which no shard", "(1 such"]),
+    "missing untied head": ("llama", _without("lm_head.weight"), ["config.json", "lm_head.weight", "which no shard"]),
+    "shape mismatch": ("gpt2-no-prefix", _with("h.0.mlp.c_fc.weight", torch.zeros(64, 192)),
+                       ["config.json", "h.0.mlp.c_fc.weight is (64, 192)", "makes it (64, 256)"]),
+    "truncated shard": ("llama", None, ["model.safetensors", "truncated"]),
+    "unexpected tensor in a block": ("gpt2-no-prefix", _with("h.0.mlp.c_extra.weight", torch.zeros(64, 64)),
+                                     ["config.json", "h.0.mlp.c_extra.weight", "does not have"]),
+    "unexpected tensor outside the blocks": ("llama", _with("model.extra_norm.weight", torch.ones(64)),
+                                             ["config.json", "model.extra_norm.weight", "does not have"]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_damaged_checkpoints_are_refused_in_one_line_with_nothing_written(inputs, tmp_path, case):
     root, cases = inputs
-    damage, words = REFUSALS[case]
+    source, change, words = REFUSALS[case]
     directory = tmp_path / "model"
-    shutil.copytree(cases["llama"][0], directory)
-    damage(directory)
+    shutil.copytree(cases[source][0], directory)
+    _rewrite(directory, change) if change is not None else _truncate(directory)
     before = snapshot(tmp_path)
     result = invoke(*prune_args(directory, tmp_path / "out", root / "calib.txt"))
     lines = result.stderr.strip().splitlines()
