@@ -287,3 +287,34 @@ def test_cli_refuses_a_bad_teacher_with_one_line_and_leaves_nothing(pruned_tiny_
         assert result.exit_code == 1, (name, result.stderr, result.exception)
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, lines)
         assert not output.exists() and not partial_path(output).exists(), name
+
+
+def test_ddp_two_processes_with_a_teacher_match_one(pruned_tiny_dir, teachers, text, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    kw = dict(teacher=str(teachers["dense"]), kd_weight=0.5, kd_temperature=2.0, squarehead_weight=0.5, max_steps=2,
+              batch_size=8, micro_batch_size=2)
+    single = tmp_path / "single"
+    run_train(_cfg(pruned_tiny_dir, text, single, **kw))
+    script = tmp_path / "spp_main.py"
+    script.write_text("from spp.cli import app; app()\n")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    cfg = _cfg(pruned_tiny_dir, text, tmp_path / "ddp", **kw)
+    args = ["train", "--config", "tinystories.yaml", "--teacher", cfg.teacher]
+    for key in ("base_model", "data_path", "output_dir", "cutoff_len", "micro_batch_size", "batch_size", "max_steps",
+                "save_steps", "logging_steps", "val_set_size", "learning_rate", "warmup_ratio", "kd_weight",
+                "kd_temperature", "squarehead_weight"):
+        args += ["--set", f"{key}={getattr(cfg, key)}"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _log(single), _log(tmp_path / "ddp")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("loss", "ce", "kd", "squarehead"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key  # kd is ~1e-4 here: float32 noise
+    a, b = _adapter(single), _adapter(tmp_path / "ddp")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
