@@ -105,8 +105,8 @@ class BlockOutputs:
     families differ. Hooks on `spp.models.find_decoder_blocks` give every architecture the
     same thing, the raw output of each of the L blocks (the last one before the final
     norm), with no copy: the hook keeps a reference to a tensor the forward makes anyway.
-    The recording flag keeps a block's recomputation under gradient checkpointing (a
-    second forward during backward) out of the list.
+    Only forwards inside `recording()` are kept, so a second forward of a block outside it
+    (evaluation, or a checkpointing implementation that re-runs hooks in backward) adds nothing.
     """
 
     def __init__(self, model: nn.Module):
