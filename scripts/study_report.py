@@ -1,9 +1,10 @@
-"""Tables, JSON and plots of the prune-then-tune study (`scripts/study.py` calls `write_report`).
+"""Tables, JSON and plots of the recovery study (`scripts/study.py` calls `write_report`).
 
-Everything here is computed from the cell records the study produced: rows are flattened,
-the fraction of the pruning loss recovered is added, seeds are averaged (mean ± sample
-standard deviation), and `study.md`, `study.json`, `study_ppl_vs_sparsity.png` and
-`study_loss_curves.png` are written into the output directory, each file atomically.
+Everything here is computed from the cell records the study produced: rows are flattened, the
+fraction of the pruning loss recovered is added, seeds are averaged (mean ± sample standard
+deviation), the learning rate of each recipe is the one its sweep chose on the validation slice
+(`study.sweep`), and `study.md`, `study.json`, `study_ppl_vs_sparsity.png`, `study_lr_sweep.png`
+and `study_loss_curves.png` are written into the output directory, each file atomically.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import statistics
 from pathlib import Path
 
 SET_TITLES = {"tinystories": "TinyStories (2nd half)", "wikitext": "WikiText-2"}
-RECOVERY_ORDER = ("none", "spp", "lora-merged", "lora-unmerged", "hira")
-PATTERN_ORDER = ("0%", "50%", "75%", "2:4")
-METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt")
-HEADLINE_METHODS = ("wanda", "sparsegpt")
-HEADLINE_PATTERNS = ("50%", "2:4")
-NUMERIC = ("ppl_tinystories", "ppl_wikitext", "recovered_tinystories", "recovered_wikitext", "sparsity", "trainable",
-           "step_s", "train_mem_bytes", "infer_tokens_per_s", "final_loss")
+KIND_ORDER = ("none", "spp", "masked_lora", "full", "hira", "lora")
+RECOVERY_ORDER = ("none", "spp", "masked_lora", "full", "hira", "lora-merged", "lora-unmerged")
+SPARSE = ("spp", "masked_lora", "full")
+KIND_LABELS = {"none": "none (pruned)", "spp": "SPP", "masked_lora": "masked LoRA", "full": "masked full FT",
+               "hira": "HiRA (PEFT)", "lora": "LoRA (PEFT)", "lora-merged": "LoRA (PEFT) merged",
+               "lora-unmerged": "LoRA (PEFT) unmerged, + dense branch"}
+NUMERIC = ("val_nll", "ppl_tinystories", "ppl_wikitext", "recovered_tinystories", "recovered_wikitext", "sparsity",
+           "pruned_not_plus_zero", "kept_zero", "trainable", "step_s", "infer_tokens_per_s", "final_loss")
 
 
 # --------------------------------------------------------------------------- math
@@ -42,7 +44,7 @@ def recovered_fraction(ppl_pruned: float, ppl_after: float, ppl_dense: float) ->
     return (math.log(ppl_pruned) - math.log(ppl_after)) / lost
 
 
-def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+def mean_sd(values: list) -> tuple[float | None, float | None]:
     """(mean, sample standard deviation) of the non-None values; sd is None for fewer than 2."""
     values = [v for v in values if v is not None]
     if not values:
@@ -54,53 +56,96 @@ def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def flatten(records: dict[str, dict]) -> list[dict]:
-    """One flat row per final model of every cell, with the recovered fractions filled in."""
+    """One flat row per final model of every cell (diverged cells: one row without numbers)."""
     rows = []
     for record in records.values():
         cell, train = record["cell"], record.get("train")
+        common = {"method": cell["method"], "pattern": cell["pattern"], "seed": cell["seed"],
+                  "adapter": cell["adapter"], "distill": cell.get("distill", ""),
+                  "lr": record.get("learning_rate") if cell["adapter"] != "none" else None,
+                  "step_s": train["step_s"] if train else None,
+                  "final_loss": train["losses"][-1] if train and train["losses"] else None}
+        if record.get("diverged"):
+            rows.append({**common, "recovery": cell["adapter"] if cell["adapter"] != "lora" else "lora-merged",
+                         "diverged": record["diverged"], "trainable": record.get("trainable")})
+            continue
         for r in record["rows"]:
-            rows.append({
-                "method": cell["method"], "pattern": cell["pattern"], "seed": cell["seed"],
-                "row_groups": cell["row_groups"], "recovery": r["recovery"],
-                "ppl_tinystories": r["ppl"]["tinystories"], "ppl_wikitext": r["ppl"]["wikitext"],
-                "sparsity": r["sparsity"], "trainable": r["trainable"],
-                "dense_adapter_params": r.get("dense_adapter_params", 0),
-                "step_s": train["step_s"] if train else None,
-                "train_mem_bytes": train["peak_increase_bytes"] if train else None,
-                "final_loss": train["losses"][-1] if train else None,
-                "infer_s": r["infer_s"], "infer_tokens_per_s": r["infer_tokens_per_s"],
-            })
+            rows.append({**common, "recovery": r["recovery"], "val_nll": r.get("val_nll"),
+                         "ppl_tinystories": r["ppl"]["tinystories"], "ppl_wikitext": r["ppl"]["wikitext"],
+                         "sparsity": r["sparsity"], "pruned_not_plus_zero": r.get("pruned_not_plus_zero"),
+                         "kept_zero": r.get("kept_zero"), "trainable": r["trainable"],
+                         "dense_adapter_params": r.get("dense_adapter_params", 0),
+                         "infer_s": r["infer_s"], "infer_tokens_per_s": r["infer_tokens_per_s"]})
     dense = next((r for r in rows if r["method"] == "dense"), None)
     pruned = {(r["method"], r["pattern"], r["seed"]): r for r in rows if r["recovery"] == "none"}
     for r in rows:
         base = pruned.get((r["method"], r["pattern"], r["seed"]))
         for name in ("tinystories", "wikitext"):
-            ok = dense is not None and base is not None and r["method"] != "dense"
+            ok = (dense is not None and base is not None and r["method"] != "dense"
+                  and r.get(f"ppl_{name}") is not None)
             r[f"recovered_{name}"] = (recovered_fraction(base[f"ppl_{name}"], r[f"ppl_{name}"], dense[f"ppl_{name}"])
                                       if ok else None)
     return rows
 
 
-def _order(row: dict) -> tuple:
-    rec = row["recovery"].split("-r")[0] if row["recovery"].startswith("spp-r") else row["recovery"]
-    return (METHOD_ORDER.index(row["method"]), PATTERN_ORDER.index(row["pattern"]),
-            RECOVERY_ORDER.index(rec) if rec in RECOVERY_ORDER else 99, row.get("row_groups") or 0)
+def _order(entry: dict) -> tuple:
+    rec = entry["recovery"]
+    return (entry["method"] != "dense", entry["method"], entry["pattern"],
+            RECOVERY_ORDER.index(rec) if rec in RECOVERY_ORDER else 99, entry.get("distill", ""), entry.get("lr") or 0)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Average over seeds: one entry per (method, pattern, recovery) with `n` and `<field>_mean/_sd`."""
+    """Average over seeds: one entry per (method, pattern, recovery, distill, lr) with `n` and `<field>_mean/_sd`."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["pattern"], r["recovery"]), []).append(r)
+        if not r.get("diverged"):
+            groups.setdefault((r["method"], r["pattern"], r["recovery"], r["distill"], r["lr"]), []).append(r)
     out = []
-    for (method, pattern, recovery), members in groups.items():
-        entry = {"method": method, "pattern": pattern, "recovery": recovery, "n": len(members),
-                 "seeds": sorted(m["seed"] for m in members), "row_groups": members[0]["row_groups"],
-                 "dense_adapter_params": members[0]["dense_adapter_params"]}
+    for (method, pattern, recovery, distill, lr), members in groups.items():
+        entry = {"method": method, "pattern": pattern, "recovery": recovery, "adapter": members[0]["adapter"],
+                 "distill": distill, "lr": lr, "n": len(members), "seeds": sorted(m["seed"] for m in members)}
         for key in NUMERIC:
-            entry[f"{key}_mean"], entry[f"{key}_sd"] = mean_sd([m[key] for m in members])
+            entry[f"{key}_mean"], entry[f"{key}_sd"] = mean_sd([m.get(key) for m in members])
         out.append(entry)
     return sorted(out, key=_order)
+
+
+def chosen_rates(rows: list[dict], sweeps: dict) -> dict[tuple, float]:
+    """(method, pattern, adapter, distill) -> the learning rate its sweep chose on the validation NLL.
+
+    Recipes without a sweep (the tiny grid) take their seed-0 rate of lowest validation NLL.
+    """
+    out = {}
+    for key, found in sweeps.items():
+        if found.get("best") is not None:
+            out[tuple(key.split("/"))] = found["best"]
+    for r in rows:
+        recipe = (r["method"], r["pattern"], r["adapter"], r["distill"])
+        if r["adapter"] == "none" or "/".join(recipe) in sweeps or r.get("diverged") or r["seed"] != min(
+                x["seed"] for x in rows if (x["method"], x["pattern"]) == recipe[:2]):
+            continue
+        if recipe not in out or r["val_nll"] < next(x["val_nll"] for x in rows if not x.get("diverged") and (
+                x["method"], x["pattern"], x["adapter"], x["distill"], x["lr"], x["seed"]) == (*recipe, out[recipe], r["seed"])):
+            out[recipe] = r["lr"]
+    return out
+
+
+def at_chosen(summary: list[dict], chosen: dict) -> list[dict]:
+    """The summary entries of every recipe at its chosen rate (plus the pruned models and the dense model)."""
+    keep = []
+    for e in summary:
+        if e["recovery"] == "none" or e["method"] == "dense":
+            keep.append(e)
+        elif chosen.get((e["method"], e["pattern"], e["adapter"], e["distill"])) == e["lr"]:
+            keep.append(e)
+    return keep
+
+
+def best_recipe(entries: list[dict], recoveries: tuple[str, ...]) -> dict | None:
+    """Of the chosen-rate entries whose recovery is in `recoveries`: the lowest mean validation NLL
+    (the same criterion that chose the rates; the held-out sets never choose)."""
+    pool = [e for e in entries if e["recovery"] in recoveries and e["val_nll_mean"] is not None]
+    return min(pool, key=lambda e: e["val_nll_mean"]) if pool else None
 
 
 # --------------------------------------------------------------------------- markdown
@@ -136,145 +181,217 @@ def fmt_pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+def fmt_lr(value: float | None) -> str:
+    return "–" if value is None else f"{value:g}"
+
+
+def fmt_count(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f}"
+
+
 def table(header: list[str], lines: list[list[str]], align: str | None = None) -> str:
     align = align or "l" * len(header)
     rule = ["---:" if a == "r" else "---" for a in align]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *lines])
 
 
-def _recovery_label(entry: dict) -> str:
+def label(entry: dict) -> str:
+    """'masked LoRA + KD', 'LoRA (PEFT) merged', '– (dense model)'."""
     if entry.get("method") == "dense":
         return "– (dense model)"
-    labels = {"none": "none (pruned)", "spp": "SPP (merged)", "lora-merged": "LoRA merged",
-              "lora-unmerged": "LoRA unmerged (+ dense adapter)", "hira": "HiRA (merged)"}
-    return labels.get(entry["recovery"], entry["recovery"].replace("spp-r", "SPP r="))
+    name = KIND_LABELS.get(entry["recovery"], entry["recovery"])
+    return name + (" + KD" if entry.get("distill") == "kd" else "")
 
 
-def headline_table(summary: list[dict]) -> str:
-    """Wanda and SparseGPT at 50 % and 2:4: perplexity, recovered fraction and final sparsity, mean ± sd over seeds."""
+def _quality_cells(e: dict) -> list[str]:
+    return [fmt_pm(e, "ppl_tinystories"), fmt_pm(e, "ppl_wikitext"), fmt_pm(e, "recovered_tinystories", fmt_frac),
+            fmt_pm(e, "recovered_wikitext", fmt_frac), fmt_pct(e["sparsity_mean"])]
+
+
+def answer(entries: list[dict], method: str, pattern: str) -> tuple[str, str]:
+    """The headline for one pruned model: a sentence and a table (best sparsity-preserving recipe,
+    best `adapter: spp` recipe, best LoRA merged and the same unmerged, next to the pruned model)."""
+    mine = [e for e in entries if (e["method"], e["pattern"]) == (method, pattern)]
+    pruned = next((e for e in mine if e["recovery"] == "none"), None)
+    best_sparse = best_recipe(mine, SPARSE)
+    best_spp = best_recipe(mine, ("spp",))
+    best_lora = best_recipe(mine, ("lora-merged",))
+    unmerged = next((e for e in mine if best_lora and e["recovery"] == "lora-unmerged"
+                     and (e["distill"], e["lr"]) == (best_lora["distill"], best_lora["lr"])), None)
+    rows = [("pruned, no recovery", pruned), ("best sparsity-preserving recipe", best_sparse),
+            ("best `adapter: spp` recipe", best_spp if best_spp is not best_sparse else None),
+            ("best PEFT LoRA, merged", best_lora), ("the same LoRA, unmerged", unmerged)]
+    lines = [[what, label(e), fmt_lr(e["lr"]), *_quality_cells(e), fmt_count(e["pruned_not_plus_zero_mean"]), str(e["n"])]
+             for what, e in rows if e is not None]
+    text = table(["", "recipe", "lr", "PPL TinyStories", "PPL WikiText-2", "recovered (TS)", "recovered (WT)",
+                  "sparsity after merge", "pruned entries ≠ +0.0", "seeds"], lines, "lllrrrrrrr")
+    sentence = ""
+    if best_sparse and best_lora and best_sparse["recovered_tinystories_mean"] is not None:
+        a, b = best_sparse["recovered_tinystories_mean"], best_lora["recovered_tinystories_mean"]
+        verdict = "at least as much as" if a >= b else "less than"
+        sentence = (f"**{method} {pattern}: the best sparsity-preserving recipe, {label(best_sparse)} at "
+                    f"{fmt_lr(best_sparse['lr'])}, recovers {a:.2f} of the log-perplexity gap in-domain "
+                    f"({best_sparse['recovered_wikitext_mean']:.2f} on WikiText-2) and keeps "
+                    f"{fmt_pct(best_sparse['sparsity_mean'])} sparsity after merge — {verdict} the best PEFT LoRA, "
+                    f"{label(best_lora)} at {fmt_lr(best_lora['lr'])}: {b:.2f} ({best_lora['recovered_wikitext_mean']:.2f} "
+                    f"on WikiText-2), {fmt_pct(best_lora['sparsity_mean'])} sparse after its merge.** "
+                    f"Means over {best_sparse['n']} and {best_lora['n']} seeds; recipes and rates were chosen on the "
+                    "validation slice, never on these held-out sets.")
+    return sentence, text
+
+
+def chosen_table(entries: list[dict]) -> str:
+    """Every recipe at its chosen rate: quality, sparsity, kept zeros, trainable parameters."""
     lines = []
+    for e in entries:
+        lines.append([e["method"], e["pattern"], label(e), fmt_lr(e["lr"]), fmt_pm(e, "val_nll", lambda v: f"{v:.4f}"),
+                      *_quality_cells(e), fmt_count(e["pruned_not_plus_zero_mean"]), fmt_count(e["kept_zero_mean"]),
+                      fmt_count(e["trainable_mean"]), str(e["n"])])
+    return table(["method", "pattern", "recovery", "lr", "val NLL", "PPL TS", "PPL WT", "recovered (TS)",
+                  "recovered (WT)", "sparsity", "pruned ≠ +0.0", "kept_zero", "trainable", "seeds"], lines,
+                 "llll" + "r" * 10)
+
+
+def common_rate_table(summary: list[dict], chosen: dict, common: float) -> str:
+    """Seed 0 of every recipe at its chosen rate and at the common rate, side by side."""
+    seed0 = {}
     for e in summary:
-        if e["method"] not in HEADLINE_METHODS or e["pattern"] not in HEADLINE_PATTERNS or e["recovery"].startswith("spp-r"):
-            continue
-        lines.append([e["method"], e["pattern"], _recovery_label(e), fmt_pm(e, "ppl_tinystories"),
-                      fmt_pm(e, "ppl_wikitext"), fmt_pm(e, "recovered_tinystories", fmt_frac),
-                      fmt_pm(e, "recovered_wikitext", fmt_frac), fmt_pct(e["sparsity_mean"]), str(e["n"])])
-    return table(["method", "pattern", "recovery", "PPL TinyStories", "PPL WikiText-2", "recovered (TS)",
-                  "recovered (WT)", "sparsity after merge", "seeds"], lines, "lllrrrrrr")
-
-
-def full_table(summary: list[dict], show_memory: bool) -> str:
-    """Every (method, pattern, recovery) at the default settings, with costs (training memory only where
-    it is measured per cell: CUDA's peak counter; see `study_markdown`)."""
+        if e["recovery"] not in ("none", "lora-unmerged") and e["method"] != "dense" and 0 in e["seeds"]:
+            seed0[(e["method"], e["pattern"], e["recovery"], e["distill"], e["lr"])] = e
     lines = []
-    for e in summary:
-        if e["recovery"].startswith("spp-r"):
-            continue
-        mem = e["train_mem_bytes_mean"]
-        lines.append([e["method"], e["pattern"], _recovery_label(e), str(e["n"]), fmt_pm(e, "ppl_tinystories"),
-                      fmt_pm(e, "ppl_wikitext"), fmt_pm(e, "recovered_tinystories", fmt_frac),
-                      fmt_pct(e["sparsity_mean"]), f"{e['trainable_mean']:,.0f}",
-                      "–" if e["step_s_mean"] is None else f"{1000 * e['step_s_mean']:.0f}",
-                      *(["–" if mem is None else f"{mem / 2**20:.1f}"] if show_memory else []),
-                      f"{e['infer_tokens_per_s_mean']:,.0f}"])
-    header = ["method", "pattern", "recovery", "seeds", "PPL TS", "PPL WT", "recovered (TS)", "sparsity", "trainable",
-              "train step (ms)", *(["train mem (MiB)"] if show_memory else []), "eval tokens/s"]
-    return table(header, lines, "lll" + "r" * (len(header) - 3))
+    for (method, pattern, adapter, distill), lr in sorted(chosen.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], KIND_ORDER.index(kv[0][2]) if kv[0][2] in KIND_ORDER else 9, kv[0][3])):
+        recovery = "lora-merged" if adapter == "lora" else adapter
+        best, at_common = (seed0.get((method, pattern, recovery, distill, x)) for x in (lr, common))
+        name = label({"recovery": recovery, "distill": distill, "method": method})
+
+        def cell(e, key):
+            return "–" if e is None or e[f"{key}_mean"] is None else f"{e[f'{key}_mean']:.2f}"
+        lines.append([method, pattern, name, fmt_lr(lr), cell(best, "recovered_tinystories"),
+                      cell(at_common, "recovered_tinystories"), cell(best, "recovered_wikitext"),
+                      cell(at_common, "recovered_wikitext")])
+    return table(["method", "pattern", "recovery", "chosen lr", "recovered TS at chosen", f"TS at {common:g}",
+                  "recovered WT at chosen", f"WT at {common:g}"], lines, "llllrrrr")
 
 
-def row_group_table(rows: list[dict], default_r: int) -> str:
-    """SPP at each row-group setting (seed 0), next to the pruned model."""
-    seed0 = [r for r in rows if r["seed"] == 0 and (r["recovery"] == "spp" or r["recovery"].startswith("spp-r"))]
-    configs = sorted({(r["method"], r["pattern"]) for r in seed0 if r["recovery"].startswith("spp-r")},
-                     key=lambda mp: (METHOD_ORDER.index(mp[0]), PATTERN_ORDER.index(mp[1])))
+def sweep_table(rows: list[dict], sweeps: dict, chosen: dict) -> str:
+    """Seed 0 of every sweep: validation NLL (the criterion), held-out perplexity and recovery, what was chosen."""
     lines = []
-    for method, pattern in configs:
-        members = [r for r in seed0 if (r["method"], r["pattern"]) == (method, pattern)]
-        for r in sorted(members, key=lambda r: r["row_groups"] or default_r):
-            lines.append([method, pattern, str(r["row_groups"] or default_r), fmt_ppl(r["ppl_tinystories"]),
-                          fmt_ppl(r["ppl_wikitext"]), fmt_frac(r["recovered_tinystories"]),
-                          fmt_frac(r["recovered_wikitext"]), f"{r['trainable']:,}", f"{1000 * r['step_s']:.0f}",
-                          fmt_pct(r["sparsity"])])
-    return table(["method", "pattern", "row groups r", "PPL TS", "PPL WT", "recovered (TS)", "recovered (WT)",
-                  "trainable", "train step (ms)", "sparsity"], lines, "llrrrrrrrr")
+    seed0 = [r for r in rows if r["adapter"] != "none" and r["recovery"] != "lora-unmerged" and r["seed"] == 0]
+    for r in sorted(seed0, key=lambda r: (r["method"], r["pattern"], KIND_ORDER.index(r["adapter"])
+                                          if r["adapter"] in KIND_ORDER else 9, r["distill"], r["lr"])):
+        recipe = (r["method"], r["pattern"], r["adapter"], r["distill"])
+        found = sweeps.get("/".join(recipe), {})
+        notes = []
+        if chosen.get(recipe) == r["lr"]:
+            notes.append("**chosen**" + (" (at the grid's edge)" if found.get("edge") else ""))
+        if r.get("diverged"):
+            notes.append(f"diverged at step {r['diverged']}")
+        if r["lr"] not in [x for x in _initial_grid(recipe[2])] and found:
+            notes.append("extension")
+        lines.append([r["method"], r["pattern"], label(r), fmt_lr(r["lr"]),
+                      "–" if r.get("val_nll") is None else f"{r['val_nll']:.4f}", fmt_ppl(r.get("ppl_tinystories")),
+                      fmt_ppl(r.get("ppl_wikitext")), fmt_frac(r.get("recovered_tinystories")),
+                      fmt_frac(r.get("recovered_wikitext")), fmt_pct(r.get("sparsity")), "; ".join(notes)])
+    return table(["method", "pattern", "recovery", "lr", "val NLL", "PPL TS", "PPL WT", "recovered (TS)",
+                  "recovered (WT)", "sparsity", ""], lines, "llllrrrrrrl")
 
 
-def cost_table(rows: list[dict], show_memory: bool) -> str:
-    """Median cost per recovery over all seed-0 default cells, with ratios to LoRA measured in the same run."""
-    kinds = [k for k in ("spp", "lora-unmerged", "lora-merged", "hira", "none")
-             if any(r["recovery"] == k and r["method"] != "dense" for r in rows)]
+def _initial_grid(adapter: str) -> tuple:
+    from study import LR_GRIDS  # scripts/ is on sys.path when the study runs
+
+    return LR_GRIDS.get(adapter, ())
+
+
+def cost_table(rows: list[dict]) -> str:
+    """Median step time per recovery and objective over the seed-0 cells, with the ratio to LoRA's (no KD)."""
+    kinds = sorted({(r["adapter"], r["distill"]) for r in rows if r["adapter"] != "none" and r.get("step_s")},
+                   key=lambda k: (KIND_ORDER.index(k[0]) if k[0] in KIND_ORDER else 9, k[1]))
     med = {}
     for kind in kinds:
-        members = [r for r in rows if r["recovery"] == kind and r["method"] != "dense"]
-        members = [r for r in members if r["seed"] == 0] or members  # a partial grid may lack seed 0
-        med[kind] = {key: statistics.median([m[key] for m in members]) if all(m[key] is not None for m in members)
-                     else None for key in ("trainable", "step_s", "train_mem_bytes", "infer_tokens_per_s")}
-    ref = med.get("lora-unmerged")
-
-    def ratio(kind, key):
-        if not ref or ref[key] in (None, 0) or med[kind][key] is None:
-            return "–"
-        return f"{med[kind][key] / ref[key]:.2f}"
-
-    lines = []
-    for kind in kinds:
-        m = med[kind]
-        memory = ["–" if m["train_mem_bytes"] is None else f"{m['train_mem_bytes'] / 2**20:.1f}",
-                  ratio(kind, "train_mem_bytes")] if show_memory else []
-        lines.append([_recovery_label({"recovery": kind}), f"{m['trainable']:,.0f}",
-                      "–" if m["step_s"] is None else f"{1000 * m['step_s']:.0f}", ratio(kind, "step_s"), *memory,
-                      f"{m['infer_tokens_per_s']:,.0f}", ratio(kind, "infer_tokens_per_s")])
-    header = ["recovery", "trainable", "train step (ms)", "× LoRA", *(["train mem (MiB)", "× LoRA"] if show_memory else []),
-              "eval tokens/s", "× LoRA (unmerged)"]
-    return table(header, lines, "l" + "r" * (len(header) - 1))
+        members = [r for r in rows if (r["adapter"], r["distill"]) == kind and r.get("step_s")]
+        members = [r for r in members if r["seed"] == 0] or members
+        med[kind] = {"step_s": statistics.median(r["step_s"] for r in members),
+                     "trainable": statistics.median(r["trainable"] for r in members if r.get("trainable") is not None),
+                     "cells": len({(r["method"], r["pattern"], r["lr"], r["seed"]) for r in members})}
+    ref = med.get(("lora", ""))
+    lines = [[label({"recovery": k[0], "distill": k[1], "method": ""}), f"{m['trainable']:,.0f}",
+              f"{1000 * m['step_s']:.0f}", "–" if not ref else f"{m['step_s'] / ref['step_s']:.2f}", str(m["cells"])]
+             for k, m in med.items()]
+    return table(["recovery", "trainable", "train step (ms, median)", "× LoRA", "cells"], lines, "lrrrr")
 
 
 # --------------------------------------------------------------------------- plots
 
 
-def unmerged_slowdown(rows: list[dict]) -> float | None:
-    """Median over LoRA cells of eval time unmerged / merged, both measured in the same worker one after the other."""
-    merged = {(r["method"], r["pattern"], r["seed"]): r for r in rows if r["recovery"] == "lora-merged"}
-    ratios = [r["infer_s"] / merged[k]["infer_s"] for r in rows if r["recovery"] == "lora-unmerged"
-              and (k := (r["method"], r["pattern"], r["seed"])) in merged]
-    return statistics.median(ratios) if ratios else None
+COLORS = {"spp": "tab:blue", "masked_lora": "tab:purple", "full": "tab:green", "hira": "tab:olive",
+          "lora": "tab:orange", "lora-merged": "tab:orange", "lora-unmerged": "tab:red", "none": "black"}
 
 
-def plot_ppl_vs_sparsity(summary: list[dict], path: Path) -> None:
-    """Perplexity against achieved sparsity per pruning method, before (solid) and after SPP (dashed);
-    2:4 as squares; LoRA merged as crosses at the sparsity it ends with."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"magnitude": "tab:red", "wanda": "tab:blue", "sparsegpt": "tab:green"}
-    dense = next((e for e in summary if e["method"] == "dense"), None)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    return plt
+
+
+def plot_ppl_vs_sparsity(entries: list[dict], path: Path) -> None:
+    """Perplexity against the sparsity the final model multiplies by, every recipe at its chosen rate
+    (seed means): filled = cross-entropy, open = + KD; the pruned models as black squares, dense as a star."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for ax, name in zip(axes, ("tinystories", "wikitext")):
         key = f"ppl_{name}_mean"
-        if dense:
-            ax.plot([0], [dense[key]], "k*", markersize=12, label="dense")
-        for method, color in colors.items():
-            for recovery, style, label in (("none", "-o", "pruned"), ("spp", "--o", "+ SPP")):
-                unstructured = [e for e in summary if e["method"] == method and e["recovery"] == recovery
-                                and e["pattern"] in ("50%", "75%")]
-                unstructured.sort(key=lambda e: e["sparsity_mean"])
-                if unstructured:
-                    ax.plot([e["sparsity_mean"] for e in unstructured], [e[key] for e in unstructured], style,
-                            color=color, label=f"{method} {label}", mfc="white" if recovery == "none" else color)
-                nm = [e for e in summary if e["method"] == method and e["recovery"] == recovery and e["pattern"] == "2:4"]
-                for e in nm:
-                    ax.plot([e["sparsity_mean"]], [e[key]], "s", color=color, mfc="white" if recovery == "none" else color,
-                            markersize=8)
-            merged = [e for e in summary if e["method"] == method and e["recovery"] == "lora-merged"]
-            if merged:
-                ax.plot([e["sparsity_mean"] for e in merged], [e[key] for e in merged], "x", color=color,
-                        markersize=8, label=f"{method} LoRA merged")
+        for e in entries:
+            if e[key] is None:
+                continue
+            if e["method"] == "dense":
+                ax.plot([e["sparsity_mean"]], [e[key]], "k*", markersize=13, label="dense")
+            elif e["recovery"] == "none":
+                ax.plot([e["sparsity_mean"]], [e[key]], "ks", markersize=8, mfc="white",
+                        label=f"{e['method']} {e['pattern']} pruned")
+            else:
+                color = COLORS.get(e["recovery"], "gray")
+                ax.plot([e["sparsity_mean"]], [e[key]], "o", color=color, markersize=8,
+                        mfc="white" if e["distill"] else color, label=f"{label(e)} ({fmt_lr(e['lr'])})")
         ax.set_yscale("log")
-        ax.set_xlabel("fraction of zero weights in the decoder linears")
+        ax.set_xlabel("fraction of zero weights in the decoder linears after merge")
         ax.set_ylabel("perplexity")
-        ax.set_title(SET_TITLES[name] + "\ncircles: unstructured, squares: 2:4; open: pruned, filled: + SPP", fontsize=9)
+        ax.set_title(SET_TITLES[name] + "\neach recipe at its chosen learning rate; open markers: + KD", fontsize=9)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[1].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes[1].legend(unique.values(), unique.keys(), fontsize=6.5, ncol=2)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_lr_sweep(rows: list[dict], chosen: dict, path: Path) -> None:
+    """Validation NLL (the criterion) and recovered fraction in-domain against the learning rate, seed 0:
+    solid = cross-entropy, dashed = + KD; the chosen rate circled."""
+    plt = _pyplot()
+    seed0 = [r for r in rows if r["adapter"] != "none" and r["recovery"] != "lora-unmerged" and r["seed"] == 0
+             and not r.get("diverged")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for recipe in sorted({(r["method"], r["pattern"], r["adapter"], r["distill"]) for r in seed0}):
+        pts = sorted((r for r in seed0 if (r["method"], r["pattern"], r["adapter"], r["distill"]) == recipe),
+                     key=lambda r: r["lr"])
+        style = "--" if recipe[3] else "-"
+        color = COLORS.get(recipe[2], "gray")
+        name = label({"recovery": recipe[2], "distill": recipe[3], "method": ""})
+        for ax, key in zip(axes, ("val_nll", "recovered_tinystories")):
+            if any(p.get(key) is None for p in pts):
+                continue
+            ax.plot([p["lr"] for p in pts], [p[key] for p in pts], style + "o", color=color, markersize=4, label=name)
+            best = [p for p in pts if chosen.get(recipe) == p["lr"]]
+            ax.plot([p["lr"] for p in best], [p[key] for p in best], "o", color=color, mfc="none", markersize=11)
+    for ax, title in zip(axes, ("validation NLL (chooses the rate; circled)", "recovered fraction, TinyStories 2nd half")):
+        ax.set_xscale("log")
+        ax.set_xlabel("peak learning rate")
+        ax.set_title(title + "\nsolid: cross-entropy, dashed: + KD (seed 0)", fontsize=9)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -282,40 +399,31 @@ def plot_ppl_vs_sparsity(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_loss_curves(records: dict[str, dict], path: Path, window: int = 10) -> None:
-    """Training loss per step (moving average over `window` steps) of SPP, LoRA and HiRA, seed 0,
-    one panel per pruned model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves: dict[tuple, dict[str, list[float]]] = {}
+def plot_loss_curves(records: dict[str, dict], chosen: dict, path: Path, window: int = 10) -> None:
+    """Training cross-entropy per step (moving average over `window` steps) of every recipe at its
+    chosen rate, seed 0, one panel per pruned model; dashed = trained with KD."""
+    plt = _pyplot()
+    curves: dict[tuple, dict] = {}
     for record in records.values():
         cell = record["cell"]
-        if record.get("train") and cell["seed"] == 0 and not cell["row_groups"]:
-            curves.setdefault((cell["method"], cell["pattern"]), {})[cell["adapter"]] = record["train"]["losses"]
-    panels = sorted(curves, key=lambda mp: (METHOD_ORDER.index(mp[0]), PATTERN_ORDER.index(mp[1])))
+        recipe = (cell["method"], cell["pattern"], cell["adapter"], cell.get("distill", ""))
+        if record.get("train") and cell["seed"] == 0 and chosen.get(recipe) == record["learning_rate"]:
+            curves.setdefault(recipe[:2], {})[recipe[2:]] = record["train"]["losses"]
+    panels = sorted(curves)
     if not panels:
         return
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, sharex=True)
-    colors = {"spp": "tab:blue", "lora": "tab:orange", "hira": "tab:green"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
-        for adapter, losses in sorted(curves[panel].items()):
+        for (adapter, distill), losses in sorted(curves[panel].items()):
             k = max(1, min(window, len(losses)))
             smooth = [statistics.fmean(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
-            ax.plot(range(1, len(losses) + 1), smooth, color=colors.get(adapter), label=adapter)
-        ax.set_title(f"{panel[0]} {panel[1]}")
-        ax.grid(alpha=0.3)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    for ax in axes[-1]:
+            ax.plot(range(1, len(losses) + 1), smooth, "--" if distill else "-", color=COLORS.get(adapter),
+                    label=label({"recovery": adapter, "distill": distill, "method": ""}))
+        ax.set_title(f"{panel[0]} {panel[1]}: each recipe at its chosen rate", fontsize=9)
         ax.set_xlabel("step")
-    for ax in axes[:, 0]:
-        ax.set_ylabel(f"train loss ({window}-step mean)")
-    axes.flat[0].legend()
+        ax.set_ylabel(f"train cross-entropy ({window}-step mean)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
@@ -350,65 +458,109 @@ def environment(settings) -> dict:
     return env
 
 
-def write_report(out: Path, settings, cells: list, records: dict[str, dict], runs: list[dict], span: dict) -> dict:
-    """Write `study.md`, `study.json` and the two plots into `out`. Returns the JSON object."""
+def write_report(out: Path, settings, cells: list, records: dict[str, dict], runs: list[dict], span: dict,
+                 sweeps: dict | None = None) -> dict:
+    """Write `study.md`, `study.json` and the three plots into `out`. Returns the JSON object."""
     from dataclasses import asdict
 
+    sweeps = sweeps or {}
     out.mkdir(parents=True, exist_ok=True)
     rows = flatten(records)
     summary = summarise(rows)
+    chosen = chosen_rates(rows, sweeps)
+    entries = at_chosen(summary, chosen)
     mine = [r for r in runs if r.get("settings_sha256") == settings.sha256()]
     report = {"settings": asdict(settings), "settings_sha256": settings.sha256(), "cells": [c.key for c in cells],
               "runs": mine, "span_minutes": span["span_minutes"], "cell_minutes": span["cell_minutes"],
               "missing": span["missing"], "max_concurrent": span["max_concurrent"], "environment": environment(settings),
-              "split": span["split"], "summary": summary, "rows": rows, "records": records}
+              "split": span["split"], "sweeps": sweeps,
+              "chosen_rates": {"/".join(k): v for k, v in chosen.items()}, "summary": summary, "rows": rows,
+              "records": records}
     _write_text(out / "study.json", json.dumps(report, indent=1, default=str))
-    plot_ppl_vs_sparsity(summary, out / "study_ppl_vs_sparsity.png")
-    plot_loss_curves(records, out / "study_loss_curves.png")
-    _write_text(out / "study.md", study_markdown(settings, summary, rows, report))
+    plot_ppl_vs_sparsity(entries, out / "study_ppl_vs_sparsity.png")
+    plot_lr_sweep(rows, chosen, out / "study_lr_sweep.png")
+    plot_loss_curves(records, chosen, out / "study_loss_curves.png")
+    _write_text(out / "study.md", study_markdown(settings, summary, rows, entries, chosen, report))
     return report
 
 
-def _fmt_ratio(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}×"
-
-
 def _adapter_share(report: dict) -> str:
-    """'x%–y%': trainable parameters of the default adapters as a share of the model's parameters."""
+    """'x%–y%': trainable parameters of the adapters as a share of the model's parameters."""
     shares = [r["trainable"] / rec["model_params"] for rec in report["records"].values() for r in rec["rows"]
-              if r["trainable"] and not rec["cell"]["row_groups"]]
+              if r["trainable"]]
     if not shares:
         return "–"
     low, high = f"{100 * min(shares):.0f}%", f"{100 * max(shares):.0f}%"
     return low if low == high else f"{low}–{high}"
 
 
-def study_markdown(settings, summary: list[dict], rows: list[dict], report: dict) -> str:
-    """The human-readable report: setup, time taken, the tables, the plots, and what it does not show."""
+def _grids_line(sweeps: dict) -> str:
+    from study import LR_GRIDS
+
+    parts = []
+    for adapter, grid in LR_GRIDS.items():
+        ran = sorted({lr for key, s in sweeps.items() if key.split("/")[2] == adapter for lr in s["rates"]})
+        extra = sorted(set(ran) - set(grid))
+        parts.append(f"{KIND_LABELS[adapter]} {{{', '.join(f'{x:g}' for x in grid)}}}"
+                     + (f" + extended to {', '.join(f'{x:g}' for x in extra)}" if extra else ""))
+    return "; ".join(parts)
+
+
+def study_markdown(settings, summary: list[dict], rows: list[dict], entries: list[dict], chosen: dict,
+                   report: dict) -> str:
+    """The human-readable report: the answer, setup, time taken, the tables, the plots, and what it does not show."""
+    from study import COMMON_RATE
+
     dense = next((e for e in summary if e["method"] == "dense"), None)
     env, split, runs = report["environment"], report["split"] or {}, report["runs"]
-    show_memory = settings.device.startswith("cuda")
     cores = env["cpu_cores"]
     where = f"{env.get('gpu')} (CUDA)" if settings.device.startswith("cuda") else f"{cores} CPU cores"
     loads = [round(r["load_avg_1min_start"], 1) for r in runs if r["cells_computed"]]
     missing = report["missing"]
     done = len(report["cells"]) - len(missing)
-    seeded = [e for e in summary if e["n"] > 1]
+    pairs = sorted({(e["method"], e["pattern"]) for e in entries if e["method"] != "dense"})
+    answers = [answer(entries, m, p) for m, p in pairs]
+    diverged = [r for r in rows if r.get("diverged")]
+    kd = [e for e in entries if e["distill"] == "kd" and e["recovery"] != "lora-unmerged"]
+    kd_deltas = []
+    for e in kd:
+        plain = next((x for x in entries if (x["method"], x["pattern"], x["recovery"], x["distill"]) ==
+                      (e["method"], e["pattern"], e["recovery"], "")), None)
+        if plain and plain["recovered_tinystories_mean"] is not None and e["recovered_tinystories_mean"] is not None:
+            kd_deltas.append((label(plain), e["recovered_tinystories_mean"] - plain["recovered_tinystories_mean"],
+                              e["recovered_wikitext_mean"] - plain["recovered_wikitext_mean"]))
+    libs = env["libraries"]
     parts = [
-        "# Prune-then-tune study",
+        "# Recovery study: which fine-tuning wins back what pruning lost, and which keeps the sparsity",
         "",
         f"Generated by `python scripts/study.py` (settings sha256 `{report['settings_sha256'][:12]}`); "
-        "every number below comes from that run (`study.json` holds each cell, its loss curve and the settings).",
+        "every number below comes from that run (`study.json` holds each cell, its loss curve, the sweeps and the "
+        "settings). The earlier study (every pruning method and pattern, every adapter at one rate of 4e-3) is in "
+        "git history (commit 7a71e1a).",
         "",
         f"**{done} of {len(report['cells'])} cells took {report['span_minutes']:.0f} minutes on {where}** "
         f"(from the first pruning to the last cell written; the cells' own compute times sum to "
-        f"{report['cell_minutes']:.0f} minutes, with up to {report['max_concurrent']} cells computing at once; "
-        f"1-minute load average when the recorded runs started: {loads or 'not recorded'}; the machine was shared "
-        "with other work, so times are upper bounds).",
+        f"{report['cell_minutes']:.0f} minutes, with up to {report['max_concurrent']} cells computing at once, "
+        f"1 torch thread each; 1-minute load average when each round started: {loads or 'not recorded'}; the "
+        "machine was shared with other work, so times are upper bounds). Libraries: "
+        + ", ".join(f"{k} {v}" for k, v in libs.items()) + ".",
         "",
         *([f"**Not run: {len(missing)} cells** (the session ended before the grid finished; "
            f"`python scripts/study.py` resumes and adds them): {', '.join(f'`{k}`' for k in missing)}.", ""]
           if missing else []),
+        "## The answer",
+        "",
+    ]
+    for sentence, text in answers:
+        parts += [sentence, "", text, ""]
+    parts += [
+        "Recovered = (log PPL_pruned − log PPL_after) / (log PPL_pruned − log PPL_dense), per seed, then averaged: 1 is "
+        "back to dense, 0 no better than pruned. \"Pruned entries ≠ +0.0\" counts the entries the mask marks pruned "
+        "that are not bitwise +0.0 in the weights the final model multiplies by (0 means every zero kept); "
+        "LoRA unmerged keeps the sparse base but adds a dense rank-r branch at inference.",
+        "",
+        "![perplexity vs sparsity after merge](study_ppl_vs_sparsity.png)",
+        "",
         "## Setup",
         "",
         f"- Model: `{settings.model}`. Dense perplexity: TinyStories "
@@ -416,55 +568,56 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], report: dict
         f"{fmt_ppl(dense['ppl_wikitext_mean']) if dense else '–'}.",
         f"- Text: `{settings.text}` cut at character {split.get('cut_at_char', '?')} of {split.get('text_chars', '?')} "
         "(the first line break after the middle). The first half calibrates pruning "
-        f"({settings.calib_nsamples} windows of {settings.calib_seqlen} tokens at seeded random offsets) and "
-        f"is the fine-tuning data ({split.get('train_windows', '?')} windows of {settings.seqlen} tokens).",
-        f"- Perplexity: first {settings.eval_windows} windows of {settings.eval_seqlen} tokens of the second half "
-        f"and of `{settings.wikitext}` (read in text mode), the Wanda/SparseGPT protocol (`spp.eval.perplexity`); "
-        f"tokens available: {split.get('eval_tokens_available', '?')}.",
-        f"- Recovery: {settings.steps} AdamW steps of {settings.batch_size} × {settings.seqlen} tokens, learning "
-        f"rate {settings.learning_rate:g} (linear warmup {settings.warmup_ratio:g} of the steps, then linear decay), "
-        f"gradient clip {settings.max_grad_norm:g}, the same data order and seed for every adapter, every linear "
-        f"layer of every decoder block adapted. SPP: {settings.spp_row_groups} row groups, scale "
-        f"{settings.lora_alpha:g}/{settings.lora_r}; LoRA: rank {settings.lora_r}, alpha {settings.lora_alpha:g}; "
-        f"HiRA: rank {settings.hira_r} (PEFT).",
+        f"({settings.calib_nsamples} windows of {settings.calib_seqlen} tokens at seeded random offsets) and is the "
+        f"fine-tuning data: {split.get('train_windows', '?')} windows of {settings.seqlen} tokens for training, "
+        f"the last {split.get('val_windows', '?')} windows held out as the **validation slice** that chooses "
+        "every learning rate and the best recipe.",
+        f"- Perplexity (reported, never used for a choice): first {settings.eval_windows} windows of "
+        f"{settings.eval_seqlen} tokens of the second half and of `{settings.wikitext}` (read in text mode), the "
+        f"Wanda/SparseGPT protocol (`spp.eval.perplexity`); tokens available: {split.get('eval_tokens_available', '?')}.",
+        f"- Training: {settings.steps} AdamW steps (no weight decay) of {settings.batch_size} × {settings.seqlen} "
+        f"tokens, linear warmup over {settings.warmup_ratio:g} of the steps then linear decay to 0, gradient clip "
+        f"{settings.max_grad_norm:g}, the same data order and seed for every recovery, every linear layer of every "
+        "decoder block adapted.",
+        f"- Recoveries: SPP ({settings.spp_row_groups} row groups, scale {settings.lora_alpha:g}/{settings.lora_r}); "
+        f"masked LoRA W + M ⊙ (s·B·A) (rank {settings.lora_r}, s = {settings.lora_alpha:g}/{settings.lora_r}, M the "
+        "keep-mask); masked full fine-tuning (the kept weights, gradient masked); all three through "
+        "`spp.adapter.model.add_adapter` / `merge_adapter`, as `spp train --set adapter=KIND` runs them. PEFT LoRA "
+        f"(rank {settings.lora_r}, alpha {settings.lora_alpha:g}, merged with `merge_and_unload`) and PEFT HiRA "
+        f"(rank {settings.hira_r}, W + W ⊙ (B·A), which keeps W's zeros).",
+        f"- Distillation (\"+ KD\"): loss = {settings.ce_weight:g} · cross-entropy + {settings.kd_weight:g} · "
+        f"T²·KL(dense teacher ‖ student) per target token at T = {settings.kd_temperature:g} "
+        "(`spp.train.losses.kd_kl_sum`), the teacher being the dense model before pruning. Weight 1 puts the two "
+        "terms on the same per-token scale (both are nats per token). SquareHead was not run here.",
+        f"- Learning rates: every recovery × objective is swept with seed 0 over its grid ({_grids_line(report['sweeps'])}); "
+        "rates are rungs of one ladder about ×2 apart; when the lowest validation NLL is at an edge of the grid the "
+        "next rung is added (at most twice per edge). The rate with the lowest validation NLL is chosen and run with "
+        f"seeds 1 and 2; the common rate {COMMON_RATE:g} (the SPP paper's, and the earlier study's) is in every grid.",
         "- Seeds: the seed sets the calibration windows, the adapter initialisation and the data order. "
-        f"{'Configurations with more than one seed show mean ± sample standard deviation.' if seeded else ''}",
-        "- Recovered = (log PPL_pruned − log PPL_after) / (log PPL_pruned − log PPL_dense): 1 is back to dense, "
-        "0 no better than pruned.",
-        "- Sparsity = exact zeros in the decoder linear weights the final model multiplies by. LoRA unmerged keeps "
-        "the sparse base but adds a dense low-rank branch at inference (its trainable weights).",
+        "Mean ± sample standard deviation over the seeds where there are several.",
         "",
-        "## Headline: Wanda and SparseGPT at 50% and 2:4",
+        "## Every recovery at its chosen rate",
         "",
-        headline_table(summary),
+        chosen_table([e for e in entries if e["method"] != "dense" or True]),
         "",
-        "![perplexity vs sparsity](study_ppl_vs_sparsity.png)",
+        f"## Chosen rate vs the common rate {COMMON_RATE:g} (seed 0)",
         "",
-        "## Every pruning method, pattern and recovery",
+        common_rate_table(summary, chosen, COMMON_RATE),
         "",
-        "Train step is the median step time of the cell's training; eval tokens/s is the speed of the perplexity "
-        "passes of the final model. "
-        + ("Train mem is the peak CUDA memory added during training." if show_memory else
-           "Training memory is not compared here: cells share long-lived worker processes whose allocator keeps "
-           "memory from earlier cells, so a cell's resident-set peak says little. `bench.md` compares the adapters' "
-           "training memory, each in a fresh process."),
+        "## The learning-rate sweeps (seed 0)",
         "",
-        full_table(summary, show_memory),
+        "![learning-rate sweeps](study_lr_sweep.png)",
         "",
-        "## SPP row groups",
+        sweep_table(rows, report["sweeps"], chosen),
         "",
-        row_group_table(rows, settings.spp_row_groups),
+        *([f"Diverged (non-finite loss; training stopped, no model to measure): "
+           + ", ".join(f"{label(r)} at {fmt_lr(r['lr'])}" for r in diverged) + ".", ""] if diverged else []),
+        "## Cost per recovery (median over the seed-0 cells)",
         "",
-        "## Cost per recovery method (median over the seed-0 cells)",
+        cost_table(rows),
         "",
-        cost_table(rows, show_memory),
-        "",
-        "Cells ran one after another while the load on the machine changed, so the step times and eval speeds of "
-        "different cells are only roughly comparable. One comparison is side by side: each LoRA cell evaluated its model "
-        "unmerged and then merged in the same process, and the unmerged model took "
-        f"{_fmt_ratio(unmerged_slowdown(rows))} the time of the merged one (median over cells). The merged models of "
-        "every method run the same dense CPU kernels, so their sparsity buys no speed here; `bench.md` has what "
-        "2:4 kernels measured on a GPU.",
+        "Cells ran two at a time on a shared machine, so step times are only roughly comparable; `bench.md` has "
+        "side-by-side timings and memory. Distillation adds the dense teacher's forward pass to every step.",
         "",
         "## Training loss",
         "",
@@ -472,19 +625,24 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], report: dict
         "",
         "## What this does and does not show",
         "",
-        "- It shows, on a real (tiny) LLaMA-architecture model, that the SPP merge keeps every pruned zero (the "
-        "sparsity after merge equals the pruned model's), that LoRA merged gives that sparsity up, and how much of "
-        "the pruning loss each method recovers with the same data, steps and seed.",
+        "- It shows, on a real (tiny) LLaMA-architecture model and one pruned model per row, how much of the pruning "
+        "loss each recovery wins back when each gets its own learning rate, chosen without looking at the reported "
+        "sets, and that spp's three recoveries and HiRA keep every pruned zero through the merge while LoRA's merge "
+        "makes the weights dense.",
+        *([("- Distillation from the dense model, each at its own chosen rate, changed the recovered fraction by "
+            + ", ".join(f"{n} {100 * a:+.0f} points in-domain ({100 * b:+.0f} on WikiText-2)" for n, a, b in kd_deltas)
+            + ". At this scale the fine-tuning text is the model's own training domain, so cross-entropy on it is "
+            "already a good target; the published sparse models that gain from distillation (SquareHead, Kurtic et "
+            "al. 2023) are billions of parameters trained on far more tokens.")] if kd_deltas else []),
         "- It does not show that the same holds for a 7B model: stories260K has 260K parameters, a 512-token "
         f"vocabulary and a 64-wide residual stream, and the adapters here train {_adapter_share(report)} of the "
-        "model's parameter count. The fine-tuning text is in the model's own training domain. Perplexity on "
-        f"{settings.eval_windows} windows per set is the only quality measure (no zero-shot tasks).",
+        "model's parameter count (masked full fine-tuning trains every kept weight). Perplexity is the only quality "
+        "measure (no zero-shot tasks), and one pruning (the rows above) is measured.",
         "- Fine-tuning also adapts the model to the evaluation text's format: the perplexity protocol reads one "
         "stream of stories separated by blank lines, while the model was trained one story at a time. That is why "
-        "a recovered fraction can exceed 1 (better than the dense model), on WikiText-2 too.",
-        "- One learning rate serves every adapter (no per-method tuning), so a method that prefers another rate "
-        "is at a disadvantage. Times on a shared CPU are noisy: compare speeds with `bench.md`, whose ratios come "
-        "from measurements taken side by side.",
+        "a recovered fraction can exceed 1 (better than the dense model), on WikiText-2 especially.",
+        "- The rates are chosen with one seed on a 16k-token validation slice; the held-out numbers of the other "
+        "seeds at the same rate show how much that choice moves.",
         "",
     ]
     return "\n".join(parts)

@@ -1,0 +1,278 @@
+"""Issue 10's quality bar, measured in one run through the real CLI; writes `docs/results/recovery_bar.md`.
+
+    python scripts/recovery_bar.py                      # about 10 minutes on 2 CPU cores
+    python scripts/recovery_bar.py --work /tmp/bar --out /tmp/bar.md --steps 4 --windows 4   # a smoke run
+
+The setup, exactly as the issue states it:
+
+1. TRAIN = the first half (by characters) of `tinystories_val.txt`, written to a file; HELDOUT = the second half.
+2. `spp prune --model stories260K-hf --method wanda --pattern 2:4 --calib TRAIN --nsamples 64 --seqlen 256`.
+3. For each adapter kind: `spp train --config tinystories.yaml --data TRAIN --max-steps 150 --set batch_size=8
+   --set micro_batch_size=8 --set cutoff_len=256 --set val_set_size=0 --set adapter=KIND` (the config's default
+   learning rate for that kind), `spp merge`, `spp verify` of the merged model.
+4. `spp eval --ppl HELDOUT --seqlen 256 --max-windows 200` of the dense, pruned and every merged model.
+5. PEFT LoRA (r=8, alpha 16, all seven projections) trained on the same windows (the `spp train` run's own
+   resolved config and `spp.train.build_examples`), the same steps, data order (`global_batch` with the
+   config's seed), schedule (`lr_factor`), AdamW settings and gradient clipping, at each rate of
+   `--lora-rates`; merged with `merge_and_unload`, saved, and evaluated with the same `spp eval` call.
+   Its best is taken.
+
+Recovered = (log PPL_pruned − log PPL_after) / (log PPL_pruned − log PPL_dense). Pruned entries are checked
+bitwise (+0.0) in every merged model against the pruned model's mask file, and kept entries that are zero
+(`kept_zero`) are counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+KINDS = ("spp", "masked_lora", "full")
+LORA_RATES = (4e-3, 1e-2, 2e-2, 4e-2)
+BARS = {"spp": 0.75, "masked_lora": 0.78}  # adapter: KIND at the config's default rate must recover at least this
+
+
+def run(cmd: list[str], log: list[str]) -> str:
+    """Run one CLI command (printed and logged); returns its stdout. Raises CalledProcessError with its stderr."""
+    shown = " ".join(cmd)
+    print("$", shown, flush=True)
+    log.append(shown)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
+    return done.stdout
+
+
+def spp_cli() -> str:
+    """The `spp` executable beside this interpreter (the checkout's virtual environment), else on PATH."""
+    beside = Path(sys.executable).with_name("spp")
+    return str(beside) if beside.is_file() else "spp"
+
+
+def perplexity(spp: str, model: Path, heldout: Path, windows: int, out: Path, log: list[str]) -> float:
+    """`spp eval --ppl HELDOUT --seqlen 256 --max-windows N` of `model`; its perplexity from results.json."""
+    run([spp, "eval", "--model", str(model), "--ppl", str(heldout), "--seqlen", "256", "--max-windows", str(windows),
+         "--batch-size", "16", "--device", "cpu", "--dtype", "float32", "--output", str(out), "--overwrite"], log)
+    (entry,) = json.loads((out / "results.json").read_text())["perplexity"].values()
+    return float(entry["ppl"])
+
+
+def zeros_check(model_dir: Path, pruned_dir: Path) -> dict:
+    """Against the pruned model's mask file: entries marked pruned that are not bitwise +0.0, kept zeros, sparsity."""
+    from spp.io.checkpoint import masks_by_parameter
+    from spp.models import load_model
+    from spp.prune.masks import pruned_is_positive_zero
+
+    model = load_model(str(model_dir), "float32", "cpu")
+    masks = masks_by_parameter(load_model(str(pruned_dir), "float32", "cpu"), pruned_dir)
+    params = dict(model.named_parameters())
+    bad = kept_zero = pruned = total = 0
+    for name, keep in masks.items():
+        W = params[name].detach()
+        bad += int((~pruned_is_positive_zero(W, keep)).sum())
+        kept_zero += int(((W == 0) & keep).sum())
+        pruned += int((~keep).sum())
+        total += keep.numel()
+    zeros = sum(int((params[n].detach() == 0).sum()) for n in masks)
+    return {"pruned_not_plus_zero": bad, "kept_zero": kept_zero, "pruned": pruned, "sparsity": zeros / total}
+
+
+def train_peft_lora(pruned: Path, resolved_config: Path, lr: float, steps: int, output: Path) -> dict:
+    """PEFT LoRA on the `spp train` run's own windows, order, schedule and optimizer settings; merged and saved."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from spp.config import TrainConfig, merge_into, read_yaml
+    from spp.data import pad_batch
+    from spp.models import load_model, load_tokenizer
+    from spp.train import build_examples
+    from spp.train.loop import global_batch, lr_factor
+    from spp.train.losses import summed_nll, target_count
+
+    cfg = merge_into(TrainConfig, [(str(resolved_config), read_yaml(resolved_config))])
+    tokenizer = load_tokenizer(str(pruned))
+    train, _ = build_examples(cfg, tokenizer)
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    torch.manual_seed(cfg.seed)
+    model = load_model(str(pruned), "float32", "cpu")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    warmup = math.ceil(cfg.warmup_ratio * steps)
+    model.train()
+    start, losses = time.perf_counter(), []
+    for step in range(steps):
+        ids = global_batch(len(train), cfg.batch_size, cfg.seed, step)
+        batch = pad_batch([train[i] for i in ids], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss = summed_nll(logits, batch["labels"]) / max(target_count(batch["labels"]), 1)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(step, steps, warmup, cfg.lr_scheduler)
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return {"final_loss": losses[-1], "train_s": time.perf_counter() - start,
+            "trainable": sum(p.numel() for p in params)}
+
+
+def recovered(pruned: float, after: float, dense: float) -> float:
+    return (math.log(pruned) - math.log(after)) / (math.log(pruned) - math.log(dense))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="../shared/data/stories260K-hf")
+    parser.add_argument("--text", default="../shared/data/tinystories/tinystories_val.txt")
+    parser.add_argument("--config", default="tinystories.yaml")
+    parser.add_argument("--work", default="/tmp/spp_recovery_bar")
+    parser.add_argument("--out", default=str(REPO / "docs" / "results" / "recovery_bar.md"))
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--lora-rates", default=",".join(f"{r:g}" for r in LORA_RATES))
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--windows", type=int, default=200, help="held-out perplexity windows of 256 tokens")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from spp.io.manifest import library_versions
+
+    started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
+    spp, work, log = spp_cli(), Path(args.work), []
+    work.mkdir(parents=True, exist_ok=True)
+    text = Path(args.text).read_text(encoding="utf-8")
+    middle = len(text) // 2
+    train_txt, heldout_txt = work / "train_first_half.txt", work / "heldout_second_half.txt"
+    train_txt.write_text(text[:middle], encoding="utf-8")
+    heldout_txt.write_text(text[middle:], encoding="utf-8")
+    pruned = work / "pruned"
+    run([spp, "prune", "--model", args.model, "--method", "wanda", "--pattern", "2:4", "--calib", str(train_txt),
+         "--nsamples", "64", "--seqlen", "256", "--output", str(pruned), "--overwrite"], log)
+    ppl = {"dense": perplexity(spp, Path(args.model), heldout_txt, args.windows, work / "eval-dense", log),
+           "pruned": perplexity(spp, pruned, heldout_txt, args.windows, work / "eval-pruned", log)}
+    rows = []
+    resolved = None
+    for kind in filter(None, args.kinds.split(",")):
+        train_dir, merged = work / f"train-{kind}", work / f"merged-{kind}"
+        run([spp, "train", "--config", args.config, "--model", str(pruned), "--data", str(train_txt),
+             "--output", str(train_dir), "--max-steps", str(args.steps), "--set", "batch_size=8",
+             "--set", "micro_batch_size=8", "--set", "cutoff_len=256", "--set", "val_set_size=0",
+             "--set", f"adapter={kind}", "--overwrite"], log)
+        resolved = train_dir / "spp_config.yaml"
+        from spp.config import read_yaml
+
+        cfg = read_yaml(resolved)
+        lr = cfg["learning_rate"]
+        lr = lr[kind] if isinstance(lr, dict) else lr
+        run([spp, "merge", "--adapter", str(train_dir), "--output", str(merged), "--overwrite"], log)
+        verify = subprocess.run([spp, "verify", str(merged)], capture_output=True, text=True)
+        log.append(f"spp verify {merged}  -> exit {verify.returncode}")
+        p = perplexity(spp, merged, heldout_txt, args.windows, work / f"eval-{kind}", log)
+        rows.append({"recovery": f"spp train adapter={kind}", "kind": kind, "lr": lr, "ppl": p,
+                     "recovered": recovered(ppl["pruned"], p, ppl["dense"]), "verify_exit": verify.returncode,
+                     **zeros_check(merged, pruned)})
+    for lr in (float(r) for r in args.lora_rates.split(",") if r):
+        out_dir = work / f"lora-{lr:g}"
+        info = train_peft_lora(pruned, resolved, lr, args.steps, out_dir)
+        log.append(f"PEFT LoRA r=8 alpha=16 at {lr:g}: {args.steps} steps in-process -> {out_dir} (merged)")
+        p = perplexity(spp, out_dir, heldout_txt, args.windows, work / f"eval-lora-{lr:g}", log)
+        rows.append({"recovery": "PEFT LoRA (merged)", "kind": "lora", "lr": lr, "ppl": p,
+                     "recovered": recovered(ppl["pruned"], p, ppl["dense"]), "verify_exit": None, **info,
+                     **zeros_check(out_dir, pruned)})
+    result = {"started": started, "minutes": (time.perf_counter() - t0) / 60, "ppl": ppl, "rows": rows,
+              "commands": log, "machine": {"platform": platform.platform(), "cpu_cores": os.cpu_count(),
+                                           "torch_threads": torch.get_num_threads(),
+                                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
+                                           "load_avg_1min_end": os.getloadavg()[0]},
+              "versions": library_versions()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(markdown(result, args))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
+    print(Path(args.out).read_text())
+    return result
+
+
+def markdown(result: dict, args) -> str:
+    rows, ppl = result["rows"], result["ppl"]
+    sparse = [r for r in rows if r["kind"] in KINDS]
+    lora = [r for r in rows if r["kind"] == "lora"]
+    best_sparse = max(sparse, key=lambda r: r["recovered"], default=None)
+    best_lora = max(lora, key=lambda r: r["recovered"], default=None)
+    lines = ["| recovery | lr | PPL (held-out) | recovered | sparsity after merge | pruned entries ≠ +0.0 | kept_zero "
+             "| spp verify |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+             f"| dense | – | {ppl['dense']:.3f} | – | – | – | – | – |",
+             f"| Wanda 2:4, no recovery | – | {ppl['pruned']:.2f} | 0.00 | – | – | – | – |"]
+    for r in rows:
+        verify = "–" if r["verify_exit"] is None else ("passes" if r["verify_exit"] == 0 else f"exit {r['verify_exit']}")
+        lines.append(f"| {r['recovery']} | {r['lr']:g} | {r['ppl']:.3f} | {r['recovered']:.3f} | "
+                     f"{100 * r['sparsity']:.1f}% | {r['pruned_not_plus_zero']:,} | {r['kept_zero']:,} | {verify} |")
+
+    def verdict(ok: bool) -> str:
+        return "**pass**" if ok else "**FAIL**"
+    bullets = []
+    if best_sparse and best_lora:
+        bullets.append(f"- Best sparsity-preserving recipe ≥ PEFT LoRA's best: {best_sparse['recovery']} recovers "
+                       f"{best_sparse['recovered']:.3f}, PEFT LoRA's best ({best_lora['lr']:g}) "
+                       f"{best_lora['recovered']:.3f}: {verdict(best_sparse['recovered'] >= best_lora['recovered'])}.")
+    kept = all(r["pruned_not_plus_zero"] == 0 for r in sparse)
+    bullets.append(f"- Every entry the mask marks pruned is +0.0 after `spp merge`, for every kind: "
+                   f"{verdict(kept)} (kept_zero: " + ", ".join(f"{r['kind']} {r['kept_zero']:,}" for r in sparse)
+                   + f"; PEFT LoRA's merge leaves {lora[0]['pruned_not_plus_zero']:,} pruned entries non-zero)."
+                   if lora else f"{verdict(kept)}.")
+    for kind, bar in BARS.items():
+        r = next((x for x in sparse if x["kind"] == kind), None)
+        if r:
+            bullets.append(f"- `adapter: {kind}` at the config's default rate ({r['lr']:g}) recovers ≥ {bar}: "
+                           f"{r['recovered']:.3f}, {verdict(r['recovered'] >= bar)}.")
+    m = result["machine"]
+    return "\n".join([
+        "# Recovery bar (issue 10), measured in one run",
+        "",
+        f"Generated by `python scripts/recovery_bar.py` on {result['started']} in {result['minutes']:.1f} minutes: "
+        f"{m['platform']}, {m['cpu_cores']} CPU cores shared with other work (1-minute load {m['load_avg_1min_end']:.1f} "
+        f"at the end), torch threads {m['torch_threads']} in the script (OMP_NUM_THREADS={m['OMP_NUM_THREADS']}; "
+        "the `spp` commands use torch's default). Versions: "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
+        "",
+        f"Setup: TRAIN is the first half by characters of `{args.text}`, the held-out text its second half; "
+        f"Wanda 2:4 calibrated on TRAIN (64 × 256 tokens); every recovery trains {args.steps} steps of 8 × 256 "
+        "tokens from TRAIN with the config's schedule (5 warmup steps, linear decay, clip 1.0, seed 42); "
+        f"perplexity over the first {args.windows} windows of 256 tokens of the held-out half (`spp eval`). "
+        "The `spp` rows are the real CLI at `configs/tinystories.yaml`'s default learning rate for the kind; "
+        "PEFT LoRA (r = 8, alpha 16, the seven projections) trains on the same windows in the same order with "
+        "the same schedule, at each rate listed. Recovered = share of the log-perplexity gap won back.",
+        "",
+        *lines,
+        "",
+        "## The bar",
+        "",
+        *bullets,
+        "",
+        "## Commands",
+        "",
+        "```",
+        *result["commands"],
+        "```",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()
