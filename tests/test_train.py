@@ -502,3 +502,135 @@ def test_examples_without_targets_are_dropped_before_the_split(stories_tiny_prun
     steps = [r for r in log_records(out) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(r["targets"] > 0 and r["loss"] > 0 for r in steps) and report.train_loss > 0
+
+
+# --------------------------------------------------------------------------- adapter kinds
+
+
+def test_learning_rate_defaults_to_the_adapters_and_a_mapping_picks_the_chosen_one():
+    from spp.adapter import DEFAULT_LEARNING_RATE
+
+    for kind, rate in DEFAULT_LEARNING_RATE.items():
+        assert merge_into(TrainConfig, [("test", {"adapter": kind})]).learning_rate == rate
+    per_kind = {"spp": 1e-2, "masked_lora": 2e-2}
+    assert merge_into(TrainConfig, [("f", {"adapter": "masked_lora", "learning_rate": per_kind})]).learning_rate == 2e-2
+    assert merge_into(TrainConfig, [("f", {"adapter": "full", "learning_rate": per_kind})]).learning_rate == (
+        DEFAULT_LEARNING_RATE["full"])  # a kind the mapping leaves out gets its default
+    assert merge_into(TrainConfig, [("f", {"learning_rate": 3e-3})]).learning_rate == 3e-3
+    with pytest.raises(SppError, match=r"^learning_rate: unknown adapter kind 'lora' \(valid kinds"):
+        merge_into(TrainConfig, [("f", {"learning_rate": {"lora": 1e-3}})])
+    with pytest.raises(SppError, match="adapter='lora' should be one of 'spp', 'masked_lora', 'full'"):
+        merge_into(TrainConfig, [("--set", {"adapter": "lora"})])
+
+
+@pytest.mark.parametrize("kind", ["masked_lora", "full"])
+def test_every_kind_resumes_bit_for_bit(pruned_tiny_dir, text_file, tmp_path, monkeypatch, kind):
+    """Ctrl-C after step 2 (the checkpoint holds the adapter tensors and AdamW's state), then --resume."""
+    from spp.errors import SppInterrupted
+
+    settings = dict(max_steps=4, val_set_size=0, adapter=kind, weight_decay=0.1)
+    run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "straight", **settings))
+    monkeypatch.setenv("SPP_FAULT", "train_sigint:2")
+    with pytest.raises(SppInterrupted):
+        run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "resumed", **settings))
+    monkeypatch.delenv("SPP_FAULT")
+    report = run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "resumed", resume=True, **settings))
+    assert report.resumed_from == 2
+    straight, resumed = adapter(tmp_path / "straight"), adapter(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("kind", ["spp", "masked_lora", "full"])
+def test_every_kind_evaluates_unmerged_as_merged_and_the_merge_verifies(pruned_tiny_dir, text_file, tmp_path, kind):
+    from transformers import AutoModelForCausalLM
+
+    from spp.adapter.model import load_adapter
+    from spp.config import EvalConfig, MergeConfig
+    from spp.eval import run_eval
+    from spp.io.checkpoint import read_json
+    from spp.io.reader import read_checkpoint
+    from spp.merge import run_merge
+    from spp.verify import verify_checkpoint
+
+    report = run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "train", max_steps=3, val_set_size=0,
+                                adapter=kind, spp_row_groups=4, rank=4))
+    assert read_json(tmp_path / "train" / "adapter_config.json")["kind"] == kind
+    assert report.trainable_params == sum(t.numel() for t in adapter(tmp_path / "train").values())
+    run_merge(MergeConfig(model=str(pruned_tiny_dir), adapter=str(tmp_path / "train"), output=str(tmp_path / "merged")))
+    verify_checkpoint(tmp_path / "merged")
+
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    unmerged = AutoModelForCausalLM.from_pretrained(pruned_tiny_dir).eval()
+    load_adapter(unmerged, tmp_path / "train", read_checkpoint(pruned_tiny_dir).masks_by_parameter())
+    with torch.no_grad():
+        expected, merged, pruned = (m(ids).logits for m in (unmerged, AutoModelForCausalLM.from_pretrained(
+            tmp_path / "merged").eval(), AutoModelForCausalLM.from_pretrained(pruned_tiny_dir).eval()))
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
+    assert (merged - pruned).abs().max() > 1e-4
+
+    ppl = {}
+    for name, model, extra in (("unmerged", pruned_tiny_dir, {"adapter": str(tmp_path / "train")}),
+                               ("merged", tmp_path / "merged", {})):
+        results = run_eval(EvalConfig(model=str(model), ppl=[str(text_file)], seqlen=32, max_windows=4,
+                                      device="cpu", dtype="float32", **extra)).results
+        (ppl[name],) = (entry["ppl"] for entry in results["perplexity"].values())
+    assert ppl["unmerged"] == pytest.approx(ppl["merged"], rel=1e-5)
+
+
+def test_cli_set_adapter_trains_that_kind(pruned_tiny_dir, text_file, tmp_path):
+    from spp.cli import app
+    from spp.io.checkpoint import read_json
+
+    result = CliRunner().invoke(app, ["train", "--config", "tinystories.yaml", "--model", str(pruned_tiny_dir),
+                                      "--data", str(text_file), "--output", str(tmp_path / "run"), "--max-steps", "1",
+                                      "--set", "adapter=masked_lora", "--set", "rank=2", "--set", "batch_size=4",
+                                      "--set", "micro_batch_size=4", "--set", "cutoff_len=16", "--set", "val_set_size=0"])
+    assert result.exit_code == 0, result.stderr
+    cfg = read_json(tmp_path / "run" / "adapter_config.json")
+    assert (cfg["kind"], cfg["rank"], cfg["scale"]) == ("masked_lora", 2, 8.0)
+    assert sorted({k.rpartition(".")[2] for k in adapter(tmp_path / "run")}) == ["lora_A", "lora_B"]
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["spp", "masked_lora", "full"]), lr=st.sampled_from([1e-2, 0.3]),
+       weight_decay=st.sampled_from([0.0, 0.5]), stop=st.integers(1, 2), seed=st.integers(0, 100))
+def test_no_kind_makes_a_pruned_entry_nonzero_through_train_resume_merge_reload(
+        pruned_tiny_dir, text_file, monkeypatch, kind, lr, weight_decay, stop, seed):
+    """Train (interrupted after `stop` steps, then resumed), save, merge the files, reload with plain transformers:
+    every entry the mask marks pruned is +0.0 bitwise in the saved checkpoint's effective weights and the merged model."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from spp.adapter.model import load_adapter
+    from spp.config import MergeConfig
+    from spp.errors import SppInterrupted
+    from spp.io.reader import read_checkpoint
+    from spp.merge import run_merge
+    from spp.prune.masks import pruned_is_positive_zero
+    from spp.train import check_pruned_zeros
+    from spp.train.loop import checkpoint_dirs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "train"
+        settings_ = dict(max_steps=3, val_set_size=0, adapter=kind, learning_rate=lr, weight_decay=weight_decay,
+                         seed=seed, spp_row_groups=4, rank=2, save_steps=1)
+        monkeypatch.setenv("SPP_FAULT", f"train_sigint:{stop}")
+        with pytest.raises(SppInterrupted):
+            run_train(tiny_cfg(pruned_tiny_dir, text_file, out, **settings_))
+        monkeypatch.delenv("SPP_FAULT")
+        run_train(tiny_cfg(pruned_tiny_dir, text_file, out, resume=True, **settings_))
+        masks = read_checkpoint(pruned_tiny_dir).masks_by_parameter()
+        for saved in [out, *checkpoint_dirs(out)]:  # the final adapter and every kept checkpoint
+            model = AutoModelForCausalLM.from_pretrained(pruned_tiny_dir)
+            load_adapter(model, saved, masks)
+            check_pruned_zeros(model, masks)  # base and effective weights, any kind
+        run_merge(MergeConfig(model=str(pruned_tiny_dir), adapter=str(out), output=str(Path(tmp) / "merged")))
+        merged = dict(AutoModelForCausalLM.from_pretrained(Path(tmp) / "merged").named_parameters())
+        pruned = dict(AutoModelForCausalLM.from_pretrained(pruned_tiny_dir).named_parameters())
+        assert all(bool(pruned_is_positive_zero(merged[name], keep).all()) for name, keep in masks.items())
+        assert any(not torch.equal(merged[name], pruned[name]) for name in masks)
