@@ -66,8 +66,10 @@ def kd_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     """
     keep = target_mask(labels)
     T = float(temperature)
-    s = student_logits[:, :-1][keep].float() / T  # (N, V)
-    t = teacher_logits[:, :-1][keep].float() / T
+    s = student_logits[:, :-1][keep].float()  # (N, V): only the target rows, so V-wide copies stay N rows
+    t = teacher_logits[:, :-1][keep].float()
+    if T != 1.0:
+        s, t = s / T, t / T
     kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="sum")
     return kl * (T * T)
 
