@@ -6,7 +6,7 @@ calibration windows, the model on the CPU, `sequential.capture_block_inputs` and
 directory holding the `save_pretrained` files, `masks.safetensors`, the resolved config and
 the manifest. Every finished block is persisted in `OUTPUT.partial/` (`spp.io.progress`),
 so `--resume` continues a killed or interrupted run at its first unfinished block, with
-the same result bit for bit. The math lives in `masks`, `wanda` and `sparsegpt`; this
+the same result bit for bit (it refuses other run conditions, `spp.io.conditions`). The math lives in `masks`, `wanda` and `sparsegpt`; this
 module only wires it.
 """
 

@@ -3,7 +3,8 @@
 `run_train(cfg)` reads top to bottom: check the inputs (base directory, mask file and
 manifest, data, output), start accelerate, tokenize the data, load the pruned model
 and wrap its target layers in the adapter layer of `cfg.adapter` (`spp.adapter`), then run `train.loop` inside the output's
-`DIR.partial/` (kept on a crash so `--resume` can continue), check the pruned-entries
+`DIR.partial/` (kept on a crash so `--resume` can continue, under the same run conditions,
+`spp.io.conditions`), check the pruned-entries
 invariant on the effective weights, and write the adapter, the manifest and the log.
 The loop itself (steps, checkpoints, resume state) is `spp.train.loop`.
 """
