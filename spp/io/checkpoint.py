@@ -2,8 +2,9 @@
 
 An spp output is a plain `save_pretrained` directory plus `masks.safetensors` and
 `spp_manifest.json`. It is always built in a sibling `DIR.partial/` and renamed into
-place at the end, so a crash leaves either the complete output or none. This module
-owns the file-name constants; no other module spells a file name. Reading a model
+place at the end, so a crash leaves either the complete output or none. Every output
+file gets its mode from the umask, as `open()` gives it (safetensors' writer alone leaves
+0600). This module owns the file-name constants; no other module spells a file name. Reading a model
 directory as a whole (names, shapes, mask file, manifest) is `spp.io.reader`.
 """
 
