@@ -44,25 +44,33 @@ def rows_by(report, recovery):
 def test_the_report_files_are_written_and_agree(tiny_run):
     _, report, out, _ = tiny_run
     assert sorted(p.name for p in out.iterdir()) == ["study.json", "study.md", "study_loss_curves.png",
-                                                      "study_ppl_vs_sparsity.png"]
+                                                      "study_lr_sweep.png", "study_ppl_vs_sparsity.png"]
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "study.json").read_text())
     assert saved["cells"] == report["cells"] == ["dense-0pct-s0-none", "wanda-50pct-s0-none", "wanda-50pct-s0-spp",
-                                                  "wanda-50pct-s0-lora"]
+                                                  "wanda-50pct-s0-masked_lora", "wanda-50pct-s0-full",
+                                                  "wanda-50pct-s0-lora", "wanda-50pct-s0-hira", "wanda-50pct-s0-spp-kd"]
     markdown = (out / "study.md").read_text()
-    assert {r["recovery"] for r in saved["rows"]} == {"none", "spp", "lora-merged", "lora-unmerged"}
+    assert {r["recovery"] for r in saved["rows"]} == {"none", "spp", "masked_lora", "full", "hira", "lora-merged",
+                                                      "lora-unmerged"}
     for row in saved["rows"]:  # every perplexity in the JSON is in the tables, formatted as the report formats it
         assert f"| {row['ppl_tinystories']:.3f} |" in markdown or f"| {row['ppl_tinystories']:.1f} |" in markdown
     assert "minutes on" in markdown
 
 
-def test_spp_merge_keeps_the_pruned_sparsity_and_lora_merge_loses_it(tiny_run):
+def test_sparsity_preserving_merges_keep_every_pruned_zero_and_lora_merge_loses_them(tiny_run):
     _, report, _, _ = tiny_run
-    (pruned,), (spp,), (merged,), (unmerged,) = (rows_by(report, k) for k in ("none", "spp", "lora-merged", "lora-unmerged"))
+    (pruned,), (merged,), (unmerged,) = (rows_by(report, k) for k in ("none", "lora-merged", "lora-unmerged"))
     assert pruned["sparsity"] == pytest.approx(0.5)  # Wanda 50 %: half of every row
-    assert spp["sparsity"] == pruned["sparsity"]
+    keeping = [r for k in ("spp", "masked_lora", "full", "hira") for r in rows_by(report, k)]
+    assert len(keeping) == 5  # SPP twice (with and without distillation)
+    for row in keeping:
+        assert row["sparsity"] == pruned["sparsity"]
+        assert row["pruned_not_plus_zero"] == 0  # bitwise +0.0 where the mask says pruned
+    spp = next(r for r in keeping if r["recovery"] == "spp")
     assert merged["sparsity"] < pruned["sparsity"]
+    assert merged["pruned_not_plus_zero"] > 0
     assert unmerged["sparsity"] == pruned["sparsity"]  # the frozen sparse base, plus a dense adapter
     # merging LoRA changes where the numbers are stored, not the function
     assert merged["ppl_tinystories"] == pytest.approx(unmerged["ppl_tinystories"], rel=1e-4)
@@ -84,14 +92,17 @@ def test_recovered_fraction_follows_the_log_perplexity_formula(tiny_run):
 
 
 def test_every_adapter_starts_from_the_pruned_model_on_the_same_batch(tiny_run):
-    """Zero-initialised β (SPP) and B (LoRA): step 1's loss is the pruned model's on the same data."""
+    """Every adapter starts as the identity (β, B zero; full's update zero): step 1's cross-entropy is the
+    pruned model's on the same data, distilling or not."""
     _, report, _, _ = tiny_run
     losses = {key: rec["train"]["losses"] for key, rec in report["records"].items() if "train" in rec}
-    assert set(losses) == {"wanda-50pct-s0-spp", "wanda-50pct-s0-lora"}
+    assert len(losses) == 6
     assert all(len(v) == report["settings"]["steps"] for v in losses.values())
     first = [v[0] for v in losses.values()]
-    assert first[0] == pytest.approx(first[1], rel=1e-5)
+    assert first == pytest.approx([first[0]] * len(first), rel=1e-5)
     assert all(math.isfinite(x) for v in losses.values() for x in v)
+    kd = report["records"]["wanda-50pct-s0-spp-kd"]["train"]["kd_losses"]
+    assert len(kd) == report["settings"]["steps"] and all(x >= 0 for x in kd)  # a KL divergence
 
 
 def test_a_rerun_resumes_from_the_cache_and_recomputes_only_what_is_missing(study, tiny_run):
@@ -99,25 +110,62 @@ def test_a_rerun_resumes_from_the_cache_and_recomputes_only_what_is_missing(stud
     (work / "cells" / "wanda-50pct-s0-spp.json").unlink()  # as if interrupted before this cell finished
     again = study.main(argv)
     runs = json.loads((work / "runs.json").read_text())
-    assert [r["cells_computed"] for r in runs] == [4, 1]
+    assert [r["cells_computed"] for r in runs] == [8, 1]
     before = {r["recovery"]: r["ppl_tinystories"] for r in report["rows"]}
     after = {r["recovery"]: r["ppl_tinystories"] for r in again["rows"]}
     assert after == pytest.approx(before, rel=1e-6)  # the recomputed cell gives the same numbers
 
 
-def test_the_full_grid_has_the_issue_cells(study):
-    cells = study.grid("full")
+def fake_records(study, cells, val_nll):
+    """Cell records as the cache holds them, with validation NLL `val_nll(cell)` (None: diverged)."""
+    out = {}
+    for c in cells:
+        value = val_nll(c)
+        out[c.key] = ({"cell": {}, "diverged": 7, "rows": []} if value is None
+                      else {"cell": {}, "rows": [{"val_nll": value}]})
+    return out
+
+
+def test_the_full_grid_sweeps_then_seeds_then_distils(study):
+    cells, sweeps = study.plan("full", {})
     keys = [c.key for c in cells]
     assert len(keys) == len(set(keys))
-    seeded = 2 * 2 * 3 * 4  # {wanda, sparsegpt} × {50%, 2:4} × 3 seeds × {none, spp, lora, hira}
-    single = (3 * 3 - 4) * 4  # the other method × pattern pairs, one seed
-    row_groups = 2 * 2 * 3  # SPP at 3 more row-group settings on the seeded pairs
-    assert len(cells) == 1 + seeded + single + row_groups
-    first_seed = 1 + 3 * 3 * 4  # dense, then every seed-0 default cell runs first
-    assert all(c.seed == 0 and c.row_groups is None for c in cells[:first_seed])
-    assert {c.pattern for c in cells} == {"0%", "50%", "75%", "2:4"}
+    assert keys[:4] == ["dense-0pct-s0-none", "wanda-2of4-s0-none", "wanda-2of4-s1-none", "wanda-2of4-s2-none"]
+    assert len(cells) == 4 + sum(len(g) for g in study.LR_GRIDS.values())  # KD waits for its twin's choice
+    assert all(c.seed == 0 and not c.distill for c in cells[4:])
+    assert all(study.COMMON_RATE in g and len(g) >= 3 for g in study.LR_GRIDS.values())
+    assert max(study.LR_GRIDS["lora"]) >= 4e-2
+    # every rate has an interior minimum: each recipe chooses it, runs 2 more seeds, and KD starts around it
+    best = {k: sorted(g)[1] for k, g in study.LR_GRIDS.items()}
+    records = fake_records(study, cells, lambda c: abs(math.log(c.lr / best[c.adapter])) if c.lr else 5.0)
+    cells, sweeps = study.plan("full", records)
+    assert all(sweeps[f"wanda/2:4/{k}/"]["best"] == best[k] for k in best)
+    assert sum(1 for c in cells if c.seed > 0 and c.adapter != "none" and not c.distill) == 2 * len(best)
+    kd = [c for c in cells if c.distill == "kd" and c.seed == 0]
+    assert sorted(c.lr for c in kd if c.adapter == "spp") == list(study.kd_grid(best["spp"]))
     with pytest.raises(study.SppError, match="--grid"):
-        study.grid("huge")
+        study.plan("huge", {})
+
+
+def test_a_sweep_whose_best_rate_is_at_an_edge_is_extended_then_stops(study):
+    recipe = ("wanda", "2:4", "lora", "")
+
+    def run(val_nll):
+        records = {}
+        while True:
+            found = study.sweep(recipe, records, 0)
+            todo = [lr for lr in found["rates"] if study.Cell(*recipe[:3], 0, lr).key not in records]
+            if not todo:
+                return found
+            records.update(fake_records(study, [study.Cell(*recipe[:3], 0, lr) for lr in todo],
+                                        lambda c: val_nll(c.lr)))
+
+    found = run(lambda lr: -lr)  # always better higher: two rungs up, then it stops at the edge
+    assert found["rates"][-2:] == [8e-2, 1.6e-1] and found["best"] == 1.6e-1 and found["edge"]
+    found = run(lambda lr: abs(math.log(lr / 8e-2)))  # the first extension finds the minimum inside
+    assert found["best"] == 8e-2 and not found["edge"] and found["rates"][-1] == 1.6e-1
+    found = run(lambda lr: None if lr >= 2e-2 else lr)  # high rates diverge, the lowest is best: extended down
+    assert found["rates"][0] < min(study.LR_GRIDS["lora"]) and found["best"] == found["rates"][0]
 
 
 def test_split_halves_cuts_at_a_line_break_after_the_middle(study):
@@ -130,11 +178,12 @@ def test_split_halves_cuts_at_a_line_break_after_the_middle(study):
 
 def test_row_groups_above_the_smallest_layer_are_refused_before_any_work(study, shared_data):
     model = str(shared_data / "stories260K-hf")  # k_proj / v_proj have 32 output rows
-    study.check_row_groups(model, [study.Cell("wanda", "50%", "spp", 0, 32)], 16)
+    study.check_row_groups(model, [study.Cell("wanda", "50%", "spp")], 32)
     with pytest.raises(study.SppError, match="32 output rows"):
-        study.check_row_groups(model, [study.Cell("wanda", "50%", "spp", 0, 64)], 16)
+        study.check_row_groups(model, [study.Cell("wanda", "50%", "spp")], 64)
     with pytest.raises(study.SppError, match="at most 32"):
         study.check_row_groups(model, [study.Cell("wanda", "50%", "spp")], 33)
+    study.check_row_groups(model, [study.Cell("wanda", "50%", "lora")], 64)  # no SPP cell, nothing to check
 
 
 def test_report_only_lists_the_cells_the_cache_lacks(study, tiny_run, tmp_path):
@@ -148,7 +197,7 @@ def test_report_only_lists_the_cells_the_cache_lacks(study, tiny_run, tmp_path):
     args[args.index("--work") + 1], args[args.index("--out") + 1] = str(copy), str(tmp_path / "out")
     report = study.main(args + ["--report-only"])
     assert report["missing"] == ["wanda-50pct-s0-lora"]
-    assert {r["recovery"] for r in report["rows"]} == {"none", "spp"}
+    assert {r["recovery"] for r in report["rows"]} == {"none", "spp", "masked_lora", "full", "hira"}
     assert "Not run: 1 cells" in (tmp_path / "out" / "study.md").read_text()
     runs = json.loads((copy / "runs.json").read_text())
     assert len(runs) == len(json.loads((work / "runs.json").read_text()))  # a report-only call runs nothing
@@ -160,8 +209,9 @@ def test_the_report_tables_accept_a_partial_grid(study, tiny_run):
 
     _, report, _, _ = tiny_run
     rows = [{**r, "seed": 1} for r in report["rows"] if r["method"] != "dense"]
-    text = study_report.cost_table(rows, show_memory=False)
-    assert text.count("\n") == 1 + len({r["recovery"] for r in rows})  # header rule + one line per recovery
+    text = study_report.cost_table(rows)
+    trained = {(r["adapter"], r["distill"]) for r in rows if r["adapter"] != "none"}
+    assert text.count("\n") == 1 + len(trained)  # header rule + one line per recovery and objective
     assert study_report.recovered_fraction(10.0, 10.0, 5.0) == 0
     assert study_report.recovered_fraction(10.0, 5.0, 5.0) == 1
     assert study_report.recovered_fraction(5.0, 4.0, 5.0) is None  # pruning lost nothing
