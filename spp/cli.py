@@ -163,7 +163,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set learning_rate=1e-3 (repeatable)."),
 ):
-    """Fine-tune a pruned model with the SPP adapter (every pruned zero stays zero).
+    """Fine-tune a pruned model with SPP, masked LoRA or masked full fine-tuning (--set adapter=...); every pruned zero stays zero.
 
     Example: spp train --config tinystories.yaml --model pruned --data ../shared/data/tinystories/tinystories_val.txt --output train
     """
@@ -197,7 +197,7 @@ def merge(
     output: str = typer.Option("merged", "--output", help="The merged model directory (built in OUTPUT.partial)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
 ):
-    """Merge an SPP adapter into its pruned base, shard by shard; the result is a plain HF model, as sparse as the base.
+    """Merge an adapter (any kind) into its pruned base, shard by shard; the result is a plain HF model, as sparse as the base.
 
     Example: spp merge --model pruned --adapter train --output merged
     """

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE, MASK_FILE, RESULTS_FILE, read_json, safetensors_files, safetensors_keys
+from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MASK_FILE, RESULTS_FILE, read_json, safetensors_files, safetensors_keys
 
 if TYPE_CHECKING:
     from spp.pipeline import Step, StepResult
@@ -55,11 +55,21 @@ def weight_sparsity(model_dir: Path, tensor_names: list[str]) -> float | None:
 
 
 def adapter_parameter_count(train_dir: Path) -> int | None:
-    """Number of trainable numbers in the saved adapter (every α and β entry)."""
+    """Number of trainable numbers in the saved adapter (every entry of its tensors, whatever the kind)."""
     path = train_dir / ADAPTER_WEIGHTS_FILE
     if not path.is_file():
         return None
     return sum(math.prod(shape) for _, shape in safetensors_keys(path).values())
+
+
+ADAPTER_LABELS = {"spp": "SPP", "masked_lora": "masked LoRA", "full": "full sparse FT"}
+
+
+def adapter_label(train_dir: Path) -> str:
+    """The adapter's name for the table, from the `kind` its `adapter_config.json` records (SPP when absent)."""
+    path = train_dir / ADAPTER_CONFIG_FILE
+    kind = read_json(path, what="adapter config").get("kind", "spp") if path.is_file() else "spp"
+    return ADAPTER_LABELS.get(kind, kind)
 
 
 def _eval_numbers(folder: Path) -> dict:
@@ -110,7 +120,7 @@ def build_report(run: Path, steps: list[Step], results: list[StepResult]) -> Pip
                 info[f"recovered {key}"] = gap_recovered(dense_numbers[key], pruned_numbers[key], merged_numbers[key])
         settings.append(info)
         rows.append({"model": f"{name} pruned", "setting": name, "sparsity": before, **pruned_numbers})
-        rows.append({"model": f"{name} + SPP (merged)", "setting": name, "sparsity": after, **merged_numbers})
+        rows.append({"model": f"{name} + {adapter_label(run / name / 'train')} (merged)", "setting": name, "sparsity": after, **merged_numbers})
     first_prune = next(step for step in steps if step.stage == "prune")
     rows[0]["sparsity"] = weight_sparsity(Path(by_label["dense/eval"].config.model), _mask_names(first_prune.folder))
     table = results_table(rows, settings)
