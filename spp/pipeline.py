@@ -370,29 +370,28 @@ def resumable_prune(step: Step) -> bool:
     return progress_dir(partial_path(step.folder)).is_dir()
 
 
-def run_step(step: Step, resume: bool, log: Callable[[str], None] = print) -> None:
-    """Run one step's stage entry with its output replaced (or, for prune and train, resumed)."""
-    if step.stage == "prune":
-        from spp.prune import run_prune
+def run_step(step: Step, resume: bool, log: Callable[[str], None] = print) -> bool:
+    """Run one step's stage entry with its output replaced (or, for prune and train, resumed).
 
+    Returns:
+        Whether it resumed: False when it ran from the start, also after its --resume was refused.
+    """
+    if step.stage in ("prune", "train"):
+        if step.stage == "prune":
+            from spp.prune import run_prune as run
+        else:
+            from spp.train import run_train as run
         try:
-            run_prune(dataclasses.replace(step.config, overwrite=True, resume=resume))
+            run(dataclasses.replace(step.config, overwrite=True, resume=resume))
+            return resume
         except SppError as exc:
             if not (resume and str(exc).startswith("--resume:")):
                 raise
-            log(f"{step.label}: cannot resume ({exc}); starting over")  # e.g. the calibration text changed
-            run_prune(dataclasses.replace(step.config, overwrite=True))
-    elif step.stage == "train":
-        from spp.train import run_train
-
-        try:
-            run_train(dataclasses.replace(step.config, overwrite=True, resume=resume))
-        except SppError as exc:
-            if not (resume and str(exc).startswith("--resume:")):
-                raise
-            log(f"{step.label}: cannot resume ({exc}); starting over")  # e.g. another torch thread count
-            run_train(dataclasses.replace(step.config, overwrite=True))
-    elif step.stage == "merge":
+            # e.g. the calibration text changed, or another torch thread count (spp.io.conditions)
+            log(f"{step.label}: cannot resume ({exc}); starting over")
+            run(dataclasses.replace(step.config, overwrite=True))
+            return False
+    if step.stage == "merge":
         from spp.merge import run_merge
 
         run_merge(dataclasses.replace(step.config, overwrite=True))
@@ -400,6 +399,7 @@ def run_step(step: Step, resume: bool, log: Callable[[str], None] = print) -> No
         from spp.eval import run_eval
 
         run_eval(dataclasses.replace(step.config, overwrite=True))
+    return False
 
 
 def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | None = None, force: bool = False,
@@ -447,9 +447,9 @@ def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | N
         reason = "interrupted" if resume else reason
         log(f"{step.label}: {'resuming where it stopped' if resume else 'running'} ({reason})")
         reset_peak_memory()
-        run_step(step, resume, log)
+        resumed = run_step(step, resume, log)
         gc.collect()
-        results.append(_result(step, "resumed" if resume else "ran", reason))
+        results.append(_result(step, "resumed" if resumed else "ran", reason))
     report = build_report(run, steps, results)
     write_json(run / REPORT_JSON, report_json(report))
     (run / REPORT_MD).write_text(report.markdown)

@@ -219,6 +219,30 @@ def test_killed_during_pruning_resumes_at_the_next_block(first_run, fixture_dir,
         reference.output / "wanda-2of4" / "prune" / "model.safetensors")
 
 
+def test_training_killed_under_another_thread_count_starts_over_and_the_report_names_the_conditions(
+        fixture_dir, tmp_path):
+    from spp.io.conditions import describe_conditions
+    from spp.io.manifest import read_manifest
+
+    other = 2 if torch.get_num_threads() == 1 else 1
+    path = write(tmp_path / "p.yaml", pipeline_dict(fixture_dir, tmp_path / "run", sweep=[{"pattern": "2:4"}]))
+    env = {**os.environ, "SPP_FAULT": "train_step:3", "OMP_NUM_THREADS": str(other)}
+    killed = subprocess.run([str(Path(sys.executable).parent / "spp"), "run", str(path)], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    lines: list[str] = []
+    report = run_pipeline(path, log=lines.append)  # under this process's thread count: the checkpoint cannot continue
+    refused = [line for line in lines if line.startswith("wanda-2of4/train: cannot resume (--resume: the interrupted run")]
+    assert len(refused) == 1 and f"OMP_NUM_THREADS={other}" in refused[0] and refused[0].endswith("starting over")
+    assert statuses(report)["wanda-2of4/prune"] == "skipped (up to date)"  # made under `other`, still valid
+    assert statuses(report)["wanda-2of4/train"] == "ran"  # not "resumed": it started over
+    train = tmp_path / "run" / "wanda-2of4" / "train"
+    assert read_manifest(train).conditions["torch_threads"] == torch.get_num_threads()
+    assert read_manifest(train).details["resumed_from"] == 0
+    machine = describe_conditions(read_manifest(train).conditions)
+    assert machine in report.machine and f"these stages ran with: {report.machine}." in report.markdown
+
+
 def test_reproduce_commands_rebuild_the_same_outputs(first_run, tmp_path):
     _, report, _ = first_run
     commands = {step.label: step.command for step in report.steps}
