@@ -70,12 +70,12 @@ def perplexity(spp: str, model: Path, heldout: Path, windows: int, out: Path, lo
 
 def zeros_check(model_dir: Path, pruned_dir: Path) -> dict:
     """Against the pruned model's mask file: entries marked pruned that are not bitwise +0.0, kept zeros, sparsity."""
-    from spp.io.checkpoint import masks_by_parameter
+    from spp.io.reader import read_checkpoint
     from spp.models import load_model
     from spp.prune.masks import pruned_is_positive_zero
 
     model = load_model(str(model_dir), "float32", "cpu")
-    masks = masks_by_parameter(load_model(str(pruned_dir), "float32", "cpu"), pruned_dir)
+    masks = read_checkpoint(pruned_dir).masks_by_parameter()
     params = dict(model.named_parameters())
     bad = kept_zero = pruned = total = 0
     for name, keep in masks.items():

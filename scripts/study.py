@@ -73,6 +73,7 @@ LR_GRIDS = {  # the first grid of each recovery (every one holds COMMON_RATE); e
     "hira": (4e-3, 2e-2, 4e-2, 8e-2),
 }
 MAX_EXTENSIONS = 2  # per grid edge
+HEADLINE_KINDS = ("spp", "masked_lora", "full", "lora")  # candidates of the answer table: these get 3 seeds
 
 
 # --------------------------------------------------------------------------- settings and grid
@@ -226,9 +227,11 @@ def plan(name: str, records: dict[str, dict], seeds: tuple[int, ...] = (0, 1, 2)
     model with every seed; every recovery in `kinds` at each rate of its sweep (`LR_GRIDS`,
     extended at an edge) with seeds[0]; with distillation, once the cross-entropy sweep of the
     same recovery has chosen a rate, the sweep starts from that rate and its two neighbours
-    (`kd_grid`, also extended at an edge); once a sweep has chosen its rate, that rate with the
-    other seeds. Cells run in that order: cross-entropy sweeps, their seeds, distillation
-    sweeps, their seeds, so a study cut short has the most important cells first. Cells the
+    (`kd_grid`, also extended at an edge). The other seeds run at the chosen rate for the
+    headline candidates only (`HEADLINE_KINDS`, cross-entropy; with KD where it beat its
+    cross-entropy twin on validation). Cells run in priority order: cross-entropy sweeps, their
+    seeds, KD sweeps of the headline kinds, their seeds, HiRA with KD, so a study cut short has
+    the most important cells first. Cells the
     cache lacks are what the next run computes; running them may extend a sweep or choose a rate,
     which plans more cells (see `main`). `tiny`: dense, Wanda 50 % pruned, and every recovery at
     the settings' rate (SPP also with distillation), for the test.
@@ -243,16 +246,17 @@ def plan(name: str, records: dict[str, dict], seeds: tuple[int, ...] = (0, 1, 2)
     if name != "full":
         raise SppError(f"--grid {name!r} is not one of full, tiny")
     pairs = pairs or [("wanda", "2:4")]
-    stages: list[list[Cell]] = [[Cell("dense", "0%")], [], [], []]  # plain sweeps, plain seeds, KD sweeps, KD seeds
+    # 0: baselines and cross-entropy sweeps; 1: their seeds (headline kinds); 2: KD sweeps (headline kinds);
+    # 3: KD seeds where KD beat its twin on validation; 4: HiRA with KD (one seed, like every non-headline cell)
+    stages: list[list[Cell]] = [[Cell("dense", "0%")], [], [], [], []]
     sweeps = {}
     for method, pattern in pairs:
         stages[0] += [Cell(method, pattern, "none", s) for s in seeds]
         for adapter in kinds:
             for distill in distills:
                 recipe = (method, pattern, adapter, distill)
-                grid = None
+                grid, plain = None, sweeps.get("/".join((method, pattern, adapter, "")))
                 if distill:
-                    plain = sweeps.get("/".join((method, pattern, adapter, "")))
                     if plain is None and "" not in distills:  # KD alone: the recovery's own grid
                         grid = LR_GRIDS[adapter]
                     elif plain is None or plain["best"] is None:
@@ -261,10 +265,16 @@ def plan(name: str, records: dict[str, dict], seeds: tuple[int, ...] = (0, 1, 2)
                         grid = kd_grid(plain["best"])
                 found = sweep(recipe, records, seeds[0], grid)
                 sweeps["/".join(recipe)] = found
-                stage = 2 if distill else 0
+                headline = adapter in HEADLINE_KINDS
+                stage = 0 if not distill else 2 if headline else 4
                 stages[stage] += [Cell(method, pattern, adapter, seeds[0], lr, distill) for lr in found["rates"]]
-                if found["best"] is not None:
-                    stages[stage + 1] += [Cell(method, pattern, adapter, s, found["best"], distill) for s in seeds[1:]]
+                if found["best"] is None or not headline:
+                    continue
+                if distill and plain is not None and plain["best"] is not None and (
+                        found["val_nll"][f"{found['best']:g}"] >= plain["val_nll"][f"{plain['best']:g}"]):
+                    continue  # KD did not beat cross-entropy on validation: not a headline candidate
+                stages[3 if distill else 1] += [Cell(method, pattern, adapter, s, found["best"], distill)
+                                                for s in seeds[1:]]
     return [c for stage in stages for c in stage], sweeps
 
 

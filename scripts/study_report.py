@@ -106,6 +106,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                  "distill": distill, "lr": lr, "n": len(members), "seeds": sorted(m["seed"] for m in members)}
         for key in NUMERIC:
             entry[f"{key}_mean"], entry[f"{key}_sd"] = mean_sd([m.get(key) for m in members])
+        first = min(members, key=lambda m: m["seed"])
+        entry["val_nll_first_seed"] = first.get("val_nll")  # the seed the sweep chose with
         out.append(entry)
     return sorted(out, key=_order)
 
@@ -142,10 +144,10 @@ def at_chosen(summary: list[dict], chosen: dict) -> list[dict]:
 
 
 def best_recipe(entries: list[dict], recoveries: tuple[str, ...]) -> dict | None:
-    """Of the chosen-rate entries whose recovery is in `recoveries`: the lowest mean validation NLL
-    (the same criterion that chose the rates; the held-out sets never choose)."""
-    pool = [e for e in entries if e["recovery"] in recoveries and e["val_nll_mean"] is not None]
-    return min(pool, key=lambda e: e["val_nll_mean"]) if pool else None
+    """Of the chosen-rate entries whose recovery is in `recoveries`: the lowest validation NLL with the
+    sweep's seed (the criterion and the data that chose the rates; the held-out sets never choose)."""
+    pool = [e for e in entries if e["recovery"] in recoveries and e["val_nll_first_seed"] is not None]
+    return min(pool, key=lambda e: e["val_nll_first_seed"]) if pool else None
 
 
 # --------------------------------------------------------------------------- markdown

@@ -140,9 +140,16 @@ def test_the_full_grid_sweeps_then_seeds_then_distils(study):
     records = fake_records(study, cells, lambda c: abs(math.log(c.lr / best[c.adapter])) if c.lr else 5.0)
     cells, sweeps = study.plan("full", records)
     assert all(sweeps[f"wanda/2:4/{k}/"]["best"] == best[k] for k in best)
-    assert sum(1 for c in cells if c.seed > 0 and c.adapter != "none" and not c.distill) == 2 * len(best)
+    seeded = {c.adapter for c in cells if c.seed > 0 and c.adapter != "none"}
+    assert seeded == set(study.HEADLINE_KINDS)  # HiRA is not a headline candidate: one seed
+    assert all(c.lr == best[c.adapter] for c in cells if c.seed > 0 and c.adapter != "none")
     kd = [c for c in cells if c.distill == "kd" and c.seed == 0]
     assert sorted(c.lr for c in kd if c.adapter == "spp") == list(study.kd_grid(best["spp"]))
+    # KD seeds only where KD beat its cross-entropy twin on validation (here: SPP)
+    records.update(fake_records(study, kd, lambda c: abs(math.log(c.lr / best[c.adapter])) - (
+        1.0 if c.adapter == "spp" else -1.0)))
+    cells, _ = study.plan("full", records)
+    assert {c.adapter for c in cells if c.distill and c.seed > 0} == {"spp"}
     with pytest.raises(study.SppError, match="--grid"):
         study.plan("huge", {})
 
