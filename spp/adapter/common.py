@@ -1,4 +1,4 @@
-"""Small pieces every adapter kind uses: the compute dtype and the +0.0 fill outside the keep-mask."""
+"""Small pieces the adapter kinds share: the compute dtype, the keep-mask, and +0.0 outside it."""
 
 from __future__ import annotations
 
@@ -14,12 +14,23 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def zero_outside_(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x with every entry where `keep` is False set to +0.0 (in place, bitwise +0.0, never -0.0); returns x."""
+    """x with every entry where `keep` is 0 set to +0.0 by `torch.where` (in place; bitwise +0.0 whatever x
+    holds there, NaN and inf included); returns x. For merging: on CPUs `where` is a branchy kernel, about
+    20× slower than `mask_multiply_` on a random mask, so the training forward and backward use that."""
+    keep = keep if keep.dtype == torch.bool else keep.bool()
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device), out=x)
 
 
+def mask_multiply_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x ⊙ M in place (M bool or uint8, 1 = keep); returns x. Outside M the result is ±0.0 for finite x
+    (−0.0 where x < 0): add it to a tensor that is +0.0 there, or add +0.0, to get +0.0 bitwise
+    (IEEE round-to-nearest: +0.0 + (±0.0) = +0.0)."""
+    return x.mul_(keep)
+
+
 def keep_mask(keep: torch.Tensor | None, name: str, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The layer's keep-mask as a bool tensor of `shape`, or a one-line SppError naming the layer.
+    """The layer's keep-mask as a uint8 tensor of `shape` (1 = keep; 1 byte per weight, as bool, but
+    multiplying a float tensor by it is about 3× faster), or a one-line SppError naming the layer.
 
     Raises:
         SppError: no mask (the kind needs one) or a mask of another shape.
@@ -31,4 +42,4 @@ def keep_mask(keep: torch.Tensor | None, name: str, kind: str, shape: tuple[int,
                        f"{kind!r} needs the mask of every target layer")
     if tuple(keep.shape) != tuple(shape):
         raise SppError(f"{name or 'the layer'}: mask shape {tuple(keep.shape)} does not match weight shape {tuple(shape)}")
-    return keep.to(torch.bool)
+    return keep.to(torch.uint8)

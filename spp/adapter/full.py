@@ -7,15 +7,16 @@ models (SparseGPT 2:4, then full fine-tuning of the kept weights; "Sparse Llama 
 More capacity than any adapter, at the memory of full fine-tuning.
 
 Shapes: W (out, in) in the (out, in) view (GPT-2's Conv1D stores it (in, out)); M (out, in)
-bool, the keep-mask from `masks.safetensors`. The trained weight ("master") is float32 for
-bf16/fp16 bases (a copy) and the base weight itself for fp32/fp64 bases (no copy); the forward
-uses where(M, W, +0.0) cast to the base dtype, so pruned entries are +0.0 bitwise whatever the
-optimizer does. They also stay +0.0 in the master: their gradient is exactly +0.0, AdamW then
-keeps its moments at +0.0 and its decoupled decay multiplies +0.0 by (1 − lr·wd) > 0.
+(uint8, 1 = keep), the keep-mask from `masks.safetensors`. The trained weight ("master") is
+float32 for bf16/fp16 bases (a copy) and the base weight itself for fp32/fp64 bases (no copy);
+the forward uses M ⊙ W + 0.0 cast to the base dtype, so pruned entries are +0.0 bitwise
+whatever finite values the master holds there, and the merge adds torch.where(M, ·, +0.0). They
+also stay +0.0 in the master: their gradient is exactly +0.0, AdamW then keeps its moments at
++0.0 and its decoupled decay multiplies +0.0 by (1 − lr·wd) > 0.
 
 Memory per target parameter, with AdamW (see docs/recovery.md): fp32 base: 4 (weight = master)
 + 4 (gradient) + 8 (two dense moments) = 16 bytes; bf16/fp16 base: 2 (base) + 4 (master) + 4 + 8
-= 18 bytes; plus 1 byte for the bool mask. An adapter directory holds the float32 master of every
+= 18 bytes; plus 1 byte for the mask. An adapter directory holds the float32 master of every
 target weight (4 bytes per target parameter), `full_weight`, (out, in), in the spirit of PEFT's
 `modules_to_save`.
 """
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spp.adapter.common import keep_mask, zero_outside_
+from spp.adapter.common import keep_mask, mask_multiply_, zero_outside_
 from spp.models import is_conv1d, weight_out_in
 
 TENSORS = ("full_weight",)
@@ -34,25 +35,30 @@ TENSORS = ("full_weight",)
 
 @torch.no_grad()
 def full_effective_weight(master: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """M ⊙ W as where(M, W, +0.0), cast to `dtype` (the base dtype). Also the merged weight.
+    """M ⊙ W + 0.0, cast to `dtype` (the base dtype): +0.0 bitwise outside M for a finite master.
+
+    Two elementwise passes (multiplying by M gives ±0.0 outside it; adding +0.0 makes that +0.0).
+    `merged` adds a `torch.where(M, ·, +0.0)` for the merged weight, bitwise the same for a finite
+    master and +0.0 outside M whatever it holds.
 
     Args:
         master: the trained weight, (out, in) (a transposed view for Conv1D is fine).
-        keep: M, bool (out, in). dtype: the base weight's dtype.
+        keep: M, bool or uint8 (out, in). dtype: the base weight's dtype.
 
     Returns:
-        (out, in), `dtype`; +0.0 bitwise outside M.
+        (out, in), `dtype`.
     """
-    return zero_outside_(keep, master.to(dtype=master.dtype, copy=True)).to(dtype)
+    return mask_multiply_(master.to(dtype=master.dtype, copy=True), keep).add_(0.0).to(dtype)
 
 
 def full_gradient(G: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """dL/dW = G ⊙ M (+0.0 outside M) in `dtype` (the master's), from G = dL/dW_eff (out, in)."""
-    return zero_outside_(keep, G.to(dtype=dtype, copy=True))
+    """dL/dW = G ⊙ M in `dtype` (the master's), from G = dL/dW_eff (out, in); +0.0 bitwise outside M
+    for a finite G (so AdamW's moments stay +0.0 there). G is overwritten when it is already in `dtype`."""
+    return mask_multiply_(G.to(dtype), keep).add_(0.0)
 
 
 class FullFunction(torch.autograd.Function):
-    """y = x·(M ⊙ W)ᵀ + b, in one matrix product.
+    """y = x·(M ⊙ W)ᵀ + b, in one matrix product (`full_effective_weight`).
 
     Forward keeps x, W (the master) and M, not M ⊙ W, which backward rebuilds. Backward:
     dx = dy·(M ⊙ W), dW = (dyᵀ·x) ⊙ M in the master's dtype.
@@ -89,12 +95,12 @@ class FullLinear(nn.Module):
 
     The trainable tensor ("master") is the base weight itself for fp32/fp64 bases and a float32
     copy (`full_master`, storage layout) for bf16/fp16 bases, whose own weight then stays as it
-    was until merged. The bias stays frozen. M is stored once as a bool tensor in the weight's
+    was until merged. The bias stays frozen. M is stored once as a uint8 tensor in the weight's
     storage layout (not a buffer: not saved in state dicts nor broadcast by DDP every step).
 
     Args:
         base_layer: the layer to train (`nn.Linear` or GPT-2's `Conv1D`, kept as `base_layer`).
-        keep: bool keep-mask in the weight's storage layout.
+        keep: keep-mask (bool or uint8, True = keep) in the weight's storage layout.
         name: the layer's name in the model, for error messages.
     """
 
@@ -114,7 +120,7 @@ class FullLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self.keep = fn(self.keep)  # `.to(device)` moves the mask; dtype casts leave bool tensors alone
+        self.keep = fn(self.keep)  # `.to(device)` moves the mask; dtype casts leave integer tensors alone
         return self
 
     @property
@@ -147,8 +153,8 @@ class FullLinear(nn.Module):
         """M ⊙ W in the base layer's storage layout and dtype (`keep`: the layer's own mask)."""
         conv1d = is_conv1d(self.base_layer)
         keep = self.keep_out_in() if keep is None else (keep.t() if conv1d else keep).to(self.keep.device)
-        merged = full_effective_weight(self.master(), keep, self.base_dtype)
-        return merged.t().contiguous() if conv1d else merged
+        weight = zero_outside_(keep, full_effective_weight(self.master(), keep, self.base_dtype))
+        return weight.t().contiguous() if conv1d else weight
 
     def extra_repr(self) -> str:
         out_features, in_features = self.master().shape
@@ -172,8 +178,11 @@ def effective(W, keep, tensors: dict, scale: float) -> torch.Tensor:
     return full_effective_weight(tensors["full_weight"], keep, W.dtype)
 
 
+def merged(W, keep, tensors: dict, scale: float) -> torch.Tensor:
+    """The forward's weight, then `torch.where(M, ·, +0.0)`."""
+    return zero_outside_(keep, effective(W, keep, tensors, scale))
+
+
 def gradients(G, W, keep, tensors: dict, scale: float) -> dict[str, torch.Tensor]:
     return {"full_weight": full_gradient(G, keep, tensors["full_weight"].dtype)}
 
-
-merged = effective

@@ -8,7 +8,7 @@ stays +0.0 and the merged model is exactly as sparse as the pruned one.
 
 Shapes: W (out, in) in the (out, in) view (GPT-2's Conv1D stores it (in, out)); A (r, in),
 Kaiming-uniform (a = √5) at init as in PEFT; B (out, r), zero at init (so the layer starts
-equal to the base); M (out, in) bool, the keep-mask from `masks.safetensors` (not `W != 0`:
+equal to the base); M (out, in), the keep-mask from `masks.safetensors` (stored as uint8; not `W != 0`:
 a kept weight that happens to be zero may still move); s = lora_alpha / r.
 
 Gradients, with G = dL/dW_eff = dyᵀ·x (out, in):  dB = s·(G ⊙ M)·Aᵀ,  dA = s·Bᵀ·(G ⊙ M).
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spp.adapter.common import compute_dtype, keep_mask, zero_outside_
+from spp.adapter.common import compute_dtype, keep_mask, mask_multiply_, zero_outside_
 from spp.models import is_conv1d, weight_out_in
 
 TENSORS = ("lora_A", "lora_B")
@@ -30,23 +30,25 @@ TENSORS = ("lora_A", "lora_B")
 
 @torch.no_grad()
 def masked_lora_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, keep: torch.Tensor) -> torch.Tensor:
-    """W_eff = W + M ⊙ (s·B·A), evaluated as where(M, W + s·(B·A), +0.0) in float32 and cast to W's dtype.
+    """W_eff = W + M ⊙ (s·B·A), evaluated as ((B·A) ⊙ M)·s + W in float32 and cast to W's dtype.
 
-    One `addmm` and one in-place `where` into a single (out, in) buffer. Entries outside M are
-    +0.0 bitwise (W is +0.0 there, so this is the formula); kept entries may become zero.
-    Computed in float64 when W or A is float64. Not tracked by autograd: `MaskedLoRAFunction`
-    supplies the gradients. This is also the merged weight (bitwise the one the forward uses).
+    One (out, r)·(r, in) product and three elementwise passes into one (out, in) buffer. Outside
+    M the update is ±0.0 and W is +0.0 (the mask invariant `add_adapter` checks), so the sum is
+    +0.0 bitwise (+0.0 + (±0.0) = +0.0) for finite A and B; kept entries may become zero. A
+    non-finite A or B makes the loss non-finite and training stops, and `spp merge` masks with
+    `torch.where`, so no merged pruned entry can be anything but +0.0. Computed in float64 when
+    W or A is float64. Not tracked by autograd: `MaskedLoRAFunction` supplies the gradients.
 
     Args:
         W: (out, in), any float dtype (a transposed view for Conv1D is fine).
-        A: (r, in). B: (out, r). scale: s. keep: M, bool (out, in).
+        A: (r, in). B: (out, r). scale: s. keep: M, bool or uint8 (out, in).
 
     Returns:
         (out, in), contiguous, dtype of W.
     """
     dtype = compute_dtype(W, A)
-    W_eff = torch.addmm(W.to(dtype), B.to(dtype), A.to(dtype), alpha=scale)  # W + s·B·A
-    return zero_outside_(keep, W_eff).to(W.dtype)
+    W_eff = mask_multiply_(torch.mm(B.to(dtype), A.to(dtype)), keep).mul_(scale).add_(W)  # W + M ⊙ (s·B·A)
+    return W_eff.to(W.dtype)
 
 
 def masked_lora_gradients(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
@@ -55,13 +57,13 @@ def masked_lora_gradients(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
 
     Args:
         G: (out, in) (overwritten: masked in place when it is already in the compute dtype).
-        A: (r, in). B: (out, r). keep: M, bool (out, in).
+        A: (r, in). B: (out, r). keep: M, bool or uint8 (out, in).
 
     Returns:
         (dA (r, in), dB (out, r)) in the dtypes of A and B.
     """
     dtype = compute_dtype(G, A)
-    G = zero_outside_(keep, G.to(dtype))
+    G = mask_multiply_(G.to(dtype), keep)  # ±0.0 outside M: only summed in the products below
     a, b = A.to(dtype), B.to(dtype)
     d_A = torch.mm(b.t(), G).mul_(scale)
     d_B = torch.mm(G, a.t()).mul_(scale)
@@ -107,13 +109,13 @@ class MaskedLoRALinear(nn.Module):
 
     A (r, in) and B (out, r) are learnable, float32 for bf16/fp16/fp32 bases (W_eff is computed
     in float32 and cast to the base dtype); W is frozen. The keep-mask M is stored once as a
-    bool tensor in the weight's storage layout (1 byte per weight; not a buffer, so it is not
+    uint8 tensor in the weight's storage layout (1 byte per weight; not a buffer, so it is not
     saved in state dicts nor broadcast by DDP every step; it follows the module's device).
     The base may be `nn.Linear` or GPT-2's `Conv1D`; it is kept as `base_layer`, as in PEFT.
 
     Args:
         base_layer: the layer to adapt (its parameters are frozen here).
-        keep: bool keep-mask in the weight's storage layout (Conv1D: (in, out)).
+        keep: keep-mask (bool or uint8, True = keep) in the weight's storage layout (Conv1D: (in, out)).
         rank: r. scale: s = lora_alpha / r.
         name: the layer's name in the model, for error messages.
     """
@@ -134,7 +136,7 @@ class MaskedLoRALinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self.keep = fn(self.keep)  # `.to(device)` moves the mask; dtype casts leave bool tensors alone
+        self.keep = fn(self.keep)  # `.to(device)` moves the mask; dtype casts leave integer tensors alone
         return self
 
     @property
@@ -161,11 +163,13 @@ class MaskedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """W + M ⊙ (s·B·A) in the base layer's storage layout and dtype (`keep`: the layer's own mask)."""
+        """W + M ⊙ (s·B·A) in the base layer's storage layout and dtype, +0.0 outside M (`keep`: default the
+        layer's own mask)."""
         conv1d = is_conv1d(self.base_layer)
         keep = self.keep_out_in() if keep is None else (keep.t() if conv1d else keep).to(self.keep.device)
-        merged = masked_lora_weight(weight_out_in(self.base_layer), self.lora_A, self.lora_B, self.scale, keep)
-        return merged.t().contiguous() if conv1d else merged
+        tensors = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        weight = merged(weight_out_in(self.base_layer), keep, tensors, self.scale)
+        return weight.t().contiguous() if conv1d else weight
 
     def extra_repr(self) -> str:
         r, in_features = self.lora_A.shape
@@ -188,9 +192,13 @@ def effective(W, keep, tensors: dict, scale: float) -> torch.Tensor:
     return masked_lora_weight(W, tensors["lora_A"], tensors["lora_B"], scale, keep)
 
 
+def merged(W, keep, tensors: dict, scale: float) -> torch.Tensor:
+    """The forward's weight, then `torch.where(M, ·, +0.0)`: bitwise the same for finite tensors, and +0.0
+    outside M whatever they hold."""
+    return zero_outside_(keep, effective(W, keep, tensors, scale))
+
+
 def gradients(G, W, keep, tensors: dict, scale: float) -> dict[str, torch.Tensor]:
     d_A, d_B = masked_lora_gradients(G, tensors["lora_A"], tensors["lora_B"], scale, keep)
     return {"lora_A": d_A, "lora_B": d_B}
 
-
-merged = effective  # the forward's weight is already +0.0 outside M
