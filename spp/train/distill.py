@@ -46,7 +46,11 @@ def check_teacher(cfg, base: Path) -> Path:
     if teacher.resolve() == base.resolve():
         raise SppError(f"teacher {teacher} is the student itself (--model {base}); the teacher must be the "
                        "dense model that was pruned")
-    student_cfg, teacher_cfg = (_text_config(load_config(str(p))) for p in (base, teacher))
+    from spp.io.reader import read_checkpoint
+
+    student_cfg = _text_config(load_config(str(base)))
+    # read as transformers reads it: a teacher with missing or mismatched weights is refused, not re-initialised
+    teacher_cfg = _text_config(read_checkpoint(teacher).config)
     shapes = []
     if cfg.squarehead_weight > 0:
         shapes += [("decoder blocks", "num_hidden_layers", "squarehead_weight"), ("hidden size", "hidden_size", "squarehead_weight")]
