@@ -5,8 +5,9 @@ Language Models", ICML 2024) adapts a frozen pruned weight W by *multiplying* it
 
     W_eff = W ⊙ (1 + s·Â ⊙ β·1ᵀ)
 
-so every zero of W stays zero. This module owns the math and the layer; finding the
-layers of a model and saving adapters is `spp.adapter.model`.
+so every zero of W stays zero. This module owns the math and the layer of the `spp` kind
+(`spp.adapter.ADAPTERS`; its uniform entry points are at the end, as in `masked_lora.py` and
+`full.py`); finding the layers of a model and saving adapters is `spp.adapter.model`.
 
 Shapes: W (out, in) in the (out, in) view (GPT-2's Conv1D stores it (in, out));
 α (r, in); β (out,); Â (out, in) is α with row k repeated over the k-th of r nearly
