@@ -8,8 +8,6 @@ all of one class), and linear layers are found by type (`nn.Linear` and GPT-2's
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -39,36 +37,35 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
-def _check_model_path(name_or_path: str) -> None:
-    path = Path(name_or_path)
-    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local:
-        if not path.is_dir():
-            raise SppError(f"model {name_or_path} does not exist")
-        if not (path / "config.json").is_file():
-            raise SppError(f"model {name_or_path} holds no model (no config.json)")
-
-
 def load_config(name_or_path: str):
-    """Load a model's config (cheap; used to check inputs before loading weights)."""
+    """Load a model's config (cheap). A stage reads its model with `spp.io.reader.read_checkpoint`, which calls this."""
     from transformers import AutoConfig
 
-    _check_model_path(name_or_path)
+    from spp.io.reader import local_directory
+
+    path = local_directory(name_or_path)
+    if not (path / "config.json").is_file():
+        raise SppError(f"model {name_or_path} holds no model (no config.json)")
     try:
-        return AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise SppError(f"cannot load a model config from {name_or_path}: {str(exc).splitlines()[0]}") from exc
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str | torch.device = "cpu") -> nn.Module:
-    """Load a causal LM in eval mode on `device` (prune keeps it on the CPU and moves one block at a time)."""
+    """Load a causal LM in eval mode on `device` (prune keeps it on the CPU and moves one block at a time).
+
+    Stages pass the directory of a `Checkpoint` (`spp.io.reader`), already checked; weights are read from
+    safetensors only.
+    """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    _check_model_path(name_or_path)
-    from safetensors import SafetensorError
+    from spp.io.reader import local_directory
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(local_directory(name_or_path), dtype=resolve_dtype(dtype),
+                                                     use_safetensors=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # SafetensorError: a corrupt shard
         raise SppError(f"cannot load a causal LM from {name_or_path}: {str(exc).splitlines()[0]}") from exc
     return model.to(device).eval()

@@ -143,7 +143,7 @@ def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoi
     """
     from spp.io.manifest import read_manifest
 
-    directory = _local_directory(str(source))
+    directory = local_directory(str(source))
     manifest = None
     if need_manifest or (directory / MANIFEST_FILE).is_file():
         manifest = read_manifest(directory)
@@ -168,8 +168,12 @@ def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoi
     return ckpt
 
 
-def _local_directory(name_or_path: str) -> Path:
-    """A local model directory as is; a hub id as its (cached) snapshot, weights in safetensors only."""
+def local_directory(name_or_path: str) -> Path:
+    """A local model directory as is; a hub id as its (cached) snapshot, weights in safetensors only.
+
+    Raises:
+        SppError: a local-looking path that is not a directory, or a hub id that cannot be fetched.
+    """
     path = Path(name_or_path).expanduser()
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local:
