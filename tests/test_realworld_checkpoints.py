@@ -224,3 +224,6 @@ def test_mixtral_gets_the_mixture_of_experts_message(tmp_path, shared_data):
     assert "mixture-of-experts" in lines[0] and "spp does not prune fused expert weights yet" in lines[0], lines[0]
     assert "disagrees" not in lines[0]
     assert snapshot(tmp_path) == before
+    text = tmp_path / "text.txt"  # reading it is not pruning it: eval measures the dense MoE model
+    text.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:4000])
+    ok(invoke("eval", "--model", directory, "--ppl", text, "--seqlen", "32", "--max-windows", "2", "--device", "cpu"))
