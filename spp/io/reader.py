@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +91,14 @@ class Checkpoint:
         except KeyError:
             raise SppError(f"{self.directory} holds no saved tensor for the parameter {parameter}") from None
 
+    @cached_property
+    def parameter_names(self) -> dict[str, str]:
+        """Saved tensor name -> the parameter it is loaded into (the inverse of `saved_names`)."""
+        return {saved: parameter for parameter, saved in self.saved_names.items()}
+
     def parameter_name(self, saved: str) -> str | None:
         """The parameter a saved tensor is loaded into, or None."""
-        return {s: p for p, s in self.saved_names.items()}.get(saved)
+        return self.parameter_names.get(saved)
 
     def read_masks(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The mask file: (bool masks in the stored weight's shape, layouts), both keyed by saved tensor name.
@@ -316,6 +322,9 @@ def _read_mask_header(ckpt: Checkpoint) -> None:
             raise SppError(f"mask file {path}: entry {name} has no valid metadata") from exc
         if name not in ckpt.tensors:
             raise SppError(f"{path} names {name}, which no weight shard in {ckpt.directory} holds")
+        if ckpt.parameter_name(name) is None:
+            raise SppError(f"{path} names {name}, which transformers does not load into a parameter of "
+                           f"{type(ckpt.model).__name__}")
         if shape != ckpt.tensors[name].shape:
             raise SppError(f"{path}: the mask for {name} has shape {shape} but {ckpt.tensors[name].shard} stores "
                            f"it as {ckpt.tensors[name].shape}")
