@@ -1,8 +1,9 @@
 """`spp verify DIR`: check a checkpoint against its mask file and manifest, one shard at a time.
 
-Checks, in order: the manifest reads; the mask file's sha256 equals the manifest's
-`mask_sha256`; every file the manifest lists exists with the recorded sha256; every mask
-names a saved tensor of the same shape; each entry the mask marks pruned is +0.0 bitwise
+Checks, in order: the directory reads as a checkpoint (`spp.io.reader.read_checkpoint`: the
+manifest, names and shapes as transformers resolves them, whole shards, the mask file's sha256
+equal to the manifest's `mask_sha256`, every mask naming a saved tensor of its shape); every
+file the manifest lists exists with the recorded sha256; each entry the mask marks pruned is +0.0 bitwise
 (-0.0 fails); N:M masks keep at most N in every group of M inputs when the manifest says
 N:M; and the pruned counts agree with the manifest's per-module record. Weights are read
 one tensor at a time from each shard, so memory stays at one tensor.
