@@ -374,12 +374,18 @@ LORA_SHAPES = [(11, 6, 3), (7, 9, 2), (5, 4, 6)]  # (out, in, rank): out 11 and 
 
 
 def lora_params(out, inp, r, dtype=torch.float64, seed=0):
+    """W pruned by a random mask, with one kept entry that is zero (it must still move)."""
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(out, inp, generator=g) > 0.5
     W = torch.where(keep, torch.randn(out, inp, generator=g, dtype=dtype), torch.zeros((), dtype=dtype))
+    W[tuple(keep.nonzero()[0])] = 0.0
     A = torch.randn(r, inp, generator=g, dtype=dtype)
     B = torch.randn(out, r, generator=g, dtype=dtype)
     return W, A, B, keep
+
+
+def kept_zeros(W, keep):
+    return ((W == 0) & keep).nonzero()
 
 
 def naive_lora_forward(x, W, A, B, keep, bias, s):
@@ -396,7 +402,7 @@ def test_masked_lora_function_gradcheck_float64(out, inp, r, with_bias):
     inputs = (x, A.requires_grad_(True), B.requires_grad_(True)) + ((bias,) if with_bias else ())
 
     def f(x, A, B, *rest):
-        return MaskedLoRAFunction.apply(x, W, A, B, keep, rest[0] if rest else None, 1.5)
+        return MaskedLoRAFunction.apply(x, W, A, B, kept_zeros(W, keep), rest[0] if rest else None, 1.5)
 
     assert torch.autograd.gradcheck(f, inputs)
 
@@ -407,7 +413,8 @@ def test_masked_lora_equals_naive_formula_in_value_and_gradient(out, inp, r):
     x0, bias0 = torch.randn(4, inp, dtype=torch.float64), torch.randn(out, dtype=torch.float64)
     grad_y = torch.randn(4, out, dtype=torch.float64)
     results = []
-    for fn in (lambda x, A, B, b: MaskedLoRAFunction.apply(x, W, A, B, keep, b, 2.0),
+    assert len(kept_zeros(W, keep)) == 1
+    for fn in (lambda x, A, B, b: MaskedLoRAFunction.apply(x, W, A, B, kept_zeros(W, keep), b, 2.0),
                lambda x, A, B, b: naive_lora_forward(x, W, A, B, keep, b, 2.0)):
         leaves = [t.clone().requires_grad_(True) for t in (x0, A0, B0, bias0)]
         fn(*leaves).backward(grad_y)

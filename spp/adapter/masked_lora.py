@@ -8,7 +8,7 @@ stays +0.0 and the merged model is exactly as sparse as the pruned one.
 
 Shapes: W (out, in) in the (out, in) view (GPT-2's Conv1D stores it (in, out)); A (r, in),
 Kaiming-uniform (a = √5) at init as in PEFT; B (out, r), zero at init (so the layer starts
-equal to the base); M (out, in), the keep-mask from `masks.safetensors` (stored as uint8; not `W != 0`:
+equal to the base); M (out, in), the keep-mask from `masks.safetensors` (not `W != 0`:
 a kept weight that happens to be zero may still move); s = lora_alpha / r.
 
 Gradients, with G = dL/dW_eff = dyᵀ·x (out, in):  dB = s·(G ⊙ M)·Aᵀ,  dA = s·Bᵀ·(G ⊙ M).
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spp.adapter.common import compute_dtype, keep_mask, mask_multiply_, zero_outside_
+from spp.errors import SppError
 from spp.models import is_conv1d, weight_out_in
 
 TENSORS = ("lora_A", "lora_B")
@@ -30,9 +31,9 @@ TENSORS = ("lora_A", "lora_B")
 
 @torch.no_grad()
 def masked_lora_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, keep: torch.Tensor) -> torch.Tensor:
-    """W_eff = W + M ⊙ (s·B·A), evaluated as ((B·A) ⊙ M)·s + W in float32 and cast to W's dtype.
+    """W_eff = W + M ⊙ (s·B·A), evaluated as (B·(s·A)) ⊙ M + W in float32 and cast to W's dtype.
 
-    One (out, r)·(r, in) product and three elementwise passes into one (out, in) buffer. Outside
+    One (out, r)·(r, in) product and two elementwise passes into one (out, in) buffer. Outside
     M the update is ±0.0 and W is +0.0 (the mask invariant `add_adapter` checks), so the sum is
     +0.0 bitwise (+0.0 + (±0.0) = +0.0) for finite A and B; kept entries may become zero. A
     non-finite A or B makes the loss non-finite and training stops, and `spp merge` masks with
@@ -47,8 +48,32 @@ def masked_lora_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale:
         (out, in), contiguous, dtype of W.
     """
     dtype = compute_dtype(W, A)
-    W_eff = mask_multiply_(torch.mm(B.to(dtype), A.to(dtype)), keep).mul_(scale).add_(W)  # W + M ⊙ (s·B·A)
+    W_eff = mask_multiply_(_low_rank(A.to(dtype) * scale, B.to(dtype), W), keep).add_(W)  # W + M ⊙ (B·(s·A))
     return W_eff.to(W.dtype)
+
+
+def _low_rank(A: torch.Tensor, B: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """B·A, (out, in), laid out in memory as `like` (a Conv1D weight's (out, in) view is transposed), so
+    the elementwise passes that follow run over matching strides."""
+    if like.dim() == 2 and like.stride(0) == 1 and like.stride(1) != 1:
+        return torch.mm(A.t(), B.t()).t()
+    return torch.mm(B, A)
+
+
+def derived_keep(W: torch.Tensor, kept_zero: torch.Tensor) -> torch.Tensor:
+    """M rebuilt from the frozen W: (W != 0) plus the kept entries that are zero, as uint8 (W's layout).
+
+    Exact because `MaskedLoRALinear` checks at construction that every entry the mask file prunes
+    is zero in W, and records every kept entry that is zero (`kept_zero`, usually none); W never
+    changes while the adapter trains. Costs one elementwise pass per use and nothing between steps.
+
+    Args:
+        W: (out, in). kept_zero: (k, 2) int64 (row, column) of the kept entries that are zero.
+    """
+    keep = W != 0
+    if kept_zero.numel():
+        keep[kept_zero[:, 0], kept_zero[:, 1]] = True
+    return keep.view(torch.uint8)
 
 
 def masked_lora_gradients(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
@@ -73,23 +98,24 @@ def masked_lora_gradients(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
 class MaskedLoRAFunction(torch.autograd.Function):
     """y = x·W_effᵀ + b with W_eff = W + M ⊙ (s·B·A), in one matrix product.
 
-    Forward keeps x, W, A, B and M (not W_eff, which backward rebuilds; no (out, in)
-    autograd intermediate is kept). Backward: dx = dy·W_eff, G = dyᵀ·x, then dA, dB from
-    G ⊙ M (`masked_lora_gradients`). W is frozen: it gets no gradient.
+    Forward keeps x, W, A, B and the kept-zero indices (not W_eff nor M, which backward rebuilds
+    from W: no (out, in) tensor is kept between forward and backward). Backward: dx = dy·W_eff,
+    G = dyᵀ·x, then dA, dB from G ⊙ M (`masked_lora_gradients`). W is frozen: it gets no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, W, A, B, keep, bias, scale):
+    def forward(ctx, x, W, A, B, kept_zero, bias, scale):
         ctx.scale = scale
-        ctx.save_for_backward(x, W, A, B, keep)
+        ctx.save_for_backward(x, W, A, B, kept_zero)
         ctx.has_bias = bias is not None
-        return F.linear(x, masked_lora_weight(W, A, B, scale, keep), bias)
+        return F.linear(x, masked_lora_weight(W, A, B, scale, derived_keep(W, kept_zero)), bias)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, W, A, B, keep = ctx.saved_tensors
+        x, W, A, B, kept_zero = ctx.saved_tensors
         needs_x, _, needs_A, needs_B, _, needs_bias, _ = ctx.needs_input_grad
         out_features, in_features = W.shape
+        keep = derived_keep(W, kept_zero)
         grad_x = d_A = d_B = grad_bias = None
         if needs_x:
             W_eff = masked_lora_weight(W, A, B, ctx.scale, keep).to(grad_y.dtype)
@@ -97,7 +123,9 @@ class MaskedLoRAFunction(torch.autograd.Function):
             del W_eff
         dy = grad_y.reshape(-1, out_features)  # (N, out)
         if needs_A or needs_B:
-            G = dy.t() @ x.reshape(-1, in_features).to(dy.dtype)  # dL/dW_eff, (out, in)
+            x2 = x.reshape(-1, in_features).to(dy.dtype)
+            transposed = W.stride(0) == 1 and W.stride(1) != 1  # Conv1D: G in W's layout, as M is
+            G = (x2.t() @ dy).t() if transposed else dy.t() @ x2  # dL/dW_eff, (out, in)
             d_A, d_B = masked_lora_gradients(G, A, B, ctx.scale, keep)
         if needs_bias and ctx.has_bias:
             grad_bias = dy.sum(0)
@@ -108,10 +136,12 @@ class MaskedLoRALinear(nn.Module):
     """A frozen (pruned) linear layer with a masked LoRA adapter: y = (W + M ⊙ (s·B·A))·x + b.
 
     A (r, in) and B (out, r) are learnable, float32 for bf16/fp16/fp32 bases (W_eff is computed
-    in float32 and cast to the base dtype); W is frozen. The keep-mask M is stored once as a
-    uint8 tensor in the weight's storage layout (1 byte per weight; not a buffer, so it is not
-    saved in state dicts nor broadcast by DDP every step; it follows the module's device).
-    The base may be `nn.Linear` or GPT-2's `Conv1D`; it is kept as `base_layer`, as in PEFT.
+    in float32 and cast to the base dtype); W is frozen. The keep-mask M is the one given (from
+    `masks.safetensors`), not `W != 0`, but it is not stored: the layer checks that W is zero
+    wherever M prunes, records the kept entries that are zero (`kept_zero`, (k, 2) indices,
+    usually k = 0) and rebuilds M = (W != 0) ∪ kept_zero when it needs it (`derived_keep`), so the
+    adapter costs no memory per weight between steps. The base may be `nn.Linear` or GPT-2's
+    `Conv1D`; it is kept as `base_layer`, as in PEFT.
 
     Args:
         base_layer: the layer to adapt (its parameters are frozen here).
@@ -126,9 +156,16 @@ class MaskedLoRALinear(nn.Module):
         super().__init__()
         out_features, in_features = weight_out_in(base_layer).shape
         self.base_layer = base_layer.requires_grad_(False)
-        self.keep = keep_mask(keep, name, self.kind, tuple(base_layer.weight.shape)).to(base_layer.weight.device)
-        self.scale = float(scale)
         device = base_layer.weight.device
+        keep = keep_mask(keep, name, self.kind, tuple(base_layer.weight.shape)).to(device).bool()
+        W = weight_out_in(base_layer).detach()
+        keep = keep.t() if is_conv1d(base_layer) else keep  # (out, in)
+        unpruned = int(((W != 0) & ~keep).sum())
+        if unpruned:
+            raise SppError(f"{name or 'the layer'}: {unpruned} entries the mask marks pruned are not zero in the "
+                           "base weight; this base is not the pruned model the mask belongs to")
+        self.kept_zero = ((W == 0) & keep).nonzero()  # (k, 2): kept entries that are zero, (out, in) indices
+        self.scale = float(scale)
         dtype = torch.promote_types(base_layer.weight.dtype, torch.float32)  # fp32 for bf16/fp16 bases
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
@@ -136,7 +173,7 @@ class MaskedLoRALinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self.keep = fn(self.keep)  # `.to(device)` moves the mask; dtype casts leave integer tensors alone
+        self.kept_zero = fn(self.kept_zero)  # `.to(device)` moves it; dtype casts leave integer tensors alone
         return self
 
     @property
@@ -149,8 +186,8 @@ class MaskedLoRALinear(nn.Module):
         return self.base_layer.bias
 
     def keep_out_in(self) -> torch.Tensor:
-        """M in the (out, in) view."""
-        return self.keep.t() if is_conv1d(self.base_layer) else self.keep
+        """M in the (out, in) view, uint8 (rebuilt from W: see `derived_keep`)."""
+        return derived_keep(weight_out_in(self.base_layer).detach(), self.kept_zero)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors `adapter_model.safetensors` holds for this layer (detached, sharing storage)."""
@@ -158,7 +195,7 @@ class MaskedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         W = weight_out_in(self.base_layer)
-        return MaskedLoRAFunction.apply(x, W, self.lora_A, self.lora_B, self.keep_out_in(), self.base_layer.bias,
+        return MaskedLoRAFunction.apply(x, W, self.lora_A, self.lora_B, self.kept_zero, self.base_layer.bias,
                                         self.scale)
 
     @torch.no_grad()
@@ -166,7 +203,7 @@ class MaskedLoRALinear(nn.Module):
         """W + M ⊙ (s·B·A) in the base layer's storage layout and dtype, +0.0 outside M (`keep`: default the
         layer's own mask)."""
         conv1d = is_conv1d(self.base_layer)
-        keep = self.keep_out_in() if keep is None else (keep.t() if conv1d else keep).to(self.keep.device)
+        keep = self.keep_out_in() if keep is None else (keep.t() if conv1d else keep).to(self.lora_A.device)
         tensors = {"lora_A": self.lora_A, "lora_B": self.lora_B}
         weight = merged(weight_out_in(self.base_layer), keep, tensors, self.scale)
         return weight.t().contiguous() if conv1d else weight
