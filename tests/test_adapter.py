@@ -461,6 +461,27 @@ def test_masked_lora_layer_equals_naive_formula_for_each_layout(kind):
         assert torch.equal(base(x), y.detach())  # the merged weight is bitwise the forward's
 
 
+@pytest.mark.parametrize("kind", ["linear_bias", "conv1d"])
+def test_masked_lora_layer_rebuilds_the_mask_file_s_mask_not_w_nonzero(kind):
+    base = make_layer(kind, out=10, inp=8)
+    keep = torch.rand(base.weight.shape, generator=torch.Generator().manual_seed(4)) > 0.5  # storage layout
+    with torch.no_grad():
+        base.weight.copy_(torch.where(keep, base.weight, torch.zeros(())))
+        kept = tuple(keep.nonzero()[0])
+        base.weight[kept] = 0.0  # a kept weight that is zero: M keeps it, W != 0 would not
+    layer = MaskedLoRALinear(base, keep, rank=2, scale=2.0)
+    stored = keep.t() if kind == "conv1d" else keep
+    assert torch.equal(layer.keep_out_in().bool(), stored) and len(layer.kept_zero) == 1
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    merged = layer.merged_weight()
+    assert merged[kept] != 0 and (merged[~keep] == 0).all() and not torch.signbit(merged[~keep]).any()
+    with torch.no_grad():
+        base.weight[tuple((~keep).nonzero()[0])] = 0.5
+    with pytest.raises(SppError, match="^lin: 1 entries the mask marks pruned are not zero"):
+        MaskedLoRALinear(base, keep, rank=2, scale=2.0, name="lin")
+
+
 def test_masked_lora_pruned_entries_are_positive_zero_and_kept_ones_may_vanish():
     W, A, B, keep = lora_params(8, 6, 2, dtype=torch.float32)
     W_eff = masked_lora_weight(W, A, B, 2.0, keep)

@@ -45,7 +45,7 @@ def masked_lora_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale:
         A: (r, in). B: (out, r). scale: s. keep: M, bool or uint8 (out, in).
 
     Returns:
-        (out, in), contiguous, dtype of W.
+        (out, in), laid out in memory as W is, dtype of W.
     """
     dtype = compute_dtype(W, A)
     W_eff = mask_multiply_(_low_rank(A.to(dtype) * scale, B.to(dtype), W), keep).add_(W)  # W + M ⊙ (B·(s·A))
