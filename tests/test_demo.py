@@ -103,6 +103,10 @@ def test_demo_model_is_cached_atomically_with_its_corpus(demo_run):
     settings = demo.DemoSettings()
     assert (model_dir / demo.TRAIN_TEXT).read_text() == "\n".join(demo.demo_corpus(settings.seed, settings.train_stories)) + "\n"
     assert (model_dir / demo.HELDOUT_TEXT).read_text() != (model_dir / demo.TRAIN_TEXT).read_text()
+    import torch
+
+    conditions = json.loads((model_dir / MANIFEST_FILE).read_text())["conditions"]  # what it was trained under
+    assert conditions["torch_threads"] == max(1, min(torch.get_num_threads(), 4)) and conditions["dtype"] == "float32"
 
 
 def test_demo_tells_the_papers_story(demo_run):
@@ -130,4 +134,5 @@ def test_spp_demo_again_reuses_everything_and_prints_the_table(demo_run, monkeyp
     result = CliRunner().invoke(app, ["demo", "--output", str(output)])
     assert result.exit_code == 0, result.output
     assert report.table in result.output
+    assert f"machine: {report.machine}" in result.output and "torch thread" in report.machine
     assert result.output.count("skipped (up to date)") == len(report.steps)

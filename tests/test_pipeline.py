@@ -241,6 +241,8 @@ def test_training_killed_under_another_thread_count_starts_over_and_the_report_n
     assert read_manifest(train).details["resumed_from"] == 0
     machine = describe_conditions(read_manifest(train).conditions)
     assert machine in report.machine and f"these stages ran with: {report.machine}." in report.markdown
+    for stage in ("merged", "eval/merged"):  # every stage's manifest records its run conditions
+        assert read_manifest(tmp_path / "run" / "wanda-2of4" / stage).conditions["torch_threads"] == torch.get_num_threads()
 
 
 def test_reproduce_commands_rebuild_the_same_outputs(first_run, tmp_path):
