@@ -323,8 +323,9 @@ def demo_pipeline(model_dir: Path, output: Path) -> dict:
         "output": str(output),
         "prune": {"method": "wanda", "calib": train_text, "nsamples": 64, "seqlen": 128},
         "sweep": [{"pattern": "2:4"}, {"pattern": "unstructured", "sparsity": 0.5}],
-        "train": {"data_path": train_text, "cutoff_len": 128, "micro_batch_size": 16, "batch_size": 16,
-                  "max_steps": 150, "learning_rate": 4e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
+        # the learning rate is tinystories.yaml's for the adapter (chosen by scripts/study.py's sweep)
+        "train": {"config": "tinystories.yaml", "data_path": train_text, "cutoff_len": 128, "micro_batch_size": 16,
+                  "batch_size": 16, "max_steps": 150, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
                   "val_set_size": 0, "logging_steps": 25, "save_steps": 50, "eval_steps": 1000, "seed": 0,
                   "spp_row_groups": 16, "lora_alpha": 16.0, "lora_r": 8},
         "eval": {"ppl": [heldout_text], "seqlen": 128},
