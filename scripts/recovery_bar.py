@@ -88,19 +88,30 @@ def zeros_check(model_dir: Path, pruned_dir: Path) -> dict:
     return {"pruned_not_plus_zero": bad, "kept_zero": kept_zero, "pruned": pruned, "sparsity": zeros / total}
 
 
-def train_peft_lora(pruned: Path, resolved_config: Path, lr: float, steps: int, output: Path) -> dict:
-    """PEFT LoRA on the `spp train` run's own windows, order, schedule and optimizer settings; merged and saved."""
+def train_config(config: str, pruned: Path, train_txt: Path, steps: int, kind: str):
+    """The `TrainConfig` the bar's `spp train` command builds (config file, flags, --set), as the CLI does."""
+    from spp.config import TrainConfig, find_config, merge_into, parse_set, read_yaml
+
+    path = find_config(config)
+    sets = ["batch_size=8", "micro_batch_size=8", "cutoff_len=256", "val_set_size=0", f"adapter={kind}"]
+    return merge_into(TrainConfig, [(str(path), read_yaml(path)),
+                                    ("flags", {"base_model": str(pruned), "data_path": str(train_txt),
+                                               "output_dir": "unused", "max_steps": steps}),
+                                    ("--set", parse_set(sets))])
+
+
+def train_peft_lora(pruned: Path, cfg, lr: float, steps: int, output: Path) -> dict:
+    """PEFT LoRA on the windows `spp train` builds from `cfg` (`spp.train.build_examples`), in its order, with
+    its schedule and optimizer settings, at rate `lr`; merged and saved."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from spp.config import TrainConfig, merge_into, read_yaml
     from spp.data import pad_batch
     from spp.models import load_model, load_tokenizer
     from spp.train import build_examples
     from spp.train.loop import global_batch, lr_factor
     from spp.train.losses import summed_nll, target_count
 
-    cfg = merge_into(TrainConfig, [(str(resolved_config), read_yaml(resolved_config))])
     tokenizer = load_tokenizer(str(pruned))
     train, _ = build_examples(cfg, tokenizer)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
@@ -157,45 +168,73 @@ def main(argv: list[str] | None = None) -> dict:
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     spp, work, log = spp_cli(), Path(args.work), []
     work.mkdir(parents=True, exist_ok=True)
+    cache_path = work / "bar_cache.json"  # finished steps, so a second call (e.g. new config rates) redoes only what changed
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+
+    def remember(key: str, value):
+        cache[key] = value
+        cache_path.write_text(json.dumps(cache, indent=1))
+        return value
+
     text = Path(args.text).read_text(encoding="utf-8")
     middle = len(text) // 2
     train_txt, heldout_txt = work / "train_first_half.txt", work / "heldout_second_half.txt"
-    train_txt.write_text(text[:middle], encoding="utf-8")
-    heldout_txt.write_text(text[middle:], encoding="utf-8")
+    for path, part in ((train_txt, text[:middle]), (heldout_txt, text[middle:])):
+        if not path.is_file() or path.read_text(encoding="utf-8") != part:
+            path.write_text(part, encoding="utf-8")
+            cache.clear()
     pruned = work / "pruned"
-    run([spp, "prune", "--model", args.model, "--method", "wanda", "--pattern", "2:4", "--calib", str(train_txt),
-         "--nsamples", "64", "--seqlen", "256", "--output", str(pruned), "--overwrite"], log)
-    ppl = {"dense": perplexity(spp, Path(args.model), heldout_txt, args.windows, work / "eval-dense", log),
-           "pruned": perplexity(spp, pruned, heldout_txt, args.windows, work / "eval-pruned", log)}
+    prune_cmd = [spp, "prune", "--model", args.model, "--method", "wanda", "--pattern", "2:4", "--calib",
+                 str(train_txt), "--nsamples", "64", "--seqlen", "256", "--output", str(pruned), "--overwrite"]
+    if cache.get("prune") != prune_cmd[1:]:
+        cache.clear()
+        run(prune_cmd, log)
+        remember("prune", prune_cmd[1:])
+    else:
+        log.append(" ".join(prune_cmd) + "   (done in an earlier call of this script)")
+    key = f"windows={args.windows}"
+    ppl = {name: cache.get(f"ppl:{name}:{key}") or remember(f"ppl:{name}:{key}", perplexity(
+        spp, model, heldout_txt, args.windows, work / f"eval-{name}", log))
+        for name, model in (("dense", Path(args.model)), ("pruned", pruned))}
     rows = []
-    resolved = None
     for kind in filter(None, args.kinds.split(",")):
+        lr = train_config(args.config, pruned, train_txt, args.steps, kind).learning_rate
+        cached_row = cache.get(f"spp:{kind}:{lr:g}:{args.steps}:{key}")
+        if cached_row:
+            rows.append(cached_row)
+            log.append(f"spp train/merge/verify/eval adapter={kind} at {lr:g}   (done in an earlier call)")
+            continue
         train_dir, merged = work / f"train-{kind}", work / f"merged-{kind}"
         run([spp, "train", "--config", args.config, "--model", str(pruned), "--data", str(train_txt),
              "--output", str(train_dir), "--max-steps", str(args.steps), "--set", "batch_size=8",
              "--set", "micro_batch_size=8", "--set", "cutoff_len=256", "--set", "val_set_size=0",
              "--set", f"adapter={kind}", "--overwrite"], log)
-        resolved = train_dir / "spp_config.yaml"
         from spp.config import read_yaml
 
-        cfg = read_yaml(resolved)
-        lr = cfg["learning_rate"]
-        lr = lr[kind] if isinstance(lr, dict) else lr
+        assert read_yaml(train_dir / "spp_config.yaml")["learning_rate"] == lr, "spp train resolved another rate"
         run([spp, "merge", "--adapter", str(train_dir), "--output", str(merged), "--overwrite"], log)
         verify = subprocess.run([spp, "verify", str(merged)], capture_output=True, text=True)
-        log.append(f"spp verify {merged}  -> exit {verify.returncode}")
+        log.append(f"{spp} verify {merged}   -> exit {verify.returncode}")
         p = perplexity(spp, merged, heldout_txt, args.windows, work / f"eval-{kind}", log)
-        rows.append({"recovery": f"spp train adapter={kind}", "kind": kind, "lr": lr, "ppl": p,
-                     "recovered": recovered(ppl["pruned"], p, ppl["dense"]), "verify_exit": verify.returncode,
-                     **zeros_check(merged, pruned)})
+        rows.append(remember(f"spp:{kind}:{lr:g}:{args.steps}:{key}", {
+            "recovery": f"spp train adapter={kind}", "kind": kind, "lr": lr, "ppl": p,
+            "recovered": recovered(ppl["pruned"], p, ppl["dense"]), "verify_exit": verify.returncode,
+            **zeros_check(merged, pruned)}))
     for lr in (float(r) for r in args.lora_rates.split(",") if r):
+        cached_row = cache.get(f"lora:{lr:g}:{args.steps}:{key}")
+        if cached_row:
+            rows.append(cached_row)
+            log.append(f"PEFT LoRA at {lr:g}   (done in an earlier call)")
+            continue
         out_dir = work / f"lora-{lr:g}"
-        info = train_peft_lora(pruned, resolved, lr, args.steps, out_dir)
-        log.append(f"PEFT LoRA r=8 alpha=16 at {lr:g}: {args.steps} steps in-process -> {out_dir} (merged)")
+        info = train_peft_lora(pruned, train_config(args.config, pruned, train_txt, args.steps, "spp"), lr,
+                               args.steps, out_dir)
+        log.append(f"PEFT LoRA r=8 alpha=16 at {lr:g}: {args.steps} steps in this process -> {out_dir} (merged)")
         p = perplexity(spp, out_dir, heldout_txt, args.windows, work / f"eval-lora-{lr:g}", log)
-        rows.append({"recovery": "PEFT LoRA (merged)", "kind": "lora", "lr": lr, "ppl": p,
-                     "recovered": recovered(ppl["pruned"], p, ppl["dense"]), "verify_exit": None, **info,
-                     **zeros_check(out_dir, pruned)})
+        rows.append(remember(f"lora:{lr:g}:{args.steps}:{key}", {
+            "recovery": "PEFT LoRA (merged)", "kind": "lora", "lr": lr, "ppl": p,
+            "recovered": recovered(ppl["pruned"], p, ppl["dense"]), "verify_exit": None, **info,
+            **zeros_check(out_dir, pruned)}))
     result = {"started": started, "minutes": (time.perf_counter() - t0) / 60, "ppl": ppl, "rows": rows,
               "commands": log, "machine": {"platform": platform.platform(), "cpu_cores": os.cpu_count(),
                                            "torch_threads": torch.get_num_threads(),
@@ -232,10 +271,11 @@ def markdown(result: dict, args) -> str:
                        f"{best_sparse['recovered']:.3f}, PEFT LoRA's best ({best_lora['lr']:g}) "
                        f"{best_lora['recovered']:.3f}: {verdict(best_sparse['recovered'] >= best_lora['recovered'])}.")
     kept = all(r["pruned_not_plus_zero"] == 0 for r in sparse)
-    bullets.append(f"- Every entry the mask marks pruned is +0.0 after `spp merge`, for every kind: "
-                   f"{verdict(kept)} (kept_zero: " + ", ".join(f"{r['kind']} {r['kept_zero']:,}" for r in sparse)
-                   + f"; PEFT LoRA's merge leaves {lora[0]['pruned_not_plus_zero']:,} pruned entries non-zero)."
-                   if lora else f"{verdict(kept)}.")
+    if sparse:
+        bullets.append(f"- Every entry the mask marks pruned is +0.0 after `spp merge`, for every kind: {verdict(kept)} "
+                       "(kept_zero: " + ", ".join(f"{r['kind']} {r['kept_zero']:,}" for r in sparse) + ")"
+                       + (f"; PEFT LoRA's merge leaves {lora[0]['pruned_not_plus_zero']:,} pruned entries non-zero."
+                          if lora else "."))
     for kind, bar in BARS.items():
         r = next((x for x in sparse if x["kind"] == kind), None)
         if r:
@@ -247,8 +287,8 @@ def markdown(result: dict, args) -> str:
         "",
         f"Generated by `python scripts/recovery_bar.py` on {result['started']} in {result['minutes']:.1f} minutes: "
         f"{m['platform']}, {m['cpu_cores']} CPU cores shared with other work (1-minute load {m['load_avg_1min_end']:.1f} "
-        f"at the end), torch threads {m['torch_threads']} in the script (OMP_NUM_THREADS={m['OMP_NUM_THREADS']}; "
-        "the `spp` commands use torch's default). Versions: "
+        f"at the end), OMP_NUM_THREADS={m['OMP_NUM_THREADS']} for the script and every `spp` command it ran (torch "
+        f"threads in the script: {m['torch_threads']}). Versions: "
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
         "",
         f"Setup: TRAIN is the first half by characters of `{args.text}`, the held-out text its second half; "

@@ -808,6 +808,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", default=None, help="comma-separated globs over cell keys (e.g. 'dense*,*-spp-*')")
     parser.add_argument("--report-only", action="store_true", help="write the report from the cached cells only")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's caveats (repeatable)")
     for f in dataclasses.fields(StudySettings):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
     args = parser.parse_args(argv)
@@ -859,7 +860,7 @@ def main(argv: list[str] | None = None) -> dict:
     records = {c.key: records[c.key] for c in cells if c.key in records}
     span = grid_span(work, cells, records, settings)
     span["split"] = prepare_data(settings, work).split  # cheap: tokenizing the two texts again
-    return write_report(Path(args.out), settings, cells, records, runs, span, sweeps)
+    return write_report(Path(args.out), settings, cells, records, runs, span, sweeps, args.note)
 
 
 def grid_span(work: Path, cells: list[Cell], records: dict[str, dict], settings: StudySettings) -> dict:

@@ -461,7 +461,7 @@ def environment(settings) -> dict:
 
 
 def write_report(out: Path, settings, cells: list, records: dict[str, dict], runs: list[dict], span: dict,
-                 sweeps: dict | None = None) -> dict:
+                 sweeps: dict | None = None, notes: list[str] | None = None) -> dict:
     """Write `study.md`, `study.json` and the three plots into `out`. Returns the JSON object."""
     from dataclasses import asdict
 
@@ -475,7 +475,7 @@ def write_report(out: Path, settings, cells: list, records: dict[str, dict], run
     report = {"settings": asdict(settings), "settings_sha256": settings.sha256(), "cells": [c.key for c in cells],
               "runs": mine, "span_minutes": span["span_minutes"], "cell_minutes": span["cell_minutes"],
               "missing": span["missing"], "max_concurrent": span["max_concurrent"], "environment": environment(settings),
-              "split": span["split"], "sweeps": sweeps,
+              "split": span["split"], "sweeps": sweeps, "notes": list(notes or []),
               "chosen_rates": {"/".join(k): v for k, v in chosen.items()}, "summary": summary, "rows": rows,
               "records": records}
     _write_text(out / "study.json", json.dumps(report, indent=1, default=str))
@@ -593,8 +593,13 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], entries: lis
         "terms on the same per-token scale (both are nats per token). SquareHead was not run here.",
         f"- Learning rates: every recovery × objective is swept with seed 0 over its grid ({_grids_line(report['sweeps'])}); "
         "rates are rungs of one ladder about ×2 apart; when the lowest validation NLL is at an edge of the grid the "
-        "next rung is added (at most twice per edge). The rate with the lowest validation NLL is chosen and run with "
-        f"seeds 1 and 2; the common rate {COMMON_RATE:g} (the SPP paper's, and the earlier study's) is in every grid.",
+        "next rung is added (at most twice per edge). The rate with the lowest validation NLL is chosen. "
+        "The headline candidates (SPP, masked LoRA, masked full FT and PEFT LoRA with cross-entropy, and a + KD "
+        "recipe where it beat its cross-entropy twin on validation) then run seeds 1 and 2 at their chosen rate; "
+        "every other cell has seed 0 only (to fit the shared CPU). The best recipe of a family is the one with the "
+        "lowest seed-0 validation NLL at its chosen rate. The + KD sweeps start at the cross-entropy choice and its "
+        f"two neighbours. The common rate {COMMON_RATE:g} (the SPP paper's, and the earlier study's) is in every "
+        "cross-entropy grid.",
         "- Seeds: the seed sets the calibration windows, the adapter initialisation and the data order. "
         "Mean ± sample standard deviation over the seeds where there are several.",
         "",
@@ -645,6 +650,7 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], entries: lis
         "a recovered fraction can exceed 1 (better than the dense model), on WikiText-2 especially.",
         "- The rates are chosen with one seed on a 16k-token validation slice; the held-out numbers of the other "
         "seeds at the same rate show how much that choice moves.",
+        *[f"- {note}" for note in report.get("notes", [])],
         "",
     ]
     return "\n".join(parts)
