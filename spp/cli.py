@@ -86,12 +86,12 @@ def _sparsity_table(title: str, blocks: list[tuple[str, int, int]], total: float
 
 @command("prune")
 def prune(
-    model: str = typer.Option(..., "--model", help="Local Hugging Face directory or hub id."),
+    model: str = typer.Option(..., "--model", help="Local Hugging Face directory, or a hub id (downloads from the hub)."),
     output: str = typer.Option(..., "--output", help="Output directory (built in OUTPUT.partial, then renamed)."),
     method: str = typer.Option("wanda", "--method", help="wanda, sparsegpt or magnitude."),
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M = at most N kept in every M inputs."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction pruned, unstructured only (default 0.5)."),
-    calib: str = typer.Option("c4", "--calib", help="c4, wikitext2, or a local .txt/.jsonl/.json file."),
+    calib: str = typer.Option("c4", "--calib", help="A local .txt/.jsonl/.json file, or c4 / wikitext2 (downloaded from the hub; the default c4 needs the network)."),
     nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default min(2048, context))."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration window offsets."),
@@ -155,7 +155,7 @@ def verify(directory: str = typer.Argument(..., help="An spp output directory (p
 def train(
     config: str = typer.Option(..., "--config", help="A YAML file, or the name of a bundled config (alpaca.yaml, tinystories.yaml)."),
     model: Optional[str] = typer.Option(None, "--model", help="The pruned model directory (an `spp prune` output)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Alpaca .json/.jsonl, a plain .txt, or a datasets hub name."),
+    data: Optional[str] = typer.Option(None, "--data", help="Alpaca .json/.jsonl, a plain .txt, or a datasets hub name (downloads; alpaca.yaml's default is one)."),
     output: Optional[str] = typer.Option(None, "--output", help="The output directory (built in OUTPUT.partial)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The dense model to distil from (with kd_weight or squarehead_weight > 0)."),
@@ -221,13 +221,13 @@ def _split_list(values: Optional[list[str]]) -> list[str]:
 @command("eval")
 def eval_(
     paths: Optional[list[str]] = typer.Argument(None, help="With --compare: results directories or JSON files."),
-    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory or hub id (dense, pruned, merged)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory (dense, pruned, merged), or a hub id (downloads from the hub)."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="An `spp train` output to evaluate unmerged on top of --model."),
-    ppl: Optional[list[str]] = typer.Option(None, "--ppl", help="Comma list of wikitext2, c4, ptb, NAME:PATH or PATH (.txt/.jsonl)."),
+    ppl: Optional[list[str]] = typer.Option(None, "--ppl", help="Comma list of PATH (.txt/.jsonl), NAME:PATH, or wikitext2 / c4 (downloaded from the hub); ptb needs ptb:PATH."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Perplexity window (default: the model's context, at most 4096)."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Use at most this many perplexity windows per set."),
-    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Comma list of lm-eval tasks: boolq,piqa,arc_easy,..."),
-    task_data: Optional[str] = typer.Option(None, "--task-data", help="Local task data directory (default $SPP_TASK_DATA)."),
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Comma list of lm-eval tasks: boolq,piqa,arc_easy,... (data from the hub unless --task-data)."),
+    task_data: Optional[str] = typer.Option(None, "--task-data", help="Local task data directory (default $SPP_TASK_DATA; unset: the hub)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task."),
     batch_size: int = typer.Option(1, "--batch-size", help="Perplexity windows / lm-eval requests per forward."),
     num_fewshot: int = typer.Option(0, "--num-fewshot", help="Few-shot examples per prompt (the papers use 0)."),

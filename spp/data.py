@@ -86,9 +86,8 @@ def tokenize_stream(tokenizer, documents: list[str]) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- calibration
 
-HUB_CALIBRATION = ("c4", "wikitext2")
+HUB_CALIBRATION = {"c4": "allenai/c4", "wikitext2": "Salesforce/wikitext"}  # --calib name -> hub dataset
 _C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
-_LOAD_ATTEMPTS = 2
 _C4_TRIES_PER_SAMPLE = 100
 
 
@@ -136,21 +135,51 @@ def random_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, 
     return stream[offsets]
 
 
-def _load_hub_dataset(name: str, *args, **kwargs):
-    """`datasets.load_dataset` with a bounded number of attempts and one clear error at the end."""
+CALIB_ALTERNATIVE = "pass --calib PATH (a local .txt/.jsonl/.json file) instead"
+DATA_ALTERNATIVE = "pass --data PATH (a local Alpaca .json/.jsonl or a plain .txt file) instead"
+
+
+def check_calib_source(calib: str) -> None:
+    """Offline, `--calib c4`/`wikitext2` fails here at once (prune calls it before reading any model).
+
+    Raises:
+        SppError: the hub cannot be used and the set is not in the local cache (names --calib PATH).
+    """
+    from spp.hub import require_hub
+
+    if calib in HUB_CALIBRATION:  # the name wins over a file of that name, as in calibration_windows
+        require_hub(f"--calib {calib}", HUB_CALIBRATION[calib], "dataset", CALIB_ALTERNATIVE)
+
+
+def check_data_source(source: str) -> None:
+    """Offline, a `--data` hub dataset name fails here at once (train calls it before reading any model).
+
+    Raises:
+        SppError: the hub cannot be used and the dataset is not in the local cache (names --data PATH).
+    """
+    from spp.hub import require_hub
+
+    if source and not Path(source).expanduser().exists() and not _looks_like_path(source):
+        require_hub(f"--data {source}", source, "dataset", DATA_ALTERNATIVE)
+
+
+
+
+def _load_hub_dataset(what: str, name: str, *args, **kwargs):
+    """`datasets.load_dataset(name, ...)` for the input `what` (e.g. "--calib c4"): one attempt, one clear error.
+
+    Offline (`spp.hub.require_hub`) it fails at once, before `datasets` is imported.
+    """
+    from spp.hub import require_hub
+
+    require_hub(what, name, "dataset", CALIB_ALTERNATIVE)
     import datasets
 
-    last = None
-    for _ in range(_LOAD_ATTEMPTS):
-        try:
-            return datasets.load_dataset(name, *args, **kwargs)
-        except Exception as exc:  # network, offline mode, missing files: all mean "not reachable"
-            last = exc
-    reason = str(last).splitlines()[0] if str(last) else type(last).__name__
-    raise SppError(
-        f"cannot load {name} from the Hugging Face hub after {_LOAD_ATTEMPTS} attempts ({reason}); "
-        "pass --calib PATH to a local .txt/.jsonl/.json file instead"
-    ) from last
+    try:
+        return datasets.load_dataset(name, *args, **kwargs)
+    except Exception as exc:  # network, missing files, bad split: all mean "not loadable"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SppError(f"{what}: cannot load {name} from the Hugging Face hub ({reason}); {CALIB_ALTERNATIVE}") from exc
 
 
 def c4_windows(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -164,7 +193,7 @@ def c4_windows(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor
     """
     import random
 
-    data = _load_hub_dataset("allenai/c4", data_files={"train": _C4_SHARD}, split="train")
+    data = _load_hub_dataset("--calib c4", "allenai/c4", data_files={"train": _C4_SHARD}, split="train")
     rng = random.Random(seed)
     windows, tries = [], 0
     while len(windows) < nsamples:
@@ -189,7 +218,7 @@ def wikitext2_windows(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch
     Returns:
         LongTensor (nsamples, seqlen).
     """
-    data = _load_hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="train")
+    data = _load_hub_dataset("--calib wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1", split="train")
     stream = tokenize_stream(tokenizer, ["\n\n".join(data["text"])])
     return random_windows(stream, nsamples, seqlen, seed, source="wikitext2 (train)")
 
@@ -229,7 +258,12 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _load_hub_records(name: str, split: str) -> list[dict]:
-    """Records of a `datasets` hub dataset (or a local dataset directory), as plain dicts."""
+    """Records of a `datasets` hub dataset (or a local dataset directory), as plain dicts.
+
+    Raises:
+        SppError: the hub cannot be used (at once, naming --data PATH), or the dataset does not load.
+    """
+    check_data_source(name)
     try:
         import datasets
 
@@ -322,28 +356,40 @@ def target_count_of(labels: list[int]) -> int:
     return sum(label != IGNORE_INDEX for label in labels[1:])
 
 
-def validation_count(n_records: int, val_set_size: int | float) -> int:
-    """How many records to hold out: an int is a count, a float < 1 a fraction (rounded)."""
+def requested_validation_count(n_examples: int, val_set_size: int | float) -> int:
+    """The hold-out `val_set_size` asks for: an int is a count, a float in [0, 1) a fraction of
+    `n_examples` rounded to the nearest integer (Python's `round`)."""
     if isinstance(val_set_size, float):
-        return int(round(n_records * val_set_size))
+        return int(round(n_examples * val_set_size))
     return int(val_set_size)
 
 
-def split_train_val(n_records: int, val_set_size: int | float, seed: int) -> tuple[list[int], list[int]]:
-    """Shuffle record indices with `seed` and hold out the first `validation_count` for validation.
+def validation_count(n_examples: int, val_set_size: int | float) -> int:
+    """Examples held out for validation: the requested count, capped at ⌊n_examples / 2⌋ so that at
+    least half of the examples are left for training (a small local file works with any config)."""
+    return min(requested_validation_count(n_examples, val_set_size), n_examples // 2)
+
+
+def validation_note(n_examples: int, val_set_size: int | float) -> str | None:
+    """The one-line note for a capped hold-out (naming the asked and the capped count), else None."""
+    asked, held_out = requested_validation_count(n_examples, val_set_size), validation_count(n_examples, val_set_size)
+    if asked == held_out:
+        return None
+    return (f"note: val_set_size={val_set_size} asks for {asked} of {n_examples} examples, which would leave fewer "
+            f"than half to train on; holding out {held_out} instead")
+
+
+def split_train_val(n_examples: int, val_set_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """Shuffle example indices with `seed` and hold out the first `validation_count` for validation.
+
+    A pure function of its arguments, so a `--resume` (same data, same recorded `val_set_size`
+    and seed) gets the same split.
 
     Returns:
         (train_indices, val_indices).
-
-    Raises:
-        SppError: the hold-out leaves no training records.
     """
-    n_val = validation_count(n_records, val_set_size)
-    if n_val >= n_records:
-        raise SppError(
-            f"val_set_size={val_set_size} holds out {n_val} of {n_records} examples and leaves none to train on"
-        )
-    order = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = validation_count(n_examples, val_set_size)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed)).tolist()
     return order[n_val:], order[:n_val]
 
 

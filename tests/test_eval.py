@@ -106,6 +106,8 @@ class _FakeHub:
 def test_wikitext2_and_c4_hub_text(monkeypatch):
     import datasets
 
+    monkeypatch.setattr("spp.hub.hub_unavailable", lambda: None)  # the hub "answers"; load_dataset is faked
+
     rows = ["", " = Title = ", "", " body line "]
     fake = _FakeHub(rows)
     monkeypatch.setattr(datasets, "load_dataset", fake)
@@ -126,6 +128,8 @@ def test_wikitext2_and_c4_hub_text(monkeypatch):
 
 def test_hub_failure_and_ptb_explain_the_local_option(monkeypatch):
     import datasets
+
+    monkeypatch.setattr("spp.hub.hub_unavailable", lambda: None)  # reachable, but the load fails
 
     def offline(**kwargs):
         raise ConnectionError("offline")

@@ -111,6 +111,7 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     from spp.models import context_length, load_tokenizer, resolve_device, resolve_dtype
 
     start = time.time()
+    check_hub_sources(cfg)  # offline, a hub set or task fails here in a second, before any model is read
     checkpoint = read_checkpoint(cfg.model)  # names as transformers resolves them, shapes, shards, manifest, masks
     seqlen = resolve_seqlen(cfg.seqlen, context_length(checkpoint.config))
     device, _ = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
@@ -156,6 +157,17 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     }
     output = _write(cfg, results, start) if cfg.output else None
     return EvalReport(results=results, output=output, rows=results_rows(results))
+
+
+def check_hub_sources(cfg: EvalConfig) -> None:
+    """Each `--ppl` hub set, and `--tasks` without task data, needs the hub: offline they fail at once."""
+    from spp.eval.perplexity import check_ppl_source
+    from spp.eval.zeroshot import check_hub_tasks
+
+    for spec in cfg.ppl:
+        check_ppl_source(spec)
+    if cfg.tasks and cfg.task_data is None:
+        check_hub_tasks(cfg.tasks)
 
 
 def _lm_eval_version() -> str | None:

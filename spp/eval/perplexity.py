@@ -180,6 +180,9 @@ def set_ids(tokenizer, text: PplText, seqlen: int) -> torch.Tensor:
 
 
 def _hub_rows(what: str, **kwargs):
+    from spp.hub import require_hub
+
+    require_hub(f"--ppl {what}", kwargs["path"], "dataset", f"pass a local copy as --ppl {what}:PATH instead")
     import datasets
 
     try:
@@ -265,6 +268,21 @@ def c4_local_text(path: Path) -> PplText:
     path = _existing(path, "c4")
     docs = read_text_documents(path)[:C4_DOCS]
     return PplText("c4", " ".join(docs), str(path), _sha256(path), max_tokens_per_seqlen=C4_WINDOWS)
+
+
+HUB_REPOS = {"wikitext2": "Salesforce/wikitext", "c4": "allenai/c4"}
+
+
+def check_ppl_source(spec: str) -> None:
+    """Offline, `--ppl wikitext2`/`c4` fails here at once (eval calls it before reading any model).
+
+    Raises:
+        SppError: the hub cannot be used and the set is not in the local cache (names --ppl NAME:PATH).
+    """
+    from spp.hub import require_hub
+
+    if spec in HUB_REPOS:  # the name wins over a file of that name, as in ppl_text
+        require_hub(f"--ppl {spec}", HUB_REPOS[spec], "dataset", f"pass a local copy as --ppl {spec}:PATH instead")
 
 
 def ppl_text(spec: str) -> PplText:

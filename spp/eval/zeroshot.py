@@ -283,12 +283,48 @@ class TaskSetup:
     loaded: dict = field(default_factory=dict)  # lm-eval task name -> Task
 
 
+def registered_dataset(name: str) -> str | None:
+    """The hub dataset a registered task of LOCAL_TASKS reads (its YAML's `dataset_path`), else None."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("lm_eval")
+    if name not in LOCAL_TASKS or spec is None or not spec.origin:
+        return None
+    task_yaml = Path(spec.origin).parent / "tasks" / LOCAL_TASKS[name].yaml
+    for _ in range(3):  # a task YAML may take its dataset from the file it `include:`s (arc_challenge)
+        text = task_yaml.read_text(encoding="utf-8") if task_yaml.is_file() else ""
+        found = re.search(r"^dataset_path:\s*(\S+)", text, re.M)
+        if found:
+            return found.group(1).strip("'\"")
+        included = re.search(r"^include:\s*(\S+)", text, re.M)
+        if not included:
+            return None
+        task_yaml = task_yaml.parent / included.group(1).strip("'\"")
+    return None
+
+
+def check_hub_tasks(names: list[str]) -> None:
+    """`--tasks` without `--task-data` reads the hub: stop at once, naming --task-data, when it cannot be used.
+
+    Raises:
+        SppError: the hub cannot be used and a task's dataset is not in the local cache.
+    """
+    from spp.hub import require_hub
+
+    for name in names:
+        require_hub(f"--tasks {name} (without --task-data)", registered_dataset(name) or name, "dataset",
+                    "pass --task-data DIR (or set $SPP_TASK_DATA) with local copies; see README, spp eval")
+
+
 def prepare_tasks(names: list[str], task_data: str | None, workdir: Path) -> TaskSetup:
     """Check the task names and load their data (before the model is loaded), local or from the hub.
 
     Raises:
         SppError: unknown task (with close matches), missing local file, or data that cannot be loaded.
     """
+    if task_data is None:  # before lm-eval is imported: offline, this fails in a second
+        check_hub_tasks(names)
     from lm_eval.tasks import TaskManager
 
     from spp.io.checkpoint import sha256_file

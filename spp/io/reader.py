@@ -186,6 +186,10 @@ def local_directory(name_or_path: str) -> Path:
         if not path.is_dir():
             raise SppError(f"model {name_or_path} does not exist")
         return path
+    from spp.hub import require_hub
+
+    require_hub(f"--model {name_or_path}", name_or_path, "model",
+                "pass --model DIR (a local Hugging Face model directory) instead")
     from huggingface_hub import snapshot_download
 
     try:

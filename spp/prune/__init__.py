@@ -125,7 +125,7 @@ def _check_layer_shapes(model: nn.Module, cfg: PruneConfig) -> None:
 
 def _check_inputs(cfg: PruneConfig) -> _Checked:
     """Every check that can fail on the user's input, before any weights are loaded."""
-    from spp.data import calibration_windows
+    from spp.data import calibration_windows, check_calib_source
     from spp.io.checkpoint import check_output_dir
     from spp.io.reader import read_checkpoint
     from spp.models import check_seqlen, context_length, load_tokenizer, resolve_device, resolve_dtype
@@ -133,6 +133,8 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     if cfg.method not in METHODS:
         raise SppError(f"--method {cfg.method!r} is not one of {', '.join(sorted(METHODS))}")
     parse_pattern(cfg.pattern)
+    if METHODS[cfg.method].accumulate is not None:
+        check_calib_source(cfg.calib)  # offline, a hub set fails here in a second, before any model is read
     check_output_dir(Path(cfg.output), cfg.overwrite)
     device = resolve_device(cfg.device)
     resolve_dtype(cfg.dtype)

@@ -132,11 +132,13 @@ def check_inputs(cfg: TrainConfig):
         (the base checkpoint, resolved once (`spp.io.reader.Checkpoint`; its mask matches its manifest), the
         output directory).
     """
+    from spp.data import check_data_source
     from spp.io.reader import read_checkpoint
 
     for key, flag in (("base_model", "--model"), ("data_path", "--data"), ("output_dir", "--output")):
         if not getattr(cfg, key):
             raise SppError(f"no {key} given: pass {flag} or set {key} in the config")
+    check_data_source(cfg.data_path)  # offline, a hub dataset fails here in a second, before any model is read
     base, output = Path(cfg.base_model).expanduser(), Path(cfg.output_dir).expanduser()
     if not base.is_dir():
         raise SppError(f"--model {base} does not exist")
@@ -225,7 +227,7 @@ def enable_checkpointing(model) -> None:
 def build_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
     """Tokenized (train, val) examples from `cfg.data_path`: Alpaca records or plain-text windows."""
     from spp.data import (_load_hub_records, read_alpaca_records, read_text_documents, split_train_val, target_count_of,
-                          text_windows, tokenize_instruction)
+                          text_windows, tokenize_instruction, validation_note)
 
     source = cfg.data_path
     fmt = cfg.data_format
@@ -254,6 +256,9 @@ def build_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
         print(f"note: dropped {dropped} of {len(examples)} examples of {source} that have no target token within "
               f"cutoff_len={cfg.cutoff_len} (their prompts fill it)", file=sys.stderr)
     examples = with_targets
+    note = validation_note(len(examples), cfg.val_set_size)  # the resolved config keeps what was asked
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, file=sys.stderr)
     train_idx, val_idx = split_train_val(len(examples), cfg.val_set_size, cfg.seed)
     return [examples[i] for i in train_idx], [examples[i] for i in val_idx]
 
