@@ -127,6 +127,21 @@ def test_demo_tells_the_papers_story(demo_run):
         assert info["sparsity_before"] == info["sparsity_after"] == pytest.approx(0.5, abs=1e-9)
 
 
+def test_demo_table_has_the_shape_the_readme_shows(demo_run):
+    """The README's demo table: one row per model in this order, sparsity exactly 50% after pruning and after SPP,
+    a recovered share on the merged rows only. Its digits depend on the run conditions, so they are not checked."""
+    _, _, report, _ = demo_run
+    lines = report.table.strip().splitlines()
+    assert lines[0] == "| model | sparsity | ppl heldout.txt | gap recovered (ppl heldout.txt) |"
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [c[0] for c in cells] == ["dense", "wanda-2of4 pruned", "wanda-2of4 + SPP (merged)", "wanda-50pct pruned",
+                                     "wanda-50pct + SPP (merged)"]
+    assert [c[1] for c in cells] == ["0.00%"] + ["50.00%"] * 4
+    assert all(re.fullmatch(r"\d+\.\d{4}", c[2]) for c in cells)
+    assert [bool(c[3]) for c in cells] == [False, False, True, False, True]
+    assert all(re.fullmatch(r"\d+\.\d\d%", c[3]) for c in cells if c[3])
+
+
 def test_spp_demo_again_reuses_everything_and_prints_the_table(demo_run, monkeypatch):
     cache, output, report, _ = demo_run
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
