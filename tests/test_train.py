@@ -376,7 +376,7 @@ def _bad_inputs(tmp: Path, pruned: Path, text: Path):
         "record without field": (["--config", "tinystories.yaml", "--model", str(pruned), "--data", str(tmp / "norecord.json"), "--set", "data_format=auto"], "record 1 has no 'output'"),
         "batch not divisible": (["--config", "tinystories.yaml", *ok, "--set", "batch_size=10"], "not divisible by micro_batch_size"),
         "lora_dropout": (["--config", "tinystories.yaml", *ok, "--set", "lora_dropout=0.05"], "lora_dropout=0.05 is not supported"),
-        "base breaks its mask": (["--config", "tinystories.yaml", "--model", str(broken), "--data", str(text), "--set", "batch_size=8"], "are not +0.0 in the base weight"),
+        "base breaks its mask": (["--config", "tinystories.yaml", "--model", str(broken), "--data", str(text), "--set", "batch_size=8", "--set", "val_set_size=8"], "are not +0.0 in the base weight"),
         "mask hash differs": (["--config", "tinystories.yaml", "--model", str(rehashed), "--data", str(text)], "the mask changed or this is a different base"),
         "output exists": (["--config", "tinystories.yaml", *ok], "already exists"),
     }
