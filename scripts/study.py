@@ -196,16 +196,18 @@ def sweep(recipe: tuple, records: dict[str, dict], seed: int, grid: tuple[float,
 
     Returns:
         {"rates": rates to run (sorted), "best": the chosen rate or None while some are missing,
-         "edge": True when the best stayed at an edge of the final grid, "extended": rungs added}.
+         "edge": True when the best stayed at an edge of the final grid, "extended": rungs added,
+         "grid": the first grid, "val_nll": by rate, once chosen}.
     """
     method, pattern, adapter, distill = recipe
     rates = sorted(LR_GRIDS[adapter] if grid is None else grid)
+    first = list(rates)
     added = {"low": 0, "high": 0}
     while True:
         vals = {lr: validation_nll(records.get(Cell(method, pattern, adapter, seed, lr, distill).key))
                 for lr in rates}
         if any(Cell(method, pattern, adapter, seed, lr, distill).key not in records for lr in rates):
-            return {"rates": rates, "best": None, "edge": None, "extended": added}
+            return {"rates": rates, "best": None, "edge": None, "extended": added, "grid": first}
         best = min(rates, key=lambda lr: (vals[lr], lr))  # ties: the smaller rate
         i = LADDER.index(best)
         if best == rates[-1] and i + 1 < len(LADDER) and added["high"] < MAX_EXTENSIONS:
@@ -215,7 +217,7 @@ def sweep(recipe: tuple, records: dict[str, dict], seed: int, grid: tuple[float,
         else:
             edge = best in (rates[0], rates[-1]) and math.isfinite(vals[best])
             return {"rates": rates, "best": best if math.isfinite(vals[best]) else None, "edge": edge,
-                    "extended": added, "val_nll": {f"{lr:g}": vals[lr] for lr in rates}}
+                    "extended": added, "grid": first, "val_nll": {f"{lr:g}": vals[lr] for lr in rates}}
 
 
 def plan(name: str, records: dict[str, dict], seeds: tuple[int, ...] = (0, 1, 2),
