@@ -23,7 +23,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     """`["a=1e-3", "b=x", "c={spp: 1e-2}"]` -> `{"a": "1e-3", "b": "x", "c": {"spp": "1e-2"}}`.
 
     Values stay text, read later by the field's type (`spp.typed.coerce`), so `1e-3` is a
-    float and `no` a string where the field says so; only a `{...}` mapping is parsed (as YAML).
+    float and `no` a string where the field says so; only a `{...}` mapping and quoted text are parsed (as YAML).
     """
     out = {}
     for item in items:
@@ -31,11 +31,11 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise SppError(f"--set {item!r} must look like key=value")
         raw = raw.strip()
-        if raw.startswith("{"):
+        if raw.startswith("{") or len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"":  # a mapping, or quoted text
             try:
                 raw = yaml.safe_load(raw)
             except yaml.YAMLError as exc:
-                raise SppError(f"--set {item!r}: the mapping is not valid YAML") from exc
+                raise SppError(f"--set {item!r}: the value is not valid YAML") from exc
         out[key.strip()] = raw
     return out
 

@@ -640,17 +640,21 @@ _TRAIN_KEYS = ["micro_batch_size", "batch_size", "learning_rate", "warmup_ratio"
 @given(values=st.dictionaries(st.sampled_from(_TRAIN_KEYS), _SCALARS, max_size=4))
 def test_any_train_config_builds_or_raises_one_spp_error(values):
     """Unknown keys, wrong types and out-of-range values all end in SppError; what builds holds the given values."""
+    import typing
+
     from spp.config import TrainConfig, merge_into
     from spp.errors import SppError
+    from spp.typed import coerce
 
     try:
         cfg = merge_into(TrainConfig, [("test", values)])
     except SppError as exc:
         assert "\n" not in str(exc)
         return
+    hints = typing.get_type_hints(TrainConfig)
     for key, value in values.items():
-        if value is not None:
-            assert getattr(cfg, key) == value
+        if value is not None:  # text is read by the field's type (`1` for an int field is 1)
+            assert getattr(cfg, key) == coerce(value, hints[key])
 
 
 @settings(max_examples=60, deadline=None)
@@ -660,16 +664,15 @@ def test_any_train_config_builds_or_raises_one_spp_error(values):
     "train_on_inputs": st.booleans(), "max_grad_norm": st.one_of(st.none(), st.floats(0.1, 10.0)),
     "data_path": st.text(alphabet="abc/._-", min_size=1, max_size=8)}))
 def test_set_overrides_round_trip_through_yaml(values):
-    """`--set key=<YAML of value>` gives back exactly the value, and a file plus --set layers in order."""
+    """`--set key=<YAML of value>` (as `spp run` writes reproduce commands) gives back exactly the value; a file plus --set layers in order."""
     import yaml
 
     from spp.config import TrainConfig, merge_into, parse_set
 
     items = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
              for key, value in values.items()]
-    parsed = parse_set(items)
-    assert parsed == values
-    cfg = merge_into(TrainConfig, [("file", {"learning_rate": 0.5, "seed": 7}), ("--set", parsed)])
+    cfg = merge_into(TrainConfig, [("file", {"learning_rate": 0.5, "seed": 7}), ("--set", parse_set(items))])
+    assert {key: getattr(cfg, key) for key in values} == {key: value for key, value in values.items()}
     assert cfg.learning_rate == values.get("learning_rate", 0.5) and cfg.seed == 7
 
 

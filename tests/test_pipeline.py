@@ -268,7 +268,7 @@ BAD = [
     ({"prune": {"output": "elsewhere"}}, [], "prune.output is set by `spp run` itself", None),
     ({"train": {"max_step": 3}}, [], "unknown key 'max_step'", "max_steps"),
     ({"train": {"data_path": ""}}, [], "train: has no data_path", None),
-    ({"eval": {"tasks": "boolq", "ppl": []}}, [], "tasks", None),
+    ({"eval": {"tasks": 5, "ppl": []}}, [], "tasks", None),
     ({"sweep": [{"pattern": "2:4"}, {"pattern": "2:4", "nsamples": 4}]}, [], "would both write into", "name"),
     ({"sweep": [{"pattern": "2:4", "name": "dense"}]}, [], "cannot be a setting folder name", None),
     ({"sweep": [{"pattern": "3:2"}]}, [], "3:2", None),
