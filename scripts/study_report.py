@@ -23,6 +23,7 @@ SPARSE = ("spp", "masked_lora", "full")
 KIND_LABELS = {"none": "none (pruned)", "spp": "SPP", "masked_lora": "masked LoRA", "full": "masked full FT",
                "hira": "HiRA (PEFT)", "lora": "LoRA (PEFT)", "lora-merged": "LoRA (PEFT) merged",
                "lora-unmerged": "LoRA (PEFT) unmerged, + dense branch"}
+METHOD_RANK = {"dense": 0, "wanda": 1, "sparsegpt": 2, "magnitude": 3}  # table order
 NUMERIC = ("val_nll", "ppl_tinystories", "ppl_wikitext", "recovered_tinystories", "recovered_wikitext", "sparsity",
            "pruned_not_plus_zero", "kept_zero", "trainable", "step_s", "infer_tokens_per_s", "final_loss")
 
@@ -90,7 +91,7 @@ def flatten(records: dict[str, dict]) -> list[dict]:
 
 def _order(entry: dict) -> tuple:
     rec = entry["recovery"]
-    return (entry["method"] != "dense", entry["method"], entry["pattern"],
+    return (METHOD_RANK.get(entry["method"], 9), entry["method"], entry["pattern"],
             RECOVERY_ORDER.index(rec) if rec in RECOVERY_ORDER else 99, entry.get("distill", ""), entry.get("lr") or 0)
 
 
@@ -262,7 +263,7 @@ def common_rate_table(summary: list[dict], chosen: dict, common: float) -> str:
             seed0[(e["method"], e["pattern"], e["recovery"], e["distill"], e["lr"])] = e
     lines = []
     for (method, pattern, adapter, distill), lr in sorted(chosen.items(), key=lambda kv: (
-            kv[0][0], kv[0][1], KIND_ORDER.index(kv[0][2]) if kv[0][2] in KIND_ORDER else 9, kv[0][3])):
+            METHOD_RANK.get(kv[0][0], 9), kv[0][1], KIND_ORDER.index(kv[0][2]) if kv[0][2] in KIND_ORDER else 9, kv[0][3])):
         recovery = "lora-merged" if adapter == "lora" else adapter
         best, at_common = (seed0.get((method, pattern, recovery, distill, x)) for x in (lr, common))
         name = label({"recovery": recovery, "distill": distill, "method": method})
@@ -280,7 +281,7 @@ def sweep_table(rows: list[dict], sweeps: dict, chosen: dict) -> str:
     """Seed 0 of every sweep: validation NLL (the criterion), held-out perplexity and recovery, what was chosen."""
     lines = []
     seed0 = [r for r in rows if r["adapter"] != "none" and r["recovery"] != "lora-unmerged" and r["seed"] == 0]
-    for r in sorted(seed0, key=lambda r: (r["method"], r["pattern"], KIND_ORDER.index(r["adapter"])
+    for r in sorted(seed0, key=lambda r: (METHOD_RANK.get(r["method"], 9), r["pattern"], KIND_ORDER.index(r["adapter"])
                                           if r["adapter"] in KIND_ORDER else 9, r["distill"], r["lr"])):
         recipe = (r["method"], r["pattern"], r["adapter"], r["distill"])
         found = sweeps.get("/".join(recipe), {})
@@ -525,7 +526,14 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], entries: lis
     loads = [round(r["load_avg_1min_start"], 1) for r in runs if r["cells_computed"]]
     missing = report["missing"]
     done = len(report["cells"]) - len(missing)
-    pairs = sorted({(e["method"], e["pattern"]) for e in entries if e["method"] != "dense"})
+    order = [tuple(k.split("-s")[0].split("-")) for k in report["cells"]]  # run order: the first --pairs first
+    pairs = sorted({(e["method"], e["pattern"]) for e in entries if e["method"] != "dense"},
+                   key=lambda mp: next((i for i, (m, p) in enumerate(order) if m == mp[0]
+                                        and p == mp[1].replace(":", "of").replace("%", "pct")), len(order)))
+    several = len(pairs) > 1
+
+    def named(e: dict) -> str:
+        return (f"{e['method']} {e['pattern']} " if several else "") + label(e)
     answers = [answer(entries, m, p) for m, p in pairs]
     diverged = [r for r in rows if r.get("diverged")]
     kd = [e for e in entries if e["distill"] == "kd" and e["recovery"] != "lora-unmerged"]
@@ -534,7 +542,7 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], entries: lis
         plain = next((x for x in entries if (x["method"], x["pattern"], x["recovery"], x["distill"]) ==
                       (e["method"], e["pattern"], e["recovery"], "")), None)
         if plain and plain["recovered_tinystories_mean"] is not None and e["recovered_tinystories_mean"] is not None:
-            kd_deltas.append((label(plain), e["recovered_tinystories_mean"] - plain["recovered_tinystories_mean"],
+            kd_deltas.append((named(plain), e["recovered_tinystories_mean"] - plain["recovered_tinystories_mean"],
                               e["recovered_wikitext_mean"] - plain["recovered_wikitext_mean"]))
     libs = env["libraries"]
     wt_trade = []  # (recipe, WT recovered at the chosen rate, at the common rate), seed 0, where the common rate did better
@@ -545,7 +553,7 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], entries: lis
         at, common = pick.get(lr), pick.get(COMMON_RATE)
         if at and common and lr != COMMON_RATE and at["recovered_wikitext"] is not None and (
                 common["recovered_wikitext"] - at["recovered_wikitext"] > 0.1):
-            wt_trade.append((label({"recovery": recovery, "distill": distill, "method": method}),
+            wt_trade.append((named({"recovery": recovery, "distill": distill, "method": method, "pattern": pattern}),
                              at["recovered_wikitext"], common["recovered_wikitext"]))
     parts = [
         "# Recovery study: which fine-tuning wins back what pruning lost, and which keeps the sparsity",
@@ -668,7 +676,7 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], entries: lis
         "- It does not show that the same holds for a 7B model: stories260K has 260K parameters, a 512-token "
         f"vocabulary and a 64-wide residual stream, and the adapters here train {_adapter_share(report)} of the "
         "model's parameter count (masked full fine-tuning trains every kept weight). Perplexity is the only quality "
-        "measure (no zero-shot tasks), and one pruning (the rows above) is measured.",
+        "measure (no zero-shot tasks), and only the pruned models above are measured.",
         "- Fine-tuning also adapts the model to the evaluation text's format: the perplexity protocol reads one "
         "stream of stories separated by blank lines, while the model was trained one story at a time. That is why "
         "a recovered fraction can exceed 1 (better than the dense model), on WikiText-2 especially.",
