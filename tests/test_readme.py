@@ -1,4 +1,5 @@
-"""The README cannot rot: every fenced block marked ```bash test runs here, with fixture paths substituted.
+"""The README and docs/ cannot rot: every fenced block marked ```bash test in README.md or in docs/**/*.md runs here,
+with fixture paths substituted.
 
 Blocks marked plain ```bash (installing, GPUs, several processes, synopses with placeholders) are not run.
 `configs/pipeline_stories.yaml` becomes a pipeline over the tiny fixture model of test_pipeline.py (same
@@ -19,26 +20,51 @@ import yaml
 
 from test_pipeline import make_fixture, pipeline_dict
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.S | re.M)
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+ALLOWED = {"spp", "export", "cat"}
 
 
-def marked_blocks() -> list[str]:
-    return [body for info, body in FENCE.findall(README.read_text()) if info.split()[:2] == ["bash", "test"]]
+def pages() -> list[Path]:
+    return [README, *sorted(DOCS.glob("**/*.md"))]
+
+
+def marked_blocks() -> list[tuple[str, str]]:
+    """(file relative to the repository root, block body) for every ```bash test block, in page order."""
+    return [(str(page.relative_to(ROOT)), body) for page in pages()
+            for info, body in FENCE.findall(page.read_text()) if info.split()[:2] == ["bash", "test"]]
+
+
+BLOCKS = marked_blocks()
+IDS = [f"{name}-{sum(n == name for n, _ in BLOCKS[:i])}" for i, (name, _) in enumerate(BLOCKS)]
 
 
 def test_readme_marks_blocks_for_testing():
-    blocks = marked_blocks()
-    assert len(blocks) >= 2
-    for block in blocks:
+    assert sum(name == "README.md" for name, _ in BLOCKS) >= 2
+    for name, block in BLOCKS:
         for line in block.splitlines():
             if line.strip() and not line.startswith("#"):
-                assert line.split()[0] in {"spp", "export", "cat"}, f"untestable line in a `bash test` block: {line}"
+                assert line.split()[0] in ALLOWED, f"untestable line in a `bash test` block of {name}: {line}"
 
 
-@pytest.mark.parametrize("index", range(len(marked_blocks())))
+def test_marked_blocks_are_collected_from_docs_too(tmp_path, monkeypatch):
+    """A `bash test` block in any docs page (subfolders included) is collected, named by its file."""
+    root = tmp_path / "repo"
+    (root / "docs" / "sub").mkdir(parents=True)
+    (root / "README.md").write_text("```bash test\nspp --help\n```\n")
+    (root / "docs" / "sub" / "page.md").write_text("```bash\nnot run\n```\n```bash test\nspp --version\n```\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", root)
+    monkeypatch.setattr(sys.modules[__name__], "README", root / "README.md")
+    monkeypatch.setattr(sys.modules[__name__], "DOCS", root / "docs")
+    assert marked_blocks() == [("README.md", "spp --help\n"), ("docs/sub/page.md", "spp --version\n")]
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=IDS)
 def test_readme_block_runs(index, tmp_path, shared_data):
-    block = marked_blocks()[index]
+    name, block = BLOCKS[index]
     fixture = make_fixture(tmp_path / "fixture")
     pipeline = pipeline_dict(fixture, Path("runs/stories"))
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
@@ -50,14 +76,32 @@ def test_readme_block_runs(index, tmp_path, shared_data):
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], cwd=work, env=env, capture_output=True,
                             text=True, timeout=900)
-    assert result.returncode == 0, f"README block {index} failed:\n{script}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"{name} block {IDS[index]} failed:\n{script}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     if "spp run" in script:
         assert "skipped (up to date)" in result.stdout and (work / "runs" / "stories" / "report.md").is_file()
 
 
-def test_readme_pipeline_example_is_the_bundled_file():
-    """The `spp run` section shows configs/pipeline_stories.yaml; the two must say the same thing."""
-    section = README.read_text().split("## spp run: the whole chain from one file", 1)[1]
+def test_pipeline_example_is_the_bundled_file():
+    """docs/commands.md's `spp run` section shows configs/pipeline_stories.yaml; the two must say the same thing."""
+    section = (DOCS / "commands.md").read_text().split("## spp run: the whole chain from one file", 1)[1]
     example = next(body for info, body in FENCE.findall(section) if info.strip() == "yaml")
-    bundled = README.parent / "configs" / "pipeline_stories.yaml"
+    bundled = ROOT / "configs" / "pipeline_stories.yaml"
     assert yaml.safe_load(example) == yaml.safe_load(bundled.read_text())
+
+
+def test_readme_is_a_front_door():
+    """Short, and every docs page is findable from it."""
+    text = README.read_text()
+    assert len(text.splitlines()) < 200
+    linked = {(ROOT / target.split("#")[0]).resolve() for target in LINK.findall(text) if not target.startswith("http")}
+    for page in sorted(DOCS.glob("*.md")):
+        assert page.resolve() in linked, f"{page.relative_to(ROOT)} is not linked from the README"
+
+
+@pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    text = "".join(part for i, part in enumerate(re.split(r"^```", page.read_text(), flags=re.M)) if i % 2 == 0)
+    for target in LINK.findall(text):
+        if target.startswith(("http://", "https://", "#", "mailto:")):
+            continue
+        assert (page.parent / target.split("#")[0]).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
