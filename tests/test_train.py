@@ -406,12 +406,13 @@ def test_cli_trains_from_a_bundled_config_in_any_directory(pruned_tiny_dir, text
                                       "--set", "cutoff_len=16", "--set", "batch_size=4", "--set", "micro_batch_size=4",
                                       "--set", "val_set_size=0"])
     assert result.exit_code == 0, result.stderr
-    from spp.config import read_yaml
+    from spp.config import find_config, read_yaml
 
     resolved = read_yaml(tmp_path / "run" / "spp_config.yaml")
-    # defaults < file < flags < --set: lr from the file, max_steps from the flag, cutoff_len from --set
+    # defaults < file < flags < --set: lr from the file (its spp entry), max_steps from the flag, cutoff_len from --set
+    file_rate = read_yaml(find_config("tinystories.yaml"))["learning_rate"]["spp"]
     assert (resolved["learning_rate"], resolved["max_steps"], resolved["cutoff_len"], resolved["lr_scheduler"]) == (
-        4e-3, 2, 16, "linear")
+        file_rate, 2, 16, "linear")
 
 
 # --------------------------------------------------------------------------- quality on the real model
