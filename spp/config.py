@@ -40,6 +40,17 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+NO_FLAG = {"flag": False}  # field metadata: a config key that the stage's command line has no flag for
+
+
+def flag_names(cls) -> dict[str, str]:
+    """Config key -> its `spp <stage>` flag (`max_shard_size` -> `--max-shard-size`), for every key that has one.
+
+    The one source both `spp.cli` (checked by a test) and `spp run`'s reproduce commands rely on.
+    """
+    return {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.metadata.get("flag", True)}
+
+
 def read_yaml(path: Path) -> dict:
     """Read a YAML mapping, turning a missing or malformed file into an SppError that names it."""
     path = Path(path)
@@ -109,8 +120,8 @@ class PruneConfig:
     overwrite: bool = False
     resume: bool = False
     offload_activations: bool = False  # keep calibration activations on the CPU between blocks
-    blocksize: int = 128  # SparseGPT column block width
-    percdamp: float = 0.01  # SparseGPT dampening, as a fraction of the mean Hessian diagonal
+    blocksize: int = dataclasses.field(default=128, metadata=NO_FLAG)  # SparseGPT column block width
+    percdamp: float = dataclasses.field(default=0.01, metadata=NO_FLAG)  # SparseGPT dampening, × mean Hessian diagonal
     batch_size: int = 16  # calibration windows per block forward
 
     def __post_init__(self):

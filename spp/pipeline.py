@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from spp.config import EvalConfig, PipelineConfig, PruneConfig, TrainConfig, find_config, merge_into, nearest, read_yaml, to_dict
+from spp.config import (EvalConfig, PipelineConfig, PruneConfig, TrainConfig, find_config, flag_names, merge_into,
+                        nearest, read_yaml, to_dict)
 from spp.errors import SppError
 from spp.io.checkpoint import MANIFEST_FILE, RESOLVED_CONFIG_FILE, partial_path, sha256_file, write_json
 from spp.io.manifest import read_manifest, settings_sha256
@@ -203,18 +204,15 @@ def stage_range(from_stage: str | None, until_stage: str | None) -> tuple[str, .
 
 def _flags(cfg, defaults, command: str, order: list[str]) -> list[str]:
     """`--key value` for every key of `cfg` that differs from `defaults` and that the command has a flag for."""
-    from spp.cli import app
-    import typer.main
-
-    options = {opt for p in typer.main.get_command(app).commands[command].params for opt in p.opts}
+    flags = flag_names(type(cfg))
     out = []
     for key in order:
         value = getattr(cfg, key)
         if key in VOLATILE_KEYS or value == getattr(defaults, key, object()) or value is None:
             continue
-        flag = "--" + key.replace("_", "-")
-        if flag not in options:
+        if key not in flags:
             raise SppError(f"{command}: {key}={value!r} cannot be given on the `spp {command}` command line")
+        flag = flags[key]
         if isinstance(value, bool):
             out.append(flag)
         elif isinstance(value, list):

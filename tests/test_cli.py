@@ -35,3 +35,26 @@ def test_flags_take_no_value_in_help(name):
     result = CliRunner().invoke(app, [name, "--help"] if name else ["--help"], terminal_width=200)
     assert result.exit_code == 0 and "<bool>" not in result.output
     assert re.search(r"^  -h, --help +Show this message and exit\.$", result.output, re.M), result.output
+
+
+@pytest.mark.parametrize("command, cls, cli_only", [("prune", "PruneConfig", set()),
+                                                    ("eval", "EvalConfig", {"--verbose", "--compare"})])
+def test_the_command_takes_exactly_the_flags_its_config_declares(command, cls, cli_only):
+    """`spp.config.flag_names` is the one list of flags (spp run's reproduce commands use it); the CLI must match it."""
+    import typer.main
+
+    from spp import config
+    from spp.cli import app
+
+    options = {o for p in typer.main.get_command(app).commands[command].params for o in p.opts if o.startswith("--")}
+    assert options - {"--help"} == set(config.flag_names(getattr(config, cls)).values()) | cli_only
+
+
+def test_no_module_reaches_up_to_the_cli():
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "spp"
+    importers = [p.name for p in package.rglob("*.py") if p.name != "cli.py"
+                 and re.search(r"^\s*(from spp\.cli import|from spp import cli|import spp\.cli)", p.read_text(), re.M)]
+    assert importers == []
