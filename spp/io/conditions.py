@@ -59,20 +59,25 @@ def describe_conditions(conditions: dict) -> str:
     if not conditions:
         return "not recorded"
     threads, world = conditions.get("torch_threads"), conditions.get("world_size")
-    return (f"{threads} torch thread{'s' if threads != 1 else ''}, {conditions.get('device')} "
+    return (f"{_count(threads, 'torch thread')}, {conditions.get('device')} "
             f"({conditions.get('device_name')}), {conditions.get('dtype')}, "
-            f"{world} process{'es' if world != 1 else ''}, torch {conditions.get('torch')}, "
+            f"{_count(world, 'process')}, torch {conditions.get('torch')}, "
             f"transformers {conditions.get('transformers')}")
+
+
+def _count(n, noun: str) -> str:
+    """`1 torch thread`, `2 torch threads`, `2 processes`."""
+    return f"{n} {noun}{'' if n == 1 else 'es' if noun.endswith('s') else 's'}"
 
 
 def _difference(key: str, old, new) -> tuple[str, str]:
     """(what differs, in words; how to match the old run) for one condition."""
     if key == "torch_threads":
-        return (f"used {old} torch thread{'s' if old != 1 else ''}, this one {new}",
+        return (f"used {_count(old, 'torch thread')}, this one {new}",
                 f"rerun with OMP_NUM_THREADS={old} (or torch.set_num_threads({old}))")
     if key == "world_size":
-        return (f"ran on {old} process{'es' if old != 1 else ''}, this one on {new}",
-                f"launch with {old} process{'es' if old != 1 else ''} (accelerate launch --num_processes {old})")
+        return (f"ran on {_count(old, 'process')}, this one on {new}",
+                f"launch with {_count(old, 'process')} (accelerate launch --num_processes {old})")
     if key in ("torch", "transformers"):
         return f"used {key} {old}, this one {key} {new}", f"install {key}=={old}"
     if key == "deterministic_algorithms":
