@@ -146,7 +146,10 @@ def plan(cfg: PipelineConfig, source: str = "pipeline") -> list[Step]:
                                        ("spp run", {"model": model_dir, "output": str(folder)})])
         return Step("eval", setting, label, folder, ecfg, upstream, eval_command(ecfg))
 
-    model_files = sorted(p for p in Path(model).iterdir() if p.is_file()) if Path(model).is_dir() else []
+    if Path(model).is_dir():
+        model_files = sorted(p for p in Path(model).iterdir() if p.is_file())
+    else:  # a .gguf file, or a hub id (no local files)
+        model_files = [Path(model)] if Path(model).is_file() else []
     prunes, trains, merges, evals = [], [], [], []
     evals.append(eval_step("dense", "dense/eval", run / "dense" / "eval", model, model_files))
     owners: dict[str, int] = {}

@@ -43,6 +43,16 @@ TINY_CONFIGS = {
 ARCHS = sorted(TINY_CONFIGS)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gguf` tests run only with SPP_TEST_GGUF=1: they convert a real GGUF file (tens of seconds)."""
+    if os.environ.get("SPP_TEST_GGUF") == "1":
+        return
+    skip = pytest.mark.skip(reason="opt-in: set SPP_TEST_GGUF=1 to run the real-GGUF tests")
+    for item in items:
+        if "gguf" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_tiny_model(arch: str = "llama", seed: int = 0):
     """A seeded random causal LM of the given family, in eval mode, float32."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -142,6 +142,7 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
             zeroshot.update(limit=cfg.limit, num_fewshot=cfg.num_fewshot, task_data=cfg.task_data)
     results = {
         "model": cfg.model,
+        "source": checkpoint.source,  # a GGUF file's record (sha256, tensor types) when the weights were dequantized
         "adapter": cfg.adapter,
         "adapter_mask_sha256": adapter_cfg.mask_sha256 if adapter_cfg else None,
         "sparsity": mask_sparsity(checkpoint),
@@ -184,6 +185,8 @@ def _write(cfg: EvalConfig, results: dict, start: float) -> Path:
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
 
     inputs = {}
+    if results["source"]:
+        inputs[results["source"]["file"]] = results["source"]["sha256"]
     for entry in (results["perplexity"] or {}).values():
         if entry["file_sha256"]:
             inputs[entry["source"]] = entry["file_sha256"]

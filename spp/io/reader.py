@@ -63,6 +63,8 @@ class Checkpoint:
         manifest: the directory's `spp_manifest.json`, or None when it has none.
         mask_sha256: sha256 of `masks.safetensors`, or None when there is no mask file.
         mask_shapes: saved tensor name -> the shape its mask records (from the mask file's header).
+        source: for a directory dequantized from a GGUF file, its `spp_source.json` record (file, sha256,
+            tensor types); None otherwise.
     """
 
     directory: Path
@@ -74,6 +76,7 @@ class Checkpoint:
     manifest: Any = None
     mask_sha256: str | None = None
     mask_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    source: dict | None = None
 
     @property
     def mask_file(self) -> Path:
@@ -147,6 +150,7 @@ def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoi
     Raises:
         SppError: the first problem, naming the file.
     """
+    from spp.io.gguf import read_source
     from spp.io.manifest import read_manifest
 
     directory = local_directory(str(source))
@@ -165,7 +169,7 @@ def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoi
               f"{type(model).__name__} (first: {ignored[0]}); they are not used and are not written again",
               file=sys.stderr)
     ckpt = Checkpoint(directory=directory, config=config, model=model, tensors=tensors, saved_names=saved_names,
-                      ignored=ignored, manifest=manifest)
+                      ignored=ignored, manifest=manifest, source=read_source(directory))
     if (directory / MASK_FILE).is_file():
         ckpt.mask_sha256 = sha256_file(directory / MASK_FILE)
         if manifest is not None and manifest.mask_sha256:
@@ -175,11 +179,16 @@ def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoi
 
 
 def local_directory(name_or_path: str) -> Path:
-    """A local model directory as is; a hub id as its (cached) snapshot, weights in safetensors only.
+    """A local model directory as is; a `.gguf` file as its dequantized directory (`spp.io.gguf`); a hub id as its
+    (cached) snapshot, weights in safetensors only.
 
     Raises:
         SppError: a local-looking path that is not a directory, or a hub id that cannot be fetched.
     """
+    from spp.io.gguf import gguf_directory, is_gguf
+
+    if is_gguf(name_or_path):
+        return gguf_directory(name_or_path)
     path = Path(name_or_path).expanduser()
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local:

@@ -356,9 +356,10 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) ->
             "source": cfg.calib, "nsamples": cfg.nsamples, "seqlen": checked.seqlen, "seed": cfg.seed,
         },
         "dampening_retries": retries,
+        "source": checked.checkpoint.source,  # a GGUF file's record: the weights pruned were dequantized from it
     }
     wall = time.perf_counter() - start
-    write_manifest(tmp, Manifest(stage="prune", settings=to_dict(cfg), inputs=_input_hashes(cfg),
+    write_manifest(tmp, Manifest(stage="prune", settings=to_dict(cfg), inputs=_input_hashes(cfg, checked.checkpoint),
                                  conditions=checked.conditions,
                                  details=details, wall_time_s=wall, peak_memory=peak_memory_bytes()))
     return PruneReport(output=Path(cfg.output), method=cfg.method, pattern=cfg.pattern,
@@ -385,13 +386,16 @@ def _block_table(module_stats: dict[str, dict]) -> list[tuple[str, int, int]]:
     return [(name, numel, pruned) for name, (numel, pruned) in table.items()]
 
 
-def _input_hashes(cfg: PruneConfig) -> dict[str, str]:
-    """sha256 of the local model directory's files and of a local calibration file (hub ids are recorded as such)."""
+def _input_hashes(cfg: PruneConfig, checkpoint) -> dict[str, str]:
+    """sha256 of the local model directory's files (of the file, for a GGUF file) and of a local calibration file
+    (hub ids are recorded as such)."""
     from spp.io.checkpoint import sha256_file
 
     out = {}
     model_dir = Path(cfg.model)
-    if model_dir.is_dir():
+    if checkpoint.source:
+        out[checkpoint.source["file"]] = checkpoint.source["sha256"]
+    elif model_dir.is_dir():
         for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
             out[str(path)] = sha256_file(path)
     else:

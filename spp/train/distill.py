@@ -38,7 +38,10 @@ def check_teacher(cfg, base: Path) -> Path:
     """
     from spp.models import load_config, load_tokenizer
 
-    teacher = Path(cfg.teacher).expanduser()
+    from spp.io.gguf import gguf_directory, is_gguf
+
+    # a GGUF teacher (spp run --model FILE.gguf) is its dequantized directory, as for --model
+    teacher = gguf_directory(cfg.teacher) if is_gguf(cfg.teacher) else Path(cfg.teacher).expanduser()
     if not teacher.is_dir():
         raise SppError(f"teacher {teacher} does not exist")
     if not (teacher / "config.json").is_file():
