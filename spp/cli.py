@@ -86,7 +86,7 @@ def _sparsity_table(title: str, blocks: list[tuple[str, int, int]], total: float
 
 @command("prune")
 def prune(
-    model: str = typer.Option(..., "--model", help="Local Hugging Face directory, or a hub id (downloads from the hub)."),
+    model: str = typer.Option(..., "--model", help="Local Hugging Face directory, a .gguf file (dequantized once; needs spp[gguf]), or a hub id (downloads from the hub)."),
     output: str = typer.Option(..., "--output", help="Output directory (built in OUTPUT.partial, then renamed)."),
     method: str = typer.Option("wanda", "--method", help="wanda, sparsegpt or magnitude."),
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M = at most N kept in every M inputs."),
@@ -221,7 +221,7 @@ def _split_list(values: Optional[list[str]]) -> list[str]:
 @command("eval")
 def eval_(
     paths: Optional[list[str]] = typer.Argument(None, help="With --compare: results directories or JSON files."),
-    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory (dense, pruned, merged), or a hub id (downloads from the hub)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory (dense, pruned, merged), a .gguf file (needs spp[gguf]), or a hub id (downloads from the hub)."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="An `spp train` output to evaluate unmerged on top of --model."),
     ppl: Optional[list[str]] = typer.Option(None, "--ppl", help="Comma list of PATH (.txt/.jsonl), NAME:PATH, or wikitext2 / c4 (downloaded from the hub); ptb needs ptb:PATH."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Perplexity window (default: the model's context, at most 4096)."),
