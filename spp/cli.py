@@ -210,6 +210,31 @@ def merge(
           + (f"; {report.kept_zero} kept weights are zero" if report.kept_zero else "") + f") -> {report.output}")
 
 
+@command("export", no_args_is_help=True)
+def export(
+    model: str = typer.Option(..., "--model", help="A sparse checkpoint (spp prune/merge output), or with --dense an `spp export` output."),
+    output: str = typer.Option(..., "--output", help="The output directory (built in OUTPUT.partial)."),
+    compressed: bool = typer.Option(True, "--compressed/--dense", help="Write kept values + the mask file (default), or restore the checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+):
+    """Store a sparse checkpoint compressed (kept values + bit-packed mask), or restore it exactly with --dense.
+
+    Example: spp export --model merged --output merged-compressed
+    """
+    from spp.config import ExportConfig
+    from spp.export import run_export
+
+    report = run_export(ExportConfig(model=model, output=output, compressed=compressed, overwrite=overwrite))
+    mib = 1 << 20
+    if report.direction == "compressed":
+        print(f"compressed {report.tensors} masked tensors: {report.dense_bytes / mib:.1f} MiB dense -> "
+              f"{report.compressed_bytes / mib:.1f} MiB (values + mask, {report.ratio:.3f}x); directory "
+              f"{report.total_bytes_in / mib:.1f} -> {report.total_bytes_out / mib:.1f} MiB -> {report.output}")
+    else:
+        print(f"restored {report.tensors} masked tensors ({report.total_bytes_in / mib:.1f} -> "
+              f"{report.total_bytes_out / mib:.1f} MiB) -> {report.output}")
+
+
 # --------------------------------------------------------------------------- eval
 
 

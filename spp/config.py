@@ -349,6 +349,16 @@ class MergeConfig:
     overwrite: bool = False
 
 
+@dataclass
+class ExportConfig:
+    """Settings of `spp export`: `compressed` writes kept values + mask (spp.io.compressed); False restores."""
+
+    model: str  # an spp prune/merge output (compressed=True) or an `spp export` output (False)
+    output: str
+    compressed: bool = True
+    overwrite: bool = False
+
+
 # --------------------------------------------------------------------------- pipeline
 
 

@@ -1,0 +1,123 @@
+"""`spp export`: write a sparse checkpoint compressed (kept values + the mask file), or restore it.
+
+`--compressed` (the default) takes an `spp prune` or `spp merge` output, checks that every pruned
+entry is +0.0 (so the restore is exact), and writes `spp.io.compressed`'s layout; `--dense`
+restores such a directory to the checkpoint it came from, file for file (its shards are
+byte-identical to the source's, and the source's own manifest comes back, so `spp verify` passes
+on the restored directory). What can be deployed: the restored (or any uncompressed) sparse
+checkpoint loads anywhere as a dense one; the compressed form is for storage and transfer.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from spp.config import ExportConfig, to_dict
+from spp.errors import SppError
+
+
+@dataclass
+class ExportReport:
+    output: Path
+    direction: str  # "compressed" or "dense"
+    tensors: int  # masked tensors compressed or restored
+    dense_bytes: int  # of the masked tensors, as stored dense
+    compressed_bytes: int  # their kept values plus their share of the mask file
+    total_bytes_in: int  # every file of the input directory
+    total_bytes_out: int  # every file of the output directory
+
+    @property
+    def ratio(self) -> float:
+        """Compressed bytes of the masked tensors over their dense bytes."""
+        return self.compressed_bytes / self.dense_bytes if self.dense_bytes else 1.0
+
+
+def _directory_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+def _mask_bytes(masks) -> int:
+    """Bytes of the bit-packed masks: ceil(in / 8) per output row, as `spp.io.maskfile` stores them."""
+    return sum(keep.shape[0] * -(-keep.shape[1] // 8) for keep in masks.values())
+
+
+def run_export(cfg: ExportConfig) -> ExportReport:
+    """Compress `cfg.model` into `cfg.output` (`cfg.compressed`), or restore a compressed directory.
+
+    Raises:
+        SppError: the input has no mask file, a pruned entry is not +0.0, the input is not (or is already)
+            compressed, or the output exists without `overwrite`.
+    """
+    from spp.io.checkpoint import atomic_dir, check_output_dir
+    from spp.io.compressed import SUFFIX
+
+    start, source = time.perf_counter(), Path(cfg.model)
+    if not source.is_dir():
+        raise SppError(f"--model {source} is not a directory")
+    check_output_dir(Path(cfg.output), cfg.overwrite)
+    packed = sorted(source.glob("*" + SUFFIX))
+    if cfg.compressed and packed:
+        raise SppError(f"{source} is already compressed ({packed[0].name}); use --dense to restore it")
+    if not cfg.compressed and not packed:
+        raise SppError(f"{source} holds no {SUFFIX} files: it is not an `spp export --compressed` output")
+    with atomic_dir(Path(cfg.output), overwrite=cfg.overwrite) as tmp:
+        if cfg.compressed:
+            report = _compress(source, tmp)
+            _write_manifest(cfg, tmp, report, start)
+        else:
+            report = _restore(source, tmp)
+    report.output, report.total_bytes_in = Path(cfg.output), _directory_bytes(source)
+    report.total_bytes_out = _directory_bytes(cfg.output)
+    return report
+
+
+def _compress(source: Path, tmp: Path) -> ExportReport:
+    from spp.io.checkpoint import MANIFEST_FILE, follow_umask, safetensors_files
+    from spp.io.compressed import PARKED, SUFFIX, compress_shard
+    from spp.io.reader import INDEX_SUFFIX, read_checkpoint
+
+    masks, _ = read_checkpoint(source).read_masks()  # the checkpoint whole and its mask file valid
+    shards = safetensors_files(source)
+    dense = values = 0
+    for shard in shards:
+        sizes = compress_shard(shard, tmp / (shard.stem + SUFFIX), masks)
+        dense, values = dense + sizes["dense"], values + sizes["values"]
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path not in shards:
+            parked = path.name == MANIFEST_FILE or path.name.endswith(INDEX_SUFFIX)
+            shutil.copyfile(path, tmp / (path.name + PARKED if parked else path.name))
+    follow_umask(*(p for p in tmp.iterdir() if p.is_file()))
+    return ExportReport(output=tmp, direction="compressed", tensors=len(masks), dense_bytes=dense,
+                        compressed_bytes=values + _mask_bytes(masks), total_bytes_in=0, total_bytes_out=0)
+
+
+def _restore(source: Path, tmp: Path) -> ExportReport:
+    from spp.io.checkpoint import MANIFEST_FILE, MASK_FILE, follow_umask
+    from spp.io.compressed import PARKED, SUFFIX, decompress_shard
+    from spp.io.maskfile import load_masks
+
+    masks, _ = load_masks(source / MASK_FILE)
+    packed = sorted(source.glob("*" + SUFFIX))
+    for path in packed:
+        decompress_shard(path, tmp / (path.stem + ".safetensors"), masks)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path not in packed and path.name != MANIFEST_FILE:  # the export's own manifest
+            shutil.copyfile(path, tmp / path.name.removesuffix(PARKED))
+    follow_umask(*(p for p in tmp.iterdir() if p.is_file()))
+    dense = sum(p.stat().st_size for p in tmp.glob("*.safetensors") if p.name != MASK_FILE)
+    return ExportReport(output=tmp, direction="dense", tensors=len(masks), dense_bytes=dense,
+                        compressed_bytes=sum(p.stat().st_size for p in packed), total_bytes_in=0, total_bytes_out=0)
+
+
+def _write_manifest(cfg: ExportConfig, tmp: Path, report: ExportReport, start: float) -> None:
+    from spp.io.manifest import Manifest, hash_outputs, peak_memory_bytes, write_manifest
+
+    write_manifest(tmp, Manifest(
+        stage="export", settings=to_dict(cfg),
+        inputs={str(Path(cfg.model) / name): digest for name, digest in hash_outputs(Path(cfg.model)).items()},
+        details={"format": "spp-compressed", "masked_tensors": report.tensors, "dense_bytes": report.dense_bytes,
+                 "compressed_bytes": report.compressed_bytes, "ratio": report.ratio},
+        wall_time_s=time.perf_counter() - start, peak_memory=peak_memory_bytes()))
