@@ -259,6 +259,7 @@ def eval_(
     output: Optional[str] = typer.Option(None, "--output", help="Write results.json and the manifest here."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    sparse_kernels: bool = typer.Option(False, "--sparse-kernels", help="Run the 2:4 linears on cuSPARSELt (CUDA, float16/bfloat16); reports speed against dense."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
     compare: bool = typer.Option(False, "--compare", help="Print earlier results side by side instead of evaluating."),
     verbose: bool = typer.Option(False, "--verbose", help="Show every library message (by default spp.quiet drops the ones listed there)."),
@@ -288,7 +289,7 @@ def eval_(
     cfg = EvalConfig(model=model, adapter=adapter, ppl=_split_list(ppl), seqlen=seqlen, max_windows=max_windows,
                      tasks=_split_list(tasks), task_data=task_data or os.environ.get("SPP_TASK_DATA") or None,
                      limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, output=output, device=device,
-                     dtype=dtype, overwrite=overwrite)
+                     dtype=dtype, sparse_kernels=sparse_kernels, overwrite=overwrite)
     with quiet_output(verbose, lm_eval=bool(cfg.tasks)) as noise:
         report = run_eval(cfg)
     table = Table(title=f"{model}" + (f" + adapter {adapter}" if adapter else ""))

@@ -296,6 +296,7 @@ class EvalConfig:
     output: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    sparse_kernels: bool = False  # run 2:4 linears on cuSPARSELt (spp.eval.sparse_kernels); CUDA, fp16/bf16 only
     overwrite: bool = False
 
     def __post_init__(self):

@@ -120,11 +120,19 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
 
         check_output_dir(Path(cfg.output), cfg.overwrite)
     adapter_cfg = _check_adapter(cfg, checkpoint) if cfg.adapter else None
+    kernel_masks = None
+    if cfg.sparse_kernels:
+        from spp.eval.sparse_kernels import apply_sparse_kernels, check_sparse_kernels
+
+        kernel_masks = check_sparse_kernels(checkpoint, cfg.dtype, cfg.adapter, device)
     tokenizer = load_tokenizer(str(checkpoint.directory))
     ppl_inputs = _prepare_ppl(cfg, tokenizer, seqlen)
     with tempfile.TemporaryDirectory(prefix="spp-tasks-") as workdir:
         setup = prepare_tasks(cfg.tasks, cfg.task_data, Path(workdir)) if cfg.tasks else None
         model = _load(cfg, checkpoint, device)
+        sparse_kernels = None
+        if kernel_masks is not None:  # dense speed, conversion, logits check, sparse speed; then evaluate sparse
+            sparse_kernels = apply_sparse_kernels(model, kernel_masks, model.config.get_text_config().vocab_size)
         ppl_results = {}
         for key, text, ids in ppl_inputs:
             res = perplexity(model, ids, seqlen, cfg.batch_size, cfg.max_windows)
@@ -149,6 +157,7 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
         "seqlen": seqlen,
         "perplexity": ppl_results,
         "zeroshot": zeroshot,
+        "sparse_kernels": sparse_kernels,
         "lm_eval_version": _lm_eval_version(),
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -226,6 +235,10 @@ def results_rows(results: dict) -> list[tuple[str, str]]:
                 rows.append((f"{label} {metric} (lm-eval; not token ppl)", f"{task[metric]:.4f}"))
     if zeroshot.get("mean_acc") is not None:
         rows.append(("mean acc", f"{zeroshot['mean_acc']:.4f}"))
+    kernels = results.get("sparse_kernels")
+    if kernels:
+        for phase in ("prefill", "decode"):
+            rows.append((f"2:4 kernels {phase} speed-up", f"{kernels[f'{phase}_speedup']:.3f}x"))
     return rows
 
 

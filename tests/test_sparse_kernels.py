@@ -1,0 +1,68 @@
+"""`spp eval --sparse-kernels` (spp.eval.sparse_kernels): the checks that run on any machine.
+
+The conversion and the timing need a CUDA GPU (cuSPARSELt); `scripts/bench_sparse24.py` measures them there.
+Here: the 2:4 check against a loop, each refusal as one line, and that a valid 2:4 model reaches the CUDA check.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from spp.cli import app
+from spp.eval.sparse_kernels import nm_violations, refusal
+
+from conftest import save_tiny_stories_llama
+from test_gguf import one_line_error
+
+
+def nm_violations_loop(keep, n=2, m=4):
+    count = 0
+    for row in keep.tolist():
+        for g in range(0, len(row), m):
+            count += sum(row[g : g + m]) > n
+    return count
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.integers(1, 6), groups=st.integers(1, 6), seed=st.integers(0, 2**16), density=st.floats(0, 1))
+def test_nm_violations_equals_a_loop(rows, groups, seed, density):
+    keep = torch.rand(rows, 4 * groups, generator=torch.Generator().manual_seed(seed)) < density
+    assert nm_violations(keep) == nm_violations_loop(keep)
+
+
+def test_refusals_name_the_layer():
+    ok = torch.tensor([[1, 1, 0, 0] * 4] * 16, dtype=torch.bool)
+    assert refusal("w", ok, "linear", torch.bfloat16) is None
+    assert "not a 2-D nn.Linear" in refusal("w", ok, "conv1d", torch.float16)
+    assert "multiples of (16, 16)" in refusal("w", ok[:8], "linear", torch.float16)
+    three = ok.clone()
+    three[0, 2] = True
+    assert "1 groups of 4 inputs keep more than 2" in refusal("w", three, "linear", torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def pruned_24(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("kernels")
+    save_tiny_stories_llama(root / "dense", shared_data)
+    for name, pattern in (("p24", "2:4"), ("p50", "unstructured")):
+        result = CliRunner().invoke(app, ["prune", "--model", str(root / "dense"), "--method", "magnitude",
+                                          "--pattern", pattern, "--output", str(root / name)])
+        assert result.exit_code == 0, result.output
+    text = root / "text.txt"
+    text.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:20000])
+    return root
+
+
+def kernels(root, model, *extra):
+    return CliRunner().invoke(app, ["eval", "--model", str(root / model), "--ppl", str(root / "text.txt"),
+                                    "--seqlen", "64", "--max-windows", "1", "--device", "cpu", "--sparse-kernels",
+                                    *extra])
+
+
+def test_bad_inputs_are_refused_before_loading(pruned_24):
+    one_line_error(kernels(pruned_24, "p24"), "--dtype float16 or bfloat16")
+    one_line_error(kernels(pruned_24, "p50", "--dtype", "bfloat16"), "is not 2:4 sparse")
+    one_line_error(kernels(pruned_24, "dense", "--dtype", "float16"), "masks.safetensors")
+    one_line_error(kernels(pruned_24, "p24", "--dtype", "bfloat16"), "needs a CUDA GPU")
