@@ -160,6 +160,7 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The dense model to distil from (with kd_weight or squarehead_weight > 0)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    distributed: Optional[str] = typer.Option(None, "--distributed", help="ddp (replicate the model on each process) or fsdp (shard it with FSDP2; launch with torchrun)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set learning_rate=1e-3 (repeatable)."),
 ):
@@ -173,7 +174,7 @@ def train(
 
     path = find_config(config)
     flags = {"base_model": model, "data_path": data, "output_dir": output, "max_steps": max_steps, "teacher": teacher,
-             "resume": resume or None, "overwrite": overwrite or None}
+             "resume": resume or None, "overwrite": overwrite or None, "distributed": distributed}
     cfg = merge_into(TrainConfig, [(str(path), read_yaml(path)),
                                    ("flags", {k: v for k, v in flags.items() if v is not None}),
                                    ("--set", parse_set(set_ or []))])

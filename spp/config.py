@@ -185,6 +185,9 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    # Several processes: `ddp` replicates the model (accelerate's DDP); `fsdp` shards it with FSDP2 (spp.train.fsdp).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    cpu_offload: bool = False  # fsdp only: keep sharded parameters, gradients and AdamW state in CPU memory
     seed: int = 42
     logging_steps: int = 10
     eval_steps: int = 200
@@ -230,6 +233,11 @@ class TrainConfig:
         if self.max_grad_norm is not None:
             _check_range("max_grad_norm", self.max_grad_norm, 0.0, lo_open=True)
         self._check_distillation()
+        if self.distributed == "fsdp" and self.precision == "fp16":
+            raise SppError("precision=fp16 with distributed=fsdp is not supported (fp16 needs a sharded loss scaler); "
+                           "use precision=bf16 or fp32")
+        if self.cpu_offload and self.distributed != "fsdp":
+            raise SppError("cpu_offload=true needs distributed=fsdp (it offloads FSDP's shards)")
         self.adapter_config()  # checks the adapter keys (a non-zero lora_dropout among them)
 
     def _check_distillation(self) -> None:

@@ -290,6 +290,63 @@ def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> Non
     follow_umask(Path(path))
 
 
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "uint8": "U8",
+                      "int64": "I64", "bool": "BOOL"}
+
+
+def save_tensors_streamed(specs: dict, chunks, path: Path, metadata: dict | None = None) -> None:
+    """Write a safetensors file whose tensors arrive one group at a time, so no process ever holds them all.
+
+    The format is an 8-byte little-endian header length, a JSON header of names, dtypes, shapes and byte
+    offsets (padded with spaces to a multiple of 8), then the raw little-endian bytes in offset order
+    (the safetensors specification). The header is written from `specs` first, so the tensors must then
+    arrive in the order of `specs` with exactly those dtypes and shapes; `safetensors.torch.load_file`
+    reads the result like any other file.
+
+    Args:
+        specs: name -> (torch dtype, shape), in file order.
+        chunks: an iterable of {name: CPU tensor} dicts, together covering `specs` in order.
+        path: the file to write. metadata: string -> string, as `save_file`'s.
+
+    Raises:
+        RuntimeError: a tensor arrives out of order or with another dtype or shape (a bug in the caller).
+    """
+    import struct
+
+    import torch
+
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, (dtype, shape) in specs.items():
+        size = dtype.itemsize * _numel(shape)
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    expected = iter(specs.items())
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for chunk in chunks:
+            for name, tensor in chunk.items():
+                want, (dtype, shape) = next(expected, (None, (None, None)))
+                if name != want or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                    raise RuntimeError(f"streamed tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match "
+                                       f"the header's next entry {want} {shape} {dtype}; this is a bug in spp")
+                f.write(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        if next(expected, None) is not None:
+            raise RuntimeError(f"{path}: fewer tensors arrived than the header lists; this is a bug in spp")
+    follow_umask(Path(path))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def torch_equal(a, b) -> bool:
     """Bitwise equality of two tensors (so +0.0 and -0.0 differ)."""
     import torch
@@ -306,6 +363,7 @@ OPTIMIZER_WEIGHTS_FILE = "optimizer.safetensors"
 OPTIMIZER_CONFIG_FILE = "optimizer.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 RNG_FILE_PATTERN = "rng-rank{rank}.safetensors"
+SHARDED_STATE_DIR = "sharded"  # distributed: fsdp: each rank's shards of the adapter and AdamW state (DCP)
 
 # `spp prune` progress inside OUTPUT.partial/ (see spp.io.progress); removed before the output is renamed.
 PRUNE_PROGRESS_DIR = "prune-progress"

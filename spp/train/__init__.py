@@ -6,7 +6,8 @@ and wrap its target layers in the adapter layer of `cfg.adapter` (`spp.adapter`)
 `DIR.partial/` (kept on a crash so `--resume` can continue, under the same run conditions,
 `spp.io.conditions`), check the pruned-entries
 invariant on the effective weights, and write the adapter, the manifest and the log.
-The loop itself (steps, checkpoints, resume state) is `spp.train.loop`.
+The loop itself (steps, checkpoints, resume state) is `spp.train.loop`; with `distributed: fsdp`
+the model is sharded by `spp.train.fsdp` instead of being prepared (wrapped in DDP) by accelerate.
 """
 
 from __future__ import annotations
@@ -88,23 +89,34 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     trainable = count_trainable(model)
+    sharded = cfg.distributed == "fsdp"
+    own_group = False
+    if sharded:  # before the optimizer, which must hold the sharded parameters
+        from spp.train.fsdp import shard_model, start_process_group
+
+        own_group = start_process_group()
+        masks = None  # a byte per weight of the whole model on every rank: reread at the end, by the main rank only
+        shard_model(model, cfg.cpu_offload)
+        if teacher is not None:
+            shard_model(teacher, cfg.cpu_offload)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the teacher is not prepared: no DDP wrapper, no grads
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)  # the teacher is not prepared: no DDP wrapper, no grads
     distill = Distillation.build(cfg, teacher, accelerator.unwrap_model(model)) if teacher is not None else None
 
     with output_workdir(accelerator, output, cfg) as workdir:
         state = LoopState(run_conditions=conditions)
         if cfg.resume:
-            checkpoint = checkpoint_dirs(workdir)[-1]
-            state = load_checkpoint(accelerator, model, optimizer, checkpoint, len(train))
+            last = checkpoint_dirs(workdir)[-1]
+            state = load_checkpoint(accelerator, model, optimizer, last, len(train), sharded)
             if accelerator.is_main_process:
                 truncate_log(workdir / TRAIN_LOG_FILE, state.step)
         elif accelerator.is_main_process:
             write_yaml(workdir / RESOLVED_CONFIG_FILE, cfg)
         resumed_from = state.step
         inputs = LoopInputs(train=train, val=val, pad_id=pad_id, total_steps=total_steps, cfg=cfg, workdir=workdir,
-                            distill=distill)
+                            distill=distill, sharded=sharded)
         state = train_loop(accelerator, model, optimizer, adapter_cfg, inputs, state)
         report = TrainReport(output=output, steps=state.step, train_loss=state.train_loss, val_loss=state.val_loss,
                              trainable_params=trainable, adapted_modules=len(adapted), train_examples=len(train),
@@ -114,11 +126,24 @@ def run_train(cfg: TrainConfig) -> TrainReport:
         if distill is not None:
             distill.close()
         unwrapped = accelerator.unwrap_model(model)
-        if accelerator.is_main_process:
+        if sharded:  # every process takes part in the per-layer gathers; the main one checks and writes
+            from spp.train.fsdp import gathered_layers, save_adapter_gathered
+
+            masks = checkpoint.masks_by_parameter() if accelerator.is_main_process else {}
+            for name, layer, W, tensors in gathered_layers(unwrapped):
+                if accelerator.is_main_process:
+                    check_layer_zeros(name, layer, W, masks, tensors)
+            save_adapter_gathered(unwrapped, adapter_cfg, workdir, accelerator.is_main_process)
+        elif accelerator.is_main_process:
             check_pruned_zeros(unwrapped, masks)
             save_adapter(unwrapped, adapter_cfg, workdir)
+        if accelerator.is_main_process:
             write_train_manifest(workdir, cfg, base, mask_sha256, report, conditions)
         accelerator.wait_for_everyone()
+    if own_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return report
 
 
@@ -162,7 +187,12 @@ def check_resumable(cfg: TrainConfig, partial: Path) -> None:
 
     if not checkpoint_dirs(partial):
         raise SppError(f"--resume: there is no checkpoint in {partial} to resume from")
+    import dataclasses
+
     saved = read_yaml(partial / RESOLVED_CONFIG_FILE)
+    # A key added to TrainConfig after the interrupted run started was at its default then.
+    saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
+                and f.name not in saved}, **saved}
     now = to_dict(cfg)
     changed = sorted(k for k in now.keys() | saved.keys() if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if changed:
@@ -189,22 +219,29 @@ def make_accelerator(cfg: TrainConfig):
     """An `Accelerator` for `cfg.precision`, refusing a launch whose processes did not join.
 
     Raises:
-        SppError: WORLD_SIZE > 1 but accelerate sees one process, a sharded launch (FSDP,
-            DeepSpeed), the global batch does not split into micro-batches over the processes,
-            or accelerate cannot start (e.g. the precision is unavailable).
+        SppError: WORLD_SIZE > 1 but accelerate sees one process, a DeepSpeed or Megatron-LM
+            launch, accelerate's own FSDP config without `distributed: fsdp`, the global batch
+            does not split into micro-batches over the processes, or accelerate cannot start
+            (e.g. the precision is unavailable).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Under a plain torchrun on a CPU-only machine accelerate starts no process group unless told the
+    # processes are CPU ones; FSDP runs under torchrun as well as under accelerate launch.
+    cpu = cfg.distributed == "fsdp" and world > 1 and not torch.cuda.is_available()
     try:
-        accelerator = Accelerator(mixed_precision=PRECISIONS[cfg.precision][0])
+        accelerator = Accelerator(mixed_precision=PRECISIONS[cfg.precision][0], cpu=cpu)
     except (ValueError, RuntimeError) as exc:
         raise SppError(f"accelerate could not start (precision={cfg.precision}): {str(exc).splitlines()[0]}") from exc
-    sharded = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.MEGATRON_LM: "Megatron-LM"}
-    if accelerator.distributed_type in sharded:
-        raise SppError(f"{sharded[accelerator.distributed_type]} is not supported by spp train yet (its checkpoints "
-                       "would hold sharded adapter and optimizer state); launch with DDP: accelerate launch --multi_gpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    refused = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.MEGATRON_LM: "Megatron-LM"}
+    if accelerator.distributed_type in refused:
+        raise SppError(f"{refused[accelerator.distributed_type]} is not supported by spp train; for a model that does "
+                       "not fit one device use distributed: fsdp (--distributed fsdp; spp shards it with FSDP2)")
+    if accelerator.distributed_type == DistributedType.FSDP and cfg.distributed != "fsdp":
+        raise SppError("accelerate's FSDP config is set but spp applies its own FSDP2 sharding: pass --distributed fsdp "
+                       "(accelerate's fsdp_* settings are not used) or launch without --use_fsdp")
     if world > 1 and accelerator.num_processes == 1:
         raise SppError(f"WORLD_SIZE={world} but accelerate reports 1 process: launch with `accelerate launch` "
                        "(on a CPU-only machine: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N)")
@@ -294,22 +331,33 @@ def check_pruned_zeros(model, masks: dict[str, torch.Tensor]) -> None:
     Raises:
         RuntimeError: a violation, which can only be a bug in spp.
     """
-    from spp.adapter import ADAPTERS
     from spp.adapter.model import adapter_layers
-    from spp.models import is_conv1d, weight_out_in
-    from spp.prune.masks import pruned_is_positive_zero
+    from spp.models import weight_out_in
 
     for name, layer in adapter_layers(model).items():
-        if f"{name}.weight" not in masks:
-            continue
-        keep = masks[f"{name}.weight"].to(layer.weight.device)
-        keep = keep.t() if is_conv1d(layer.base_layer) else keep  # (out, in)
-        W = weight_out_in(layer.base_layer).detach()
-        kind = ADAPTERS[layer.kind]
-        with torch.no_grad():
-            W_eff = kind.effective_weight(W, keep, layer.adapter_tensors(), getattr(layer, "scale", 1.0))
-        if not pruned_is_positive_zero(W, keep).all() or not pruned_is_positive_zero(W_eff, keep).all():
-            raise RuntimeError(f"{name}: a pruned entry is not +0.0 after training; this is a bug in spp")
+        check_layer_zeros(name, layer, weight_out_in(layer.base_layer).detach(), masks, layer.adapter_tensors())
+
+
+def check_layer_zeros(name: str, layer, W: torch.Tensor, masks: dict[str, torch.Tensor],
+                      tensors: dict[str, torch.Tensor]) -> None:
+    """`check_pruned_zeros` for one adapter layer, given its whole weight W (out, in) and adapter tensors
+    (gathered first when the model is sharded).
+
+    Raises:
+        RuntimeError: a pruned entry of W or of the effective weight is not +0.0 (a bug in spp).
+    """
+    from spp.adapter import ADAPTERS
+    from spp.models import is_conv1d
+    from spp.prune.masks import pruned_is_positive_zero
+
+    if f"{name}.weight" not in masks:
+        return
+    keep = masks[f"{name}.weight"].to(W.device)
+    keep = keep.t() if is_conv1d(layer.base_layer) else keep  # (out, in)
+    with torch.no_grad():
+        W_eff = ADAPTERS[layer.kind].effective_weight(W, keep, tensors, getattr(layer, "scale", 1.0))
+    if not pruned_is_positive_zero(W, keep).all() or not pruned_is_positive_zero(W_eff, keep).all():
+        raise RuntimeError(f"{name}: a pruned entry is not +0.0 after training; this is a bug in spp")
 
 
 def write_train_manifest(workdir: Path, cfg: TrainConfig, base: Path, mask_sha256: str, report: TrainReport,

@@ -1,5 +1,10 @@
 """The training loop under accelerate: one optimizer step per global batch, logging, checkpoints, resume.
 
+Under `distributed: fsdp` the model is sharded by `spp.train.fsdp` and not prepared by accelerate:
+the loop then toggles FSDP2's gradient sync itself, clips the sharded gradients, and checkpoints
+through `torch.distributed.checkpoint` (`sharded=True` below); accelerate still starts the processes
+and reduces the loop's counters.
+
 Data order is a pure function of (seed, step): epoch e visits the training examples in
 the order `randperm(n, seed + e)`, and global step t takes the next `batch_size` of
 them. Each process takes its own contiguous slice of that global batch (so ranks see
@@ -37,6 +42,7 @@ from spp.io.checkpoint import (
     OPTIMIZER_CONFIG_FILE,
     OPTIMIZER_WEIGHTS_FILE,
     RNG_FILE_PATTERN,
+    SHARDED_STATE_DIR,
     TRAIN_LOG_FILE,
     TRAINER_STATE_FILE,
     read_json,
@@ -136,11 +142,13 @@ def optimizer_state(tensors: dict[str, torch.Tensor], config: dict, names: list[
 
 
 def save_checkpoint(accelerator, model, optimizer, adapter_cfg, state: LoopState, workdir: Path,
-                    keep: int, data_position: dict) -> Path:
+                    keep: int, data_position: dict, sharded: bool = False) -> Path:
     """Write `checkpoints/step-N/` atomically: build `step-N.tmp/`, then rename; then drop old ones.
 
     The previous checkpoint stays until the new one is complete; at most `keep` remain.
-    Every process writes its own RNG state; the main process writes the rest.
+    Every process writes its own RNG state; the main process writes the rest. Sharded (FSDP):
+    every process writes its shards of the adapter and AdamW state into `sharded/` (DCP), and the
+    main process the gathered adapter file; `workdir` must be on a filesystem all processes share.
     """
     root = Path(workdir) / CHECKPOINTS_DIR
     final = root / f"{CHECKPOINT_PREFIX}{state.step}"
@@ -153,7 +161,16 @@ def save_checkpoint(accelerator, model, optimizer, adapter_cfg, state: LoopState
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_tensors(rng, tmp / RNG_FILE_PATTERN.format(rank=accelerator.process_index))
-    if accelerator.is_main_process:
+    if sharded:
+        from spp.train.fsdp import save_adapter_gathered, save_sharded_state
+
+        save_sharded_state(model, optimizer, tmp / SHARDED_STATE_DIR)
+        save_adapter_gathered(model, adapter_cfg, tmp, accelerator.is_main_process)
+        fault_point("checkpoint_write", state.step)
+        if accelerator.is_main_process:
+            write_json(tmp / TRAINER_STATE_FILE, {**asdict(state), "data_position": data_position,
+                                                  "python_random": _python_rng_json(), "grad_scaler": None})
+    elif accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         save_adapter(unwrapped, adapter_cfg, tmp)
         fault_point("checkpoint_write", state.step)
@@ -186,7 +203,8 @@ def data_position(n_examples: int, batch_size: int, seed: int, step: int) -> dic
             "seed": seed}
 
 
-def load_checkpoint(accelerator, model, optimizer, checkpoint: Path, n_examples: int) -> LoopState:
+def load_checkpoint(accelerator, model, optimizer, checkpoint: Path, n_examples: int,
+                    sharded: bool = False) -> LoopState:
     """Restore adapter, optimizer, RNG and loop state from `checkpoint` (in place).
 
     Raises:
@@ -195,18 +213,12 @@ def load_checkpoint(accelerator, model, optimizer, checkpoint: Path, n_examples:
     """
     from safetensors.torch import load_file
 
-    unwrapped = accelerator.unwrap_model(model)
-    weights = read_adapter_weights(checkpoint)
-    params = adapter_state_dict(unwrapped)
-    if set(weights) != set(params):
-        raise SppError(f"checkpoint {checkpoint} holds another adapter than this model has")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(weights[name])
-    names = list(params)
-    tensors = load_file(str(checkpoint / OPTIMIZER_WEIGHTS_FILE))
-    config = read_json(checkpoint / OPTIMIZER_CONFIG_FILE, what="optimizer state")
-    optimizer.load_state_dict(optimizer_state(tensors, config, names))
+    if sharded:
+        from spp.train.fsdp import load_sharded_state
+
+        load_sharded_state(model, optimizer, checkpoint / SHARDED_STATE_DIR)
+    else:
+        _load_replicated(accelerator, model, optimizer, checkpoint)
     rng_path = checkpoint / RNG_FILE_PATTERN.format(rank=accelerator.process_index)
     if not rng_path.is_file():
         raise SppError(f"checkpoint {checkpoint} has no RNG state for process {accelerator.process_index} "
@@ -227,6 +239,24 @@ def load_checkpoint(accelerator, model, optimizer, checkpoint: Path, n_examples:
     version, internal, gauss = raw.pop("python_random")
     random.setstate((version, tuple(internal), gauss))
     return LoopState(**raw)
+
+
+def _load_replicated(accelerator, model, optimizer, checkpoint: Path) -> None:
+    """The adapter and AdamW state of an unsharded checkpoint (safetensors + JSON), into `model` and `optimizer`."""
+    from safetensors.torch import load_file
+
+    unwrapped = accelerator.unwrap_model(model)
+    weights = read_adapter_weights(checkpoint)
+    params = adapter_state_dict(unwrapped)
+    if set(weights) != set(params):
+        raise SppError(f"checkpoint {checkpoint} holds another adapter than this model has")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+    names = list(params)
+    tensors = load_file(str(checkpoint / OPTIMIZER_WEIGHTS_FILE))
+    config = read_json(checkpoint / OPTIMIZER_CONFIG_FILE, what="optimizer state")
+    optimizer.load_state_dict(optimizer_state(tensors, config, names))
 
 
 def truncate_log(log_path: Path, step: int) -> None:
@@ -267,6 +297,7 @@ class LoopInputs:
     cfg: TrainConfig
     workdir: Path
     distill: Distillation | None = None  # the teacher, when kd_weight or squarehead_weight > 0
+    sharded: bool = False  # distributed: fsdp (the model is FSDP2-sharded, not prepared by accelerate)
 
 
 TERMS = ("ce", "kd", "squarehead")  # the loss terms logged besides the total, in _step's order
@@ -299,12 +330,16 @@ def _micro_batch_loss(accelerator, model, batch: dict, ce_weight: float,
 
 
 def _step(accelerator, model, batches: list[dict], world_size: int, ce_weight: float = 1.0,
-          distill: Distillation | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          distill: Distillation | None = None,
+          sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward/backward over this process's micro-batches; gradients of (ce_weight·Σ NLL + the
     distillation terms) / N_global.
 
-    N_global, the target count of the whole global batch, is all-reduced first. DDP
-    averages gradients over processes, so each process scales its loss by world_size.
+    N_global, the target count of the whole global batch, is all-reduced first. DDP and FSDP
+    average gradients over processes, so each process scales its loss by world_size. Gradients
+    are synchronised after the last micro-batch only (DDP's `no_sync`; FSDP2's
+    `set_requires_gradient_sync`, which keeps the unsharded gradients until then). A sharded model
+    is not wrapped by accelerate, so its forward gets accelerate's autocast here.
 
     Returns:
         (Σ over the global batch of (loss, NLL, KL, SquareHead) as a float64 (4,) tensor, N_global,
@@ -316,8 +351,11 @@ def _step(accelerator, model, batches: list[dict], world_size: int, ce_weight: f
     totals = torch.zeros(1 + len(TERMS), dtype=torch.float64, device=accelerator.device)
     for k, batch in enumerate(batches):
         batch = {key: v.to(accelerator.device) for key, v in batch.items()}
-        sync = contextlib.nullcontext() if k == len(batches) - 1 else accelerator.no_sync(model)
-        with sync:
+        last = k == len(batches) - 1
+        if sharded:
+            model.set_requires_gradient_sync(last)
+        sync = contextlib.nullcontext() if last or sharded else accelerator.no_sync(model)
+        with sync, (accelerator.autocast() if sharded else contextlib.nullcontext()):
             loss, terms = _micro_batch_loss(accelerator, model, batch, ce_weight, distill)
             accelerator.backward(loss * (world_size / n_targets.clamp(min=1)))
         totals[0] += loss.detach().double()
@@ -350,7 +388,8 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             ids = rank_slice(global_batch(len(inputs.train), cfg.batch_size, cfg.seed, state.step), rank, world)
             batches = [pad_batch([inputs.train[i] for i in ids[j : j + micro]], inputs.pad_id)
                        for j in range(0, len(ids), micro)]
-            sums, n_targets, n_tokens = _step(accelerator, model, batches, world, cfg.ce_weight, inputs.distill)
+            sums, n_targets, n_tokens = _step(accelerator, model, batches, world, cfg.ce_weight, inputs.distill,
+                                              inputs.sharded)
             if int(n_targets) == 0:  # spp.train.build_examples drops every example without a target token
                 raise RuntimeError(f"step {state.step + 1} has no target token in its global batch; this is a bug in spp")
             loss = float(sums[0] / n_targets.clamp(min=1))
@@ -360,7 +399,11 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             lr = cfg.learning_rate * lr_factor(state.step, inputs.total_steps, warmup, cfg.lr_scheduler)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if cfg.max_grad_norm is not None:
+            if cfg.max_grad_norm is not None and inputs.sharded:
+                from spp.train.fsdp import clip_grad_norm_
+
+                clip_grad_norm_(params, cfg.max_grad_norm)
+            elif cfg.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -387,7 +430,7 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             if saved:
                 position = data_position(len(inputs.train), cfg.batch_size, cfg.seed, state.step)
                 save_checkpoint(accelerator, model, optimizer, adapter_cfg, state, inputs.workdir,
-                                cfg.save_total_limit, position)
+                                cfg.save_total_limit, position, inputs.sharded)
             if record is not None and "tokens_per_s" in record:  # the next window starts after eval and save
                 rate, window_tokens, window_start = record["tokens_per_s"], 0, time.perf_counter()
             progress.update(task, completed=state.step, info=f"loss {loss:.4f}  lr {lr:.2e}  {rate:.0f} tok/s")
@@ -397,7 +440,7 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
                 if not saved:
                     position = data_position(len(inputs.train), cfg.batch_size, cfg.seed, state.step)
                     save_checkpoint(accelerator, model, optimizer, adapter_cfg, state, inputs.workdir,
-                                    cfg.save_total_limit, position)
+                                    cfg.save_total_limit, position, inputs.sharded)
                 raise SppInterrupted(f"interrupted at step {state.step} of {inputs.total_steps}; the checkpoint is "
                                      f"in {inputs.workdir / CHECKPOINTS_DIR}: continue with the same `spp train ...` "
                                      "command plus --resume")

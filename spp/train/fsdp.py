@@ -1,0 +1,227 @@
+"""Sharded training with PyTorch FSDP2: spp's sharding policy, gradient clipping, DCP checkpoints, gathering.
+
+With `distributed: fsdp`, `spp.train` calls `shard_model` instead of accelerate's `prepare`:
+`torch.distributed.fsdp.fully_shard` on each decoder block, on the input embeddings and on the
+output layer (each its own unit, unless the two are tied), then on the root, so each rank holds
+1/world of every frozen weight, adapter tensor, gradient and AdamW moment (FSDP2 shards dim 0 of
+each parameter). The mixed-precision policy leaves parameter dtypes alone (`param_dtype=None`:
+a bf16 base stays bf16 and the adapter stays float32, as without sharding) and reduces gradients
+in float32. Inside a block's forward FSDP2 all-gathers the block, so every adapter's autograd
+function sees the whole (out, in) weight and the adapter code does not know it is sharded.
+A keep-mask that a kind stores per weight (`full`'s uint8 `keep`) becomes a frozen uint8
+parameter first, so it is sharded by rows with its weight instead of replicated on every rank.
+Checkpoints hold the trainable parameters and the optimizer state through
+`torch.distributed.checkpoint` (each rank writes its own shards); the adapter file is gathered
+one layer at a time (`gathered_layers`) and streamed by rank 0. This module owns no loop and no
+file names: `spp.train.loop` calls it, `spp.io.checkpoint` names the files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from spp.errors import SppError
+
+
+def start_process_group() -> bool:
+    """A process group for FSDP2 when the launcher made none: a one-process gloo (CPU) or NCCL (CUDA) group.
+
+    A `torchrun`/`accelerate launch` run already has one (accelerate starts it); a plain `spp train`
+    with `distributed: fsdp` is a one-rank FSDP run (the sharding code path on one device).
+
+    Returns:
+        True when this call started the group (the caller destroys it at the end), else False.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SppError("distributed: fsdp with WORLD_SIZE > 1 but no process group was started: launch with "
+                       "torchrun --nproc_per_node N or accelerate launch --num_processes N")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def masks_as_parameters(model: nn.Module) -> int:
+    """Give FSDP2 the per-layer tensors that adapter layers keep as plain attributes (in place).
+
+    `full`'s uint8 keep-mask `keep` becomes a frozen parameter: FSDP2 shards parameters, not plain
+    attributes or buffers, so it is split by rows exactly as its weight is (both in the weight's storage
+    layout, so GPT-2's (in, out) Conv1D mask follows its (in, out) weight) and costs 1/world byte per
+    weight on each rank instead of 1. `masked_lora`'s `kept_zero` ((k, 2) indices, usually k = 0)
+    becomes a non-persistent buffer, so FSDP2 moves it to the device with the block. `spp` needs no mask.
+
+    Returns:
+        The number of masks turned into parameters.
+    """
+    from spp.adapter.model import adapter_layers
+
+    turned = 0
+    for layer in adapter_layers(model).values():
+        keep, kept_zero = layer.__dict__.get("keep"), layer.__dict__.get("kept_zero")
+        if isinstance(keep, torch.Tensor):
+            del layer.keep  # a plain attribute; `nn.Module.__setattr__` would otherwise keep both
+            layer.keep = nn.Parameter(keep, requires_grad=False)
+            turned += 1
+        if isinstance(kept_zero, torch.Tensor):
+            del layer.kept_zero
+            layer.register_buffer("kept_zero", kept_zero, persistent=False)
+    return turned
+
+
+def shard_model(model: nn.Module, cpu_offload: bool = False) -> int:
+    """Apply spp's FSDP2 policy in place: each decoder block, the embeddings, the output layer, then the root.
+
+    Tied input and output embeddings (one parameter) stay in the root unit: a unit of their own would
+    be resharded after the embedding lookup and gathered again for the output layer.
+
+    Args:
+        model: a causal LM (with its adapter layers, if any), on the CPU or its device: `fully_shard`
+            moves each unit to the process group's device as it shards it, one block at a time.
+        cpu_offload: keep the sharded parameters, gradients and optimizer state in CPU memory
+            (`CPUOffloadPolicy`), gathering each unit to the device for its forward and backward.
+
+    Returns:
+        The number of units (blocks, embeddings, output layer, root).
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    from spp.models import find_decoder_blocks
+
+    masks_as_parameters(model)
+    # param_dtype=None: no cast, so float32 adapter tensors stay float32 next to a bf16 base (a bf16
+    # policy would round α and β and break "eval --adapter equals merged"); float32 gradient reductions.
+    policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32),
+              "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
+    _, blocks = find_decoder_blocks(model)
+    units = list(blocks)
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = output is not None and output.weight is embeddings.weight
+    if not tied:
+        units += [m for m in (embeddings, output) if m is not None and any(True for _ in m.parameters())]
+    for unit in units:
+        fully_shard(unit, **policy)
+    fully_shard(model, **policy)
+    return len(units) + 1
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
+    """Scale the (sharded) gradients so their global 2-norm is at most `max_norm`; returns the norm before.
+
+    ‖g‖ = (Σ_ranks Σ_local g²)^½: `get_total_norm` on DTensor gradients gives a partial result that
+    `full_tensor` all-reduces, the same number `torch.nn.utils.clip_grad_norm_` gives one process.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (an all-gather for a DTensor shard; a collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def adapter_specs(model: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """`<module>.<tensor>` -> (dtype, global shape) of every adapter tensor, in `adapter_state_dict` order."""
+    from spp.adapter.model import adapter_layers
+
+    return {f"{name}.{key}": (t.dtype, tuple(t.shape)) for name, layer in adapter_layers(model).items()
+            for key, t in layer.adapter_tensors().items()}
+
+
+def gathered_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Each adapter layer with its whole weight and adapter tensors, gathered one layer at a time.
+
+    Every rank must run the iteration to its end (each gather is a collective); every rank gets the
+    whole tensors of one layer, which are dropped before the next layer is gathered.
+
+    Yields:
+        (module name, the layer, W (out, in), {tensor name: whole tensor}).
+    """
+    from spp.adapter.model import adapter_layers
+    from spp.models import is_conv1d
+
+    for name, layer in adapter_layers(model).items():
+        W = _full(layer.base_layer.weight.detach())
+        W = W.t() if is_conv1d(layer.base_layer) else W  # (out, in)
+        yield name, layer, W, {key: _full(t) for key, t in layer.adapter_tensors().items()}
+
+
+def save_adapter_gathered(model: nn.Module, adapter_cfg, directory: Path, is_main: bool) -> None:
+    """Write `adapter_model.safetensors` and `adapter_config.json` of a sharded model, as `save_adapter` does.
+
+    The file is the one an unsharded run writes (same names, shapes, dtypes, order): rank 0 writes the
+    header from the global shapes, then each layer's tensors as they are gathered, so no rank ever holds
+    more than one layer's whole tensors. Every rank must call this.
+    """
+    from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, save_tensors_streamed, write_json
+
+    chunks = ({f"{name}.{key}": t.to("cpu") for key, t in tensors.items()}
+              for name, _, _, tensors in gathered_layers(model))
+    if not is_main:
+        for _ in chunks:  # take part in every gather
+            pass
+        return
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tensors_streamed(adapter_specs(model), chunks, directory / ADAPTER_WEIGHTS_FILE,
+                          metadata={"format": "spp-adapter"})
+    write_json(directory / ADAPTER_CONFIG_FILE, adapter_cfg.to_json())
+
+
+def _state_dicts(model: nn.Module, optimizer) -> dict:
+    """{"model": trainable parameters (sharded), "optimizer": its state (sharded)}, FSDP prefixes stripped."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Frozen weights are left out: they are the pruned base, which --resume reloads from --model.
+    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def save_sharded_state(model: nn.Module, optimizer, directory: Path) -> None:
+    """Each rank writes its shards of the trainable parameters and AdamW state into `directory` (DCP).
+
+    `directory` must be on a filesystem every rank sees; rank 0 writes the `.metadata` index last.
+    Every rank must call this.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(directory))
+
+
+def load_sharded_state(model: nn.Module, optimizer, directory: Path) -> None:
+    """Read `save_sharded_state`'s shards back into `model` and `optimizer` (in place; every rank calls it).
+
+    Raises:
+        SppError: the directory holds no DCP checkpoint, or one of another adapter.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if not (Path(directory) / ".metadata").is_file():
+        raise SppError(f"checkpoint {directory} holds no sharded (distributed: fsdp) state; was it written by "
+                       "a distributed: ddp run? resume with the settings it was written with")
+    state = _state_dicts(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=str(directory))
+    except (RuntimeError, KeyError, ValueError) as exc:  # DCP wraps per-rank failures in a CheckpointException
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SppError(f"checkpoint {directory} does not fit this model's adapter: {first}") from exc
+    # strict=False: the frozen base is absent on purpose; dcp.load has already refused a checkpoint that
+    # lacks any trainable tensor this model asked for.
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))

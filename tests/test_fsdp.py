@@ -1,0 +1,278 @@
+"""spp train --distributed fsdp: FSDP2 sharding on CPU (gloo) against one unsharded process, kill/resume, every
+adapter kind's sharded gradients with and without activation checkpointing, the streamed adapter file, bad inputs.
+
+The multi-process tests launch `torchrun --nproc_per_node 2` (this file is also the worker script of one of them:
+see `_worker` at the end). Children run with OMP_NUM_THREADS=1.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spp.config import TrainConfig, merge_into
+from spp.errors import SppError
+from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE, SHARDED_STATE_DIR, TRAIN_LOG_FILE, partial_path
+from spp.train import run_train
+
+SPP_MAIN = "from spp.cli import app; app()"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def tiny_cfg(base, data, output, **overrides) -> TrainConfig:
+    settings = dict(base_model=str(base), data_path=str(data), output_dir=str(output), cutoff_len=32,
+                    micro_batch_size=2, batch_size=8, max_steps=4, save_steps=2, logging_steps=1, eval_steps=2,
+                    val_set_size=4, learning_rate=2e-2, warmup_ratio=0.0, data_format="text")
+    return merge_into(TrainConfig, [("test", {**settings, **overrides})])
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    args = ["train", "--config", "tinystories.yaml"]
+    for key in ("base_model", "data_path", "output_dir", "cutoff_len", "micro_batch_size", "batch_size", "max_steps",
+                "save_steps", "logging_steps", "eval_steps", "val_set_size", "learning_rate", "warmup_ratio",
+                "data_format", "seed", "num_epochs", "lr_scheduler", "max_grad_norm", "adapter", "distributed"):
+        args += ["--set", f"{key}={getattr(cfg, key)}"]
+    return args
+
+
+def torchrun(script_args: list[str], tmp_path: Path, env: dict | None = None, timeout: int = 240):
+    script = tmp_path / "spp_main.py"
+    script.write_text(SPP_MAIN + "\n")
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(TORCHRUN + [str(script)] + script_args, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_adapter_close(got: dict, ref: dict, rtol: float) -> None:
+    """Every tensor within rtol of the reference, relative to the tensor's largest entry (an entry near 0 has
+    no meaningful relative error: summing in another order moves it by ~1e-6 of the tensor's scale)."""
+    assert sorted(got) == sorted(ref)  # the same single file: names, dtypes, shapes
+    for name in ref:
+        assert got[name].dtype == ref[name].dtype and got[name].shape == ref[name].shape
+        worst = float((got[name] - ref[name]).abs().max() / ref[name].abs().max())
+        assert worst <= rtol, (name, worst)
+
+
+def log_records(output) -> list[dict]:
+    return [json.loads(line) for line in (Path(output) / TRAIN_LOG_FILE).read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory, shared_data) -> Path:
+    path = tmp_path_factory.mktemp("text") / "stories.txt"
+    path.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:20000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(pruned_tiny_dir, text_file, tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank FSDP run of 4 steps (checkpoints at steps 2 and 4)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    output = tmp / "fsdp"
+    result = torchrun(cli_args(tiny_cfg(pruned_tiny_dir, text_file, output, distributed="fsdp")), tmp)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output
+
+
+# --------------------------------------------------------------------------- two ranks against one process
+
+
+def test_fsdp_two_ranks_match_one_process(fsdp_run, pruned_tiny_dir, text_file, tmp_path):
+    single = tmp_path / "single"
+    run_train(tiny_cfg(pruned_tiny_dir, text_file, single))
+
+    from spp.io.manifest import read_manifest
+
+    manifest = read_manifest(fsdp_run)
+    assert manifest.details["world_size"] == 2 and manifest.settings["distributed"] == "fsdp"
+    one, two = log_records(single), log_records(fsdp_run)
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        if "loss" in a:
+            rank0, rank1 = b["example_ids"]
+            assert rank0 + rank1 == a["example_ids"][0] and not set(rank0) & set(rank1)
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        if "val_loss" in a:
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+    ref, got = load_file(str(single / ADAPTER_WEIGHTS_FILE)), load_file(str(fsdp_run / ADAPTER_WEIGHTS_FILE))
+    assert_adapter_close(got, ref, rtol=1e-5)
+    assert all(t.dtype == torch.float32 for t in got.values())
+    assert sorted(p.name for p in (partial_path(fsdp_run).parent / "fsdp" / "checkpoints").iterdir()) == \
+        ["step-2", "step-4"]
+    checkpoint = fsdp_run / "checkpoints" / "step-4"
+    assert (checkpoint / SHARDED_STATE_DIR / ".metadata").is_file()
+    assert {p.name for p in (checkpoint / SHARDED_STATE_DIR).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    for name, tensor in load_file(str(checkpoint / ADAPTER_WEIGHTS_FILE)).items():  # the step-4 adapter is the final one
+        assert torch.equal(tensor, got[name])
+
+
+def test_one_rank_fsdp_in_process_equals_unsharded(pruned_tiny_dir, text_file, tmp_path):
+    """Without a launcher, distributed: fsdp runs as a one-rank FSDP group (the GPU check script's setting)."""
+    import torch.distributed as dist
+
+    plain = run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "plain", max_steps=2, batch_size=4))
+    sharded = run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "fsdp", max_steps=2, batch_size=4,
+                                 distributed="fsdp", gradient_checkpointing=True))
+    assert not dist.is_initialized()  # the group spp started is gone again
+    assert sharded.train_loss == pytest.approx(plain.train_loss, rel=1e-6)
+    ref, got = load_file(str(tmp_path / "plain" / ADAPTER_WEIGHTS_FILE)), load_file(str(tmp_path / "fsdp" / ADAPTER_WEIGHTS_FILE))
+    assert_adapter_close(got, ref, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- kill one rank, resume
+
+
+def test_killed_rank_resumes_to_the_uninterrupted_result(fsdp_run, pruned_tiny_dir, text_file, tmp_path):
+    crashed = tmp_path / "crashed"
+    cfg = tiny_cfg(pruned_tiny_dir, text_file, crashed, distributed="fsdp")
+    # Rank 1 SIGKILLs itself after step 3: step-2 is the last complete checkpoint; torchrun stops rank 0.
+    result = torchrun(cli_args(cfg), tmp_path, env={"SPP_FAULT": "train_step:3", "SPP_FAULT_RANK": "1"})
+    assert result.returncode != 0
+    partial = partial_path(crashed)
+    assert not crashed.exists() and sorted(p.name for p in (partial / "checkpoints").iterdir()) == ["step-2"]
+
+    # Another world size would reduce in another order: refused in one line, nothing changed.
+    with pytest.raises(SppError, match=r"--resume: the interrupted run ran on 2 processes, this one on 1"):
+        run_train(tiny_cfg(pruned_tiny_dir, text_file, crashed, distributed="fsdp", resume=True))
+    assert sorted(p.name for p in (partial / "checkpoints").iterdir()) == ["step-2"]
+
+    result = torchrun(cli_args(cfg) + ["--resume"], tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    straight, resumed = load_file(str(fsdp_run / ADAPTER_WEIGHTS_FILE)), load_file(str(crashed / ADAPTER_WEIGHTS_FILE))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name  # same world size: bit for bit
+    assert [r.get("loss") for r in log_records(crashed)] == [r.get("loss") for r in log_records(fsdp_run)]
+
+
+# --------------------------------------------------------------------------- every kind, sharded gradients
+
+
+def test_every_kind_gets_the_unsharded_gradients_with_and_without_checkpointing(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(TORCHRUN + [__file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    assert sorted(report) == ["full", "masked_lora", "spp"]
+    for kind, runs in report.items():
+        for checkpointing, worst in runs["relative_error"].items():
+            assert worst < 1e-5, (kind, checkpointing, worst)
+    # full's keep-mask is a frozen uint8 parameter sharded by rows with its weight: half the rows on each rank
+    assert report["full"]["mask_local_rows"] == [n // 2 for n in report["full"]["mask_rows"]]
+
+
+def _worker(out_dir: str) -> None:
+    """Run under torchrun (2 ranks): for each kind, the gradients of the adapter tensors of one global batch,
+    unsharded on every rank versus sharded (FSDP2, each rank half the batch), activation checkpointing off and on."""
+    import copy
+
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spp.adapter.config import AdapterConfig
+    from spp.adapter.model import add_adapter
+    from spp.models import find_decoder_blocks, find_linear_layers, weight_out_in
+    from spp.train import enable_checkpointing
+    from spp.train.fsdp import shard_model
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (4, 16))  # one global batch; rank k takes rows 2k, 2k+1
+
+    def gradients(model, batch) -> dict:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    report = {}
+    for kind in ("spp", "masked_lora", "full"):
+        torch.manual_seed(0)
+        model, masks = LlamaForCausalLM(config), {}
+        prefix, blocks = find_decoder_blocks(model)
+        with torch.no_grad():  # prune half of every decoder linear by magnitude
+            for i, block in enumerate(blocks):
+                for name, layer in find_linear_layers(block).items():
+                    W = weight_out_in(layer)
+                    keep = W.abs() > W.abs().median()
+                    W.copy_(torch.where(keep, W, torch.zeros(())))
+                    masks[f"{prefix}.{i}.{name}.weight"] = keep
+        torch.manual_seed(2)
+        add_adapter(model, AdapterConfig(kind=kind, spp_row_groups=4, rank=4), masks)
+        with torch.no_grad():  # β and B away from 0, so every gradient is non-trivial
+            for name, p in model.named_parameters():
+                if p.requires_grad and name.endswith(("spp_beta", "lora_B")):
+                    p.normal_()
+        reference = gradients(model, ids)
+        errors = {}
+        for checkpointing in (False, True):
+            sharded = copy.deepcopy(model)
+            if checkpointing:
+                enable_checkpointing(sharded)
+            shard_model(sharded)
+            sharded.train()
+            got = gradients(sharded, ids[2 * rank : 2 * rank + 2])  # FSDP averages the two halves' mean losses
+            errors[str(checkpointing)] = max(float((got[n].full_tensor() - r).abs().max() / r.abs().max())
+                                             for n, r in reference.items())
+            if kind == "full":
+                keeps = [p for n, p in sharded.named_parameters() if n.endswith(".keep")]
+                report_rows = ([p.shape[0] for p in keeps], [p.to_local().shape[0] for p in keeps])
+        report[kind] = {"relative_error": errors}
+        if kind == "full":
+            report[kind]["mask_rows"], report[kind]["mask_local_rows"] = report_rows
+    if rank == 0:
+        (Path(out_dir) / "rank0.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- the streamed adapter file, bad inputs
+
+
+def test_streamed_safetensors_equals_save_file(tmp_path):
+    from spp.io.checkpoint import save_tensors_streamed
+
+    tensors = {"b.x": torch.randn(3, 5), "a.y": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4, dtype=torch.int64)}
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    chunks = [{"b.x": tensors["b.x"]}, {"a.y": tensors["a.y"], "c": tensors["c"]}]
+    save_tensors_streamed(specs, iter(chunks), tmp_path / "s.safetensors", metadata={"format": "spp-adapter"})
+    back = load_file(str(tmp_path / "s.safetensors"))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with pytest.raises(RuntimeError, match="does not match the header"):
+        save_tensors_streamed(specs, iter(chunks[::-1]), tmp_path / "t.safetensors")
+
+
+def test_bad_fsdp_settings_fail_in_one_line(pruned_tiny_dir, text_file, tmp_path, monkeypatch):
+    with pytest.raises(SppError, match="precision=fp16 with distributed=fsdp is not supported"):
+        tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "o", distributed="fsdp", precision="fp16")
+    with pytest.raises(SppError, match="cpu_offload=true needs distributed=fsdp"):
+        tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "o", cpu_offload=True)
+    with pytest.raises(SppError, match="distributed"):
+        tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "o", distributed="zero3")
+
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    for launched, cfg_distributed, message in ((DistributedType.DEEPSPEED, "ddp", "DeepSpeed is not supported by spp "
+                                                "train; .* use distributed: fsdp"),
+                                               (DistributedType.FSDP, "ddp", "accelerate's FSDP config is set but spp "
+                                                "applies its own FSDP2 sharding: pass --distributed fsdp")):
+        class Launched:
+            def __init__(self, **kwargs):
+                self.distributed_type, self.num_processes = launched, 1
+
+        monkeypatch.setattr(accelerate, "Accelerator", Launched)
+        with pytest.raises(SppError, match=message):
+            run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "o", distributed=cfg_distributed))
+        assert not (tmp_path / "o").exists() and not partial_path(tmp_path / "o").exists()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
