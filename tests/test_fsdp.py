@@ -111,13 +111,34 @@ def test_fsdp_two_ranks_match_one_process(fsdp_run, pruned_tiny_dir, text_file, 
         assert torch.equal(tensor, got[name])
 
 
-def test_one_rank_fsdp_in_process_equals_unsharded(pruned_tiny_dir, text_file, tmp_path):
-    """Without a launcher, distributed: fsdp runs as a one-rank FSDP group (the GPU check script's setting)."""
+@pytest.mark.parametrize("kind", ["spp", "masked_lora", "full"])
+def test_one_rank_fsdp_in_process_equals_unsharded(pruned_tiny_dir, text_file, tmp_path, monkeypatch, kind):
+    """Without a launcher, distributed: fsdp runs as a one-rank FSDP group (the GPU check script's setting). The
+    model is built on the meta device and read block by block: never more than one whole block at a time."""
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
-    plain = run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "plain", max_steps=2, batch_size=4))
+    import spp.models
+    import spp.train.fsdp as fsdp
+
+    plain = run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "plain", max_steps=2, batch_size=4, adapter=kind))
+    materialise, seen, whole_before = fsdp._materialise, [], []
+
+    def watching(module, prefix, checkpoint):
+        """Count the modules read earlier that are still whole (real, unsharded parameters) when the next is read."""
+        whole_before.append(sum(1 for m in seen if all(not isinstance(p, DTensor) and not p.is_meta
+                                                       for p in m.parameters())))
+        materialise(module, prefix, checkpoint)
+        seen.append(module)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("distributed: fsdp must not load the whole model")
+
+    monkeypatch.setattr(spp.models, "load_model", refuse)
+    monkeypatch.setattr(fsdp, "_materialise", watching)
     sharded = run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "fsdp", max_steps=2, batch_size=4,
-                                 distributed="fsdp", gradient_checkpointing=True))
+                                 distributed="fsdp", gradient_checkpointing=True, adapter=kind))
+    assert len(whole_before) == 3 and max(whole_before) == 0  # 2 blocks, then the rest; each sharded before the next
     assert not dist.is_initialized()  # the group spp started is gone again
     assert sharded.train_loss == pytest.approx(plain.train_loss, rel=1e-6)
     ref, got = load_file(str(tmp_path / "plain" / ADAPTER_WEIGHTS_FILE)), load_file(str(tmp_path / "fsdp" / ADAPTER_WEIGHTS_FILE))

@@ -82,69 +82,73 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     if teacher_dir is not None:  # before set_seed, so the student's init draws the same numbers as without one
         teacher = load_teacher(teacher_dir, PRECISIONS[cfg.precision][1], accelerator.device)
     set_seed(cfg.seed)  # the same α init on every process
-    model = load_model(str(base), dtype=PRECISIONS[cfg.precision][1])
     masks = checkpoint.masks_by_parameter()
     adapter_cfg = cfg.adapter_config(base_model=str(base.resolve()), mask_sha256=mask_sha256)
-    adapted = add_adapter(model, adapter_cfg, masks)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
-    trainable = count_trainable(model)
     sharded = cfg.distributed == "fsdp"
     own_group = False
-    if sharded:  # before the optimizer, which must hold the sharded parameters
-        from spp.train.fsdp import shard_model, start_process_group
+    try:  # a process group spp started itself (one-rank FSDP) is closed however the run ends
+        if sharded:  # built on the meta device and sharded block by block: no rank holds the whole model
+            from spp.train.fsdp import load_sharded_model, shard_model, start_process_group
 
-        own_group = start_process_group()
-        masks = None  # a byte per weight of the whole model on every rank: reread at the end, by the main rank only
-        shard_model(model, cfg.cpu_offload)
-        if teacher is not None:
-            shard_model(teacher, cfg.cpu_offload)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if not sharded:
-        model, optimizer = accelerator.prepare(model, optimizer)  # the teacher is not prepared: no DDP wrapper, no grads
-    distill = Distillation.build(cfg, teacher, accelerator.unwrap_model(model)) if teacher is not None else None
+            own_group = start_process_group()
+            model, adapted = load_sharded_model(checkpoint, getattr(torch, PRECISIONS[cfg.precision][1]), adapter_cfg,
+                                                masks, cfg.cpu_offload, cfg.gradient_checkpointing)
+            masks = None  # a byte per weight of the whole model on every rank: reread at the end, by the main rank only
+            if teacher is not None:
+                shard_model(teacher, cfg.cpu_offload)
+        else:
+            model = load_model(str(base), dtype=PRECISIONS[cfg.precision][1])
+            adapted = add_adapter(model, adapter_cfg, masks)
+            if cfg.gradient_checkpointing:
+                enable_checkpointing(model)
+        trainable = count_trainable(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        if not sharded:
+            model, optimizer = accelerator.prepare(model, optimizer)  # the teacher is not prepared: no DDP wrapper, no grads
+        distill = Distillation.build(cfg, teacher, accelerator.unwrap_model(model)) if teacher is not None else None
 
-    with output_workdir(accelerator, output, cfg) as workdir:
-        state = LoopState(run_conditions=conditions)
-        if cfg.resume:
-            last = checkpoint_dirs(workdir)[-1]
-            state = load_checkpoint(accelerator, model, optimizer, last, len(train), sharded)
-            if accelerator.is_main_process:
-                truncate_log(workdir / TRAIN_LOG_FILE, state.step)
-        elif accelerator.is_main_process:
-            write_yaml(workdir / RESOLVED_CONFIG_FILE, cfg)
-        resumed_from = state.step
-        inputs = LoopInputs(train=train, val=val, pad_id=pad_id, total_steps=total_steps, cfg=cfg, workdir=workdir,
-                            distill=distill, sharded=sharded)
-        state = train_loop(accelerator, model, optimizer, adapter_cfg, inputs, state)
-        report = TrainReport(output=output, steps=state.step, train_loss=state.train_loss, val_loss=state.val_loss,
-                             trainable_params=trainable, adapted_modules=len(adapted), train_examples=len(train),
-                             val_examples=len(val), world_size=accelerator.num_processes,
-                             tokens_seen=state.tokens_seen, resumed_from=resumed_from, wall_time_s=time.time() - start,
-                             teacher_param_bytes=parameter_bytes(teacher) if teacher is not None else 0)
-        if distill is not None:
-            distill.close()
-        unwrapped = accelerator.unwrap_model(model)
-        if sharded:  # every process takes part in the per-layer gathers; the main one checks and writes
-            from spp.train.fsdp import gathered_layers, save_adapter_gathered
-
-            masks = checkpoint.masks_by_parameter() if accelerator.is_main_process else {}
-            for name, layer, W, tensors in gathered_layers(unwrapped):
+        with output_workdir(accelerator, output, cfg) as workdir:
+            state = LoopState(run_conditions=conditions)
+            if cfg.resume:
+                last = checkpoint_dirs(workdir)[-1]
+                state = load_checkpoint(accelerator, model, optimizer, last, len(train), sharded)
                 if accelerator.is_main_process:
-                    check_layer_zeros(name, layer, W, masks, tensors)
-            save_adapter_gathered(unwrapped, adapter_cfg, workdir, accelerator.is_main_process)
-        elif accelerator.is_main_process:
-            check_pruned_zeros(unwrapped, masks)
-            save_adapter(unwrapped, adapter_cfg, workdir)
-        if accelerator.is_main_process:
-            write_train_manifest(workdir, cfg, base, mask_sha256, report, conditions)
-        accelerator.wait_for_everyone()
-    if own_group:
-        import torch.distributed as dist
+                    truncate_log(workdir / TRAIN_LOG_FILE, state.step)
+            elif accelerator.is_main_process:
+                write_yaml(workdir / RESOLVED_CONFIG_FILE, cfg)
+            resumed_from = state.step
+            inputs = LoopInputs(train=train, val=val, pad_id=pad_id, total_steps=total_steps, cfg=cfg, workdir=workdir,
+                                distill=distill, sharded=sharded)
+            state = train_loop(accelerator, model, optimizer, adapter_cfg, inputs, state)
+            report = TrainReport(output=output, steps=state.step, train_loss=state.train_loss, val_loss=state.val_loss,
+                                 trainable_params=trainable, adapted_modules=len(adapted), train_examples=len(train),
+                                 val_examples=len(val), world_size=accelerator.num_processes,
+                                 tokens_seen=state.tokens_seen, resumed_from=resumed_from, wall_time_s=time.time() - start,
+                                 teacher_param_bytes=parameter_bytes(teacher) if teacher is not None else 0)
+            if distill is not None:
+                distill.close()
+            unwrapped = accelerator.unwrap_model(model)
+            if sharded:  # every process takes part in the per-layer gathers; the main one checks and writes
+                from spp.train.fsdp import gathered_layers, save_adapter_gathered
 
-        dist.destroy_process_group()
-    return report
+                masks = checkpoint.masks_by_parameter() if accelerator.is_main_process else {}
+                for name, layer, W, tensors in gathered_layers(unwrapped):
+                    if accelerator.is_main_process:
+                        check_layer_zeros(name, layer, W, masks, tensors)
+                save_adapter_gathered(unwrapped, adapter_cfg, workdir, accelerator.is_main_process)
+            elif accelerator.is_main_process:
+                check_pruned_zeros(unwrapped, masks)
+                save_adapter(unwrapped, adapter_cfg, workdir)
+            if accelerator.is_main_process:
+                write_train_manifest(workdir, cfg, base, mask_sha256, report, conditions)
+            accelerator.wait_for_everyone()
+        return report
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- steps of run_train

@@ -91,25 +91,134 @@ def shard_model(model: nn.Module, cpu_offload: bool = False) -> int:
     Returns:
         The number of units (blocks, embeddings, output layer, root).
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     from spp.models import find_decoder_blocks
 
     masks_as_parameters(model)
-    # param_dtype=None: no cast, so float32 adapter tensors stay float32 next to a bf16 base (a bf16
-    # policy would round α and β and break "eval --adapter equals merged"); float32 gradient reductions.
-    policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32),
-              "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
+    policy = _policy(cpu_offload)
     _, blocks = find_decoder_blocks(model)
-    units = list(blocks)
-    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = output is not None and output.weight is embeddings.weight
-    if not tied:
-        units += [m for m in (embeddings, output) if m is not None and any(True for _ in m.parameters())]
+    units = list(blocks) + _outer_units(model)
     for unit in units:
         fully_shard(unit, **policy)
     fully_shard(model, **policy)
     return len(units) + 1
+
+
+def _policy(cpu_offload: bool) -> dict:
+    """`fully_shard`'s keyword arguments for every unit."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+
+    # param_dtype=None: no cast, so float32 adapter tensors stay float32 next to a bf16 base (a bf16
+    # policy would round α and β and break "eval --adapter equals merged"); float32 gradient reductions.
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32),
+            "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
+
+
+def _outer_units(model: nn.Module) -> list[nn.Module]:
+    """The input embeddings and the output layer, each a unit, unless they share their weight (tied)."""
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    if output is not None and output.weight is embeddings.weight:
+        return []
+    return [m for m in (embeddings, output) if m is not None and any(True for _ in m.parameters())]
+
+
+class _OneBlock(nn.Module):
+    """A stand-in model holding one decoder block as `layers.0`, so `add_adapter` can adapt one block at a time."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList([block])
+
+
+def _materialise(module: nn.Module, prefix: str, checkpoint) -> None:
+    """Replace every meta parameter under `module` by its saved tensor (read from its shard, in the meta
+    parameter's dtype), through the checkpoint's saved-name correspondence (`spp.io.reader`)."""
+    from safetensors import safe_open
+
+    handles = {}
+    for sub_name, sub in module.named_modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            full = ".".join(part for part in (prefix, sub_name, name) if part)
+            saved = checkpoint.saved_name(full)
+            shard = checkpoint.tensors[saved].shard
+            if shard not in handles:
+                handles[shard] = safe_open(str(shard), framework="pt")
+            tensor = handles[shard].get_tensor(saved).to(param.dtype)
+            sub._parameters[name] = nn.Parameter(tensor, requires_grad=param.requires_grad)
+
+
+def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[str, torch.Tensor],
+                       cpu_offload: bool = False, checkpointing: bool = False) -> tuple[nn.Module, list[str]]:
+    """The model of `checkpoint` with its adapter, sharded, without any rank holding the whole model.
+
+    The module tree is built on the meta device (buffers, such as rotary frequencies, are built for real);
+    then each decoder block in turn is read from the safetensors shards, adapted (`add_adapter` on that block,
+    so α's random init draws the same numbers, in the same order, as adapting the whole model) and sharded,
+    which frees all but this rank's share before the next block is read. The embeddings and output layer
+    follow, then the root. Peak per rank while loading: its shards so far plus one whole block (and a whole
+    embedding or output layer).
+
+    Args:
+        checkpoint: `spp.io.reader.Checkpoint` of the pruned model. dtype: the base dtype.
+        adapter_cfg, masks: as for `spp.adapter.model.add_adapter` (masks keyed by parameter name).
+        checkpointing: recompute each block's activations in backward.
+
+    Returns:
+        (the sharded model, the adapted module names in model order).
+
+    Raises:
+        SppError: as `add_adapter` (no target layer matches, a base weight breaks its mask, ...).
+    """
+    from accelerate import init_empty_weights
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from spp.adapter.model import add_adapter
+    from spp.models import find_decoder_blocks
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(checkpoint.config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    if checkpointing:
+        from spp.train import enable_checkpointing
+
+        enable_checkpointing(model)
+    policy = _policy(cpu_offload)
+    prefix, blocks = find_decoder_blocks(model)
+    adapted = []
+    for i, block in enumerate(blocks):
+        _materialise(block, f"{prefix}.{i}", checkpoint)
+        own = f"{prefix}.{i}."
+        block_masks = {f"layers.0.{k[len(own):]}": m for k, m in masks.items() if k.startswith(own)}
+        try:
+            names = add_adapter(_OneBlock(block), adapter_cfg, block_masks)
+        except SppError as exc:  # name the layer as the model does, not as the stand-in
+            raise SppError(str(exc).replace("layers.0.", own)) from None
+        adapted += [f"{prefix}.{i}.{name[len('layers.0.'):]}" for name in names]
+        masks_as_parameters(block)
+        fully_shard(block, **policy)
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = output is not None and output.weight is embeddings.weight
+    if tied:
+        _materialise_tied(model, checkpoint)
+    else:
+        _materialise(model, "", checkpoint)
+    for unit in _outer_units(model):
+        fully_shard(unit, **policy)
+    fully_shard(model, **policy)
+    return model, adapted
+
+
+def _materialise_tied(model: nn.Module, checkpoint) -> None:
+    """`_materialise` for a model whose output layer shares the embeddings' weight (saved once)."""
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    _materialise(embeddings, names[id(embeddings)], checkpoint)
+    output.weight = embeddings.weight
+    _materialise(model, "", checkpoint)
 
 
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
