@@ -145,6 +145,28 @@ def test_one_rank_fsdp_in_process_equals_unsharded(pruned_tiny_dir, text_file, t
     assert_adapter_close(got, ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["spp", "full"])
+def test_one_rank_fsdp_on_gpt2_with_tied_embeddings_and_conv1d_equals_unsharded(shared_data, text_file, tmp_path, kind):
+    """GPT-2: (in, out) Conv1D weights (full's mask shards by the same rows as its weight) and an output layer
+    tied to the embeddings (one parameter, kept tied and in the root unit)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import TINY_CONFIGS, build_pruned_dir
+
+    kwargs = dict(TINY_CONFIGS["gpt2"], vocab_size=512)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    base = build_pruned_dir(model, AutoTokenizer.from_pretrained(shared_data / "stories260K-hf"), tmp_path / "gpt2")
+    kw = dict(max_steps=2, batch_size=4, val_set_size=0, adapter=kind)
+    plain = run_train(tiny_cfg(base, text_file, tmp_path / "plain", **kw))
+    sharded = run_train(tiny_cfg(base, text_file, tmp_path / "fsdp", distributed="fsdp", **kw))
+    assert sharded.train_loss == pytest.approx(plain.train_loss, rel=1e-6)
+    assert_adapter_close(load_file(str(tmp_path / "fsdp" / ADAPTER_WEIGHTS_FILE)),
+                         load_file(str(tmp_path / "plain" / ADAPTER_WEIGHTS_FILE)), rtol=1e-5)
+
+
 def test_one_rank_fsdp_with_a_sharded_teacher_equals_unsharded(pruned_tiny_dir, text_file, shared_data, tmp_path):
     """The distillation teacher is sharded like the student; KD and SquareHead (block-output hooks) still see
     the whole teacher."""

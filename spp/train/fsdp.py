@@ -181,6 +181,7 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(checkpoint.config, dtype=dtype)
+    model.tie_weights()  # as from_pretrained does: inside the context each assigned parameter is re-created, untied
     model.eval().requires_grad_(False)
     if checkpointing:
         from spp.train import enable_checkpointing
