@@ -1,10 +1,11 @@
 """FSDP benchmark: peak memory per rank and step time, one unsharded process against two FSDP2 ranks.
 
 Builds a ~100M-parameter random LLaMA (hidden 768, intermediate 2048, 12 layers, 12 heads, vocab 8000,
-float32) with the SPP adapter on every decoder linear, and trains it for a few AdamW steps on random
-tokens with the same global batch: world 1 (no sharding, the plain model) in this process's child, and
-world 2 (`spp.train.fsdp.shard_model`, gloo) under `torchrun --nproc_per_node 2`. Each rank reports its
-resident memory (VmRSS) before the model exists, its peak (VmHWM) while the model is built and sharded,
+float32), saves it, loads it with the SPP adapter on every decoder linear as `spp train` does, and trains
+it for a few AdamW steps on random tokens with the same global batch: world 1 (`spp.models.load_model` +
+`add_adapter`, no sharding) in a child process, and world 2 (`spp.train.fsdp.load_sharded_model`: meta
+device, block by block, gloo) under `torchrun --nproc_per_node 2`. Each rank reports its resident memory
+(VmRSS) before the model exists, its peak (VmHWM) while the model is loaded (and sharded),
 and its peak during the steps (VmHWM reset through /proc/self/clear_refs after the warmup step), and the
 median step time. Beside them: the memory model of docs/commands.md (the parameter and optimizer terms,
 without activations). The children run with MALLOC_MMAP_THRESHOLD_=65536, so every large tensor is its own
@@ -61,14 +62,28 @@ def predicted_bytes(world: int, b: int = 4) -> dict:
     return {**terms, "total": sum(terms.values())}
 
 
+def predicted_load_bytes(world: int, b: int = 4) -> int:
+    """Peak while loading, by the same model: world 1 the whole base and adapter; world > 1 (meta-device
+    loading) this rank's shards plus one whole block plus the embeddings or output layer being read."""
+    h, i, V = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["vocab_size"]
+    terms = predicted_bytes(world, b)
+    adapter = terms["adapter_optimizer"] // 4  # α and β alone (no gradient or moments yet)
+    if world == 1:
+        return terms["base"] + adapter
+    return terms["base"] + adapter + b * (4 * h * h + 3 * h * i + 2 * h) + b * V * h
+
+
 def worker(out_dir: Path) -> None:
-    """One rank (or the single process): build, (shard,) train STEPS steps, write its record."""
+    """One rank (or the single process): load (sharded), train STEPS steps, write its record."""
     import torch
     import torch.distributed as dist
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from spp.adapter.config import AdapterConfig
     from spp.adapter.model import add_adapter
+    from spp.io.reader import read_checkpoint
+    from spp.models import load_model
+    from spp.train.fsdp import load_sharded_model  # every import before the baseline, in both settings
+    from transformers import LlamaForCausalLM  # noqa: F401  (the modeling code: ~150 MiB of imports)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -76,13 +91,15 @@ def worker(out_dir: Path) -> None:
         dist.init_process_group("gloo")
     rss_start = _status("VmRSS")
     _reset_peak()
+    adapter_cfg = AdapterConfig(kind="spp", spp_row_groups=ROW_GROUPS)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG))
-    add_adapter(model, AdapterConfig(kind="spp", spp_row_groups=ROW_GROUPS))
     if world > 1:
-        from spp.train.fsdp import shard_model
-
-        shard_model(model)
+        model, _ = load_sharded_model(read_checkpoint(out_dir / "model"), torch.float32, adapter_cfg, {})
+    else:
+        model = load_model(str(out_dir / "model"), dtype="float32")
+        add_adapter(model, adapter_cfg)
+        with torch.no_grad():  # from_pretrained may map the file lazily; count the model as the first step will
+            sum(float(p.sum()) for p in model.parameters())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     load_peak = _status("VmHWM")
     generator = torch.Generator().manual_seed(1)
@@ -122,20 +139,27 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
     with tempfile.TemporaryDirectory() as tmp:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(Path(tmp) / "model")
         subprocess.run([sys.executable, __file__, "--worker", tmp], env=env, check=True)
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         __file__, "--worker", tmp], env=env, check=True)
-        records = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("*.json"))]
+        records = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("world*.json"))]
     mib = 2 ** 20
-    print(f"{'world':>5} {'rank':>4} {'load peak - start':>18} {'step peak - start':>18} {'predicted':>10} "
-          f"{'step s':>7}")
+    print(f"{'world':>5} {'rank':>4} {'load peak - start':>18} {'predicted':>10} {'step peak - start':>18} "
+          f"{'predicted':>10} {'step s':>7}")
     for r in records:
-        predicted = predicted_bytes(r["world"])["total"]
-        print(f"{r['world']:>5} {r['rank']:>4} {(r['load_peak'] - r['rss_start']) / mib:>15.0f} MiB "
-              f"{(r['step_peak'] - r['rss_start']) / mib:>15.0f} MiB {predicted / mib:>6.0f} MiB {r['step_s']:>7.2f}")
+        load, step = predicted_load_bytes(r["world"]), predicted_bytes(r["world"])["total"]
+        print(f"{r['world']:>5} {r['rank']:>4} {(r['load_peak'] - r['rss_start']) / mib:>14.0f} MiB "
+              f"{load / mib:>6.0f} MiB {(r['step_peak'] - r['rss_start']) / mib:>14.0f} MiB {step / mib:>6.0f} MiB "
+              f"{r['step_s']:>7.2f}")
     if args.json:
         args.json.write_text(json.dumps({"config": CONFIG, "global_batch": GLOBAL_BATCH, "seq": SEQ, "records": records,
-                                         "predicted": {w: predicted_bytes(w) for w in (1, 2)}}, indent=1))
+                                         "predicted": {w: predicted_bytes(w) for w in (1, 2)},
+                                         "predicted_load": {w: predicted_load_bytes(w) for w in (1, 2)}}, indent=1))
 
 
 if __name__ == "__main__":

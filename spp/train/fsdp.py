@@ -1,6 +1,8 @@
 """Sharded training with PyTorch FSDP2: spp's sharding policy, gradient clipping, DCP checkpoints, gathering.
 
-With `distributed: fsdp`, `spp.train` calls `shard_model` instead of accelerate's `prepare`:
+With `distributed: fsdp`, `spp.train` calls `load_sharded_model` (the model built on the meta device
+and read, adapted and sharded one block at a time) instead of loading it whole and calling accelerate's
+`prepare`; `shard_model` applies the same policy to a model already in memory (the teacher):
 `torch.distributed.fsdp.fully_shard` on each decoder block, on the input embeddings and on the
 output layer (each its own unit, unless the two are tied), then on the root, so each rank holds
 1/world of every frozen weight, adapter tensor, gradient and AdamW moment (FSDP2 shards dim 0 of
