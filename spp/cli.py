@@ -70,53 +70,74 @@ def main(
 # --------------------------------------------------------------------------- prune / verify
 
 
-def _sparsity_table(title: str, blocks: list[tuple[str, int, int]], total: float):
+def _sparsity_table(title: str, blocks: list[tuple[str, int, int]], total: float, requested: dict | None = None):
+    """Per block: weights, pruned, achieved sparsity, and the requested one when it varies (OWL, overrides)."""
     from rich.table import Table
 
+    requested = requested if requested and len({round(v, 9) for v in requested.values()}) > 1 else None
     table = Table(title=title)
     table.add_column("block")
     table.add_column("weights", justify="right")
     table.add_column("pruned", justify="right")
+    if requested:
+        table.add_column("requested", justify="right")
     table.add_column("sparsity", justify="right")
     for name, numel, pruned in blocks:
-        table.add_row(name, f"{numel:,}", f"{pruned:,}", f"{pruned / numel:.2%}" if numel else "-")
-    table.add_row("total", f"{sum(b[1] for b in blocks):,}", f"{sum(b[2] for b in blocks):,}", f"{total:.2%}")
+        wanted = [f"{requested[name]:.2%}" if name in requested else "-"] if requested else []
+        table.add_row(name, f"{numel:,}", f"{pruned:,}", *wanted, f"{pruned / numel:.2%}" if numel else "-")
+    table.add_row("total", f"{sum(b[1] for b in blocks):,}", f"{sum(b[2] for b in blocks):,}",
+                  *([""] if requested else []), f"{total:.2%}")
     return table
 
 
 @command("prune")
 def prune(
-    model: str = typer.Option(..., "--model", help="Local Hugging Face directory, a .gguf file (dequantized once; needs spp[gguf]), or a hub id (downloads from the hub)."),
-    output: str = typer.Option(..., "--output", help="Output directory (built in OUTPUT.partial, then renamed)."),
-    method: str = typer.Option("wanda", "--method", help="wanda, sparsegpt or magnitude."),
-    pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M = at most N kept in every M inputs."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory, a .gguf file (dequantized once; needs spp[gguf]), or a hub id (downloads from the hub)."),
+    output: Optional[str] = typer.Option(None, "--output", help="Output directory (built in OUTPUT.partial, then renamed)."),
+    config: Optional[str] = typer.Option(None, "--config", help="A YAML file of prune settings (any PruneConfig key, sparsity_overrides among them); flags, then --set, override it."),
+    method: Optional[str] = typer.Option(None, "--method", help="wanda (default), sparsegpt, magnitude or ria."),
+    pattern: Optional[str] = typer.Option(None, "--pattern", help="unstructured (default), or N:M = at most N kept in every M inputs."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction pruned, unstructured only (default 0.5)."),
-    calib: str = typer.Option("c4", "--calib", help="A local .txt/.jsonl/.json file, or c4 / wikitext2 (downloaded from the hub; the default c4 needs the network)."),
-    nsamples: int = typer.Option(128, "--nsamples", help="Number of calibration windows."),
+    targets: Optional[list[str]] = typer.Option(None, "--targets", help="Prune only the decoder-block linears these patterns name (fnmatch or re:REGEX, block-relative or full names; repeatable; default *)."),
+    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Leave the linears these patterns name dense: no mask entry, no adapter (repeatable)."),
+    owl: bool = typer.Option(False, "--owl", help="Outlier-weighted layerwise sparsity (OWL): blocks with more outliers are pruned less; unstructured only."),
+    owl_m: Optional[float] = typer.Option(None, "--owl-m", help="OWL's outlier threshold M, times a block's mean Wanda score (default 5)."),
+    owl_lmbda: Optional[float] = typer.Option(None, "--owl-lmbda", help="OWL's lambda: block sparsities span 2*lambda around --sparsity (default 0.08)."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="A local .txt/.jsonl/.json file, or c4 / wikitext2 (downloaded from the hub; the default c4 needs the network)."),
+    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Number of calibration windows (default 128)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default min(2048, context))."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the calibration window offsets."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda: where each block is pruned."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Calibration windows per block forward."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the calibration window offsets (default 0)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda: where each block is pruned."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (default), float32, bfloat16 or float16."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest safetensors shard (default 2GB)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration windows per block forward (default 16)."),
     offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations on the CPU."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (only once the new one is complete)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed or interrupted run at its first unfinished block (same settings)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set 'sparsity_overrides={mlp.*: 0.6}' (repeatable)."),
 ):
-    """Prune a causal LM block by block (Wanda, SparseGPT or magnitude) and write it with its mask file.
+    """Prune a causal LM block by block (Wanda, SparseGPT, magnitude or RIA) and write it with its mask file.
 
     Example: spp prune --model ../shared/data/stories260K-hf --method wanda --pattern 2:4 --calib ../shared/data/tinystories/tinystories_val.txt --nsamples 64 --seqlen 256 --output pruned
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from spp.config import PruneConfig
+    from spp.config import PruneConfig, merge_into, parse_set, read_yaml
     from spp.prune import run_prune
 
-    cfg = PruneConfig(model=model, output=output, method=method, pattern=pattern, sparsity=sparsity, calib=calib,
-                      nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
-                      max_shard_size=max_shard_size, batch_size=batch_size,
-                      offload_activations=offload_activations, overwrite=overwrite, resume=resume)
+    flags = dict(model=model, output=output, method=method, pattern=pattern, sparsity=sparsity, targets=targets,
+                 ignore=ignore, owl=owl or None, owl_m=owl_m, owl_lmbda=owl_lmbda, calib=calib, nsamples=nsamples,
+                 seqlen=seqlen, seed=seed, device=device, dtype=dtype, max_shard_size=max_shard_size,
+                 batch_size=batch_size, offload_activations=offload_activations or None, overwrite=overwrite or None,
+                 resume=resume or None)
+    layers = [(config, read_yaml(config))] if config else []
+    layers += [("flags", {k: v for k, v in flags.items() if v is not None}), ("--set", parse_set(set_ or []))]
+    given = {k for _, layer in layers for k in layer}
+    for key in ("model", "output"):
+        if key not in given:
+            raise SppError(f"--{key} is required (or `{key}:` in --config)")
+    cfg = merge_into(PruneConfig, layers)
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with quiet_output(), Progress(*columns, console=console, transient=True) as progress:
@@ -126,8 +147,12 @@ def prune(
             progress.update(task, total=n_blocks, completed=index, description=f"pruning {name}")
 
         report = run_prune(cfg, on_module=on_module)
-    title = f"{report.method} {report.pattern} -> {report.output} ({report.wall_time_s:.1f} s)"
-    console.print(_sparsity_table(title, report.blocks, report.total_sparsity))
+    owl_note = " + OWL" if cfg.owl else ""
+    title = f"{report.method}{owl_note} {report.pattern} -> {report.output} ({report.wall_time_s:.1f} s)"
+    console.print(_sparsity_table(title, report.blocks, report.total_sparsity, report.requested_blocks))
+    if report.dense_layers:
+        console.print(f"{len(report.dense_layers)} linear layers left dense (no mask entry): "
+                      f"{', '.join(report.dense_layers[:4])}{' …' if len(report.dense_layers) > 4 else ''}")
     if report.kept_zero:
         console.print(f"{report.kept_zero} kept weights are zero (counted, not pruned)")
     for retry in report.dampening_retries:
@@ -146,7 +171,8 @@ def verify(directory: str = typer.Argument(..., help="An spp output directory (p
 
     report = verify_checkpoint(directory)
     console = Console()
-    console.print(_sparsity_table(f"{report.directory} ({report.pattern})", report.blocks, report.total_sparsity))
+    console.print(_sparsity_table(f"{report.directory} ({report.pattern})", report.blocks, report.total_sparsity,
+                                  report.requested_blocks))
     console.print(f"ok: {report.tensors_checked} masked tensors and {report.files_checked} files match the manifest; "
                   f"every pruned entry is +0.0" + (f"; {report.kept_zero} kept weights are zero" if report.kept_zero else ""))
 

@@ -107,9 +107,18 @@ class PruneConfig:
 
     model: str
     output: str
-    method: Literal["wanda", "sparsegpt", "magnitude"] = "wanda"
+    method: Literal["wanda", "sparsegpt", "magnitude", "ria"] = "wanda"
     pattern: str = "unstructured"
     sparsity: float | None = None  # default 0.5 for unstructured; implied 1 - N/M for N:M
+    # Which linear layers of the decoder blocks are pruned (spp.patterns: fnmatch or `re:`, block-relative or full
+    # names); the rest stay dense, get no mask entry and, by default, no adapter in `spp train`.
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    ignore: list[str] = dataclasses.field(default_factory=list)
+    # pattern -> sparsity for the layers it selects (unstructured only; YAML or --set); OWL leaves these alone
+    sparsity_overrides: dict[str, float] = dataclasses.field(default_factory=dict, metadata=NO_FLAG)
+    owl: bool = False  # outlier-weighted layerwise sparsity (spp.prune.owl), unstructured only
+    owl_m: float = 5.0  # OWL's outlier threshold M, in units of a block's mean Wanda score
+    owl_lmbda: float = 0.08  # OWL's λ: the block sparsities span 2λ around the target
     calib: str = "c4"
     nsamples: int = 128
     seqlen: int | None = None  # default min(2048, the model's context)
@@ -141,6 +150,7 @@ class PruneConfig:
                     f"(which means sparsity {implied:g}); drop --sparsity for N:M patterns"
                 )
             self.sparsity = implied
+        self._check_layer_choice(n_m)
         _check_range("--nsamples", self.nsamples, 1)
         if self.seqlen is not None:
             _check_range("--seqlen", self.seqlen, 1)
@@ -148,6 +158,26 @@ class PruneConfig:
         _check_range("--percdamp", self.percdamp, 0.0, lo_open=True)
         _check_range("--batch-size", self.batch_size, 1)
         _check_shard_size(self.max_shard_size)
+
+    def _check_layer_choice(self, n_m) -> None:
+        """--targets/--ignore/sparsity_overrides/OWL values; the names themselves are checked against the model."""
+        for key in ("targets", "ignore"):
+            if isinstance(getattr(self, key), str):
+                setattr(self, key, [getattr(self, key)])
+        if not self.targets:
+            raise SppError("--targets is empty; give at least one layer name pattern (the default '*' prunes every one)")
+        if n_m is not None and self.owl:
+            raise SppError(f"--owl needs --pattern unstructured: {self.pattern} fixes every layer's sparsity at "
+                           f"{1 - n_m[0] / n_m[1]:g}, so there is no per-block sparsity for OWL to choose")
+        if n_m is not None and self.sparsity_overrides:
+            raise SppError(f"sparsity_overrides need --pattern unstructured: {self.pattern} fixes every layer's "
+                           f"sparsity at {1 - n_m[0] / n_m[1]:g}")
+        for pattern, value in self.sparsity_overrides.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SppError(f"sparsity_overrides: {pattern}={value!r} should be a number in [0, 1)")
+            _check_range(f"sparsity_overrides: {pattern}", value, 0.0, 1.0, hi_open=True)
+        _check_range("--owl-m", self.owl_m, 0.0, lo_open=True)
+        _check_range("--owl-lmbda", self.owl_lmbda, 0.0, 0.5)
 
 
 # --------------------------------------------------------------------------- train
@@ -200,6 +230,7 @@ class TrainConfig:
     lora_r: int = 8
     lora_dropout: float = 0.0
     target_modules: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    adapt_unpruned: bool = False  # also adapt target layers that `spp prune` left dense (no mask entry)
     # Distillation from the dense model (spp.train.losses): the loss is ce_weight·CE + kd_weight·T²·KL
     # + squarehead_weight·SquareHead, each per target token; kd/squarehead need a teacher.
     teacher: str = ""  # the dense model that was pruned (`spp run` sets it when a distillation weight is > 0)
@@ -276,6 +307,7 @@ class TrainConfig:
 
         return AdapterConfig(kind=self.adapter, rank=self.rank, spp_row_groups=self.spp_row_groups, lora_alpha=self.lora_alpha, lora_r=self.lora_r,
                              lora_dropout=self.lora_dropout, target_modules=list(self.target_modules),
+                             adapt_unpruned=self.adapt_unpruned,
                              base_model=base_model, mask_sha256=mask_sha256)
 
 

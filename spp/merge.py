@@ -77,7 +77,10 @@ def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfi
     weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
     model_dir = base.directory
     kind = ADAPTERS[adapter_cfg.kind]
-    layers = target_layers(base.model, adapter_cfg.target_modules)
+    masked = None
+    if not adapter_cfg.adapt_unpruned:  # as `add_adapter` chose in training: layers left dense were not adapted
+        masked = {base.parameter_name(saved)[: -len(".weight")] for saved in base.read_masks()[0]}
+    layers = target_layers(base.model, adapter_cfg.target_modules, masked)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         module, _, short = key.rpartition(".")

@@ -11,7 +11,7 @@ one tensor at a time from each shard, so memory stays at one tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from spp.errors import SppError
@@ -28,6 +28,7 @@ class VerifyReport:
     blocks: list[tuple[str, int, int]]
     total_sparsity: float
     kept_zero: int
+    requested_blocks: dict[str, float] = field(default_factory=dict)  # the manifest's per-block requested sparsity
 
 
 def _check_files(directory: Path, outputs: dict[str, str]) -> int:
@@ -112,4 +113,18 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
     pruned_total = sum(r[1] for r in blocks.values())
     return VerifyReport(directory=directory, pattern=pattern, tensors_checked=len(masks), files_checked=files,
                         blocks=[(b, r[0], r[1]) for b, r in sorted(blocks.items(), key=lambda kv: _natural(kv[0]))],
-                        total_sparsity=pruned_total / total if total else 0.0, kept_zero=kept_zero)
+                        total_sparsity=pruned_total / total if total else 0.0, kept_zero=kept_zero,
+                        requested_blocks=_requested_blocks(manifest.details, blocks))
+
+
+def _requested_blocks(details: dict, blocks: dict[str, list[int]]) -> dict[str, float]:
+    """Per block, the sparsity the manifest says was requested (OWL, overrides); its achieved count must agree.
+
+    Raises:
+        SppError: the manifest's per-block pruned count differs from the mask's.
+    """
+    recorded = details.get("blocks") or {}
+    for name, row in recorded.items():
+        if name in blocks and row.get("pruned") != blocks[name][1]:
+            raise SppError(f"block {name}: the mask prunes {blocks[name][1]} entries but the manifest records {row.get('pruned')}")
+    return {name: row["requested"] for name, row in recorded.items() if "requested" in row}

@@ -37,7 +37,7 @@ def test_flags_take_no_value_in_help(name):
     assert re.search(r"^  -h, --help +Show this message and exit\.$", result.output, re.M), result.output
 
 
-@pytest.mark.parametrize("command, cls, cli_only", [("prune", "PruneConfig", set()),
+@pytest.mark.parametrize("command, cls, cli_only", [("prune", "PruneConfig", {"--config", "--set"}),
                                                     ("eval", "EvalConfig", {"--verbose", "--compare"})])
 def test_the_command_takes_exactly_the_flags_its_config_declares(command, cls, cli_only):
     """`spp.config.flag_names` is the one list of flags (spp run's reproduce commands use it); the CLI must match it."""

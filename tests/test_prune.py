@@ -369,7 +369,7 @@ def cli_model(tmp_path_factory) -> Path:
 
 
 BAD_INPUTS = [
-    ("unknown method", ["--method", "obs"], r"--method 'obs' is not one of"),
+    ("unknown method", ["--method", "obs"], r"method='obs' should be one of 'wanda', 'sparsegpt', 'magnitude', 'ria'"),
     ("malformed pattern", ["--pattern", "2:5x"], r"--pattern '2:5x'"),
     ("zero kept", ["--pattern", "0:4"], r"--pattern 0:4: N:M needs 0 < N < M"),
     ("n above m", ["--pattern", "5:4"], r"--pattern 5:4: N:M needs 0 < N < M"),

@@ -42,9 +42,12 @@ class AdapterConfig:
             set s (defaults 16 / 8 = 2, as in the reference code); `lora_r` is *not* a rank.
         lora_dropout: must be 0. Every kind computes its effective weight and does one matrix
             product, so there is no separate adapter branch whose input could be dropped out.
-        target_modules: fnmatch patterns over a linear layer's name relative to its decoder
-            block (`self_attn.q_proj`, `*proj`, `mlp.*`); `*` adapts every linear layer
-            inside the decoder blocks.
+        target_modules: layer name patterns (`spp.patterns`, shared with `spp prune --targets`):
+            fnmatch over the name relative to its decoder block (`self_attn.q_proj`, `*proj`,
+            `mlp.*`) or the full name, or `re:REGEX`; `*` adapts every linear layer inside the
+            decoder blocks.
+        adapt_unpruned: also adapt target layers that have no entry in the keep-masks (layers
+            `spp prune` left dense with --targets/--ignore). False: they stay as they are.
         base_model: the pruned model directory the adapter was trained on.
         mask_sha256: sha256 of that directory's `masks.safetensors` (merge refuses another base).
     """
@@ -56,6 +59,7 @@ class AdapterConfig:
     lora_r: int = 8
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["*"])
+    adapt_unpruned: bool = False
     base_model: str = ""
     mask_sha256: str = ""
 
@@ -77,6 +81,10 @@ class AdapterConfig:
             )
         if not self.target_modules or not all(isinstance(p, str) and p for p in self.target_modules):
             raise SppError(f"target_modules={self.target_modules!r} must be a non-empty list of name patterns")
+        from spp.patterns import compile_pattern
+
+        for pattern in self.target_modules:
+            compile_pattern(pattern, "target_modules")
 
     @property
     def scale(self) -> float:

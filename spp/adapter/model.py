@@ -10,7 +10,6 @@ merge of a saved checkpoint is `spp.merge`.
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -20,30 +19,29 @@ from spp.adapter import ADAPTERS, LAYER_TYPES
 from spp.adapter.config import AdapterConfig
 from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, read_json, write_json
-from spp.models import find_decoder_blocks, find_linear_layers
 from spp.prune.masks import pruned_is_positive_zero
 
 
-def target_layers(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
-    """The linear layers inside the decoder blocks whose block-relative name matches a pattern.
+def target_layers(model: nn.Module, patterns: list[str], masked: set[str] | None = None) -> dict[str, nn.Module]:
+    """The linear layers inside the decoder blocks that a pattern selects (`spp.patterns`), optionally only
+    those with a keep-mask.
+
+    Args:
+        patterns: `target_modules`.
+        masked: full module names that have a mask entry; None keeps every matching layer (the
+            caller's config says `adapt_unpruned`, or there are no masks at all).
 
     Returns:
         full module name (e.g. `model.layers.0.self_attn.q_proj`) -> layer, in model order.
 
     Raises:
-        SppError: no layer matches (names the patterns and the available names).
+        SppError: an invalid pattern, or no layer matches (names the patterns and the available names,
+            or the module outside the decoder blocks a pattern names).
     """
-    prefix, blocks = find_decoder_blocks(model)
-    found, names = {}, set()
-    for i, block in enumerate(blocks):
-        for name, layer in find_linear_layers(block).items():
-            names.add(name)
-            if any(fnmatchcase(name, p) for p in patterns):
-                found[f"{prefix}.{i}.{name}"] = layer
-    if not found:
-        raise SppError(f"target_modules {patterns} match no linear layer in the decoder blocks "
-                       f"(their names are: {', '.join(sorted(names))})")
-    return found
+    from spp.patterns import match_layers
+
+    found = {full: layer.module for full, layer in match_layers(model, patterns, "target_modules", each=False).items()}
+    return found if masked is None else {full: layer for full, layer in found.items() if full in masked}
 
 
 def _check_pruned_zeros(name: str, layer: nn.Module, keep: torch.Tensor) -> None:
@@ -65,7 +63,8 @@ def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Ten
         masks: keep-masks keyed by in-memory parameter name (`<module>.weight`, stored layout,
             as from `io.reader.Checkpoint.masks_by_parameter`). Each target weight must be bitwise
             +0.0 wherever its mask says pruned. Optional for `spp` (its update multiplies W);
-            `masked_lora` and `full` need the mask of every target layer.
+            `masked_lora` and `full` need the mask of every target layer. Given, a target layer
+            without an entry (left dense by `spp prune`) is skipped unless `cfg.adapt_unpruned`.
 
     Returns:
         The adapted module names, in model order.
@@ -78,7 +77,9 @@ def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Ten
     if any(isinstance(m, LAYER_TYPES) for m in model.modules()):
         raise SppError("the model already has spp adapters")
     kind = ADAPTERS[cfg.kind]
-    targets = target_layers(model, cfg.target_modules)
+    # a layer `spp prune` left dense has no mask entry: not adapted unless asked (the pruned model's layers all have one)
+    masked = None if masks is None or cfg.adapt_unpruned else {k[: -len(".weight")] for k in masks}
+    targets = target_layers(model, cfg.target_modules, masked)
     masks = masks or {}
     for name, layer in targets.items():
         keep = masks.get(f"{name}.weight")

@@ -6,7 +6,7 @@ and a rename): `block-i.safetensors` (the block's pruned parameters and buffers,
 and `hidden-(i+1).safetensors` (block i+1's calibration inputs, one (batch, seq, hidden)
 tensor per chunk of windows). Only then does `progress.json` (the settings it was made
 with, their sha256, the run conditions (`spp.io.conditions`: threads, device, dtype,
-versions), and per finished block its statistics) advance to i + 1, and the now
+versions), OWL's per-block sparsities once computed, and per finished block its statistics) advance to i + 1, and the now
 stale `hidden-i` is deleted. A kill between two writes therefore leaves `progress.json`
 pointing at complete files. The per-call keyword arguments of each block (attention masks,
 position embeddings) are not stored: resuming recomputes them from the embeddings, which is
@@ -106,6 +106,21 @@ def check_resumable(partial: Path, settings: dict, conditions: dict) -> int:
     check_same_conditions(saved.get("conditions"), conditions, "the interrupted run",
                           "run without --resume to start over")
     return int(saved["blocks_done"])
+
+
+def save_owl(partial: Path, record: dict) -> None:
+    """Keep OWL's per-block outlier shares and sparsities in `progress.json`, so `--resume` does not redo the
+    statistics pass (whose numbers would come out the same: same settings, calibration and run conditions)."""
+    path = progress_dir(partial) / PRUNE_PROGRESS_FILE
+    progress = read_json(path, what="prune progress")
+    progress["owl"] = record
+    write_json(path, progress)
+
+
+def load_owl(partial: Path) -> dict | None:
+    """The OWL record `save_owl` kept, or None when the interrupted run had not finished its statistics pass."""
+    path = progress_dir(partial) / PRUNE_PROGRESS_FILE
+    return read_json(path, what="prune progress").get("owl") if path.is_file() else None
 
 
 def save_block(partial: Path, index: int, block: nn.Module, masks: dict[str, torch.Tensor],

@@ -6,8 +6,11 @@ calibration windows, the model on the CPU, `sequential.capture_block_inputs` and
 directory holding the `save_pretrained` files, `masks.safetensors`, the resolved config and
 the manifest. Every finished block is persisted in `OUTPUT.partial/` (`spp.io.progress`),
 so `--resume` continues a killed or interrupted run at its first unfinished block, with
-the same result bit for bit (it refuses other run conditions, `spp.io.conditions`). The math lives in `masks`, `wanda` and `sparsegpt`; this
-module only wires it.
+the same result bit for bit (it refuses other run conditions, `spp.io.conditions`). Which layers are
+pruned, and at what sparsity, is `plan.plan_layers` (--targets, --ignore, sparsity_overrides); with
+--owl a statistics pass over the dense model (`owl_block_sparsities`) sets each block's sparsity
+first, kept in the progress so --resume does not redo it. The math lives in `masks`, `wanda`, `ria`,
+`owl` and `sparsegpt`; this module only wires it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from spp.config import PruneConfig, to_dict, write_yaml
 from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
 from spp.prune.masks import apply_mask, parse_pattern, select_mask, sparsity_stats
+from spp.prune.owl import outlier_share, owl_sparsities
+from spp.prune.plan import LayerPlan, plan_layers
+from spp.prune.ria import ria_scores
 from spp.prune.sparsegpt import accumulate_hessian, hessian_from_sum, sparsegpt_prune
 from spp.prune.wanda import accumulate_sq_norms, magnitude_scores, wanda_scores
 
@@ -36,10 +42,11 @@ from spp.prune.wanda import accumulate_sq_norms, magnitude_scores, wanda_scores
 
 @dataclass(frozen=True)
 class Method:
-    """How one method prunes a layer: statistics from its inputs (None: no calibration) and the pruning."""
+    """How one method prunes a layer: statistics from its inputs (None: no calibration) and the pruning
+    (W (out, in), statistics, config, this layer's sparsity) -> (new W, keep-mask, extra record)."""
 
     accumulate: Callable[[Any, torch.Tensor], Any] | None
-    prune: Callable[[torch.Tensor, Any, PruneConfig], tuple[torch.Tensor, torch.Tensor, dict]]
+    prune: Callable[[torch.Tensor, Any, PruneConfig, float], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
 def _accumulate_hessian(state, X):
@@ -48,20 +55,26 @@ def _accumulate_hessian(state, X):
     return H, n_tokens + n_batch
 
 
-def _prune_magnitude(W, state, cfg):
-    keep = select_mask(magnitude_scores(W), parse_pattern(cfg.pattern), cfg.sparsity, per_row=False)
+def _prune_magnitude(W, state, cfg, sparsity):
+    keep = select_mask(magnitude_scores(W), parse_pattern(cfg.pattern), sparsity, per_row=False)
     return apply_mask(W, keep), keep, {}
 
 
-def _prune_wanda(W, sq_norm, cfg):
-    keep = select_mask(wanda_scores(W, sq_norm), parse_pattern(cfg.pattern), cfg.sparsity, per_row=True)
+def _prune_wanda(W, sq_norm, cfg, sparsity):
+    keep = select_mask(wanda_scores(W, sq_norm), parse_pattern(cfg.pattern), sparsity, per_row=True)
     return apply_mask(W, keep), keep, {}
 
 
-def _prune_sparsegpt(W, state, cfg):
+def _prune_ria(W, sq_norm, cfg, sparsity):
+    # unstructured: one threshold over the whole layer, as RIA's reference code (Wanda compares per row)
+    keep = select_mask(ria_scores(W, sq_norm), parse_pattern(cfg.pattern), sparsity, per_row=False)
+    return apply_mask(W, keep), keep, {}
+
+
+def _prune_sparsegpt(W, state, cfg, sparsity):
     H_sum, n_tokens = state
     W_new, keep, damp = sparsegpt_prune(
-        W, hessian_from_sum(H_sum, n_tokens), parse_pattern(cfg.pattern), cfg.sparsity, cfg.blocksize, cfg.percdamp
+        W, hessian_from_sum(H_sum, n_tokens), parse_pattern(cfg.pattern), sparsity, cfg.blocksize, cfg.percdamp
     )
     return W_new, keep, ({"percdamp_used": damp} if damp != cfg.percdamp else {})
 
@@ -70,7 +83,13 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(accumulate=None, prune=_prune_magnitude),
     "wanda": Method(accumulate=accumulate_sq_norms, prune=_prune_wanda),
     "sparsegpt": Method(accumulate=_accumulate_hessian, prune=_prune_sparsegpt),
+    "ria": Method(accumulate=accumulate_sq_norms, prune=_prune_ria),
 }
+
+
+def needs_calibration(cfg: PruneConfig) -> bool:
+    """The method uses layer inputs, or OWL does (its outlier shares are Wanda scores, even for magnitude)."""
+    return METHODS[cfg.method].accumulate is not None or cfg.owl
 
 
 # --------------------------------------------------------------------------- report
@@ -90,6 +109,8 @@ class PruneReport:
     wall_time_s: float
     dampening_retries: list[dict] = field(default_factory=list)
     model: nn.Module | None = field(default=None, repr=False)  # the pruned model, still in memory
+    requested_blocks: dict[str, float] = field(default_factory=dict)  # block -> requested sparsity (its weights' mean)
+    dense_layers: list[str] = field(default_factory=list)  # decoder-block linears left dense (--targets/--ignore)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -104,21 +125,20 @@ class _Checked:
     blocks_done: int = 0  # finished blocks of the interrupted run that --resume continues
     conditions: dict = field(default_factory=dict)  # spp.io.conditions.run_conditions of this run
     checkpoint: Any = None  # the input model, resolved once (spp.io.reader.Checkpoint)
+    plan: LayerPlan | None = None  # which layers are pruned, at which sparsity (before OWL)
 
 
-def _check_layer_shapes(model: nn.Module, cfg: PruneConfig) -> None:
-    from spp.models import find_decoder_blocks, find_linear_layers, weight_out_in
+def _check_layer_shapes(model: nn.Module, cfg: PruneConfig, plan: LayerPlan) -> None:
+    from spp.models import weight_out_in
 
     n_m = parse_pattern(cfg.pattern)
-    blocks_name, blocks = find_decoder_blocks(model)
-    for index, block in enumerate(blocks):
-        for name, layer in find_linear_layers(block).items():
-            out_features, in_features = weight_out_in(layer).shape
-            if n_m is not None and in_features % n_m[1]:
-                raise SppError(
-                    f"--pattern {cfg.pattern}: module {blocks_name}.{index}.{name} has weight (out, in) = "
-                    f"({out_features}, {in_features}); its input dimension {in_features} is not divisible by M={n_m[1]}"
-                )
+    for full in plan.sparsity:
+        out_features, in_features = weight_out_in(model.get_submodule(full)).shape
+        if n_m is not None and in_features % n_m[1]:
+            raise SppError(
+                f"--pattern {cfg.pattern}: module {full} has weight (out, in) = "
+                f"({out_features}, {in_features}); its input dimension {in_features} is not divisible by M={n_m[1]}"
+            )
     if n_m is not None and cfg.method == "sparsegpt" and cfg.blocksize % n_m[1]:
         raise SppError(f"--blocksize {cfg.blocksize} must be a multiple of M={n_m[1]} for --pattern {cfg.pattern}")
 
@@ -133,7 +153,7 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     if cfg.method not in METHODS:
         raise SppError(f"--method {cfg.method!r} is not one of {', '.join(sorted(METHODS))}")
     parse_pattern(cfg.pattern)
-    if METHODS[cfg.method].accumulate is not None:
+    if needs_calibration(cfg):
         check_calib_source(cfg.calib)  # offline, a hub set fails here in a second, before any model is read
     check_output_dir(Path(cfg.output), cfg.overwrite)
     device = resolve_device(cfg.device)
@@ -143,10 +163,11 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     context = context_length(model_config)
     check_seqlen(cfg.seqlen, context)
     seqlen = cfg.seqlen or min(2048, context or 2048)
-    _check_layer_shapes(checkpoint.model, cfg)
+    plan = layer_plan(checkpoint.model, cfg)
+    _check_layer_shapes(checkpoint.model, cfg, plan)
     tokenizer = load_tokenizer(str(checkpoint.directory))
     windows = None
-    if METHODS[cfg.method].accumulate is not None:
+    if needs_calibration(cfg):
         windows = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, seqlen, cfg.seed)
     blocks_done = 0
     conditions = prune_conditions(cfg, device, model_config)
@@ -156,7 +177,12 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
 
         blocks_done = check_resumable(partial_path(Path(cfg.output)), resume_settings(cfg, windows), conditions)
     return _Checked(seqlen=seqlen, device=device, tokenizer=tokenizer, windows=windows, blocks_done=blocks_done,
-                    conditions=conditions, checkpoint=checkpoint)
+                    conditions=conditions, checkpoint=checkpoint, plan=plan)
+
+
+def layer_plan(model: nn.Module, cfg: PruneConfig) -> LayerPlan:
+    """`plan.plan_layers` with this config's patterns and sparsity."""
+    return plan_layers(model, cfg.targets, cfg.ignore, cfg.sparsity_overrides, cfg.sparsity)
 
 
 def prune_conditions(cfg: PruneConfig, device: torch.device, model_config) -> dict:
@@ -231,12 +257,15 @@ def _workdir(cfg: PruneConfig):
 
 @dataclass
 class PrunedModel:
-    """What `prune_model` changed: keep-masks (out, in) by parameter name, layouts, counts, dampening retries."""
+    """What `prune_model` changed: keep-masks (out, in) by parameter name, layouts, counts, dampening retries,
+    the layer plan it followed (OWL's block sparsities in it) and OWL's record (None without --owl)."""
 
     masks: dict[str, torch.Tensor]
     layouts: dict[str, str]
     module_stats: dict[str, dict]
     retries: list[dict]
+    plan: LayerPlan | None = None
+    owl: dict | None = None
 
 
 def prune_model(
@@ -252,29 +281,41 @@ def prune_model(
 
     Args:
         model: a causal LM on the CPU.
-        windows: (nsamples, seqlen) calibration ids, or None for magnitude.
-        cfg: method, pattern, sparsity, SparseGPT settings, batch size, offloading.
+        windows: (nsamples, seqlen) calibration ids, or None for magnitude without OWL.
+        cfg: method, pattern, sparsity, layer choice, OWL, SparseGPT settings, batch size, offloading.
         device: where each block is pruned.
         on_module: progress callback (block index, number of blocks, module name).
-        partial: where to persist each finished block (`spp.io.progress`), or None to keep nothing.
+        partial: where to persist each finished block and OWL's ratios (`spp.io.progress`), or None to keep nothing.
         blocks_done: blocks an interrupted run already finished in `partial` (restored, not redone).
     """
-    from spp.io.progress import BlockRecord, restore_blocks, save_block
+    from spp.io.progress import BlockRecord, load_owl, restore_blocks, save_block, save_owl
     from spp.models import find_decoder_blocks, layer_layout, weight_out_in
     from spp.prune.sequential import capture_block_inputs, prune_blocks
 
     method = METHODS[cfg.method]
     blocks_name, blocks = find_decoder_blocks(model)
+    plan = layer_plan(model, cfg)
     storage = torch.device("cpu") if cfg.offload_activations else device
     inputs = None
-    if windows is not None and method.accumulate is not None:
+    if windows is not None and needs_calibration(cfg):
         inputs = capture_block_inputs(model, blocks, windows, cfg.batch_size, storage)
-    result = PrunedModel(masks={}, layouts={}, module_stats={}, retries=[])
+    owl = None
+    if cfg.owl:
+        owl = load_owl(partial) if partial is not None else None  # a resumed run reuses the ratios it computed
+        if owl is None:
+            if inputs is None:
+                raise SppError("--owl needs calibration windows (its outlier shares are Wanda scores)")
+            owl = owl_block_sparsities(blocks, blocks_name, inputs, plan, cfg, device)
+            if partial is not None:
+                save_owl(partial, owl)
+        plan = plan.with_block_sparsities({i: s for i, s in enumerate(owl["sparsity"]) if s is not None})
+    calibrated = inputs if method.accumulate is not None else None  # magnitude + OWL: no propagation needed
+    result = PrunedModel(masks={}, layouts={}, module_stats={}, retries=[], plan=plan, owl=owl)
     restored_masks = []
     if partial is not None and blocks_done:
-        restored = restore_blocks(partial, blocks, blocks_done, inputs is not None, storage)
+        restored = restore_blocks(partial, blocks, blocks_done, calibrated is not None, storage)
         if restored.hidden is not None:
-            inputs.hidden = restored.hidden
+            calibrated.hidden = restored.hidden
         for record in restored.records:
             result.layouts.update(record.layouts)
             result.module_stats.update(record.module_stats)
@@ -297,7 +338,7 @@ def prune_model(
             raise SppError(f"module {full} received no calibration input; spp cannot prune it with {cfg.method}")
         W = weight_out_in(layer)  # (out, in) view of the stored weight
         try:
-            W_new, keep, info = method.prune(W, state, cfg)
+            W_new, keep, info = method.prune(W, state, cfg, plan.sparsity[full])
         except SppError as exc:
             raise SppError(f"module {full}: {exc}") from exc
         with torch.no_grad():
@@ -309,15 +350,53 @@ def prune_model(
         return keep
 
     masks = prune_blocks(
-        blocks, inputs, method.accumulate, prune_layer, device,
+        blocks, calibrated, method.accumulate, prune_layer, device,
         on_module=(lambda i, name: on_module(i, len(blocks), f"{blocks_name}.{i}.{name}")) if on_module else None,
         on_block_done=block_done if partial is not None else None, start=len(restored_masks),
+        chosen=lambda i, name: f"{blocks_name}.{i}.{name}" in plan.sparsity,
     )
     masks[: len(restored_masks)] = restored_masks
     for i, block_masks in enumerate(masks):
         for name, keep in block_masks.items():
             result.masks[f"{blocks_name}.{i}.{name}.weight"] = keep
     return result
+
+
+def owl_block_sparsities(blocks: nn.ModuleList, blocks_name: str, inputs, plan: LayerPlan, cfg: PruneConfig,
+                         device: torch.device) -> dict:
+    """OWL's statistics pass over the dense model and the block sparsities it gives (`spp.prune.owl`).
+
+    Only the layers at the default sparsity take part (not ignored, not overridden); a block with none
+    gets None. Returns {"m", "lmbda", "outlier_share": [D_l or None], "sparsity": [s_l or None]}.
+
+    Raises:
+        SppError: a layer saw no calibration input, or a block sparsity falls outside [0, 1).
+    """
+    from spp.models import weight_out_in
+    from spp.prune.sequential import dense_statistics
+
+    def voting(index: int, name: str) -> bool:
+        full = f"{blocks_name}.{index}.{name}"
+        return full in plan.sparsity and full not in plan.overridden
+
+    def share(index: int, layers: dict, stats: dict) -> float | None:
+        missing = [name for name in layers if name not in stats]
+        if missing:
+            raise SppError(f"module {blocks_name}.{index}.{missing[0]} received no calibration input; OWL needs it")
+        scores = [wanda_scores(weight_out_in(layer), stats[name]) for name, layer in layers.items()]
+        return outlier_share(scores, cfg.owl_m) if scores else None
+
+    shares = dense_statistics(blocks, inputs, accumulate_sq_norms, share, device, chosen=voting)
+    voters = [i for i, d in enumerate(shares) if d is not None]
+    n = torch.tensor([sum(plan.numel[f] for f in plan.in_block(i, default_only=True)) for i in voters])
+    s_l = owl_sparsities(torch.tensor([shares[i] for i in voters]), n, cfg.sparsity, cfg.owl_lmbda).tolist()
+    sparsity: list[float | None] = [None] * len(blocks)
+    for i, value in zip(voters, s_l):
+        if not 0 <= value < 1:
+            raise SppError(f"OWL sets block {blocks_name}.{i} to sparsity {value:.4f}, outside [0, 1) "
+                           f"(--sparsity {cfg.sparsity:g} ± up to 2·λ = {2 * cfg.owl_lmbda:g}); lower --owl-lmbda")
+        sparsity[i] = value
+    return {"m": cfg.owl_m, "lmbda": cfg.owl_lmbda, "outlier_share": shares, "sparsity": sparsity}
 
 
 def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) -> PruneReport:
@@ -329,7 +408,10 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) ->
     from spp.io.maskfile import save_masks
 
     keep_by_param, layouts, module_stats, retries = pruned.masks, pruned.layouts, pruned.module_stats, pruned.retries
+    plan = pruned.plan
+    requested = {param: plan.sparsity[param[: -len(".weight")]] for param in module_stats}
     blocks = _block_table(module_stats)
+    block_details = _block_details(module_stats, requested)
     total = sum(s["numel"] for s in module_stats.values())
     n_pruned = sum(s["pruned"] for s in module_stats.values())
     kept_zero = sum(s["kept_zero"] for s in module_stats.values())
@@ -347,8 +429,11 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) ->
         "requested_sparsity": cfg.sparsity,
         "achieved_sparsity": n_pruned / total if total else 0.0,
         "kept_zero": kept_zero,
+        "blocks": block_details,
+        "owl": pruned.owl,
+        "dense_layers": [written.saved_name(f"{full}.weight") for full in plan.dense],
         "modules": {
-            saved[p]: {"requested": cfg.sparsity, "achieved": s["sparsity"], "numel": s["numel"],
+            saved[p]: {"requested": requested[p], "achieved": s["sparsity"], "numel": s["numel"],
                        "pruned": s["pruned"], "kept_zero": s["kept_zero"], "layout": layouts[p]}
             for p, s in module_stats.items()
         },
@@ -365,7 +450,8 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) ->
     return PruneReport(output=Path(cfg.output), method=cfg.method, pattern=cfg.pattern,
                        requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=n_pruned / total if total else 0.0,
                        kept_zero=kept_zero, wall_time_s=time.perf_counter() - start, dampening_retries=retries,
-                       model=model)
+                       model=model, requested_blocks={b: d["requested"] for b, d in block_details.items()},
+                       dense_layers=list(plan.dense))
 
 
 def block_name(tensor_name: str) -> str:
@@ -386,6 +472,19 @@ def _block_table(module_stats: dict[str, dict]) -> list[tuple[str, int, int]]:
     return [(name, numel, pruned) for name, (numel, pruned) in table.items()]
 
 
+def _block_details(module_stats: dict[str, dict], requested: dict[str, float]) -> dict[str, dict]:
+    """Per block: its weights, pruned count, requested sparsity (the mean of its layers', weighted by size) and
+    achieved sparsity; what the manifest records and `spp verify` and the pipeline report show."""
+    table: dict[str, dict] = {}
+    for name, s in module_stats.items():
+        row = table.setdefault(block_name(name), {"numel": 0, "pruned": 0, "requested_pruned": 0.0})
+        row["numel"] += s["numel"]
+        row["pruned"] += s["pruned"]
+        row["requested_pruned"] += requested[name] * s["numel"]
+    return {b: {"requested": r["requested_pruned"] / r["numel"], "achieved": r["pruned"] / r["numel"],
+                "numel": r["numel"], "pruned": r["pruned"]} for b, r in table.items()}
+
+
 def _input_hashes(cfg: PruneConfig, checkpoint) -> dict[str, str]:
     """sha256 of the local model directory's files (of the file, for a GGUF file) and of a local calibration file
     (hub ids are recorded as such)."""
@@ -400,6 +499,6 @@ def _input_hashes(cfg: PruneConfig, checkpoint) -> dict[str, str]:
             out[str(path)] = sha256_file(path)
     else:
         out[cfg.model] = "hub"
-    if cfg.method != "magnitude" and Path(cfg.calib).is_file():
+    if needs_calibration(cfg) and Path(cfg.calib).is_file():
         out[str(cfg.calib)] = sha256_file(Path(cfg.calib))
     return out

@@ -159,6 +159,54 @@ def _collect_statistics(block, index, inputs, layers, accumulate, device) -> dic
     return stats
 
 
+@torch.no_grad()
+def dense_statistics(
+    blocks: nn.ModuleList,
+    inputs: BlockInputs,
+    accumulate: Callable[[Any, torch.Tensor], Any],
+    reduce: Callable[[int, dict[str, nn.Module], dict[str, Any]], Any],
+    device: torch.device,
+    chosen: Callable[[int, str], bool] | None = None,
+) -> list[Any]:
+    """One pass over the *unpruned* model: per block, statistics of its chosen layers, reduced to one value.
+
+    Each block runs once, with the hooks of `_collect_statistics` on, and its outputs feed the
+    next block (dense outputs: nothing is pruned yet). `inputs` is left as it was, so pruning can
+    start from block 0's inputs afterwards. OWL's outlier shares come from here.
+
+    Args:
+        reduce: (block index, chosen layers by name, their statistics) -> the block's value.
+        chosen: (block index, layer name) -> whether the layer takes part (default: all).
+
+    Returns:
+        One value per block.
+    """
+    hidden, values = inputs.hidden, []
+    for index, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        layers = {n: m for n, m in find_linear_layers(block).items() if chosen is None or chosen(index, n)}
+        state = BlockInputs(hidden=hidden, calls=inputs.calls, hidden_as_kwarg=inputs.hidden_as_kwarg,
+                            storage=inputs.storage)
+        stats: dict[str, Any] = {}
+
+        def hook(name):
+            def fn(module, args, output):
+                stats[name] = accumulate(stats.get(name), args[0].detach())
+
+            return fn
+
+        handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+        try:
+            hidden = run_block(block, index, state, device, keep_outputs=index + 1 < len(blocks))
+        finally:
+            for handle in handles:
+                handle.remove()
+        values.append(reduce(index, layers, stats))
+        block.to(home)
+    return values
+
+
 def prune_blocks(
     blocks: nn.ModuleList,
     inputs: BlockInputs | None,
@@ -168,6 +216,7 @@ def prune_blocks(
     on_module: Callable[[int, str], None] | None = None,
     on_block_done: Callable[[int, nn.Module, dict, BlockInputs | None], None] | None = None,
     start: int = 0,
+    chosen: Callable[[int, str], bool] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Prune every linear layer of every block, in order, each block seeing the pruned blocks before it.
 
@@ -183,6 +232,8 @@ def prune_blocks(
             block, the place to persist per-block state.
         start: the first block to prune (a resumed run: blocks before it are already pruned and
             `inputs.hidden` holds block `start`'s inputs); skipped blocks get an empty dict.
+        chosen: (block index, layer name) -> whether the layer is pruned (default: all); the others
+            are left as they are and get no statistics and no mask.
 
     Returns:
         One dict per block: layer name (relative to the block) -> keep-mask (out, in), on the CPU.
@@ -196,7 +247,7 @@ def prune_blocks(
             continue
         home = next(block.parameters()).device
         block.to(device)
-        layers = find_linear_layers(block)
+        layers = {n: m for n, m in find_linear_layers(block).items() if chosen is None or chosen(index, n)}
         stats = {}
         if inputs is not None and accumulate is not None:
             stats = _collect_statistics(block, index, inputs, layers, accumulate, device)

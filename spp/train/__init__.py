@@ -101,6 +101,9 @@ def run_train(cfg: TrainConfig) -> TrainReport:
             adapted = add_adapter(model, adapter_cfg, masks)
             if cfg.gradient_checkpointing:
                 enable_checkpointing(model)
+        if not adapted:
+            raise SppError(f"target_modules {cfg.target_modules} select only layers that {base} left dense (no entry "
+                           "in its masks.safetensors): nothing to adapt; set adapt_unpruned: true to adapt them anyway")
         trainable = count_trainable(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
