@@ -94,7 +94,7 @@ def worker(out_dir: Path) -> None:
     adapter_cfg = AdapterConfig(kind="spp", spp_row_groups=ROW_GROUPS)
     torch.manual_seed(0)
     if world > 1:
-        model, _ = load_sharded_model(read_checkpoint(out_dir / "model"), torch.float32, adapter_cfg, {})
+        model, _ = load_sharded_model(read_checkpoint(out_dir / "model"), torch.float32, adapter_cfg, None)
     else:
         model = load_model(str(out_dir / "model"), dtype="float32")
         add_adapter(model, adapter_cfg)

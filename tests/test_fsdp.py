@@ -145,6 +145,17 @@ def test_one_rank_fsdp_in_process_equals_unsharded(pruned_tiny_dir, text_file, t
     assert_adapter_close(got, ref, rtol=1e-5)
 
 
+def test_fsdp_adapts_the_layers_a_full_name_pattern_selects(pruned_tiny_dir, text_file, tmp_path):
+    """target_modules is resolved on the whole model, so a pattern naming one block's layers works sharded too."""
+    kw = dict(max_steps=1, batch_size=4, val_set_size=0, target_modules=[r"re:model\.layers\.1\.mlp\..*"])
+    run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "plain", **kw))
+    report = run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "fsdp", distributed="fsdp", **kw))
+    got = load_file(str(tmp_path / "fsdp" / ADAPTER_WEIGHTS_FILE))
+    assert report.adapted_modules == 3 and {k.rsplit(".", 1)[0] for k in got} == \
+        {f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert_adapter_close(got, load_file(str(tmp_path / "plain" / ADAPTER_WEIGHTS_FILE)), rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["spp", "full"])
 def test_one_rank_fsdp_on_gpt2_with_tied_embeddings_and_conv1d_equals_unsharded(shared_data, text_file, tmp_path, kind):
     """GPT-2: (in, out) Conv1D weights (full's mask shards by the same rows as its weight) and an output layer

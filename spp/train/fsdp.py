@@ -20,6 +20,7 @@ file names: `spp.train.loop` calls it, `spp.io.checkpoint` names the files.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Iterator
@@ -152,7 +153,7 @@ def _materialise(module: nn.Module, prefix: str, checkpoint) -> None:
             sub._parameters[name] = nn.Parameter(tensor, requires_grad=param.requires_grad)
 
 
-def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[str, torch.Tensor],
+def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[str, torch.Tensor] | None,
                        cpu_offload: bool = False, checkpointing: bool = False) -> tuple[nn.Module, list[str]]:
     """The model of `checkpoint` with its adapter, sharded, without any rank holding the whole model.
 
@@ -178,7 +179,7 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
-    from spp.adapter.model import add_adapter
+    from spp.adapter.model import add_adapter, target_layers
     from spp.models import find_decoder_blocks
 
     with init_empty_weights(include_buffers=False):
@@ -190,17 +191,22 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
 
         enable_checkpointing(model)
     policy = _policy(cpu_offload)
+    # The targets are chosen once on the whole (meta) model, names only, exactly as `add_adapter` chooses them
+    # (full-name patterns, layers left dense); each block is then adapted at those exact names.
+    masked = None if masks is None or adapter_cfg.adapt_unpruned else {k[: -len(".weight")] for k in masks}
+    targets = list(target_layers(model, adapter_cfg.target_modules, masked))
     prefix, blocks = find_decoder_blocks(model)
-    adapted = []
     for i, block in enumerate(blocks):
         _materialise(block, f"{prefix}.{i}", checkpoint)
         own = f"{prefix}.{i}."
-        block_masks = {f"layers.0.{k[len(own):]}": m for k, m in masks.items() if k.startswith(own)}
-        try:
-            names = add_adapter(_OneBlock(block), adapter_cfg, block_masks)
-        except SppError as exc:  # name the layer as the model does, not as the stand-in
-            raise SppError(str(exc).replace("layers.0.", own)) from None
-        adapted += [f"{prefix}.{i}.{name[len('layers.0.'):]}" for name in names]
+        names = [t[len(own):] for t in targets if t.startswith(own)]
+        if names:
+            block_cfg = dataclasses.replace(adapter_cfg, target_modules=names, adapt_unpruned=True)
+            block_masks = {f"layers.0.{k[len(own):]}": m for k, m in (masks or {}).items() if k.startswith(own)}
+            try:
+                add_adapter(_OneBlock(block), block_cfg, block_masks)
+            except SppError as exc:  # name the layer as the model does, not as the stand-in
+                raise SppError(str(exc).replace("layers.0.", own)) from None
         masks_as_parameters(block)
         fully_shard(block, **policy)
     embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
@@ -212,7 +218,7 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     for unit in _outer_units(model):
         fully_shard(unit, **policy)
     fully_shard(model, **policy)
-    return model, adapted
+    return model, targets
 
 
 def _materialise_tied(model: nn.Module, checkpoint) -> None:
