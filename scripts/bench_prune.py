@@ -11,6 +11,8 @@ one record per measurement; `main` prints them side by side with ratios (baselin
 
     python scripts/bench_prune.py                 # all methods, both patterns, auto device
     python scripts/bench_prune.py --layers 4      # a smaller model
+    python scripts/bench_prune.py --owl --methods wanda --patterns unstructured --sparsity 0.7
+                                                  # spp with OWL against spp without (ratio = OWL / plain)
 """
 
 from __future__ import annotations
@@ -200,8 +202,10 @@ def baseline_prune(model, windows, method: str, n_m, sparsity: float, device) ->
 
 
 def measure(impl: str, method: str, pattern: str, device: str, nsamples: int, seqlen: int, layers: int,
-            threads: int | None = None) -> dict:
-    """Prune a fresh random LLaMA once and return a record with wall time and peak memory."""
+            threads: int | None = None, sparsity: float | None = None) -> dict:
+    """Prune a fresh random LLaMA once and return a record with wall time and peak memory.
+
+    `impl` is `baseline`, `spp`, or `spp+owl` (spp with OWL's statistics pass and block sparsities)."""
     import torch
 
     if threads:
@@ -216,12 +220,12 @@ def measure(impl: str, method: str, pattern: str, device: str, nsamples: int, se
     windows = torch.randint(0, MODEL["vocab_size"], (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     dev = torch.device(device)
     cfg = PruneConfig(model="-", output="-", method=method, pattern=pattern, calib="-", nsamples=nsamples,
-                      seqlen=seqlen)
+                      seqlen=seqlen, sparsity=sparsity, owl=impl == "spp+owl")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    if impl == "spp":
-        prune_model(model, windows if method != "magnitude" else None, cfg, dev)
+    if impl in ("spp", "spp+owl"):
+        prune_model(model, windows if method != "magnitude" or cfg.owl else None, cfg, dev)
     else:
         baseline_prune(model, windows, method, parse_pattern(pattern), cfg.sparsity, dev)
     if dev.type == "cuda":
@@ -247,11 +251,11 @@ def _run_child(spec: dict, timeout: float) -> dict:
 
 def bench_prune(methods=METHOD_NAMES, patterns=PATTERNS, device: str = "auto", nsamples: int | None = None,
                 seqlen: int | None = None, layers: int = 12, threads: int | None = None, repeats: int = 1,
-                timeout: float = 1800) -> list[dict]:
+                timeout: float = 1800, owl: bool = False, sparsity: float | None = None) -> list[dict]:
     """Measure spp and the baseline for every method and pattern, each run in its own child process.
 
     The two implementations alternate (baseline, spp, baseline, spp, ...) `repeats` times, so
-    a load change on a shared machine hits both alike.
+    a load change on a shared machine hits both alike. With `owl` the pair is spp and spp+owl instead.
 
     Returns:
         One record per run: impl, method, pattern, device, nsamples, seqlen, params, layers,
@@ -267,9 +271,9 @@ def bench_prune(methods=METHOD_NAMES, patterns=PATTERNS, device: str = "auto", n
     for method in methods:
         for pattern in patterns:
             for _ in range(repeats):
-                for impl in ("baseline", "spp"):
+                for impl in (("spp", "spp+owl") if owl else ("baseline", "spp")):
                     spec = dict(impl=impl, method=method, pattern=pattern, device=device, nsamples=nsamples,
-                                seqlen=seqlen, layers=layers, threads=threads)
+                                seqlen=seqlen, layers=layers, threads=threads, sparsity=sparsity)
                     records.append(_run_child(spec, timeout))
                     print(f"  {impl:8s} {method:9s} {pattern:12s} {records[-1]['seconds']:8.2f} s", file=sys.stderr)
     return records
@@ -295,6 +299,23 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_owl_table(records: list[dict]) -> str:
+    """A Markdown table per method and pattern: the fastest spp run without and with OWL, ratio OWL / plain."""
+    lines = ["| method | pattern | achieved sparsity (OWL) | plain s | OWL s | time ratio (OWL / plain) | plain peak RSS MiB | OWL peak RSS MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    runs: dict[tuple, list[dict]] = {}
+    for r in records:
+        runs.setdefault((r["method"], r["pattern"], r["impl"]), []).append(r)
+    for method, pattern, impl in runs:
+        if impl != "spp+owl" or (method, pattern, "spp") not in runs:
+            continue
+        p, o = runs[(method, pattern, "spp")], runs[(method, pattern, "spp+owl")]
+        pt, ot = min(r["seconds"] for r in p), min(r["seconds"] for r in o)
+        lines.append(f"| {method} | {pattern} | {o[0]['sparsity']:.4f} | {pt:.2f} | {ot:.2f} | {ot / pt:.2f}x | "
+                     f"{max(r['peak_rss_mb'] for r in p):.0f} | {max(r['peak_rss_mb'] for r in o):.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -307,17 +328,20 @@ def main(argv=None) -> None:
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each implementation")
     parser.add_argument("--json", help="also write the records to this file")
+    parser.add_argument("--owl", action="store_true", help="compare spp with and without OWL (unstructured only)")
+    parser.add_argument("--sparsity", type=float, help="unstructured sparsity (default 0.5)")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
         return
     records = bench_prune(args.methods.split(","), args.patterns.split(","), args.device, args.nsamples, args.seqlen,
-                          args.layers, args.threads, args.repeats)
+                          args.layers, args.threads, args.repeats, owl=args.owl, sparsity=args.sparsity)
     r = records[0]
+    ratio = ("ratio = OWL / plain (the cost of OWL's statistics pass)" if args.owl
+             else "ratio = baseline / spp (above 1: spp is faster / smaller)")
     print(f"random LLaMA, {r['layers']} layers, {r['params'] / 1e6:.0f}M parameters, {r['nsamples']}x{r['seqlen']} "
-          f"calibration tokens, device {r['device']}, {r['threads']} threads, best of {args.repeats}; "
-          "ratio = baseline / spp (above 1: spp is faster / smaller)")
-    print(format_table(records))
+          f"calibration tokens, device {r['device']}, {r['threads']} threads, best of {args.repeats}; {ratio}")
+    print(format_owl_table(records) if args.owl else format_table(records))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)

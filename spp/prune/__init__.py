@@ -389,7 +389,8 @@ def owl_block_sparsities(blocks: nn.ModuleList, blocks_name: str, inputs, plan: 
     shares = dense_statistics(blocks, inputs, accumulate_sq_norms, share, device, chosen=voting)
     voters = [i for i, d in enumerate(shares) if d is not None]
     n = torch.tensor([sum(plan.numel[f] for f in plan.in_block(i, default_only=True)) for i in voters])
-    s_l = owl_sparsities(torch.tensor([shares[i] for i in voters]), n, cfg.sparsity, cfg.owl_lmbda).tolist()
+    D = torch.tensor([shares[i] for i in voters], dtype=torch.float64)
+    s_l = owl_sparsities(D, n, cfg.sparsity, cfg.owl_lmbda).tolist()
     sparsity: list[float | None] = [None] * len(blocks)
     for i, value in zip(voters, s_l):
         if not 0 <= value < 1:
