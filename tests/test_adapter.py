@@ -620,11 +620,14 @@ def test_a_target_without_a_mask_is_refused_for_kinds_that_need_one(tiny_model, 
     masks = prune_in_place(model)
     del masks["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(SppError, match=rf"^model\.layers\.1\.mlp\.up_proj has no entry in the keep-masks .*{kind}"):
-        add_spp(model, AdapterConfig(kind=kind), masks)
+        add_spp(model, AdapterConfig(kind=kind, adapt_unpruned=True), masks)
     assert not any(isinstance(m, LAYER_TYPES) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())  # refused before anything changed
     with pytest.raises(SppError, match="has no entry in the keep-masks"):
         add_spp(tiny_model("llama"), AdapterConfig(kind=kind))  # no masks at all
+    # by default a layer without a mask entry (left dense by `spp prune`) is simply not adapted
+    names = add_spp(model, AdapterConfig(kind=kind), masks)
+    assert "model.layers.1.mlp.up_proj" not in names and len(names) == len(masks)
 
 
 def perturb_any(model, seed=0):
