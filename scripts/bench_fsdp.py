@@ -119,7 +119,8 @@ def worker(out_dir: Path) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    record = {"world": world, "rank": rank, "rss_start": rss_start, "load_peak": load_peak,
+    record = {"world": world, "rank": rank, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "rss_start": rss_start, "load_peak": load_peak,
               "step_peak": _status("VmHWM"), "step_s": statistics.median(times[1:]), "micro_batches": micro}
     (out_dir / f"world{world}-rank{rank}.json").write_text(json.dumps(record))
     if world > 1:
