@@ -110,6 +110,14 @@ def test_fsdp_two_ranks_match_one_process(fsdp_run, pruned_tiny_dir, text_file, 
     for name, tensor in load_file(str(checkpoint / ADAPTER_WEIGHTS_FILE)).items():  # the step-4 adapter is the final one
         assert torch.equal(tensor, got[name])
 
+    from spp.config import MergeConfig
+    from spp.merge import run_merge
+    from spp.verify import verify_checkpoint
+
+    # merge and verify read the gathered adapter as they read any other
+    run_merge(MergeConfig(model=str(pruned_tiny_dir), adapter=str(fsdp_run), output=str(tmp_path / "merged")))
+    verify_checkpoint(tmp_path / "merged")
+
 
 @pytest.mark.parametrize("kind", ["spp", "masked_lora", "full"])
 def test_one_rank_fsdp_in_process_equals_unsharded(pruned_tiny_dir, text_file, tmp_path, monkeypatch, kind):
