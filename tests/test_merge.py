@@ -144,9 +144,14 @@ def test_a_target_without_a_mask_entry_is_refused_for_masked_lora(tmp_path, tiny
     save_masks(pruned / MASK_FILE, masks, {k: layouts[k] for k in masks})
     write_manifest(pruned, read_manifest(pruned))  # a consistent base whose mask file lacks one target
     path = tmp_path / "train" / ADAPTER_CONFIG_FILE
-    path.write_text(json.dumps({**read_json(path), "mask_sha256": sha256_file(pruned / MASK_FILE)}))
+    path.write_text(json.dumps({**read_json(path), "mask_sha256": sha256_file(pruned / MASK_FILE), "adapt_unpruned": True}))
     with pytest.raises(SppError, match=r"^model\.layers\.1\.mlp\.up_proj has no entry in .*masks\.safetensors; "
                                        r"adapter kind 'masked_lora' needs the mask of every target layer$"):
+        run_merge(MergeConfig(model=str(pruned), adapter=str(tmp_path / "train"), output=str(tmp_path / "merged")))
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+    # by default a layer without a mask entry was never adapted, so an adapter holding one does not fit
+    path.write_text(json.dumps({**read_json(path), "adapt_unpruned": False}))
+    with pytest.raises(SppError, match=r"do not fit the model .*first mismatched module: model\.layers\.1\.mlp\.up_proj"):
         run_merge(MergeConfig(model=str(pruned), adapter=str(tmp_path / "train"), output=str(tmp_path / "merged")))
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
 
