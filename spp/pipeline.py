@@ -234,11 +234,20 @@ def prune_command(cfg: PruneConfig) -> str:
     from spp.prune.masks import parse_pattern
 
     defaults = PruneConfig(model=cfg.model, output=cfg.output, pattern=cfg.pattern)
-    keys = [f.name for f in dataclasses.fields(PruneConfig) if f.name not in ("model", "output", "pattern", "sparsity")]
+    listed = ("targets", "ignore", "sparsity_overrides")  # repeated flags and a --set mapping, not `--flag a,b`
+    keys = [f.name for f in dataclasses.fields(PruneConfig)
+            if f.name not in ("model", "output", "pattern", "sparsity", "method", *listed)]
     words = ["spp", "prune", "--model", cfg.model, "--output", cfg.output, "--method", cfg.method, "--pattern", cfg.pattern]
     if parse_pattern(cfg.pattern) is None:
         words += ["--sparsity", f"{cfg.sparsity:g}"]
-    return _join(words + _flags(cfg, defaults, "prune", [k for k in keys if k != "method"]))
+    for key in ("targets", "ignore"):
+        if getattr(cfg, key) != getattr(defaults, key):
+            words += [w for p in getattr(cfg, key) for w in (f"--{key}", p)]
+    if cfg.sparsity_overrides:
+        import yaml
+
+        words += ["--set", "sparsity_overrides=" + yaml.safe_dump(cfg.sparsity_overrides, default_flow_style=True).strip()]
+    return _join(words + _flags(cfg, defaults, "prune", keys))
 
 
 def train_command(cfg: TrainConfig, inline: dict, config_name: str | None) -> str:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MASK_FILE, RESULTS_FILE, read_json, safetensors_files, safetensors_keys
+from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE, RESULTS_FILE, read_json, safetensors_files, safetensors_keys
 
 if TYPE_CHECKING:
     from spp.pipeline import Step, StepResult
@@ -113,6 +113,7 @@ def build_report(run: Path, steps: list[Step], results: list[StepResult]) -> Pip
             "sparsity_before": before, "sparsity_after": after,
             "sparsity_equal": None if before is None or after is None else before == after,
             "trainable_params": adapter_parameter_count(run / name / "train"),
+            "blocks": _prune_blocks(step.folder),
         }
         ppl_keys = [k for k in dense_numbers if k.startswith("ppl ")]
         for key in ppl_keys:
@@ -127,6 +128,7 @@ def build_report(run: Path, steps: list[Step], results: list[StepResult]) -> Pip
     machine = conditions_line([step.folder for step in steps])
     markdown = "\n\n".join([f"# spp run report: {run}", "## Results", table,
                             "## Sparsity and trainable parameters", settings_table(settings),
+                            "## Sparsity per block (requested, achieved)", block_table(settings),
                             "## Stages", stages_table(results),
                             "## Run conditions", f"The numbers repeat bit for bit only under the same run conditions "
                             f"(threads, device, dtype, processes, versions); these stages ran with: {machine}.",
@@ -193,6 +195,21 @@ def settings_table(settings: list[dict]) -> str:
     body = [[s["setting"], _fmt(s["sparsity_before"], "pct"), _fmt(s["sparsity_after"], "pct"),
              {True: "yes", False: "NO", None: "—"}[s["sparsity_equal"]], _fmt(s["trainable_params"], "int")] for s in settings]
     return _markdown_table(["setting", "sparsity pruned", "sparsity merged", "equal", "trainable params"], body)
+
+
+def _prune_blocks(prune_dir: Path) -> dict:
+    """The prune manifest's per-block record ({block: {requested, achieved, numel, pruned}}), {} if it has none."""
+    path = Path(prune_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return {}
+    return (read_json(path, what="manifest").get("details") or {}).get("blocks") or {}
+
+
+def block_table(settings: list[dict]) -> str:
+    """One row per setting and decoder block: the sparsity asked of it (OWL, overrides) and the one reached."""
+    body = [[s["setting"], block, _fmt(row["requested"], "pct"), _fmt(row["achieved"], "pct")]
+            for s in settings for block, row in (s.get("blocks") or {}).items()]
+    return _markdown_table(["setting", "block", "requested", "achieved"], body) if body else "(not recorded)"
 
 
 def stages_table(results: list[StepResult]) -> str:

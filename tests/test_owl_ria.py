@@ -376,3 +376,28 @@ def test_train_with_only_dense_targets_is_refused(model_dir, calib, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and "nothing to adapt" in lines[0], result.stderr
     assert not train.exists() and not partial_path(train).exists()
+
+
+def test_pipeline_reproduce_command_and_block_table_carry_the_layer_choice(model_dir, calib, tmp_path):
+    import shlex
+
+    from spp.config import merge_into, parse_set
+    from spp.pipeline import prune_command
+    from spp.report import _prune_blocks, block_table
+
+    cfg = PruneConfig(model=str(model_dir), output=str(tmp_path / "out"), targets=[r"re:.*\.(q|k)_proj", "mlp.*"],
+                      ignore=["model.layers.0.*"], sparsity_overrides={"mlp.*": 0.6}, owl=True, calib=str(calib),
+                      nsamples=4, seqlen=16, device="cpu")
+    words = shlex.split(prune_command(cfg))
+    flags = {}
+    for i, word in enumerate(words):
+        if word in ("--targets", "--ignore"):
+            flags.setdefault(word[2:], []).append(words[i + 1])
+    i = words.index("--set")
+    rebuilt = merge_into(PruneConfig, [("flags", {"model": cfg.model, "output": cfg.output, "owl": True,
+                                                  "calib": cfg.calib, "nsamples": 4, "seqlen": 16, "device": "cpu",
+                                                  **flags}), ("--set", parse_set([words[i + 1]]))])
+    assert rebuilt == cfg
+    assert invoke(*words[1:]).exit_code == 0
+    table = block_table([{"setting": "s", "blocks": _prune_blocks(tmp_path / "out")}])
+    assert "| s | model.layers.1 |" in table and "model.layers.0" not in table  # block 0 wholly ignored
