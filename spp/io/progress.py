@@ -6,8 +6,8 @@ and a rename): `block-i.safetensors` (the block's pruned parameters and buffers,
 and `hidden-(i+1).safetensors` (block i+1's calibration inputs, one (batch, seq, hidden)
 tensor per chunk of windows). Only then does `progress.json` (the settings it was made
 with, their sha256, the run conditions (`spp.io.conditions`: threads, device, dtype,
-versions), OWL's per-block sparsities once computed, and per finished block its statistics) advance to i + 1, and the now
-stale `hidden-i` is deleted. A kill between two writes therefore leaves `progress.json`
+versions), OWL's block sparsities once its statistics pass is done (`save_owl`), and per
+finished block its statistics) advance to i + 1, and the now stale `hidden-i` is deleted. A kill between two writes therefore leaves `progress.json`
 pointing at complete files. The per-call keyword arguments of each block (attention masks,
 position embeddings) are not stored: resuming recomputes them from the embeddings, which is
 cheap and deterministic. SparseGPT changes the kept weights, so the blocks are stored
