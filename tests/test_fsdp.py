@@ -347,6 +347,9 @@ def test_bad_fsdp_settings_fail_in_one_line(pruned_tiny_dir, text_file, tmp_path
         tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "o", cpu_offload=True)
     with pytest.raises(SppError, match="distributed"):
         tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "o", distributed="zero3")
+    if not torch.cuda.is_available():
+        with pytest.raises(SppError, match="cpu_offload=true moves FSDP shards between CPU memory and a GPU"):
+            run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "o", distributed="fsdp", cpu_offload=True))
 
     import accelerate
     from accelerate.utils import DistributedType

@@ -170,6 +170,9 @@ def check_inputs(cfg: TrainConfig):
     for key, flag in (("base_model", "--model"), ("data_path", "--data"), ("output_dir", "--output")):
         if not getattr(cfg, key):
             raise SppError(f"no {key} given: pass {flag} or set {key} in the config")
+    if cfg.cpu_offload and not torch.cuda.is_available():  # FSDP2 pins the offloaded shards for copies to a GPU
+        raise SppError("cpu_offload=true moves FSDP shards between CPU memory and a GPU, and this machine has no CUDA "
+                       "device (on a CPU the shards already live in CPU memory): drop cpu_offload")
     check_data_source(cfg.data_path)  # offline, a hub dataset fails here in a second, before any model is read
     base, output = Path(cfg.base_model).expanduser(), Path(cfg.output_dir).expanduser()
     if not base.is_dir():
