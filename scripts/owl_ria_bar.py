@@ -143,7 +143,7 @@ def owl_note(result: dict, label: str = "wanda + OWL 70%", s: float = 0.7, lmbda
     beyond = abs(worst - s) > lmbda
     return (f"The ratios span {max(requested) - min(requested):.4f} (2λ = {2 * lmbda:g}); the farthest from s is "
             f"{worst:.4f}, {'outside' if beyond else 'inside'} s ± λ = [{s - lmbda:g}, {s + lmbda:g}]. The published "
-            "formula bounds s_l by s ± 2λ(1 − 1/L), not by the paper's s ± λ (docs/pruning.md). Requested values "
+            "formula bounds s_l by s ± 2λ(1 − 1/L), not by the paper's s ± λ (docs/commands.md, OWL). Requested values "
             f"average to {s:g} weighted by block size; achieved values are lower by the per-row floor.")
 
 
