@@ -85,13 +85,13 @@ def _check_section(section: str, values: dict) -> None:
 
 
 def setting_name(cfg: PruneConfig) -> str:
-    """The folder name of a sweep setting: `wanda-2of4`, `sparsegpt-50pct`."""
+    """The folder name of a sweep setting: `wanda-2of4`, `sparsegpt-50pct`, `wanda-owl-70pct`."""
     from spp.prune.masks import parse_pattern
 
     n_m = parse_pattern(cfg.pattern)
     if n_m is not None:
         return f"{cfg.method}-{n_m[0]}of{n_m[1]}"
-    return f"{cfg.method}-{cfg.sparsity * 100:g}pct"
+    return f"{cfg.method}{'-owl' if cfg.owl else ''}-{cfg.sparsity * 100:g}pct"
 
 
 def load_pipeline(path: Path) -> PipelineConfig:

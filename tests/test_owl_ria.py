@@ -401,3 +401,11 @@ def test_pipeline_reproduce_command_and_block_table_carry_the_layer_choice(model
     assert invoke(*words[1:]).exit_code == 0
     table = block_table([{"setting": "s", "blocks": _prune_blocks(tmp_path / "out")}])
     assert "| s | model.layers.1 |" in table and "model.layers.0" not in table  # block 0 wholly ignored
+
+
+def test_sweep_settings_with_and_without_owl_get_their_own_folders():
+    from spp.pipeline import setting_name
+
+    plain = PruneConfig(model="m", output="o", sparsity=0.7)
+    assert (setting_name(plain), setting_name(PruneConfig(model="m", output="o", sparsity=0.7, owl=True))) == (
+        "wanda-70pct", "wanda-owl-70pct")
