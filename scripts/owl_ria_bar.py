@@ -85,6 +85,76 @@ def run(model: str, text: str, seeds: list[int], eval_windows: int = 200, eval_s
             "threads": torch.get_num_threads(), "rows": rows}
 
 
+RECOVERY_CELLS = ["wanda 70%", "wanda + OWL 70%", "wanda 2:4", "ria 2:4"]
+
+
+def recover(model: str, text: str, adapters: list[str], seeds: list[int], eval_windows: int = 200,
+            eval_seqlen: int = 256) -> list[dict]:
+    """Prune each of RECOVERY_CELLS (for each calibration seed), train each adapter with the bundled
+    `tinystories.yaml` on the first half (`spp train`'s defaults for that file: the adapter's learning rate
+    from the study, one epoch), merge, and measure perplexity on the second half, all through the stage
+    functions the CLI calls."""
+    from study import split_halves
+
+    from spp.config import MergeConfig, PruneConfig, TrainConfig, find_config, merge_into, read_yaml
+    from spp.eval.perplexity import perplexity, tokenize_text
+    from spp.merge import run_merge
+    from spp.models import load_model, load_tokenizer
+    from spp.prune import run_prune
+    from spp.train import run_train
+
+    first, second = split_halves(Path(text).read_text(encoding="utf-8"))
+    eval_ids = tokenize_text(load_tokenizer(model), second)
+    by_label = {c[0]: c for c in CELLS}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        calib = work / "calib_first_half.txt"
+        calib.write_text(first, encoding="utf-8")
+        for seed, label in [(seed, label) for seed in seeds for label in RECOVERY_CELLS]:
+            _, method, pattern, sparsity, owl = by_label[label]
+            pruned = work / label.replace(" ", "_").replace("%", "pct").replace(":", "of").replace("+", "")
+            run_prune(PruneConfig(model=model, output=str(pruned), method=method, pattern=pattern, sparsity=sparsity,
+                                  owl=owl, calib=str(calib), nsamples=64, seqlen=256, seed=seed, device="cpu",
+                                  dtype="float32", overwrite=True))
+            for adapter in adapters:
+                path = find_config("tinystories.yaml")
+                cfg = merge_into(TrainConfig, [(str(path), read_yaml(path)),
+                                               ("bar", {"base_model": str(pruned), "data_path": str(calib),
+                                                        "output_dir": str(work / f"train-{adapter}"),
+                                                        "adapter": adapter, "overwrite": True})])
+                start = time.perf_counter()
+                report = run_train(cfg)
+                merged = work / f"merged-{adapter}"
+                run_merge(MergeConfig(model=str(pruned), adapter=str(work / f"train-{adapter}"), output=str(merged),
+                                      overwrite=True))
+                with torch.no_grad():
+                    ppl = perplexity(load_model(str(merged), "float32", "cpu").eval(), eval_ids, eval_seqlen, 8,
+                                     eval_windows).ppl
+                rows.append(dict(label=label, adapter=adapter, seed=seed, ppl=ppl, steps=report.steps,
+                                 learning_rate=cfg.learning_rate, seconds=time.perf_counter() - start))
+                print(f"recovered seed {seed} {label:18s} {adapter:12s} ppl {ppl:9.3f} ({rows[-1]['seconds']:.0f} s)",
+                      file=sys.stderr)
+    return rows
+
+
+def recovery_table(rows: list[dict], result: dict) -> str:
+    """Mean over seeds (and each seed) of the merged model's perplexity, beside the pruned one."""
+    pruned = {(r["label"], r["seed"]): r["ppl"] for r in result["rows"]}
+    lines = ["| cell | adapter | lr | steps | PPL pruned (mean) | PPL after recovery, merged (mean) | per seed |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], r["adapter"]), []).append(r)
+    for (label, adapter), group in groups.items():
+        before = [pruned[(label, r["seed"])] for r in group if (label, r["seed"]) in pruned]
+        after = [r["ppl"] for r in group]
+        lines.append(f"| {label} | {adapter} | {group[0]['learning_rate']:g} | {group[0]['steps']} | "
+                     f"{sum(before) / max(len(before), 1):.2f} | {sum(after) / len(after):.2f} | "
+                     f"{', '.join(f'{p:.2f}' for p in after)} (seeds {', '.join(str(r['seed']) for r in group)}) |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     """Mean (min–max over seeds) perplexity and achieved sparsity per cell."""
     lines = ["| cell | PPL TinyStories (mean over seeds) | per seed | achieved sparsity | prune s (mean) |",
@@ -175,6 +245,14 @@ def render_markdown(result: dict, bench: list[dict] | None, machine: str) -> str
         owl_note(result),
         owl_blocks_table(result),
     ]
+    if result.get("recovery"):
+        parts += ["## After recovery",
+                  "Each pruned model trained with the bundled `configs/tinystories.yaml` as `spp train --config "
+                  "tinystories.yaml --set adapter=KIND` runs it (the kind's learning rate from that file, one epoch "
+                  "over the first half in 128-token windows, 64 held out), merged with `spp merge`, perplexity as above. "
+                  "The calibration seed sets the mask; the training seed is the file's (42). The file's default recipe, "
+                  "not the study's best recipe per cell (no distillation, no rate sweep).",
+                  recovery_table(result["recovery"], result)]
     if bench:
         parts += ["## Timing: OWL's statistics pass against plain pruning",
                   f"`scripts/bench_prune.py --owl`: random LLaMA, {r0['layers']} layers, {r0['params'] / 1e6:.0f}M "
@@ -194,11 +272,15 @@ def main(argv=None) -> None:
     parser.add_argument("--bench", help="bench_prune.py --owl records to include")
     parser.add_argument("--md", help="write the Markdown report here")
     parser.add_argument("--machine", default="unstated", help="the machine, in words, for the report")
+    parser.add_argument("--recover", help="also train and merge these adapter kinds (comma-separated), for --seeds")
     args = parser.parse_args(argv)
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
     else:
         result = run(args.model, args.text, [int(s) for s in args.seeds.split(",")])
+    if args.recover:
+        result["recovery"] = recover(args.model, args.text, args.recover.split(","),
+                                     [int(s) for s in args.seeds.split(",")])
     print(table(result))
     print("\n".join(verdicts(result)))
     if args.json:
