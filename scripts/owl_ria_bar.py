@@ -4,9 +4,10 @@ Calibration: 64 windows of 256 tokens at seeded offsets from the first half of t
 validation text (cut as `scripts/study.py` cuts it); perplexity: the first 200 windows of 256
 tokens of the second half (`spp.eval.perplexity`, the Wanda/SparseGPT protocol). Every cell goes
 through `spp.prune.run_prune` exactly as `spp prune` runs it; OWL uses the published M = 5, λ = 0.08.
-Each cell is run for each calibration seed; the output is a JSON record and a Markdown table.
+Each cell is run for each calibration seed; `--recover` also trains, merges and measures four of them.
+The output is a JSON record and a Markdown report (`--md`).
 
-    OMP_NUM_THREADS=1 python scripts/owl_ria_bar.py --seeds 0,1,2 --json docs/results/owl_ria.json
+    OMP_NUM_THREADS=1 python scripts/owl_ria_bar.py --seeds 0,1,2 --recover full,spp --json docs/results/owl_ria.json
     OMP_NUM_THREADS=1 python scripts/bench_prune.py --owl --methods wanda,sparsegpt --patterns unstructured \
         --sparsity 0.7 --threads 1 --repeats 3 --json docs/results/bench_owl.json
     python scripts/owl_ria_bar.py --from-json docs/results/owl_ria.json --bench docs/results/bench_owl.json \
