@@ -153,7 +153,7 @@ def markdown(cells: dict[str, dict], meta: dict) -> str:
         for n, c in cells.items() if "kind" in c), "",
         f"Chance: {', '.join(f'{t} {p:.2f}' for t, p in CHANCE.items())}. HellaSwag is approximate (see "
         "`spp eval`'s note on the local copy).", "",
-        f"Run {meta['started']}, {meta['minutes']:.0f} min in all; versions {meta['versions']}.", ""]
+        f"Report written {meta['started']}; the cells took {meta['minutes']:.0f} min in all; versions {meta['versions']}.", ""]
     return "\n".join(lines)
 
 
