@@ -14,8 +14,9 @@ function (statistics from layer inputs) and a `prune_layer` function (a keep-mas
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -140,8 +141,9 @@ def run_block(
     return outputs
 
 
-def _collect_statistics(block, index, inputs, layers, accumulate, device) -> dict[str, Any]:
-    """Run the unpruned block with a forward hook on each linear layer feeding `accumulate`."""
+@contextlib.contextmanager
+def _recording(layers: dict[str, nn.Module], accumulate) -> Iterator[dict[str, Any]]:
+    """Forward hooks on `layers` that fold each call's input into `accumulate`; yields the statistics by name."""
     stats: dict[str, Any] = {}
 
     def hook(name):
@@ -152,10 +154,16 @@ def _collect_statistics(block, index, inputs, layers, accumulate, device) -> dic
 
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
     try:
-        run_block(block, index, inputs, device, keep_outputs=False)
+        yield stats
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _collect_statistics(block, index, inputs, layers, accumulate, device) -> dict[str, Any]:
+    """Run the unpruned block with a forward hook on each linear layer feeding `accumulate`."""
+    with _recording(layers, accumulate) as stats:
+        run_block(block, index, inputs, device, keep_outputs=False)
     return stats
 
 
@@ -188,20 +196,8 @@ def dense_statistics(
         layers = {n: m for n, m in find_linear_layers(block).items() if chosen is None or chosen(index, n)}
         state = BlockInputs(hidden=hidden, calls=inputs.calls, hidden_as_kwarg=inputs.hidden_as_kwarg,
                             storage=inputs.storage)
-        stats: dict[str, Any] = {}
-
-        def hook(name):
-            def fn(module, args, output):
-                stats[name] = accumulate(stats.get(name), args[0].detach())
-
-            return fn
-
-        handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-        try:
+        with _recording(layers, accumulate) as stats:
             hidden = run_block(block, index, state, device, keep_outputs=index + 1 < len(blocks))
-        finally:
-            for handle in handles:
-                handle.remove()
         values.append(reduce(index, layers, stats))
         block.to(home)
     return values
