@@ -19,7 +19,7 @@ from spp.errors import SppError
 from spp.quiet import quiet_output
 
 app = typer.Typer(
-    help="Prune LLMs (Wanda, SparseGPT, magnitude), fine-tune them with SPP, merge and evaluate, keeping every zero.",
+    help="Prune LLMs (Wanda, SparseGPT, RIA, magnitude; OWL layerwise), fine-tune them with SPP, merge, export and evaluate, keeping every zero.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
