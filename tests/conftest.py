@@ -43,6 +43,23 @@ TINY_CONFIGS = {
 ARCHS = sorted(TINY_CONFIGS)
 
 
+def one_line_error(result, *needles: str, pattern: str | None = None) -> str:
+    """A CliRunner result that failed with exactly one `error: ...` line (on stderr, and nothing else printed), no
+    traceback, containing every needle and matching the regular expression `pattern` when given. Returns the line."""
+    import re
+
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert [line for line in result.output.splitlines() if line.strip()] == lines, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    if pattern is not None:
+        assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.gguf` tests run only with SPP_TEST_GGUF=1: they convert a real GGUF file (tens of seconds)."""
     if os.environ.get("SPP_TEST_GGUF") == "1":
@@ -133,6 +150,14 @@ def build_pruned_dir(model, tokenizer, directory: Path, sparsity: float = 0.5) -
     save_masks(directory / MASK_FILE, masks, layouts)
     write_manifest(directory, Manifest(stage="prune", settings={"method": "magnitude", "sparsity": sparsity}))
     return directory
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory, shared_data) -> Path:
+    """The first 20k characters of TinyStories validation text (test_eval and test_prune define their own)."""
+    path = tmp_path_factory.mktemp("text") / "stories.txt"
+    path.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:20000])
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ from spp.cli import app
 from spp.io.checkpoint import sha256_file
 from spp.io.compressed import compress_weight, decompress_weight
 
-from test_gguf import one_line_error
+from conftest import one_line_error
+
 
 
 def file_hashes(directory: Path) -> dict[str, str]:

@@ -293,13 +293,6 @@ def test_train_resume_with_another_thread_count_is_refused_then_continues_under_
 # --------------------------------------------------------------------------- Ctrl-C in training
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory, shared_data) -> Path:
-    path = tmp_path_factory.mktemp("text") / "stories.txt"
-    path.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:20000])
-    return path
-
-
 def test_interrupt_guard_first_sigint_requests_a_stop_second_one_raises():
     from spp.train.loop import InterruptGuard
 

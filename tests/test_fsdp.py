@@ -62,13 +62,6 @@ def log_records(output) -> list[dict]:
     return [json.loads(line) for line in (Path(output) / TRAIN_LOG_FILE).read_text().splitlines()]
 
 
-@pytest.fixture(scope="session")
-def text_file(tmp_path_factory, shared_data) -> Path:
-    path = tmp_path_factory.mktemp("text") / "stories.txt"
-    path.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:20000])
-    return path
-
-
 @pytest.fixture(scope="module")
 def fsdp_run(pruned_tiny_dir, text_file, tmp_path_factory) -> Path:
     """An uninterrupted 2-rank FSDP run of 4 steps (checkpoints at steps 2 and 4)."""

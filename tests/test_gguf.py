@@ -10,18 +10,9 @@ from typer.testing import CliRunner
 from spp.cli import app
 from spp.io.gguf import is_gguf
 
+from conftest import one_line_error
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def one_line_error(result, *needles: str) -> str:
-    """The CLI failed with one `error:` line (no traceback) that contains every needle."""
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_is_gguf_by_suffix():

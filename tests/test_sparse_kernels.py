@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 from spp.cli import app
 from spp.eval.sparse_kernels import nm_violations, refusal
 
-from conftest import save_tiny_stories_llama
-from test_gguf import one_line_error
+from conftest import one_line_error, save_tiny_stories_llama
 
 
 def nm_violations_loop(keep, n=2, m=4):
@@ -50,19 +49,17 @@ def pruned_24(tmp_path_factory, shared_data):
         result = CliRunner().invoke(app, ["prune", "--model", str(root / "dense"), "--method", "magnitude",
                                           "--pattern", pattern, "--output", str(root / name)])
         assert result.exit_code == 0, result.output
-    text = root / "text.txt"
-    text.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:20000])
     return root
 
 
-def kernels(root, model, *extra):
-    return CliRunner().invoke(app, ["eval", "--model", str(root / model), "--ppl", str(root / "text.txt"),
+def kernels(root, model, *extra, text):
+    return CliRunner().invoke(app, ["eval", "--model", str(root / model), "--ppl", str(text),
                                     "--seqlen", "64", "--max-windows", "1", "--device", "cpu", "--sparse-kernels",
                                     *extra])
 
 
-def test_bad_inputs_are_refused_before_loading(pruned_24):
-    one_line_error(kernels(pruned_24, "p24"), "--dtype float16 or bfloat16")
-    one_line_error(kernels(pruned_24, "p50", "--dtype", "bfloat16"), "is not 2:4 sparse")
-    one_line_error(kernels(pruned_24, "dense", "--dtype", "float16"), "masks.safetensors")
-    one_line_error(kernels(pruned_24, "p24", "--dtype", "bfloat16"), "needs a CUDA GPU")
+def test_bad_inputs_are_refused_before_loading(pruned_24, text_file):
+    one_line_error(kernels(pruned_24, "p24", text=text_file), "--dtype float16 or bfloat16")
+    one_line_error(kernels(pruned_24, "p50", "--dtype", "bfloat16", text=text_file), "is not 2:4 sparse")
+    one_line_error(kernels(pruned_24, "dense", "--dtype", "float16", text=text_file), "masks.safetensors")
+    one_line_error(kernels(pruned_24, "p24", "--dtype", "bfloat16", text=text_file), "needs a CUDA GPU")

@@ -36,14 +36,6 @@ def tokenizer(shared_data):
 
 
 @pytest.fixture(scope="session")
-def text_file(tmp_path_factory, shared_data) -> Path:
-    """The first 20k characters of TinyStories validation text."""
-    path = tmp_path_factory.mktemp("text") / "stories.txt"
-    path.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:20000])
-    return path
-
-
-@pytest.fixture(scope="session")
 def alpaca_file(tmp_path_factory, shared_data) -> Path:
     """The first 24 records of the small Alpaca file."""
     path = tmp_path_factory.mktemp("alpaca") / "alpaca.json"
