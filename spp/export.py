@@ -64,17 +64,16 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     if not cfg.compressed and not packed:
         raise SppError(f"{source} holds no {SUFFIX} files: it is not an `spp export --compressed` output")
     with atomic_dir(Path(cfg.output), overwrite=cfg.overwrite) as tmp:
+        tensors, dense, compressed = (_compress if cfg.compressed else _restore)(source, tmp)
         if cfg.compressed:
-            report = _compress(source, tmp)
-            _write_manifest(cfg, tmp, report, start)
-        else:
-            report = _restore(source, tmp)
-    report.output, report.total_bytes_in = Path(cfg.output), _directory_bytes(source)
-    report.total_bytes_out = _directory_bytes(cfg.output)
-    return report
+            _write_manifest(cfg, tmp, tensors, dense, compressed, start)
+    return ExportReport(output=Path(cfg.output), direction="compressed" if cfg.compressed else "dense",
+                        tensors=tensors, dense_bytes=dense, compressed_bytes=compressed,
+                        total_bytes_in=_directory_bytes(source), total_bytes_out=_directory_bytes(cfg.output))
 
 
-def _compress(source: Path, tmp: Path) -> ExportReport:
+def _compress(source: Path, tmp: Path) -> tuple[int, int, int]:
+    """Write the compressed form of `source` into `tmp`; (masked tensors, their dense bytes, values + mask bytes)."""
     from spp.io.checkpoint import MANIFEST_FILE, follow_umask, safetensors_files
     from spp.io.compressed import PARKED, SUFFIX, compress_shard
     from spp.io.reader import INDEX_SUFFIX, read_checkpoint
@@ -90,11 +89,11 @@ def _compress(source: Path, tmp: Path) -> ExportReport:
             parked = path.name == MANIFEST_FILE or path.name.endswith(INDEX_SUFFIX)
             shutil.copyfile(path, tmp / (path.name + PARKED if parked else path.name))
     follow_umask(*(p for p in tmp.iterdir() if p.is_file()))
-    return ExportReport(output=tmp, direction="compressed", tensors=len(masks), dense_bytes=dense,
-                        compressed_bytes=values + _mask_bytes(masks), total_bytes_in=0, total_bytes_out=0)
+    return len(masks), dense, values + _mask_bytes(masks)
 
 
-def _restore(source: Path, tmp: Path) -> ExportReport:
+def _restore(source: Path, tmp: Path) -> tuple[int, int, int]:
+    """Restore the compressed `source` into `tmp`; (masked tensors, restored shard bytes, .spz bytes)."""
     from spp.io.checkpoint import MANIFEST_FILE, MASK_FILE, follow_umask
     from spp.io.compressed import PARKED, SUFFIX, decompress_shard
     from spp.io.maskfile import load_masks
@@ -108,16 +107,15 @@ def _restore(source: Path, tmp: Path) -> ExportReport:
             shutil.copyfile(path, tmp / path.name.removesuffix(PARKED))
     follow_umask(*(p for p in tmp.iterdir() if p.is_file()))
     dense = sum(p.stat().st_size for p in tmp.glob("*.safetensors") if p.name != MASK_FILE)
-    return ExportReport(output=tmp, direction="dense", tensors=len(masks), dense_bytes=dense,
-                        compressed_bytes=sum(p.stat().st_size for p in packed), total_bytes_in=0, total_bytes_out=0)
+    return len(masks), dense, sum(p.stat().st_size for p in packed)
 
 
-def _write_manifest(cfg: ExportConfig, tmp: Path, report: ExportReport, start: float) -> None:
+def _write_manifest(cfg: ExportConfig, tmp: Path, tensors: int, dense: int, compressed: int, start: float) -> None:
     from spp.io.manifest import Manifest, hash_outputs, peak_memory_bytes, write_manifest
 
     write_manifest(tmp, Manifest(
         stage="export", settings=to_dict(cfg),
         inputs={str(Path(cfg.model) / name): digest for name, digest in hash_outputs(Path(cfg.model)).items()},
-        details={"format": "spp-compressed", "masked_tensors": report.tensors, "dense_bytes": report.dense_bytes,
-                 "compressed_bytes": report.compressed_bytes, "ratio": report.ratio},
+        details={"format": "spp-compressed", "masked_tensors": tensors, "dense_bytes": dense,
+                 "compressed_bytes": compressed, "ratio": compressed / dense if dense else 1.0},
         wall_time_s=time.perf_counter() - start, peak_memory=peak_memory_bytes()))
