@@ -1,12 +1,16 @@
-"""Load Hugging Face causal LMs and find their decoder blocks and linear layers, for any family.
+"""Load Hugging Face causal LMs and find their decoder blocks, linear layers and expert weights, for any family.
 
 Nothing here is specific to one architecture: decoder blocks are the longest
 `nn.ModuleList` whose entries are the model's no-split modules (or, failing that,
-all of one class), and linear layers are found by type (`nn.Linear` and GPT-2's
-`Conv1D`, whose weight is stored (in, out)).
+all of one class), linear layers are found by type (`nn.Linear` and GPT-2's
+`Conv1D`, whose weight is stored (in, out)), and a mixture-of-experts block's fused
+expert weights (transformers 5: 3-D parameters (E, out, in) of an experts module, e.g.
+Mixtral's `mlp.experts.gate_up_proj`) by shape. A router is neither (it stays dense).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -132,26 +136,72 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def find_linear_layers(block: nn.Module) -> dict[str, nn.Module]:
-    """All linear layers (nn.Linear and Conv1D) inside a block, by name relative to the block.
+    """All linear layers (nn.Linear and Conv1D) inside a block, by name relative to the block (expert
+    weights are `find_expert_weights`)."""
+    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear) or is_conv1d(module)}
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertWeight:
+    """One fused expert weight of a mixture-of-experts block: the parameter `param` of the experts module,
+    (E, out, in), expert e's matrix at [e] in the usual (out, in) view (Mixtral's `gate_up_proj` (E, 2·I, H)
+    stacks each expert's gate rows over its up rows; `down_proj` is (E, H, I)). Its name in a model is the
+    parameter's own name (`model.layers.0.mlp.experts.gate_up_proj`, no `.weight`)."""
+
+    experts: nn.Module
+    param: str
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.experts, self.param)
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+
+def is_expert_weight(layer) -> bool:
+    return isinstance(layer, ExpertWeight)
+
+
+def find_expert_weights(block: nn.Module) -> dict[str, ExpertWeight]:
+    """The fused expert weights inside a block, by parameter name relative to the block (`mlp.experts.down_proj`).
+
+    An expert weight is a 3-D floating-point parameter of a module whose name says `expert` (transformers 5's
+    experts modules: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-style). Biases and transposed layouts are refused.
 
     Raises:
-        SppError: the block holds fused 3-D expert parameters (mixture of experts), which spp does not prune yet.
+        SppError: an experts module stores its weights (E, in, out) (`is_transposed`, e.g. GPT-OSS) or has
+            expert biases, which spp does not handle.
     """
-    layers = {}
-    for name, module in block.named_modules():
-        if isinstance(module, nn.Linear) or is_conv1d(module):
-            layers[name] = module
-    for name, param in block.named_parameters():
-        if param.dim() == 3 and "expert" in name.lower():
-            raise SppError(
-                f"{name} is a fused mixture-of-experts parameter of shape {tuple(param.shape)}; "
-                "spp does not prune fused expert weights yet"
-            )
-    return layers
+    found = {}
+    for module_name, module in block.named_modules():
+        if "expert" not in module_name.rsplit(".", 1)[-1].lower():
+            continue
+        fused = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()}
+        if not fused:
+            continue
+        if getattr(module, "is_transposed", False) or any(p.dim() == 2 for p in module.parameters(recurse=False)):
+            raise SppError(f"{module_name} ({type(module).__name__}) stores its expert weights transposed or with "
+                           "biases; spp prunes (E, out, in) expert weights without biases only")
+        for param in fused:
+            found[f"{module_name}.{param}"] = ExpertWeight(module, param)
+    return found
 
 
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The layer's weight viewed as (out, in), whatever its storage layout (a view, not a copy)."""
+def weight_name(layer_name: str, layer) -> str:
+    """The parameter name of a layer's weight: `<layer>.weight`, or an expert weight's own name."""
+    return layer_name if is_expert_weight(layer) else f"{layer_name}.weight"
+
+
+def layer_name_of(weight: str) -> str:
+    """The inverse of `weight_name`: a linear layer's module name, or an expert weight's parameter name."""
+    return weight.removesuffix(".weight")
+
+
+def weight_out_in(module) -> torch.Tensor:
+    """The layer's weight viewed as (out, in), whatever its storage layout (a view, not a copy); an expert
+    weight's (E, out, in) as it is."""
     return module.weight.t() if is_conv1d(module) else module.weight
 
 

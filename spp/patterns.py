@@ -1,6 +1,8 @@
 r"""Layer name patterns: the one language `spp prune --targets/--ignore` and `spp train`'s `target_modules` share.
 
-A pattern selects linear layers inside the decoder blocks. It is tried against both the layer's
+A pattern selects linear layers inside the decoder blocks, and a mixture-of-experts block's fused
+expert weights by their parameter names (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`:
+`spp.models.ExpertWeight`; the router is neither). It is tried against both the layer's
 name relative to its block (`self_attn.q_proj`, `mlp.*`) and its full module name
 (`model.layers.0.mlp.down_proj`, so one block can be named). A plain pattern is an fnmatch pattern
 (`*`, `?`, `[...]`) over the whole name; a pattern starting with `re:` is a Python regular
@@ -25,7 +27,8 @@ REGEX_PREFIX = "re:"
 
 @dataclass(frozen=True)
 class LinearLayer:
-    """One linear layer of a decoder block: block index, name relative to the block, the module."""
+    """One linear layer (or fused expert weight) of a decoder block: block index, name relative to the block,
+    the module (or `spp.models.ExpertWeight`)."""
 
     block: int
     name: str
@@ -51,12 +54,13 @@ def compile_pattern(pattern: str, source: str):
 
 
 def linear_layers(model: nn.Module) -> dict[str, LinearLayer]:
-    """Every linear layer inside the decoder blocks, by full module name, in model order."""
-    from spp.models import find_decoder_blocks, find_linear_layers
+    """Every linear layer and expert weight inside the decoder blocks, by full name, in model order."""
+    from spp.models import find_decoder_blocks, find_expert_weights, find_linear_layers
 
     prefix, blocks = find_decoder_blocks(model)
     return {f"{prefix}.{i}.{name}": LinearLayer(i, name, layer)
-            for i, block in enumerate(blocks) for name, layer in find_linear_layers(block).items()}
+            for i, block in enumerate(blocks)
+            for name, layer in {**find_linear_layers(block), **find_expert_weights(block)}.items()}
 
 
 def _outside_blocks(model: nn.Module) -> list[str]:

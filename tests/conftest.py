@@ -42,6 +42,34 @@ TINY_CONFIGS = {
 }
 ARCHS = sorted(TINY_CONFIGS)
 
+# Tiny mixture-of-experts configs (transformers 5: fused 3-D experts in memory, per-expert tensors on disk):
+# 4 experts, top-2, hidden 64, expert intermediate 48, so every expert matrix has inputs divisible by 8.
+MOE_CONFIGS = {
+    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                    vocab_size=128, max_position_embeddings=128),
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                      num_experts_per_tok=2, vocab_size=128, max_position_embeddings=128),
+    "olmoe": dict(model_type="olmoe", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                  vocab_size=128, max_position_embeddings=128),
+}
+
+
+def make_moe_model(arch: str = "mixtral", seed: int = 0, experts_implementation: str | None = None):
+    """A seeded random MoE causal LM of `MOE_CONFIGS[arch]`, in eval mode, float32 (`experts_implementation`:
+    the expert kernel, e.g. "eager"; transformers' default is "grouped_mm")."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(MOE_CONFIGS[arch])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if experts_implementation is not None:
+        model.set_experts_implementation(experts_implementation)
+    return model.eval()
+
 
 def one_line_error(result, *needles: str, pattern: str | None = None) -> str:
     """A CliRunner result that failed with exactly one `error: ...` line (on stderr, and nothing else printed), no

@@ -5,7 +5,9 @@ safetensors shards (each header whole, each promised byte present, every shard a
 names on disk), each saved tensor's shard, dtype and shape; the saved-name ↔
 parameter-name correspondence *as transformers resolves it* (its conversion mapping and
 the model's `base_model_prefix`, so `h.0.attn.c_attn.weight` is GPT-2's
-`transformer.h.0.attn.c_attn.weight`); transformers' own verdict on the weights (its
+`transformer.h.0.attn.c_attn.weight`), including how a mixture-of-experts checkpoint's per-expert
+tensors (Mixtral's `block_sparse_moe.experts.3.w1.weight`) make up a fused parameter
+(`mlp.experts.gate_up_proj[3, :I]`), read from transformers' own weight converters (`Piece`); transformers' own verdict on the weights (its
 loader run on the meta device over tensors built from the headers: missing, unexpected
 and mismatched keys); the manifest; and the mask file (its sha256 checked against the
 manifest, each entry naming a saved tensor of its shape). Refusals are one `SppError`
@@ -19,6 +21,7 @@ Weight values are hashed only by `spp verify` (against the manifest).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -47,6 +50,19 @@ class SavedTensor:
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One saved tensor of a fused mixture-of-experts parameter: it is `fused[expert, rows[0]:rows[1], :]`.
+
+    transformers 5 stacks the saved per-expert matrices along dim 0 and concatenates gate over up along
+    dim 1 (its `MergeModulelist(dim=0)` and `Concatenate(dim=1)` converters); a piece is that, read backwards.
+    """
+
+    saved: str
+    expert: int
+    rows: tuple[int, int]
+
+
 @dataclass
 class Checkpoint:
     """A model directory, resolved once: shards, names, the module tree, the manifest and the mask file.
@@ -65,6 +81,9 @@ class Checkpoint:
         mask_shapes: saved tensor name -> the shape its mask records (from the mask file's header).
         source: for a directory dequantized from a GGUF file, its `spp_source.json` record (file, sha256,
             tensor types); None otherwise.
+        pieces: fused parameter name (`model.layers.0.mlp.experts.gate_up_proj`, (E, out, in)) -> its saved
+            per-expert tensors, ordered by (expert, rows); only fused parameters whose converters spp can read
+            backwards (stack over experts, then optionally concatenate along the rows) are here.
     """
 
     directory: Path
@@ -77,6 +96,7 @@ class Checkpoint:
     mask_sha256: str | None = None
     mask_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     source: dict | None = None
+    pieces: dict[str, list[Piece]] = field(default_factory=dict)
 
     @property
     def mask_file(self) -> Path:
@@ -100,8 +120,42 @@ class Checkpoint:
         return {saved: parameter for parameter, saved in self.saved_names.items()}
 
     def parameter_name(self, saved: str) -> str | None:
-        """The parameter a saved tensor is loaded into, or None."""
+        """The parameter a saved tensor is loaded into one to one, or None (a piece of a fused parameter: `piece_of`)."""
         return self.parameter_names.get(saved)
+
+    @cached_property
+    def _piece_index(self) -> dict[str, tuple[str, Piece]]:
+        return {piece.saved: (param, piece) for param, pieces in self.pieces.items() for piece in pieces}
+
+    def piece_of(self, saved: str) -> tuple[str, Piece] | None:
+        """(the fused parameter, the piece) a saved tensor makes up, or None."""
+        return self._piece_index.get(saved)
+
+    def split(self, parameter: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A parameter-shaped tensor (a weight or its mask) cut into its saved tensors: saved name -> view.
+
+        A fused parameter's (E, out, in) tensor gives one (rows, in) view per piece; any other parameter gives
+        {its saved name: tensor}.
+
+        Raises:
+            SppError: the directory has no saved tensor for `parameter`.
+        """
+        if parameter in self.pieces:
+            return {p.saved: tensor[p.expert, p.rows[0]:p.rows[1]] for p in self.pieces[parameter]}
+        return {self.saved_name(parameter): tensor}
+
+    def join(self, parameter: str, by_saved: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The inverse of `split`: the saved tensors of `parameter` (each in its saved shape) put together."""
+        if parameter not in self.pieces:
+            return by_saved[self.saved_name(parameter)]
+        pieces = self.pieces[parameter]
+        first = by_saved[pieces[0].saved]
+        n_experts = pieces[-1].expert + 1
+        out_features = max(p.rows[1] for p in pieces)
+        fused = first.new_empty((n_experts, out_features, first.shape[1]))
+        for p in pieces:
+            fused[p.expert, p.rows[0]:p.rows[1]] = by_saved[p.saved]
+        return fused
 
     def read_masks(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The mask file: (bool masks in the stored weight's shape, layouts), both keyed by saved tensor name.
@@ -118,12 +172,21 @@ class Checkpoint:
     def masks_by_parameter(self) -> dict[str, torch.Tensor]:
         """The mask file keyed by in-memory parameter name (masks in the stored weight's shape, True = keep)."""
         masks, _ = self.read_masks()
-        out = {}
+        out, fused = {}, {}
         for saved, keep in masks.items():
-            name = self.parameter_name(saved)
-            if name is None:  # read_checkpoint checked every entry; a file changed since then
+            name, piece = self.parameter_name(saved), self.piece_of(saved)
+            if piece is not None:
+                fused.setdefault(piece[0], {})[saved] = keep
+            elif name is None:  # read_checkpoint checked every entry; a file changed since then
                 raise SppError(f"{self.mask_file} names {saved}, which the model in {self.directory} does not have")
-            out[name] = keep
+            else:
+                out[name] = keep
+        for param, by_saved in fused.items():
+            missing = [p.saved for p in self.pieces[param] if p.saved not in by_saved]
+            if missing:
+                raise SppError(f"{self.mask_file} has masks for some experts of {param} but not for {missing[0]} "
+                               f"({len(missing)} missing): spp masks every saved piece of a fused expert weight")
+            out[param] = self.join(param, by_saved)
         return out
 
     def check_mask_hash(self, expected: str | None, who: str) -> str:
@@ -163,13 +226,13 @@ def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoi
 
     config = load_config(str(directory))
     tensors = saved_tensors(directory)
-    model, saved_names, ignored = _resolve_names(directory, config, tensors)
+    model, saved_names, ignored, pieces = _resolve_names(directory, config, tensors)
     if ignored:
         print(f"warning: {directory} holds {len(ignored)} tensor(s) that transformers ignores for "
               f"{type(model).__name__} (first: {ignored[0]}); they are not used and are not written again",
               file=sys.stderr)
     ckpt = Checkpoint(directory=directory, config=config, model=model, tensors=tensors, saved_names=saved_names,
-                      ignored=ignored, manifest=manifest, source=read_source(directory))
+                      ignored=ignored, manifest=manifest, source=read_source(directory), pieces=pieces)
     if (directory / MASK_FILE).is_file():
         ckpt.mask_sha256 = sha256_file(directory / MASK_FILE)
         if manifest is not None and manifest.mask_sha256:
@@ -237,7 +300,8 @@ def _resolve_names(directory: Path, config, tensors: dict[str, SavedTensor]):
     """transformers' loader on the meta device over header-shaped tensors: its verdict and its name mapping.
 
     Returns:
-        (the meta model, parameter name -> saved name, saved names transformers ignores).
+        (the meta model, parameter name -> saved name, saved names transformers ignores, fused parameter
+        name -> its pieces).
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -268,7 +332,7 @@ def _resolve_names(directory: Path, config, tensors: dict[str, SavedTensor]):
     state = model.state_dict()
     saved_names = {key: saved for saved, (key, pattern) in renamed.items() if key in state and pattern is None}
     ignored = sorted((saved for saved, (key, _) in renamed.items() if key not in state), key=_natural)
-    return model, saved_names, ignored
+    return model, saved_names, ignored, _fused_pieces(model, tensors, renamed)
 
 
 def _renamed_keys(model, tensors: dict[str, SavedTensor]) -> dict[str, tuple[str, str | None]]:
@@ -292,6 +356,49 @@ def _renamed_keys(model, tensors: dict[str, SavedTensor]) -> dict[str, tuple[str
             key, pattern = rename_source_key(saved, [], [], base_model_prefix=prefix, meta_state_dict=state)
         out[saved] = (key, pattern)
     return out
+
+
+def _fused_pieces(model, tensors: dict[str, SavedTensor], renamed: dict) -> dict[str, list[Piece]]:
+    """Fused parameter -> its saved pieces, from the converters that built it (see `Piece`).
+
+    Only converters made of `MergeModulelist(dim=0)`, optionally followed by `Concatenate(dim=1)`, with a
+    `*` standing for the expert index, are read; a parameter whose pieces do not tile it exactly (experts
+    0..E-1, rows 0..out, every piece (rows, in)) is left out, and a stage that needs it says so.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    converters = {pattern: c for c in get_model_conversion_mapping(model) if isinstance(c, WeightConverter)
+                  for pattern in c.source_patterns}
+    state = model.state_dict()
+    found: dict[str, dict[int, dict[int, str]]] = {}  # parameter -> expert -> source-pattern index -> saved name
+    for saved, (key, pattern) in renamed.items():
+        conv = converters.get(pattern)
+        if conv is None or key not in state or state[key].dim() != 3:
+            continue
+        ops = conv.operations
+        stacked = len(ops) >= 1 and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+        if not stacked or not (len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1)):
+            continue
+        match = re.search(r"(\d+)".join(re.escape(part) for part in pattern.split("*")), saved)
+        if match is None or pattern.count("*") != 1:
+            continue
+        found.setdefault(key, {}).setdefault(int(match.group(1)), {})[conv.source_patterns.index(pattern)] = saved
+    pieces = {}
+    for param, experts in found.items():
+        n_experts, out_features, in_features = state[param].shape
+        out, complete = [], sorted(experts) == list(range(n_experts))
+        for expert in sorted(experts):
+            row = 0
+            for _, saved in sorted(experts[expert].items()):
+                rows, width = tensors[saved].shape[0], tensors[saved].shape[-1]
+                complete &= len(tensors[saved].shape) == 2 and width == in_features
+                out.append(Piece(saved, expert, (row, row + rows)))
+                row += rows
+            complete &= row == out_features
+        if complete:
+            pieces[param] = out
+    return pieces
 
 
 def _refuse(directory: Path, info: dict, tensors: dict[str, SavedTensor], renamed: dict) -> None:
@@ -335,7 +442,7 @@ def _read_mask_header(ckpt: Checkpoint) -> None:
             raise SppError(f"mask file {path}: entry {name} has no valid metadata") from exc
         if name not in ckpt.tensors:
             raise SppError(f"{path} names {name}, which no weight shard in {ckpt.directory} holds")
-        if ckpt.parameter_name(name) is None:
+        if ckpt.parameter_name(name) is None and ckpt.piece_of(name) is None:
             raise SppError(f"{path} names {name}, which transformers does not load into a parameter of "
                            f"{type(ckpt.model).__name__}")
         if shape != ckpt.tensors[name].shape:
