@@ -5,7 +5,8 @@ manifest, names and shapes as transformers resolves them, whole shards, the mask
 equal to the manifest's `mask_sha256`, every mask naming a saved tensor of its shape); every
 file the manifest lists exists with the recorded sha256; each entry the mask marks pruned is +0.0 bitwise
 (-0.0 fails); N:M masks keep at most N in every group of M inputs when the manifest says
-N:M; and the pruned counts agree with the manifest's per-module record. Weights are read
+N:M; a mixture-of-experts weight has a mask for every saved expert tensor or for none; and the
+pruned counts agree with the manifest's per-module record. Weights are read
 one tensor at a time from each shard, so memory stays at one tensor.
 """
 
@@ -91,6 +92,7 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
     checkpoint.check_mask_hash(manifest.mask_sha256, "the manifest")  # a mask file is required here
     files = _check_files(directory, manifest.outputs)
     masks, layouts = checkpoint.read_masks()  # each entry names a saved tensor of its shape
+    checkpoint.masks_by_parameter()  # refuses a fused expert weight masked for some experts only
     pattern = manifest.details.get("pattern", "unstructured")
     n_m = parse_pattern(pattern)
     recorded = manifest.details.get("modules", {})

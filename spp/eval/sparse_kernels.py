@@ -11,7 +11,8 @@ a CUDA GPU; `--dtype float16` or `bfloat16` (cuSPARSELt also takes int8 and fp8,
 does not produce); 2-D `nn.Linear` weights (not GPT-2's Conv1D, not fused 3-D experts) whose
 dimensions are multiples of torch's minimum (16 × 16 for fp16/bf16, read from torch itself);
 a mask in which every group of 4 consecutive inputs of each row keeps at most 2; no unmerged
-`--adapter`. Source: PyTorch's semi-structured sparsity docs (`torch.sparse.to_sparse_semi_structured`).
+`--adapter`. A mixture-of-experts model's fused expert weights stay dense here (the kernels take
+2-D weights only); its attention and shared-expert linears are converted. Source: PyTorch's semi-structured sparsity docs (`torch.sparse.to_sparse_semi_structured`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def check_sparse_kernels(checkpoint, dtype: str, adapter: str | None, device: to
         raise SppError(f"--sparse-kernels needs --dtype float16 or bfloat16 (not {dtype}): cuSPARSELt has no "
                        "float32 2:4 kernel")
     masks, layouts = checkpoint.read_masks()  # refuses a directory without a mask file
+    masks = {saved: keep for saved, keep in masks.items() if checkpoint.piece_of(saved) is None}  # experts stay dense
     for saved in sorted(masks):
         reason = refusal(saved, masks[saved], layouts[saved], SPARSE_DTYPES[dtype])
         if reason:
