@@ -12,7 +12,9 @@ Each file has the same entry points, which `ADAPTERS` lists for the shared code 
 `spp.adapter.model` (wrapping, saving, loading, in-memory merge), `spp.merge` (streaming merge)
 and `spp.train` (the invariant check); that code knows no kind. All of them take W and M in the
 (out, in) view (M bool, or None where the kind needs no mask) and the layer's saved tensors by
-name (`tensors`, as in `adapter_model.safetensors` without the module prefix).
+name (`tensors`, as in `adapter_model.safetensors` without the module prefix). Mixture-of-experts
+weights, fused (E, out, in), are adapted by any kind through `spp.adapter.experts`, which applies these
+same entry points expert by expert.
 """
 
 from __future__ import annotations
@@ -62,4 +64,6 @@ DEFAULT_LEARNING_RATE: dict[str, float] = {
     "full": 2e-5,  # full fine-tuning of LLaMA-7B on Alpaca: tatsu-lab/stanford_alpaca README (--learning_rate 2e-5)
 }
 
-LAYER_TYPES = tuple(kind.layer for kind in ADAPTERS.values())
+from spp.adapter.experts import AdaptedExperts  # noqa: E402  (it uses ADAPTERS, defined above)
+
+LAYER_TYPES = (*(kind.layer for kind in ADAPTERS.values()), AdaptedExperts)

@@ -57,32 +57,38 @@ def _check_pruned_zeros(name: str, layer: nn.Module, keep: torch.Tensor) -> None
 def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Wrap every target linear layer in the layer of `cfg.kind` (in place) and freeze all other parameters.
 
+    Target fused expert weights (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) are adapted by one
+    `spp.adapter.experts.AdaptedExperts` per experts module, which replaces that module.
+
     Args:
         model: a Hugging Face causal LM without adapter layers.
         cfg: the kind, its sizes and scale, and the target patterns.
-        masks: keep-masks keyed by in-memory parameter name (`<module>.weight`, stored layout,
-            as from `io.reader.Checkpoint.masks_by_parameter`). Each target weight must be bitwise
+        masks: keep-masks keyed by in-memory parameter name (`<module>.weight`, stored layout, or a fused
+            expert weight's own name with an (E, out, in) mask, as from `io.reader.Checkpoint.masks_by_parameter`). Each target weight must be bitwise
             +0.0 wherever its mask says pruned. Optional for `spp` (its update multiplies W);
             `masked_lora` and `full` need the mask of every target layer. Given, a target layer
             without an entry (left dense by `spp prune`) is skipped unless `cfg.adapt_unpruned`.
 
     Returns:
-        The adapted module names, in model order.
+        The adapted layer names (an expert weight's is its parameter name), in model order.
 
     Raises:
         SppError: the model already has adapter layers, no layer matches, a base weight breaks
             its mask, a target layer has no mask where the kind needs one, or a layer is too
             small for the adapter (each names the module).
     """
+    from spp.adapter.experts import adapt_experts
+    from spp.models import is_expert_weight, layer_name_of, weight_name
+
     if any(isinstance(m, LAYER_TYPES) for m in model.modules()):
         raise SppError("the model already has spp adapters")
     kind = ADAPTERS[cfg.kind]
     # a layer `spp prune` left dense has no mask entry: not adapted unless asked (the pruned model's layers all have one)
-    masked = None if masks is None or cfg.adapt_unpruned else {k[: -len(".weight")] for k in masks}
+    masked = None if masks is None or cfg.adapt_unpruned else {layer_name_of(k) for k in masks}
     targets = target_layers(model, cfg.target_modules, masked)
     masks = masks or {}
     for name, layer in targets.items():
-        keep = masks.get(f"{name}.weight")
+        keep = masks.get(weight_name(name, layer))
         if keep is not None:
             _check_pruned_zeros(name, layer, keep)
         elif kind.needs_mask:
@@ -91,8 +97,11 @@ def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Ten
     model.requires_grad_(False)
     wrapped = {}
     for name, layer in targets.items():  # build every layer before changing the model, so an error leaves it alone
-        keep = masks.get(f"{name}.weight")
-        wrapped[name] = kind.make_layer(name, layer, cfg, None if keep is None else keep.to(layer.weight.device))
+        if not is_expert_weight(layer):
+            keep = masks.get(f"{name}.weight")
+            wrapped[name] = kind.make_layer(name, layer, cfg, None if keep is None else keep.to(layer.weight.device))
+    # one AdaptedExperts per experts module, adapting whichever of its fused weights are targets
+    wrapped.update(adapt_experts(model, {n: l for n, l in targets.items() if is_expert_weight(l)}, cfg, masks))
     for name, new in wrapped.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
@@ -112,7 +121,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     One entry per trainable parameter, in the order of `model.parameters()`: SPP's `spp_alpha`,
     `spp_beta`; masked LoRA's `lora_A`, `lora_B`; `full`'s `full_weight` ((out, in) view of the
-    trained weight). Copying into an entry writes the parameter.
+    trained weight). An adapted experts module's are keyed by the fused parameter, each (E, ...):
+    `model.layers.0.mlp.experts.gate_up_proj.spp_alpha` (E, r, H). Copying into an entry writes the parameter.
     """
     return {f"{name}.{key}": tensor for name, m in adapter_layers(model).items()
             for key, tensor in m.adapter_tensors().items()}
@@ -198,21 +208,29 @@ def load_adapter(model: nn.Module, adapter_dir: Path, masks: dict[str, torch.Ten
 
 
 def merge_adapter(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Replace every adapter layer by its base layer holding the merged weight (in place).
+    """Replace every adapter layer (and adapted experts module) by its base holding the merged weights (in place).
 
     Args:
-        masks: optional keep-masks by parameter name (`<module>.weight`, stored layout); the
+        masks: optional keep-masks by parameter name (`<module>.weight`, stored layout; a fused expert
+            weight's own name, (E, out, in)); the
             entries they mark pruned come out +0.0. Without one, SPP keeps every zero of W at
             +0.0 and the other kinds use the mask they were built with.
 
     Returns:
         The same model, with plain linear layers (frozen).
     """
+    from spp.adapter.experts import AdaptedExperts
+
     for name, module in adapter_layers(model).items():
-        keep = None if masks is None else masks.get(f"{name}.weight")
         base = module.base_layer
         with torch.no_grad():
-            base.weight.copy_(module.merged_weight(keep))
+            if isinstance(module, AdaptedExperts):  # each fused weight, masks keyed by its own name
+                for p in module.params:
+                    keep = None if masks is None else masks.get(f"{name}.{p}")
+                    getattr(base, p).copy_(module.merged_weight(p, keep))
+            else:
+                keep = None if masks is None else masks.get(f"{name}.weight")
+                base.weight.copy_(module.merged_weight(keep))
         base.requires_grad_(False)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, base)
