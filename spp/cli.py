@@ -112,6 +112,7 @@ def prune(
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest safetensors shard (default 2GB)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration windows per block forward (default 16)."),
     offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations on the CPU."),
+    expert_min_tokens: Optional[int] = typer.Option(None, "--expert-min-tokens", help="Mixture-of-experts: an expert routed fewer calibration tokens is pruned by magnitude, recorded in the manifest (default 32)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (only once the new one is complete)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed or interrupted run at its first unfinished block (same settings)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set 'sparsity_overrides={mlp.*: 0.6}' (repeatable)."),
@@ -129,7 +130,8 @@ def prune(
     flags = dict(model=model, output=output, method=method, pattern=pattern, sparsity=sparsity, targets=targets,
                  ignore=ignore, owl=owl or None, owl_m=owl_m, owl_lmbda=owl_lmbda, calib=calib, nsamples=nsamples,
                  seqlen=seqlen, seed=seed, device=device, dtype=dtype, max_shard_size=max_shard_size,
-                 batch_size=batch_size, offload_activations=offload_activations or None, overwrite=overwrite or None,
+                 batch_size=batch_size, offload_activations=offload_activations or None,
+                 expert_min_tokens=expert_min_tokens, overwrite=overwrite or None,
                  resume=resume or None)
     layers = [(config, read_yaml(config))] if config else []
     layers += [("flags", {k: v for k, v in flags.items() if v is not None}), ("--set", parse_set(set_ or []))]
@@ -155,6 +157,10 @@ def prune(
                       f"{', '.join(report.dense_layers[:4])}{' …' if len(report.dense_layers) > 4 else ''}")
     if report.kept_zero:
         console.print(f"{report.kept_zero} kept weights are zero (counted, not pruned)")
+    if report.expert_fallbacks:
+        console.print(f"[yellow]{report.expert_fallbacks} expert tensors had fewer than {cfg.expert_min_tokens} "
+                      "calibration tokens and were pruned by magnitude (tokens and method per tensor: "
+                      "the manifest's details.modules)[/yellow]")
     for retry in report.dampening_retries:
         console.print(f"[yellow]{retry['module']}: Cholesky needed dampening {retry['percdamp_used']:g}[/yellow]")
 

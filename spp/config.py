@@ -132,6 +132,12 @@ class PruneConfig:
     blocksize: int = dataclasses.field(default=128, metadata=NO_FLAG)  # SparseGPT column block width
     percdamp: float = dataclasses.field(default=0.01, metadata=NO_FLAG)  # SparseGPT dampening, × mean Hessian diagonal
     batch_size: int = 16  # calibration windows per block forward
+    # A mixture-of-experts expert that the router sent fewer calibration tokens than this is pruned by magnitude
+    # (recorded per saved tensor in the manifest). Its statistics would be a handful of tokens: Wanda's ‖X_j‖ from
+    # T tokens varies by ~1/√(2T) (±12% at 32), one token's outlier channel would decide every row's mask, and at 0
+    # all scores tie; SparseGPT's Hessian has rank ≤ T. 32 costs nothing at usual calibration sizes
+    # (128 × 2048 tokens give each of 8 top-2 experts ~65k on average) and catches only starved experts.
+    expert_min_tokens: int = 32
 
     def __post_init__(self):
         from spp.prune.masks import parse_pattern
@@ -157,6 +163,7 @@ class PruneConfig:
         _check_range("--blocksize", self.blocksize, 1)
         _check_range("--percdamp", self.percdamp, 0.0, lo_open=True)
         _check_range("--batch-size", self.batch_size, 1)
+        _check_range("--expert-min-tokens", self.expert_min_tokens, 1)
         _check_shard_size(self.max_shard_size)
 
     def _check_layer_choice(self, n_m) -> None:

@@ -7,7 +7,8 @@ directory holding the `save_pretrained` files, `masks.safetensors`, the resolved
 the manifest. Every finished block is persisted in `OUTPUT.partial/` (`spp.io.progress`),
 so `--resume` continues a killed or interrupted run at its first unfinished block, with
 the same result bit for bit (it refuses other run conditions, `spp.io.conditions`). Which layers are
-pruned, and at what sparsity, is `plan.plan_layers` (--targets, --ignore, sparsity_overrides); with
+pruned, and at what sparsity, is `plan.plan_layers` (--targets, --ignore, sparsity_overrides; a
+mixture-of-experts block's fused expert weights among them, pruned per saved tensor by `experts`); with
 --owl a statistics pass over the dense model (`owl_block_sparsities`) sets each block's sparsity
 first, kept in the progress so --resume does not redo it. The math lives in `masks`, `wanda`, `ria`,
 `owl` and `sparsegpt`; this module only wires it.
@@ -29,6 +30,7 @@ from torch import nn
 from spp.config import PruneConfig, to_dict, write_yaml
 from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
+from spp.prune.experts import check_expert_weights, expert_records, prune_expert_weights, saved_tensor_names
 from spp.prune.masks import apply_mask, parse_pattern, select_mask, sparsity_stats
 from spp.prune.owl import outlier_share, owl_sparsities
 from spp.prune.plan import LayerPlan, plan_layers
@@ -111,6 +113,7 @@ class PruneReport:
     model: nn.Module | None = field(default=None, repr=False)  # the pruned model, still in memory
     requested_blocks: dict[str, float] = field(default_factory=dict)  # block -> requested sparsity (its weights' mean)
     dense_layers: list[str] = field(default_factory=list)  # decoder-block linears left dense (--targets/--ignore)
+    expert_fallbacks: int = 0  # saved expert tensors pruned by magnitude: too few routed tokens (expert_min_tokens)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -130,10 +133,12 @@ class _Checked:
 
 def _check_layer_shapes(model: nn.Module, cfg: PruneConfig, plan: LayerPlan) -> None:
     from spp.models import weight_out_in
+    from spp.patterns import linear_layers
 
     n_m = parse_pattern(cfg.pattern)
+    layers = linear_layers(model)
     for full in plan.sparsity:
-        out_features, in_features = weight_out_in(model.get_submodule(full)).shape
+        out_features, in_features = weight_out_in(layers[full].module).shape[-2:]  # of each expert, for an expert weight
         if n_m is not None and in_features % n_m[1]:
             raise SppError(
                 f"--pattern {cfg.pattern}: module {full} has weight (out, in) = "
@@ -165,6 +170,7 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     seqlen = cfg.seqlen or min(2048, context or 2048)
     plan = layer_plan(checkpoint.model, cfg)
     _check_layer_shapes(checkpoint.model, cfg, plan)
+    check_expert_weights(checkpoint.model, plan, checkpoint.pieces, cfg.owl)
     tokenizer = load_tokenizer(str(checkpoint.directory))
     windows = None
     if needs_calibration(cfg):
@@ -230,7 +236,7 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
                 start_progress(tmp, resume_settings(cfg, checked.windows), len(find_decoder_blocks(model)[1]),
                                checked.conditions)
             pruned = prune_model(model, checked.windows, cfg, checked.device, on_module,
-                                 partial=tmp, blocks_done=checked.blocks_done)
+                                 partial=tmp, blocks_done=checked.blocks_done, pieces=checked.checkpoint.pieces)
             shutil.rmtree(progress_dir(tmp))
             return _write_output(cfg, checked, model, pruned, start, tmp)
     except KeyboardInterrupt:
@@ -276,6 +282,7 @@ def prune_model(
     on_module: Callable[[int, int, str], None] | None = None,
     partial: Path | None = None,
     blocks_done: int = 0,
+    pieces: dict | None = None,
 ) -> PrunedModel:
     """Prune `model` in place, block by block: the in-memory half of `run_prune`.
 
@@ -287,9 +294,11 @@ def prune_model(
         on_module: progress callback (block index, number of blocks, module name).
         partial: where to persist each finished block and OWL's ratios (`spp.io.progress`), or None to keep nothing.
         blocks_done: blocks an interrupted run already finished in `partial` (restored, not redone).
+        pieces: fused expert weight -> its saved per-expert tensors (`spp.io.reader.Checkpoint.pieces`), needed
+            when expert weights are pruned (each piece is pruned as its own matrix).
     """
     from spp.io.progress import BlockRecord, load_owl, restore_blocks, save_block, save_owl
-    from spp.models import find_decoder_blocks, layer_layout, weight_out_in
+    from spp.models import find_decoder_blocks, find_expert_weights, layer_layout, weight_out_in
     from spp.prune.sequential import capture_block_inputs, prune_blocks
 
     method = METHODS[cfg.method]
@@ -349,16 +358,29 @@ def prune_model(
         result.module_stats[f"{full}.weight"] = sparsity_stats(W.detach().cpu(), keep.cpu())
         return keep
 
+    def prune_experts(index: int, weights: dict, routes: dict | None) -> dict[str, torch.Tensor]:
+        prefix = f"{blocks_name}.{index}."
+        done = prune_expert_weights(
+            weights, routes, method, METHODS["magnitude"], cfg, lambda name: plan.sparsity[prefix + name],
+            lambda name: (pieces or {}).get(prefix + name) or [], device,
+            on_weight=(lambda name: on_module(index, len(blocks), prefix + name)) if on_module else None)
+        for name, pruned in done.items():
+            result.layouts[prefix + name] = "linear"
+            result.module_stats[prefix + name] = pruned.stats
+            result.retries.extend({"module": prefix + name, **r} for r in pruned.retries)
+        return {name: pruned.keep for name, pruned in done.items()}
+
     masks = prune_blocks(
         blocks, calibrated, method.accumulate, prune_layer, device,
         on_module=(lambda i, name: on_module(i, len(blocks), f"{blocks_name}.{i}.{name}")) if on_module else None,
         on_block_done=block_done if partial is not None else None, start=len(restored_masks),
-        chosen=lambda i, name: f"{blocks_name}.{i}.{name}" in plan.sparsity,
+        chosen=lambda i, name: f"{blocks_name}.{i}.{name}" in plan.sparsity, prune_experts=prune_experts,
     )
     masks[: len(restored_masks)] = restored_masks
     for i, block_masks in enumerate(masks):
-        for name, keep in block_masks.items():
-            result.masks[f"{blocks_name}.{i}.{name}.weight"] = keep
+        experts = find_expert_weights(blocks[i])
+        for name, keep in block_masks.items():  # an expert weight's name is its parameter's: no `.weight`
+            result.masks[f"{blocks_name}.{i}.{name}" + ("" if name in experts else ".weight")] = keep
     return result
 
 
@@ -408,9 +430,11 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) ->
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
     from spp.io.maskfile import save_masks
 
+    from spp.models import layer_name_of
+
     keep_by_param, layouts, module_stats, retries = pruned.masks, pruned.layouts, pruned.module_stats, pruned.retries
     plan = pruned.plan
-    requested = {param: plan.sparsity[param[: -len(".weight")]] for param in module_stats}
+    requested = {param: plan.sparsity[layer_name_of(param)] for param in module_stats}
     blocks = _block_table(module_stats)
     block_details = _block_details(module_stats, requested)
     total = sum(s["numel"] for s in module_stats.values())
@@ -418,11 +442,20 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) ->
     kept_zero = sum(s["kept_zero"] for s in module_stats.values())
     save_model(model, checked.tokenizer, tmp, cfg.max_shard_size)
     written = read_checkpoint(tmp)  # the mask file and manifest name tensors as they were just saved
-    saved = {param: written.saved_name(param) for param in keep_by_param}
-    stored = {}
+    stored, stored_layouts = {}, {}
     for param, keep in keep_by_param.items():
-        stored[saved[param]] = keep.t() if layouts[param] == "conv1d" else keep  # mask in the stored shape
-    save_masks(tmp / MASK_FILE, stored, {saved[p]: layouts[p] for p in keep_by_param})
+        keep = keep.t() if layouts[param] == "conv1d" else keep  # mask in the stored shape
+        for name, piece in written.split(param, keep).items():  # a fused expert weight: one per saved tensor
+            stored[name], stored_layouts[name] = piece, layouts[param]
+    save_masks(tmp / MASK_FILE, stored, stored_layouts)
+    modules = {}
+    for p, s in module_stats.items():
+        if "pieces" in s:  # a fused expert weight: one entry per saved tensor, with its routed tokens and method
+            modules.update(expert_records(written, p, s, requested[p]))
+        else:
+            modules[written.saved_name(p)] = {"requested": requested[p], "achieved": s["sparsity"], "numel": s["numel"],
+                                              "pruned": s["pruned"], "kept_zero": s["kept_zero"], "layout": layouts[p]}
+    fallbacks = 0 if cfg.method == "magnitude" else sum(m.get("method") == "magnitude" for m in modules.values())
     write_yaml(tmp / RESOLVED_CONFIG_FILE, cfg)
     details = {
         "method": cfg.method,
@@ -432,12 +465,9 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) ->
         "kept_zero": kept_zero,
         "blocks": block_details,
         "owl": pruned.owl,
-        "dense_layers": [written.saved_name(f"{full}.weight") for full in plan.dense],
-        "modules": {
-            saved[p]: {"requested": requested[p], "achieved": s["sparsity"], "numel": s["numel"],
-                       "pruned": s["pruned"], "kept_zero": s["kept_zero"], "layout": layouts[p]}
-            for p, s in module_stats.items()
-        },
+        "dense_layers": [name for full in plan.dense for name in saved_tensor_names(written, full)],
+        "modules": modules,
+        "expert_fallbacks": fallbacks,  # saved expert tensors pruned by magnitude (< expert_min_tokens routed tokens)
         "calibration": None if checked.windows is None else {
             "source": cfg.calib, "nsamples": cfg.nsamples, "seqlen": checked.seqlen, "seed": cfg.seed,
         },
@@ -452,7 +482,7 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) ->
                        requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=n_pruned / total if total else 0.0,
                        kept_zero=kept_zero, wall_time_s=time.perf_counter() - start, dampening_retries=retries,
                        model=model, requested_blocks={b: d["requested"] for b, d in block_details.items()},
-                       dense_layers=list(plan.dense))
+                       dense_layers=list(plan.dense), expert_fallbacks=fallbacks)
 
 
 def block_name(tensor_name: str) -> str:

@@ -6,10 +6,11 @@ and the positional and keyword arguments of *every* block call (attention masks 
 per layer: Qwen2's `max_window_layers`, Gemma2's alternating sliding/full layers; GPT-2
 passes some arguments positionally). Cache objects are dropped. `prune_blocks` then, for
 each block: moves it to the device, runs the *unpruned* block with hooks on its linear
-layers to collect statistics, prunes every linear layer, and runs the *pruned* block to
-produce the next block's inputs, as SparseGPT and Wanda do. Forwards are batched over
+layers to collect statistics (and a pre-hook on each experts module recording the routed
+tokens: `spp.prune.experts`), prunes every linear layer and expert weight, and runs the *pruned*
+block to produce the next block's inputs, as SparseGPT and Wanda do. Forwards are batched over
 windows. This module knows nothing about any pruning method: it takes an `accumulate`
-function (statistics from layer inputs) and a `prune_layer` function (a keep-mask).
+function (statistics from layer inputs) and `prune_layer`/`prune_experts` functions (keep-masks).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from spp.models import find_linear_layers
+from spp.models import find_expert_weights, find_linear_layers
 
 
 class _StopForward(Exception):
@@ -160,11 +161,15 @@ def _recording(layers: dict[str, nn.Module], accumulate) -> Iterator[dict[str, A
             handle.remove()
 
 
-def _collect_statistics(block, index, inputs, layers, accumulate, device) -> dict[str, Any]:
-    """Run the unpruned block with a forward hook on each linear layer feeding `accumulate`."""
-    with _recording(layers, accumulate) as stats:
+def _collect_statistics(block, index, inputs, layers, accumulate, device, experts_modules=None):
+    """Run the unpruned block with a forward hook on each linear layer feeding `accumulate`, and a pre-hook on each
+    of `experts_modules` recording its routed tokens (`spp.prune.experts.recording_routes`); returns
+    (statistics by layer name, routes by experts module name)."""
+    from spp.prune.experts import recording_routes
+
+    with _recording(layers, accumulate) as stats, recording_routes(experts_modules or {}, inputs.storage) as routes:
         run_block(block, index, inputs, device, keep_outputs=False)
-    return stats
+    return stats, routes
 
 
 @torch.no_grad()
@@ -213,6 +218,7 @@ def prune_blocks(
     on_block_done: Callable[[int, nn.Module, dict, BlockInputs | None], None] | None = None,
     start: int = 0,
     chosen: Callable[[int, str], bool] | None = None,
+    prune_experts: Callable[[int, dict, dict | None], dict[str, torch.Tensor]] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Prune every linear layer of every block, in order, each block seeing the pruned blocks before it.
 
@@ -230,9 +236,13 @@ def prune_blocks(
             `inputs.hidden` holds block `start`'s inputs); skipped blocks get an empty dict.
         chosen: (block index, layer name) -> whether the layer is pruned (default: all); the others
             are left as they are and get no statistics and no mask.
+        prune_experts: (block index, chosen expert weights by name (`spp.models.ExpertWeight`), the routed
+            tokens of each experts module or None) -> keep-mask (E, out, in) by name, for a mixture-of-experts
+            block (`spp.prune.experts`); None leaves expert weights alone.
 
     Returns:
-        One dict per block: layer name (relative to the block) -> keep-mask (out, in), on the CPU.
+        One dict per block: layer name (relative to the block) -> keep-mask (out, in) ((E, out, in) for an
+        expert weight), on the CPU.
     """
     masks = []
     for index, block in enumerate(blocks):
@@ -244,15 +254,21 @@ def prune_blocks(
         home = next(block.parameters()).device
         block.to(device)
         layers = {n: m for n, m in find_linear_layers(block).items() if chosen is None or chosen(index, n)}
-        stats = {}
+        experts = {n: w for n, w in find_expert_weights(block).items()
+                   if prune_experts is not None and (chosen is None or chosen(index, n))}
+        stats, routes = {}, None
         if inputs is not None and accumulate is not None:
-            stats = _collect_statistics(block, index, inputs, layers, accumulate, device)
+            modules = {n.rsplit(".", 1)[0]: w.experts for n, w in experts.items()}
+            stats, routes = _collect_statistics(block, index, inputs, layers, accumulate, device, modules)
         block_masks = {}
         for name, layer in layers.items():
             if on_module is not None:
                 on_module(index, name)
             block_masks[name] = prune_layer(index, name, layer, stats.pop(name, None)).cpu()
         del stats
+        if experts:
+            block_masks.update(prune_experts(index, experts, routes))
+        del routes
         if inputs is not None and index + 1 < len(blocks):
             inputs.hidden = run_block(block, index, inputs, device)  # pruned outputs feed the next block
         if inputs is not None:
