@@ -2,7 +2,10 @@
 
 The adapter's `kind` (`adapter_config.json`) picks the merged weight from `spp.adapter.ADAPTERS`:
 W ⊙ (1 + s·Â ⊙ β·1ᵀ) for SPP, W + M ⊙ (s·B·A) for masked LoRA, M ⊙ W_trained for `full`, each
-computed in float32, cast back, with every pruned entry +0.0 bitwise. Only one shard and one merged
+computed in float32, cast back, with every pruned entry +0.0 bitwise. A mixture-of-experts adapter
+keys each fused weight (`mlp.experts.gate_up_proj`, (E, ...) tensors) while the base saves it per expert
+(Mixtral's `w1`/`w3`/`w2`): each saved piece is merged with its expert's tensors, found through the
+checkpoint reader's `pieces` (transformers' own name mapping), never by suffix. Only one shard and one merged
 tensor are in memory at a time, so peak memory is about the largest shard plus one tensor.
 The output is a plain Hugging Face directory with the same shard names and index, the
 unchanged `masks.safetensors` and a manifest, built atomically. Nothing here trains or
@@ -37,12 +40,18 @@ NOT_COPIED = {MANIFEST_FILE, RESOLVED_CONFIG_FILE, RESULTS_FILE, ADAPTER_CONFIG_
 
 @dataclass
 class MergeTarget:
-    """One adapted weight: where it is saved, its layout, and the adapter's tensors for it (by short name)."""
+    """One adapted saved weight: where it is saved, its layout, and the adapter's tensors for it (by short name).
+
+    A piece of a fused expert weight (`rows` set) is rows [rows[0], rows[1]) of an (out_features, in) expert
+    matrix; `tensors` are that expert's (the adapter's (E, ...) tensors at its index).
+    """
 
     module: str
     tensor: str
     conv1d: bool
     tensors: dict[str, torch.Tensor]
+    rows: tuple[int, int] | None = None
+    out_features: int = 0
 
 
 @dataclass
@@ -73,13 +82,18 @@ def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfi
     Raises:
         SppError: the adapter does not fit the base (names the module, file and shapes).
     """
+    from spp.models import is_expert_weight, layer_name_of
+
     weights = read_adapter_weights(adapter_dir)
     weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
     model_dir = base.directory
     kind = ADAPTERS[adapter_cfg.kind]
     masked = None
     if not adapter_cfg.adapt_unpruned:  # as `add_adapter` chose in training: layers left dense were not adapted
-        masked = {base.parameter_name(saved)[: -len(".weight")] for saved in base.read_masks()[0]}
+        masked = set()
+        for saved in base.read_masks()[0]:
+            piece = base.piece_of(saved)  # a per-expert tensor names its fused parameter
+            masked.add(piece[0] if piece is not None else layer_name_of(base.parameter_name(saved)))
     layers = target_layers(base.model, adapter_cfg.target_modules, masked)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
@@ -91,16 +105,31 @@ def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfi
                        f"(first mismatched module: {extra[0]})")
     targets = []
     for module, layer in layers.items():
-        tensor = base.saved_name(f"{module}.weight")  # the name transformers loads it from
-        conv1d = is_conv1d(layer)
-        shape = base.tensors[tensor].shape
-        out_in = shape[::-1] if conv1d else shape
-        expected = {short: tuple(size) for short, size in kind.tensor_shapes(out_in[0], out_in[1], adapter_cfg).items()}
+        if is_expert_weight(layer):  # fused (E, out, in): the adapter's tensors are (E, ...)
+            n_experts, out_features, in_features = layer.weight.shape
+            what, tensor = f"{module} ((E, out, in) = {tuple(layer.weight.shape)})", module
+            expected = {short: (n_experts, *size)
+                        for short, size in kind.tensor_shapes(out_features, in_features, adapter_cfg).items()}
+        else:
+            tensor = base.saved_name(f"{module}.weight")  # the name transformers loads it from
+            shape = base.tensors[tensor].shape
+            out_features, in_features = shape[::-1] if is_conv1d(layer) else shape
+            what = f"{tensor} ((out, in) = {(out_features, in_features)})"
+            expected = {short: tuple(size)
+                        for short, size in kind.tensor_shapes(out_features, in_features, adapter_cfg).items()}
         got = {short: tuple(t.shape) for short, t in by_module[module].items()}
         if got != expected:
             raise SppError(f"adapter weights {weights_path}: {module} has {_shapes(got)}, but a {adapter_cfg.kind} "
-                           f"adapter of {tensor} ((out, in) = {tuple(out_in)}) needs {_shapes(expected)}")
-        targets.append(MergeTarget(module, tensor, conv1d, by_module[module]))
+                           f"adapter of {what} needs {_shapes(expected)}")
+        if not is_expert_weight(layer):
+            targets.append(MergeTarget(module, tensor, is_conv1d(layer), by_module[module]))
+            continue
+        if module not in base.pieces:
+            raise SppError(f"{model_dir} saves {module} in a layout spp cannot map to per-expert tensors, so an "
+                           "adapter of it cannot be merged")
+        for piece in base.pieces[module]:  # each saved per-expert tensor, through the reader's mapping
+            tensors = {short: t[piece.expert] for short, t in by_module[module].items()}
+            targets.append(MergeTarget(module, piece.saved, False, tensors, piece.rows, out_features))
     return targets
 
 
@@ -127,10 +156,30 @@ def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget],
                     keep = W != 0  # no mask (SPP only; checked before): keep every zero of W at +0.0
                 elif target.conv1d:
                     keep = keep.t()
-                merged = kind.merged_weight(W, keep, target.tensors, adapter_cfg.scale)
+                if target.rows is None:
+                    merged = kind.merged_weight(W, keep, target.tensors, adapter_cfg.scale)
+                else:
+                    merged = _merged_rows(kind, W, keep, target, adapter_cfg.scale)
                 tensor = (merged.t() if target.conv1d else merged).contiguous()
             tensors[name] = tensor
     save_tensors(tensors, destination, metadata=metadata)
+
+
+def _merged_rows(kind, W: torch.Tensor, keep: torch.Tensor, target: MergeTarget, scale: float) -> torch.Tensor:
+    """The merged rows of one saved piece of a fused expert weight (Mixtral's `w1` = the gate rows of
+    `gate_up_proj[e]`): the piece is put at its rows of an (out, in) matrix that is zero (and pruned)
+    elsewhere, merged with the expert's tensors, and its rows taken back. Every kind's merged weight is
+    row-wise (row o depends on W[o], M[o] and the tensors only; SPP's row groups need the full `out`),
+    so this equals the rows of the in-memory merge of the whole expert bitwise.
+
+    Args:
+        W: the piece, (rows, in). keep: its mask, (rows, in) bool.
+    """
+    start, stop = target.rows
+    W_full = W.new_zeros((target.out_features, W.shape[1]))  # (out, in)
+    keep_full = torch.zeros(W_full.shape, dtype=torch.bool)
+    W_full[start:stop], keep_full[start:stop] = W, keep
+    return kind.merged_weight(W_full, keep_full, target.tensors, scale)[start:stop]
 
 
 def check_invariant(directory: Path, masks: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -195,6 +244,7 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
     masks, _ = base.read_masks()  # keyed by saved name, each naming a saved tensor of its shape
     shards = base.shards
     targets = {t.tensor: t for t in merge_targets(base, adapter_dir, adapter_cfg)}
+    n_modules = len({t.module for t in targets.values()})  # a fused expert weight counts once, not per piece
     unmasked = [t.module for t in targets.values() if t.tensor not in masks]
     if unmasked and ADAPTERS[adapter_cfg.kind].needs_mask:
         raise SppError(f"{unmasked[0]} has no entry in {model_dir / MASK_FILE}; adapter kind {adapter_cfg.kind!r} "
@@ -211,12 +261,12 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
         drop_tokenizer_load_options(tmp)  # a base written by an older spp may carry them
         checked, kept_zero = check_invariant(tmp, masks)
         settings = {**to_dict(cfg), "model": str(model_dir)}
-        details = {**_base_details(base), "adapter": adapter_cfg.kind, "adapted_modules": len(targets),
+        details = {**_base_details(base), "adapter": adapter_cfg.kind, "adapted_modules": n_modules,
                    **_size(adapter_cfg), "scale": adapter_cfg.scale, "shards": len(shards),
                    "invariant_tensors_checked": checked, "kept_zero": kept_zero}
         write_manifest(tmp, Manifest(stage="merge", settings=settings, inputs=inputs, details=details,
                                      conditions=run_conditions("cpu", "float32"),  # the merge math: fp32 on the CPU
                                      wall_time_s=time.perf_counter() - start, peak_memory=peak_memory_bytes()))
-    return MergeReport(output=output, model=model_dir, adapter=adapter_dir, n_modules=len(targets),
+    return MergeReport(output=output, model=model_dir, adapter=adapter_dir, n_modules=n_modules,
                        n_shards=len(shards), mask_sha256=mask_sha256, kept_zero=kept_zero, wall_time_s=time.perf_counter() - start,
                        peak_memory=peak_memory_bytes())

@@ -182,6 +182,10 @@ def check_inputs(cfg: TrainConfig):
     if not (base / MASK_FILE).is_file():
         raise SppError(f"--model {base} has no {MASK_FILE}: train needs an `spp prune` output")
     checkpoint = read_checkpoint(base, need_manifest=True)  # names, shapes, whole shards, mask = manifest's
+    if cfg.distributed == "fsdp" and checkpoint.pieces:
+        # the sharded loader reads each parameter from one saved tensor; fused experts are built from many
+        raise SppError(f"distributed: fsdp does not support mixture-of-experts models yet ({base} has fused expert "
+                       "weights such as " + next(iter(checkpoint.pieces)) + "); use distributed: ddp")
     check_output_dir(output, cfg.overwrite)
     partial = partial_path(output)
     if cfg.resume:
@@ -336,16 +340,27 @@ def output_workdir(accelerator, output: Path, cfg: TrainConfig):
 def check_pruned_zeros(model, masks: dict[str, torch.Tensor]) -> None:
     """The invariant after training: where the mask says pruned, the base weight and the effective
     weight of every adapter layer (of any kind, via `spp.adapter.ADAPTERS`) are bitwise +0.0 (a
-    NaN/inf in a trained tensor would break it).
+    NaN/inf in a trained tensor would break it). An adapted experts module is checked expert by
+    expert, for each of its fused weights ((E, out, in) masks keyed by the fused parameter's name).
 
     Raises:
         RuntimeError: a violation, which can only be a bug in spp.
     """
+    from spp.adapter.experts import AdaptedExperts
     from spp.adapter.model import adapter_layers
     from spp.models import weight_out_in
 
     for name, layer in adapter_layers(model).items():
-        check_layer_zeros(name, layer, weight_out_in(layer.base_layer).detach(), masks, layer.adapter_tensors())
+        if not isinstance(layer, AdaptedExperts):
+            check_layer_zeros(name, layer, weight_out_in(layer.base_layer).detach(), masks, layer.adapter_tensors())
+            continue
+        for p in layer.params:
+            keep = masks.get(f"{name}.{p}")
+            if keep is None:
+                continue
+            with torch.no_grad():
+                W, W_eff = getattr(layer.base_layer, p).detach(), layer.effective_weight(p)
+            _check_zeros(f"{name}.{p}", W, W_eff, keep.to(W.device))
 
 
 def check_layer_zeros(name: str, layer, W: torch.Tensor, masks: dict[str, torch.Tensor],
@@ -358,7 +373,6 @@ def check_layer_zeros(name: str, layer, W: torch.Tensor, masks: dict[str, torch.
     """
     from spp.adapter import ADAPTERS
     from spp.models import is_conv1d
-    from spp.prune.masks import pruned_is_positive_zero
 
     if f"{name}.weight" not in masks:
         return
@@ -366,6 +380,12 @@ def check_layer_zeros(name: str, layer, W: torch.Tensor, masks: dict[str, torch.
     keep = keep.t() if is_conv1d(layer.base_layer) else keep  # (out, in)
     with torch.no_grad():
         W_eff = ADAPTERS[layer.kind].effective_weight(W, keep, tensors, getattr(layer, "scale", 1.0))
+    _check_zeros(name, W, W_eff, keep)
+
+
+def _check_zeros(name: str, W: torch.Tensor, W_eff: torch.Tensor, keep: torch.Tensor) -> None:
+    from spp.prune.masks import pruned_is_positive_zero
+
     if not pruned_is_positive_zero(W, keep).all() or not pruned_is_positive_zero(W_eff, keep).all():
         raise RuntimeError(f"{name}: a pruned entry is not +0.0 after training; this is a bug in spp")
 
