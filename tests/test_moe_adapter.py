@@ -1,8 +1,8 @@
 """Adapters on mixture-of-experts weights: `AdaptedExperts` in memory, `spp train`, `spp merge` and eval.
 
-Tiny random Mixtral and Qwen3-MoE models (4 experts, top-2), every expert weight and linear layer
-magnitude-pruned 2:4 and saved as `spp prune` saves them (per-expert tensors on disk, the mask file keyed
-by those saved names). Bit-exact comparisons use one experts kernel (`eager`) throughout: `eager` and
+Tiny random Mixtral and Qwen3-MoE models (4 experts, top-2): in memory, every expert weight and linear
+layer magnitude-pruned 2:4 (`prune_2_4`); on disk, `spp prune --method wanda --pattern 2:4` outputs
+(per-expert tensors, the mask file keyed by those saved names). Bit-exact comparisons use one experts kernel (`eager`) throughout: `eager` and
 `grouped_mm` sum in different orders and differ by ~1e-7.
 """
 
@@ -19,7 +19,7 @@ from spp.adapter.experts import AdaptedExperts
 from spp.adapter.layer import spp_delta
 from spp.adapter.model import add_adapter, adapter_state_dict, load_adapter, merge_adapter, save_adapter
 from spp.errors import SppError
-from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE, MASK_FILE
+from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE
 from spp.io.reader import read_checkpoint
 from spp.prune.masks import pruned_is_positive_zero
 from spp.train import check_pruned_zeros
@@ -48,21 +48,6 @@ def prune_2_4(model) -> dict[str, torch.Tensor]:
     return masks
 
 
-def save_pruned(model, masks: dict[str, torch.Tensor], tokenizer, directory: Path) -> Path:
-    """Save a pruned model as `spp prune` does: save_pretrained, the mask file keyed by the saved per-expert
-    names (each fused mask split through the checkpoint reader), a prune manifest."""
-    from spp.io.checkpoint import save_model
-    from spp.io.manifest import Manifest, write_manifest
-    from spp.io.maskfile import save_masks
-
-    save_model(model, tokenizer, directory)
-    ckpt = read_checkpoint(directory)
-    entries = {saved: keep.clone() for name, keep in masks.items() for saved, keep in ckpt.split(name, keep).items()}
-    save_masks(directory / MASK_FILE, entries, {saved: "linear" for saved in entries})
-    write_manifest(directory, Manifest(stage="prune", settings={"method": "magnitude", "pattern": "2:4"}))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def tokenizer(shared_data):
     from transformers import AutoTokenizer
@@ -70,24 +55,32 @@ def tokenizer(shared_data):
     return AutoTokenizer.from_pretrained(shared_data / "stories260K-hf")
 
 
-def _pruned_dir(arch, tokenizer, tmp_path_factory) -> Path:
+def _pruned_dir(arch, tokenizer, text_file, tmp_path_factory) -> Path:
+    """`spp prune --method wanda --pattern 2:4` of a seeded random MoE model (vocab 512, the stories260K tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spp.config import PruneConfig
+    from spp.io.checkpoint import save_model
+    from spp.prune import run_prune
 
     kwargs = dict(MOE_CONFIGS[arch], vocab_size=512, bos_token_id=1, eos_token_id=2, max_position_embeddings=256)
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    return save_pruned(model, prune_2_4(model), tokenizer, tmp_path_factory.mktemp(arch) / "pruned")
+    directory = tmp_path_factory.mktemp(arch)
+    save_model(AutoModelForCausalLM.from_config(config, dtype=torch.float32), tokenizer, directory / "dense")
+    run_prune(PruneConfig(model=str(directory / "dense"), output=str(directory / "pruned"), method="wanda",
+                          pattern="2:4", calib=str(text_file), nsamples=4, seqlen=32, device="cpu"))
+    return directory / "pruned"
 
 
 @pytest.fixture(scope="module")
-def pruned_mixtral(tokenizer, tmp_path_factory) -> Path:
-    return _pruned_dir("mixtral", tokenizer, tmp_path_factory)
+def pruned_mixtral(tokenizer, text_file, tmp_path_factory) -> Path:
+    return _pruned_dir("mixtral", tokenizer, text_file, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def pruned_qwen3_moe(tokenizer, tmp_path_factory) -> Path:
-    return _pruned_dir("qwen3_moe", tokenizer, tmp_path_factory)
+def pruned_qwen3_moe(tokenizer, text_file, tmp_path_factory) -> Path:
+    return _pruned_dir("qwen3_moe", tokenizer, text_file, tmp_path_factory)
 
 
 def adapter_cfg(kind: str, **extra) -> AdapterConfig:
@@ -165,6 +158,22 @@ def test_every_experts_kernel_runs_the_adapter():
         outputs[kernel] = logits(model, torch.arange(12)[None])
     for kernel in ("grouped_mm", "batched_mm"):
         torch.testing.assert_close(outputs[kernel], outputs[EAGER], rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_targeted_fused_weight_is_adapted():
+    model = make_moe_model("mixtral", experts_implementation=EAGER)
+    masks = prune_2_4(model)
+    gate_up = model.get_parameter("model.layers.0.mlp.experts.gate_up_proj").detach().clone()
+    adapted = add_adapter(model, adapter_cfg("masked_lora", target_modules=["mlp.experts.down_proj"]), masks)
+    assert adapted == ["model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"]
+    assert model.model.layers[0].mlp.experts.params == ["down_proj"]
+    assert sorted(adapter_state_dict(model)) == [f"model.layers.{i}.mlp.experts.down_proj.{t}"
+                                                 for i in (0, 1) for t in ("lora_A", "lora_B")]
+    train_steps(model, 128)
+    trained = logits(model, torch.arange(12)[None])
+    merge_adapter(model, masks)
+    assert torch.equal(model.get_parameter("model.layers.0.mlp.experts.gate_up_proj"), gate_up)
+    assert torch.equal(logits(model, torch.arange(12)[None]), trained)
 
 
 def _reference_weight(kind, W, keep, tensors, scale):
@@ -250,6 +259,32 @@ def test_spp_train_lowers_the_validation_loss_and_resumes_bit_for_bit(pruned_mix
     assert resumed_report.resumed_from == 2
     resumed = load_file(str(tmp_path / "resumed" / ADAPTER_WEIGHTS_FILE))
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_ddp_two_processes_match_one(pruned_mixtral, text_file, tmp_path):
+    """DDP needs nothing MoE-specific: every expert's adapter tensors get a gradient (zero for an expert no token
+    reached), so no parameter is unused. Two CPU processes under `accelerate launch` match one process."""
+    import sys
+
+    from spp.train import run_train
+    from test_train import SPP_MAIN, cli_args, log_records, spp_command
+
+    settings = dict(max_steps=3, batch_size=8, micro_batch_size=2, learning_rate=2e-2)
+    run_train(_train_cfg(pruned_mixtral, text_file, tmp_path / "single", **settings))
+    script = tmp_path / "spp_main.py"
+    script.write_text(SPP_MAIN + "\n")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    cfg = _train_cfg(pruned_mixtral, text_file, tmp_path / "ddp", **settings)
+    result = spp_command(*cli_args(cfg), "--set", f"spp_row_groups={cfg.spp_row_groups}",
+                         env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for one, two in zip(log_records(tmp_path / "single")[1:], log_records(tmp_path / "ddp")[1:]):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    single = load_file(str(tmp_path / "single" / ADAPTER_WEIGHTS_FILE))
+    ddp = load_file(str(tmp_path / "ddp" / ADAPTER_WEIGHTS_FILE))
+    assert single.keys() == ddp.keys()
+    assert max(float((single[k] - ddp[k]).abs().max()) for k in single) <= 1e-5  # gradient all-reduce sums in another order
 
 
 def test_fsdp_on_a_moe_model_is_one_clear_error(pruned_mixtral, text_file, tmp_path):
