@@ -261,6 +261,17 @@ def test_spp_train_lowers_the_validation_loss_and_resumes_bit_for_bit(pruned_mix
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_activation_checkpointing_gives_the_same_adapter(pruned_mixtral, text_file, tmp_path):
+    """Recomputing a block in backward rebuilds W_eff through the same Function: the same adapter, bitwise."""
+    from spp.train import run_train
+
+    for out, checkpointing in (("a", False), ("b", True)):
+        run_train(_train_cfg(pruned_mixtral, text_file, tmp_path / out, max_steps=2, val_set_size=0,
+                             gradient_checkpointing=checkpointing))
+    a, b = (load_file(str(tmp_path / out / ADAPTER_WEIGHTS_FILE)) for out in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_ddp_two_processes_match_one(pruned_mixtral, text_file, tmp_path):
     """DDP needs nothing MoE-specific: every expert's adapter tensors get a gradient (zero for an expert no token
     reached), so no parameter is unused. Two CPU processes under `accelerate launch` match one process."""

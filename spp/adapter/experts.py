@@ -87,7 +87,7 @@ class AdaptedExperts(nn.Module):
     Args:
         base_layer: the experts module (its parameters are frozen, except a `full` fp32 master).
         params: the names of the fused parameters to adapt (`gate_up_proj`, `down_proj`).
-        kind: the `adapter:` kind. cfg: the `AdapterConfig`.
+        cfg: the `AdapterConfig` (its kind, sizes and scale s).
         keeps: keep-masks by parameter name, (E, out, in) bool or uint8 (needed by `masked_lora`, `full`).
         name: the module's name in the model, for error messages.
     """
