@@ -2,16 +2,19 @@
 
 After decoder block i is pruned, `save_block` writes (each file through a temporary name
 and a rename): `block-i.safetensors` (the block's pruned parameters and buffers, bitwise),
-`masks-i.safetensors` (its bool keep-masks (out, in), keyed by block-relative layer name)
-and `hidden-(i+1).safetensors` (block i+1's calibration inputs, one (batch, seq, hidden)
-tensor per chunk of windows). Only then does `progress.json` (the settings it was made
-with, their sha256, the run conditions (`spp.io.conditions`: threads, device, dtype,
-versions), OWL's block sparsities once its statistics pass is done (`save_owl`), and per
-finished block its statistics) advance to i + 1, and the now stale `hidden-i` is deleted. A kill between two writes therefore leaves `progress.json`
-pointing at complete files. The per-call keyword arguments of each block (attention masks,
-position embeddings) are not stored: resuming recomputes them from the embeddings, which is
-cheap and deterministic. SparseGPT changes the kept weights, so the blocks are stored
-whole rather than as masks. Nothing here is unpickled: tensors in safetensors, the rest JSON.
+`masks-i.safetensors` (its bool keep-masks (out, in), or (E, out, in) for a fused expert
+weight, keyed by block-relative layer name) and `hidden-(i+1).safetensors` (block i+1's
+calibration inputs, one (batch, seq, hidden) tensor per chunk of windows). Only then does
+`progress.json` (the settings it was made with, their sha256, the run conditions
+(`spp.io.conditions`: threads, device, dtype, versions), OWL's block sparsities once its
+statistics pass is done (`save_owl`), and per finished block its statistics) advance to
+i + 1, and the now stale `hidden-i` is deleted. A kill between two writes therefore leaves
+`progress.json` pointing at complete files. The per-call keyword arguments of each block
+(attention masks, position embeddings) are not stored: resuming recomputes them from the
+embeddings, which is cheap and deterministic; a mixture-of-experts block's routed tokens
+come from its inputs, so they are not stored either. SparseGPT changes the kept weights, so
+the blocks are stored whole rather than as masks. Nothing here is unpickled: tensors in
+safetensors, the rest JSON.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from spp.io.manifest import settings_sha256
 @dataclass
 class BlockRecord:
     """What `prune_model` keeps for a finished block besides its weights: per-parameter layout and
-    sparsity statistics (keyed by full parameter name), and SparseGPT dampening retries."""
+    sparsity statistics (keyed by full parameter name; a fused expert weight's also list its saved pieces with
+    their routed tokens and method), and SparseGPT dampening retries."""
 
     layouts: dict[str, str]
     module_stats: dict[str, dict]

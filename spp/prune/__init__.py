@@ -30,7 +30,8 @@ from torch import nn
 from spp.config import PruneConfig, to_dict, write_yaml
 from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
-from spp.prune.experts import check_expert_weights, expert_records, prune_expert_weights, saved_tensor_names
+from spp.prune.experts import (check_expert_weights, module_records, prune_expert_weights, saved_pieces,
+                               saved_tensor_names)
 from spp.prune.masks import apply_mask, parse_pattern, select_mask, sparsity_stats
 from spp.prune.owl import outlier_share, owl_sparsities
 from spp.prune.plan import LayerPlan, plan_layers
@@ -263,8 +264,9 @@ def _workdir(cfg: PruneConfig):
 
 @dataclass
 class PrunedModel:
-    """What `prune_model` changed: keep-masks (out, in) by parameter name, layouts, counts, dampening retries,
-    the layer plan it followed (OWL's block sparsities in it) and OWL's record (None without --owl)."""
+    """What `prune_model` changed: keep-masks (out, in) by parameter name ((E, out, in) for a fused expert weight),
+    layouts, counts, dampening retries, the layer plan it followed (OWL's block sparsities in it) and OWL's record
+    (None without --owl)."""
 
     masks: dict[str, torch.Tensor]
     layouts: dict[str, str]
@@ -362,7 +364,7 @@ def prune_model(
         prefix = f"{blocks_name}.{index}."
         done = prune_expert_weights(
             weights, routes, method, METHODS["magnitude"], cfg, lambda name: plan.sparsity[prefix + name],
-            lambda name: (pieces or {}).get(prefix + name) or [], device,
+            lambda name: saved_pieces(pieces, prefix + name), device,
             on_weight=(lambda name: on_module(index, len(blocks), prefix + name)) if on_module else None)
         for name, pruned in done.items():
             result.layouts[prefix + name] = "linear"
@@ -448,13 +450,7 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) ->
         for name, piece in written.split(param, keep).items():  # a fused expert weight: one per saved tensor
             stored[name], stored_layouts[name] = piece, layouts[param]
     save_masks(tmp / MASK_FILE, stored, stored_layouts)
-    modules = {}
-    for p, s in module_stats.items():
-        if "pieces" in s:  # a fused expert weight: one entry per saved tensor, with its routed tokens and method
-            modules.update(expert_records(written, p, s, requested[p]))
-        else:
-            modules[written.saved_name(p)] = {"requested": requested[p], "achieved": s["sparsity"], "numel": s["numel"],
-                                              "pruned": s["pruned"], "kept_zero": s["kept_zero"], "layout": layouts[p]}
+    modules = module_records(written, module_stats, requested, layouts)
     fallbacks = 0 if cfg.method == "magnitude" else sum(m.get("method") == "magnitude" for m in modules.values())
     write_yaml(tmp / RESOLVED_CONFIG_FILE, cfg)
     details = {

@@ -129,6 +129,18 @@ def check_expert_weights(model: nn.Module, plan, pieces: dict, owl: bool) -> Non
                            "(transformers' converters for it are not a stack of per-expert matrices)")
 
 
+def saved_pieces(pieces: dict | None, param: str) -> list:
+    """The saved per-expert tensors (`Piece`s) of fused weight `param`.
+
+    Raises:
+        SppError: the caller has no mapping for it (`prune_model` needs the checkpoint's `pieces`).
+    """
+    if not pieces or param not in pieces:
+        raise SppError(f"{param}: no saved per-expert tensors are known for this fused expert weight; pass the "
+                       "checkpoint's pieces (spp.io.reader.Checkpoint.pieces) to prune it")
+    return pieces[param]
+
+
 def _is_expert(layer) -> bool:
     from spp.models import is_expert_weight
 
@@ -190,9 +202,10 @@ def prune_expert_weights(
                                       stats={"pieces": []})
         experts = next(iter(params.values()))[1].experts
         apply_gate = getattr(experts, "_apply_gate", None) or default_apply_gate(experts.act_fn)
-        chunks = None if routes is None else [(h.to(device), i.to(device)) for h, i in routes[module_name]]
+        chunks = None if routes is None else routes[module_name]
         for expert in range(next(iter(params.values()))[1].num_experts):
-            X = None if chunks is None else [x for h, i in chunks if (x := routed_inputs(h, i, expert)).shape[0]]
+            # selected where the routes are kept (--offload-activations: the CPU), so only X_e moves to the device
+            X = None if chunks is None else [x.to(device) for h, i in chunks if (x := routed_inputs(h, i, expert)).shape[0]]
             tokens = None if X is None else sum(x.shape[0] for x in X)
             inputs = {GATE_UP: X}
             if DOWN in params and X is not None:  # from the unpruned gate/up rows: computed before they are pruned
@@ -244,6 +257,21 @@ def _totals(pieces: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------- output records
+
+
+def module_records(written, module_stats: dict[str, dict], requested: dict[str, float],
+                   layouts: dict[str, str]) -> dict[str, dict]:
+    """The manifest's `modules`: saved tensor name -> requested and achieved sparsity, counts and layout; a fused
+    expert weight (its stats carry `pieces`) gives one entry per saved tensor, with its routed tokens and method."""
+    out = {}
+    for param, s in module_stats.items():
+        if "pieces" in s:
+            out.update(expert_records(written, param, s, requested[param]))
+        else:
+            out[written.saved_name(param)] = {"requested": requested[param], "achieved": s["sparsity"],
+                                              "numel": s["numel"], "pruned": s["pruned"], "kept_zero": s["kept_zero"],
+                                              "layout": layouts[param]}
+    return out
 
 
 def expert_records(written, param: str, stats: dict, requested: float) -> dict[str, dict]:
