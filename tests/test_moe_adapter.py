@@ -55,7 +55,7 @@ def tokenizer(shared_data):
     return AutoTokenizer.from_pretrained(shared_data / "stories260K-hf")
 
 
-def _pruned_dir(arch, tokenizer, text_file, tmp_path_factory) -> Path:
+def _pruned_dir(arch, tokenizer, text_file, tmp_path_factory, **prune) -> Path:
     """`spp prune --method wanda --pattern 2:4` of a seeded random MoE model (vocab 512, the stories260K tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -69,7 +69,7 @@ def _pruned_dir(arch, tokenizer, text_file, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp(arch)
     save_model(AutoModelForCausalLM.from_config(config, dtype=torch.float32), tokenizer, directory / "dense")
     run_prune(PruneConfig(model=str(directory / "dense"), output=str(directory / "pruned"), method="wanda",
-                          pattern="2:4", calib=str(text_file), nsamples=4, seqlen=32, device="cpu"))
+                          pattern="2:4", calib=str(text_file), nsamples=4, seqlen=32, device="cpu", **prune))
     return directory / "pruned"
 
 
@@ -80,7 +80,8 @@ def pruned_mixtral(tokenizer, text_file, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pruned_qwen3_moe(tokenizer, text_file, tmp_path_factory) -> Path:
-    return _pruned_dir("qwen3_moe", tokenizer, text_file, tmp_path_factory)
+    # small shards: one expert's pieces land in different shards, and merge writes each where it is
+    return _pruned_dir("qwen3_moe", tokenizer, text_file, tmp_path_factory, max_shard_size="100KB")
 
 
 def adapter_cfg(kind: str, **extra) -> AdapterConfig:
@@ -337,6 +338,7 @@ def test_merge_keeps_every_pruned_zero_verifies_and_reloads_as_the_adapter_model
     adapter_model = _adapter_dir(pruned, kind, tmp_path / "adapter")
     report = run_merge(MergeConfig(model=str(pruned), adapter=str(tmp_path / "adapter"), output=str(tmp_path / "merged")))
     assert report.n_modules == 2 * (4 + 2)  # per block: q, k, v, o and the two fused expert weights (no router)
+    assert (report.n_shards > 1) == (arch == "qwen3_moe")  # the Qwen3-MoE base is saved in small shards
     result = CliRunner().invoke(app, ["verify", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
 
