@@ -117,7 +117,7 @@ def routed_by_router(model_dir: Path, pruned_dir: Path, calib: Path, block: int)
 def reference_expert_masks(model_dir: Path, pruned_dir: Path, calib: Path, method: str, pattern: str,
                            sparsity: float = 0.5) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Saved expert tensor -> (keep-mask, pruned weight), each pruned alone as a separate linear would be:
-    Wanda (|W|·‖X_j‖, per row or per group), magnitude (one threshold per matrix) or SparseGPT, with X the tokens
+    Wanda (|W|·‖X_j‖, per row or per group), RIA and magnitude (one threshold per matrix) or SparseGPT, with X the tokens
     routed to its expert and, for the down matrix, act(X·w1ᵀ) ⊙ (X·w3ᵀ) from the dense saved tensors."""
     original, pieces = saved(model_dir), expert_pieces(model_dir)
     n_m = parse_pattern(pattern)
@@ -134,6 +134,10 @@ def reference_expert_masks(model_dir: Path, pruned_dir: Path, calib: Path, metho
             if method == "wanda":
                 score = W.abs() * (X_e ** 2).sum(0).sqrt()
                 keep = _keep_highest(score, n_m, sparsity, per_row=True)
+                out[name] = (keep, torch.where(keep, W, torch.zeros(())))
+            elif method == "ria":  # (|W|/Σ_row|W| + |W|/Σ_col|W|) · ‖X_j‖^½, one threshold per matrix
+                score = (W.abs() / W.abs().sum(1, keepdim=True) + W.abs() / W.abs().sum(0, keepdim=True))
+                keep = _keep_highest(score * (X_e ** 2).sum(0).sqrt() ** 0.5, n_m, sparsity, per_row=False)
                 out[name] = (keep, torch.where(keep, W, torch.zeros(())))
             elif method == "magnitude":
                 keep = _keep_highest(W.abs(), n_m, sparsity, per_row=False)
@@ -215,6 +219,20 @@ def test_an_expert_without_tokens_is_pruned_by_magnitude_and_says_so():
                 assert (~keep).sum(1).tolist() == [W0.shape[1] // 2] * W0.shape[0]  # Wanda: per row
 
 
+def test_expert_weights_without_a_saved_mapping_or_with_owl_are_refused():
+    from spp.prune import layer_plan
+    from spp.prune.experts import check_expert_weights
+
+    model = make_moe_model("mixtral")
+    plan = layer_plan(model, PruneConfig(model="m", output="o"))
+    pieces = {full: [] for full in plan.sparsity if ".experts." in full}
+    check_expert_weights(model, plan, pieces, owl=False)
+    with pytest.raises(SppError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj: cannot tell which saved"):
+        check_expert_weights(model, plan, {}, owl=False)
+    with pytest.raises(SppError, match="--owl does not support expert weights"):
+        check_expert_weights(model, plan, pieces, owl=True)
+
+
 # --------------------------------------------------------------------------- the bar
 
 
@@ -254,7 +272,7 @@ def test_mixtral_wanda_2_4_bar(mixtral, calib, tmp_path):
 
 
 @pytest.mark.parametrize("method,pattern", [("wanda", "2:4"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4"),
-                                            ("magnitude", "unstructured")])
+                                            ("magnitude", "unstructured"), ("ria", "unstructured")])
 def test_expert_masks_equal_separate_linears(mixtral, calib, tmp_path, method, pattern):
     out = tmp_path / "out"
     run_prune(prune_cfg(mixtral, out, calib, method=method, pattern=pattern))
