@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spp.errors import SppError
+from spp.models import is_expert_weight
 from spp.prune.masks import sparsity_stats
 
 GATE_UP, DOWN = "gate_up_proj", "down_proj"  # the fused layout spp prunes (Mixtral, Qwen2/3-MoE, OLMoE)
@@ -114,7 +115,7 @@ def check_expert_weights(model: nn.Module, plan, pieces: dict, owl: bool) -> Non
     from spp.patterns import linear_layers
 
     layers = linear_layers(model)
-    experts = [full for full in plan.sparsity if _is_expert(layers[full].module)]
+    experts = [full for full in plan.sparsity if is_expert_weight(layers[full].module)]
     if experts and owl:
         raise SppError(f"--owl does not support expert weights ({experts[0]}): prune mixture-of-experts models "
                        "without --owl, or leave the experts dense with --ignore 'mlp.experts.*'")
@@ -139,12 +140,6 @@ def saved_pieces(pieces: dict | None, param: str) -> list:
         raise SppError(f"{param}: no saved per-expert tensors are known for this fused expert weight; pass the "
                        "checkpoint's pieces (spp.io.reader.Checkpoint.pieces) to prune it")
     return pieces[param]
-
-
-def _is_expert(layer) -> bool:
-    from spp.models import is_expert_weight
-
-    return is_expert_weight(layer)
 
 
 # --------------------------------------------------------------------------- pruning
