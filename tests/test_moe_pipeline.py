@@ -91,9 +91,15 @@ def test_moe_prune_train_merge_verify_eval(arch, tmp_path, shared_data, corpus):
     assert ppl["merged"]["perplexity"] == ppl["adapter"]["perplexity"], ppl
 
 
-def test_moe_zero_shot_eval_on_a_pruned_model(tmp_path, shared_data):
+def test_moe_zero_shot_eval_and_export_of_a_pruned_model(tmp_path, shared_data):
     dense = saved_moe(tmp_path / "dense", "mixtral", shared_data)
     cli("prune", "--model", dense, "--method", "magnitude", "--pattern", "2:4", "--output", tmp_path / "pruned")
+    cli("export", "--model", tmp_path / "pruned", "--output", tmp_path / "packed")  # per-expert masks compress too
+    details = json.loads((tmp_path / "packed" / "spp_manifest.json").read_text())["details"]
+    assert details["masked_tensors"] == 2 * (4 + 3 * 4) and details["ratio"] <= 0.55  # 4 attention + 12 expert each
+    cli("export", "--dense", "--model", tmp_path / "packed", "--output", tmp_path / "restored")
+    for name in ("model.safetensors", "masks.safetensors"):
+        assert (tmp_path / "restored" / name).read_bytes() == (tmp_path / "pruned" / name).read_bytes()
     cli("eval", "--model", tmp_path / "pruned", "--tasks", "boolq", "--task-data", shared_data / "eval",
         "--limit", 8, "--device", "cpu", "--output", tmp_path / "eval")
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
