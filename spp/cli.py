@@ -217,8 +217,10 @@ def train(
     if int(os.environ.get("RANK", "0")) == 0:
         from rich.console import Console
 
-        val = f", val loss {report.val_loss:.4f}" if report.val_loss is not None else ""
-        Console().print(f"trained {report.steps} steps on {report.world_size} process(es): train loss "
+        # with a teacher the training loss adds the distillation terms; validation is plain cross-entropy either way
+        train = "train loss (cross-entropy + distillation)" if cfg.teacher else "train loss"
+        val = f", validation cross-entropy {report.val_loss:.4f}" if report.val_loss is not None else ""
+        Console().print(f"trained {report.steps} steps on {report.world_size} process(es): {train} "
                         f"{report.train_loss:.4f}{val}; {report.trainable_params:,} trainable parameters in "
                         f"{report.adapted_modules} layers -> {report.output}")
 

@@ -318,3 +318,21 @@ def test_ddp_two_processes_with_a_teacher_match_one(pruned_tiny_dir, teachers, t
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key  # kd is ~1e-4 here: float32 noise
     a, b = _adapter(single), _adapter(tmp_path / "ddp")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_the_cli_says_what_the_printed_losses_are(pruned_tiny_dir, teachers, text, tmp_path):
+    """With a teacher the training loss adds the distillation terms while validation is plain cross-entropy; the
+    summary line must not present the two as the same quantity."""
+    from typer.testing import CliRunner
+
+    from spp.cli import app
+
+    common = ["train", "--config", "tinystories.yaml", "--model", str(pruned_tiny_dir), "--data", str(text),
+              "--max-steps", "1", "--set", "cutoff_len=32", "--set", "val_set_size=4", "--set", "micro_batch_size=2",
+              "--set", "batch_size=2"]
+    with_teacher = CliRunner().invoke(app, [*common, "--teacher", str(teachers["dense"]), "--set", "kd_weight=1", "--output", str(tmp_path / "kd")])
+    plain = CliRunner().invoke(app, [*common, "--output", str(tmp_path / "plain")])
+    assert with_teacher.exit_code == 0 and plain.exit_code == 0, with_teacher.output + plain.output
+    assert "train loss (cross-entropy + distillation)" in with_teacher.output
+    assert "train loss (" not in plain.output and "train loss" in plain.output
+    assert "validation cross-entropy" in with_teacher.output and "validation cross-entropy" in plain.output
