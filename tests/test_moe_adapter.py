@@ -2,8 +2,9 @@
 
 Tiny random Mixtral and Qwen3-MoE models (4 experts, top-2): in memory, every expert weight and linear
 layer magnitude-pruned 2:4 (`prune_2_4`); on disk, `spp prune --method wanda --pattern 2:4` outputs
-(per-expert tensors, the mask file keyed by those saved names). Bit-exact comparisons use one experts kernel (`eager`) throughout: `eager` and
-`grouped_mm` sum in different orders and differ by ~1e-7.
+(per-expert tensors, the mask file keyed by those saved names). Bit-exact comparisons use one experts
+kernel throughout (`eager`, or transformers' default on both sides): `eager` and `grouped_mm` sum in
+different orders and differ by ~1e-7.
 """
 
 from pathlib import Path

@@ -63,8 +63,9 @@ def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Ten
     Args:
         model: a Hugging Face causal LM without adapter layers.
         cfg: the kind, its sizes and scale, and the target patterns.
-        masks: keep-masks keyed by in-memory parameter name (`<module>.weight`, stored layout, or a fused
-            expert weight's own name with an (E, out, in) mask, as from `io.reader.Checkpoint.masks_by_parameter`). Each target weight must be bitwise
+        masks: keep-masks keyed by in-memory parameter name (`<module>.weight`, stored layout, or a
+            fused expert weight's own name with an (E, out, in) mask, as from
+            `io.reader.Checkpoint.masks_by_parameter`). Each target weight must be bitwise
             +0.0 wherever its mask says pruned. Optional for `spp` (its update multiplies W);
             `masked_lora` and `full` need the mask of every target layer. Given, a target layer
             without an entry (left dense by `spp prune`) is skipped unless `cfg.adapt_unpruned`.
@@ -212,9 +213,8 @@ def merge_adapter(model: nn.Module, masks: dict[str, torch.Tensor] | None = None
 
     Args:
         masks: optional keep-masks by parameter name (`<module>.weight`, stored layout; a fused expert
-            weight's own name, (E, out, in)); the
-            entries they mark pruned come out +0.0. Without one, SPP keeps every zero of W at
-            +0.0 and the other kinds use the mask they were built with.
+            weight's own name, (E, out, in)); the entries they mark pruned come out +0.0. Without
+            one, SPP keeps every zero of W at +0.0 and the other kinds use the mask they were built with.
 
     Returns:
         The same model, with plain linear layers (frozen).
