@@ -136,9 +136,19 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def find_linear_layers(block: nn.Module) -> dict[str, nn.Module]:
-    """All linear layers (nn.Linear and Conv1D) inside a block, by name relative to the block (expert
-    weights are `find_expert_weights`)."""
-    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear) or is_conv1d(module)}
+    """All linear layers (nn.Linear and Conv1D) inside a block, by name relative to the block, except the gates
+    of a mixture-of-experts block (`is_moe_gate`). Expert weights are `find_expert_weights`."""
+    moe = bool(find_expert_weights(block))
+    return {name: module for name, module in block.named_modules()
+            if (isinstance(module, nn.Linear) or is_conv1d(module)) and not (moe and is_moe_gate(name))}
+
+
+def is_moe_gate(name: str) -> bool:
+    """A linear layer of an MoE block that scores experts rather than transforming the hidden states: its name
+    ends in `gate` (a router kept as nn.Linear, `mlp.gate`; Qwen2-MoE's `shared_expert_gate`, (1, H)), not
+    `gate_proj`. Like the routers, these stay dense and are never adapted: a pruned router changes which experts
+    every token reaches."""
+    return name.rsplit(".", 1)[-1].endswith("gate")
 
 
 @dataclass(frozen=True, eq=False)

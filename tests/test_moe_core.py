@@ -143,3 +143,16 @@ def test_sparse_kernels_leave_expert_weights_dense(tmp_path):
     save_masks(tmp_path / "m" / "masks.safetensors", entries, {k: "linear" for k in entries})
     with pytest.raises(SppError, match="q_proj.weight is not 2:4 sparse"):
         check_sparse_kernels(read_checkpoint(tmp_path / "m"), "bfloat16", None, torch.device("cpu"))
+
+
+def test_gates_of_an_moe_block_are_not_targets():
+    """Qwen2-MoE's `shared_expert_gate` is an nn.Linear (1, H) that scales the shared expert: like the router it
+    stays dense and unadapted (SPP's 16 row groups could not even fit its one row); `gate_proj`s are targets."""
+    model = make_moe_model("qwen2_moe")
+    block = model.model.layers[0]
+    assert isinstance(block.mlp.shared_expert_gate, torch.nn.Linear)
+    names = set(find_linear_layers(block))
+    assert "mlp.shared_expert_gate" not in names and "mlp.shared_expert.gate_proj" in names
+    with pytest.raises(SppError, match="match no linear layer"):
+        match_layers(model, ["mlp.shared_expert_gate"], "--targets")
+    assert set(find_linear_layers(torch.nn.ModuleDict({"gate": torch.nn.Linear(4, 4)}))) == {"gate"}  # MoE blocks only
