@@ -142,7 +142,8 @@ def prune(
     cfg = merge_into(PruneConfig, layers)
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with quiet_output(), Progress(*columns, console=console, transient=True) as progress:
+    # off when stdout is not a terminal: rich would write a bare newline on exit, before any error line
+    with quiet_output(), Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("checking inputs", total=None)
 
         def on_module(index: int, n_blocks: int, name: str) -> None:
@@ -153,7 +154,7 @@ def prune(
     title = f"{report.method}{owl_note} {report.pattern} -> {report.output} ({report.wall_time_s:.1f} s)"
     console.print(_sparsity_table(title, report.blocks, report.total_sparsity, report.requested_blocks))
     if report.dense_layers:
-        console.print(f"{len(report.dense_layers)} linear layers left dense (no mask entry): "
+        console.print(f"{len(report.dense_layers)} layers or expert weights left dense (no mask entry): "
                       f"{', '.join(report.dense_layers[:4])}{' …' if len(report.dense_layers) > 4 else ''}")
     if report.kept_zero:
         console.print(f"{report.kept_zero} kept weights are zero (counted, not pruned)")

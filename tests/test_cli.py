@@ -58,3 +58,16 @@ def test_no_module_reaches_up_to_the_cli():
     importers = [p.name for p in package.rglob("*.py") if p.name != "cli.py"
                  and re.search(r"^\s*(from spp\.cli import|from spp import cli|import spp\.cli)", p.read_text(), re.M)]
     assert importers == []
+
+
+def test_a_prune_error_prints_nothing_on_stdout(tmp_path):
+    """Off a terminal the progress display is off, so an error is the only output (rich's transient display used to
+    leave a bare newline on stdout before it)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "from spp.cli import app; app()", "prune", "--model", str(tmp_path / "missing"),
+               "--output", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and result.stdout == "", repr(result.stdout)
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
