@@ -154,7 +154,7 @@ def prune(
     title = f"{report.method}{owl_note} {report.pattern} -> {report.output} ({report.wall_time_s:.1f} s)"
     console.print(_sparsity_table(title, report.blocks, report.total_sparsity, report.requested_blocks))
     if report.dense_layers:
-        console.print(f"{len(report.dense_layers)} layers or expert weights left dense (no mask entry): "
+        console.print(f"{len(report.dense_layers)} layers or expert weights left dense (no mask entry, not in the total): "
                       f"{', '.join(report.dense_layers[:4])}{' …' if len(report.dense_layers) > 4 else ''}")
     if report.kept_zero:
         console.print(f"{report.kept_zero} kept weights are zero (counted, not pruned)")
@@ -284,7 +284,7 @@ def eval_(
     paths: Optional[list[str]] = typer.Argument(None, help="With --compare: results directories or JSON files."),
     model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory (dense, pruned, merged), a .gguf file (needs spp[gguf]), or a hub id (downloads from the hub)."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="An `spp train` output to evaluate unmerged on top of --model."),
-    ppl: Optional[list[str]] = typer.Option(None, "--ppl", help="Comma list of PATH (.txt/.jsonl), NAME:PATH, or wikitext2 / c4 (downloaded from the hub); ptb needs ptb:PATH."),
+    ppl: Optional[list[str]] = typer.Option(None, "--ppl", help="Comma list of PATH (.txt/.jsonl); wikitext2 / c4 (from the hub); or NAME:PATH, a local copy of the set NAME (wikitext2, c4 or ptb)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Perplexity window (default: the model's context, at most 4096)."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Use at most this many perplexity windows per set."),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Comma list of lm-eval tasks: boolq,piqa,arc_easy,... (data from the hub unless --task-data)."),

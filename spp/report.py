@@ -152,10 +152,16 @@ def conditions_line(folders: list[Path]) -> str:
 
 
 def _mask_names(prune_dir: Path) -> list[str]:
+    """The saved tensors a prune output's sparsity is counted over: every masked one, and those its manifest lists
+    as left dense (--ignore, --targets), so pruning a subset of the layers is not reported as its own sparsity."""
     from spp.io.maskfile import load_masks
 
     path = prune_dir / MASK_FILE
-    return sorted(load_masks(path)[0]) if path.is_file() else []
+    if not path.is_file():
+        return []
+    manifest = prune_dir / MANIFEST_FILE
+    dense = (read_json(manifest, what="manifest").get("details") or {}).get("dense_layers") or [] if manifest.is_file() else []
+    return sorted({*load_masks(path)[0], *dense})
 
 
 def _fmt(value, kind: str = "num") -> str:

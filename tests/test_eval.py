@@ -291,12 +291,13 @@ def _bad_inputs(tiny_dir, text_file, tmp_path):
         "ppl shorter than a window": (["--ppl", short], "fewer than one window"),
         "seqlen above context": (["--ppl", text_file, "--seqlen", 256], "--seqlen 256 is above the model's context of 128"),
         "ptb from the hub": (["--ppl", "ptb"], "ptb:PATH"),
+        "unknown set name": (["--ppl", f"tinystories:{text_file}"], "'tinystories' is not a set name"),
         "nothing to evaluate": ([], "nothing to evaluate"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown task", "task file missing", "ppl file missing", "ppl shorter than a window",
-                                  "seqlen above context", "ptb from the hub", "nothing to evaluate"])
+                                  "seqlen above context", "ptb from the hub", "unknown set name", "nothing to evaluate"])
 def test_bad_inputs_fail_with_one_line(case, tiny_dir, text_file, tmp_path):
     args, expected = _bad_inputs(tiny_dir, text_file, tmp_path)[case]
     out = tmp_path / "out"

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import MOE_CONFIGS, make_moe_model
+from conftest import MOE_CONFIGS, make_moe_model, one_line_error
 from spp.cli import app
 
 
@@ -97,6 +97,8 @@ def test_moe_zero_shot_eval_and_export_of_a_pruned_model(tmp_path, shared_data):
     cli("export", "--model", tmp_path / "pruned", "--output", tmp_path / "packed")  # per-expert masks compress too
     details = json.loads((tmp_path / "packed" / "spp_manifest.json").read_text())["details"]
     assert details["masked_tensors"] == 2 * (4 + 3 * 4) and details["ratio"] <= 0.55  # 4 attention + 12 expert each
+    refused = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "packed"), "--ppl", "x.txt"])
+    one_line_error(refused, "is an `spp export` compressed checkpoint", "spp export --dense")
     cli("export", "--dense", "--model", tmp_path / "packed", "--output", tmp_path / "restored")
     for name in ("model.safetensors", "masks.safetensors"):
         assert (tmp_path / "restored" / name).read_bytes() == (tmp_path / "pruned" / name).read_bytes()
@@ -106,3 +108,23 @@ def test_moe_zero_shot_eval_and_export_of_a_pruned_model(tmp_path, shared_data):
     boolq = results["zeroshot"]["tasks"]["boolq"]
     assert boolq["n"] == 8 and 0 <= boolq["acc"] <= 1
     assert results["sparsity"]["sparsity"] == pytest.approx(0.5)  # the expert weights are counted: all 2:4
+
+
+def test_sparsity_counts_the_weights_left_dense(tmp_path, shared_data, corpus):
+    """`--ignore 'mlp.experts.*'` prunes attention only: eval and the `spp run` report count the dense experts as
+    kept, rather than reporting the masked weights' 50% as the model's sparsity."""
+    from spp.report import _mask_names, weight_sparsity
+
+    dense = saved_moe(tmp_path / "dense", "mixtral", shared_data)
+    cli("prune", "--model", dense, "--method", "magnitude", "--pattern", "2:4", "--ignore", "mlp.experts.*",
+        "--output", tmp_path / "pruned")
+    state = load_file(str(tmp_path / "pruned" / "model.safetensors"))
+    attention = sum(t.numel() for n, t in state.items() if "self_attn" in n and n.endswith("proj.weight"))
+    experts = sum(t.numel() for n, t in state.items() if ".experts." in n)
+    expected = attention / 2 / (attention + experts)
+    result = cli("eval", "--model", tmp_path / "pruned", "--ppl", corpus, "--seqlen", 64, "--max-windows", 1,
+                 "--device", "cpu", "--output", tmp_path / "eval")
+    sparsity = json.loads((tmp_path / "eval" / "results.json").read_text())["sparsity"]
+    assert sparsity["sparsity"] == pytest.approx(expected) and sparsity["masked_sparsity"] == 0.5
+    assert sparsity["dense_tensors"] == 2 * 3 * 4 and "24 tensors dense" in result.output
+    assert weight_sparsity(tmp_path / "pruned", _mask_names(tmp_path / "pruned")) == pytest.approx(expected)

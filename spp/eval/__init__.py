@@ -48,13 +48,23 @@ def resolve_seqlen(requested: int | None, context: int | None) -> int:
 
 
 def mask_sparsity(checkpoint) -> dict | None:
-    """Sparsity recorded by the mask file of an `spp prune`/`merge` output, or None without one."""
+    """Sparsity recorded by the mask file of an `spp prune`/`merge` output, or None without one.
+
+    `sparsity` is over every weight prune could have pruned (the decoder blocks' linear layers and expert
+    weights): layers left dense (--ignore, --targets) count as kept, so pruning attention alone at 2:4 is not
+    reported as 50%. `masked_sparsity` is over the masked weights only.
+    """
+    import math
+
     if checkpoint.mask_sha256 is None:
         return None
     masks, _ = checkpoint.read_masks()
-    total = sum(m.numel() for m in masks.values())
-    kept = sum(int(m.sum()) for m in masks.values())
-    return {"sparsity": 1 - kept / total if total else 0.0, "masked_weights": total, "tensors": len(masks),
+    masked = sum(m.numel() for m in masks.values())
+    pruned = masked - sum(int(m.sum()) for m in masks.values())
+    dense = [name for name in checkpoint.decoder_weights() if name not in masks]
+    total = masked + sum(math.prod(checkpoint.tensors[name].shape) for name in dense)
+    return {"sparsity": pruned / total if total else 0.0, "masked_sparsity": pruned / masked if masked else 0.0,
+            "masked_weights": masked, "decoder_weights": total, "tensors": len(masks), "dense_tensors": len(dense),
             "mask_sha256": checkpoint.mask_sha256}
 
 
@@ -219,8 +229,12 @@ def _write(cfg: EvalConfig, results: dict, start: float) -> Path:
 def results_rows(results: dict) -> list[tuple[str, str]]:
     """(metric, formatted value) rows of one results dict, in a stable order."""
     rows = []
-    if results.get("sparsity"):
-        rows.append(("sparsity", f"{results['sparsity']['sparsity']:.4f}"))
+    sparsity = results.get("sparsity")
+    if sparsity:
+        rows.append(("sparsity", f"{sparsity['sparsity']:.4f}"))
+        if sparsity.get("dense_tensors"):  # some layers were left dense: also the sparsity of those pruned
+            rows.append((f"sparsity of the masked weights ({sparsity['dense_tensors']} tensors dense)",
+                         f"{sparsity['masked_sparsity']:.4f}"))
     for name, entry in (results.get("perplexity") or {}).items():
         rows.append((f"ppl {name} @{entry['seqlen']}", f"{entry['ppl']:.4f}"))
     zeroshot = results.get("zeroshot") or {}

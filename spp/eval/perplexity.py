@@ -304,6 +304,9 @@ def ppl_text(spec: str) -> PplText:
             "--ppl ptb needs a local copy: the hub's PTB (ptb_text_only) is a loading-script dataset that "
             "current `datasets` no longer runs; pass --ppl ptb:PATH/ptb.test.txt"
         )
+    if sep and name and not Path(spec).exists() and "/" not in name and Path(path).expanduser().exists():
+        raise SppError(f"--ppl {spec}: {name!r} is not a set name (NAME:PATH takes {', '.join(HUB_SETS)}); "
+                       f"pass the file alone, --ppl {path}")
     if not Path(spec).exists() and "/" not in spec and "." not in spec:
         from spp.config import nearest
 

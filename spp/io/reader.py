@@ -144,6 +144,21 @@ class Checkpoint:
             return {p.saved: tensor[p.expert, p.rows[0]:p.rows[1]] for p in self.pieces[parameter]}
         return {self.saved_name(parameter): tensor}
 
+    def saved_tensors_of(self, parameter: str) -> list[str]:
+        """The saved tensors a parameter is loaded from: a fused expert weight's pieces, or its one saved tensor."""
+        if parameter in self.pieces:
+            return [p.saved for p in self.pieces[parameter]]
+        return [self.saved_name(parameter)]
+
+    def decoder_weights(self) -> list[str]:
+        """The saved tensors of every weight `spp prune` could prune (the linear layers and expert weights of the
+        decoder blocks, `spp.patterns.linear_layers`), in model order."""
+        from spp.models import weight_name
+        from spp.patterns import linear_layers
+
+        return [saved for full, layer in linear_layers(self.model).items()
+                for saved in self.saved_tensors_of(weight_name(full, layer.module))]
+
     def join(self, parameter: str, by_saved: dict[str, torch.Tensor]) -> torch.Tensor:
         """The inverse of `split`: the saved tensors of `parameter` (each in its saved shape) put together."""
         if parameter not in self.pieces:
@@ -261,7 +276,7 @@ def local_directory(name_or_path: str) -> Path:
     from spp.hub import require_hub
 
     require_hub(f"--model {name_or_path}", name_or_path, "model",
-                "pass --model DIR (a local Hugging Face model directory) instead")
+                f"no local directory {name_or_path} exists either; pass --model DIR (a local Hugging Face model directory)")
     from huggingface_hub import snapshot_download
 
     try:
@@ -292,6 +307,11 @@ def saved_tensors(directory: Path) -> dict[str, SavedTensor]:
                 raise SppError(f"{shard} and {out[name].shard} both hold {name}")
             out[name] = SavedTensor(shard, dtype, tuple(shape))
     if not out:
+        from spp.io.compressed import SUFFIX
+
+        if any(directory.glob(f"*{SUFFIX}")):
+            raise SppError(f"{directory} is an `spp export` compressed checkpoint ({SUFFIX} shards): restore it first "
+                           f"with spp export --dense --model {directory} --output DIR")
         raise SppError(f"{directory} holds no safetensors weights (spp reads *.safetensors only)")
     return out
 

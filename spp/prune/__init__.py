@@ -30,8 +30,7 @@ from torch import nn
 from spp.config import PruneConfig, to_dict, write_yaml
 from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
-from spp.prune.experts import (check_expert_weights, module_records, prune_expert_weights, saved_pieces,
-                               saved_tensor_names)
+from spp.prune.experts import check_expert_weights, module_records, prune_expert_weights, saved_pieces
 from spp.prune.masks import apply_mask, parse_pattern, select_mask, sparsity_stats
 from spp.prune.owl import outlier_share, owl_sparsities
 from spp.prune.plan import LayerPlan, plan_layers
@@ -461,7 +460,8 @@ def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) ->
         "kept_zero": kept_zero,
         "blocks": block_details,
         "owl": pruned.owl,
-        "dense_layers": [name for full in plan.dense for name in saved_tensor_names(written, full)],
+        "dense_layers": [name for full in plan.dense  # an expert weight's name is its parameter's
+                         for name in written.saved_tensors_of(full if full in written.pieces else f"{full}.weight")],
         "modules": modules,
         "expert_fallbacks": fallbacks,  # saved expert tensors pruned by magnitude (< expert_min_tokens routed tokens)
         "calibration": None if checked.windows is None else {

@@ -292,9 +292,3 @@ def expert_records(written, param: str, stats: dict, requested: float) -> dict[s
     return out
 
 
-def saved_tensor_names(written, layer: str) -> list[str]:
-    """The saved tensors of a layer named as `spp.patterns` names it: a linear layer's weight, or every saved
-    piece of a fused expert weight."""
-    if layer in written.pieces:
-        return [p.saved for p in written.pieces[layer]]
-    return [written.saved_name(f"{layer}.weight")]
