@@ -193,7 +193,7 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The dense model to distil from (with kd_weight or squarehead_weight > 0)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
-    distributed: Optional[str] = typer.Option(None, "--distributed", help="ddp (replicate the model on each process) or fsdp (shard it with FSDP2; launch with torchrun)."),
+    distributed: Optional[str] = typer.Option(None, "--distributed", help="ddp (replicate the model on each process; launch with accelerate launch) or fsdp (shard it with FSDP2; launch with torchrun)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set learning_rate=1e-3 (repeatable)."),
 ):
