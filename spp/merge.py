@@ -90,10 +90,7 @@ def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfi
     kind = ADAPTERS[adapter_cfg.kind]
     masked = None
     if not adapter_cfg.adapt_unpruned:  # as `add_adapter` chose in training: layers left dense were not adapted
-        masked = set()
-        for saved in base.read_masks()[0]:
-            piece = base.piece_of(saved)  # a per-expert tensor names its fused parameter
-            masked.add(piece[0] if piece is not None else layer_name_of(base.parameter_name(saved)))
+        masked = {layer_name_of(param) for param in base.masks_by_parameter()}  # fused expert weights by their own name
     layers = target_layers(base.model, adapter_cfg.target_modules, masked)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
