@@ -237,7 +237,7 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
     if not adapter_cfg.mask_sha256:
         raise SppError(f"{adapter_dir / ADAPTER_CONFIG_FILE} records no mask_sha256, so its base cannot be checked")
     base = read_checkpoint(model_dir)  # names as transformers resolves them, whole shards, mask = manifest's
-    mask_sha256 = base.check_mask_hash(adapter_cfg.mask_sha256, who=f"adapter {adapter_dir}")
+    mask_sha256 = base.check_mask_hash(adapter_cfg.mask_sha256, who=adapter_cfg.describe(adapter_dir))
     masks, _ = base.read_masks()  # keyed by saved name, each naming a saved tensor of its shape
     shards = base.shards
     targets = {t.tensor: t for t in merge_targets(base, adapter_dir, adapter_cfg)}

@@ -182,8 +182,10 @@ def test_bare_spp_merge_works_inside_a_run_directory(run, monkeypatch):
 def test_refuses_an_adapter_for_another_base(run, tiny_model):
     tmp_path, _, _ = run
     other = make_pruned(tiny_model("llama"), tmp_path / "other", sparsity=0.6)
-    with pytest.raises(SppError, match="different base"):
+    with pytest.raises(SppError, match="different base") as refused:
         run_merge(MergeConfig(model=str(other), adapter=str(tmp_path / "train"), output=str(tmp_path / "merged")))
+    trained_on = json.loads((tmp_path / "train" / "adapter_config.json").read_text())["base_model"]
+    assert f"(trained on {trained_on})" in str(refused.value)  # names the base it belongs to
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
 
 

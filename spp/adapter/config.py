@@ -95,6 +95,10 @@ class AdapterConfig:
             return self.lora_alpha / self.rank
         return 1.0
 
+    def describe(self, directory) -> str:
+        """`adapter DIR (trained on BASE)` for messages that compare it with a base model."""
+        return f"adapter {directory}" + (f" (trained on {self.base_model})" if self.base_model else "")
+
     def to_json(self) -> dict:
         """The `adapter_config.json` object: every field (`kind` among them), plus the adapter type and the scale."""
         return {"peft_type": ADAPTER_TYPE, **dataclasses.asdict(self), "scale": self.scale}

@@ -75,7 +75,7 @@ def _check_adapter(cfg: EvalConfig, checkpoint):
     adapter_cfg = read_adapter_config(Path(cfg.adapter))
     if not Path(cfg.model).is_dir():
         raise SppError(f"--adapter needs --model to be the local pruned directory it was trained on, not {cfg.model}")
-    checkpoint.check_mask_hash(adapter_cfg.mask_sha256 or None, who=f"adapter {cfg.adapter}")
+    checkpoint.check_mask_hash(adapter_cfg.mask_sha256 or None, who=adapter_cfg.describe(cfg.adapter))
     return adapter_cfg
 
 
