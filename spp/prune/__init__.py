@@ -11,7 +11,7 @@ pruned, and at what sparsity, is `plan.plan_layers` (--targets, --ignore, sparsi
 mixture-of-experts block's fused expert weights among them, pruned per saved tensor by `experts`); with
 --owl a statistics pass over the dense model (`owl_block_sparsities`) sets each block's sparsity
 first, kept in the progress so --resume does not redo it. The math lives in `masks`, `wanda`, `ria`,
-`owl` and `sparsegpt`; this module only wires it.
+`owl` and `sparsegpt`, the writing of the output in `output`; this module only wires it.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from spp.config import PruneConfig, to_dict, write_yaml
+from spp.config import PruneConfig, to_dict
 from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
-from spp.prune.experts import check_expert_weights, module_records, prune_expert_weights, saved_pieces
+from spp.prune.experts import check_expert_weights, prune_expert_weights, saved_pieces
 from spp.prune.masks import apply_mask, parse_pattern, select_mask, sparsity_stats
+from spp.prune.output import PruneReport, block_name, write_output  # noqa: F401  (block_name: used by spp.verify)
 from spp.prune.owl import outlier_share, owl_sparsities
 from spp.prune.plan import LayerPlan, plan_layers
 from spp.prune.ria import ria_scores
@@ -92,28 +93,6 @@ METHODS: dict[str, Method] = {
 def needs_calibration(cfg: PruneConfig) -> bool:
     """The method uses layer inputs, or OWL does (its outlier shares are Wanda scores, even for magnitude)."""
     return METHODS[cfg.method].accumulate is not None or cfg.owl
-
-
-# --------------------------------------------------------------------------- report
-
-
-@dataclass
-class PruneReport:
-    """What `run_prune` did: sparsity per block (name, numel, pruned) and in total."""
-
-    output: Path
-    method: str
-    pattern: str
-    requested_sparsity: float
-    blocks: list[tuple[str, int, int]]
-    total_sparsity: float
-    kept_zero: int
-    wall_time_s: float
-    dampening_retries: list[dict] = field(default_factory=list)
-    model: nn.Module | None = field(default=None, repr=False)  # the pruned model, still in memory
-    requested_blocks: dict[str, float] = field(default_factory=dict)  # block -> requested sparsity (its weights' mean)
-    dense_layers: list[str] = field(default_factory=list)  # decoder-block linears left dense (--targets/--ignore)
-    expert_fallbacks: int = 0  # saved expert tensors pruned by magnitude: too few routed tokens (expert_min_tokens)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -238,7 +217,7 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
             pruned = prune_model(model, checked.windows, cfg, checked.device, on_module,
                                  partial=tmp, blocks_done=checked.blocks_done, pieces=checked.checkpoint.pieces)
             shutil.rmtree(progress_dir(tmp))
-            return _write_output(cfg, checked, model, pruned, start, tmp)
+            return write_output(cfg, checked, model, pruned, start, tmp)
     except KeyboardInterrupt:
         raise SppInterrupted(f"interrupted; the finished blocks are kept in {partial_path(Path(cfg.output))}: "
                              "run the same command with --resume to continue") from None
@@ -421,111 +400,3 @@ def owl_block_sparsities(blocks: nn.ModuleList, blocks_name: str, inputs, plan: 
                            f"(--sparsity {cfg.sparsity:g} ± up to 2·λ = {2 * cfg.owl_lmbda:g}); lower --owl-lmbda")
         sparsity[i] = value
     return {"m": cfg.owl_m, "lmbda": cfg.owl_lmbda, "outlier_share": shares, "sparsity": sparsity}
-
-
-def _write_output(cfg, checked, model, pruned: PrunedModel, start, tmp: Path) -> PruneReport:
-    """Save the pruned model, masks (keyed by saved tensor name, in stored shape), config and manifest into
-    `tmp` (the partial directory, renamed by the caller)."""
-    from spp.io.checkpoint import RESOLVED_CONFIG_FILE, MASK_FILE, save_model
-    from spp.io.reader import read_checkpoint
-    from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
-    from spp.io.maskfile import save_masks
-
-    from spp.models import layer_name_of
-
-    keep_by_param, layouts, module_stats, retries = pruned.masks, pruned.layouts, pruned.module_stats, pruned.retries
-    plan = pruned.plan
-    requested = {param: plan.sparsity[layer_name_of(param)] for param in module_stats}
-    blocks = _block_table(module_stats)
-    block_details = _block_details(module_stats, requested)
-    total = sum(s["numel"] for s in module_stats.values())
-    n_pruned = sum(s["pruned"] for s in module_stats.values())
-    kept_zero = sum(s["kept_zero"] for s in module_stats.values())
-    save_model(model, checked.tokenizer, tmp, cfg.max_shard_size)
-    written = read_checkpoint(tmp)  # the mask file and manifest name tensors as they were just saved
-    stored, stored_layouts = {}, {}
-    for param, keep in keep_by_param.items():
-        keep = keep.t() if layouts[param] == "conv1d" else keep  # mask in the stored shape
-        for name, piece in written.split(param, keep).items():  # a fused expert weight: one per saved tensor
-            stored[name], stored_layouts[name] = piece, layouts[param]
-    save_masks(tmp / MASK_FILE, stored, stored_layouts)
-    modules = module_records(written, module_stats, requested, layouts)
-    fallbacks = 0 if cfg.method == "magnitude" else sum(m.get("method") == "magnitude" for m in modules.values())
-    write_yaml(tmp / RESOLVED_CONFIG_FILE, cfg)
-    details = {
-        "method": cfg.method,
-        "pattern": cfg.pattern,
-        "requested_sparsity": cfg.sparsity,
-        "achieved_sparsity": n_pruned / total if total else 0.0,
-        "kept_zero": kept_zero,
-        "blocks": block_details,
-        "owl": pruned.owl,
-        "dense_layers": [name for full in plan.dense  # an expert weight's name is its parameter's
-                         for name in written.saved_tensors_of(full if full in written.pieces else f"{full}.weight")],
-        "modules": modules,
-        "expert_fallbacks": fallbacks,  # saved expert tensors pruned by magnitude (< expert_min_tokens routed tokens)
-        "calibration": None if checked.windows is None else {
-            "source": cfg.calib, "nsamples": cfg.nsamples, "seqlen": checked.seqlen, "seed": cfg.seed,
-        },
-        "dampening_retries": retries,
-        "source": checked.checkpoint.source,  # a GGUF file's record: the weights pruned were dequantized from it
-    }
-    wall = time.perf_counter() - start
-    write_manifest(tmp, Manifest(stage="prune", settings=to_dict(cfg), inputs=_input_hashes(cfg, checked.checkpoint),
-                                 conditions=checked.conditions,
-                                 details=details, wall_time_s=wall, peak_memory=peak_memory_bytes()))
-    return PruneReport(output=Path(cfg.output), method=cfg.method, pattern=cfg.pattern,
-                       requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=n_pruned / total if total else 0.0,
-                       kept_zero=kept_zero, wall_time_s=time.perf_counter() - start, dampening_retries=retries,
-                       model=model, requested_blocks={b: d["requested"] for b, d in block_details.items()},
-                       dense_layers=list(plan.dense), expert_fallbacks=fallbacks)
-
-
-def block_name(tensor_name: str) -> str:
-    """The decoder block a tensor belongs to: its name up to the first numeric component (`model.layers.3`)."""
-    parts = tensor_name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return tensor_name
-
-
-def _block_table(module_stats: dict[str, dict]) -> list[tuple[str, int, int]]:
-    table: dict[str, list[int]] = {}
-    for name, s in module_stats.items():
-        row = table.setdefault(block_name(name), [0, 0])
-        row[0] += s["numel"]
-        row[1] += s["pruned"]
-    return [(name, numel, pruned) for name, (numel, pruned) in table.items()]
-
-
-def _block_details(module_stats: dict[str, dict], requested: dict[str, float]) -> dict[str, dict]:
-    """Per block: its weights, pruned count, requested sparsity (the mean of its layers', weighted by size) and
-    achieved sparsity; what the manifest records and `spp verify` and the pipeline report show."""
-    table: dict[str, dict] = {}
-    for name, s in module_stats.items():
-        row = table.setdefault(block_name(name), {"numel": 0, "pruned": 0, "requested_pruned": 0.0})
-        row["numel"] += s["numel"]
-        row["pruned"] += s["pruned"]
-        row["requested_pruned"] += requested[name] * s["numel"]
-    return {b: {"requested": r["requested_pruned"] / r["numel"], "achieved": r["pruned"] / r["numel"],
-                "numel": r["numel"], "pruned": r["pruned"]} for b, r in table.items()}
-
-
-def _input_hashes(cfg: PruneConfig, checkpoint) -> dict[str, str]:
-    """sha256 of the local model directory's files (of the file, for a GGUF file) and of a local calibration file
-    (hub ids are recorded as such)."""
-    from spp.io.checkpoint import sha256_file
-
-    out = {}
-    model_dir = Path(cfg.model)
-    if checkpoint.source:
-        out[checkpoint.source["file"]] = checkpoint.source["sha256"]
-    elif model_dir.is_dir():
-        for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
-            out[str(path)] = sha256_file(path)
-    else:
-        out[cfg.model] = "hub"
-    if needs_calibration(cfg) and Path(cfg.calib).is_file():
-        out[str(cfg.calib)] = sha256_file(Path(cfg.calib))
-    return out
