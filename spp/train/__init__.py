@@ -183,7 +183,7 @@ def check_inputs(cfg: TrainConfig):
         raise SppError(f"--model {base} has no {MASK_FILE}: train needs an `spp prune` output")
     checkpoint = read_checkpoint(base, need_manifest=True)  # names, shapes, whole shards, mask = manifest's
     if cfg.distributed == "fsdp" and checkpoint.pieces:
-        # the sharded loader reads each parameter from one saved tensor; fused experts are built from many
+        # spp.train.fsdp loads and shards fused experts (tests/test_fsdp_moe.py); run_train's MoE path is not enabled yet
         raise SppError(f"distributed: fsdp does not support mixture-of-experts models yet ({base} has fused expert "
                        "weights such as " + next(iter(checkpoint.pieces)) + "); use distributed: ddp")
     check_output_dir(output, cfg.overwrite)
@@ -366,14 +366,25 @@ def check_pruned_zeros(model, masks: dict[str, torch.Tensor]) -> None:
 def check_layer_zeros(name: str, layer, W: torch.Tensor, masks: dict[str, torch.Tensor],
                       tensors: dict[str, torch.Tensor]) -> None:
     """`check_pruned_zeros` for one adapter layer, given its whole weight W (out, in) and adapter tensors
-    (gathered first when the model is sharded).
+    (gathered first when the model is sharded). For a fused expert weight of an `AdaptedExperts`, `name` is the
+    parameter's own name, W is (E, out, in) and the tensors are that weight's, (E, ...) each.
 
     Raises:
         RuntimeError: a pruned entry of W or of the effective weight is not +0.0 (a bug in spp).
     """
     from spp.adapter import ADAPTERS
+    from spp.adapter.experts import AdaptedExperts, ExpertsWeightFunction
     from spp.models import is_conv1d
 
+    if isinstance(layer, AdaptedExperts):
+        if name not in masks:
+            return
+        keep = masks[name].to(W.device)
+        mask = keep.to(torch.uint8) if ADAPTERS[layer.kind].needs_mask else None  # as the module keeps it
+        with torch.no_grad():
+            W_eff = ExpertsWeightFunction.apply(W, mask, layer.kind, tuple(tensors), layer.scale, *tensors.values())
+        _check_zeros(name, W, W_eff, keep)
+        return
     if f"{name}.weight" not in masks:
         return
     keep = masks[f"{name}.weight"].to(W.device)

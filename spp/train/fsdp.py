@@ -12,6 +12,10 @@ in float32. Inside a block's forward FSDP2 all-gathers the block, so every adapt
 function sees the whole (out, in) weight and the adapter code does not know it is sharded.
 A keep-mask that a kind stores per weight (`full`'s uint8 `keep`) becomes a frozen uint8
 parameter first, so it is sharded by rows with its weight instead of replicated on every rank.
+Mixture-of-experts models shard the same way: a fused expert weight (E, out, in) is read from its saved
+per-expert tensors (`Checkpoint.join`), and an `AdaptedExperts`' stacked tensors (α (E, r, in), β (E, out), …)
+and uint8 masks (E, out, in) are parameters split along the expert axis; its forward, inside the block's,
+sees them gathered.
 Checkpoints hold the trainable parameters and the optimizer state through
 `torch.distributed.checkpoint` (each rank writes its own shards); the adapter file is gathered
 one layer at a time (`gathered_layers`) and streamed by rank 0. This module owns no loop and no
@@ -60,14 +64,26 @@ def masks_as_parameters(model: nn.Module) -> int:
     layout, so GPT-2's (in, out) Conv1D mask follows its (in, out) weight) and costs 1/world byte per
     weight on each rank instead of 1. `masked_lora`'s `kept_zero` ((k, 2) indices, usually k = 0)
     becomes a non-persistent buffer, so FSDP2 moves it to the device with the block. `spp` needs no mask.
+    An `AdaptedExperts`' uint8 masks (E, out, in) become an `nn.ParameterDict` of frozen parameters (its `keeps`),
+    sharded along the expert axis.
 
     Returns:
         The number of masks turned into parameters.
     """
+    from spp.adapter.experts import AdaptedExperts
     from spp.adapter.model import adapter_layers
 
     turned = 0
     for layer in adapter_layers(model).values():
+        if isinstance(layer, AdaptedExperts):
+            if layer.keeps and not isinstance(layer.keeps, nn.ParameterDict):
+                # (E, out, in) uint8 masks, split along the expert axis; a ParameterDict's `get` reads the
+                # registered parameter at call time, so the forward sees the one FSDP2 has gathered
+                keeps = nn.ParameterDict({p: nn.Parameter(k, requires_grad=False) for p, k in layer.keeps.items()})
+                del layer.keeps
+                layer.keeps = keeps
+                turned += len(keeps)
+            continue
         keep, kept_zero = layer.__dict__.get("keep"), layer.__dict__.get("kept_zero")
         if isinstance(keep, torch.Tensor):
             del layer.keep  # a plain attribute; `nn.Module.__setattr__` would otherwise keep both
@@ -136,20 +152,25 @@ class _OneBlock(nn.Module):
 
 def _materialise(module: nn.Module, prefix: str, checkpoint) -> None:
     """Replace every meta parameter under `module` by its saved tensor (read from its shard, in the meta
-    parameter's dtype), through the checkpoint's saved-name correspondence (`spp.io.reader`)."""
+    parameter's dtype), through the checkpoint's saved-name correspondence (`spp.io.reader`): a fused expert
+    weight (E, out, in) is put together from its saved per-expert tensors (`Checkpoint.join`)."""
     from safetensors import safe_open
 
     handles = {}
+
+    def read(saved: str) -> torch.Tensor:
+        shard = checkpoint.tensors[saved].shard
+        if shard not in handles:
+            handles[shard] = safe_open(str(shard), framework="pt")
+        return handles[shard].get_tensor(saved)
+
     for sub_name, sub in module.named_modules():
         for name, param in list(sub._parameters.items()):
             if param is None or not param.is_meta:
                 continue
             full = ".".join(part for part in (prefix, sub_name, name) if part)
-            saved = checkpoint.saved_name(full)
-            shard = checkpoint.tensors[saved].shard
-            if shard not in handles:
-                handles[shard] = safe_open(str(shard), framework="pt")
-            tensor = handles[shard].get_tensor(saved).to(param.dtype)
+            by_saved = {saved: read(saved) for saved in checkpoint.saved_tensors_of(full)}
+            tensor = checkpoint.join(full, by_saved).to(param.dtype)
             sub._parameters[name] = nn.Parameter(tensor, requires_grad=param.requires_grad)
 
 
@@ -179,8 +200,8 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
-    from spp.adapter.model import add_adapter, target_layers
-    from spp.models import find_decoder_blocks
+    from spp.adapter.model import target_layers
+    from spp.models import find_decoder_blocks, is_expert_weight, layer_name_of
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(checkpoint.config, dtype=dtype)
@@ -193,20 +214,24 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     policy = _policy(cpu_offload)
     # The targets are chosen once on the whole (meta) model, names only, exactly as `add_adapter` chooses them
     # (full-name patterns, layers left dense); each block is then adapted at those exact names.
-    masked = None if masks is None or adapter_cfg.adapt_unpruned else {k[: -len(".weight")] for k in masks}
-    targets = list(target_layers(model, adapter_cfg.target_modules, masked))
+    masked = None if masks is None or adapter_cfg.adapt_unpruned else {layer_name_of(k) for k in masks}
+    targets = target_layers(model, adapter_cfg.target_modules, masked)
+    # `add_adapter` on the whole model draws the random init of every linear layer first, then of every
+    # expert weight: two generator states, one per stream, each carried from block to block
+    linear = {t: layer for t, layer in targets.items() if not is_expert_weight(layer)}
+    rng = {"linear": torch.get_rng_state()}
+    if len(linear) < len(targets):
+        rng["experts"] = _rng_after_draws(linear, adapter_cfg)
     prefix, blocks = find_decoder_blocks(model)
     for i, block in enumerate(blocks):
         _materialise(block, f"{prefix}.{i}", checkpoint)
         own = f"{prefix}.{i}."
-        names = [t[len(own):] for t in targets if t.startswith(own)]
-        if names:
-            block_cfg = dataclasses.replace(adapter_cfg, target_modules=names, adapt_unpruned=True)
-            block_masks = {f"layers.0.{k[len(own):]}": m for k, m in (masks or {}).items() if k.startswith(own)}
-            try:
-                add_adapter(_OneBlock(block), block_cfg, block_masks)
-            except SppError as exc:  # name the layer as the model does, not as the stand-in
-                raise SppError(str(exc).replace("layers.0.", own)) from None
+        for stream, names in (("linear", [t[len(own):] for t in linear if t.startswith(own)]),
+                              ("experts", [t[len(own):] for t in targets if t.startswith(own) and t not in linear])):
+            if names:
+                torch.set_rng_state(rng[stream])
+                _adapt_block(block, own, names, adapter_cfg, masks, experts=stream == "experts")
+                rng[stream] = torch.get_rng_state()
         masks_as_parameters(block)
         fully_shard(block, **policy)
     embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
@@ -218,7 +243,60 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     for unit in _outer_units(model):
         fully_shard(unit, **policy)
     fully_shard(model, **policy)
-    return model, targets
+    torch.set_rng_state(rng.get("experts", rng["linear"]))  # where adapting the whole model leaves it
+    return model, list(targets)
+
+
+def _adapt_block(block: nn.Module, own: str, names: list[str], adapter_cfg, masks, experts: bool) -> None:
+    """`add_adapter` on the layers `names` (block-relative) of one materialised block, in place.
+
+    Expert weights are adapted through a stand-in holding only their experts modules (`add_adapter` refuses a
+    model that already has adapter layers, and the block's linear layers are adapted first); each
+    `AdaptedExperts` is then put into the block.
+    """
+    from spp.adapter.model import add_adapter
+
+    holder = block
+    modules = sorted({n.rpartition(".")[0] for n in names}) if experts else []
+    if experts:  # a bare tree with the experts modules at their paths: mlp.experts -> holder.mlp.experts
+        holder = nn.Module()
+        for path in modules:
+            parent = holder
+            for part in path.split(".")[:-1]:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(path.rpartition(".")[2], block.get_submodule(path))
+    block_cfg = dataclasses.replace(adapter_cfg, target_modules=names, adapt_unpruned=True)
+    block_masks = {f"layers.0.{k[len(own):]}": m for k, m in (masks or {}).items() if k.startswith(own)}
+    try:
+        add_adapter(_OneBlock(holder), block_cfg, block_masks)
+    except SppError as exc:  # name the layer as the model does, not as the stand-in
+        raise SppError(str(exc).replace("layers.0.", own)) from None
+    for path in modules:
+        parent, _, child = path.rpartition(".")
+        setattr(block.get_submodule(parent), child, holder.get_submodule(path))
+
+
+def _rng_after_draws(layers: dict[str, nn.Module], adapter_cfg) -> torch.Tensor:
+    """The CPU generator's state after adapting `layers` (meta linear layers) in order, which is where
+    `add_adapter` on the whole model starts drawing the expert weights' init; the current state is kept.
+
+    Each layer is adapted on a stand-in whose weight is one value broadcast to its shape (no memory per
+    weight) and whose mask keeps everything: a kind's random draws depend on the shapes only.
+    """
+    import copy
+
+    from spp.adapter import ADAPTERS
+
+    make_layer = ADAPTERS[adapter_cfg.kind].make_layer
+    with torch.random.fork_rng(devices=[]):
+        for name, meta in layers.items():
+            stand_in = copy.deepcopy(meta)
+            shape = tuple(meta.weight.shape)
+            stand_in.weight = nn.Parameter(torch.ones((), dtype=meta.weight.dtype).expand(shape), requires_grad=False)
+            make_layer(name, stand_in, adapter_cfg, torch.ones((), dtype=torch.bool).expand(shape))
+        return torch.get_rng_state()
 
 
 def _materialise_tied(model: nn.Module, checkpoint) -> None:
@@ -267,13 +345,24 @@ def gathered_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, torch.Te
     Every rank must run the iteration to its end (each gather is a collective); every rank gets the
     whole tensors of one layer, which are dropped before the next layer is gathered.
 
+    An `AdaptedExperts` yields one item per adapted fused weight p, named `<module>.<p>` (the parameter's own
+    name, as its masks are keyed), with W (E, out, in) and p's tensors ((E, ...) each, by short name).
+
     Yields:
         (module name, the layer, W (out, in), {tensor name: whole tensor}).
     """
+    from spp.adapter.experts import AdaptedExperts
     from spp.adapter.model import adapter_layers
     from spp.models import is_conv1d
 
     for name, layer in adapter_layers(model).items():
+        if isinstance(layer, AdaptedExperts):
+            for p in layer.params:
+                W = _full(getattr(layer.base_layer, p).detach())
+                # a `full` master on an fp32 base is the base weight itself: gathered once
+                yield f"{name}.{p}", layer, W, {t: W if t in layer.masters[p] else _full(v.detach())
+                                                for t, v in layer.tensors(p).items()}
+            continue
         W = _full(layer.base_layer.weight.detach())
         W = W.t() if is_conv1d(layer.base_layer) else W  # (out, in)
         yield name, layer, W, {key: _full(t) for key, t in layer.adapter_tensors().items()}
