@@ -1,7 +1,7 @@
 """FSDP2 sharding of a mixture-of-experts model: a tiny pruned Mixtral (4 experts, top-2) whose fused expert weights
 `spp.train.fsdp.load_sharded_model` builds from their saved per-expert tensors, with `AdaptedExperts`' stacked tensors
-and masks sharded along the expert axis (two ranks, torchrun, gloo). `spp train` still refuses `distributed: fsdp`
-for MoE models.
+and masks sharded along the expert axis (two ranks, torchrun, gloo); `spp train --distributed fsdp` on it, with two ranks
+and with one, against one unsharded process.
 """
 
 from pathlib import Path
@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import MOE_CONFIGS
 from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE
+from spp.train import run_train
+from test_fsdp import assert_adapter_close, cli_args, log_records, tiny_cfg, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,47 @@ def pruned_mixtral(shared_data, text_file, tmp_path_factory) -> Path:
     run_prune(PruneConfig(model=str(directory / "dense"), output=str(directory / "pruned"), method="wanda",
                           pattern="2:4", calib=str(text_file), nsamples=4, seqlen=32, device="cpu"))
     return directory / "pruned"
+
+
+def test_fsdp_two_ranks_on_mixtral_match_one_process_and_merge(pruned_mixtral, text_file, tmp_path):
+    """Losses and the gathered adapter (α, β of every fused expert weight and linear layer) equal one unsharded
+    process; the run's own pruned-zero check passes (it raises otherwise); the adapter merges and verifies."""
+    kw = dict(max_steps=2, save_steps=2, eval_steps=2)
+    single = tmp_path / "single"
+    run_train(tiny_cfg(pruned_mixtral, text_file, single, **kw))
+    sharded = tmp_path / "fsdp"
+    result = torchrun(cli_args(tiny_cfg(pruned_mixtral, text_file, sharded, distributed="fsdp", **kw)), tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    one, two = log_records(single), log_records(sharded)
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5)
+    ref, got = load_file(str(single / ADAPTER_WEIGHTS_FILE)), load_file(str(sharded / ADAPTER_WEIGHTS_FILE))
+    assert "model.layers.1.mlp.experts.down_proj.spp_alpha" in got
+    assert_adapter_close(got, ref, rtol=1e-5)
+
+    from spp.config import MergeConfig
+    from spp.merge import run_merge
+    from spp.verify import verify_checkpoint
+
+    run_merge(MergeConfig(model=str(pruned_mixtral), adapter=str(sharded), output=str(tmp_path / "merged")))
+    verify_checkpoint(tmp_path / "merged")
+
+
+@pytest.mark.parametrize("kind", ["spp", "masked_lora", "full"])
+def test_one_rank_fsdp_on_mixtral_equals_unsharded(pruned_mixtral, text_file, tmp_path, kind):
+    """Every kind, with activation checkpointing: the experts' masks are expert-sharded uint8 parameters."""
+    kw = dict(max_steps=2, batch_size=4, val_set_size=0, adapter=kind)
+    plain = run_train(tiny_cfg(pruned_mixtral, text_file, tmp_path / "plain", **kw))
+    sharded = run_train(tiny_cfg(pruned_mixtral, text_file, tmp_path / "fsdp", distributed="fsdp",
+                                 gradient_checkpointing=True, **kw))
+    assert sharded.adapted_modules == plain.adapted_modules
+    assert sharded.train_loss == pytest.approx(plain.train_loss, rel=1e-6)
+    assert_adapter_close(load_file(str(tmp_path / "fsdp" / ADAPTER_WEIGHTS_FILE)),
+                         load_file(str(tmp_path / "plain" / ADAPTER_WEIGHTS_FILE)), rtol=1e-5)
 
 
 def test_sharded_mixtral_starts_and_steps_as_the_unsharded_model(pruned_mixtral, tmp_path):

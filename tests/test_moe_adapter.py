@@ -300,14 +300,6 @@ def test_ddp_two_processes_match_one(pruned_mixtral, text_file, tmp_path):
     assert max(float((single[k] - ddp[k]).abs().max()) for k in single) <= 1e-5  # gradient all-reduce sums in another order
 
 
-def test_fsdp_on_a_moe_model_is_one_clear_error(pruned_mixtral, text_file, tmp_path):
-    from spp.train import run_train
-
-    with pytest.raises(SppError, match="distributed: fsdp does not support mixture-of-experts.*use distributed: ddp"):
-        run_train(_train_cfg(pruned_mixtral, text_file, tmp_path / "out", distributed="fsdp"))
-    assert not (tmp_path / "out").exists()
-
-
 # --------------------------------------------------------------------------- spp merge, verify, eval
 
 

@@ -182,10 +182,6 @@ def check_inputs(cfg: TrainConfig):
     if not (base / MASK_FILE).is_file():
         raise SppError(f"--model {base} has no {MASK_FILE}: train needs an `spp prune` output")
     checkpoint = read_checkpoint(base, need_manifest=True)  # names, shapes, whole shards, mask = manifest's
-    if cfg.distributed == "fsdp" and checkpoint.pieces:
-        # spp.train.fsdp loads and shards fused experts (tests/test_fsdp_moe.py); run_train's MoE path is not enabled yet
-        raise SppError(f"distributed: fsdp does not support mixture-of-experts models yet ({base} has fused expert "
-                       "weights such as " + next(iter(checkpoint.pieces)) + "); use distributed: ddp")
     check_output_dir(output, cfg.overwrite)
     partial = partial_path(output)
     if cfg.resume:
