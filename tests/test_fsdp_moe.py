@@ -79,7 +79,7 @@ def test_one_rank_fsdp_on_mixtral_equals_unsharded(pruned_mixtral, text_file, tm
 
 def test_sharded_mixtral_starts_and_steps_as_the_unsharded_model(pruned_mixtral, tmp_path):
     """Two ranks, every kind: the sharded loader's adapter init equals `add_adapter` on the whole model (same random
-    draws: linear layers first, then experts), each rank's half batch gives the whole batch's gradients, at rest each
+    draws: `add_adapter` adapts in model order), each rank's half batch gives the whole batch's gradients, at rest each
     rank holds 2 of the 4 experts of every fused weight, adapter tensor and uint8 mask, and the tensors
     `AdaptedExperts.forward` builds W_eff from (and hands to `functional_call`) are whole; the gathered adapter file
     is byte for byte the unsharded one, and the gathered pruned-zero check passes."""

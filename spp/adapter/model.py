@@ -97,12 +97,16 @@ def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Ten
                            "needs the mask of every target layer")
     model.requires_grad_(False)
     wrapped = {}
-    for name, layer in targets.items():  # build every layer before changing the model, so an error leaves it alone
+    # build every layer before changing the model, so an error leaves it alone; in model order (one
+    # AdaptedExperts per experts module, at its first target weight), so the random init does not depend on
+    # whether the model is adapted whole or block by block (`spp.train.fsdp`)
+    for name, layer in targets.items():
         if not is_expert_weight(layer):
             keep = masks.get(f"{name}.weight")
             wrapped[name] = kind.make_layer(name, layer, cfg, None if keep is None else keep.to(layer.weight.device))
-    # one AdaptedExperts per experts module, adapting whichever of its fused weights are targets
-    wrapped.update(adapt_experts(model, {n: l for n, l in targets.items() if is_expert_weight(l)}, cfg, masks))
+        elif (module := name.rpartition(".")[0]) not in wrapped:
+            weights = {n: l for n, l in targets.items() if is_expert_weight(l) and n.rpartition(".")[0] == module}
+            wrapped.update(adapt_experts(model, weights, cfg, masks))
     for name, new in wrapped.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)

@@ -200,8 +200,8 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
-    from spp.adapter.model import target_layers
-    from spp.models import find_decoder_blocks, is_expert_weight, layer_name_of
+    from spp.adapter.model import add_adapter, target_layers
+    from spp.models import find_decoder_blocks, layer_name_of
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(checkpoint.config, dtype=dtype)
@@ -215,23 +215,19 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     # The targets are chosen once on the whole (meta) model, names only, exactly as `add_adapter` chooses them
     # (full-name patterns, layers left dense); each block is then adapted at those exact names.
     masked = None if masks is None or adapter_cfg.adapt_unpruned else {layer_name_of(k) for k in masks}
-    targets = target_layers(model, adapter_cfg.target_modules, masked)
-    # `add_adapter` on the whole model draws the random init of every linear layer first, then of every
-    # expert weight: two generator states, one per stream, each carried from block to block
-    linear = {t: layer for t, layer in targets.items() if not is_expert_weight(layer)}
-    rng = {"linear": torch.get_rng_state()}
-    if len(linear) < len(targets):
-        rng["experts"] = _rng_after_draws(linear, adapter_cfg)
+    targets = list(target_layers(model, adapter_cfg.target_modules, masked))
     prefix, blocks = find_decoder_blocks(model)
     for i, block in enumerate(blocks):
         _materialise(block, f"{prefix}.{i}", checkpoint)
         own = f"{prefix}.{i}."
-        for stream, names in (("linear", [t[len(own):] for t in linear if t.startswith(own)]),
-                              ("experts", [t[len(own):] for t in targets if t.startswith(own) and t not in linear])):
-            if names:
-                torch.set_rng_state(rng[stream])
-                _adapt_block(block, own, names, adapter_cfg, masks, experts=stream == "experts")
-                rng[stream] = torch.get_rng_state()
+        names = [t[len(own):] for t in targets if t.startswith(own)]
+        if names:  # `add_adapter` adapts in model order, so block by block draws the same init as the whole model
+            block_cfg = dataclasses.replace(adapter_cfg, target_modules=names, adapt_unpruned=True)
+            block_masks = {f"layers.0.{k[len(own):]}": m for k, m in (masks or {}).items() if k.startswith(own)}
+            try:
+                add_adapter(_OneBlock(block), block_cfg, block_masks)
+            except SppError as exc:  # name the layer as the model does, not as the stand-in
+                raise SppError(str(exc).replace("layers.0.", own)) from None
         masks_as_parameters(block)
         fully_shard(block, **policy)
     embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
@@ -243,60 +239,7 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     for unit in _outer_units(model):
         fully_shard(unit, **policy)
     fully_shard(model, **policy)
-    torch.set_rng_state(rng.get("experts", rng["linear"]))  # where adapting the whole model leaves it
-    return model, list(targets)
-
-
-def _adapt_block(block: nn.Module, own: str, names: list[str], adapter_cfg, masks, experts: bool) -> None:
-    """`add_adapter` on the layers `names` (block-relative) of one materialised block, in place.
-
-    Expert weights are adapted through a stand-in holding only their experts modules (`add_adapter` refuses a
-    model that already has adapter layers, and the block's linear layers are adapted first); each
-    `AdaptedExperts` is then put into the block.
-    """
-    from spp.adapter.model import add_adapter
-
-    holder = block
-    modules = sorted({n.rpartition(".")[0] for n in names}) if experts else []
-    if experts:  # a bare tree with the experts modules at their paths: mlp.experts -> holder.mlp.experts
-        holder = nn.Module()
-        for path in modules:
-            parent = holder
-            for part in path.split(".")[:-1]:
-                if not hasattr(parent, part):
-                    parent.add_module(part, nn.Module())
-                parent = getattr(parent, part)
-            parent.add_module(path.rpartition(".")[2], block.get_submodule(path))
-    block_cfg = dataclasses.replace(adapter_cfg, target_modules=names, adapt_unpruned=True)
-    block_masks = {f"layers.0.{k[len(own):]}": m for k, m in (masks or {}).items() if k.startswith(own)}
-    try:
-        add_adapter(_OneBlock(holder), block_cfg, block_masks)
-    except SppError as exc:  # name the layer as the model does, not as the stand-in
-        raise SppError(str(exc).replace("layers.0.", own)) from None
-    for path in modules:
-        parent, _, child = path.rpartition(".")
-        setattr(block.get_submodule(parent), child, holder.get_submodule(path))
-
-
-def _rng_after_draws(layers: dict[str, nn.Module], adapter_cfg) -> torch.Tensor:
-    """The CPU generator's state after adapting `layers` (meta linear layers) in order, which is where
-    `add_adapter` on the whole model starts drawing the expert weights' init; the current state is kept.
-
-    Each layer is adapted on a stand-in whose weight is one value broadcast to its shape (no memory per
-    weight) and whose mask keeps everything: a kind's random draws depend on the shapes only.
-    """
-    import copy
-
-    from spp.adapter import ADAPTERS
-
-    make_layer = ADAPTERS[adapter_cfg.kind].make_layer
-    with torch.random.fork_rng(devices=[]):
-        for name, meta in layers.items():
-            stand_in = copy.deepcopy(meta)
-            shape = tuple(meta.weight.shape)
-            stand_in.weight = nn.Parameter(torch.ones((), dtype=meta.weight.dtype).expand(shape), requires_grad=False)
-            make_layer(name, stand_in, adapter_cfg, torch.ones((), dtype=torch.bool).expand(shape))
-        return torch.get_rng_state()
+    return model, targets
 
 
 def _materialise_tied(model: nn.Module, checkpoint) -> None:
