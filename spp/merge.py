@@ -76,8 +76,10 @@ def resolve_base(cfg: MergeConfig, adapter_cfg: AdapterConfig) -> Path:
     return Path(adapter_cfg.base_model).expanduser()
 
 
-def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfig) -> list[MergeTarget]:
-    """Match the adapter's tensors to the base's saved weights, checking names and shapes for its kind.
+def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfig,
+                  masks: dict[str, torch.Tensor]) -> list[MergeTarget]:
+    """Match the adapter's tensors to the base's saved weights, checking names and shapes for its kind
+    (`masks`: the base's mask file, keyed by saved name).
 
     Raises:
         SppError: the adapter does not fit the base (names the module, file and shapes).
@@ -90,7 +92,7 @@ def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfi
     kind = ADAPTERS[adapter_cfg.kind]
     masked = None
     if not adapter_cfg.adapt_unpruned:  # as `add_adapter` chose in training: layers left dense were not adapted
-        masked = {layer_name_of(param) for param in base.masks_by_parameter()}  # fused expert weights by their own name
+        masked = {layer_name_of(param) for param in base.masks_by_parameter(masks)}  # fused expert weights by their own name
     layers = target_layers(base.model, adapter_cfg.target_modules, masked)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
@@ -240,7 +242,7 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
     mask_sha256 = base.check_mask_hash(adapter_cfg.mask_sha256, who=adapter_cfg.describe(adapter_dir))
     masks, _ = base.read_masks()  # keyed by saved name, each naming a saved tensor of its shape
     shards = base.shards
-    targets = {t.tensor: t for t in merge_targets(base, adapter_dir, adapter_cfg)}
+    targets = {t.tensor: t for t in merge_targets(base, adapter_dir, adapter_cfg, masks)}
     n_modules = len({t.module for t in targets.values()})  # a fused expert weight counts once, not per piece
     unmasked = [t.module for t in targets.values() if t.tensor not in masks]
     if unmasked and ADAPTERS[adapter_cfg.kind].needs_mask:
