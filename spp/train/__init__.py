@@ -350,13 +350,9 @@ def check_pruned_zeros(model, masks: dict[str, torch.Tensor]) -> None:
         if not isinstance(layer, AdaptedExperts):
             check_layer_zeros(name, layer, weight_out_in(layer.base_layer).detach(), masks, layer.adapter_tensors())
             continue
-        for p in layer.params:
-            keep = masks.get(f"{name}.{p}")
-            if keep is None:
-                continue
-            with torch.no_grad():
-                W, W_eff = getattr(layer.base_layer, p).detach(), layer.effective_weight(p)
-            _check_zeros(f"{name}.{p}", W, W_eff, keep.to(W.device))
+        for p in layer.params:  # each fused weight as `check_layer_zeros` takes it (also from `spp.train.fsdp`)
+            tensors = {t: v.detach() for t, v in layer.tensors(p).items()}
+            check_layer_zeros(f"{name}.{p}", layer, getattr(layer.base_layer, p).detach(), masks, tensors)
 
 
 def check_layer_zeros(name: str, layer, W: torch.Tensor, masks: dict[str, torch.Tensor],
