@@ -18,7 +18,9 @@ python=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "${SPP_TORCH_SPEC:-torch==2.13.0}"
 fi
-.venv/bin/pip install -q -e "$package"
+pins=()
+[ "${SPP_CONSTRAINTS:-constraints.txt}" = none ] || pins=(-c "${SPP_CONSTRAINTS:-constraints.txt}")
+.venv/bin/pip install -q "${pins[@]}" -e "$package"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 case "$what" in
   test) shift || true; exec .venv/bin/python -m pytest "$@" ;;

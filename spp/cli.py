@@ -67,6 +67,21 @@ def main(
     """spp: prune -> train -> merge -> eval, with every pruned zero kept."""
 
 
+@command("env")
+def env():
+    """Print spp's version and git revision, Python, the OS, torch (with CUDA/MPS) and the versions of the libraries
+    spp depends on, each checked against constraints.txt. Paste it into a bug report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from spp.env import environment
+
+    table = Table(show_header=False, box=None)
+    for row in environment():
+        table.add_row(*row)
+    Console().print(table)
+
+
 # --------------------------------------------------------------------------- prune / verify
 
 
@@ -92,7 +107,7 @@ def _sparsity_table(title: str, blocks: list[tuple[str, int, int]], total: float
 
 @command("prune")
 def prune(
-    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory, a .gguf file (dequantized once; needs spp[gguf]), or a hub id (downloads from the hub)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory, a .gguf file (dequantized once; needs spp-llm[gguf]), or a hub id (downloads from the hub)."),
     output: Optional[str] = typer.Option(None, "--output", help="Output directory (built in OUTPUT.partial, then renamed)."),
     config: Optional[str] = typer.Option(None, "--config", help="A YAML file of prune settings (any PruneConfig key, sparsity_overrides among them); flags, then --set, override it."),
     method: Optional[str] = typer.Option(None, "--method", help="wanda (default), sparsegpt, magnitude or ria."),
@@ -282,7 +297,7 @@ def _split_list(values: Optional[list[str]]) -> list[str]:
 @command("eval")
 def eval_(
     paths: Optional[list[str]] = typer.Argument(None, help="With --compare: results directories or JSON files."),
-    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory (dense, pruned, merged), a .gguf file (needs spp[gguf]), or a hub id (downloads from the hub)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory (dense, pruned, merged), a .gguf file (needs spp-llm[gguf]), or a hub id (downloads from the hub)."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="An `spp train` output to evaluate unmerged on top of --model."),
     ppl: Optional[list[str]] = typer.Option(None, "--ppl", help="Comma list of PATH (.txt/.jsonl); wikitext2 / c4 (from the hub); or NAME:PATH, a local copy of the set NAME (wikitext2, c4 or ptb)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Perplexity window (default: the model's context, at most 4096)."),

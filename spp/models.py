@@ -65,11 +65,12 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str | torch.devic
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    from spp import hf
     from spp.io.reader import local_directory
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(local_directory(name_or_path), dtype=resolve_dtype(dtype),
-                                                     use_safetensors=True)
+        model = hf.from_pretrained(AutoModelForCausalLM, local_directory(name_or_path), dtype=resolve_dtype(dtype),
+                                   use_safetensors=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # SafetensorError: a corrupt shard
         raise SppError(f"cannot load a causal LM from {name_or_path}: {str(exc).splitlines()[0]}") from exc
     return model.to(device).eval()
@@ -114,7 +115,9 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     Raises:
         SppError: no such list exists.
     """
-    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    from spp.hf import no_split_module_classes
+
+    no_split = no_split_module_classes(model)
     best, best_name, best_score = None, "", (-1, -1)
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:

@@ -26,7 +26,7 @@ def test_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setenv("SPP_CACHE", str(tmp_path / "cache"))
     result = CliRunner().invoke(app, ["prune", "--model", str(model), "--method", "magnitude",
                                       "--output", str(tmp_path / "out")])
-    one_line_error(result, "pip install 'spp[gguf]'")
+    one_line_error(result, "pip install 'spp-llm[gguf]'")
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 

@@ -29,14 +29,21 @@ def run_quickstart(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProc
 
 
 @pytest.mark.parametrize("what, install, runs", [
-    ("demo", "pip install -q -e .", "spp demo --output d"),
-    ("test", "pip install -q -e .[test]", "python -m pytest --output d"),
+    ("demo", "pip install -q -c constraints.txt -e .", "spp demo --output d"),
+    ("test", "pip install -q -c constraints.txt -e .[test]", "python -m pytest --output d"),
 ])
 def test_installs_only_what_it_runs(tmp_path, what, install, runs):
     done, calls = run_quickstart(tmp_path, what, "--output", "d")
     assert done.returncode == 0, done.stderr
     assert [c for c in calls if c.startswith("pip ")] == [install]
     assert calls[-1] == runs
+
+
+def test_constraints_none_installs_unpinned(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPP_CONSTRAINTS", "none")
+    done, calls = run_quickstart(tmp_path, "demo")
+    assert done.returncode == 0, done.stderr
+    assert [c for c in calls if c.startswith("pip ")] == ["pip install -q -e ."]
 
 
 def test_unknown_use_installs_nothing(tmp_path):

@@ -11,7 +11,7 @@ same file convert it once. `spp_source.json` in it records the file, its sha256 
 types, and the stages copy that record into their manifests: the weights are the dequantized
 values, not the model the file was quantized from.
 
-Needs the `gguf` package (`pip install 'spp[gguf]'`).
+Needs the `gguf` package (`pip install 'spp-llm[gguf]'`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _gguf_directory(path: Path, size: int, mtime_ns: int, root: Path) -> Path:
     try:
         import gguf  # noqa: F401 - transformers' loader needs it; say so before any work
     except ImportError:
-        raise SppError(f"--model {path} is a GGUF file, which needs the gguf package: pip install 'spp[gguf]'") \
+        raise SppError(f"--model {path} is a GGUF file, which needs the gguf package: pip install 'spp-llm[gguf]'") \
             from None
     digest = sha256_file(path)
     directory = root / "gguf" / f"{digest[:16]}-{path.stem}"
@@ -86,15 +86,15 @@ def _load_dequantized(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    from spp import hf
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                     quantization_config=GgufConfig(dequantize=True))
+        model = hf.from_pretrained(AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=torch.float32,
+                                   quantization_config=GgufConfig(dequantize=True))
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise SppError(f"transformers cannot load {path} as a causal LM: {str(exc).splitlines()[0]}") from exc
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)  # the weights are plain floats now; this lets it be saved
+    hf.drop_quantization_config(model)  # the weights are plain floats now; this lets it be saved
     return model, tokenizer
 
 

@@ -329,26 +329,24 @@ def _resolve_names(directory: Path, config, tensors: dict[str, SavedTensor]):
         (the meta model, parameter name -> saved name, saved names transformers ignores, fused parameter
         name -> its pieces).
     """
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from spp import hf
+
     config_file = directory / CONFIG_FILE
-    try:
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError as exc:
+    model_class = hf.causal_lm_class(config)
+    if model_class is None:
         raise SppError(f"{config_file} does not describe a causal LM spp can build "
-                       f"({type(config).__name__} has no causal-LM class in transformers)") from exc
+                       f"({type(config).__name__} has no causal-LM class in transformers)")
     state = {name: torch.empty(t.shape, dtype=_DTYPES.get(t.dtype, torch.float32), device="meta")
              for name, t in tensors.items()}
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # our refusal below is the report; transformers' table would be a second one
     hf_logging.disable_progress_bar()
     try:
-        model, info = model_class.from_pretrained(None, config=config, state_dict=state, device_map="meta",
-                                                  output_loading_info=True, ignore_mismatched_sizes=True)
+        model, info = hf.meta_load(model_class, config, state)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise SppError(f"{config_file} does not describe these weights as transformers loads them: "
-                       f"{str(exc).splitlines()[0]}") from exc
+        raise hf.transformers_failed(exc, f"resolving the weights of {directory} against {config_file}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -368,18 +366,15 @@ def _renamed_keys(model, tensors: dict[str, SavedTensor]) -> dict[str, tuple[str
     renaming, at most one converter (which merges several saved tensors into one parameter, e.g. experts),
     and the base-model prefix added or stripped as the model's state dict needs.
     """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from spp import hf
 
-    mapping = get_model_conversion_mapping(model)
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    renamings, converters = hf.weight_conversions(model)
     state, prefix = model.state_dict(), model.base_model_prefix
     out = {}
     for saved in tensors:
-        key, pattern = rename_source_key(saved, renamings, converters, prefix, state)
+        key, pattern = hf.loaded_key(saved, renamings, converters, prefix, state)
         if key not in state and saved in state:
-            key, pattern = rename_source_key(saved, [], [], base_model_prefix=prefix, meta_state_dict=state)
+            key, pattern = hf.loaded_key(saved, [], [], prefix, state)
         out[saved] = (key, pattern)
     return out
 
@@ -391,25 +386,18 @@ def _fused_pieces(model, tensors: dict[str, SavedTensor], renamed: dict) -> dict
     `*` standing for the expert index, are read; a parameter whose pieces do not tile it exactly (experts
     0..E-1, rows 0..out, every piece (rows, in)) is left out, and a stage that needs it says so.
     """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+    from spp import hf
 
-    converters = {pattern: c for c in get_model_conversion_mapping(model) if isinstance(c, WeightConverter)
-                  for pattern in c.source_patterns}
+    stacked = hf.stacked_expert_patterns(hf.weight_conversions(model)[1])  # pattern -> its index among the sources
     state = model.state_dict()
     found: dict[str, dict[int, dict[int, str]]] = {}  # parameter -> expert -> source-pattern index -> saved name
     for saved, (key, pattern) in renamed.items():
-        conv = converters.get(pattern)
-        if conv is None or key not in state or state[key].dim() != 3:
-            continue
-        ops = conv.operations
-        stacked = len(ops) >= 1 and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
-        if not stacked or not (len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1)):
+        if pattern not in stacked or key not in state or state[key].dim() != 3:
             continue
         match = re.search(r"(\d+)".join(re.escape(part) for part in pattern.split("*")), saved)
-        if match is None or pattern.count("*") != 1:
+        if match is None:
             continue
-        found.setdefault(key, {}).setdefault(int(match.group(1)), {})[conv.source_patterns.index(pattern)] = saved
+        found.setdefault(key, {}).setdefault(int(match.group(1)), {})[stacked[pattern]] = saved
     pieces = {}
     for param, experts in found.items():
         n_experts, out_features, in_features = state[param].shape

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spp.errors import SppError
+from spp.hf import expert_gate_fn
 from spp.models import is_expert_weight
 from spp.prune.masks import sparsity_stats
 
@@ -196,7 +197,7 @@ def prune_expert_weights(
             done[name] = ExpertPruned(keep=torch.ones(weight.weight.shape, dtype=torch.bool),
                                       stats={"pieces": []})
         experts = next(iter(params.values()))[1].experts
-        apply_gate = getattr(experts, "_apply_gate", None) or default_apply_gate(experts.act_fn)
+        apply_gate = expert_gate_fn(experts) or default_apply_gate(experts.act_fn)
         chunks = None if routes is None else routes[module_name]
         for expert in range(next(iter(params.values()))[1].num_experts):
             # selected where the routes are kept (--offload-activations: the CPU), so only X_e moves to the device

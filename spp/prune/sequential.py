@@ -60,7 +60,7 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 def _drop_caches(obj: Any) -> Any:
     """Replace key/value cache objects by None (we never decode; a cache would only grow)."""
-    from transformers.cache_utils import Cache
+    from transformers import Cache
 
     if isinstance(obj, Cache):
         return None

@@ -1,0 +1,150 @@
+"""transformers' loading rules and every transformers internal spp leans on, in one place.
+
+spp reads checkpoints exactly as transformers does (names, weight converters, the loader's own verdict), which
+no public API exposes. Each such use is a function here, so an upgrade that moves one breaks one function, and
+`tests/test_hf.py` names it. No other spp module imports from `transformers.core_model_loading`,
+`transformers.conversion_mapping`, `transformers.integrations` or `transformers.quantizers`, or reads a private
+attribute of a transformers class.
+
+Hub kernels: since 5.25, `from_pretrained` defaults to `use_kernels=True` and lets the `kernels` package replace
+modules (RMSNorm, MLPs, ...) with code fetched from the hub. spp never allows it: every load goes through
+`from_pretrained` here, which passes `use_kernels=False`, so numerics (and spp's bitwise claims) do not depend on
+whether `kernels` is installed or what it downloads, and no stage reaches for the network to fetch code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spp.errors import SppError
+
+# The transformers releases the suite passed on (pyproject.toml admits this range, capped below the next minor).
+TESTED = "5.17–5.25"
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def moved(api: str, exc: BaseException | None = None) -> SppError:
+    """The one-line error for a transformers internal that is gone or changed: names the API and the versions spp
+    was tested with, and points to `spp env`."""
+    why = f": {str(exc).splitlines()[0]}" if exc is not None and str(exc) else ""
+    return SppError(f"transformers {transformers_version()} changed {api}, which spp uses (tested with transformers "
+                    f"{TESTED}){why}; install the pinned versions (constraints.txt) and see `spp env`")
+
+
+def transformers_failed(exc: BaseException, doing: str) -> SppError:
+    """The one-line error for an exception raised inside transformers itself (not a verdict on the user's files)."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return SppError(f"transformers {transformers_version()} failed while {doing}: {type(exc).__name__}: {first} "
+                    f"(spp is tested with transformers {TESTED}; `spp env` prints the versions for a bug report)")
+
+
+def from_pretrained(model_class, *args, **kwargs):
+    """`model_class.from_pretrained(*args, **kwargs)` with hub kernels off (see the module docstring)."""
+    return model_class.from_pretrained(*args, use_kernels=False, **kwargs)
+
+
+def causal_lm_class(config) -> type | None:
+    """The causal-LM class transformers builds for `config` (`LlamaForCausalLM` for a `LlamaConfig`), or None.
+
+    Internal: `AutoModelForCausalLM._model_mapping`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        mapping = AutoModelForCausalLM._model_mapping
+    except AttributeError as exc:
+        raise moved("AutoModelForCausalLM._model_mapping", exc) from exc
+    try:
+        return mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def meta_load(model_class, config, state: dict) -> tuple[Any, dict]:
+    """transformers' own loader on the meta device over `state` (tensors on the meta device, saved names): the
+    model it builds and its loading report (`missing_keys`, `unexpected_keys`, `mismatched_keys`).
+
+    Uses `from_pretrained(None, state_dict=..., device_map="meta")`, which is public but only stable as far as
+    the tests in `tests/test_hf.py` show.
+    """
+    return from_pretrained(model_class, None, config=config, state_dict=state, device_map="meta",
+                           output_loading_info=True, ignore_mismatched_sizes=True)
+
+
+def weight_conversions(model) -> tuple[list, list]:
+    """(renamings, converters) transformers applies when it loads saved tensors into `model`.
+
+    Internals: `conversion_mapping.get_model_conversion_mapping`, `core_model_loading.{WeightRenaming,
+    WeightConverter}`.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError as exc:
+        raise moved("transformers.conversion_mapping / core_model_loading", exc) from exc
+    mapping = get_model_conversion_mapping(model)
+    return ([m for m in mapping if isinstance(m, WeightRenaming)],
+            [m for m in mapping if isinstance(m, WeightConverter)])
+
+
+def loaded_key(saved: str, renamings: list, converters: list, prefix: str, state: dict) -> tuple[str, str | None]:
+    """(the state-dict key a saved tensor is loaded into, the converter source pattern that takes it, or None).
+
+    Internal: `core_model_loading.rename_source_key`.
+    """
+    try:
+        from transformers.core_model_loading import rename_source_key
+    except ImportError as exc:
+        raise moved("transformers.core_model_loading.rename_source_key", exc) from exc
+    return rename_source_key(saved, renamings, converters, prefix, state)
+
+
+def stacked_expert_patterns(converters: list) -> dict[str, int]:
+    """Source pattern -> its index among its converter's sources, for the converters spp can read backwards: they
+    stack per-expert matrices along dim 0 (`MergeModulelist(dim=0)`), then optionally concatenate the sources
+    along the rows (`Concatenate(dim=1)`), and each pattern has one `*` (the expert index).
+
+    Internals: `core_model_loading.{MergeModulelist, Concatenate}`, `WeightConverter.{source_patterns,
+    operations}`.
+    """
+    try:
+        from transformers.core_model_loading import Concatenate, MergeModulelist
+    except ImportError as exc:
+        raise moved("transformers.core_model_loading.{MergeModulelist, Concatenate}", exc) from exc
+    out = {}
+    for conv in converters:
+        ops, sources = list(conv.operations), list(conv.source_patterns)
+        stacked = len(ops) >= 1 and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+        if not stacked or not (len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate)
+                                                  and ops[1].dim == 1)):
+            continue
+        out.update({pattern: i for i, pattern in enumerate(sources) if pattern.count("*") == 1})
+    return out
+
+
+def no_split_module_classes(model) -> set[str]:
+    """The class names of the model's decoder blocks as it declares them (`_no_split_modules`), maybe empty."""
+    return set(getattr(model, "_no_split_modules", None) or [])
+
+
+def expert_gate_fn(experts):
+    """An experts module's own gate function, (T, 2I) -> (T, I), or None when it has none (then spp applies
+    act(gate) ⊙ up with the module's `act_fn`). Internal: `_apply_gate` of transformers 5's experts modules."""
+    return getattr(experts, "_apply_gate", None)
+
+
+def drop_quantization_config(model) -> None:
+    """Forget the quantization config of a model loaded with `GgufConfig(dequantize=True)`, so it saves as a plain
+    float checkpoint. Internal: `model.hf_quantizer.remove_quantization_config`."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    try:
+        quantizer.remove_quantization_config(model)
+    except AttributeError as exc:
+        raise moved("hf_quantizer.remove_quantization_config", exc) from exc
