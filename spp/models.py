@@ -60,19 +60,24 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str | torch.devic
     """Load a causal LM in eval mode on `device` (prune keeps it on the CPU and moves one block at a time).
 
     Stages pass the directory of a `Checkpoint` (`spp.io.reader`), already checked; weights are read from
-    safetensors only.
+    safetensors only, and transformers' own loading report is checked again after the load.
+
+    Raises:
+        SppError: transformers cannot load it, or reports a weight missing, unexpected or of another shape.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from spp import hf
-    from spp.io.reader import local_directory
+    from spp.io.reader import local_directory, refuse_incomplete_load
 
+    directory = local_directory(name_or_path)
     try:
-        model = hf.from_pretrained(AutoModelForCausalLM, local_directory(name_or_path), dtype=resolve_dtype(dtype),
-                                   use_safetensors=True)
+        model, info = hf.from_pretrained(AutoModelForCausalLM, directory, dtype=resolve_dtype(dtype),
+                                         use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # SafetensorError: a corrupt shard
         raise SppError(f"cannot load a causal LM from {name_or_path}: {str(exc).splitlines()[0]}") from exc
+    refuse_incomplete_load(directory, info)  # never run on weights transformers initialised randomly
     return model.to(device).eval()
 
 

@@ -292,13 +292,17 @@ def local_directory(name_or_path: str) -> Path:
 
 
 def saved_tensors(directory: Path) -> dict[str, SavedTensor]:
-    """Saved tensor name -> (shard, dtype, shape), from the headers; every shard whole, every indexed shard present.
+    """Saved tensor name -> (shard, dtype, shape), from the headers; every shard whole, and, when the directory has
+    an index, the index and the shards agreeing tensor for tensor (transformers loads only what the index names).
 
     Raises:
-        SppError: a truncated or corrupt shard, an index naming a missing shard, a tensor in two shards, or
-            no safetensors shard at all (names the file).
+        SppError: a truncated or corrupt shard, an index naming a missing shard or a tensor its shard does not
+            hold, a tensor on disk the index does not name, a tensor in two shards, or no safetensors shard at all
+            (names the file).
     """
-    for index in directory.glob(f"*{INDEX_SUFFIX}"):
+    indexed: dict[str, str] = {}  # tensor -> shard file name, over every index
+    indexes = sorted(directory.glob(f"*{INDEX_SUFFIX}"))
+    for index in indexes:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
@@ -306,6 +310,7 @@ def saved_tensors(directory: Path) -> dict[str, SavedTensor]:
         for shard in sorted(set(weight_map.values())):
             if not (directory / shard).is_file():
                 raise SppError(f"{index} names the shard {directory / shard}, which is missing")
+        indexed.update(weight_map)
     out: dict[str, SavedTensor] = {}
     for shard in safetensors_files(directory):
         for name, (dtype, shape) in safetensors_keys(shard).items():
@@ -319,7 +324,24 @@ def saved_tensors(directory: Path) -> dict[str, SavedTensor]:
             raise SppError(f"{directory} is an `spp export` compressed checkpoint ({SUFFIX} shards): restore it first "
                            f"with spp export --dense --model {directory} --output DIR")
         raise SppError(f"{directory} holds no safetensors weights (spp reads *.safetensors only)")
+    if indexes:
+        _check_index(indexes[0] if len(indexes) == 1 else directory, indexed, out)
     return out
+
+
+def _check_index(index: Path, indexed: dict[str, str], tensors: dict[str, SavedTensor]) -> None:
+    """Refuse an index that disagrees with its shards: transformers would skip what it does not name (and
+    initialise those weights randomly) and fail on what it names wrongly."""
+    unnamed = sorted((n for n in tensors if n not in indexed), key=_natural)
+    if unnamed:
+        raise SppError(f"{index} does not name {unnamed[0]} ({len(unnamed)} such tensors, e.g. in "
+                       f"{tensors[unnamed[0]].shard.name}), so transformers would not load it: the index is "
+                       "incomplete; regenerate it or re-download the model")
+    wrong = sorted((n for n, shard in indexed.items() if n not in tensors or tensors[n].shard.name != shard),
+                   key=_natural)
+    if wrong:
+        raise SppError(f"{index} names {wrong[0]} in {indexed[wrong[0]]}, which does not hold it "
+                       f"({len(wrong)} such entries): the index and the shards disagree; regenerate it or re-download")
 
 
 def _resolve_names(directory: Path, config, tensors: dict[str, SavedTensor]):
@@ -352,7 +374,7 @@ def _resolve_names(directory: Path, config, tensors: dict[str, SavedTensor]):
         if bars:
             hf_logging.enable_progress_bar()
     renamed = _renamed_keys(model, tensors)
-    _refuse(directory, info, tensors, renamed)
+    refuse_incomplete_load(directory, info, tensors, renamed)
     state = model.state_dict()
     saved_names = {key: saved for saved, (key, pattern) in renamed.items() if key in state and pattern is None}
     ignored = sorted((saved for saved, (key, _) in renamed.items() if key not in state), key=_natural)
@@ -415,8 +437,16 @@ def _fused_pieces(model, tensors: dict[str, SavedTensor], renamed: dict) -> dict
     return pieces
 
 
-def _refuse(directory: Path, info: dict, tensors: dict[str, SavedTensor], renamed: dict) -> None:
-    """Refuse what transformers would re-initialise or drop: mismatched, missing and unexpected tensors."""
+def refuse_incomplete_load(directory: Path, info: dict, tensors: dict[str, SavedTensor] | None = None,
+                           renamed: dict | None = None) -> None:
+    """Refuse what transformers would re-initialise or drop (or did: after a real load), from its loading report
+    (`output_loading_info=True`): mismatched, missing and unexpected tensors. `tensors` and `renamed` (saved name
+    -> (parameter, pattern)) name the saved tensor and its shard where known.
+
+    Raises:
+        SppError: the first such tensor and how many there are.
+    """
+    tensors, renamed = tensors or {}, renamed or {}
     config_file = directory / CONFIG_FILE
     saved_of = {key: saved for saved, (key, _) in renamed.items()}
     mismatched = sorted(info["mismatched_keys"], key=lambda m: _natural(m[0]))
