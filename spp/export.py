@@ -48,8 +48,8 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     """Compress `cfg.model` into `cfg.output` (`cfg.compressed`), or restore a compressed directory.
 
     Raises:
-        SppError: the input has no mask file, a pruned entry is not +0.0, the input is not (or is already)
-            compressed, or the output exists without `overwrite`.
+        SppError: the input has no mask file, a pruned entry is not +0.0, a weight is NaN or ±inf
+            (`spp.io.finite`), the input is not (or is already) compressed, or the output exists without `overwrite`.
     """
     from spp.io.checkpoint import atomic_dir, check_output_dir
     from spp.io.compressed import SUFFIX

@@ -138,8 +138,14 @@ def _shapes(shapes: dict) -> str:
 
 def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget], masks: dict,
                 adapter_cfg: AdapterConfig) -> None:
-    """Write `shard` to `destination` with every target weight merged; other tensors copied as they are."""
+    """Write `shard` to `destination` with every target weight merged; other tensors copied as they are.
+
+    Raises:
+        SppError: a tensor of `shard` holds a NaN or ±inf, or a merged weight overflows its dtype (`spp.io.finite`).
+    """
     from safetensors import safe_open
+
+    from spp.io.finite import check_finite
 
     kind = ADAPTERS[adapter_cfg.kind]
     tensors = {}
@@ -147,6 +153,7 @@ def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget],
         metadata = f.metadata()
         for name in f.keys():
             tensor = f.get_tensor(name)
+            check_finite(tensor, name, str(shard))
             target = targets.get(name)
             if target is not None:
                 keep = masks.get(name)
@@ -160,6 +167,9 @@ def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget],
                 else:
                     merged = _merged_rows(kind, W, keep, target, adapter_cfg.scale)
                 tensor = (merged.t() if target.conv1d else merged).contiguous()
+                # finite inputs can still overflow when the float32 merge is cast back (float16 ends at 65504)
+                check_finite(tensor, name, f"merging {shard}",
+                             advice="the adapter's update takes this weight past what its dtype holds")
             tensors[name] = tensor
     save_tensors(tensors, destination, metadata=metadata)
 
@@ -227,7 +237,8 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
 
     Raises:
         SppError: a missing or corrupt adapter or base, an adapter trained on another base
-            (mask hash mismatch), an adapter that does not fit, or an existing output.
+            (mask hash mismatch), an adapter that does not fit, a NaN or ±inf in a base weight, an adapter
+            tensor or a merged weight, or an existing output.
     """
     start = time.perf_counter()
     adapter_dir, output = Path(cfg.adapter).expanduser(), Path(cfg.output).expanduser()

@@ -3,7 +3,8 @@
 Checks, in order: the directory reads as a checkpoint (`spp.io.reader.read_checkpoint`: the
 manifest, names and shapes as transformers resolves them, whole shards, the mask file's sha256
 equal to the manifest's `mask_sha256`, every mask naming a saved tensor of its shape); every
-file the manifest lists exists with the recorded sha256; each entry the mask marks pruned is +0.0 bitwise
+file the manifest lists exists with the recorded sha256; every saved weight, masked or not, is
+finite (no NaN, no ±inf: `spp.io.finite`); each entry the mask marks pruned is +0.0 bitwise
 (-0.0 fails); N:M masks keep at most N in every group of M inputs when the manifest says
 N:M; a mixture-of-experts weight has a mask for every saved expert tensor or for none; and the
 pruned counts agree with the manifest's per-module record. Weights are read
@@ -80,6 +81,7 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
     """
     from safetensors import safe_open
 
+    from spp.io.finite import check_finite
     from spp.io.reader import read_checkpoint
     from spp.prune import block_name
     from spp.prune.masks import parse_pattern
@@ -99,10 +101,14 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
     index = {name: saved.shard for name, saved in checkpoint.tensors.items()}
     blocks: dict[str, list[int]] = {}
     kept_zero = 0
-    for shard in sorted(set(index[name] for name in masks)):
+    for shard in checkpoint.shards:  # every shard, not only those with masked tensors: any weight may be non-finite
         with safe_open(str(shard), "pt") as f:
-            for name in sorted(n for n in masks if index[n] == shard):
-                weight, keep = f.get_tensor(name), masks[name]
+            for name in sorted(n for n in index if index[n] == shard):
+                weight = f.get_tensor(name)
+                check_finite(weight, name, str(shard))
+                if name not in masks:
+                    continue
+                keep = masks[name]
                 _check_tensor(name, weight, keep, layouts[name], n_m)
                 pruned = int((~keep).sum())
                 if name in recorded and recorded[name].get("pruned") != pruned:

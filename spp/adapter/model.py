@@ -160,21 +160,27 @@ def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
 
 
 def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """Read `adapter_model.safetensors` into CPU tensors.
+    """Read `adapter_model.safetensors` into CPU tensors (merge, eval --adapter and a training resume all read
+    adapters here).
 
     Raises:
-        SppError: missing, truncated or corrupt (names the file).
+        SppError: missing, truncated or corrupt (names the file), or a tensor holds a NaN or ±inf (`spp.io.finite`).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from spp.io.finite import check_finite
 
     path = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
     if not path.is_file():
         raise SppError(f"adapter weights {path} do not exist")
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise SppError(f"adapter weights {path} are corrupt or truncated: {exc}") from exc
+    for name, tensor in weights.items():
+        check_finite(tensor, name, str(path))
+    return weights
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path, masks: dict[str, torch.Tensor] | None = None) -> AdapterConfig:

@@ -97,9 +97,16 @@ def _prepare_ppl(cfg: EvalConfig, tokenizer, seqlen: int) -> list[tuple[str, obj
 
 
 def _load(cfg: EvalConfig, checkpoint, device):
+    """The model on `device`, its adapter loaded when asked.
+
+    Raises:
+        SppError: a weight or an adapter tensor is NaN or ±inf (`spp.io.finite`), or the adapter does not fit.
+    """
+    from spp.io.finite import check_finite_model
     from spp.models import load_model
 
     model = load_model(str(checkpoint.directory), cfg.dtype, device)
+    check_finite_model(model, f"model {checkpoint.directory}")  # its perplexity would be `nan`, and mean nothing
     if cfg.adapter:
         from spp.adapter.model import load_adapter
 
@@ -112,7 +119,8 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     """Evaluate one model: perplexity sets, then zero-shot tasks; write results when `cfg.output` is set.
 
     Raises:
-        SppError: any bad input, detected before the model is loaded where possible.
+        SppError: any bad input, detected before the model is loaded where possible; a NaN or ±inf weight; a
+            perplexity that is not finite (never reported as a number).
     """
     from spp.eval.perplexity import perplexity
     from spp.eval.zeroshot import evaluate_tasks, prepare_tasks
@@ -146,6 +154,7 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
         ppl_results = {}
         for key, text, ids in ppl_inputs:
             res = perplexity(model, ids, seqlen, cfg.batch_size, cfg.max_windows)
+            _check_finite_ppl(key, res, model)
             ppl_results[key] = {
                 "ppl": res.ppl, "seqlen": res.seqlen, "windows": res.windows, "max_windows": cfg.max_windows,
                 "predicted_tokens": res.predicted_tokens, "total_tokens": res.total_tokens, "nll_sum": res.nll_sum,
@@ -177,6 +186,26 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     }
     output = _write(cfg, results, start) if cfg.output else None
     return EvalReport(results=results, output=output, rows=results_rows(results))
+
+
+def _check_finite_ppl(key: str, res, model) -> None:
+    """A NaN or infinite perplexity is a failure, not a result: nothing is written and eval exits non-zero.
+
+    Raises:
+        SppError: `res.ppl` is not finite (names the set, the summed NLL and the dtype the model ran in).
+    """
+    import math
+
+    import torch
+
+    if math.isfinite(res.ppl):
+        return
+    dtype = next(model.parameters()).dtype
+    # the weights were checked finite on loading, so what overflowed is an activation or a logit
+    hint = " (try --dtype float32)" if dtype != torch.float32 else ""
+    raise SppError(f"--ppl {key}: the perplexity is not finite ({res.ppl}; summed NLL {res.nll_sum} over "
+                   f"{res.predicted_tokens} predicted tokens): the weights are finite, so the model's activations or "
+                   f"logits overflow {str(dtype).removeprefix('torch.')}{hint}")
 
 
 def check_hub_sources(cfg: EvalConfig) -> None:

@@ -148,7 +148,11 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, batch_size: int = 1,
     if windows.shape[0] == 0:
         raise SppError(f"the text has {ids.numel()} tokens, shorter than one window of --seqlen {seqlen}")
     nll_sum, count = window_nll(model, windows, batch_size)
-    return PerplexityResult(ppl=math.exp(nll_sum / count), nll_sum=nll_sum, predicted_tokens=count,
+    try:
+        ppl = math.exp(nll_sum / count)
+    except OverflowError:  # a mean NLL above ~709 nats: an infinite perplexity, which run_eval refuses to report
+        ppl = math.inf
+    return PerplexityResult(ppl=ppl, nll_sum=nll_sum, predicted_tokens=count,
                             windows=windows.shape[0], seqlen=seqlen, total_tokens=ids.numel())
 
 

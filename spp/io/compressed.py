@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from spp.errors import SppError
+from spp.io.finite import check_finite
 from spp.prune.masks import pruned_is_positive_zero
 
 FORMAT = "spp-compressed"
@@ -59,13 +60,15 @@ def compress_shard(shard: Path, destination: Path, masks: dict[str, torch.Tensor
     """Write `shard` compressed to `destination` (`*.spz`); returns bytes {dense, values} of its masked tensors.
 
     Raises:
-        SppError: a pruned entry is not +0.0 (its value would be lost: the restore could not be exact).
+        SppError: a tensor holds a NaN or ±inf (`spp.io.finite`), or a pruned entry is not +0.0 (its value would
+            be lost: the restore could not be exact).
     """
     tensors = load_file(str(shard))
     with safe_open(str(shard), "pt") as f:
         shard_metadata = f.metadata() or {}
     out, shapes, dense, values_bytes = {}, {}, 0, 0
     for name, tensor in tensors.items():
+        check_finite(tensor, name, str(shard))
         if name in masks:
             lost = int((~pruned_is_positive_zero(tensor, masks[name])).sum())
             if lost:
@@ -87,7 +90,8 @@ def decompress_shard(packed: Path, destination: Path, masks: dict[str, torch.Ten
     """Restore one `*.spz` file to the safetensors shard it was made from (same tensors, same metadata).
 
     Raises:
-        SppError: not an spp compressed file, or a compressed tensor without a matching mask entry.
+        SppError: not an spp compressed file, a compressed tensor without a matching mask entry, or a tensor
+            holding a NaN or ±inf (`spp.io.finite`; compressing refuses them, so the file changed since).
     """
     with safe_open(str(packed), "pt") as f:
         metadata = f.metadata() or {}
@@ -95,6 +99,8 @@ def decompress_shard(packed: Path, destination: Path, masks: dict[str, torch.Ten
         raise SppError(f"{packed} is not an spp compressed file (metadata format={metadata.get('format')!r})")
     shapes = json.loads(metadata["compressed"])
     tensors = load_file(str(packed))
+    for name, tensor in tensors.items():  # the kept values of a masked tensor, 1-D: checked before the scatter
+        check_finite(tensor, name, str(packed))
     for name, shape in shapes.items():
         keep = masks.get(name)
         if keep is None or list(keep.shape) != shape:

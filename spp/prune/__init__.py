@@ -200,15 +200,18 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
         The report: sparsity per block and in total, kept zeros, wall time, dampening retries.
 
     Raises:
-        SppError: any bad input (checked before the weights are loaded), or a singular Hessian.
+        SppError: any bad input (checked before the weights are loaded), a NaN or ±inf weight (checked right
+            after they are, before calibration), or a singular Hessian.
     """
     from spp.io.checkpoint import partial_path
+    from spp.io.finite import check_finite_model
     from spp.io.progress import progress_dir, start_progress
     from spp.models import find_decoder_blocks, load_model
 
     start = time.perf_counter()
     checked = _check_inputs(cfg)
     model = load_model(str(checked.checkpoint.directory), cfg.dtype, "cpu")
+    check_finite_model(model, f"model {checked.checkpoint.directory}")  # SparseGPT would spread a NaN along its row
     try:
         with _workdir(cfg) as tmp:
             if not checked.blocks_done:

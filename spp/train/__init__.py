@@ -55,10 +55,12 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     """Train the adapter `cfg.adapter` (SPP, masked LoRA or full) on `cfg.base_model` and write it to `cfg.output_dir`.
 
     Raises:
-        SppError: bad inputs (before anything is written), a non-finite loss (the partial
+        SppError: bad inputs (before anything is written), a NaN or ±inf weight in the base or the teacher
+            (right after it is loaded, before the partial output exists), a non-finite loss (the partial
             output and its last checkpoint are kept), or a failed resume.
     """
     from spp.adapter.model import add_adapter, count_trainable, save_adapter
+    from spp.io.finite import check_finite_model
     from spp.models import load_model, load_tokenizer
     from spp.train.distill import Distillation, check_teacher, load_teacher, parameter_bytes
     from spp.train.loop import LoopInputs, LoopState, checkpoint_dirs, load_checkpoint, train_loop, truncate_log
@@ -98,6 +100,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
                 shard_model(teacher, cfg.cpu_offload)
         else:
             model = load_model(str(base), dtype=PRECISIONS[cfg.precision][1])
+            check_finite_model(model, f"model {base}")  # else the first step's loss is NaN, with no word on why
             adapted = add_adapter(model, adapter_cfg, masks)
             if cfg.gradient_checkpointing:
                 enable_checkpointing(model)

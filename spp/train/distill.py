@@ -90,10 +90,16 @@ def tokenizer_difference(student, teacher) -> str:
 
 
 def load_teacher(path: Path, dtype: str, device) -> nn.Module:
-    """The teacher, frozen and in eval mode, in `dtype` on `device`."""
+    """The teacher, frozen and in eval mode, in `dtype` on `device`.
+
+    Raises:
+        SppError: it cannot be loaded, or a weight is NaN or ±inf (`spp.io.finite`).
+    """
+    from spp.io.finite import check_finite_model
     from spp.models import load_model
 
     model = load_model(str(path), dtype=dtype, device=device)
+    check_finite_model(model, f"teacher {path}")
     model.requires_grad_(False)
     return model.eval()
 

@@ -153,8 +153,15 @@ class _OneBlock(nn.Module):
 def _materialise(module: nn.Module, prefix: str, checkpoint) -> None:
     """Replace every meta parameter under `module` by its saved tensor (read from its shard, in the meta
     parameter's dtype), through the checkpoint's saved-name correspondence (`spp.io.reader`): a fused expert
-    weight (E, out, in) is put together from its saved per-expert tensors (`Checkpoint.join`)."""
+    weight (E, out, in) is put together from its saved per-expert tensors (`Checkpoint.join`).
+
+    Raises:
+        SppError: a weight holds a NaN or ±inf in the meta parameter's dtype (`spp.io.finite`; no rank ever
+            holds the whole model to check after loading, so each parameter is checked as it is read).
+    """
     from safetensors import safe_open
+
+    from spp.io.finite import check_finite
 
     handles = {}
 
@@ -171,6 +178,7 @@ def _materialise(module: nn.Module, prefix: str, checkpoint) -> None:
             full = ".".join(part for part in (prefix, sub_name, name) if part)
             by_saved = {saved: read(saved) for saved in checkpoint.saved_tensors_of(full)}
             tensor = checkpoint.join(full, by_saved).to(param.dtype)
+            check_finite(tensor, full, f"model {checkpoint.directory}")  # as the unsharded load checks it
             sub._parameters[name] = nn.Parameter(tensor, requires_grad=param.requires_grad)
 
 

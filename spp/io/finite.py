@@ -1,0 +1,62 @@
+"""Refuse weights that hold a NaN or an infinity, wherever a stage reads them.
+
+One NaN in a weight does not stay put: SparseGPT's error feedback spreads it along its row, a merge
+copies it into the served model, and perplexity comes out `nan`. So every stage that reads weights
+passes each tensor through `check_finite` as it reads it (`check_finite_model` for a model just
+loaded): one `isfinite` pass per tensor, no copy of the model, and the entries are counted only
+when the check has already failed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spp.errors import SppError
+
+# float8 types without an infinity: torch has no isfinite kernel for them, and NaN is their only non-finite value.
+_NO_INF = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2fnuz")
+           if hasattr(torch, name)}
+DEFAULT_ADVICE = "spp does not run on NaN or infinite weights: use a copy saved before they appeared"
+
+
+def check_finite(tensor: torch.Tensor, name: str, where: str, advice: str = DEFAULT_ADVICE) -> None:
+    """Refuse `tensor` if any entry is NaN or ±inf (integer and bool tensors always pass).
+
+    Args:
+        tensor: the weight as read (any shape, any device).
+        name: what the user calls it (the saved tensor's or the parameter's name).
+        where: the file or directory it was read from, first in the message.
+        advice: what to do about it, last in the message.
+
+    Raises:
+        SppError: `WHERE: NAME (DTYPE SHAPE) has K non-finite entries (N NaN, K-N ±inf; first at INDEX); ADVICE`
+            (and after INDEX, for an infinity in float16, that float16 ends at ±65504).
+    """
+    if not tensor.is_floating_point():
+        return
+    finite = ~torch.isnan(tensor) if tensor.dtype in _NO_INF else torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    bad = ~finite
+    count, nan = int(bad.sum()), int(torch.isnan(tensor).sum())
+    first = tuple(int(i) for i in torch.unravel_index(bad.flatten().to(torch.uint8).argmax(), tensor.shape))
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    # an infinity in float16 is often a finite value of a wider checkpoint, cast on loading: say so
+    limit = ""
+    if tensor.dtype == torch.float16 and nan < count:
+        limit = "; float16 ends at ±65504, so a wider value cast to it overflows"
+    raise SppError(f"{where}: {name} ({dtype} {tuple(tensor.shape)}) has {count} non-finite "
+                   f"entr{'y' if count == 1 else 'ies'} ({nan} NaN, {count - nan} ±inf; first at {first}{limit}); "
+                   f"{advice}")
+
+
+def check_finite_model(model: nn.Module, where: str) -> None:
+    """`check_finite` on every parameter of a loaded model (a tied weight once), named as the model names it.
+
+    Raises:
+        SppError: the first parameter with a NaN or ±inf entry.
+    """
+    for name, param in model.named_parameters():
+        if not param.is_meta:
+            check_finite(param.detach(), name, where)
