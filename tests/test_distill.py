@@ -260,6 +260,27 @@ def test_resume_with_distillation_equals_an_uninterrupted_run(pruned_tiny_dir, t
     assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(straight)]
 
 
+def test_resume_refuses_a_teacher_rewritten_since_the_checkpoint(pruned_tiny_dir, teachers, text, tmp_path, monkeypatch):
+    """A teacher without an spp manifest is known by its files' sizes and modification times (hashing it would read
+    the whole model): its weights rewritten after the interruption, --resume is refused in one line naming the file."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    teacher = shutil.copytree(teachers["dense"], tmp_path / "teacher")
+    kw = dict(teacher=str(teacher), kd_weight=0.5, max_steps=4)
+    monkeypatch.setenv("SPP_FAULT", "train_sigint:2")
+    with pytest.raises(SppInterrupted, match="interrupted at step 2 of 4"):
+        run_train(_cfg(pruned_tiny_dir, text, tmp_path / "out", **kw))
+    monkeypatch.delenv("SPP_FAULT")
+    weights = load_file(str(teacher / "model.safetensors"))
+    save_file({name: tensor * 1.5 for name, tensor in weights.items()}, str(teacher / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(SppError, match=rf"^--resume: {teacher / 'model.safetensors'} changed since the interrupted "
+                                       r"run \(size \d+ bytes, modified .* then, size \d+ bytes, modified .* now\)"):
+        run_train(_cfg(pruned_tiny_dir, text, tmp_path / "out", resume=True, **kw))
+
+
 def _bad_teacher_cases(pruned: Path, teachers: dict[str, Path], tmp: Path) -> dict:
     kd = ["--set", "kd_weight=1.0"]
     sq = ["--set", "squarehead_weight=1.0"]

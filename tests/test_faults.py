@@ -182,6 +182,41 @@ def test_ctrl_c_in_prune_keeps_the_finished_blocks_for_resume(model4, calib, tmp
     assert_bitwise_equal(saved_tensors(tmp_path / "straight"), saved_tensors(tmp_path / "out"))
 
 
+def test_prune_resume_refuses_a_model_changed_since_the_interruption(model4, calib, tmp_path):
+    """The input model's weights replaced (same path, same shapes) after the interruption: --resume is refused in
+    one line naming the file whose sha256 changed, and the finished blocks are kept."""
+    from test_prune import make_model
+
+    from spp.config import PruneConfig
+    from spp.errors import SppError, SppInterrupted
+    from spp.io.checkpoint import sha256_file
+    from spp.prune import run_prune
+
+    model = shutil.copytree(model4, tmp_path / "model")
+
+    def cfg(**flags):
+        return PruneConfig(model=str(model), output=str(tmp_path / "out"), method="wanda", calib=str(calib),
+                           nsamples=4, seqlen=16, batch_size=3, device="cpu", **flags)
+
+    def ctrl_c_at_block_2(index, n_blocks, name):
+        if index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(SppInterrupted):
+        run_prune(cfg(), on_module=ctrl_c_at_block_2)
+    then = sha256_file(model / "model.safetensors")
+    make_model("llama", n_layers=4, seed=1).save_pretrained(model)
+    now = sha256_file(model / "model.safetensors")
+    before = snapshot(tmp_path)
+    with pytest.raises(SppError) as raised:
+        run_prune(cfg(resume=True))
+    line = str(raised.value)
+    assert "\n" not in line and line.startswith(f"--resume: {model / 'model.safetensors'} changed since the "
+                                                f"interrupted run (sha256 {then[:12]}… then, {now[:12]}… now)"), line
+    assert line.endswith("run without --resume to start over"), line
+    assert snapshot(tmp_path) == before
+
+
 # --------------------------------------------------------------------------- run conditions
 
 
@@ -239,6 +274,24 @@ def test_unrecorded_or_several_changed_conditions_are_refused_in_one_line():
     with pytest.raises(SppError, match=r"used 9 torch threads.*\(also differs: world_size, torch\)$"):
         check_same_conditions({**now, "torch_threads": 9, "world_size": 3, "torch": "1.0"}, now, "the interrupted run",
                               "start over")
+
+
+def test_unrecorded_or_several_changed_inputs_are_refused_in_one_line():
+    from spp.errors import SppError
+    from spp.io.conditions import check_same_inputs
+
+    a, b, stat = "a" * 64, "b" * 64, "size 10 bytes, modified 2025-01-01T00:00:00.000000000Z"
+    now = {"base/masks": a, "base/model.safetensors": a, "data.txt": a}
+    check_same_inputs(dict(now), now, "the interrupted run", "start over")  # the same: accepted
+    with pytest.raises(SppError, match=r"recorded no identity of its inputs .*older spp.*; start over$"):
+        check_same_inputs(None, now, "the interrupted run", "start over")
+    with pytest.raises(SppError, match=r"^--resume: base/masks changed since the interrupted run \(sha256 bbbbbbbbbbbb… "
+                                       r"then, aaaaaaaaaaaa… now\), and so did data.txt, teacher/w; start over$"):
+        check_same_inputs({**now, "base/masks": b, "data.txt": b, "teacher/w": stat}, now, "the interrupted run",
+                          "start over")
+    with pytest.raises(SppError, match=rf"^--resume: teacher/w changed since the interrupted run \({stat} then, "
+                                       r"absent now\); start over$"):
+        check_same_inputs({"teacher/w": stat, **now}, now, "the interrupted run", "start over")
 
 
 def test_prune_resume_with_another_thread_count_is_refused_then_continues_under_the_recorded_one(

@@ -234,6 +234,39 @@ def test_killed_rank_resumes_to_the_uninterrupted_result(fsdp_run, pruned_tiny_d
     assert [r.get("loss") for r in log_records(crashed)] == [r.get("loss") for r in log_records(fsdp_run)]
 
 
+def test_fsdp_resume_refuses_a_base_pruned_again_since_the_checkpoint(pruned_tiny_dir, text_file, tmp_path,
+                                                                      monkeypatch):
+    """A sharded checkpoint records what it was trained from as an unsharded one does: the base re-pruned in place
+    after the interruption is refused in one line naming its mask file, before anything is loaded or sharded."""
+    import shutil
+
+    import torch.distributed as dist
+    from typer.testing import CliRunner
+
+    from spp.cli import app
+    from spp.errors import SppInterrupted
+    from spp.io.checkpoint import MASK_FILE, sha256_file
+
+    base = shutil.copytree(pruned_tiny_dir, tmp_path / "pruned")
+    cfg = tiny_cfg(base, text_file, tmp_path / "out", max_steps=4, batch_size=4, val_set_size=0, distributed="fsdp",
+                   adapter="full")
+    monkeypatch.setenv("SPP_FAULT", "train_sigint:2")  # one rank, in this process: a Ctrl-C saves step 2's checkpoint
+    with pytest.raises(SppInterrupted, match="interrupted at step 2 of 4"):
+        run_train(cfg)
+    monkeypatch.delenv("SPP_FAULT")
+    assert (partial_path(tmp_path / "out") / "checkpoints" / "step-2" / SHARDED_STATE_DIR).is_dir()
+    then = sha256_file(base / MASK_FILE)
+    pruned = CliRunner().invoke(app, ["prune", "--model", str(base), "--output", str(base), "--method", "magnitude",
+                                      "--sparsity", "0.7", "--overwrite"])
+    assert pruned.exit_code == 0, pruned.output
+    now = sha256_file(base / MASK_FILE)
+    with pytest.raises(SppError, match=rf"^--resume: {base / MASK_FILE} changed since the interrupted run "
+                                       rf"\(sha256 {then[:12]}… then, {now[:12]}… now\)"):
+        run_train(tiny_cfg(base, text_file, tmp_path / "out", max_steps=4, batch_size=4, val_set_size=0,
+                           distributed="fsdp", adapter="full", resume=True))
+    assert not dist.is_initialized()
+
+
 # --------------------------------------------------------------------------- every kind, sharded gradients
 
 

@@ -302,6 +302,74 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(pruned_tiny_dir, text_file
     assert (report.resumed_from, report.steps) == (2, 6) and math.isfinite(report.train_loss)
 
 
+def interrupt_at_step_3(cfg: TrainConfig, monkeypatch) -> None:
+    """Run `cfg` (6 steps) with a Ctrl-C during step 3: its checkpoint is kept in OUTPUT.partial/ for --resume."""
+    from spp.errors import SppInterrupted
+
+    monkeypatch.setenv("SPP_FAULT", "train_sigint:3")
+    with pytest.raises(SppInterrupted, match="interrupted at step 3 of 6"):
+        run_train(cfg)
+    monkeypatch.delenv("SPP_FAULT")
+
+
+def checkpoint_files(output: Path) -> dict[str, bytes]:
+    return {p.relative_to(output).as_posix(): p.read_bytes() for p in sorted(Path(output).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["spp", "full"])
+def test_resume_refuses_a_base_pruned_again_since_the_checkpoint(pruned_tiny_dir, text_file, tmp_path, monkeypatch,
+                                                                kind):
+    """The base re-pruned in place after the interruption: refused in one line naming its mask file, before any
+    step (spp used to go on under the new mask and claim its hash; full trained to the end, then raised)."""
+    from conftest import one_line_error
+
+    from spp.cli import app
+    from spp.io.checkpoint import sha256_file
+
+    base = shutil.copytree(pruned_tiny_dir, tmp_path / "pruned")
+    out = tmp_path / "out"
+    cfg = tiny_cfg(base, text_file, out, max_steps=6, val_set_size=0, adapter=kind)
+    interrupt_at_step_3(cfg, monkeypatch)
+    then = sha256_file(base / MASK_FILE)
+    pruned = CliRunner().invoke(app, ["prune", "--model", str(base), "--output", str(base), "--method", "magnitude",
+                                      "--sparsity", "0.7", "--overwrite"])
+    assert pruned.exit_code == 0, pruned.output
+    now = sha256_file(base / MASK_FILE)
+    assert now != then
+    before = checkpoint_files(partial_path(out))
+    one_line_error(CliRunner().invoke(app, cli_args(cfg) + ["--set", f"adapter={kind}", "--resume"]),
+                   f"--resume: {base / MASK_FILE} changed since the interrupted run "
+                   f"(sha256 {then[:12]}… then, {now[:12]}… now)", "--overwrite")
+    assert checkpoint_files(partial_path(out)) == before and not out.exists()
+
+
+def test_resume_refuses_data_changed_since_the_checkpoint(pruned_tiny_dir, text_file, tmp_path, monkeypatch):
+    """The data file's paragraphs reversed after the interruption (the same number of examples, so the example
+    count check cannot see it): refused in one line naming the file; restored, the run resumes and its manifest
+    records the data it trained on."""
+    from conftest import one_line_error
+
+    from spp.cli import app
+    from spp.io.checkpoint import sha256_file
+    from spp.io.manifest import read_manifest
+
+    data = tmp_path / "stories.txt"
+    data.write_text("\n\n".join(text_file.read_text().split("\n\n")[1:-1]))  # whole stories: reversed, as many windows
+    out = tmp_path / "out"
+    cfg = tiny_cfg(pruned_tiny_dir, data, out, max_steps=6, val_set_size=0)
+    interrupt_at_step_3(cfg, monkeypatch)
+    original = data.read_text()
+    then = sha256_file(data)
+    data.write_text("\n\n".join(reversed(original.split("\n\n"))))
+    now = sha256_file(data)
+    one_line_error(CliRunner().invoke(app, cli_args(cfg) + ["--resume"]),
+                   f"--resume: {data} changed since the interrupted run (sha256 {then[:12]}… then, {now[:12]}… now)")
+    data.write_text(original)
+    report = run_train(tiny_cfg(pruned_tiny_dir, data, out, max_steps=6, val_set_size=0, resume=True))
+    assert (report.resumed_from, report.steps) == (3, 6)
+    assert read_manifest(out).inputs[str(data)] == then
+
+
 def test_ddp_two_processes_match_one(pruned_tiny_dir, text_file, tmp_path):
     single = tmp_path / "single"
     run_train(tiny_cfg(pruned_tiny_dir, text_file, single, max_steps=3, batch_size=8, micro_batch_size=2))

@@ -15,11 +15,18 @@ Considered and left out: torch inter-op threads (they run independent ops side b
 each op's sum is unchanged), the CPU model name (kernels are picked by instruction set,
 which is recorded), the accelerate version (it only wraps torch's DDP all-reduce), and the
 cuDNN switches (the models spp handles have no convolutions).
+
+The inputs are the other half of what a `--resume` must find unchanged: prune keeps the sha256 of its
+input files with its progress, train the identity of its base, mask, data and teacher with every
+checkpoint (`spp.train.input_identity`), and `check_same_inputs` refuses a `--resume` after any of
+them changed, naming the file. `file_identity` is how a file spp does not hash is known.
 """
 
 from __future__ import annotations
 
 import platform
+import time
+from pathlib import Path
 
 import torch
 
@@ -113,3 +120,53 @@ def check_same_conditions(saved: dict | None, now: dict, what: str, start_over: 
     differs, how = _difference(first, saved.get(first), now[first])
     others = f" (also differs: {', '.join(changed[1:])})" if changed[1:] else ""
     raise SppError(f"--resume: {what} {differs}; {how} to continue bit-exactly, or {start_over}{others}")
+
+
+def file_identity(path: Path) -> str:
+    """`size N bytes, modified T` of a file: what changes when it is rewritten, known without reading it (for the
+    files of a model spp did not write, whose hashes no manifest records; hashing them would read the whole model).
+    """
+    stat = Path(path).stat()
+    seconds, nanoseconds = divmod(stat.st_mtime_ns, 10**9)
+    return (f"size {stat.st_size} bytes, modified {time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}"
+            f".{nanoseconds:09d}Z")
+
+
+def _is_sha256(identity: str | None) -> bool:
+    return identity is not None and len(identity) == 64 and all(c in "0123456789abcdef" for c in identity)
+
+
+def _then_now(old: str | None, new: str | None) -> str:
+    """`sha256 abc… then, def… now`, or each identity in words (`absent` for none)."""
+    if _is_sha256(old) and _is_sha256(new):
+        return f"sha256 {old[:12]}… then, {new[:12]}… now"
+    words = [f"sha256 {i[:12]}…" if _is_sha256(i) else i or "absent" for i in (old, new)]
+    return f"{words[0]} then, {words[1]} now"
+
+
+def check_same_inputs(saved: dict | None, now: dict, what: str, start_over: str) -> None:
+    """Refuse to continue `what` when an input it recorded changed since.
+
+    Args:
+        saved: input (a file's path) -> its identity (a sha256, or `file_identity`), as recorded with the progress
+            or checkpoint (None: an older spp recorded none).
+        now: the same record for this run.
+        what: the thing being resumed, as the message names it.
+        start_over: how to start over instead.
+
+    Raises:
+        SppError: one line naming the first input that changed, its identity then and now, and the others.
+    """
+    if saved is None:
+        raise SppError(f"--resume: {what} recorded no identity of its inputs (it was made by an older spp), so "
+                       f"spp cannot tell whether its model or data changed since; {start_over}")
+    changed = [key for key in {**saved, **now} if saved.get(key) != now.get(key)]
+    if not changed:
+        return
+    first, others = changed[0], changed[1:]
+    also = ""
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        also = f", and so did {', '.join(others[:3])}{more}"
+    raise SppError(f"--resume: {first} changed since {what} ({_then_now(saved.get(first), now.get(first))}){also}; "
+                   f"{start_over}")

@@ -95,6 +95,22 @@ def hash_outputs(directory: Path) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
+def model_identity(directory: Path, manifest: Manifest | None) -> dict[str, str]:
+    """A model directory's identity, without reading its weights: for `config.json`, the safetensors index and
+    every weight shard, its path -> the sha256 `manifest` records for it (spp wrote and hashed it), else its size
+    and modification time (`spp.io.conditions.file_identity`: a model spp did not write; hashing it would read
+    the whole model). A file rewritten by hand under an unchanged manifest is not seen here (`spp verify` sees it).
+    """
+    from spp.io.checkpoint import safetensors_files
+    from spp.io.conditions import file_identity
+
+    directory = Path(directory)
+    recorded = manifest.outputs if manifest is not None else {}
+    files = [directory / "config.json", *sorted(directory.glob("*.safetensors.index.json")),
+             *safetensors_files(directory)]
+    return {str(p): recorded.get(p.relative_to(directory).as_posix()) or file_identity(p) for p in files if p.is_file()}
+
+
 def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
     """Hash the directory's files into `manifest.outputs` (and `mask_sha256` if a mask is there), then write it."""
     directory = Path(directory)

@@ -6,7 +6,8 @@ and a rename): `block-i.safetensors` (the block's pruned parameters and buffers,
 weight, keyed by block-relative layer name) and `hidden-(i+1).safetensors` (block i+1's
 calibration inputs, one (batch, seq, hidden) tensor per chunk of windows). Only then does
 `progress.json` (the settings it was made with, their sha256, the run conditions
-(`spp.io.conditions`: threads, device, dtype, versions), OWL's block sparsities once its
+(`spp.io.conditions`: threads, device, dtype, versions), the sha256 of every input file
+(`spp.prune.output.input_hashes`), OWL's block sparsities once its
 statistics pass is done (`save_owl`), and per finished block its statistics) advance to
 i + 1, and the now stale `hidden-i` is deleted. A kill between two writes therefore leaves
 `progress.json` pointing at complete files. The per-call keyword arguments of each block
@@ -28,7 +29,7 @@ from torch import nn
 
 from spp.errors import SppError
 from spp.io.checkpoint import PRUNE_PROGRESS_DIR, PRUNE_PROGRESS_FILE, read_json, write_json
-from spp.io.conditions import check_same_conditions
+from spp.io.conditions import check_same_conditions, check_same_inputs
 from spp.io.manifest import settings_sha256
 
 
@@ -79,22 +80,24 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise SppError(f"--resume: {path} is corrupt or truncated ({exc}); run without --resume to start over") from exc
 
 
-def start_progress(partial: Path, settings: dict, n_blocks: int, conditions: dict) -> None:
-    """Record a fresh run's settings and run conditions (no block finished yet)."""
+def start_progress(partial: Path, settings: dict, n_blocks: int, conditions: dict, inputs: dict) -> None:
+    """Record a fresh run's settings, run conditions and input files' sha256 (no block finished yet)."""
     directory = progress_dir(partial)
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / PRUNE_PROGRESS_FILE, {"settings": settings, "settings_sha256": settings_sha256(settings),
-                                                 "conditions": conditions, "n_blocks": n_blocks, "blocks_done": 0,
+                                                 "conditions": conditions, "inputs": inputs, "n_blocks": n_blocks,
+                                                 "blocks_done": 0,
                                                  "blocks": []})
 
 
-def check_resumable(partial: Path, settings: dict, conditions: dict) -> int:
-    """The number of finished blocks of the interrupted run in `partial`, if it used the same settings
-    and ran under the same conditions (`spp.io.conditions.run_conditions`), so the result stays bit-exact.
+def check_resumable(partial: Path, settings: dict, conditions: dict, inputs: dict) -> int:
+    """The number of finished blocks of the interrupted run in `partial`, if it used the same settings, read the
+    same input files (`inputs`: path -> sha256) and ran under the same conditions
+    (`spp.io.conditions.run_conditions`), so the result stays bit-exact.
 
     Raises:
-        SppError: no progress to resume, a setting differs (names the first differing key), or a run
-            condition differs (names it and how to match it).
+        SppError: no progress to resume, a setting differs (names the first differing key), an input file changed
+            (names it), or a run condition differs (names it and how to match it).
     """
     path = progress_dir(partial) / PRUNE_PROGRESS_FILE
     if not path.is_file():
@@ -107,6 +110,7 @@ def check_resumable(partial: Path, settings: dict, conditions: dict) -> int:
         first = changed[0] if changed else "settings"
         raise SppError(f"--resume: {first} was {old.get(first)!r} in the interrupted run but is {settings.get(first)!r} "
                        f"now ({len(changed)} setting(s) differ: {', '.join(changed)}); run without --resume to start over")
+    check_same_inputs(saved.get("inputs"), inputs, "the interrupted run", "run without --resume to start over")
     check_same_conditions(saved.get("conditions"), conditions, "the interrupted run",
                           "run without --resume to start over")
     return int(saved["blocks_done"])

@@ -32,7 +32,7 @@ from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
 from spp.prune.experts import check_expert_weights, prune_expert_weights, saved_pieces
 from spp.prune.masks import apply_mask, parse_pattern, select_mask, sparsity_stats
-from spp.prune.output import PruneReport, block_name, write_output  # noqa: F401  (block_name: used by spp.verify)
+from spp.prune.output import PruneReport, block_name, input_hashes, write_output  # noqa: F401  (block_name: spp.verify)
 from spp.prune.owl import outlier_share, owl_sparsities
 from spp.prune.plan import LayerPlan, plan_layers
 from spp.prune.ria import ria_scores
@@ -106,6 +106,7 @@ class _Checked:
     windows: torch.Tensor | None
     blocks_done: int = 0  # finished blocks of the interrupted run that --resume continues
     conditions: dict = field(default_factory=dict)  # spp.io.conditions.run_conditions of this run
+    inputs: dict = field(default_factory=dict)  # input file -> sha256 (output.input_hashes), once per run
     checkpoint: Any = None  # the input model, resolved once (spp.io.reader.Checkpoint)
     plan: LayerPlan | None = None  # which layers are pruned, at which sparsity (before OWL)
 
@@ -156,13 +157,14 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
         windows = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, seqlen, cfg.seed)
     blocks_done = 0
     conditions = prune_conditions(cfg, device, model_config)
+    inputs = input_hashes(cfg, checkpoint)  # reads the model's files once: the progress and the manifest record it
     if cfg.resume:
         from spp.io.checkpoint import partial_path
         from spp.io.progress import check_resumable
 
-        blocks_done = check_resumable(partial_path(Path(cfg.output)), resume_settings(cfg, windows), conditions)
+        blocks_done = check_resumable(partial_path(Path(cfg.output)), resume_settings(cfg, windows), conditions, inputs)
     return _Checked(seqlen=seqlen, device=device, tokenizer=tokenizer, windows=windows, blocks_done=blocks_done,
-                    conditions=conditions, checkpoint=checkpoint, plan=plan)
+                    conditions=conditions, checkpoint=checkpoint, plan=plan, inputs=inputs)
 
 
 def layer_plan(model: nn.Module, cfg: PruneConfig) -> LayerPlan:
@@ -216,7 +218,7 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
         with _workdir(cfg) as tmp:
             if not checked.blocks_done:
                 start_progress(tmp, resume_settings(cfg, checked.windows), len(find_decoder_blocks(model)[1]),
-                               checked.conditions)
+                               checked.conditions, checked.inputs)
             pruned = prune_model(model, checked.windows, cfg, checked.device, on_module,
                                  partial=tmp, blocks_done=checked.blocks_done, pieces=checked.checkpoint.pieces)
             shutil.rmtree(progress_dir(tmp))

@@ -87,7 +87,7 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
         "source": checked.checkpoint.source,  # a GGUF file's record: the weights pruned were dequantized from it
     }
     wall = time.perf_counter() - start
-    write_manifest(tmp, Manifest(stage="prune", settings=to_dict(cfg), inputs=_input_hashes(cfg, checked.checkpoint),
+    write_manifest(tmp, Manifest(stage="prune", settings=to_dict(cfg), inputs=checked.inputs,  # hashed at the start
                                  conditions=checked.conditions,
                                  details=details, wall_time_s=wall, peak_memory=peak_memory_bytes()))
     return PruneReport(output=Path(cfg.output), method=cfg.method, pattern=cfg.pattern,
@@ -128,9 +128,10 @@ def _block_details(module_stats: dict[str, dict], requested: dict[str, float]) -
                 "numel": r["numel"], "pruned": r["pruned"]} for b, r in table.items()}
 
 
-def _input_hashes(cfg: PruneConfig, checkpoint) -> dict[str, str]:
+def input_hashes(cfg: PruneConfig, checkpoint) -> dict[str, str]:
     """sha256 of the local model directory's files (of the file, for a GGUF file) and of a local calibration file
-    (hub ids are recorded as such)."""
+    (hub ids are recorded as such). Computed once per run, before any weight is loaded: the manifest records it, and
+    so does the progress, which `--resume` compares with it (`spp.io.progress.check_resumable`)."""
     from spp.io.checkpoint import sha256_file
 
     out = {}

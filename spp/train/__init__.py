@@ -3,8 +3,8 @@
 `run_train(cfg)` reads top to bottom: check the inputs (base directory, mask file and
 manifest, data, output), start accelerate, tokenize the data, load the pruned model
 and wrap its target layers in the adapter layer of `cfg.adapter` (`spp.adapter`), then run `train.loop` inside the output's
-`DIR.partial/` (kept on a crash so `--resume` can continue, under the same run conditions,
-`spp.io.conditions`), check the pruned-entries
+`DIR.partial/` (kept on a crash so `--resume` can continue, under the same run conditions and from
+the same base, mask, data and teacher, `spp.io.conditions`), check the pruned-entries
 invariant on the effective weights, and write the adapter, the manifest and the log.
 The loop itself (steps, checkpoints, resume state) is `spp.train.loop`; with `distributed: fsdp`
 the model is sharded by `spp.train.fsdp` instead of being prepared (wrapped in DDP) by accelerate.
@@ -24,7 +24,7 @@ import torch
 
 from spp.config import TrainConfig, read_yaml, to_dict, write_yaml
 from spp.errors import SppError
-from spp.io.conditions import check_same_conditions, run_conditions
+from spp.io.conditions import check_same_conditions, check_same_inputs, run_conditions
 from spp.io.checkpoint import MASK_FILE, RESOLVED_CONFIG_FILE, TRAIN_LOG_FILE, atomic_dir, check_output_dir, partial_path, sha256_file
 
 PRECISIONS = {"fp32": ("no", "float32"), "bf16": ("bf16", "bfloat16"), "fp16": ("fp16", "float16")}  # accelerate, base dtype
@@ -69,10 +69,12 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     checkpoint, output = check_inputs(cfg)
     base, mask_sha256 = checkpoint.directory, checkpoint.mask_sha256
     teacher_dir = check_teacher(cfg, base) if cfg.teacher else None  # configs and tokenizers only: cheap
+    data_hashes = data_identity(cfg.data_path)  # hashed once: the checkpoints and the manifest record it
+    inputs = input_identity(checkpoint, data_hashes, teacher_dir)
     accelerator = make_accelerator(cfg)
     conditions = run_conditions(accelerator.device, PRECISIONS[cfg.precision][1], accelerator.num_processes)
     if cfg.resume:
-        check_resumable_conditions(partial_path(output), conditions)
+        check_resumable_conditions(partial_path(output), conditions, inputs)
     tokenizer = load_tokenizer(str(base))
     train, val = build_examples(cfg, tokenizer)
     total_steps = plan_steps(cfg, len(train))
@@ -115,7 +117,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
         distill = Distillation.build(cfg, teacher, accelerator.unwrap_model(model)) if teacher is not None else None
 
         with output_workdir(accelerator, output, cfg) as workdir:
-            state = LoopState(run_conditions=conditions)
+            state = LoopState(run_conditions=conditions, inputs=inputs)
             if cfg.resume:
                 last = checkpoint_dirs(workdir)[-1]
                 state = load_checkpoint(accelerator, model, optimizer, last, len(train), sharded)
@@ -147,7 +149,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
                 check_pruned_zeros(unwrapped, masks)
                 save_adapter(unwrapped, adapter_cfg, workdir)
             if accelerator.is_main_process:
-                write_train_manifest(workdir, cfg, base, mask_sha256, report, conditions)
+                write_train_manifest(workdir, cfg, base, mask_sha256, report, conditions, data_hashes)
             accelerator.wait_for_everyone()
         return report
     finally:
@@ -214,18 +216,53 @@ def check_resumable(cfg: TrainConfig, partial: Path) -> None:
                        f"({len(changed)} setting(s) differ: {', '.join(changed)})")
 
 
-def check_resumable_conditions(partial: Path, conditions: dict) -> None:
-    """A --resume continues bit-exactly only under the run conditions its last checkpoint recorded.
+def check_resumable_conditions(partial: Path, conditions: dict, inputs: dict) -> None:
+    """A --resume continues bit-exactly only from the inputs (`input_identity`) and under the run conditions its
+    last checkpoint recorded.
 
     Raises:
-        SppError: a condition differs (threads, device, dtype, processes, versions), naming how to match it.
+        SppError: an input changed (the mask file, a base file, the data, a teacher file: names it), or a
+            condition differs (threads, device, dtype, processes, versions), naming how to match it.
     """
     from spp.io.checkpoint import TRAINER_STATE_FILE, read_json
     from spp.train.loop import checkpoint_dirs
 
     saved = read_json(checkpoint_dirs(partial)[-1] / TRAINER_STATE_FILE, what="trainer state")
+    check_same_inputs(saved.get("inputs"), inputs, "the interrupted run", "start over with --overwrite (without --resume)")
     check_same_conditions(saved.get("run_conditions"), conditions, "the interrupted run",
                           "start over with --overwrite (without --resume)")
+
+
+def data_identity(source: str) -> dict[str, str]:
+    """sha256 of the local data file (of every file under a local dataset directory), keyed by path; nothing for a
+    hub dataset (its name and split are settings, compared on --resume as such)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return {str(path): sha256_file(path)}
+    if path.is_dir():
+        return {str(p): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    return {}
+
+
+def input_identity(checkpoint, data_hashes: dict[str, str], teacher: Path | None) -> dict[str, str]:
+    """What a run trains from, path -> identity, as every checkpoint records it for --resume
+    (`spp.io.conditions.check_same_inputs`). No weight is read for it:
+
+    - the mask file: its sha256, which `read_checkpoint` computed;
+    - the base's `config.json`, index and weight shards: the sha256 its manifest records (`spp.io.manifest.model_identity`);
+    - the data: `data_hashes` (`data_identity`, hashed once per run);
+    - the teacher's files, the same way as the base's: its manifest's sha256 when it has one, else each file's
+      size and modification time (a dense model as downloaded; hashing it would read the whole model).
+    """
+    from spp.io.checkpoint import MANIFEST_FILE
+    from spp.io.manifest import model_identity, read_manifest
+
+    out = {str(checkpoint.mask_file): checkpoint.mask_sha256, **model_identity(checkpoint.directory, checkpoint.manifest),
+           **data_hashes}
+    if teacher is not None:
+        manifest = read_manifest(teacher) if (teacher / MANIFEST_FILE).is_file() else None
+        out.update(model_identity(teacher, manifest))
+    return out
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -397,14 +434,12 @@ def _check_zeros(name: str, W: torch.Tensor, W_eff: torch.Tensor, keep: torch.Te
 
 
 def write_train_manifest(workdir: Path, cfg: TrainConfig, base: Path, mask_sha256: str, report: TrainReport,
-                         conditions: dict | None = None) -> None:
-    """`spp_manifest.json` for the train stage: inputs hashed, trainable parameters, final losses."""
+                         conditions: dict | None = None, data_hashes: dict[str, str] | None = None) -> None:
+    """`spp_manifest.json` for the train stage: inputs hashed (the data as `data_hashes` found it at the start of the
+    run; hashed here without it), trainable parameters, final losses."""
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
 
-    inputs = {str(base / MASK_FILE): mask_sha256}
-    data = Path(cfg.data_path).expanduser()
-    if data.is_file():
-        inputs[str(data)] = sha256_file(data)
+    inputs = {str(base / MASK_FILE): mask_sha256, **(data_identity(cfg.data_path) if data_hashes is None else data_hashes)}
     details = {key: getattr(report, key) for key in ("steps", "train_loss", "val_loss", "trainable_params",
                                                      "adapted_modules", "train_examples", "val_examples",
                                                      "world_size", "tokens_seen", "resumed_from")}

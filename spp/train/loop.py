@@ -104,6 +104,7 @@ class LoopState:
     train_loss: float | None = None  # loss of the last step
     val_loss: float | None = None  # last validation loss
     run_conditions: dict = field(default_factory=dict)  # spp.io.conditions the run computes under (--resume checks)
+    inputs: dict = field(default_factory=dict)  # spp.train.input_identity: what the run trains from (--resume checks)
 
 
 def checkpoint_dirs(workdir: Path) -> list[Path]:
