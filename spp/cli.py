@@ -155,6 +155,12 @@ def prune(
         if key not in given:
             raise SppError(f"--{key} is required (or `{key}:` in --config)")
     cfg = merge_into(PruneConfig, layers)
+    if config:
+        from pathlib import Path
+
+        from spp.io.checkpoint import check_not_an_input
+
+        check_not_an_input(Path(cfg.output), [("--config", config)])  # the stage checks its other inputs
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     # off when stdout is not a terminal: rich would write a bare newline on exit, before any error line
@@ -226,6 +232,12 @@ def train(
     cfg = merge_into(TrainConfig, [(str(path), read_yaml(path)),
                                    ("flags", {k: v for k, v in flags.items() if v is not None}),
                                    ("--set", parse_set(set_ or []))])
+    if cfg.output_dir:
+        from pathlib import Path
+
+        from spp.io.checkpoint import check_not_an_input
+
+        check_not_an_input(Path(cfg.output_dir), [("--config", path)])  # the stage checks its other inputs
     from spp.train import run_train
 
     with quiet_output():

@@ -51,25 +51,27 @@ def run_export(cfg: ExportConfig) -> ExportReport:
         SppError: the input has no mask file, a pruned entry is not +0.0, a weight is NaN or ±inf
             (`spp.io.finite`), the input is not (or is already) compressed, or the output exists without `overwrite`.
     """
-    from spp.io.checkpoint import atomic_dir, check_output_dir
+    from spp.io.checkpoint import atomic_dir, check_not_an_input, check_output_dir
     from spp.io.compressed import SUFFIX
 
     start, source = time.perf_counter(), Path(cfg.model)
     if not source.is_dir():
         raise SppError(f"--model {source} is not a directory")
+    check_not_an_input(Path(cfg.output), [("--model", source)], in_place="--model", overwrite=cfg.overwrite)
     check_output_dir(Path(cfg.output), cfg.overwrite)
     packed = sorted(source.glob("*" + SUFFIX))
     if cfg.compressed and packed:
         raise SppError(f"{source} is already compressed ({packed[0].name}); use --dense to restore it")
     if not cfg.compressed and not packed:
         raise SppError(f"{source} holds no {SUFFIX} files: it is not an `spp export --compressed` output")
+    bytes_in = _directory_bytes(source)  # now: with --output equal to --model the output is renamed over it
     with atomic_dir(Path(cfg.output), overwrite=cfg.overwrite) as tmp:
         tensors, dense, compressed = (_compress if cfg.compressed else _restore)(source, tmp)
         if cfg.compressed:
             _write_manifest(cfg, tmp, tensors, dense, compressed, start)
     return ExportReport(output=Path(cfg.output), direction="compressed" if cfg.compressed else "dense",
                         tensors=tensors, dense_bytes=dense, compressed_bytes=compressed,
-                        total_bytes_in=_directory_bytes(source), total_bytes_out=_directory_bytes(cfg.output))
+                        total_bytes_in=bytes_in, total_bytes_out=_directory_bytes(cfg.output))
 
 
 def _compress(source: Path, tmp: Path) -> tuple[int, int, int]:

@@ -244,6 +244,11 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
     adapter_dir, output = Path(cfg.adapter).expanduser(), Path(cfg.output).expanduser()
     adapter_cfg = read_adapter_config(adapter_dir)
     model_dir = resolve_base(cfg, adapter_cfg)
+    from spp.io.checkpoint import check_not_an_input
+
+    base_label = "--model" if cfg.model else "the base the adapter records"
+    check_not_an_input(output, [(base_label, model_dir), ("--adapter", adapter_dir)], in_place="--model",
+                       overwrite=cfg.overwrite)
     check_output_dir(output, cfg.overwrite)
     if not model_dir.is_dir():
         raise SppError(f"base model {model_dir} does not exist (pass --model PRUNED_DIR)")

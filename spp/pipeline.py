@@ -186,6 +186,31 @@ def plan(cfg: PipelineConfig, source: str = "pipeline") -> list[Step]:
     return prunes + trains + merges + evals
 
 
+def check_stage_folders(cfg: PipelineConfig, steps: list[Step], path: Path) -> None:
+    """Refuse a stage folder that is, contains or lies inside one of the run's own inputs (symlinks resolved):
+    the model, a calibration file, the training data or teacher, a perplexity file or task data, the pipeline file.
+    Unlike `spp prune --output MODEL --overwrite`, a run never replaces its model in place.
+
+    Raises:
+        SppError: naming the stage folder and the input (`spp.io.checkpoint.check_not_an_input`).
+    """
+    from spp.io.checkpoint import check_not_an_input
+
+    inputs = [("model:", cfg.model), ("the pipeline file", path)]
+    for step in steps:
+        c = step.config
+        if step.stage == "prune":
+            inputs.append(("prune calib:", c.calib))
+        elif step.stage == "train":
+            inputs += [("train data_path:", c.data_path), ("train teacher:", c.teacher)]
+        elif step.stage == "eval":
+            inputs += [("eval ppl:", p) for spec in c.ppl for p in (spec, spec.partition(":")[2])]
+            inputs.append(("eval task_data:", c.task_data))
+    inputs = list(dict.fromkeys(inputs))
+    for step in steps:
+        check_not_an_input(step.folder, inputs, flag=f"the {step.label} folder")
+
+
 def stage_range(from_stage: str | None, until_stage: str | None) -> tuple[str, ...]:
     """The stages between --from and --until, inclusive.
 
@@ -429,6 +454,7 @@ def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | N
     cfg = load_pipeline(path)
     in_range = stage_range(from_stage, until_stage)
     steps = plan(cfg, source=str(path))
+    check_stage_folders(cfg, steps, path)
     for step in steps:  # everything before the range must already be there
         if STAGES.index(step.stage) < STAGES.index(in_range[0]):
             reason = stale_reason(step)

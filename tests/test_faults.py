@@ -151,8 +151,6 @@ def test_resume_refuses_other_settings_and_a_fresh_run_clears_the_partial(model4
     moved = prune_args(model4, other_text, out, "wanda")
     assert_one_error(invoke(*moved, "--resume"), "calib was")
     assert snapshot(tmp_path) == {**before, "other.txt": snapshot(tmp_path)["other.txt"]}
-    assert_one_error(invoke(*prune_args(model4, calib, tmp_path / "never", "wanda"), "--resume"),
-                     "there is no interrupted prune in")
 
     stale = partial_path(out) / "stale-file"
     stale.write_text("left by a crash")
@@ -459,6 +457,12 @@ def world(tmp_path_factory, pruned_tiny_dir, text_file) -> Path:
     (root / "empty-adapter" / "adapter_model.safetensors").write_bytes(b"")
     (root / "train-unknown.yaml").write_text("lerning_rate: 0.01\n")
     (root / "empty.yaml").write_text("")
+    (root / "inputs").mkdir()  # a folder of inputs, for outputs that would contain one
+    shutil.copy(text_file, root / "inputs" / "text.txt")
+    (root / "inputs" / "train.yaml").write_text("seed: 1\n")
+    (root / "base-link").symlink_to(root / "base")
+    (root / "nest" / "wanda-2of4").mkdir(parents=True)
+    (root / "nest" / "wanda-2of4" / "prune").symlink_to(root / "base")  # an `spp run` stage folder that is the model
     pipeline = {"model": str(root / "base"), "output": str(root / "run"),
                 "prune": {"method": "wanda", "calib": str(root / "text.txt"), "nsamples": 2, "seqlen": 32},
                 "sweep": [{"pattern": "2:4"}],
@@ -476,6 +480,8 @@ def world(tmp_path_factory, pruned_tiny_dir, text_file) -> Path:
     write_pipeline("pipeline-truncated.yaml", model=str(root / "truncated-shard"))
     write_pipeline("pipeline-to-file.yaml", output=str(root / "afile"))
     write_pipeline("pipeline-ro.yaml", output=str(root / "ro" / "run"))
+    write_pipeline("pipeline-into-model.yaml", output=str(root / "base"))
+    write_pipeline("pipeline-stage-is-model.yaml", output=str(root / "nest"))
     return root
 
 
@@ -612,7 +618,6 @@ BAD_INPUTS = [  # (case, argv with {w} for the world folder, words the one error
     ("train: --set without =", [*TRAIN, "--output", f"{W}/out", "--set", "seed"], ["must look like key=value"]),
     ("train: max steps 0", [*TRAIN, "--output", f"{W}/out", "--max-steps", "0"], ["max_steps=0 is out of range"]),
     ("train: negative learning rate", [*TRAIN, "--output", f"{W}/out", "--set", "learning_rate=-1"], ["learning_rate=-1"]),
-    ("train: resume with no checkpoint", [*TRAIN, "--output", f"{W}/out", "--resume"], ["no checkpoint"]),
     ("train: output is a file", [*TRAIN, "--output", f"{W}/afile", "--overwrite"], ["afile exists and is not a directory"]),
     ("train: unwritable output", [*TRAIN, "--output", f"{W}/ro/out"], ["permission denied"]),
     ("merge: adapter of another base", [*MERGE, "--output", f"{W}/out", "--adapter", f"{W}/other-adapter"],
@@ -638,6 +643,36 @@ BAD_INPUTS = [  # (case, argv with {w} for the world folder, words the one error
     ("run: unwritable output", ["run", f"{W}/pipeline-ro.yaml"], ["permission denied"]),
     ("demo: output is a file", ["demo", "--output", f"{W}/afile"], ["afile exists and is not a directory"]),
     ("demo: unwritable output", ["demo", "--output", f"{W}/ro/demo"], ["permission denied"]),
+    # an output that is, contains or lies inside an input (issue 23 item 4)
+    ("train: output is the model", [*TRAIN, "--output", f"{W}/base", "--overwrite"], ["is --model", "/base"]),
+    ("train: output is the model via a symlink", [*TRAIN, "--output", f"{W}/base-link", "--overwrite"],
+     ["base-link is --model", "symlinks resolved"]),
+    ("train: output inside the model", [*TRAIN, "--output", f"{W}/base/train"], ["lies inside --model"]),
+    ("train: output contains the data", [*TRAIN[:-1], f"{W}/inputs/text.txt", "--output", f"{W}/inputs", "--overwrite"],
+     ["contains --data", "inputs/text.txt"]),
+    ("train: output is the teacher", [*TRAIN, "--set", "kd_weight=1", "--teacher", f"{W}/other", "--output",
+                                      f"{W}/other", "--overwrite"], ["is --teacher"]),
+    ("train: output contains the config", ["train", "--config", f"{W}/inputs/train.yaml", *TRAIN[3:], "--output",
+                                           f"{W}/inputs", "--overwrite"], ["contains --config", "train.yaml"]),
+    ("prune: output inside the model", [*PRUNE, "--output", f"{W}/base/pruned"], ["lies inside --model"]),
+    ("prune: output contains the model", [*PRUNE, "--output", f"{W}", "--overwrite"], ["contains --model"]),
+    ("prune: output is the model, no --overwrite", [*PRUNE, "--output", f"{W}/base"], ["is --model", "--overwrite"]),
+    ("prune: output contains the calibration file", [*PRUNE, "--method", "wanda", "--calib", f"{W}/inputs/text.txt",
+                                                     "--output", f"{W}/inputs", "--overwrite"], ["contains --calib"]),
+    ("merge: output is the adapter", [*MERGE, "--output", f"{W}/adapter", "--overwrite"], ["is --adapter"]),
+    ("merge: output inside the recorded base", ["merge", "--adapter", f"{W}/adapter", "--output", f"{W}/base/merged"],
+     ["lies inside the base the adapter records", "/base"]),
+    ("export: output inside the model", ["export", "--model", f"{W}/base", "--output", f"{W}/base/packed"],
+     ["lies inside --model"]),
+    ("eval: output is the model", [*EVAL, "--output", f"{W}/base", "--overwrite"], ["is --model"]),
+    ("eval: output is the adapter", [*EVAL, "--adapter", f"{W}/adapter", "--output", f"{W}/adapter", "--overwrite"],
+     ["is --adapter"]),
+    ("eval: output contains a perplexity file", [*EVAL, "--ppl", f"{W}/inputs/text.txt", "--output", f"{W}/inputs",
+                                                 "--overwrite"], ["contains --ppl", "inputs/text.txt"]),
+    ("run: stage folders inside the model", ["run", f"{W}/pipeline-into-model.yaml"],
+     ["wanda-2of4/prune", "lies inside model:"]),
+    ("run: a stage folder is the model", ["run", f"{W}/pipeline-stage-is-model.yaml"],
+     ["wanda-2of4/prune", "is model:", "symlinks resolved"]),
 ]
 
 
@@ -650,6 +685,99 @@ def test_bad_input_is_one_error_line_and_changes_nothing(world, read_only, case,
     result = invoke(*[a.format(w=world) if isinstance(a, str) else a for a in argv])
     assert_one_error(result, *words)
     assert snapshot(world) == before
+
+
+# --------------------------------------------------------------------------- in place, one run per output, nothing to resume
+
+
+def test_prune_merge_and_export_replace_their_model_in_place_with_overwrite(model4, calib, world, tmp_path):
+    """The one exception to "an output is never an input": the same result as writing elsewhere, and nothing left."""
+    from test_merge import make_adapter
+
+    from spp.config import ExportConfig
+    from spp.export import run_export
+
+    elsewhere, here = tmp_path / "pruned", tmp_path / "here"
+    shutil.copytree(model4, here)
+    assert invoke(*prune_args(model4, calib, elsewhere, "wanda")).exit_code == 0
+    result = invoke(*prune_args(here, calib, here, "wanda"), "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert_bitwise_equal(saved_tensors(elsewhere), saved_tensors(here))
+    assert (elsewhere / MASK_FILE).read_bytes() == (here / MASK_FILE).read_bytes()
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    shutil.copytree(world / "base", base)
+    make_adapter(base, adapter)
+    merge = ["merge", "--model", base, "--adapter", adapter]
+    assert invoke(*merge, "--output", tmp_path / "merged").exit_code == 0
+    result = invoke(*merge, "--output", base, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert_bitwise_equal(saved_tensors(tmp_path / "merged"), saved_tensors(base))
+    assert invoke("verify", base).exit_code == 0
+
+    size = sum(p.stat().st_size for p in here.rglob("*") if p.is_file())
+    packed = run_export(ExportConfig(model=str(elsewhere), output=str(tmp_path / "packed")))
+    in_place = run_export(ExportConfig(model=str(here), output=str(here), overwrite=True))
+    assert in_place.total_bytes_in == size  # the input as it was, not the output renamed over it
+    assert (in_place.tensors, in_place.compressed_bytes) == (packed.tensors, packed.compressed_bytes)
+    assert snapshot(here).keys() == snapshot(tmp_path / "packed").keys()
+    for spz in (tmp_path / "packed").glob("*.spz"):  # safetensors writes metadata in no fixed order: compare tensors
+        assert_bitwise_equal(load_file(str(spz)), load_file(str(here / spz.name)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "here", "merged", "packed", "pruned"]
+
+
+def test_a_second_run_into_the_same_output_is_refused_naming_the_first(model4, calib, world, tmp_path):
+    """A lock file holding a live pid of this host (a real process) refuses every stage before any work; once that
+    process is gone the lock is stale and the next run takes it over."""
+    import socket
+
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / "out.lock").write_text(json.dumps({"pid": first.pid, "host": socket.gethostname()}))
+        partial_path(out).mkdir()
+        (partial_path(out) / "first-run.txt").write_text("being written")
+        before = snapshot(tmp_path)
+        train = ["train", "--config", "tinystories.yaml", "--model", world / "base", "--data", world / "text.txt",
+                 "--output", out]
+        for argv in (prune_args(model4, calib, out, "wanda"), [*prune_args(model4, calib, out, "wanda"), "--resume"],
+                     [*prune_args(model4, calib, out, "wanda"), "--overwrite"], train, [*train, "--resume"]):
+            assert_one_error(invoke(*argv), str(out), f"pid {first.pid} on {socket.gethostname()}")
+            assert snapshot(tmp_path) == before
+    finally:
+        first.kill()
+        first.wait()
+    result = invoke(*prune_args(model4, calib, out, "wanda"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_prune_resume_with_nothing_done_starts_from_the_beginning_with_a_note(model4, calib, tmp_path):
+    straight, out = tmp_path / "straight", tmp_path / "out"
+    assert invoke(*prune_args(model4, calib, straight, "wanda")).exit_code == 0
+    for leftover in (None, "model.safetensors"):  # never started; killed while writing the finished output
+        if leftover:
+            shutil.rmtree(out)
+            partial_path(out).mkdir()
+            (partial_path(out) / leftover).write_text("half a file")
+        result = invoke(*prune_args(model4, calib, out, "wanda"), "--resume")
+        assert result.exit_code == 0, result.output
+        assert "note: --resume: nothing to resume" in result.stderr and "starting from the beginning" in result.stderr
+        assert_bitwise_equal(saved_tensors(straight), saved_tensors(out))
+        assert not partial_path(out).exists()
+
+
+def test_train_resume_with_no_checkpoint_starts_from_the_beginning_with_a_note(pruned_tiny_dir, text_file, tmp_path):
+    from test_train import cli_args, tiny_cfg
+
+    out = tmp_path / "out"
+    args = cli_args(tiny_cfg(pruned_tiny_dir, text_file, out, max_steps=1, val_set_size=0))
+    partial_path(out).mkdir()
+    (partial_path(out) / "train_log.jsonl").write_text("")  # killed before its first checkpoint
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "note: --resume: nothing to resume" in result.stderr and "starting from the beginning" in result.stderr
+    assert (out / "adapter_model.safetensors").is_file() and not partial_path(out).exists()
 
 
 # --------------------------------------------------------------------------- properties

@@ -87,6 +87,57 @@ def test_atomic_dir_reports_disk_errors_and_leaves_nothing(tmp_path, code, words
     assert list(tmp_path.iterdir()) == []
 
 
+def _write_lock(out, pid, host):
+    """The lock file a run building `out` holds (as `atomic_dir` writes it): its pid and host."""
+    (tmp := out.with_name(out.name + ".lock")).write_text(json.dumps({"pid": pid, "host": host}))
+    return tmp
+
+
+def test_atomic_dir_refuses_a_live_lock_naming_its_owner_and_keeps_its_partial(tmp_path):
+    import socket
+
+    out = tmp_path / "out"
+    partial_path(out).mkdir()
+    (partial_path(out) / "first-run.txt").write_text("being written")
+    here = socket.gethostname()
+    for pid, host in ((os.getppid(), here), (12345, "another-host")):  # alive here; on a host we cannot check
+        _write_lock(out, pid, host)
+        with pytest.raises(SppError) as raised:
+            with atomic_dir(out, overwrite=True):
+                pass
+        line = str(raised.value)
+        assert f"pid {pid} on {host}" in line and "\n" not in line and str(out) in line
+        assert (partial_path(out) / "first-run.txt").read_text() == "being written" and not out.exists()
+    with pytest.raises(SppError, match="another-host"):  # refused before any work, by check_output_dir too
+        from spp.io.checkpoint import check_output_dir
+
+        check_output_dir(out, overwrite=True)
+
+
+def test_atomic_dir_takes_over_a_dead_owners_lock_and_leaves_none(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    lock = _write_lock(out, dead.pid, socket.gethostname())
+    partial_path(out).mkdir()
+    (partial_path(out) / "killed-run.txt").write_text("left by a kill")
+    with atomic_dir(out) as part:
+        held = json.loads(lock.read_text())
+        assert (held["pid"], held["host"]) == (os.getpid(), socket.gethostname())
+        assert not (part / "killed-run.txt").exists()  # a run without resume starts over
+        (part / "a.txt").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the lock is gone and never was in the output
+    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    with pytest.raises(ValueError):  # a failed run releases its lock too
+        with atomic_dir(tmp_path / "failed"):
+            raise ValueError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_json_roundtrip_and_errors(tmp_path):
     write_json(tmp_path / "a.json", {"k": [1, 2]})
     assert read_json(tmp_path / "a.json") == {"k": [1, 2]}

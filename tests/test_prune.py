@@ -378,7 +378,7 @@ BAD_INPUTS = [
     ("sparsity vs N:M", ["--pattern", "2:4", "--sparsity", "0.6"], r"contradicts --pattern 2:4"),
     ("in-dim not divisible", ["--pattern", "4:8"], r"model\.layers\.0\.mlp\.down_proj has weight \(out, in\) = \(32, 36\)"),
     ("missing model", ["--model", "{tmp}/nope"], r"model .*nope does not exist"),
-    ("dir without model", ["--model", "{tmp}"], r"holds no model"),
+    ("dir without model", ["--model", "{tmp}/exists"], r"holds no model"),  # not {tmp}: --output is inside it
     ("missing calib", ["--calib", "{tmp}/none.txt"], r"--calib .*none\.txt: no such file"),
     ("empty calib", ["--calib", "{tmp}/empty.txt"], r"empty"),
     ("short calib", ["--calib", "{tmp}/short.txt"], r"has only 5 tokens"),

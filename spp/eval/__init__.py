@@ -130,6 +130,12 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
 
     start = time.time()
     check_hub_sources(cfg)  # offline, a hub set or task fails here in a second, before any model is read
+    if cfg.output:
+        from spp.io.checkpoint import check_not_an_input
+
+        ppl = [("--ppl", path) for spec in cfg.ppl for path in (spec, spec.partition(":")[2])]  # PATH or NAME:PATH
+        check_not_an_input(Path(cfg.output), [("--model", cfg.model), ("--adapter", cfg.adapter), *ppl,
+                                              ("--task-data", cfg.task_data)])
     checkpoint = read_checkpoint(cfg.model)  # names as transformers resolves them, shapes, shards, manifest, masks
     seqlen = resolve_seqlen(cfg.seqlen, context_length(checkpoint.config))
     device, _ = resolve_device(cfg.device), resolve_dtype(cfg.dtype)

@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -28,12 +30,66 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's names, so the files
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 RESULTS_FILE = "results.json"
 PARTIAL_SUFFIX = ".partial"
+LOCK_SUFFIX = ".lock"
 
 
 def partial_path(output: Path) -> Path:
     """The fixed sibling where `output` is built (fixed so a resumed run can find it)."""
     output = Path(output)
     return output.with_name(output.name + PARTIAL_SUFFIX)
+
+
+def lock_path(output: Path) -> Path:
+    """`output.lock`, the lock a run holds while it builds `output` (`atomic_dir`): a sibling, never in the output."""
+    output = Path(output)
+    return output.with_name(output.name + LOCK_SUFFIX)
+
+
+def check_not_an_input(output: Path, inputs, flag: str = "--output", in_place: str | None = None,
+                       overwrite: bool = False) -> None:
+    """Refuse, before any work, an output that is, contains or lies inside one of the stage's inputs.
+
+    Writing `output` replaces it whole and first clears its build directory `output.partial/`, so an input in
+    either would be lost, or read while it is replaced. Paths are compared with symlinks resolved. Inputs that do
+    not exist here (a hub id, a hub data set) are skipped, and so is the output's own `RESOLVED_CONFIG_FILE` given as
+    the config (read whole before any work; the run writes its own). The one exception is `in_place`: the input
+    (`--model` of prune, merge and export) that `output` may equal with `overwrite` (by its own path, not through a
+    symlink), because those stages read it into the complete replacement they build in `output.partial/`, rename
+    that over it, and read nothing after.
+
+    Args:
+        output: the directory the stage writes.
+        inputs: (label, path) pairs, e.g. ("--model", "pruned"); a None or empty path is skipped.
+        flag: how the message names the output.
+
+    Raises:
+        SppError: one line naming the output, the input and how they relate.
+    """
+    output = Path(output).expanduser()
+    partial = partial_path(Path(os.path.abspath(output)))  # named also for `--output .`
+    targets = [(t, t.resolve(), Path(os.path.abspath(t))) for t in (output, partial)]
+    for label, given in inputs:
+        path = Path(str(given)).expanduser() if given else None
+        if path is None or not path.exists() or path.resolve() == targets[0][1] / RESOLVED_CONFIG_FILE:
+            continue
+        real = path.resolve()
+        for target, target_real, target_abs in targets:
+            relation = ("is" if real == target_real else "contains" if target_real in real.parents
+                        else "lies inside" if real in target_real.parents else None)
+            if relation is None:
+                continue
+            own_path = Path(os.path.abspath(path)) == target_abs and not target.is_symlink()  # the rename's target
+            if relation == "is" and target == output and label == in_place and own_path:
+                if overwrite:
+                    continue
+                raise SppError(f"{flag} {output} is {label} {given}: pass --overwrite to replace it in place (built "
+                               f"in {partial.name}, then renamed over it), or choose another {flag}")
+            where = f"{flag} {output}" if target == output else f"{flag} {output} is built in {target}, which"
+            resolved = f"both are {real}" if relation == "is" else f"{target_real} and {real}"
+            symlinks = ("" if (target_real, real) == (target_abs, Path(os.path.abspath(path)))
+                        else f" (symlinks resolved: {resolved})")
+            raise SppError(f"{where} {relation} {label} {given}{symlinks}: an output must lie outside every input "
+                           f"(it is replaced whole); choose another {flag}")
 
 
 def check_output_dir(output: Path, overwrite: bool, flag: str = "--output") -> None:
@@ -43,6 +99,9 @@ def check_output_dir(output: Path, overwrite: bool, flag: str = "--output") -> N
         SppError: naming the directory and the flag that would allow it.
     """
     output = Path(output)
+    owner = _read_lock(lock_path(output))
+    if owner is not None and not _lock_is_stale(owner):
+        raise _held(output, owner, flag)
     if output.exists() and not overwrite:
         raise SppError(f"{flag} {output} already exists; pass --overwrite to replace it")
     if output.exists() and not output.is_dir():
@@ -88,50 +147,151 @@ def describe_os_error(exc: OSError, path: Path) -> str:
     return f"could not write {path}: {exc.strerror or exc}"
 
 
+def _read_lock(lock: Path) -> dict | None:
+    """The owner a lock file records ({"pid", "host", "since"}); None when there is no lock. A lock that stays
+    unreadable (its process died between creating and writing it) reads as {}, which `_lock_is_stale` calls stale."""
+    for _ in range(3):
+        try:
+            owner = json.loads(lock.read_text())
+            if isinstance(owner, dict):
+                return owner
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)  # its owner may be writing it this moment
+    return {}
+
+
+def _lock_is_stale(owner: dict) -> bool:
+    """True for a lock of this host whose process no longer runs (a killed run), or that records no owner.
+    A lock of another host cannot be checked from here: it counts as held."""
+    pid, host = owner.get("pid"), owner.get("host")
+    if not isinstance(pid, int) or not host:
+        return True
+    if host != socket.gethostname():
+        return False
+    if pid == os.getpid():  # an earlier run in this process that never released it: no other run has our pid
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0 checks that the process exists, and sends nothing
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, another user's
+        return False
+    return False
+
+
+def _held(output: Path, owner: dict, flag: str = "--output") -> SppError:
+    lock = lock_path(output)
+    return SppError(f"{flag} {output} is being written by another run (pid {owner.get('pid')} on {owner.get('host')}, "
+                    f"since {owner.get('since', '?')}): wait for it to end or choose another {flag} (if that run is "
+                    f"gone, delete {lock})")
+
+
+def _take_lock(output: Path) -> Path:
+    """Create `lock_path(output)` with O_CREAT | O_EXCL (of two runs exactly one creates it), recording this
+    process's pid and host. A stale lock (`_lock_is_stale`) is taken over.
+
+    Raises:
+        SppError: a live run holds the lock (naming its pid and host), or the directory is not writable.
+    """
+    lock = lock_path(output)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(5):
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            owner = _read_lock(lock)
+            if owner is not None and not _lock_is_stale(owner):
+                raise _held(output, owner) from None
+            if owner is not None:
+                _break_stale_lock(lock, owner)
+            continue
+        except OSError as exc:
+            raise SppError(describe_os_error(exc, output)) from exc
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        return lock
+    raise SppError(f"could not take the lock {lock}: other runs into --output {output} keep taking it")
+
+
+def _break_stale_lock(lock: Path, owner: dict) -> None:
+    """Remove a stale lock by renaming it to a name of this process first: of two runs that both found it stale
+    only one moves it, and a live run's lock that replaced it in the meantime is moved back."""
+    claimed = lock.with_name(f"{lock.name}.{os.getpid()}")
+    try:
+        os.rename(lock, claimed)
+    except FileNotFoundError:
+        return
+    if _read_lock(claimed) == owner:
+        claimed.unlink(missing_ok=True)
+    else:
+        os.rename(claimed, lock)
+
+
+def _release_lock(lock: Path) -> None:
+    owner = _read_lock(lock)
+    if owner and (owner.get("pid"), owner.get("host")) == (os.getpid(), socket.gethostname()):
+        lock.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def atomic_dir(output: Path, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+def atomic_dir(output: Path, overwrite: bool = False, resume: bool = False,
+               keep_partial: bool | None = None) -> Iterator[Path]:
     """Build a directory in `output.partial/` and rename it to `output` only when the block succeeds.
 
     A leftover `output.partial/` from an earlier crash is removed first, unless
-    `resume` asks to keep it (a resumable stage reads its progress from there).
+    `keep_partial` (default: `resume`) asks to keep it (a resumable stage reads its progress from there).
     On any exception the partial directory is removed, except for `KeyboardInterrupt`
     in resumable mode, so that a later `--resume` can continue. With `overwrite`, an
     existing `output` is replaced only after the new one is complete.
+
+    While the block runs, the process holds `output.lock` (`lock_path`; beside the output, so never part of it,
+    and untouched by the renames), a JSON file with its pid and host: a second run into the same output is refused
+    in one line naming them, before it touches `output.partial/`. A lock whose process no longer runs (a kill)
+    is taken over. The lock is removed however the block ends.
 
     Yields:
         The partial directory to write into.
 
     Raises:
-        SppError: the output exists without `overwrite`, or the disk is full / not writable.
+        SppError: the output exists without `overwrite`, another run holds its lock, or the disk is full / not
+            writable.
     """
     output = Path(output)
     check_output_dir(output, overwrite)
     partial = partial_path(output)
-    if partial.exists() and not resume:
-        shutil.rmtree(partial)
+    lock = _take_lock(output)
     try:
-        partial.mkdir(parents=True, exist_ok=True)
-        yield partial
-        _fsync_tree(partial)
-        if output.exists():
-            old = output.with_name(output.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            output.rename(old)
-            partial.rename(output)
-            shutil.rmtree(old)
-        else:
-            partial.rename(output)
-        _fsync_dir(output.parent)
-    except OSError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise SppError(describe_os_error(exc, output)) from exc
-    except BaseException as exc:
-        os_error = as_os_error(exc)  # a disk-full safetensors write
-        if os_error is not None or not resume:
+        if partial.exists() and not (resume if keep_partial is None else keep_partial):
+            shutil.rmtree(partial)
+        try:
+            partial.mkdir(parents=True, exist_ok=True)
+            yield partial
+            _fsync_tree(partial)
+            if output.exists():
+                old = output.with_name(output.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                output.rename(old)
+                partial.rename(output)
+                shutil.rmtree(old)
+            else:
+                partial.rename(output)
+            _fsync_dir(output.parent)
+        except OSError as exc:
             shutil.rmtree(partial, ignore_errors=True)
-        if os_error is not None:
-            raise SppError(describe_os_error(os_error, output)) from exc
-        raise
+            raise SppError(describe_os_error(exc, output)) from exc
+        except BaseException as exc:
+            os_error = as_os_error(exc)  # a disk-full safetensors write
+            if os_error is not None or not resume:
+                shutil.rmtree(partial, ignore_errors=True)
+            if os_error is not None:
+                raise SppError(describe_os_error(os_error, output)) from exc
+            raise
+    finally:
+        _release_lock(lock)
 
 
 def write_json(path: Path, obj) -> None:

@@ -21,6 +21,7 @@ safetensors, the rest JSON.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,15 +94,18 @@ def start_progress(partial: Path, settings: dict, n_blocks: int, conditions: dic
 def check_resumable(partial: Path, settings: dict, conditions: dict, inputs: dict) -> int:
     """The number of finished blocks of the interrupted run in `partial`, if it used the same settings, read the
     same input files (`inputs`: path -> sha256) and ran under the same conditions
-    (`spp.io.conditions.run_conditions`), so the result stays bit-exact.
+    (`spp.io.conditions.run_conditions`), so the result stays bit-exact. With no progress recorded there it
+    says so in a note on stderr and returns 0: the run starts from the beginning.
 
     Raises:
-        SppError: no progress to resume, a setting differs (names the first differing key), an input file changed
+        SppError: a setting differs (names the first differing key), an input file changed
             (names it), or a run condition differs (names it and how to match it).
     """
     path = progress_dir(partial) / PRUNE_PROGRESS_FILE
-    if not path.is_file():
-        raise SppError(f"--resume: there is no interrupted prune in {partial} to resume from")
+    if not path.is_file():  # never started, or killed before it recorded progress: `spp run` and scripts always resume
+        print(f"note: --resume: nothing to resume in {partial} (no interrupted prune recorded progress there); "
+              "starting from the beginning", file=sys.stderr)
+        return 0
     saved = read_json(path, what="prune progress")
     if saved.get("settings_sha256") != settings_sha256(settings):
         old = saved.get("settings", {})

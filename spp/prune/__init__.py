@@ -131,7 +131,7 @@ def _check_layer_shapes(model: nn.Module, cfg: PruneConfig, plan: LayerPlan) -> 
 def _check_inputs(cfg: PruneConfig) -> _Checked:
     """Every check that can fail on the user's input, before any weights are loaded."""
     from spp.data import calibration_windows, check_calib_source
-    from spp.io.checkpoint import check_output_dir
+    from spp.io.checkpoint import check_not_an_input, check_output_dir
     from spp.io.reader import read_checkpoint
     from spp.models import check_seqlen, context_length, load_tokenizer, resolve_device, resolve_dtype
 
@@ -140,6 +140,9 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     parse_pattern(cfg.pattern)
     if needs_calibration(cfg):
         check_calib_source(cfg.calib)  # offline, a hub set fails here in a second, before any model is read
+    calib = cfg.calib if needs_calibration(cfg) else None
+    check_not_an_input(Path(cfg.output), [("--model", cfg.model), ("--calib", calib)], in_place="--model",
+                       overwrite=cfg.overwrite)
     check_output_dir(Path(cfg.output), cfg.overwrite)
     device = resolve_device(cfg.device)
     resolve_dtype(cfg.dtype)
@@ -230,14 +233,14 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
 
 @contextlib.contextmanager
 def _workdir(cfg: PruneConfig):
-    """`OUTPUT.partial/`: a stale one is removed unless resuming; it is kept after an interrupt or a
-    kill (for --resume) and removed after any other error (nothing half-written stays)."""
-    from spp.io.checkpoint import atomic_dir, partial_path
+    """`OUTPUT.partial/`: a stale one is removed (once this run holds the output's lock) unless resuming an
+    interrupted run's progress; it is kept after an interrupt or a kill (for --resume) and removed after any other
+    error (nothing half-written stays)."""
+    from spp.io.checkpoint import PRUNE_PROGRESS_FILE, atomic_dir, partial_path
+    from spp.io.progress import progress_dir
 
-    partial = partial_path(Path(cfg.output))
-    if partial.exists() and not cfg.resume:
-        shutil.rmtree(partial)
-    with atomic_dir(Path(cfg.output), overwrite=cfg.overwrite, resume=True) as tmp:
+    resuming = cfg.resume and (progress_dir(partial_path(Path(cfg.output))) / PRUNE_PROGRESS_FILE).is_file()
+    with atomic_dir(Path(cfg.output), overwrite=cfg.overwrite, resume=True, keep_partial=resuming) as tmp:
         try:
             yield tmp
         except Exception:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ import torch
 from spp.config import TrainConfig, read_yaml, to_dict, write_yaml
 from spp.errors import SppError
 from spp.io.conditions import check_same_conditions, check_same_inputs, run_conditions
-from spp.io.checkpoint import MASK_FILE, RESOLVED_CONFIG_FILE, TRAIN_LOG_FILE, atomic_dir, check_output_dir, partial_path, sha256_file
+from spp.io.checkpoint import (MASK_FILE, RESOLVED_CONFIG_FILE, TRAIN_LOG_FILE, atomic_dir, check_not_an_input,
+                               check_output_dir, partial_path, sha256_file)
 
 PRECISIONS = {"fp32": ("no", "float32"), "bf16": ("bf16", "bfloat16"), "fp16": ("fp16", "float16")}  # accelerate, base dtype
 # Keys that may change between a run and its --resume (they do not change the numbers).
@@ -67,6 +67,10 @@ def run_train(cfg: TrainConfig) -> TrainReport:
 
     start = time.time()
     checkpoint, output = check_inputs(cfg)
+    if cfg.resume and not checkpoint_dirs(partial_path(output)):  # nothing to resume (check_inputs said so)
+        from dataclasses import replace
+
+        cfg = replace(cfg, resume=False)
     base, mask_sha256 = checkpoint.directory, checkpoint.mask_sha256
     teacher_dir = check_teacher(cfg, base) if cfg.teacher else None  # configs and tokenizers only: cheap
     data_hashes = data_identity(cfg.data_path)  # hashed once: the checkpoints and the manifest record it
@@ -180,6 +184,7 @@ def check_inputs(cfg: TrainConfig):
                        "device (on a CPU the shards already live in CPU memory): drop cpu_offload")
     check_data_source(cfg.data_path)  # offline, a hub dataset fails here in a second, before any model is read
     base, output = Path(cfg.base_model).expanduser(), Path(cfg.output_dir).expanduser()
+    check_not_an_input(output, [("--model", base), ("--data", cfg.data_path), ("--teacher", cfg.teacher)])
     if not base.is_dir():
         raise SppError(f"--model {base} does not exist")
     if not (base / "config.json").is_file():
@@ -197,11 +202,15 @@ def check_inputs(cfg: TrainConfig):
 
 
 def check_resumable(cfg: TrainConfig, partial: Path) -> None:
-    """A --resume needs a checkpoint in `partial` made with the same settings (bar RESUMABLE_CHANGES)."""
+    """A --resume needs a checkpoint in `partial` made with the same settings (bar RESUMABLE_CHANGES). With no
+    checkpoint there it says so in a note and `run_train` starts from the beginning (as `spp prune --resume` does)."""
     from spp.train.loop import checkpoint_dirs
 
     if not checkpoint_dirs(partial):
-        raise SppError(f"--resume: there is no checkpoint in {partial} to resume from")
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+            print(f"note: --resume: nothing to resume in {partial} (no checkpoint was saved there); starting from "
+                  "the beginning", file=sys.stderr)
+        return
     import dataclasses
 
     saved = read_yaml(partial / RESOLVED_CONFIG_FILE)
@@ -362,10 +371,8 @@ def output_workdir(accelerator, output: Path, cfg: TrainConfig):
     """The main process builds `output.partial/` (kept on a crash, for --resume) and renames it at the end."""
     accelerator.wait_for_everyone()  # every process has checked the inputs before the partial directory appears
     if accelerator.is_main_process:
-        partial = partial_path(output)
-        if partial.exists() and cfg.overwrite and not cfg.resume:
-            shutil.rmtree(partial)
-        context = atomic_dir(output, overwrite=cfg.overwrite, resume=True)
+        # a leftover partial (check_inputs refused one without --overwrite) is removed once this run holds the lock
+        context = atomic_dir(output, overwrite=cfg.overwrite, resume=True, keep_partial=cfg.resume)
     else:
         context = contextlib.nullcontext(partial_path(output))
     with context as workdir:
