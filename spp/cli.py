@@ -258,6 +258,7 @@ def merge(
     model: Optional[str] = typer.Option(None, "--model", help="The pruned base (default: the one the adapter records)."),
     adapter: str = typer.Option("train", "--adapter", help="The adapter directory (an `spp train` output)."),
     output: str = typer.Option("merged", "--output", help="The merged model directory (built in OUTPUT.partial)."),
+    dtype: str = typer.Option("auto", "--dtype", help="The merged weights' dtype: auto (the base's), float32, bfloat16 or float16; the merge math is float32 either way."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
 ):
     """Merge an adapter (any kind) into its pruned base, shard by shard; the result is a plain HF model, as sparse as the base.
@@ -267,7 +268,7 @@ def merge(
     from spp.config import MergeConfig
     from spp.merge import run_merge
 
-    report = run_merge(MergeConfig(model=model, adapter=adapter, output=output, overwrite=overwrite))
+    report = run_merge(MergeConfig(model=model, adapter=adapter, output=output, dtype=dtype, overwrite=overwrite))
     print(f"merged {report.n_modules} layers of {report.model} with {report.adapter} "
           f"({report.n_shards} shard(s), every pruned entry +0.0"
           + (f"; {report.kept_zero} kept weights are zero" if report.kept_zero else "") + f") -> {report.output}")
@@ -278,6 +279,7 @@ def export(
     model: str = typer.Option(..., "--model", help="A sparse checkpoint (spp prune/merge output), or with --dense an `spp export` output."),
     output: str = typer.Option(..., "--output", help="The output directory (built in OUTPUT.partial)."),
     compressed: bool = typer.Option(True, "--compressed/--dense", help="Write kept values + the mask file (default), or restore the checkpoint."),
+    dtype: str = typer.Option("auto", "--dtype", help="With --dense: the restored weights' dtype: auto (the source's, byte for byte), float32, bfloat16 or float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
 ):
     """Store a sparse checkpoint compressed (kept values + bit-packed mask), or restore it exactly with --dense.
@@ -287,7 +289,8 @@ def export(
     from spp.config import ExportConfig
     from spp.export import run_export
 
-    report = run_export(ExportConfig(model=model, output=output, compressed=compressed, overwrite=overwrite))
+    report = run_export(ExportConfig(model=model, output=output, compressed=compressed, dtype=dtype,
+                                     overwrite=overwrite))
     mib = 1 << 20
     if report.direction == "compressed":
         print(f"compressed {report.tensors} masked tensors: {report.dense_bytes / mib:.1f} MiB dense -> "

@@ -394,6 +394,7 @@ class MergeConfig:
     model: str | None = None  # the pruned base; None = the adapter config's base_model
     adapter: str = "train"
     output: str = "merged"
+    dtype: str = "auto"  # the written weights: auto = the base's; float32, bfloat16, float16 (the math is float32)
     overwrite: bool = False
 
 
@@ -404,6 +405,7 @@ class ExportConfig:
     model: str  # an spp prune/merge output (compressed=True) or an `spp export` output (False)
     output: str
     compressed: bool = True
+    dtype: str = "auto"  # restoring only: the restored weights' dtype; auto = the source's, byte for byte
     overwrite: bool = False
 
 

@@ -2,14 +2,14 @@
 
 The adapter's `kind` (`adapter_config.json`) picks the merged weight from `spp.adapter.ADAPTERS`:
 W ⊙ (1 + s·Â ⊙ β·1ᵀ) for SPP, W + M ⊙ (s·B·A) for masked LoRA, M ⊙ W_trained for `full`, each
-computed in float32, cast back, with every pruned entry +0.0 bitwise. A mixture-of-experts adapter
-keys each fused weight (`mlp.experts.gate_up_proj`, (E, ...) tensors) while the base saves it per expert
-(Mixtral's `w1`/`w3`/`w2`): each saved piece is merged with its expert's tensors, found through the
-checkpoint reader's `pieces` (transformers' own name mapping), never by suffix. Only one shard and one merged
-tensor are in memory at a time, so peak memory is about the largest shard plus one tensor.
-The output is a plain Hugging Face directory with the same shard names and index, the
-unchanged `masks.safetensors` and a manifest, built atomically. Nothing here trains or
-loads a whole model.
+computed in float32 and cast once, back to the base's dtype or to `--dtype`, with every pruned entry
++0.0 bitwise. A mixture-of-experts adapter keys each fused weight (`mlp.experts.gate_up_proj`, (E, ...)
+tensors) while the base saves it per expert (Mixtral's `w1`/`w3`/`w2`): each saved piece is merged with
+its expert's tensors, found through the checkpoint reader's `pieces` (transformers' own name mapping),
+never by suffix. Only one shard and one merged tensor are in memory at a time, so peak memory is about
+the largest shard plus one tensor. The output is a plain Hugging Face directory with the same shard
+names and index, the unchanged mask file (at `spp/masks.safetensors`, whichever name the base has it
+under) and a manifest, built atomically. Nothing here trains or loads a whole model.
 """
 
 from __future__ import annotations
@@ -26,16 +26,18 @@ from spp.adapter.config import AdapterConfig
 from spp.adapter.model import read_adapter_config, read_adapter_weights, target_layers
 from spp.config import MergeConfig, to_dict
 from spp.errors import SppError
-from spp.io.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE,
+from spp.io.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LEGACY_MASK_FILE, MANIFEST_FILE, MASK_FILE,
                                RESOLVED_CONFIG_FILE, RESULTS_FILE, atomic_dir, check_output_dir,
-                               drop_tokenizer_load_options, safetensors_files, save_tensors, sha256_file)
+                               drop_tokenizer_load_options, safetensors_files, save_tensors, set_config_dtype,
+                               sha256_file)
 from spp.io.conditions import run_conditions
 from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
 from spp.io.reader import Checkpoint, read_checkpoint
-from spp.models import is_conv1d
+from spp.models import cast_weight, is_conv1d, resolve_dtype
 from spp.prune.masks import pruned_is_positive_zero
 
-NOT_COPIED = {MANIFEST_FILE, RESOLVED_CONFIG_FILE, RESULTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE}
+NOT_COPIED = {MANIFEST_FILE, RESOLVED_CONFIG_FILE, RESULTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
+              LEGACY_MASK_FILE}  # an older base's mask file is copied to MASK_FILE
 
 
 @dataclass
@@ -137,8 +139,9 @@ def _shapes(shapes: dict) -> str:
 
 
 def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget], masks: dict,
-                adapter_cfg: AdapterConfig) -> None:
-    """Write `shard` to `destination` with every target weight merged; other tensors copied as they are.
+                adapter_cfg: AdapterConfig, dtype: torch.dtype | None = None) -> None:
+    """Write `shard` to `destination` with every target weight merged; other tensors copied as they are, and with
+    `dtype` every floating tensor cast to it (a merged weight computed in float32 and cast once).
 
     Raises:
         SppError: a tensor of `shard` holds a NaN or ±inf, or a merged weight overflows its dtype (`spp.io.finite`).
@@ -158,6 +161,8 @@ def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget],
             if target is not None:
                 keep = masks.get(name)
                 W = tensor.t() if target.conv1d else tensor  # (out, in)
+                if dtype is not None and dtype != W.dtype:  # exact; the float32 merge below is then cast once
+                    W = W.to(torch.promote_types(W.dtype, torch.float32))
                 if keep is None:
                     keep = W != 0  # no mask (SPP only; checked before): keep every zero of W at +0.0
                 elif target.conv1d:
@@ -170,7 +175,7 @@ def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget],
                 # finite inputs can still overflow when the float32 merge is cast back (float16 ends at 65504)
                 check_finite(tensor, name, f"merging {shard}",
                              advice="the adapter's update takes this weight past what its dtype holds")
-            tensors[name] = tensor
+            tensors[name] = cast_weight(tensor, dtype, name, f"merging {shard}")
     save_tensors(tensors, destination, metadata=metadata)
 
 
@@ -241,6 +246,8 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
             tensor or a merged weight, or an existing output.
     """
     start = time.perf_counter()
+    dtype = resolve_dtype(cfg.dtype)
+    dtype = None if dtype == "auto" else dtype
     adapter_dir, output = Path(cfg.adapter).expanduser(), Path(cfg.output).expanduser()
     adapter_cfg = read_adapter_config(adapter_dir)
     model_dir = resolve_base(cfg, adapter_cfg)
@@ -262,17 +269,21 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
     n_modules = len({t.module for t in targets.values()})  # a fused expert weight counts once, not per piece
     unmasked = [t.module for t in targets.values() if t.tensor not in masks]
     if unmasked and ADAPTERS[adapter_cfg.kind].needs_mask:
-        raise SppError(f"{unmasked[0]} has no entry in {model_dir / MASK_FILE}; adapter kind {adapter_cfg.kind!r} "
+        raise SppError(f"{unmasked[0]} has no entry in {base.mask_file}; adapter kind {adapter_cfg.kind!r} "
                        "needs the mask of every target layer")
     inputs = {str(p): sha256_file(p) for p in [*shards, adapter_dir / ADAPTER_WEIGHTS_FILE, adapter_dir / ADAPTER_CONFIG_FILE]}
-    inputs[str(model_dir / MASK_FILE)] = mask_sha256
+    inputs[str(base.mask_file)] = mask_sha256
 
     with atomic_dir(output, overwrite=cfg.overwrite) as tmp:
         for shard in shards:
-            merge_shard(shard, tmp / shard.name, targets, masks, adapter_cfg)
+            merge_shard(shard, tmp / shard.name, targets, masks, adapter_cfg, dtype)
         for path in sorted(model_dir.iterdir()):
             if path.is_file() and path.name not in NOT_COPIED and not (tmp / path.name).exists():
-                shutil.copy2(path, tmp / path.name)  # config, index, tokenizer, generation config, masks
+                shutil.copy2(path, tmp / path.name)  # config, index, tokenizer, generation config
+        (tmp / MASK_FILE).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(base.mask_file, tmp / MASK_FILE)  # byte for byte: mask_sha256 is unchanged
+        if dtype is not None:
+            set_config_dtype(tmp, cfg.dtype)
         drop_tokenizer_load_options(tmp)  # a base written by an older spp may carry them
         checked, kept_zero = check_invariant(tmp, masks)
         settings = {**to_dict(cfg), "model": str(model_dir)}

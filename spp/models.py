@@ -41,6 +41,24 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
+def cast_weight(tensor: torch.Tensor, dtype: torch.dtype | None, name: str, where: str) -> torch.Tensor:
+    """A saved tensor as `spp merge/export --dtype` writes it: a floating tensor cast to `dtype` (None: unchanged),
+    any other (integer buffers) unchanged. +0.0 stays +0.0 in every float dtype, so masks still hold.
+
+    Raises:
+        SppError: a finite value overflows `dtype` (float16 ends at ±65504), naming the tensor and the way out.
+    """
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    cast = tensor.to(dtype)
+    overflow = torch.isinf(cast) & torch.isfinite(tensor)
+    if bool(overflow.any()):
+        name_of = str(dtype).removeprefix("torch.")
+        raise SppError(f"{where}: {name} does not fit in {name_of}: {int(overflow.sum())} entries overflow to ±inf "
+                       f"(largest |value| {float(tensor.abs().max()):.4g}); pass --dtype bfloat16 or float32")
+    return cast
+
+
 def load_config(name_or_path: str):
     """Load a model's config (cheap). A stage reads its model with `spp.io.reader.read_checkpoint`, which calls this."""
     from transformers import AutoConfig

@@ -6,7 +6,7 @@ any work), then runs the stages in order, each through its own `run_<stage>` ent
 writing the layout
 
     RUN/dense/eval/                         the dense model, evaluated
-    RUN/<setting>/prune/                    `spp prune` output (weights + masks.safetensors)
+    RUN/<setting>/prune/                    `spp prune` output (weights + spp/masks.safetensors)
     RUN/<setting>/train/                    `spp train` output (the SPP adapter)
     RUN/<setting>/merged/                   `spp merge` output (a plain HF model, as sparse as prune/)
     RUN/<setting>/eval/{pruned,merged}/     `spp eval` of the pruned and of the merged model
@@ -335,7 +335,9 @@ def stale_reason(step: Step) -> str | None:
         return str(exc)
     if manifest.stage != step.stage:
         return f"{step.folder} holds a {manifest.stage} output, not {step.stage}"
-    recorded = comparable_settings(step.stage, manifest.settings)
+    # A setting added to spp after the folder was made was at its default then, as in a --resume of train.
+    defaults = {f.name: f.default for f in dataclasses.fields(step.config) if f.default is not dataclasses.MISSING}
+    recorded = comparable_settings(step.stage, {**defaults, **manifest.settings})
     if settings_sha256(recorded) != settings_sha256(expected_settings(step)):
         now = expected_settings(step)
         changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, MASK_FILE, RESULTS_FILE, read_json, safetensors_files, safetensors_keys
+from spp.io.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, RESULTS_FILE, mask_path,
+                               read_json, safetensors_files, safetensors_keys)
 
 if TYPE_CHECKING:
     from spp.pipeline import Step, StepResult
@@ -156,7 +157,7 @@ def _mask_names(prune_dir: Path) -> list[str]:
     as left dense (--ignore, --targets), so pruning a subset of the layers is not reported as its own sparsity."""
     from spp.io.maskfile import load_masks
 
-    path = prune_dir / MASK_FILE
+    path = mask_path(prune_dir)
     if not path.is_file():
         return []
     manifest = prune_dir / MANIFEST_FILE

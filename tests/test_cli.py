@@ -38,7 +38,8 @@ def test_flags_take_no_value_in_help(name):
 
 
 @pytest.mark.parametrize("command, cls, cli_only", [("prune", "PruneConfig", {"--config", "--set"}),
-                                                    ("eval", "EvalConfig", {"--verbose", "--compare"})])
+                                                    ("eval", "EvalConfig", {"--verbose", "--compare"}),
+                                                    ("merge", "MergeConfig", set()), ("export", "ExportConfig", set())])
 def test_the_command_takes_exactly_the_flags_its_config_declares(command, cls, cli_only):
     """`spp.config.flag_names` is the one list of flags (spp run's reproduce commands use it); the CLI must match it."""
     import typer.main

@@ -369,6 +369,7 @@ def pruned_adapter_merged(tmp_path_factory, tiny_dir):
     save_adapter(model, cfg, adapter)
     merged = root / "merged"
     save_model(merge_spp(model, masks), tok, merged)
+    (merged / MASK_FILE).parent.mkdir(exist_ok=True)
     (merged / MASK_FILE).write_bytes((pruned / MASK_FILE).read_bytes())
     return pruned, adapter, merged
 

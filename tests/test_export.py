@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from spp.cli import app
-from spp.io.checkpoint import sha256_file
+from spp.io.checkpoint import MASK_FILE, sha256_file
 from spp.io.compressed import compress_weight, decompress_weight
 
 from conftest import one_line_error
@@ -19,7 +19,8 @@ from conftest import one_line_error
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(Path(directory).iterdir()) if p.is_file()}
+    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in sorted(Path(directory).rglob("*"))
+            if p.is_file()}
 
 
 @settings(max_examples=40, deadline=None)
@@ -86,7 +87,7 @@ def test_a_pruned_entry_that_is_not_plus_zero_is_refused(tmp_path, pruned_tiny_d
     shutil.copytree(pruned_tiny_dir, source)
     from spp.io.maskfile import load_masks
 
-    masks, _ = load_masks(source / "masks.safetensors")
+    masks, _ = load_masks(source / MASK_FILE)
     name = sorted(masks)[0]
     (shard,) = source.glob("model*.safetensors")
     tensors = load_file(str(shard))
@@ -104,8 +105,33 @@ def test_bad_inputs_are_one_line(tmp_path, pruned_tiny_dir):
     one_line_error(export("--model", pruned_tiny_dir, "--output", tmp_path / "p"), "exists")
     dense = tmp_path / "dense"
     shutil.copytree(pruned_tiny_dir, dense)
-    (dense / "masks.safetensors").unlink()
+    (dense / MASK_FILE).unlink()
     (dense / "spp_manifest.json").unlink()
     one_line_error(export("--model", dense, "--output", tmp_path / "x"), "masks.safetensors")
     one_line_error(export("--model", tmp_path / "nowhere", "--output", tmp_path / "x"), "not a directory")
+    assert not (tmp_path / "x").exists()
+
+
+def test_dense_restore_with_dtype_casts_and_still_verifies(tmp_path, pruned_tiny_dir):
+    from test_merge import assert_top_level_safetensors_are_the_model
+
+    from spp.io.checkpoint import safetensors_files
+
+    packed, restored = tmp_path / "packed", tmp_path / "restored"
+    assert export("--model", pruned_tiny_dir, "--output", packed).exit_code == 0
+    one_line_error(export("--model", pruned_tiny_dir, "--output", tmp_path / "x", "--dtype", "bfloat16"),
+                   "--dtype", "--dense")
+    one_line_error(export("--dense", "--model", packed, "--output", tmp_path / "x", "--dtype", "fp8"),
+                   "--dtype 'fp8' is not one of auto, float32, bfloat16, float16")
+    result = export("--dense", "--model", packed, "--output", restored, "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    (source,), (shard,) = safetensors_files(pruned_tiny_dir), safetensors_files(restored)
+    before, after = load_file(str(source)), load_file(str(shard))
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert after[name].dtype == torch.bfloat16 and torch.equal(after[name], tensor.to(torch.bfloat16)), name
+    assert (restored / MASK_FILE).read_bytes() == (pruned_tiny_dir / MASK_FILE).read_bytes()
+    assert_top_level_safetensors_are_the_model(restored)
+    verified = CliRunner().invoke(app, ["verify", str(restored)])
+    assert verified.exit_code == 0, verified.output
     assert not (tmp_path / "x").exists()

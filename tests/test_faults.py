@@ -382,6 +382,29 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_ends_with_the_same_adapter(pruned_
     assert not partial_path(out).exists()
 
 
+def test_ctrl_c_after_the_last_step_finishes_the_run(pruned_tiny_dir, text_file, tmp_path, monkeypatch):
+    """A Ctrl-C during the last step, or after it while the output is written, ends with the whole output: there
+    is nothing left to resume. In this process (the guard takes the signal in the main thread)."""
+    from test_train import cli_args, tiny_cfg
+
+    import spp.train
+
+    for case in ("last step", "writing"):
+        out = tmp_path / case.replace(" ", "-")
+        args = cli_args(tiny_cfg(pruned_tiny_dir, text_file, out, max_steps=2, val_set_size=0))
+        with monkeypatch.context() as patch:
+            if case == "last step":
+                patch.setenv("SPP_FAULT", "train_sigint:2")
+            else:
+                check = spp.train.check_pruned_zeros
+                patch.setattr(spp.train, "check_pruned_zeros",
+                              lambda *a: (os.kill(os.getpid(), signal.SIGINT), check(*a))[1])
+            result = invoke(*args)
+        assert result.exit_code == 0, (case, result.output)
+        assert "interrupt:" in result.stderr and "error:" not in result.stderr, result.stderr
+        assert (out / "spp_manifest.json").is_file() and not partial_path(out).exists(), case
+
+
 # --------------------------------------------------------------------------- a world of inputs, good and damaged
 
 
@@ -605,7 +628,8 @@ BAD_INPUTS = [  # (case, argv with {w} for the world folder, words the one error
     ("prune: seqlen 0", [*PRUNE, "--output", f"{W}/out", "--seqlen", "0"], ["--seqlen=0 is out of range"]),
     ("prune: unknown dtype", [*PRUNE, "--output", f"{W}/out", "--dtype", "float8"], ["--dtype 'float8'"]),
     ("prune: bad max shard size", [*PRUNE, "--output", f"{W}/out", "--max-shard-size", "abc"], ["--max-shard-size 'abc'"]),
-    ("prune: model is a file", [*PRUNE, "--output", f"{W}/out", "--model", f"{W}/afile"], ["afile does not exist"]),
+    ("prune: model is a file", [*PRUNE, "--output", f"{W}/out", "--model", f"{W}/afile"],
+     ["afile is a file, not a model directory"]),
     ("prune: output is a file", [*PRUNE, "--output", f"{W}/afile", "--overwrite"], ["afile exists and is not a directory"]),
     ("prune: unwritable output", [*PRUNE, "--output", f"{W}/ro/out"], ["permission denied"]),
     ("verify: missing directory", ["verify", f"{W}/nowhere"], ["nowhere is not a directory"]),

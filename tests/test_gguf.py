@@ -85,7 +85,7 @@ def test_real_gguf_prunes_and_reloads_with_equal_logits(tmp_path, shared_data, m
         pytest.skip(f"{source} not found")
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    from spp.io.checkpoint import sha256_file
+    from spp.io.checkpoint import MASK_FILE, sha256_file
     from spp.io.maskfile import load_masks
 
     model_file = tmp_path / "smollm2-2blocks.gguf"
@@ -107,7 +107,7 @@ def test_real_gguf_prunes_and_reloads_with_equal_logits(tmp_path, shared_data, m
     reference = AutoModelForCausalLM.from_pretrained(model_file.parent, gguf_file=model_file.name,
                                                      dtype=torch.float32,
                                                      quantization_config=GgufConfig(dequantize=True)).eval()
-    masks, _ = load_masks(out / "masks.safetensors")
+    masks, _ = load_masks(out / MASK_FILE)
     assert len(masks) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 blocks
     params = dict(reference.named_parameters())
     with torch.no_grad():

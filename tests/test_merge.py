@@ -21,6 +21,8 @@ from spp.models import layer_layout, weight_out_in
 from spp.prune.masks import apply_mask, unstructured_mask
 from spp.verify import verify_checkpoint
 
+from conftest import one_line_error
+
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
@@ -236,6 +238,7 @@ BAD_INPUTS = {
     "adapter for another base": ([], _other_base, "different base"),
     "missing model": (["--model", "nothing"], None, "nothing does not exist"),
     "existing output": ([], _existing_output, "already exists"),
+    "unknown dtype": (["--dtype", "int8"], None, "--dtype 'int8' is not one of auto, float32, bfloat16, float16"),
 }
 
 
@@ -287,3 +290,153 @@ def test_train_then_bare_merge_end_to_end(pruned_tiny_dir, shared_data, tmp_path
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
     assert (merged - pruned).abs().max() > 1e-4
     verify_checkpoint(tmp_path / "merged")
+
+
+# --------------------------------------------------------------------------- what other loaders read
+
+
+def assert_top_level_safetensors_are_the_model(directory):
+    """A loader that reads every top-level `*.safetensors` of `directory` (vLLM and sglang without an index) gets
+    exactly the state dict transformers loads: the same names and equal values, nothing else (no mask file)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tensors = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        part = load_file(str(path))
+        assert not part.keys() & tensors.keys(), f"{path} repeats {sorted(part.keys() & tensors.keys())[:3]}"
+        tensors.update(part)
+    state = AutoModelForCausalLM.from_pretrained(str(directory), dtype="auto").state_dict()
+    assert sorted(tensors) == sorted(state)
+    for name, tensor in tensors.items():
+        assert tensor.dtype == state[name].dtype and torch.equal(tensor, state[name]), name
+
+
+def to_old_layout(directory):
+    """Make an spp output look as spp before the mask file moved wrote it: `masks.safetensors` at the top, so
+    named in the manifest's outputs."""
+    old = directory / "masks.safetensors"
+    (directory / MASK_FILE).rename(old)
+    if (directory / MASK_FILE).parent != directory and not any((directory / MASK_FILE).parent.iterdir()):
+        (directory / MASK_FILE).parent.rmdir()
+    manifest = read_json(directory / MANIFEST_FILE)
+    manifest["outputs"] = {("masks.safetensors" if k == MASK_FILE else k): v for k, v in manifest["outputs"].items()}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return old
+
+
+def test_every_top_level_safetensors_file_of_a_prune_and_a_merge_output_is_the_model(tmp_path):
+    from test_prune import save_tiny
+
+    from spp.config import PruneConfig
+    from spp.prune import run_prune
+
+    pruned = tmp_path / "pruned"
+    run_prune(PruneConfig(model=str(save_tiny("llama", tmp_path / "model")), output=str(pruned), method="magnitude",
+                          device="cpu"))
+    make_adapter(pruned, tmp_path / "train")
+    run_merge(MergeConfig(model=str(pruned), adapter=str(tmp_path / "train"), output=str(tmp_path / "merged")))
+    for directory in (pruned, tmp_path / "merged"):
+        assert_top_level_safetensors_are_the_model(directory)
+        assert not (directory / "masks.safetensors").exists() and (directory / MASK_FILE).is_file()
+        assert read_manifest(directory).outputs[MASK_FILE] == sha256_file(directory / MASK_FILE)
+    assert (tmp_path / "merged" / MASK_FILE).read_bytes() == (pruned / MASK_FILE).read_bytes()
+    verify_checkpoint(tmp_path / "merged")
+
+
+def test_an_old_layout_base_still_verifies_trains_merges_and_exports(tmp_path, tiny_model):
+    """A directory an older spp wrote (mask file `masks.safetensors` at the top) is read by every stage; what merge
+    and export --dense write from it has the new layout, with the mask's bytes (and so `mask_sha256`) unchanged."""
+    from spp.config import TrainConfig, merge_into
+    from spp.io.reader import read_checkpoint
+    from spp.report import _mask_names
+    from spp.train import check_inputs
+
+    pruned = make_pruned(tiny_model("llama"), tmp_path / "pruned")
+    adapter_logits = make_adapter(pruned, tmp_path / "train")
+    mask_bytes = (pruned / MASK_FILE).read_bytes()
+    old = to_old_layout(pruned)
+    runner = CliRunner()
+    result = runner.invoke(app, ["verify", str(pruned)])
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(pruned).mask_sha256 == sha256_file(old) and _mask_names(pruned)
+    text = tmp_path / "text.txt"
+    text.write_text("hello world " * 200)
+    checkpoint, _ = check_inputs(merge_into(TrainConfig, [("test", dict(
+        base_model=str(pruned), data_path=str(text), output_dir=str(tmp_path / "t2")))]))
+    assert checkpoint.mask_file == old
+
+    result = runner.invoke(app, ["merge", "--model", str(pruned), "--adapter", str(tmp_path / "train"),
+                                 "--output", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    merged = tmp_path / "merged"
+    assert (merged / MASK_FILE).read_bytes() == mask_bytes and not (merged / "masks.safetensors").exists()
+    assert_top_level_safetensors_are_the_model(merged)
+    torch.testing.assert_close(logits(load(merged)), adapter_logits, rtol=1e-5, atol=1e-5)
+    assert runner.invoke(app, ["verify", str(merged)]).exit_code == 0
+
+    for args in (["--model", pruned, "--output", tmp_path / "packed"],
+                 ["--dense", "--model", tmp_path / "packed", "--output", tmp_path / "restored"]):
+        result = runner.invoke(app, ["export", *map(str, args)])
+        assert result.exit_code == 0, result.output
+    restored = tmp_path / "restored"
+    assert (restored / MASK_FILE).read_bytes() == mask_bytes and not (restored / "masks.safetensors").exists()
+    assert_top_level_safetensors_are_the_model(restored)
+    result = runner.invoke(app, ["verify", str(restored)])
+    assert result.exit_code == 0, result.output
+
+
+# --------------------------------------------------------------------------- --dtype
+
+
+def shard_tensors(directory):
+    from safetensors.torch import load_file
+
+    return {k: v for shard in safetensors_files(directory) for k, v in load_file(str(shard)).items()}
+
+
+def test_merge_dtype_casts_the_fp32_merge_once_and_keeps_every_zero(tmp_path, tiny_model):
+    pruned = make_pruned(tiny_model("llama"), tmp_path / "pruned")  # fp32, as a GGUF-derived base is
+    make_adapter(pruned, tmp_path / "train")
+    run_merge(MergeConfig(model=str(pruned), adapter=str(tmp_path / "train"), output=str(tmp_path / "m32")))
+    result = CliRunner().invoke(app, ["merge", "--model", str(pruned), "--adapter", str(tmp_path / "train"),
+                                      "--output", str(tmp_path / "m16"), "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    m32, m16 = shard_tensors(tmp_path / "m32"), shard_tensors(tmp_path / "m16")
+    assert m32.keys() == m16.keys()
+    for name, tensor in m32.items():  # the fp32 merge, cast once: bitwise
+        assert m16[name].dtype == torch.bfloat16 and torch.equal(m16[name].view(torch.int16),
+                                                                  tensor.to(torch.bfloat16).view(torch.int16)), name
+    assert read_json(tmp_path / "m16" / "config.json")["dtype"] == "bfloat16"
+    assert read_manifest(tmp_path / "m16").settings["dtype"] == "bfloat16"
+    assert (tmp_path / "m16" / MASK_FILE).read_bytes() == (pruned / MASK_FILE).read_bytes()
+    verify_checkpoint(tmp_path / "m16")  # every pruned entry still +0.0, the files its manifest lists
+    assert_top_level_safetensors_are_the_model(tmp_path / "m16")
+
+
+def test_merge_dtype_float32_of_a_bf16_base_is_not_a_rounded_bf16_merge(tmp_path, tiny_model):
+    pruned = make_pruned(tiny_model("llama").to(torch.bfloat16), tmp_path / "pruned")
+    make_adapter(pruned, tmp_path / "train")
+    run_merge(MergeConfig(model=str(pruned), adapter=str(tmp_path / "train"), output=str(tmp_path / "auto")))
+    run_merge(MergeConfig(model=str(pruned), adapter=str(tmp_path / "train"), output=str(tmp_path / "m32"),
+                          dtype="float32"))
+    auto, m32 = shard_tensors(tmp_path / "auto"), shard_tensors(tmp_path / "m32")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert auto[name].dtype == torch.bfloat16 and m32[name].dtype == torch.float32
+    assert all(torch.equal(m32[k].to(torch.bfloat16), auto[k]) for k in auto)  # auto = the fp32 merge cast once
+    assert not torch.equal(m32[name].to(torch.bfloat16).float(), m32[name])  # not a bf16 result widened
+    verify_checkpoint(tmp_path / "m32")
+
+
+def test_merge_dtype_float16_refuses_a_weight_it_cannot_hold(tmp_path, tiny_model):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight[3] = 1e6  # finite in fp32, inf in fp16
+    pruned = make_pruned(model, tmp_path / "pruned")
+    make_adapter(pruned, tmp_path / "train")
+    result = CliRunner().invoke(app, ["merge", "--model", str(pruned), "--adapter", str(tmp_path / "train"),
+                                      "--output", str(tmp_path / "m16"), "--dtype", "float16"])
+    one_line_error(result, "model.norm.weight", "float16", "--dtype bfloat16")
+    assert not (tmp_path / "m16").exists() and not (tmp_path / "m16.partial").exists()

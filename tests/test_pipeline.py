@@ -298,3 +298,20 @@ def test_missing_pipeline_file(tmp_path):
     assert result.exit_code == 1 and len(lines) == 1
     assert lines[0].startswith(f"error: config {tmp_path / 'nope.yaml'} does not exist (bundled configs: ")
     assert "pipeline_stories.yaml" in lines[0]
+
+
+def test_a_setting_an_older_manifest_does_not_record_counts_as_its_default(tmp_path):
+    """A stage folder made before a setting existed (a merge before `--dtype`) stays up to date while the setting
+    is at its default, which is what that older spp did; at another value the stage reruns and says why."""
+    from spp.config import MergeConfig, to_dict
+    from spp.io.manifest import Manifest, write_manifest
+    from spp.pipeline import Step, stale_reason
+
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    cfg = MergeConfig(model=str(tmp_path / "prune"), output=str(folder))
+    older = {k: v for k, v in to_dict(cfg).items() if k not in ("adapter", "dtype")}  # both at their defaults
+    write_manifest(folder, Manifest(stage="merge", settings=older))
+    assert stale_reason(Step("merge", "s", "s/merge", folder, cfg)) is None
+    cfg.dtype = "bfloat16"
+    assert stale_reason(Step("merge", "s", "s/merge", folder, cfg)) == "settings changed (dtype)"

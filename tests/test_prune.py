@@ -124,7 +124,7 @@ def test_output_files_exactly(tmp_path, text_file):
     out = tmp_path / "pruned"
     run_prune(PruneConfig(model=str(model_dir), output=str(out), method="wanda", pattern="2:4",
                           calib=str(text_file), nsamples=2, seqlen=16, device="cpu"))
-    assert sorted(p.name for p in out.iterdir()) == sorted([
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted([
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
         MASK_FILE, MANIFEST_FILE, "spp_config.yaml",
     ])
@@ -379,6 +379,7 @@ BAD_INPUTS = [
     ("in-dim not divisible", ["--pattern", "4:8"], r"model\.layers\.0\.mlp\.down_proj has weight \(out, in\) = \(32, 36\)"),
     ("missing model", ["--model", "{tmp}/nope"], r"model .*nope does not exist"),
     ("dir without model", ["--model", "{tmp}/exists"], r"holds no model"),  # not {tmp}: --output is inside it
+    ("model is a file", ["--model", "{tmp}/short.txt"], r"model .*short\.txt is a file, not a model directory"),
     ("missing calib", ["--calib", "{tmp}/none.txt"], r"--calib .*none\.txt: no such file"),
     ("empty calib", ["--calib", "{tmp}/empty.txt"], r"empty"),
     ("short calib", ["--calib", "{tmp}/short.txt"], r"has only 5 tokens"),

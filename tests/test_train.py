@@ -430,7 +430,7 @@ def _bad_inputs(tmp: Path, pruned: Path, text: Path):
         "unknown key": (["--config", str(tmp / "unknown.yaml"), *ok], "did you mean 'micro_batch_size'"),
         "mistyped value": (["--config", "tinystories.yaml", *ok, "--set", "cutoff_len=long"], "cutoff_len='long' should be int"),
         "mistyped in file": (["--config", str(tmp / "mistyped.yaml"), *ok], "cutoff_len='long' should be int"),
-        "base without mask": (["--config", "tinystories.yaml", "--model", str(nomask), "--data", str(text)], "has no masks.safetensors"),
+        "base without mask": (["--config", "tinystories.yaml", "--model", str(nomask), "--data", str(text)], f"has no {MASK_FILE}"),
         "data missing": (["--config", "tinystories.yaml", "--model", str(pruned), "--data", str(tmp / "no.txt")], "does not exist"),
         "data empty": (["--config", "tinystories.yaml", "--model", str(pruned), "--data", str(tmp / "empty.txt")], "is empty"),
         "record without field": (["--config", "tinystories.yaml", "--model", str(pruned), "--data", str(tmp / "norecord.json"), "--set", "data_format=auto"], "record 1 has no 'output'"),

@@ -1,6 +1,6 @@
 """Checkpoint directories: file names, atomic output directories, hashing and safetensors headers.
 
-An spp output is a plain `save_pretrained` directory plus `masks.safetensors` and
+An spp output is a plain `save_pretrained` directory plus `spp/masks.safetensors` and
 `spp_manifest.json`. It is always built in a sibling `DIR.partial/` and renamed into
 place at the end, so a crash leaves either the complete output or none. Every output
 file gets its mode from the umask, as `open()` gives it (safetensors' writer alone leaves
@@ -23,7 +23,10 @@ from typing import Iterator
 
 from spp.errors import SppError
 
-MASK_FILE = "masks.safetensors"
+# The mask file (safetensors format), in a subfolder: loaders that read every top-level *.safetensors of a directory
+# without an index (vLLM, sglang) would otherwise load the uint8 masks under the weights' names.
+MASK_FILE = "spp/masks.safetensors"
+LEGACY_MASK_FILE = "masks.safetensors"  # where older spp outputs have it; still read (`mask_path`), never written
 MANIFEST_FILE = "spp_manifest.json"
 RESOLVED_CONFIG_FILE = "spp_config.yaml"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's names, so the files look familiar
@@ -330,10 +333,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def mask_path(directory: Path) -> Path:
+    """The mask file of a model directory: `MASK_FILE`, else an older output's `LEGACY_MASK_FILE`, else (neither
+    exists) `MASK_FILE`, the path an error names and a writer uses."""
+    directory = Path(directory)
+    if not (directory / MASK_FILE).is_file() and (directory / LEGACY_MASK_FILE).is_file():
+        return directory / LEGACY_MASK_FILE
+    return directory / MASK_FILE
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
-    """The weight shards of a saved model directory (masks and adapters excluded), sorted."""
+    """The weight shards of a saved model directory (an older output's top-level mask file and adapters excluded),
+    sorted."""
     model_dir = Path(model_dir)
-    skip = {MASK_FILE, ADAPTER_WEIGHTS_FILE}
+    skip = {LEGACY_MASK_FILE, ADAPTER_WEIGHTS_FILE}
     return sorted(p for p in model_dir.glob("*.safetensors") if p.name not in skip)
 
 
@@ -419,6 +432,17 @@ def drop_tokenizer_load_options(directory: Path) -> None:
     config = read_json(path, what="tokenizer config")
     if any(key in config for key in TOKENIZER_LOAD_OPTIONS):
         write_json(path, {k: v for k, v in config.items() if k not in TOKENIZER_LOAD_OPTIONS})
+
+
+def set_config_dtype(directory: Path, dtype: str) -> None:
+    """Record `dtype` (e.g. "bfloat16") as the weights' dtype in `directory/config.json`, the key transformers
+    writes (`dtype`; an older config's `torch_dtype` too), so `from_pretrained(dtype="auto")` loads them as written."""
+    path = Path(directory) / "config.json"
+    config = read_json(path, what="model config")
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    write_json(path, config)
 
 
 def umask_file_mode() -> int:

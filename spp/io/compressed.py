@@ -1,7 +1,7 @@
 """A sparse checkpoint stored compressed: each masked weight as its kept values only, indexed by the mask file.
 
 A pruned or merged directory already holds the bit-packed keep-mask of every pruned tensor
-(`masks.safetensors`, `spp.io.maskfile`), so the zeros need not be stored: a weight W with
+(`spp/masks.safetensors`, `spp.io.maskfile`), so the zeros need not be stored: a weight W with
 keep-mask M is written as `W[M]`, its kept entries in row-major order of the stored tensor
 (kept entries that happen to be zero included), and restored as zeros with `W[M]` scattered
 back. Every pruned entry of an spp output is +0.0 (`spp verify`), so the restore is bit-exact.
@@ -12,7 +12,8 @@ Layout of a compressed directory: for each weight shard `NAME.safetensors` of th
 file `NAME.spz` in safetensors format (masked tensors as 1-D value vectors, every other tensor
 as it is; its metadata records the compressed names with their shapes and the shard's own
 metadata); the source's shard index and manifest parked as `NAME.source` (they describe the restored files);
-every other file (config, tokenizer, mask file) unchanged. transformers cannot load it: restore
+the mask file at `spp/masks.safetensors` (an older source's top-level `masks.safetensors` moved there), every
+other file (config, tokenizer) unchanged. transformers cannot load it: restore
 it first (`spp export --dense`), which gives back the source directory file for file.
 """
 
@@ -86,8 +87,10 @@ def compress_shard(shard: Path, destination: Path, masks: dict[str, torch.Tensor
     return {"dense": dense, "values": values_bytes}
 
 
-def decompress_shard(packed: Path, destination: Path, masks: dict[str, torch.Tensor]) -> None:
-    """Restore one `*.spz` file to the safetensors shard it was made from (same tensors, same metadata).
+def decompress_shard(packed: Path, destination: Path, masks: dict[str, torch.Tensor],
+                     dtype: torch.dtype | None = None) -> None:
+    """Restore one `*.spz` file to the safetensors shard it was made from (same tensors, same metadata; with
+    `dtype`, every floating tensor cast to it, `spp.models.cast_weight`).
 
     Raises:
         SppError: not an spp compressed file, a compressed tensor without a matching mask entry, or a tensor
@@ -109,4 +112,8 @@ def decompress_shard(packed: Path, destination: Path, masks: dict[str, torch.Ten
             tensors[name] = decompress_weight(tensors[name], keep)
         except ValueError as exc:
             raise SppError(f"{packed}: {name}: {exc}") from exc
+    if dtype is not None:
+        from spp.models import cast_weight
+
+        tensors = {name: cast_weight(tensor, dtype, name, str(packed)) for name, tensor in tensors.items()}
     save_file(tensors, str(destination), metadata=json.loads(metadata["source_metadata"]) or None)

@@ -2,7 +2,7 @@
 
 A manifest ties an output to what made it: the stage, the resolved settings and
 their sha256, the sha256 of every input and output file, the mask's identity
-(`mask_sha256`, the sha256 of `masks.safetensors`), library versions, the run conditions
+(`mask_sha256`, the sha256 of the mask file, `spp/masks.safetensors`), library versions, the run conditions
 that change float results (`spp.io.conditions`: threads, device, dtype, processes), wall
 time and peak memory, and stage-specific details (for prune: method, pattern, sparsity per
 module, calibration). It holds no tensors.

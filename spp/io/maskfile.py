@@ -1,11 +1,14 @@
-"""The mask file: one bit-packed keep-mask per pruned tensor, in `masks.safetensors`.
+"""The mask file: one bit-packed keep-mask per pruned tensor, in `spp/masks.safetensors` (`MASK_FILE`).
 
 Keys are tensor names as they appear in the model's saved safetensors files. Each
 mask is stored as uint8 of shape (out, ceil(in / 8)): bit i of byte k holds the
 keep-flag of input column 8k + i ("little" bit order), for every output row. The
 safetensors metadata records, per key, the stored weight's shape and its layout:
 `linear` (weight stored (out, in)) or `conv1d` (GPT-2's Conv1D, stored (in, out)).
-The file's sha256 is the mask's identity: merge copies it unchanged.
+The file's sha256 is the mask's identity: merge copies it unchanged. It lives in a subfolder so that a
+loader reading every top-level `*.safetensors` of a model directory gets the weights only; outputs
+of older spp have it at the top as `masks.safetensors`, which every stage still reads
+(`spp.io.checkpoint.mask_path`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def save_masks(path: Path, masks: dict[str, torch.Tensor], layouts: dict[str, st
     """Write keep-masks (bool, in the stored weight's shape) bit-packed to `path`.
 
     Args:
-        path: the file to write (normally `<dir>/masks.safetensors`).
+        path: the file to write (normally `<dir>/spp/masks.safetensors`; its folder is made if missing).
         masks: saved tensor name -> bool mask shaped like the stored weight.
         layouts: saved tensor name -> "linear" or "conv1d".
     """
@@ -56,6 +59,7 @@ def save_masks(path: Path, masks: dict[str, torch.Tensor], layouts: dict[str, st
         out_in = mask.t() if layout == "conv1d" else mask
         tensors[name] = pack_bits(out_in).contiguous()
         metadata[name] = json.dumps({"shape": list(mask.shape), "layout": layout, "bitorder": "little"})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(_sorted_metadata(save(tensors, metadata=metadata)))
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from spp.errors import SppError
-from spp.io.checkpoint import MANIFEST_FILE, MASK_FILE, safetensors_files, safetensors_keys, sha256_file
+from spp.io.checkpoint import MANIFEST_FILE, MASK_FILE, mask_path, safetensors_files, safetensors_keys, sha256_file
 
 INDEX_SUFFIX = ".safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -77,7 +77,7 @@ class Checkpoint:
             has none).
         ignored: saved tensors transformers ignores for this architecture (not loaded, not saved again).
         manifest: the directory's `spp_manifest.json`, or None when it has none.
-        mask_sha256: sha256 of `masks.safetensors`, or None when there is no mask file.
+        mask_sha256: sha256 of the mask file (`mask_file`), or None when there is none.
         mask_shapes: saved tensor name -> the shape its mask records (from the mask file's header).
         source: for a directory dequantized from a GGUF file, its `spp_source.json` record (file, sha256,
             tensor types); None otherwise.
@@ -100,7 +100,8 @@ class Checkpoint:
 
     @property
     def mask_file(self) -> Path:
-        return self.directory / MASK_FILE
+        """`spp/masks.safetensors`, or an older output's top-level `masks.safetensors` (`checkpoint.mask_path`)."""
+        return mask_path(self.directory)
 
     @property
     def shards(self) -> list[Path]:
@@ -254,8 +255,8 @@ def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoi
               file=sys.stderr)
     ckpt = Checkpoint(directory=directory, config=config, model=model, tensors=tensors, saved_names=saved_names,
                       ignored=ignored, manifest=manifest, source=read_source(directory), pieces=pieces)
-    if (directory / MASK_FILE).is_file():
-        ckpt.mask_sha256 = sha256_file(directory / MASK_FILE)
+    if ckpt.mask_file.is_file():
+        ckpt.mask_sha256 = sha256_file(ckpt.mask_file)
         if manifest is not None and manifest.mask_sha256:
             ckpt.check_mask_hash(manifest.mask_sha256, who=str(directory / MANIFEST_FILE))
         _read_mask_header(ckpt)
@@ -276,6 +277,9 @@ def local_directory(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local:
+        if path.exists() and not path.is_dir():
+            raise SppError(f"model {name_or_path} is a file, not a model directory: pass the directory that holds "
+                           "its config.json and *.safetensors weights, or a .gguf file")
         if not path.is_dir():
             raise SppError(f"model {name_or_path} does not exist")
         return path

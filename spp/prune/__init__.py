@@ -3,7 +3,7 @@
 `run_prune(cfg)` reads top to bottom: input checks (before loading any weights), the
 calibration windows, the model on the CPU, `sequential.capture_block_inputs` and
 `sequential.prune_blocks` with the method picked from `METHODS`, then one atomic output
-directory holding the `save_pretrained` files, `masks.safetensors`, the resolved config and
+directory holding the `save_pretrained` files, `spp/masks.safetensors`, the resolved config and
 the manifest. Every finished block is persisted in `OUTPUT.partial/` (`spp.io.progress`),
 so `--resume` continues a killed or interrupted run at its first unfinished block, with
 the same result bit for bit (it refuses other run conditions, `spp.io.conditions`). Which layers are

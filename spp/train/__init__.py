@@ -25,7 +25,7 @@ from spp.config import TrainConfig, read_yaml, to_dict, write_yaml
 from spp.errors import SppError
 from spp.io.conditions import check_same_conditions, check_same_inputs, run_conditions
 from spp.io.checkpoint import (MASK_FILE, RESOLVED_CONFIG_FILE, TRAIN_LOG_FILE, atomic_dir, check_not_an_input,
-                               check_output_dir, partial_path, sha256_file)
+                               check_output_dir, mask_path, partial_path, sha256_file)
 
 PRECISIONS = {"fp32": ("no", "float32"), "bf16": ("bf16", "bfloat16"), "fp16": ("fp16", "float16")}  # accelerate, base dtype
 # Keys that may change between a run and its --resume (they do not change the numbers).
@@ -63,7 +63,8 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     from spp.io.finite import check_finite_model
     from spp.models import load_model, load_tokenizer
     from spp.train.distill import Distillation, check_teacher, load_teacher, parameter_bytes
-    from spp.train.loop import LoopInputs, LoopState, checkpoint_dirs, load_checkpoint, train_loop, truncate_log
+    from spp.train.loop import (FINISH_MESSAGE, InterruptGuard, LoopInputs, LoopState, checkpoint_dirs, load_checkpoint,
+                                train_loop, truncate_log)
 
     start = time.time()
     checkpoint, output = check_inputs(cfg)
@@ -112,7 +113,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
                 enable_checkpointing(model)
         if not adapted:
             raise SppError(f"target_modules {cfg.target_modules} select only layers that {base} left dense (no entry "
-                           "in its masks.safetensors): nothing to adapt; set adapt_unpruned: true to adapt them anyway")
+                           "in its mask file): nothing to adapt; set adapt_unpruned: true to adapt them anyway")
         trainable = count_trainable(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -120,7 +121,8 @@ def run_train(cfg: TrainConfig) -> TrainReport:
             model, optimizer = accelerator.prepare(model, optimizer)  # the teacher is not prepared: no DDP wrapper, no grads
         distill = Distillation.build(cfg, teacher, accelerator.unwrap_model(model)) if teacher is not None else None
 
-        with output_workdir(accelerator, output, cfg) as workdir:
+        # not armed until the last step is done; then a Ctrl-C no longer stops the run, up to the output's rename
+        with InterruptGuard(message=None) as finishing, output_workdir(accelerator, output, cfg) as workdir:
             state = LoopState(run_conditions=conditions, inputs=inputs)
             if cfg.resume:
                 last = checkpoint_dirs(workdir)[-1]
@@ -133,6 +135,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
             inputs = LoopInputs(train=train, val=val, pad_id=pad_id, total_steps=total_steps, cfg=cfg, workdir=workdir,
                                 distill=distill, sharded=sharded)
             state = train_loop(accelerator, model, optimizer, adapter_cfg, inputs, state)
+            finishing.message = FINISH_MESSAGE
             report = TrainReport(output=output, steps=state.step, train_loss=state.train_loss, val_loss=state.val_loss,
                                  trainable_params=trainable, adapted_modules=len(adapted), train_examples=len(train),
                                  val_examples=len(val), world_size=accelerator.num_processes,
@@ -189,7 +192,7 @@ def check_inputs(cfg: TrainConfig):
         raise SppError(f"--model {base} does not exist")
     if not (base / "config.json").is_file():
         raise SppError(f"--model {base} holds no model (no config.json)")
-    if not (base / MASK_FILE).is_file():
+    if not mask_path(base).is_file():
         raise SppError(f"--model {base} has no {MASK_FILE}: train needs an `spp prune` output")
     checkpoint = read_checkpoint(base, need_manifest=True)  # names, shapes, whole shards, mask = manifest's
     check_output_dir(output, cfg.overwrite)
@@ -446,7 +449,7 @@ def write_train_manifest(workdir: Path, cfg: TrainConfig, base: Path, mask_sha25
     run; hashed here without it), trainable parameters, final losses."""
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
 
-    inputs = {str(base / MASK_FILE): mask_sha256, **(data_identity(cfg.data_path) if data_hashes is None else data_hashes)}
+    inputs = {str(mask_path(base)): mask_sha256, **(data_identity(cfg.data_path) if data_hashes is None else data_hashes)}
     details = {key: getattr(report, key) for key in ("steps", "train_loss", "val_loss", "trainable_params",
                                                      "adapted_modules", "train_examples", "val_examples",
                                                      "world_size", "tokens_seen", "resumed_from")}

@@ -437,7 +437,7 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             progress.update(task, completed=state.step, info=f"loss {loss:.4f}  lr {lr:.2e}  {rate:.0f} tok/s")
             fault_point("train_step", state.step)
             fault_point("train_sigint", state.step, signal.SIGINT)  # a Ctrl-C arriving during this step
-            if _stop_requested(accelerator, guard):
+            if state.step < inputs.total_steps and _stop_requested(accelerator, guard):  # after the last, finish
                 if not saved:
                     position = data_position(len(inputs.train), cfg.batch_size, cfg.seed, state.step)
                     save_checkpoint(accelerator, model, optimizer, adapter_cfg, state, inputs.workdir,
@@ -445,19 +445,29 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
                 raise SppInterrupted(f"interrupted at step {state.step} of {inputs.total_steps}; the checkpoint is "
                                      f"in {inputs.workdir / CHECKPOINTS_DIR}: continue with the same `spp train ...` "
                                      "command plus --resume")
+        if guard.requested and accelerator.is_main_process:
+            print("interrupt: that was the last step; writing the output", file=sys.stderr)
     return state
+
+
+STOP_MESSAGE = "interrupt: saving a checkpoint after this step (press Ctrl-C again to stop at once)"
+FINISH_MESSAGE = ("interrupt: training is done; finishing the output (press Ctrl-C again to stop at once; "
+                  "--resume then writes it)")
 
 
 class InterruptGuard:
     """Ctrl-C while training: the first SIGINT asks the loop to save a checkpoint at the end of the
     current step and stop (`requested`); a second one raises KeyboardInterrupt at once.
 
-    Installed only in the main thread (Python delivers signals there); the previous handler is
-    restored on exit.
+    With `message=None` the guard is not armed: a Ctrl-C goes to the previous handler (KeyboardInterrupt by
+    default), until `message` is set (`spp.train.run_train` sets FINISH_MESSAGE once the last step is done, so a
+    Ctrl-C while the output is written does not stop it). Installed only in the main thread (Python delivers
+    signals there); the previous handler is restored on exit.
     """
 
-    def __init__(self):
+    def __init__(self, message: str | None = STOP_MESSAGE):
         self.requested = False
+        self.message = message
         self._previous = None
 
     def __enter__(self) -> "InterruptGuard":
@@ -466,10 +476,12 @@ class InterruptGuard:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.message is None and callable(self._previous):
+            return self._previous(signum, frame)
+        if self.requested or self.message is None:
             raise KeyboardInterrupt
         self.requested = True
-        print("interrupt: saving a checkpoint after this step (press Ctrl-C again to stop at once)", file=sys.stderr)
+        print(self.message, file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
