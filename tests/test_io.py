@@ -63,6 +63,22 @@ def test_atomic_dir_refuses_existing_unless_overwrite(tmp_path):
     assert [p.name for p in out.iterdir()] == ["new.txt"]
 
 
+def test_atomic_dir_refuses_a_symlink_output_and_builds_dot_beside_it(tmp_path, monkeypatch):
+    """A symlinked output would have its link replaced, not the directory it names (and `.old` left behind); `.`
+    has no name to put `.partial` after: both were tracebacks."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(SppError, match="is a symlink"):
+        with atomic_dir(tmp_path / "link", overwrite=True):
+            pass
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    monkeypatch.chdir(tmp_path / "real")
+    with atomic_dir(".", overwrite=True) as part:
+        assert part == tmp_path / "real.partial"
+        (part / "a.txt").write_text("x")
+    assert (tmp_path / "real" / "a.txt").read_text() == "x"
+
+
 def test_atomic_dir_clears_a_stale_partial_but_resume_keeps_it(tmp_path):
     out = tmp_path / "out"
     partial_path(out).mkdir()

@@ -38,13 +38,13 @@ LOCK_SUFFIX = ".lock"
 
 def partial_path(output: Path) -> Path:
     """The fixed sibling where `output` is built (fixed so a resumed run can find it)."""
-    output = Path(output)
+    output = Path(os.path.abspath(output))  # `.` and `..` have no name to add a suffix to
     return output.with_name(output.name + PARTIAL_SUFFIX)
 
 
 def lock_path(output: Path) -> Path:
     """`output.lock`, the lock a run holds while it builds `output` (`atomic_dir`): a sibling, never in the output."""
-    output = Path(output)
+    output = Path(os.path.abspath(output))
     return output.with_name(output.name + LOCK_SUFFIX)
 
 
@@ -102,6 +102,9 @@ def check_output_dir(output: Path, overwrite: bool, flag: str = "--output") -> N
         SppError: naming the directory and the flag that would allow it.
     """
     output = Path(output)
+    if output.is_symlink():  # the final rename would replace the link, not the directory it points to
+        raise SppError(f"{flag} {output} is a symlink (to {os.readlink(output)}): spp replaces its output whole; "
+                       "pass the directory itself or another path")
     owner = _read_lock(lock_path(output))
     if owner is not None and not _lock_is_stale(owner):
         raise _held(output, owner, flag)
@@ -263,7 +266,7 @@ def atomic_dir(output: Path, overwrite: bool = False, resume: bool = False,
         SppError: the output exists without `overwrite`, another run holds its lock, or the disk is full / not
             writable.
     """
-    output = Path(output)
+    output = Path(os.path.abspath(output))  # `--output .`: the renames need the directory's name
     check_output_dir(output, overwrite)
     partial = partial_path(output)
     lock = _take_lock(output)
