@@ -199,11 +199,12 @@ def test_one_rank_fsdp_with_a_sharded_teacher_equals_unsharded(pruned_tiny_dir, 
     assert sharded.train_loss == pytest.approx(plain.train_loss, rel=1e-6)
     assert [r["squarehead"] for r in log_records(tmp_path / "fsdp")] == \
         pytest.approx([r["squarehead"] for r in log_records(tmp_path / "plain")], rel=1e-6)
-    # 3e-5, not the 1e-5 of the runs without a teacher: KD and SquareHead gradients summed in the sharded order
-    # differ in the last bits, and Adam's first steps amplify that in entries whose gradient is near zero
-    # (measured 1.02e-5 on a 2-core x86-64 VM, torch 2.13.0, transformers 5.24 and 5.25 alike)
+    # 1e-4, not the 1e-5 of the runs without a teacher: KD and SquareHead gradients summed in the sharded order
+    # differ in the last bits, and Adam's first steps (g / (|g| + eps)) amplify that in entries whose gradient is
+    # near zero. Measured on a 2-core x86-64 VM: 1.02e-5 with torch 2.13.0, 3.24e-5 with torch 2.11.0 (the loss and
+    # SquareHead terms above still agree to 1e-6)
     assert_adapter_close(load_file(str(tmp_path / "fsdp" / ADAPTER_WEIGHTS_FILE)),
-                         load_file(str(tmp_path / "plain" / ADAPTER_WEIGHTS_FILE)), rtol=3e-5)
+                         load_file(str(tmp_path / "plain" / ADAPTER_WEIGHTS_FILE)), rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- kill one rank, resume

@@ -11,7 +11,8 @@ a bf16 base stays bf16 and the adapter stays float32, as without sharding) and r
 in float32. Inside a block's forward FSDP2 all-gathers the block, so every adapter's autograd
 function sees the whole (out, in) weight and the adapter code does not know it is sharded.
 A keep-mask that a kind stores per weight (`full`'s uint8 `keep`) becomes a frozen uint8
-parameter first, so it is sharded by rows with its weight instead of replicated on every rank.
+parameter first, so it is sharded by rows with its weight instead of replicated on every rank
+(bfloat16 0/1 on torch < 2.13, whose FSDP2 cannot shard an integer parameter: `mask_parameter`).
 Mixture-of-experts models shard the same way: a fused expert weight (E, out, in) is read from its saved
 per-expert tensors (`Checkpoint.join`), and an `AdaptedExperts`' stacked tensors (α (E, r, in), β (E, out), …)
 and uint8 masks (E, out, in) are parameters split along the expert axis; its forward, inside the block's,
@@ -56,6 +57,18 @@ def start_process_group() -> bool:
     return True
 
 
+# torch 2.11's FSDP2 re-creates each sharded parameter with requires_grad=True before freezing it, which an integer
+# tensor refuses ("only Tensors of floating point dtype can require gradients"); torch 2.13 passes requires_grad
+# through. 2.12 is untested, so it takes the float path too.
+FSDP_SHARDS_INTEGER_PARAMETERS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
+def mask_parameter(keep: torch.Tensor) -> nn.Parameter:
+    """A uint8 keep-mask as a frozen parameter FSDP2 can shard: uint8 where torch allows it, else bfloat16 0/1
+    (exact, 2 bytes a weight instead of 1; every kind multiplies by the mask, so the results are the same)."""
+    return nn.Parameter(keep if FSDP_SHARDS_INTEGER_PARAMETERS else keep.to(torch.bfloat16), requires_grad=False)
+
+
 def masks_as_parameters(model: nn.Module) -> int:
     """Give FSDP2 the per-layer tensors that adapter layers keep as plain attributes (in place).
 
@@ -79,7 +92,7 @@ def masks_as_parameters(model: nn.Module) -> int:
             if layer.keeps and not isinstance(layer.keeps, nn.ParameterDict):
                 # (E, out, in) uint8 masks, split along the expert axis; a ParameterDict's `get` reads the
                 # registered parameter at call time, so the forward sees the one FSDP2 has gathered
-                keeps = nn.ParameterDict({p: nn.Parameter(k, requires_grad=False) for p, k in layer.keeps.items()})
+                keeps = nn.ParameterDict({p: mask_parameter(k) for p, k in layer.keeps.items()})
                 del layer.keeps
                 layer.keeps = keeps
                 turned += len(keeps)
@@ -87,7 +100,7 @@ def masks_as_parameters(model: nn.Module) -> int:
         keep, kept_zero = layer.__dict__.get("keep"), layer.__dict__.get("kept_zero")
         if isinstance(keep, torch.Tensor):
             del layer.keep  # a plain attribute; `nn.Module.__setattr__` would otherwise keep both
-            layer.keep = nn.Parameter(keep, requires_grad=False)
+            layer.keep = mask_parameter(keep)
             turned += 1
         if isinstance(kept_zero, torch.Tensor):
             del layer.kept_zero
