@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import MOE_CONFIGS, make_moe_model, one_line_error
 from spp.cli import app
+from spp.io.checkpoint import MASK_FILE
 
 
 def cli(*args):
@@ -100,7 +101,7 @@ def test_moe_zero_shot_eval_and_export_of_a_pruned_model(tmp_path, shared_data):
     refused = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "packed"), "--ppl", "x.txt"])
     one_line_error(refused, "is an `spp export` compressed checkpoint", "spp export --dense")
     cli("export", "--dense", "--model", tmp_path / "packed", "--output", tmp_path / "restored")
-    for name in ("model.safetensors", "masks.safetensors"):
+    for name in ("model.safetensors", MASK_FILE):
         assert (tmp_path / "restored" / name).read_bytes() == (tmp_path / "pruned" / name).read_bytes()
     cli("eval", "--model", tmp_path / "pruned", "--tasks", "boolq", "--task-data", shared_data / "eval",
         "--limit", 8, "--device", "cpu", "--output", tmp_path / "eval")
