@@ -31,11 +31,21 @@ ENTRIES = {entry.name: entry for entry in NOISE}
 
 
 def warned(caplog, logger: str, message: str, verbose: bool = False) -> list[str]:
-    """The messages that get through when `message` is logged as a warning on `logger` inside quiet_output."""
-    caplog.clear()
-    with caplog.at_level(logging.WARNING), quiet_output(verbose=verbose):
-        logging.getLogger(logger).warning(message)
-    return [r.getMessage() for r in caplog.records]
+    """The messages that get through when `message` is logged as a warning on `logger` inside quiet_output.
+
+    Read by a handler on `logger` itself, after its filters: transformers < 5.25 stops its loggers' records from
+    propagating to the root logger, where caplog listens."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    target = logging.getLogger(logger)
+    target.addHandler(handler)
+    try:
+        with caplog.at_level(logging.WARNING), quiet_output(verbose=verbose):
+            target.warning(message)
+    finally:
+        target.removeHandler(handler)
+    return [r.getMessage() for r in records]
 
 
 def test_every_entry_has_an_example():
