@@ -30,8 +30,6 @@ from torch import nn
 from spp.adapter.common import keep_mask, mask_multiply_, zero_outside_
 from spp.models import is_conv1d, weight_out_in
 
-TENSORS = ("full_weight",)
-
 
 @torch.no_grad()
 def full_effective_weight(master: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -257,8 +257,6 @@ class SPPLinear(nn.Module):
 
 # ------------------------------------------------------------------ the table's uniform entry points
 
-TENSORS = ("spp_alpha", "spp_beta")
-
 
 def tensor_shapes(out_features: int, in_features: int, cfg) -> dict[str, tuple[int, ...]]:
     """The saved tensors of one adapted (out, in) layer and their shapes."""

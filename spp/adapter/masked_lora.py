@@ -26,8 +26,6 @@ from spp.adapter.common import compute_dtype, keep_mask, mask_multiply_, zero_ou
 from spp.errors import SppError
 from spp.models import is_conv1d, weight_out_in
 
-TENSORS = ("lora_A", "lora_B")
-
 
 @torch.no_grad()
 def masked_lora_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, keep: torch.Tensor) -> torch.Tensor:
