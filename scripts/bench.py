@@ -65,7 +65,7 @@ def prepare_merge_inputs(root: Path, layers: int, tokenizer_dir: str, max_shard_
 
     from bench_prune import random_llama
     from spp.adapter.config import AdapterConfig
-    from spp.adapter.model import add_spp, save_adapter
+    from spp.adapter.model import add_adapter, save_adapter
     from spp.config import PruneConfig
     from spp.io.checkpoint import MASK_FILE, sha256_file
     from spp.io.reader import read_checkpoint
@@ -79,7 +79,7 @@ def prepare_merge_inputs(root: Path, layers: int, tokenizer_dir: str, max_shard_
                           max_shard_size=max_shard_size))
     model = load_model(str(pruned))
     cfg = AdapterConfig(base_model=str(pruned), mask_sha256=sha256_file(pruned / MASK_FILE))
-    add_spp(model, cfg, read_checkpoint(pruned).masks_by_parameter())
+    add_adapter(model, cfg, read_checkpoint(pruned).masks_by_parameter())
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -91,12 +91,12 @@ def prepare_merge_inputs(root: Path, layers: int, tokenizer_dir: str, max_shard_
 
 def measure_merge(impl: str, pruned: str, adapter: str, output: str) -> dict:
     """One merge in this process: `spp` = `run_merge` (shard by shard); `in_memory` = load the whole model,
-    `load_adapter`, `merge_spp`, `save_pretrained` (what a script without streaming does).
+    `load_adapter`, `merge_adapter`, `save_pretrained` (what a script without streaming does).
 
     Memory: the peak resident set, and its increase over the resident set after the imports."""
     import torch  # noqa: F401  (imported before the baseline reading, as both paths need it)
 
-    from spp.adapter.model import load_adapter, merge_spp
+    from spp.adapter.model import load_adapter, merge_adapter
     from spp.config import MergeConfig
     from spp.io.checkpoint import save_model
     from spp.io.reader import read_checkpoint
@@ -112,7 +112,7 @@ def measure_merge(impl: str, pruned: str, adapter: str, output: str) -> dict:
         model = load_model(pruned)
         masks = read_checkpoint(pruned).masks_by_parameter()
         load_adapter(model, Path(adapter), masks)
-        merge_spp(model, masks)
+        merge_adapter(model, masks)
         save_model(model, None, Path(output), max_shard_size="100MB")
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from spp.adapter.config import AdapterConfig
 from spp.adapter.layer import (SPPFunction, SPPLinear, effective_weight, expand_rows, row_blocks, spp_delta,
                                spp_merge_weight)
-from spp.adapter.model import (adapter_state_dict, add_spp, count_trainable, load_adapter, merge_spp,
+from spp.adapter.model import (adapter_state_dict, add_adapter, count_trainable, load_adapter, merge_adapter,
                                save_adapter)
 from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
@@ -283,7 +283,7 @@ def test_add_spp_wraps_targets_freezes_the_rest_and_starts_at_the_base(tiny_mode
     masks = prune_in_place(model)
     ids = torch.randint(0, 128, (2, 12))
     expected = model(ids).logits
-    names = add_spp(model, AdapterConfig(spp_row_groups=4), masks)
+    names = add_adapter(model, AdapterConfig(spp_row_groups=4), masks)
     per_block = 7 if arch == "llama" else 4
     assert len(names) == 2 * per_block
     assert all(isinstance(model.get_submodule(n), SPPLinear) for n in names)
@@ -295,12 +295,12 @@ def test_add_spp_wraps_targets_freezes_the_rest_and_starts_at_the_base(tiny_mode
 
 def test_target_patterns_choose_layers(tiny_model):
     model = tiny_model("llama")
-    names = add_spp(model, AdapterConfig(spp_row_groups=4, target_modules=["self_attn.*"]))
+    names = add_adapter(model, AdapterConfig(spp_row_groups=4, target_modules=["self_attn.*"]))
     assert len(names) == 8 and all(".self_attn." in n for n in names)
     with pytest.raises(SppError, match="already has spp adapters"):
-        add_spp(model, AdapterConfig())
+        add_adapter(model, AdapterConfig())
     with pytest.raises(SppError, match="match no linear layer.*q_proj"):
-        add_spp(tiny_model("llama"), AdapterConfig(target_modules=["attn.qkv"]))
+        add_adapter(tiny_model("llama"), AdapterConfig(target_modules=["attn.qkv"]))
 
 
 @pytest.mark.parametrize("bad", ["nonzero", "negative_zero"])
@@ -312,7 +312,7 @@ def test_add_spp_refuses_a_base_that_breaks_its_mask(tiny_model, bad):
     with torch.no_grad():
         model.get_parameter(name)[row, col] = 0.5 if bad == "nonzero" else -0.0
     with pytest.raises(SppError, match="model.layers.1.mlp.down_proj: 1 entries"):
-        add_spp(model, AdapterConfig(spp_row_groups=4), masks)
+        add_adapter(model, AdapterConfig(spp_row_groups=4), masks)
     assert not any(isinstance(m, SPPLinear) for m in model.modules())
     assert model.get_parameter(name)[row, col].item() != 0 or torch.signbit(model.get_parameter(name)[row, col])
 
@@ -322,7 +322,7 @@ def test_save_load_and_in_memory_merge(tiny_model, tmp_path, arch):
     model = tiny_model(arch)
     masks = prune_in_place(model)
     cfg = AdapterConfig(spp_row_groups=4, base_model="somewhere", mask_sha256="x" * 64)
-    add_spp(model, cfg, masks)
+    add_adapter(model, cfg, masks)
     perturb(model)
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
@@ -337,7 +337,7 @@ def test_save_load_and_in_memory_merge(tiny_model, tmp_path, arch):
     assert load_adapter(reloaded, tmp_path / "adapter", masks) == cfg
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, y_adapter)
-        merge_spp(reloaded, masks)
+        merge_adapter(reloaded, masks)
         assert not any(isinstance(m, SPPLinear) for m in reloaded.modules())
         y_merged = reloaded(ids).logits
     torch.testing.assert_close(y_merged, y_adapter, rtol=1e-5, atol=1e-5)
@@ -350,7 +350,7 @@ def test_save_load_and_in_memory_merge(tiny_model, tmp_path, arch):
 def test_load_adapter_bad_inputs(tiny_model, tmp_path):
     model = tiny_model("llama")
     cfg = AdapterConfig(spp_row_groups=4)
-    add_spp(model, cfg)
+    add_adapter(model, cfg)
     save_adapter(model, cfg, tmp_path / "ok")
     with pytest.raises(SppError, match="does not exist"):
         load_adapter(tiny_model("llama"), tmp_path / "missing")
@@ -610,7 +610,7 @@ def test_spp_row_groups_error_names_the_layer(tiny_model):
     model = tiny_model("llama")  # k_proj and v_proj have 2 kv heads × 8 = 16 output rows
     with pytest.raises(SppError, match=r"^model\.layers\.0\.self_attn\.k_proj has 16 output rows, fewer than "
                                        r"spp_row_groups=32$"):
-        add_spp(model, AdapterConfig(spp_row_groups=32))
+        add_adapter(model, AdapterConfig(spp_row_groups=32))
     assert not any(isinstance(m, SPPLinear) for m in model.modules())
 
 
@@ -620,13 +620,13 @@ def test_a_target_without_a_mask_is_refused_for_kinds_that_need_one(tiny_model, 
     masks = prune_in_place(model)
     del masks["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(SppError, match=rf"^model\.layers\.1\.mlp\.up_proj has no entry in the keep-masks .*{kind}"):
-        add_spp(model, AdapterConfig(kind=kind, adapt_unpruned=True), masks)
+        add_adapter(model, AdapterConfig(kind=kind, adapt_unpruned=True), masks)
     assert not any(isinstance(m, LAYER_TYPES) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())  # refused before anything changed
     with pytest.raises(SppError, match="has no entry in the keep-masks"):
-        add_spp(tiny_model("llama"), AdapterConfig(kind=kind))  # no masks at all
+        add_adapter(tiny_model("llama"), AdapterConfig(kind=kind))  # no masks at all
     # by default a layer without a mask entry (left dense by `spp prune`) is simply not adapted
-    names = add_spp(model, AdapterConfig(kind=kind), masks)
+    names = add_adapter(model, AdapterConfig(kind=kind), masks)
     assert "model.layers.1.mlp.up_proj" not in names and len(names) == len(masks)
 
 
@@ -644,7 +644,7 @@ def test_save_load_and_in_memory_merge_for_each_kind(tiny_model, tmp_path, arch,
     model = tiny_model(arch)
     masks = prune_in_place(model)
     cfg = AdapterConfig(kind=kind, rank=3, base_model="somewhere", mask_sha256="x" * 64)
-    add_spp(model, cfg, masks)
+    add_adapter(model, cfg, masks)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(trainable) == len(adapter_state_dict(model))
     assert [p.shape for p in trainable] == [  # one tensor per trainable parameter, in order (optimizer state)
@@ -663,7 +663,7 @@ def test_save_load_and_in_memory_merge_for_each_kind(tiny_model, tmp_path, arch,
     assert load_adapter(reloaded, tmp_path / "adapter", masks) == cfg
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, y_adapter)
-        merge_spp(reloaded, masks)
+        merge_adapter(reloaded, masks)
         y_merged = reloaded(ids).logits
     assert not any(isinstance(m, (SPPLinear, MaskedLoRALinear, FullLinear)) for m in reloaded.modules())
     assert not any(p.requires_grad for p in reloaded.parameters())

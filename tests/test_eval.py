@@ -339,7 +339,7 @@ def pruned_adapter_merged(tmp_path_factory, tiny_dir):
     """A magnitude-pruned tiny model with its mask file, an SPP adapter with non-zero β, and the merged model."""
     pytest.importorskip("spp.adapter.model")
     from spp.adapter.config import AdapterConfig
-    from spp.adapter.model import add_spp, merge_spp, save_adapter
+    from spp.adapter.model import add_adapter, merge_adapter, save_adapter
     from spp.io.checkpoint import MASK_FILE, save_model, sha256_file
     from spp.io.maskfile import save_masks
     from spp.models import find_decoder_blocks, find_linear_layers
@@ -359,7 +359,7 @@ def pruned_adapter_merged(tmp_path_factory, tiny_dir):
     save_model(model, tok, pruned)
     save_masks(pruned / MASK_FILE, masks, {k: "linear" for k in masks})
     cfg = AdapterConfig(spp_row_groups=4, mask_sha256=sha256_file(pruned / MASK_FILE), base_model=str(pruned))
-    add_spp(model, cfg, masks)
+    add_adapter(model, cfg, masks)
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -368,7 +368,7 @@ def pruned_adapter_merged(tmp_path_factory, tiny_dir):
     adapter = root / "adapter"
     save_adapter(model, cfg, adapter)
     merged = root / "merged"
-    save_model(merge_spp(model, masks), tok, merged)
+    save_model(merge_adapter(model, masks), tok, merged)
     (merged / MASK_FILE).parent.mkdir(exist_ok=True)
     (merged / MASK_FILE).write_bytes((pruned / MASK_FILE).read_bytes())
     return pruned, adapter, merged

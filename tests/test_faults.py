@@ -893,7 +893,7 @@ def test_mask_invariant_survives_save_load_train_merge_load(pattern, row_groups,
 
     from conftest import make_tiny_model
     from spp.adapter.config import AdapterConfig
-    from spp.adapter.model import add_spp, save_adapter
+    from spp.adapter.model import add_adapter, save_adapter
     from spp.config import MergeConfig
     from spp.io.checkpoint import save_model, sha256_file
     from spp.io.reader import read_checkpoint
@@ -928,7 +928,7 @@ def test_mask_invariant_survives_save_load_train_merge_load(pattern, row_groups,
         assert loaded.keys() == masks.keys() and all(torch.equal(loaded[k], masks[k]) for k in masks)
         cfg = AdapterConfig(spp_row_groups=row_groups, base_model=str(tmp / "pruned"),
                             mask_sha256=sha256_file(tmp / "pruned" / MASK_FILE))
-        add_spp(base, cfg, loaded)
+        add_adapter(base, cfg, loaded)
         optimizer = torch.optim.AdamW([p for p in base.parameters() if p.requires_grad], lr=0.05)
         ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
         for _ in range(2):

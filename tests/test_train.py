@@ -198,7 +198,7 @@ def test_train_writes_the_adapter_and_keeps_every_zero(pruned_tiny_dir, alpaca_f
     from transformers import AutoModelForCausalLM
 
     from spp.adapter.layer import SPPLinear
-    from spp.adapter.model import load_adapter, merge_spp
+    from spp.adapter.model import load_adapter, merge_adapter
     from spp.io.checkpoint import read_json
     from spp.io.reader import read_checkpoint
     from spp.io.manifest import read_manifest
@@ -235,7 +235,7 @@ def test_train_writes_the_adapter_and_keeps_every_zero(pruned_tiny_dir, alpaca_f
     load_adapter(model, out, masks)
     betas = [m.spp_beta for m in model.modules() if isinstance(m, SPPLinear)]
     assert all(float(b.detach().abs().max()) > 0 for b in betas)
-    merge_spp(model, masks)
+    merge_adapter(model, masks)
     assert not torch.allclose(model(ids).logits, pruned_logits, atol=1e-4)
     params = dict(model.named_parameters())
     assert masks and all(bool(pruned_is_positive_zero(params[name], keep).all()) for name, keep in masks.items())
@@ -483,7 +483,7 @@ def test_spp_recovers_perplexity_of_pruned_stories260k(shared_data, tmp_path):
     from conftest import build_pruned_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spp.adapter.model import load_adapter, merge_spp
+    from spp.adapter.model import load_adapter, merge_adapter
     from spp.io.reader import read_checkpoint
     from spp.prune.masks import pruned_is_positive_zero
 
@@ -507,7 +507,7 @@ def test_spp_recovers_perplexity_of_pruned_stories260k(shared_data, tmp_path):
     load_adapter(model, out, masks)
     after = perplexity(model)
     assert after < 0.9 * before, (before, after)
-    merge_spp(model, masks)
+    merge_adapter(model, masks)
     assert perplexity(model) == pytest.approx(after, rel=1e-4)
     params = dict(model.named_parameters())
     assert len(masks) == 35 and all(bool(pruned_is_positive_zero(params[n], k).all()) for n, k in masks.items())

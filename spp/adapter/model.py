@@ -113,9 +113,6 @@ def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Ten
     return list(targets)
 
 
-add_spp = add_adapter  # the name from before there were several kinds
-
-
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every adapter layer of the model, by module name, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)}
@@ -245,9 +242,6 @@ def merge_adapter(model: nn.Module, masks: dict[str, torch.Tensor] | None = None
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, base)
     return model
-
-
-merge_spp = merge_adapter  # the name from before there were several kinds
 
 
 def count_trainable(model: nn.Module) -> int:
