@@ -347,13 +347,12 @@ def eval_(
         raise SppError(f"unexpected argument {paths[0]!r} (positional paths are only for --compare)")
     if model is None:
         raise SppError("--model is required (or --compare A B ... to compare results)")
-    import os
-
     from spp.config import EvalConfig
     from spp.eval import run_eval
+    from spp.eval.zeroshot import default_task_data
 
     cfg = EvalConfig(model=model, adapter=adapter, ppl=_split_list(ppl), seqlen=seqlen, max_windows=max_windows,
-                     tasks=_split_list(tasks), task_data=task_data or os.environ.get("SPP_TASK_DATA") or None,
+                     tasks=_split_list(tasks), task_data=task_data or default_task_data(),
                      limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, output=output, device=device,
                      dtype=dtype, sparse_kernels=sparse_kernels, overwrite=overwrite)
     with quiet_output(verbose, lm_eval=bool(cfg.tasks)) as noise:

@@ -306,6 +306,15 @@ def test_bad_inputs_fail_with_one_line(case, tiny_dir, text_file, tmp_path):
     assert not out.exists() and not out.with_name("out.partial").exists()
 
 
+def test_task_data_defaults_to_spp_task_data(tiny_dir, text_file, tmp_path, monkeypatch):
+    args, expected = _bad_inputs(tiny_dir, text_file, tmp_path)["task file missing"]
+    monkeypatch.setenv("SPP_TASK_DATA", str(args[-1]))  # no --task-data: $SPP_TASK_DATA is the directory read
+    out = tmp_path / "out"
+    result = cli("eval", "--model", tiny_dir, *args[:-2], "--output", out, "--device", "cpu")
+    _assert_one_error(result, expected)
+    assert f"--task-data {args[-1]}" in result.stderr and not out.exists()
+
+
 def _assert_one_error(result, expected):
     assert result.exit_code != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
