@@ -17,7 +17,6 @@ from spp.io.checkpoint import (
     read_json,
     safetensors_keys,
     sha256_file,
-    torch_equal,
     write_json,
 )
 from spp.io.manifest import Manifest, read_manifest, settings_sha256, write_manifest
@@ -239,11 +238,6 @@ def test_manifest_roundtrip_and_mask_hash(tmp_path):
     (tmp_path / "spp_manifest.json").write_text(json.dumps(raw))
     with pytest.raises(SppError, match="schema"):
         read_manifest(tmp_path)
-
-
-def test_torch_equal_distinguishes_signed_zero():
-    assert torch_equal(torch.tensor([0.0]), torch.tensor([0.0]))
-    assert not torch_equal(torch.tensor([0.0]), torch.tensor([-0.0]))
 
 
 # --------------------------------------------------------------------------- what the writers leave on disk

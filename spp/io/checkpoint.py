@@ -534,13 +534,6 @@ def _numel(shape) -> int:
     return n
 
 
-def torch_equal(a, b) -> bool:
-    """Bitwise equality of two tensors (so +0.0 and -0.0 differ)."""
-    import torch
-
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-
-
 # `spp train` outputs: the JSONL log, and resumable checkpoints `checkpoints/step-N/`, each holding the
 # adapter files above plus the optimizer (tensors + JSON), trainer state (JSON) and per-rank RNG states.
 TRAIN_LOG_FILE = "train_log.jsonl"
