@@ -125,10 +125,11 @@ CHUNK_ENTRIES = 2**22  # weight entries per chunk of the candidate (at least one
 
 def batched_effective_weight(W, alpha, beta, scale):
     """`spp.adapter.layer.effective_weight` with a leading expert axis: W (E, out, in), α (E, r, in), β (E, out)."""
-    from spp.adapter.layer import _compute_dtype, row_blocks
+    from spp.adapter.common import compute_dtype
+    from spp.adapter.layer import row_blocks
 
     E, out_features, in_features = W.shape
-    dtype = _compute_dtype(W, alpha)
+    dtype = compute_dtype(W, alpha)
     alpha32, beta32 = alpha.to(dtype), beta.to(dtype) * scale
     W_eff = torch.empty_like(W, dtype=dtype)
     for row0, group0, n_groups, rows in row_blocks(out_features, alpha.shape[-2]):
@@ -142,9 +143,10 @@ def batched_effective_weight(W, alpha, beta, scale):
 
 def batched_gradients(G, W, alpha, beta, scale):
     """`spp.adapter.layer.gradients` with a leading expert axis: (dα (E, r, in), dβ (E, out)) from G (E, out, in)."""
-    from spp.adapter.layer import _compute_dtype, row_blocks
+    from spp.adapter.common import compute_dtype
+    from spp.adapter.layer import row_blocks
 
-    G = G.to(_compute_dtype(G, alpha)) * W  # G ⊙ W, (E, out, in)
+    G = G.to(compute_dtype(G, alpha)) * W  # G ⊙ W, (E, out, in)
     E, out_features, in_features = G.shape
     d_alpha, d_beta = torch.zeros_like(alpha, dtype=G.dtype), torch.zeros_like(beta, dtype=G.dtype)
     a, b = alpha.to(G.dtype), beta.to(G.dtype)

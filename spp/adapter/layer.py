@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spp.adapter.common import compute_dtype
 from spp.errors import SppError
 from spp.models import is_conv1d, weight_out_in
 
@@ -64,11 +65,6 @@ def spp_delta(W: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: f
     return scale * W * (expand_rows(alpha, W.shape[0]) * beta[:, None])
 
 
-def _compute_dtype(W: torch.Tensor, alpha: torch.Tensor) -> torch.dtype:
-    """float32, or float64 when W or α is float64 (so float64 checks stay exact)."""
-    return torch.promote_types(torch.promote_types(W.dtype, alpha.dtype), torch.float32)
-
-
 @torch.no_grad()
 def effective_weight(W: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float) -> torch.Tensor:
     """W_eff = W ⊙ (1 + s·Â ⊙ β·1ᵀ), evaluated as W + (s·β·1ᵀ ⊙ W) ⊙ Â in float32 and cast to W's dtype.
@@ -87,7 +83,7 @@ def effective_weight(W: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, s
         (out, in), dtype of W, with W's strides.
     """
     out_features, in_features = W.shape
-    dtype = _compute_dtype(W, alpha)
+    dtype = compute_dtype(W, alpha)
     alpha32, beta32 = alpha.to(dtype), beta.to(dtype) * scale
     W_eff = torch.empty_like(W, dtype=dtype)  # same strides as W: Conv1D's (in, out) storage stays so
     for row0, group0, n_groups, rows in row_blocks(out_features, alpha.shape[0]):
@@ -132,7 +128,7 @@ def _group_grads(G: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale
         (dα (r, in), dβ (out,)) in the dtypes of α and β.
     """
     out_features, in_features = G.shape
-    acc = _compute_dtype(G, alpha)
+    acc = compute_dtype(G, alpha)
     d_alpha = torch.zeros_like(alpha, dtype=acc)
     d_beta = torch.zeros_like(beta, dtype=acc)
     a, b = alpha.to(G.dtype), beta.to(G.dtype)
@@ -174,7 +170,7 @@ class SPPFunction(torch.autograd.Function):
         dy = grad_y.reshape(-1, out_features)  # (N, out)
         if needs_alpha or needs_beta:
             G = dy.t() @ x.reshape(-1, in_features).to(dy.dtype)  # dL/dW_eff, (out, in)
-            G = G.to(_compute_dtype(G, alpha)).mul_(W)  # ⊙ W in float32 (a no-op cast for fp32 G)
+            G = G.to(compute_dtype(G, alpha)).mul_(W)  # ⊙ W in float32 (a no-op cast for fp32 G)
             d_alpha, d_beta = _group_grads(G, alpha, beta, ctx.scale)
         if needs_bias and ctx.has_bias:
             grad_bias = dy.sum(0)
@@ -275,7 +271,7 @@ def effective(W, keep, tensors: dict, scale: float) -> torch.Tensor:
 def gradients(G, W, keep, tensors: dict, scale: float) -> dict[str, torch.Tensor]:
     """dα, dβ from G = dL/dW_eff (out, in): the group reductions of G ⊙ W."""
     alpha = tensors["spp_alpha"]
-    d_alpha, d_beta = _group_grads(G.to(_compute_dtype(G, alpha)) * W, alpha, tensors["spp_beta"], scale)
+    d_alpha, d_beta = _group_grads(G.to(compute_dtype(G, alpha)) * W, alpha, tensors["spp_beta"], scale)
     return {"spp_alpha": d_alpha, "spp_beta": d_beta}
 
 
