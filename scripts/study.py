@@ -310,7 +310,8 @@ def check_row_groups(model: str, cells: list[Cell], row_groups: int) -> None:
     """
     from transformers import AutoModelForCausalLM
 
-    from spp.models import find_decoder_blocks, find_linear_layers, load_config, weight_out_in
+    from spp.io.reader import load_config
+    from spp.models import find_decoder_blocks, find_linear_layers, weight_out_in
 
     if not any(c.adapter == "spp" for c in cells):
         return

@@ -31,9 +31,10 @@ from spp.io.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LEGACY
                                drop_tokenizer_load_options, safetensors_files, save_tensors, set_config_dtype,
                                sha256_file)
 from spp.io.conditions import run_conditions
+from spp.io.finite import cast_weight
 from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
 from spp.io.reader import Checkpoint, read_checkpoint
-from spp.models import cast_weight, is_conv1d, resolve_dtype
+from spp.models import is_conv1d, resolve_dtype
 from spp.prune.masks import pruned_is_positive_zero
 
 NOT_COPIED = {MANIFEST_FILE, RESOLVED_CONFIG_FILE, RESULTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from spp import hf
 from spp.errors import SppError
+from spp.io.reader import local_directory, refuse_incomplete_load
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,39 +43,6 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
-def cast_weight(tensor: torch.Tensor, dtype: torch.dtype | None, name: str, where: str) -> torch.Tensor:
-    """A saved tensor as `spp merge/export --dtype` writes it: a floating tensor cast to `dtype` (None: unchanged),
-    any other (integer buffers) unchanged. +0.0 stays +0.0 in every float dtype, so masks still hold.
-
-    Raises:
-        SppError: a finite value overflows `dtype` (float16 ends at ±65504), naming the tensor and the way out.
-    """
-    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
-        return tensor
-    cast = tensor.to(dtype)
-    overflow = torch.isinf(cast) & torch.isfinite(tensor)
-    if bool(overflow.any()):
-        name_of = str(dtype).removeprefix("torch.")
-        raise SppError(f"{where}: {name} does not fit in {name_of}: {int(overflow.sum())} entries overflow to ±inf "
-                       f"(largest |value| {float(tensor.abs().max()):.4g}); pass --dtype bfloat16 or float32")
-    return cast
-
-
-def load_config(name_or_path: str):
-    """Load a model's config (cheap). A stage reads its model with `spp.io.reader.read_checkpoint`, which calls this."""
-    from transformers import AutoConfig
-
-    from spp.io.reader import local_directory
-
-    path = local_directory(name_or_path)
-    if not (path / "config.json").is_file():
-        raise SppError(f"model {name_or_path} holds no model (no config.json)")
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise SppError(f"cannot load a model config from {name_or_path}: {str(exc).splitlines()[0]}") from exc
-
-
 def load_model(name_or_path: str, dtype: str = "auto", device: str | torch.device = "cpu") -> nn.Module:
     """Load a causal LM in eval mode on `device` (prune keeps it on the CPU and moves one block at a time).
 
@@ -85,9 +54,6 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str | torch.devic
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
-
-    from spp import hf
-    from spp.io.reader import local_directory, refuse_incomplete_load
 
     directory = local_directory(name_or_path)
     try:
@@ -138,9 +104,7 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     Raises:
         SppError: no such list exists.
     """
-    from spp.hf import no_split_module_classes
-
-    no_split = no_split_module_classes(model)
+    no_split = hf.no_split_module_classes(model)
     best, best_name, best_score = None, "", (-1, -1)
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:

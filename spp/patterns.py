@@ -21,6 +21,8 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from spp.errors import SppError
+from spp.io.reader import Checkpoint
+from spp.models import find_decoder_blocks, find_expert_weights, find_linear_layers, weight_name
 
 REGEX_PREFIX = "re:"
 
@@ -55,18 +57,21 @@ def compile_pattern(pattern: str, source: str):
 
 def linear_layers(model: nn.Module) -> dict[str, LinearLayer]:
     """Every linear layer and expert weight inside the decoder blocks, by full name, in model order."""
-    from spp.models import find_decoder_blocks, find_expert_weights, find_linear_layers
-
     prefix, blocks = find_decoder_blocks(model)
     return {f"{prefix}.{i}.{name}": LinearLayer(i, name, layer)
             for i, block in enumerate(blocks)
             for name, layer in {**find_linear_layers(block), **find_expert_weights(block)}.items()}
 
 
+def decoder_weights(checkpoint: Checkpoint) -> list[str]:
+    """The saved tensors of every weight `spp prune` could prune (the linear layers and expert weights of the
+    decoder blocks, `linear_layers`), in model order."""
+    return [saved for full, layer in linear_layers(checkpoint.model).items()
+            for saved in checkpoint.saved_tensors_of(weight_name(full, layer.module))]
+
+
 def _outside_blocks(model: nn.Module) -> list[str]:
     """Names of the modules with their own weight outside the decoder blocks (embeddings, norms, lm_head)."""
-    from spp.models import find_decoder_blocks
-
     prefix, _ = find_decoder_blocks(model)
     return [name for name, module in model.named_modules()
             if name and not (name == prefix or name.startswith(prefix + "."))

@@ -56,12 +56,14 @@ def mask_sparsity(checkpoint) -> dict | None:
     """
     import math
 
+    from spp.patterns import decoder_weights
+
     if checkpoint.mask_sha256 is None:
         return None
     masks, _ = checkpoint.read_masks()
     masked = sum(m.numel() for m in masks.values())
     pruned = masked - sum(int(m.sum()) for m in masks.values())
-    dense = [name for name in checkpoint.decoder_weights() if name not in masks]
+    dense = [name for name in decoder_weights(checkpoint) if name not in masks]
     total = masked + sum(math.prod(checkpoint.tensors[name].shape) for name in dense)
     return {"sparsity": pruned / total if total else 0.0, "masked_sparsity": pruned / masked if masked else 0.0,
             "masked_weights": masked, "decoder_weights": total, "tensors": len(masks), "dense_tensors": len(dense),

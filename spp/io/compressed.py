@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from spp.errors import SppError
-from spp.io.finite import check_finite
+from spp.io.finite import cast_weight, check_finite
 from spp.prune.masks import pruned_is_positive_zero
 
 FORMAT = "spp-compressed"
@@ -90,7 +90,7 @@ def compress_shard(shard: Path, destination: Path, masks: dict[str, torch.Tensor
 def decompress_shard(packed: Path, destination: Path, masks: dict[str, torch.Tensor],
                      dtype: torch.dtype | None = None) -> None:
     """Restore one `*.spz` file to the safetensors shard it was made from (same tensors, same metadata; with
-    `dtype`, every floating tensor cast to it, `spp.models.cast_weight`).
+    `dtype`, every floating tensor cast to it, `spp.io.finite.cast_weight`).
 
     Raises:
         SppError: not an spp compressed file, a compressed tensor without a matching mask entry, or a tensor
@@ -113,7 +113,5 @@ def decompress_shard(packed: Path, destination: Path, masks: dict[str, torch.Ten
         except ValueError as exc:
             raise SppError(f"{packed}: {name}: {exc}") from exc
     if dtype is not None:
-        from spp.models import cast_weight
-
         tensors = {name: cast_weight(tensor, dtype, name, str(packed)) for name, tensor in tensors.items()}
     save_file(tensors, str(destination), metadata=json.loads(metadata["source_metadata"]) or None)

@@ -4,7 +4,8 @@ One NaN in a weight does not stay put: SparseGPT's error feedback spreads it alo
 copies it into the served model, and perplexity comes out `nan`. So every stage that reads weights
 passes each tensor through `check_finite` as it reads it (`check_finite_model` for a model just
 loaded): one `isfinite` pass per tensor, no copy of the model, and the entries are counted only
-when the check has already failed.
+when the check has already failed. A weight written in another dtype (`--dtype`) goes through
+`cast_weight`, which refuses a finite value that the cast would turn into an infinity.
 """
 
 from __future__ import annotations
@@ -60,3 +61,21 @@ def check_finite_model(model: nn.Module, where: str) -> None:
     for name, param in model.named_parameters():
         if not param.is_meta:
             check_finite(param.detach(), name, where)
+
+
+def cast_weight(tensor: torch.Tensor, dtype: torch.dtype | None, name: str, where: str) -> torch.Tensor:
+    """A saved tensor as `spp merge/export --dtype` writes it: a floating tensor cast to `dtype` (None: unchanged),
+    any other (integer buffers) unchanged. +0.0 stays +0.0 in every float dtype, so masks still hold.
+
+    Raises:
+        SppError: a finite value overflows `dtype` (float16 ends at ±65504), naming the tensor and the way out.
+    """
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    cast = tensor.to(dtype)
+    overflow = torch.isinf(cast) & torch.isfinite(tensor)
+    if bool(overflow.any()):
+        name_of = str(dtype).removeprefix("torch.")
+        raise SppError(f"{where}: {name} does not fit in {name_of}: {int(overflow.sum())} entries overflow to ±inf "
+                       f"(largest |value| {float(tensor.abs().max()):.4g}); pass --dtype bfloat16 or float32")
+    return cast

@@ -151,15 +151,6 @@ class Checkpoint:
             return [p.saved for p in self.pieces[parameter]]
         return [self.saved_name(parameter)]
 
-    def decoder_weights(self) -> list[str]:
-        """The saved tensors of every weight `spp prune` could prune (the linear layers and expert weights of the
-        decoder blocks, `spp.patterns.linear_layers`), in model order."""
-        from spp.models import weight_name
-        from spp.patterns import linear_layers
-
-        return [saved for full, layer in linear_layers(self.model).items()
-                for saved in self.saved_tensors_of(weight_name(full, layer.module))]
-
     def join(self, parameter: str, by_saved: dict[str, torch.Tensor]) -> torch.Tensor:
         """The inverse of `split`: the saved tensors of `parameter` (each in its saved shape) put together."""
         if parameter not in self.pieces:
@@ -244,8 +235,6 @@ def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoi
         manifest = read_manifest(directory)
     if not (directory / CONFIG_FILE).is_file():
         raise SppError(f"model {source} holds no model (no {CONFIG_FILE})")
-    from spp.models import load_config
-
     config = load_config(str(directory))
     tensors = saved_tensors(directory)
     model, saved_names, ignored, pieces = _resolve_names(directory, config, tensors)
@@ -261,6 +250,19 @@ def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoi
             ckpt.check_mask_hash(manifest.mask_sha256, who=str(directory / MANIFEST_FILE))
         _read_mask_header(ckpt)
     return ckpt
+
+
+def load_config(name_or_path: str):
+    """Load a model's config (cheap). A stage reads its model with `read_checkpoint`, which calls this."""
+    from transformers import AutoConfig
+
+    path = local_directory(name_or_path)
+    if not (path / CONFIG_FILE).is_file():
+        raise SppError(f"model {name_or_path} holds no model (no {CONFIG_FILE})")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise SppError(f"cannot load a model config from {name_or_path}: {str(exc).splitlines()[0]}") from exc
 
 
 def local_directory(name_or_path: str) -> Path:

@@ -36,9 +36,9 @@ def check_teacher(cfg, base: Path) -> Path:
     Raises:
         SppError: one line saying what differs.
     """
-    from spp.models import load_config, load_tokenizer
-
     from spp.io.gguf import gguf_directory, is_gguf
+    from spp.io.reader import load_config
+    from spp.models import load_tokenizer
 
     # a GGUF teacher (spp run --model FILE.gguf) is its dequantized directory, as for --model
     teacher = gguf_directory(cfg.teacher) if is_gguf(cfg.teacher) else Path(cfg.teacher).expanduser()
