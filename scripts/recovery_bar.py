@@ -72,7 +72,7 @@ def zeros_check(model_dir: Path, pruned_dir: Path) -> dict:
     """Against the pruned model's mask file: entries marked pruned that are not bitwise +0.0, kept zeros, sparsity."""
     from spp.io.reader import read_checkpoint
     from spp.models import load_model
-    from spp.prune.masks import pruned_is_positive_zero
+    from spp.sparsity import pruned_is_positive_zero
 
     model = load_model(str(model_dir), "float32", "cpu")
     masks = read_checkpoint(pruned_dir).masks_by_parameter()

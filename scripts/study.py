@@ -402,7 +402,7 @@ def weight_sparsity(model, masks: dict | None = None) -> dict:
     also `pruned_not_plus_zero` (entries the mask marks pruned that are not bitwise +0.0) and
     `kept_zero` (kept entries that are exactly zero)."""
     from spp.models import find_decoder_blocks, find_linear_layers, weight_out_in
-    from spp.prune.masks import pruned_is_positive_zero
+    from spp.sparsity import pruned_is_positive_zero
 
     zeros = numel = 0
     for block in find_decoder_blocks(model)[1]:

@@ -35,7 +35,7 @@ from spp.io.finite import cast_weight
 from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
 from spp.io.reader import Checkpoint, read_checkpoint
 from spp.models import is_conv1d, resolve_dtype
-from spp.prune.masks import pruned_is_positive_zero
+from spp.sparsity import check_pruned_zero, sparsity_stats
 
 NOT_COPIED = {MANIFEST_FILE, RESOLVED_CONFIG_FILE, RESULTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
               LEGACY_MASK_FILE}  # an older base's mask file is copied to MASK_FILE
@@ -214,10 +214,9 @@ def check_invariant(directory: Path, masks: dict[str, torch.Tensor]) -> tuple[in
             for name in f.keys():
                 if name in masks:
                     weight = f.get_tensor(name)
-                    bad = ~pruned_is_positive_zero(weight, masks[name])
-                    if bad.any():
-                        raise RuntimeError(f"merged {name} has {int(bad.sum())} pruned entries that are not +0.0")
-                    kept_zero += int(((weight == 0) & masks[name]).sum())
+                    check_pruned_zero(weight, masks[name], lambda count, _: (
+                        f"merged {name} has {count} pruned entries that are not +0.0"), error=RuntimeError)
+                    kept_zero += sparsity_stats(weight, masks[name])["kept_zero"]
                     checked += 1
     if checked != len(masks):
         raise RuntimeError(f"the merged checkpoint holds {checked} of the {len(masks)} masked tensors")

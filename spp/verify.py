@@ -51,17 +51,13 @@ def _check_files(directory: Path, outputs: dict[str, str]) -> int:
 
 def _check_tensor(name: str, weight, keep, layout: str, n_m) -> None:
     """Raise naming `name` if a pruned entry is not +0.0 or the N:M pattern is broken."""
-    from spp.prune.masks import is_nm_valid, pruned_is_positive_zero
+    from spp.prune.masks import is_nm_valid
+    from spp.sparsity import check_pruned_zero
 
     if tuple(weight.shape) != tuple(keep.shape):
         raise SppError(f"{name}: the mask has shape {tuple(keep.shape)} but the weight has {tuple(weight.shape)}")
-    ok = pruned_is_positive_zero(weight, keep)
-    if not bool(ok.all()):
-        bad = (~ok).nonzero()[0].tolist()
-        count = int((~ok).sum())
-        raise SppError(
-            f"{name}: {count} entries the mask marks pruned are not +0.0 (first at {tuple(bad)}: {weight[tuple(bad)].item()!r})"
-        )
+    check_pruned_zero(weight, keep, lambda count, first: (
+        f"{name}: {count} entries the mask marks pruned are not +0.0 (first at {first}: {weight[first].item()!r})"))
     if n_m is not None:
         keep_out_in = keep.t() if layout == "conv1d" else keep
         if not is_nm_valid(keep_out_in, *n_m):
@@ -83,8 +79,8 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
 
     from spp.io.finite import check_finite
     from spp.io.reader import read_checkpoint
-    from spp.prune import block_name
     from spp.prune.masks import parse_pattern
+    from spp.sparsity import block_tallies, sparsity_stats, tally
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -99,8 +95,7 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
     n_m = parse_pattern(pattern)
     recorded = manifest.details.get("modules", {})
     index = {name: saved.shard for name, saved in checkpoint.tensors.items()}
-    blocks: dict[str, list[int]] = {}
-    kept_zero = 0
+    stats: dict[str, dict] = {}
     for shard in checkpoint.shards:  # every shard, not only those with masked tensors: any weight may be non-finite
         with safe_open(str(shard), "pt") as f:
             for name in sorted(n for n in index if index[n] == shard):
@@ -110,22 +105,18 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
                     continue
                 keep = masks[name]
                 _check_tensor(name, weight, keep, layouts[name], n_m)
-                pruned = int((~keep).sum())
+                stats[name] = sparsity_stats(weight, keep)
+                pruned = stats[name]["pruned"]
                 if name in recorded and recorded[name].get("pruned") != pruned:
                     raise SppError(f"{name}: the mask prunes {pruned} entries but the manifest records {recorded[name]['pruned']}")
-                kept_zero += int(((weight == 0) & keep).sum())
-                row = blocks.setdefault(block_name(name), [0, 0])
-                row[0] += keep.numel()
-                row[1] += pruned
-    total = sum(r[0] for r in blocks.values())
-    pruned_total = sum(r[1] for r in blocks.values())
+    blocks, total = block_tallies(stats), tally(stats.values())
     return VerifyReport(directory=directory, pattern=pattern, tensors_checked=len(masks), files_checked=files,
-                        blocks=[(b, r[0], r[1]) for b, r in sorted(blocks.items(), key=lambda kv: _natural(kv[0]))],
-                        total_sparsity=pruned_total / total if total else 0.0, kept_zero=kept_zero,
+                        blocks=[(b, r["numel"], r["pruned"]) for b, r in sorted(blocks.items(), key=lambda kv: _natural(kv[0]))],
+                        total_sparsity=total["sparsity"], kept_zero=total["kept_zero"],
                         requested_blocks=_requested_blocks(manifest.details, blocks))
 
 
-def _requested_blocks(details: dict, blocks: dict[str, list[int]]) -> dict[str, float]:
+def _requested_blocks(details: dict, blocks: dict[str, dict]) -> dict[str, float]:
     """Per block, the sparsity the manifest says was requested (OWL, overrides); its achieved count must agree.
 
     Raises:
@@ -133,6 +124,6 @@ def _requested_blocks(details: dict, blocks: dict[str, list[int]]) -> dict[str, 
     """
     recorded = details.get("blocks") or {}
     for name, row in recorded.items():
-        if name in blocks and row.get("pruned") != blocks[name][1]:
-            raise SppError(f"block {name}: the mask prunes {blocks[name][1]} entries but the manifest records {row.get('pruned')}")
+        if name in blocks and row.get("pruned") != blocks[name]["pruned"]:
+            raise SppError(f"block {name}: the mask prunes {blocks[name]['pruned']} entries but the manifest records {row.get('pruned')}")
     return {name: row["requested"] for name, row in recorded.items() if "requested" in row}

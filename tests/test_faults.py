@@ -901,7 +901,8 @@ def test_mask_invariant_survives_save_load_train_merge_load(pattern, row_groups,
     from spp.io.maskfile import save_masks
     from spp.merge import run_merge
     from spp.models import find_decoder_blocks, find_linear_layers
-    from spp.prune.masks import apply_mask, is_nm_valid, parse_pattern, pruned_is_positive_zero, select_mask
+    from spp.prune.masks import apply_mask, is_nm_valid, parse_pattern, select_mask
+    from spp.sparsity import pruned_is_positive_zero
     from spp.verify import verify_checkpoint
 
     name, sparsity = pattern

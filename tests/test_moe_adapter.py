@@ -22,7 +22,7 @@ from spp.adapter.model import add_adapter, adapter_state_dict, load_adapter, mer
 from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE
 from spp.io.reader import read_checkpoint
-from spp.prune.masks import pruned_is_positive_zero
+from spp.sparsity import pruned_is_positive_zero
 from spp.train import check_pruned_zeros
 
 KINDS = ["spp", "masked_lora", "full"]

@@ -202,7 +202,7 @@ def test_train_writes_the_adapter_and_keeps_every_zero(pruned_tiny_dir, alpaca_f
     from spp.io.checkpoint import read_json
     from spp.io.reader import read_checkpoint
     from spp.io.manifest import read_manifest
-    from spp.prune.masks import pruned_is_positive_zero
+    from spp.sparsity import pruned_is_positive_zero
 
     out = tmp_path / "train"
     report = run_train(tiny_cfg(pruned_tiny_dir, alpaca_file, out, train_on_inputs=False, cutoff_len=160))
@@ -485,7 +485,7 @@ def test_spp_recovers_perplexity_of_pruned_stories260k(shared_data, tmp_path):
 
     from spp.adapter.model import load_adapter, merge_adapter
     from spp.io.reader import read_checkpoint
-    from spp.prune.masks import pruned_is_positive_zero
+    from spp.sparsity import pruned_is_positive_zero
 
     source = shared_data / "stories260K-hf"
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -670,7 +670,7 @@ def test_no_kind_makes_a_pruned_entry_nonzero_through_train_resume_merge_reload(
     from spp.errors import SppInterrupted
     from spp.io.reader import read_checkpoint
     from spp.merge import run_merge
-    from spp.prune.masks import pruned_is_positive_zero
+    from spp.sparsity import pruned_is_positive_zero
     from spp.train import check_pruned_zeros
     from spp.train.loop import checkpoint_dirs
 

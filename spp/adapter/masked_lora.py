@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from spp.adapter.common import compute_dtype, keep_mask, mask_multiply_, zero_outside_
-from spp.errors import SppError
 from spp.models import is_conv1d, weight_out_in
+from spp.sparsity import check_pruned_zero
 
 
 @torch.no_grad()
@@ -158,10 +158,9 @@ class MaskedLoRALinear(nn.Module):
         keep = keep_mask(keep, name, self.kind, tuple(base_layer.weight.shape)).to(device).bool()
         W = weight_out_in(base_layer).detach()
         keep = keep.t() if is_conv1d(base_layer) else keep  # (out, in)
-        unpruned = int(((W != 0) & ~keep).sum())
-        if unpruned:
-            raise SppError(f"{name or 'the layer'}: {unpruned} entries the mask marks pruned are not zero in the "
-                           "base weight; this base is not the pruned model the mask belongs to")
+        check_pruned_zero(W, keep, lambda count, _: (
+            f"{name or 'the layer'}: {count} entries the mask marks pruned are not zero in the "
+            "base weight; this base is not the pruned model the mask belongs to"), signed=False)
         self.kept_zero = ((W == 0) & keep).nonzero()  # (k, 2): kept entries that are zero, (out, in) indices
         self.scale = float(scale)
         dtype = torch.promote_types(base_layer.weight.dtype, torch.float32)  # fp32 for bf16/fp16 bases

@@ -19,7 +19,7 @@ from spp.adapter import ADAPTERS, LAYER_TYPES
 from spp.adapter.config import AdapterConfig
 from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, read_json, write_json
-from spp.prune.masks import pruned_is_positive_zero
+from spp.sparsity import check_pruned_zero
 
 
 def target_layers(model: nn.Module, patterns: list[str], masked: set[str] | None = None) -> dict[str, nn.Module]:
@@ -48,10 +48,9 @@ def _check_pruned_zeros(name: str, layer: nn.Module, keep: torch.Tensor) -> None
     weight = layer.weight
     if tuple(keep.shape) != tuple(weight.shape):
         raise SppError(f"{name}: mask shape {tuple(keep.shape)} does not match weight shape {tuple(weight.shape)}")
-    bad = ~pruned_is_positive_zero(weight, keep.to(weight.device))
-    if bad.any():
-        raise SppError(f"{name}: {int(bad.sum())} entries the mask marks pruned are not +0.0 in the base weight; "
-                       "this base is not the pruned model the mask belongs to (spp never re-masks it)")
+    check_pruned_zero(weight, keep, lambda count, _: (
+        f"{name}: {count} entries the mask marks pruned are not +0.0 in the base weight; "
+        "this base is not the pruned model the mask belongs to (spp never re-masks it)"))
 
 
 def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Tensor] | None = None) -> list[str]:

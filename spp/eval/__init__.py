@@ -57,15 +57,16 @@ def mask_sparsity(checkpoint) -> dict | None:
     import math
 
     from spp.patterns import decoder_weights
+    from spp.sparsity import fraction, mask_stats, tally
 
     if checkpoint.mask_sha256 is None:
         return None
     masks, _ = checkpoint.read_masks()
-    masked = sum(m.numel() for m in masks.values())
-    pruned = masked - sum(int(m.sum()) for m in masks.values())
+    counts = tally(mask_stats(m) for m in masks.values())
+    masked, pruned = counts["numel"], counts["pruned"]
     dense = [name for name in decoder_weights(checkpoint) if name not in masks]
     total = masked + sum(math.prod(checkpoint.tensors[name].shape) for name in dense)
-    return {"sparsity": pruned / total if total else 0.0, "masked_sparsity": pruned / masked if masked else 0.0,
+    return {"sparsity": fraction(pruned, total), "masked_sparsity": counts["sparsity"],
             "masked_weights": masked, "decoder_weights": total, "tensors": len(masks), "dense_tensors": len(dense),
             "mask_sha256": checkpoint.mask_sha256}
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from spp.errors import SppError
 from spp.io.finite import cast_weight, check_finite
-from spp.prune.masks import pruned_is_positive_zero
+from spp.sparsity import check_pruned_zero
 
 FORMAT = "spp-compressed"
 VERSION = "1"
@@ -71,10 +71,9 @@ def compress_shard(shard: Path, destination: Path, masks: dict[str, torch.Tensor
     for name, tensor in tensors.items():
         check_finite(tensor, name, str(shard))
         if name in masks:
-            lost = int((~pruned_is_positive_zero(tensor, masks[name])).sum())
-            if lost:
-                raise SppError(f"{shard}: {name} has {lost} pruned entries that are not +0.0, so it cannot be "
-                               "restored exactly from its kept values (run `spp verify` on it)")
+            check_pruned_zero(tensor, masks[name], lambda lost, _: (
+                f"{shard}: {name} has {lost} pruned entries that are not +0.0, so it cannot be "
+                "restored exactly from its kept values (run `spp verify` on it)"))
             out[name] = compress_weight(tensor, masks[name])
             shapes[name] = list(tensor.shape)
             dense += tensor.numel() * tensor.element_size()

@@ -31,13 +31,14 @@ from spp.config import PruneConfig, to_dict
 from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
 from spp.prune.experts import check_expert_weights, prune_expert_weights, saved_pieces
-from spp.prune.masks import apply_mask, parse_pattern, select_mask, sparsity_stats
-from spp.prune.output import PruneReport, block_name, input_hashes, write_output  # noqa: F401  (block_name: spp.verify)
+from spp.prune.masks import apply_mask, parse_pattern, select_mask
+from spp.prune.output import PruneReport, input_hashes, write_output
 from spp.prune.owl import outlier_share, owl_sparsities
 from spp.prune.plan import LayerPlan, plan_layers
 from spp.prune.ria import ria_scores
 from spp.prune.sparsegpt import accumulate_hessian, hessian_from_sum, sparsegpt_prune
 from spp.prune.wanda import accumulate_sq_norms, magnitude_scores, wanda_scores
+from spp.sparsity import sparsity_stats
 
 
 # --------------------------------------------------------------------------- methods

@@ -29,7 +29,7 @@ from torch import nn
 from spp.errors import SppError
 from spp.hf import expert_gate_fn
 from spp.models import is_expert_weight
-from spp.prune.masks import sparsity_stats
+from spp.sparsity import sparsity_stats, tally
 
 GATE_UP, DOWN = "gate_up_proj", "down_proj"  # the fused layout spp prunes (Mixtral, Qwen2/3-MoE, OLMoE)
 
@@ -214,7 +214,7 @@ def prune_expert_weights(
                                       sparsity(name), pieces(name))
             del X, inputs  # one expert's inputs and statistics at a time
     for pruned in done.values():
-        pruned.stats = {**_totals(pruned.stats["pieces"]), "pieces": pruned.stats["pieces"]}
+        pruned.stats = {**tally(pruned.stats["pieces"]), "pieces": pruned.stats["pieces"]}
     return done
 
 
@@ -243,13 +243,6 @@ def _prune_one_expert(done: ExpertPruned, weight, expert: int, X: list[torch.Ten
             "expert": expert, "rows": list(piece.rows), **sparsity_stats(W.detach().cpu(), keep.cpu()),
             "tokens": tokens, "method": "magnitude" if used is fallback else cfg.method,
         })
-
-
-def _totals(pieces: list[dict]) -> dict:
-    numel = sum(p["numel"] for p in pieces)
-    pruned = sum(p["pruned"] for p in pieces)
-    return {"numel": numel, "pruned": pruned, "sparsity": pruned / numel if numel else 0.0,
-            "kept_zero": sum(p["kept_zero"] for p in pieces)}
 
 
 # --------------------------------------------------------------------------- output records

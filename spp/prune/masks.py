@@ -112,18 +112,3 @@ def is_nm_valid(keep: torch.Tensor, n: int, m: int) -> bool:
     if in_features % m:
         return False
     return bool((keep.reshape(out_features, -1, m).sum(-1) <= n).all())
-
-
-def pruned_is_positive_zero(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Bool (out, in): True where the entry is kept or is bitwise +0.0 (so -0.0 fails)."""
-    w = weight.detach()
-    plus_zero = (w == 0) & ~torch.signbit(w)
-    return keep | plus_zero
-
-
-def sparsity_stats(weight: torch.Tensor, keep: torch.Tensor) -> dict:
-    """Counts for one tensor: total, pruned by the mask, and kept entries that happen to be zero."""
-    total = keep.numel()
-    pruned = int((~keep).sum())
-    kept_zero = int(((weight == 0) & keep).sum())
-    return {"numel": total, "pruned": pruned, "sparsity": pruned / total if total else 0.0, "kept_zero": kept_zero}

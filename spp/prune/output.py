@@ -16,6 +16,7 @@ from torch import nn
 
 from spp.config import PruneConfig, to_dict, write_yaml
 from spp.prune.experts import module_records
+from spp.sparsity import block_tallies, tally
 
 
 @dataclass
@@ -52,11 +53,10 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
     keep_by_param, layouts, module_stats, retries = pruned.masks, pruned.layouts, pruned.module_stats, pruned.retries
     plan = pruned.plan
     requested = {param: plan.sparsity[layer_name_of(param)] for param in module_stats}
-    blocks = _block_table(module_stats)
+    blocks = [(name, row["numel"], row["pruned"]) for name, row in block_tallies(module_stats).items()]
     block_details = _block_details(module_stats, requested)
-    total = sum(s["numel"] for s in module_stats.values())
-    n_pruned = sum(s["pruned"] for s in module_stats.values())
-    kept_zero = sum(s["kept_zero"] for s in module_stats.values())
+    totals = tally(module_stats.values())
+    kept_zero = totals["kept_zero"]
     save_model(model, checked.tokenizer, tmp, cfg.max_shard_size)
     written = read_checkpoint(tmp)  # the mask file and manifest name tensors as they were just saved
     stored, stored_layouts = {}, {}
@@ -72,7 +72,7 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
         "method": cfg.method,
         "pattern": cfg.pattern,
         "requested_sparsity": cfg.sparsity,
-        "achieved_sparsity": n_pruned / total if total else 0.0,
+        "achieved_sparsity": totals["sparsity"],
         "kept_zero": kept_zero,
         "blocks": block_details,
         "owl": pruned.owl,
@@ -91,39 +91,17 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
                                  conditions=checked.conditions,
                                  details=details, wall_time_s=wall, peak_memory=peak_memory_bytes()))
     return PruneReport(output=Path(cfg.output), method=cfg.method, pattern=cfg.pattern,
-                       requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=n_pruned / total if total else 0.0,
+                       requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=totals["sparsity"],
                        kept_zero=kept_zero, wall_time_s=time.perf_counter() - start, dampening_retries=retries,
                        model=model, requested_blocks={b: d["requested"] for b, d in block_details.items()},
                        dense_layers=list(plan.dense), expert_fallbacks=fallbacks)
 
 
-def block_name(tensor_name: str) -> str:
-    """The decoder block a tensor belongs to: its name up to the first numeric component (`model.layers.3`)."""
-    parts = tensor_name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return tensor_name
-
-
-def _block_table(module_stats: dict[str, dict]) -> list[tuple[str, int, int]]:
-    table: dict[str, list[int]] = {}
-    for name, s in module_stats.items():
-        row = table.setdefault(block_name(name), [0, 0])
-        row[0] += s["numel"]
-        row[1] += s["pruned"]
-    return [(name, numel, pruned) for name, (numel, pruned) in table.items()]
-
-
 def _block_details(module_stats: dict[str, dict], requested: dict[str, float]) -> dict[str, dict]:
     """Per block: its weights, pruned count, requested sparsity (the mean of its layers', weighted by size) and
     achieved sparsity; what the manifest records and `spp verify` and the pipeline report show."""
-    table: dict[str, dict] = {}
-    for name, s in module_stats.items():
-        row = table.setdefault(block_name(name), {"numel": 0, "pruned": 0, "requested_pruned": 0.0})
-        row["numel"] += s["numel"]
-        row["pruned"] += s["pruned"]
-        row["requested_pruned"] += requested[name] * s["numel"]
+    with_requested = {name: {**s, "requested_pruned": requested[name] * s["numel"]} for name, s in module_stats.items()}
+    table = block_tallies(with_requested, ("numel", "pruned", "requested_pruned"))
     return {b: {"requested": r["requested_pruned"] / r["numel"], "achieved": r["pruned"] / r["numel"],
                 "numel": r["numel"], "pruned": r["pruned"]} for b, r in table.items()}
 

@@ -437,10 +437,11 @@ def check_layer_zeros(name: str, layer, W: torch.Tensor, masks: dict[str, torch.
 
 
 def _check_zeros(name: str, W: torch.Tensor, W_eff: torch.Tensor, keep: torch.Tensor) -> None:
-    from spp.prune.masks import pruned_is_positive_zero
+    from spp.sparsity import check_pruned_zero
 
-    if not pruned_is_positive_zero(W, keep).all() or not pruned_is_positive_zero(W_eff, keep).all():
-        raise RuntimeError(f"{name}: a pruned entry is not +0.0 after training; this is a bug in spp")
+    for weight in (W, W_eff):
+        check_pruned_zero(weight, keep, lambda *_: f"{name}: a pruned entry is not +0.0 after training; this is a bug "
+                          "in spp", error=RuntimeError)
 
 
 def write_train_manifest(workdir: Path, cfg: TrainConfig, base: Path, mask_sha256: str, report: TrainReport,
