@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from spp.io.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, RESULTS_FILE, mask_path,
                                read_json, safetensors_files, safetensors_keys)
+from spp.io.text import markdown_table
 
 if TYPE_CHECKING:
     from spp.pipeline import Step, StepResult
@@ -175,11 +176,6 @@ def _fmt(value, kind: str = "num") -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _markdown_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
-
-
 def results_table(rows: list[dict], settings: list[dict]) -> str:
     """Perplexities and zero-shot accuracies side by side: dense, then pruned and merged SPP per setting."""
     metrics = []
@@ -195,13 +191,13 @@ def results_table(rows: list[dict], settings: list[dict]) -> str:
             spp_row = row["model"].endswith("(merged)")
             cells.append(_fmt(recovered.get(row["setting"]), "pct") if spp_row else "")
         body.append(cells)
-    return _markdown_table(header, body)
+    return markdown_table(header, body)
 
 
 def settings_table(settings: list[dict]) -> str:
     body = [[s["setting"], _fmt(s["sparsity_before"], "pct"), _fmt(s["sparsity_after"], "pct"),
              {True: "yes", False: "NO", None: "—"}[s["sparsity_equal"]], _fmt(s["trainable_params"], "int")] for s in settings]
-    return _markdown_table(["setting", "sparsity pruned", "sparsity merged", "equal", "trainable params"], body)
+    return markdown_table(["setting", "sparsity pruned", "sparsity merged", "equal", "trainable params"], body)
 
 
 def _prune_blocks(prune_dir: Path) -> dict:
@@ -216,7 +212,7 @@ def block_table(settings: list[dict]) -> str:
     """One row per setting and decoder block: the sparsity asked of it (OWL, overrides) and the one reached."""
     body = [[s["setting"], block, _fmt(row["requested"], "pct"), _fmt(row["achieved"], "pct")]
             for s in settings for block, row in (s.get("blocks") or {}).items()]
-    return _markdown_table(["setting", "block", "requested", "achieved"], body) if body else "(not recorded)"
+    return markdown_table(["setting", "block", "requested", "achieved"], body) if body else "(not recorded)"
 
 
 def stages_table(results: list[StepResult]) -> str:
@@ -226,7 +222,7 @@ def stages_table(results: list[StepResult]) -> str:
         cuda = r.peak_memory.get("cuda_allocated")
         memory = "—" if rss is None else f"{rss / 2**20:,.0f} MiB" + (f" (GPU {cuda / 2**20:,.0f} MiB)" if cuda else "")
         body.append([r.label, r.status, "—" if r.wall_time_s is None else f"{r.wall_time_s:.1f}", memory])
-    return _markdown_table(["stage", "this run", "wall time (s)", "peak memory"], body)
+    return markdown_table(["stage", "this run", "wall time (s)", "peak memory"], body)
 
 
 def report_json(report: PipelineReport) -> dict:

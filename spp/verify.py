@@ -64,11 +64,6 @@ def _check_tensor(name: str, weight, keep, layout: str, n_m) -> None:
             raise SppError(f"{name}: the mask keeps more than {n_m[0]} in some group of {n_m[1]} inputs")
 
 
-def _natural(name: str) -> list:
-    """Sort key that orders `layers.2` before `layers.10`."""
-    return [int(p) if p.isdigit() else p for p in name.split(".")]
-
-
 def verify_checkpoint(directory: Path) -> VerifyReport:
     """Check an `spp` checkpoint directory; see the module docstring for the list.
 
@@ -79,6 +74,7 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
 
     from spp.io.finite import check_finite
     from spp.io.reader import read_checkpoint
+    from spp.io.text import natural_key
     from spp.prune.masks import parse_pattern
     from spp.sparsity import block_tallies, sparsity_stats, tally
 
@@ -111,7 +107,7 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
                     raise SppError(f"{name}: the mask prunes {pruned} entries but the manifest records {recorded[name]['pruned']}")
     blocks, total = block_tallies(stats), tally(stats.values())
     return VerifyReport(directory=directory, pattern=pattern, tensors_checked=len(masks), files_checked=files,
-                        blocks=[(b, r["numel"], r["pruned"]) for b, r in sorted(blocks.items(), key=lambda kv: _natural(kv[0]))],
+                        blocks=[(b, r["numel"], r["pruned"]) for b, r in sorted(blocks.items(), key=lambda kv: natural_key(kv[0]))],
                         total_sparsity=total["sparsity"], kept_zero=total["kept_zero"],
                         requested_blocks=_requested_blocks(manifest.details, blocks))
 

@@ -303,15 +303,11 @@ class CompareTable:
 
     def markdown(self) -> str:
         """A GitHub/Markdown pipe table, ready to paste into a paper draft or an issue."""
+        from spp.io.text import markdown_table
+
         header = ["metric", *self.columns]
-        body = [[metric, *values] for metric, values in self.rows]
-        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-
-        def line(cells):
-            return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-        rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
-        return "\n".join([line(header), rule, *(line(r) for r in body)])
+        return markdown_table(header, [[metric, *values] for metric, values in self.rows], "-" + "r" * len(self.columns),
+                              pad=True)
 
 
 def _read_results(path: Path) -> dict:

@@ -33,6 +33,7 @@ from torch import nn
 
 from spp.errors import SppError
 from spp.io.checkpoint import MANIFEST_FILE, MASK_FILE, mask_path, safetensors_files, safetensors_keys, sha256_file
+from spp.io.text import natural_key
 
 INDEX_SUFFIX = ".safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -338,13 +339,13 @@ def saved_tensors(directory: Path) -> dict[str, SavedTensor]:
 def _check_index(index: Path, indexed: dict[str, str], tensors: dict[str, SavedTensor]) -> None:
     """Refuse an index that disagrees with its shards: transformers would skip what it does not name (and
     initialise those weights randomly) and fail on what it names wrongly."""
-    unnamed = sorted((n for n in tensors if n not in indexed), key=_natural)
+    unnamed = sorted((n for n in tensors if n not in indexed), key=natural_key)
     if unnamed:
         raise SppError(f"{index} does not name {unnamed[0]} ({len(unnamed)} such tensors, e.g. in "
                        f"{tensors[unnamed[0]].shard.name}), so transformers would not load it: the index is "
                        "incomplete; regenerate it or re-download the model")
     wrong = sorted((n for n, shard in indexed.items() if n not in tensors or tensors[n].shard.name != shard),
-                   key=_natural)
+                   key=natural_key)
     if wrong:
         raise SppError(f"{index} names {wrong[0]} in {indexed[wrong[0]]}, which does not hold it "
                        f"({len(wrong)} such entries): the index and the shards disagree; regenerate it or re-download")
@@ -383,7 +384,7 @@ def _resolve_names(directory: Path, config, tensors: dict[str, SavedTensor]):
     refuse_incomplete_load(directory, info, tensors, renamed)
     state = model.state_dict()
     saved_names = {key: saved for saved, (key, pattern) in renamed.items() if key in state and pattern is None}
-    ignored = sorted((saved for saved, (key, _) in renamed.items() if key not in state), key=_natural)
+    ignored = sorted((saved for saved, (key, _) in renamed.items() if key not in state), key=natural_key)
     return model, saved_names, ignored, _fused_pieces(model, tensors, renamed)
 
 
@@ -455,18 +456,18 @@ def refuse_incomplete_load(directory: Path, info: dict, tensors: dict[str, Saved
     tensors, renamed = tensors or {}, renamed or {}
     config_file = directory / CONFIG_FILE
     saved_of = {key: saved for saved, (key, _) in renamed.items()}
-    mismatched = sorted(info["mismatched_keys"], key=lambda m: _natural(m[0]))
+    mismatched = sorted(info["mismatched_keys"], key=lambda m: natural_key(m[0]))
     if mismatched:
         key, saved_shape, model_shape = mismatched[0]
         saved = saved_of.get(key, key)
         shard = tensors[saved].shard if saved in tensors else directory
         raise SppError(f"{config_file} disagrees with the weights: {saved} is {tuple(saved_shape)} in {shard} "
                        f"but the config makes it {tuple(model_shape)} ({len(mismatched)} such tensors)")
-    missing = sorted(info["missing_keys"], key=_natural)
+    missing = sorted(info["missing_keys"], key=natural_key)
     if missing:
         raise SppError(f"{config_file} disagrees with the weights: it describes {missing[0]}, which no shard in "
                        f"{directory} holds ({len(missing)} such tensors; more layers or modules than were saved?)")
-    unexpected = sorted(info["unexpected_keys"], key=_natural)
+    unexpected = sorted(info["unexpected_keys"], key=natural_key)
     if unexpected:
         saved = saved_of.get(unexpected[0], unexpected[0])
         shard = tensors[saved].shard if saved in tensors else directory
@@ -499,8 +500,3 @@ def _read_mask_header(ckpt: Checkpoint) -> None:
             raise SppError(f"{path}: the mask for {name} has shape {shape} but {ckpt.tensors[name].shard} stores "
                            f"it as {ckpt.tensors[name].shape}")
         ckpt.mask_shapes[name] = shape
-
-
-def _natural(name: str) -> list:
-    """Sort key that orders `layers.2` before `layers.10`."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
