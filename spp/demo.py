@@ -14,7 +14,6 @@ present. It does not prune, train adapters or evaluate: `spp.pipeline` does that
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import time
@@ -207,11 +206,13 @@ def demo_model_config(settings: DemoSettings, tokenizer):
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up for `warmup` steps, then cosine decay to 10% of `peak` at `steps`."""
-    if step < warmup:
+    """Linear warm-up for `warmup` steps, then cosine decay to 10% of `peak` at `steps`: `spp train`'s cosine
+    schedule (`spp.train.loop.lr_factor`) with a floor of 0.1."""
+    from spp.train.loop import lr_factor
+
+    if step < warmup:  # peak·(t+1)/w in this order, not peak·lr_factor (1 ulp apart): the demo model's bytes
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.9 * lr_factor(step, steps, warmup, "cosine"))
 
 
 def train_demo_model(settings: DemoSettings, tokenizer, train_ids, log=print):
