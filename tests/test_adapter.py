@@ -11,8 +11,8 @@ from transformers.pytorch_utils import Conv1D
 from spp.adapter.config import AdapterConfig
 from spp.adapter.layer import (SPPFunction, SPPLinear, effective_weight, expand_rows, row_blocks, spp_delta,
                                spp_merge_weight)
-from spp.adapter.model import (adapter_state_dict, add_adapter, count_trainable, load_adapter, merge_adapter,
-                               save_adapter)
+from spp.adapter.model import (LAYER_TYPES, adapter_state_dict, add_adapter, count_trainable, load_adapter,
+                               merge_adapter, save_adapter)
 from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from spp.models import weight_out_in
@@ -366,7 +366,7 @@ def test_load_adapter_bad_inputs(tiny_model, tmp_path):
 
 # ------------------------------------------------------------------ masked LoRA
 
-from spp.adapter import ADAPTERS, DEFAULT_LEARNING_RATE, LAYER_TYPES  # noqa: E402
+from spp.adapter import ADAPTERS, DEFAULT_LEARNING_RATE  # noqa: E402
 from spp.adapter.full import FullFunction, FullLinear  # noqa: E402
 from spp.adapter.masked_lora import MaskedLoRAFunction, MaskedLoRALinear, masked_lora_weight  # noqa: E402
 

@@ -63,7 +63,3 @@ DEFAULT_LEARNING_RATE: dict[str, float] = {
     "masked_lora": 3e-4,  # LoRA's usual rate on LLaMA-7B: tloen/alpaca-lora finetune.py (learning_rate=3e-4)
     "full": 2e-5,  # full fine-tuning of LLaMA-7B on Alpaca: tatsu-lab/stanford_alpaca README (--learning_rate 2e-5)
 }
-
-from spp.adapter.experts import AdaptedExperts  # noqa: E402  (it uses ADAPTERS, defined above)
-
-LAYER_TYPES = (*(kind.layer for kind in ADAPTERS.values()), AdaptedExperts)

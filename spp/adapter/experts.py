@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spp.adapter import ADAPTERS  # spp.adapter imports this module after defining ADAPTERS
+from spp.adapter import ADAPTERS
 from spp.models import ExpertWeight
 
 

@@ -15,11 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spp.adapter import ADAPTERS, LAYER_TYPES
+from spp.adapter import ADAPTERS
 from spp.adapter.config import AdapterConfig
+from spp.adapter.experts import AdaptedExperts, adapt_experts
 from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, read_json, write_json
 from spp.sparsity import check_pruned_zero
+
+# every adapter layer class: one per kind, and the mixture-of-experts wrapper that serves them all
+LAYER_TYPES = (*(kind.layer for kind in ADAPTERS.values()), AdaptedExperts)
 
 
 def target_layers(model: nn.Module, patterns: list[str], masked: set[str] | None = None) -> dict[str, nn.Module]:
@@ -77,7 +81,6 @@ def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Ten
             its mask, a target layer has no mask where the kind needs one, or a layer is too
             small for the adapter (each names the module).
     """
-    from spp.adapter.experts import adapt_experts
     from spp.models import is_expert_weight, layer_name_of, weight_name
 
     if any(isinstance(m, LAYER_TYPES) for m in model.modules()):
@@ -225,8 +228,6 @@ def merge_adapter(model: nn.Module, masks: dict[str, torch.Tensor] | None = None
     Returns:
         The same model, with plain linear layers (frozen).
     """
-    from spp.adapter.experts import AdaptedExperts
-
     for name, module in adapter_layers(model).items():
         base = module.base_layer
         with torch.no_grad():
