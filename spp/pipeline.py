@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +35,7 @@ from spp.config import (EvalConfig, PipelineConfig, PruneConfig, TrainConfig, fi
 from spp.errors import SppError
 from spp.io.checkpoint import MANIFEST_FILE, RESOLVED_CONFIG_FILE, partial_path, sha256_file, write_json
 from spp.io.manifest import read_manifest, settings_sha256
-from spp.report import REPORT_JSON, REPORT_MD, PipelineReport, build_report, report_json
+from spp.report import REPORT_JSON, REPORT_MD, PipelineReport, Step, StepResult, build_report, report_json
 
 STAGES = ("prune", "train", "merge", "eval")
 # Keys that name where a stage writes or how it treats an existing output; they do not change its numbers.
@@ -48,19 +47,6 @@ RUN_SET_KEYS = {"prune": {"model", "output", "overwrite", "resume"},
 
 
 # --------------------------------------------------------------------------- plan
-
-
-@dataclass
-class Step:
-    """One stage of one setting: where it writes, its config, and the files whose newer mtime makes it stale."""
-
-    stage: str
-    setting: str  # "dense" or the sweep setting's folder name
-    label: str  # e.g. "wanda-2of4/prune", "dense/eval"
-    folder: Path
-    config: object
-    upstream: list[Path] = field(default_factory=list)
-    command: str = ""
 
 
 def _absolute_if_local(value: str | None) -> str | None:
@@ -372,19 +358,6 @@ def resumable_train(step: Step) -> bool:
 
 
 # --------------------------------------------------------------------------- run
-
-
-@dataclass
-class StepResult:
-    """What happened to one step: `ran`, `resumed`, `skipped (up to date)`, or outside --from/--until."""
-
-    label: str
-    stage: str
-    status: str
-    reason: str | None
-    wall_time_s: float | None
-    peak_memory: dict
-    command: str
 
 
 def reset_peak_memory() -> None:

@@ -4,25 +4,48 @@ Perplexities and zero-shot accuracies come from each eval folder's `results.json
 sparsity is counted in the saved weights themselves (the masked tensors of the pruned
 and of the merged model, which must agree); trainable parameters are the entries of
 the saved adapter; wall time and peak memory come from each stage's manifest. This
-module reads files and formats tables; it runs nothing.
+module reads files and formats tables; it runs nothing. It also holds the two records `spp.pipeline`
+hands it: `Step` (one planned stage) and `StepResult` (what happened to it).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from spp.io.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, RESULTS_FILE, mask_path,
                                read_json, safetensors_files, safetensors_keys)
 from spp.io.text import markdown_table
 
-if TYPE_CHECKING:
-    from spp.pipeline import Step, StepResult
-
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
+
+
+@dataclass
+class Step:
+    """One stage of one setting: where it writes, its config, and the files whose newer mtime makes it stale."""
+
+    stage: str
+    setting: str  # "dense" or the sweep setting's folder name
+    label: str  # e.g. "wanda-2of4/prune", "dense/eval"
+    folder: Path
+    config: object
+    upstream: list[Path] = field(default_factory=list)
+    command: str = ""
+
+
+@dataclass
+class StepResult:
+    """What happened to one step: `ran`, `resumed`, `skipped (up to date)`, or outside --from/--until."""
+
+    label: str
+    stage: str
+    status: str
+    reason: str | None
+    wall_time_s: float | None
+    peak_memory: dict
+    command: str
 
 
 @dataclass

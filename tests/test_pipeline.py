@@ -305,7 +305,8 @@ def test_a_setting_an_older_manifest_does_not_record_counts_as_its_default(tmp_p
     is at its default, which is what that older spp did; at another value the stage reruns and says why."""
     from spp.config import MergeConfig, to_dict
     from spp.io.manifest import Manifest, write_manifest
-    from spp.pipeline import Step, stale_reason
+    from spp.pipeline import stale_reason
+    from spp.report import Step
 
     folder = tmp_path / "merged"
     folder.mkdir()
