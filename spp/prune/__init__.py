@@ -161,7 +161,7 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
         windows = calibration_windows(tokenizer, cfg.calib, cfg.nsamples, seqlen, cfg.seed)
     blocks_done = 0
     conditions = prune_conditions(cfg, device, model_config)
-    inputs = input_hashes(cfg, checkpoint)  # reads the model's files once: the progress and the manifest record it
+    inputs = input_hashes(cfg.model, checkpoint, calib)  # reads the model's files once: the progress and the manifest record it
     if cfg.resume:
         from spp.io.checkpoint import partial_path
         from spp.io.progress import check_resumable

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from spp.config import PruneConfig, to_dict, write_yaml
+from spp.config import to_dict, write_yaml
 from spp.prune.experts import module_records
 from spp.sparsity import block_tallies, tally
 
@@ -106,23 +106,26 @@ def _block_details(module_stats: dict[str, dict], requested: dict[str, float]) -
                 "numel": r["numel"], "pruned": r["pruned"]} for b, r in table.items()}
 
 
-def input_hashes(cfg: PruneConfig, checkpoint) -> dict[str, str]:
+def input_hashes(model: str, checkpoint, calib: str | None) -> dict[str, str]:
     """sha256 of the local model directory's files (of the file, for a GGUF file) and of a local calibration file
     (hub ids are recorded as such). Computed once per run, before any weight is loaded: the manifest records it, and
-    so does the progress, which `--resume` compares with it (`spp.io.progress.check_resumable`)."""
+    so does the progress, which `--resume` compares with it (`spp.io.progress.check_resumable`).
+
+    Args:
+        model: `--model` as given; `checkpoint` is what it resolved to (`spp.io.reader.Checkpoint`).
+        calib: `--calib` when the run reads calibration data (`spp.prune.needs_calibration`), else None.
+    """
     from spp.io.checkpoint import sha256_file
 
     out = {}
-    model_dir = Path(cfg.model)
+    model_dir = Path(model)
     if checkpoint.source:
         out[checkpoint.source["file"]] = checkpoint.source["sha256"]
     elif model_dir.is_dir():
         for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
             out[str(path)] = sha256_file(path)
     else:
-        out[cfg.model] = "hub"
-    from spp.prune import needs_calibration
-
-    if needs_calibration(cfg) and Path(cfg.calib).is_file():
-        out[str(cfg.calib)] = sha256_file(Path(cfg.calib))
+        out[model] = "hub"
+    if calib is not None and Path(calib).is_file():
+        out[str(calib)] = sha256_file(Path(calib))
     return out
