@@ -75,6 +75,15 @@ def load_tokenizer(name_or_path: str):
         raise SppError(f"cannot load a tokenizer from {name_or_path}: {str(exc).splitlines()[0]}") from exc
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder block's activations in backward (non-reentrant, so frozen inputs work)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def context_length(config) -> int | None:
     """The model's context window from its config, or None if it does not say."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

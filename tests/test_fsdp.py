@@ -298,8 +298,7 @@ def _worker(out_dir: str) -> None:
 
     from spp.adapter.config import AdapterConfig
     from spp.adapter.model import add_adapter
-    from spp.models import find_decoder_blocks, find_linear_layers, weight_out_in
-    from spp.train import enable_checkpointing
+    from spp.models import enable_checkpointing, find_decoder_blocks, find_linear_layers, weight_out_in
     from spp.train.fsdp import shard_model
 
     dist.init_process_group("gloo")

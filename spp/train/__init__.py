@@ -61,7 +61,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     """
     from spp.adapter.model import add_adapter, count_trainable, save_adapter
     from spp.io.finite import check_finite_model
-    from spp.models import load_model, load_tokenizer
+    from spp.models import enable_checkpointing, load_model, load_tokenizer
     from spp.train.distill import Distillation, check_teacher, load_teacher, parameter_bytes
     from spp.train.loop import (FINISH_MESSAGE, InterruptGuard, LoopInputs, LoopState, checkpoint_dirs, load_checkpoint,
                                 train_loop, truncate_log)
@@ -312,15 +312,6 @@ def make_accelerator(cfg: TrainConfig):
         raise SppError(f"batch_size={cfg.batch_size} (global) is not divisible by micro_batch_size × processes = "
                        f"{cfg.micro_batch_size} × {accelerator.num_processes} = {per_step}")
     return accelerator
-
-
-def enable_checkpointing(model) -> None:
-    """Recompute each decoder block's activations in backward (non-reentrant, so frozen inputs work)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:

@@ -222,15 +222,13 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     from transformers import AutoModelForCausalLM
 
     from spp.adapter.model import add_adapter, target_layers
-    from spp.models import find_decoder_blocks, layer_name_of
+    from spp.models import enable_checkpointing, find_decoder_blocks, layer_name_of
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(checkpoint.config, dtype=dtype)
     model.tie_weights()  # as from_pretrained does: inside the context each assigned parameter is re-created, untied
     model.eval().requires_grad_(False)
     if checkpointing:
-        from spp.train import enable_checkpointing
-
         enable_checkpointing(model)
     policy = _policy(cpu_offload)
     # The targets are chosen once on the whole (meta) model, names only, exactly as `add_adapter` chooses them
