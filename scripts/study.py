@@ -863,7 +863,8 @@ def main(argv: list[str] | None = None) -> dict:
     records = {c.key: records[c.key] for c in cells if c.key in records}
     span = grid_span(work, cells, records, settings)
     span["split"] = prepare_data(settings, work).split  # cheap: tokenizing the two texts again
-    return write_report(Path(args.out), settings, cells, records, runs, span, sweeps, args.note)
+    return write_report(Path(args.out), settings, cells, records, runs, span, sweeps, args.note, grids=LR_GRIDS,
+                        common_rate=COMMON_RATE)
 
 
 def grid_span(work: Path, cells: list[Cell], records: dict[str, dict], settings: StudySettings) -> dict:

@@ -277,8 +277,9 @@ def common_rate_table(summary: list[dict], chosen: dict, common: float) -> str:
                   "recovered WT at chosen", f"WT at {common:g}"], lines, "llllrrrr")
 
 
-def sweep_table(rows: list[dict], sweeps: dict, chosen: dict) -> str:
-    """Seed 0 of every sweep: validation NLL (the criterion), held-out perplexity and recovery, what was chosen."""
+def sweep_table(rows: list[dict], sweeps: dict, chosen: dict, grids: dict[str, tuple]) -> str:
+    """Seed 0 of every sweep: validation NLL (the criterion), held-out perplexity and recovery, what was chosen;
+    a rate outside the recovery's first grid (`grids`, the study's `LR_GRIDS`) is an extension."""
     lines = []
     seed0 = [r for r in rows if r["adapter"] != "none" and r["recovery"] != "lora-unmerged" and r["seed"] == 0]
     for r in sorted(seed0, key=lambda r: (METHOD_RANK.get(r["method"], 9), r["pattern"], KIND_ORDER.index(r["adapter"])
@@ -290,7 +291,7 @@ def sweep_table(rows: list[dict], sweeps: dict, chosen: dict) -> str:
             notes.append("**chosen**" + (" (at the grid's edge)" if found.get("edge") else ""))
         if r.get("diverged"):
             notes.append(f"diverged at step {r['diverged']}")
-        if found and r["lr"] not in found.get("grid", _initial_grid(recipe[2])):
+        if found and r["lr"] not in found.get("grid", grids.get(recipe[2], ())):
             notes.append("extension")
         lines.append([r["method"], r["pattern"], label(r), fmt_lr(r["lr"]),
                       "–" if r.get("val_nll") is None else f"{r['val_nll']:.4f}", fmt_ppl(r.get("ppl_tinystories")),
@@ -298,12 +299,6 @@ def sweep_table(rows: list[dict], sweeps: dict, chosen: dict) -> str:
                       fmt_frac(r.get("recovered_wikitext")), fmt_pct(r.get("sparsity")), "; ".join(notes)])
     return table(["method", "pattern", "recovery", "lr", "val NLL", "PPL TS", "PPL WT", "recovered (TS)",
                   "recovered (WT)", "sparsity", ""], lines, "llllrrrrrrl")
-
-
-def _initial_grid(adapter: str) -> tuple:
-    from study import LR_GRIDS  # scripts/ is on sys.path when the study runs
-
-    return LR_GRIDS.get(adapter, ())
 
 
 def cost_table(rows: list[dict]) -> str:
@@ -467,8 +462,12 @@ def environment(settings) -> dict:
 
 
 def write_report(out: Path, settings, cells: list, records: dict[str, dict], runs: list[dict], span: dict,
-                 sweeps: dict | None = None, notes: list[str] | None = None) -> dict:
-    """Write `study.md`, `study.json` and the three plots into `out`. Returns the JSON object."""
+                 sweeps: dict | None = None, notes: list[str] | None = None, *, grids: dict[str, tuple],
+                 common_rate: float) -> dict:
+    """Write `study.md`, `study.json` and the three plots into `out`. Returns the JSON object.
+
+    `grids` (recovery -> its first learning-rate grid) and `common_rate` are the study's `LR_GRIDS` and
+    `COMMON_RATE`, which the text and the sweep table name."""
     from dataclasses import asdict
 
     sweeps = sweeps or {}
@@ -488,7 +487,7 @@ def write_report(out: Path, settings, cells: list, records: dict[str, dict], run
     plot_ppl_vs_sparsity(entries, out / "study_ppl_vs_sparsity.png")
     plot_lr_sweep(rows, chosen, out / "study_lr_sweep.png")
     plot_loss_curves(records, chosen, out / "study_loss_curves.png")
-    _write_text(out / "study.md", study_markdown(settings, summary, rows, entries, chosen, report))
+    _write_text(out / "study.md", study_markdown(settings, summary, rows, entries, chosen, report, grids, common_rate))
     return report
 
 
@@ -502,11 +501,9 @@ def _adapter_share(report: dict) -> str:
     return low if low == high else f"{low}–{high}"
 
 
-def _grids_line(sweeps: dict) -> str:
-    from study import LR_GRIDS
-
+def _grids_line(sweeps: dict, grids: dict[str, tuple]) -> str:
     parts = []
-    for adapter, grid in LR_GRIDS.items():
+    for adapter, grid in grids.items():
         ran = sorted({lr for key, s in sweeps.items() if key.split("/")[2] == adapter for lr in s["rates"]})
         extra = sorted(set(ran) - set(grid))
         parts.append(f"{KIND_LABELS[adapter]} {{{', '.join(f'{x:g}' for x in grid)}}}"
@@ -515,10 +512,8 @@ def _grids_line(sweeps: dict) -> str:
 
 
 def study_markdown(settings, summary: list[dict], rows: list[dict], entries: list[dict], chosen: dict,
-                   report: dict) -> str:
+                   report: dict, grids: dict[str, tuple], common_rate: float) -> str:
     """The human-readable report: the answer, setup, time taken, the tables, the plots, and what it does not show."""
-    from study import COMMON_RATE
-
     dense = next((e for e in summary if e["method"] == "dense"), None)
     env, split, runs = report["environment"], report["split"] or {}, report["runs"]
     cores = env["cpu_cores"]
@@ -550,8 +545,8 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], entries: lis
         recovery = "lora-merged" if adapter == "lora" else adapter
         pick = {r["lr"]: r for r in rows if (r["method"], r["pattern"], r["recovery"], r["distill"], r["seed"]) ==
                 (method, pattern, recovery, distill, 0) and not r.get("diverged")}
-        at, common = pick.get(lr), pick.get(COMMON_RATE)
-        if at and common and lr != COMMON_RATE and at["recovered_wikitext"] is not None and (
+        at, common = pick.get(lr), pick.get(common_rate)
+        if at and common and lr != common_rate and at["recovered_wikitext"] is not None and (
                 common["recovered_wikitext"] - at["recovered_wikitext"] > 0.1):
             wt_trade.append((named({"recovery": recovery, "distill": distill, "method": method, "pattern": pattern}),
                              at["recovered_wikitext"], common["recovered_wikitext"]))
@@ -614,14 +609,14 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], entries: lis
         f"T²·KL(dense teacher ‖ student) per target token at T = {settings.kd_temperature:g} "
         "(`spp.train.losses.kd_kl_sum`), the teacher being the dense model before pruning. Weight 1 puts the two "
         "terms on the same per-token scale (both are nats per token). SquareHead was not run here.",
-        f"- Learning rates: every recovery × objective is swept with seed 0 over its grid ({_grids_line(report['sweeps'])}); "
+        f"- Learning rates: every recovery × objective is swept with seed 0 over its grid ({_grids_line(report['sweeps'], grids)}); "
         "rates are rungs of one ladder about ×2 apart; when the lowest validation NLL is at an edge of the grid the "
         "next rung is added (at most twice per edge). The rate with the lowest validation NLL is chosen. "
         "The headline candidates (SPP, masked LoRA, masked full FT and PEFT LoRA with cross-entropy, and a + KD "
         "recipe where it beat its cross-entropy twin on validation) then run seeds 1 and 2 at their chosen rate; "
         "every other cell has seed 0 only (to fit the shared CPU). The best recipe of a family is the one with the "
         "lowest seed-0 validation NLL at its chosen rate. The + KD sweeps start at the cross-entropy choice and its "
-        f"two neighbours. The common rate {COMMON_RATE:g} (the SPP paper's, and the earlier study's) is in every "
+        f"two neighbours. The common rate {common_rate:g} (the SPP paper's, and the earlier study's) is in every "
         "cross-entropy grid.",
         "- Seeds: the seed sets the calibration windows, the adapter initialisation and the data order. "
         "Mean ± sample standard deviation over the seeds where there are several.",
@@ -630,15 +625,15 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], entries: lis
         "",
         chosen_table([e for e in entries if e["method"] != "dense" or True]),
         "",
-        f"## Chosen rate vs the common rate {COMMON_RATE:g} (seed 0)",
+        f"## Chosen rate vs the common rate {common_rate:g} (seed 0)",
         "",
-        common_rate_table(summary, chosen, COMMON_RATE),
+        common_rate_table(summary, chosen, common_rate),
         "",
         "## The learning-rate sweeps (seed 0)",
         "",
         "![learning-rate sweeps](study_lr_sweep.png)",
         "",
-        sweep_table(rows, report["sweeps"], chosen),
+        sweep_table(rows, report["sweeps"], chosen, grids),
         "",
         *([f"Diverged (non-finite loss; training stopped, no model to measure): "
            + ", ".join(f"{label(r)} at {fmt_lr(r['lr'])}" for r in diverged) + ".", ""] if diverged else []),
@@ -670,7 +665,7 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], entries: lis
           if kd_deltas else []),
         *([("- The rates are chosen for in-domain validation loss, and a higher rate that wins in-domain can lose "
             "out of domain: recovered on WikiText-2 (seed 0) at the chosen rate vs at "
-            f"{COMMON_RATE:g}: " + ", ".join(f"{n} {a:.2f} vs {b:.2f}" for n, a, b in wt_trade)
+            f"{common_rate:g}: " + ", ".join(f"{n} {a:.2f} vs {b:.2f}" for n, a, b in wt_trade)
             + ". A user who cares about general text more than the fine-tuning domain should choose on such text.")]
           if wt_trade else []),
         "- It does not show that the same holds for a 7B model: stories260K has 260K parameters, a 512-token "
