@@ -7,20 +7,21 @@ subject-verb number agreement, adjective-noun phrases), a word-level tokenizer
 over that grammar's words, and a small `LlamaForCausalLM` trained on the stories
 for about a minute on two CPU cores. The result is an ordinary `save_pretrained`
 directory (with the tokenizer and the corpus files `train.txt` / `heldout.txt`)
-in `$XDG_CACHE_HOME/spp/demo-<settings hash>/`, written atomically and reused when
-present. It does not prune, train adapters or evaluate: `spp.pipeline` does that.
+in `demo-<settings hash>/` under spp's cache root (`spp.io.gguf.cache_root`: `$SPP_CACHE`,
+else `$XDG_CACHE_HOME/spp`), written atomically and reused when present. It does not
+prune, train adapters or evaluate: `spp.pipeline` does that.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from spp.io.checkpoint import MANIFEST_FILE, atomic_dir
+from spp.io.gguf import cache_root
 from spp.io.manifest import Manifest, peak_memory_bytes, settings_sha256, write_manifest
 
 TRAIN_TEXT = "train.txt"
@@ -251,12 +252,6 @@ def train_demo_model(settings: DemoSettings, tokenizer, train_ids, log=print):
             log(f"demo model: step {step + 1}/{settings.steps} loss {loss.item():.3f} "
                 f"({time.perf_counter() - start:.0f}s)")
     return model.eval()
-
-
-def cache_root() -> Path:
-    """`$XDG_CACHE_HOME/spp`, defaulting to `~/.cache/spp`."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "spp"
 
 
 def demo_model_dir(settings: DemoSettings = DemoSettings()) -> Path:

@@ -64,7 +64,17 @@ def test_model_sizes_suit_every_pattern_and_the_adapter():
     assert demo.DemoSettings(steps=1).sha256() != settings.sha256() == demo.DemoSettings().sha256()
 
 
+def test_the_demo_model_is_cached_under_spp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPP_CACHE", str(tmp_path / "spp-cache"))  # the cache root of every stage (`spp.io.gguf`)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    settings = demo.DemoSettings(train_stories=50, heldout_stories=10, steps=1)
+    model_dir = demo.ensure_demo_model(settings, log=None)
+    assert model_dir == tmp_path / "spp-cache" / f"demo-{settings.sha256()[:12]}" == demo.demo_model_dir(settings)
+    assert (model_dir / MANIFEST_FILE).is_file() and not (tmp_path / "xdg").exists()
+
+
 def test_an_interrupted_build_leaves_nothing_cached(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPP_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     settings = demo.DemoSettings(train_stories=50, heldout_stories=10, steps=1)
 
@@ -85,6 +95,7 @@ def demo_run(tmp_path_factory):
     """The demo model built once in a private cache, and `spp demo` run on it."""
     cache = tmp_path_factory.mktemp("xdg-cache")
     patch = pytest.MonkeyPatch()
+    patch.delenv("SPP_CACHE", raising=False)
     patch.setenv("XDG_CACHE_HOME", str(cache))
     output = tmp_path_factory.mktemp("demo") / "run"
     lines: list[str] = []
@@ -144,6 +155,7 @@ def test_demo_table_has_the_shape_the_readme_shows(demo_run):
 
 def test_spp_demo_again_reuses_everything_and_prints_the_table(demo_run, monkeypatch):
     cache, output, report, _ = demo_run
+    monkeypatch.delenv("SPP_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     monkeypatch.setattr(demo, "train_demo_model", lambda *a, **k: pytest.fail("the cached model was not reused"))
     result = CliRunner().invoke(app, ["demo", "--output", str(output)])
