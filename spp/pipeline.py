@@ -304,6 +304,9 @@ def expected_settings(step: Step) -> dict:
     return comparable_settings(step.stage, to_dict(step.config))
 
 
+NO_OUTPUT = "no output yet"  # the stale reason of a step that never ran; `spp run` then says just "running"
+
+
 def stale_reason(step: Step) -> str | None:
     """Why `step` must run, or None when its folder is complete and made from the same inputs.
 
@@ -314,7 +317,7 @@ def stale_reason(step: Step) -> str | None:
     """
     manifest_path = step.folder / MANIFEST_FILE
     if not manifest_path.is_file():
-        return "no output yet" if not step.folder.exists() else f"{step.folder} has no {MANIFEST_FILE}"
+        return NO_OUTPUT if not step.folder.exists() else f"{step.folder} has no {MANIFEST_FILE}"
     try:
         manifest = read_manifest(step.folder)
     except SppError as exc:
@@ -456,7 +459,8 @@ def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | N
         resume = not force and ((step.stage == "train" and resumable_train(step)) or
                                 (step.stage == "prune" and resumable_prune(step)))
         reason = "interrupted" if resume else reason
-        log(f"{step.label}: {'resuming where it stopped' if resume else 'running'} ({reason})")
+        why = "" if reason == NO_OUTPUT else f" ({reason})"  # why a step runs again; a first run needs no reason
+        log(f"{step.label}: {'resuming where it stopped' if resume else 'running'}{why}")
         reset_peak_memory()
         resumed = run_step(step, resume, log)
         gc.collect()
