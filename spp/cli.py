@@ -207,7 +207,7 @@ def verify(directory: str = typer.Argument(..., help="An spp output directory (p
 
 @command("train", no_args_is_help=True)
 def train(
-    config: str = typer.Option(..., "--config", help="A YAML file, or the name of a bundled config (alpaca.yaml, tinystories.yaml)."),
+    config: str = typer.Option(..., "--config", help="A YAML file, or the name of a bundled config (alpaca.yaml, tinystories.yaml, smollm2.yaml)."),
     model: Optional[str] = typer.Option(None, "--model", help="The pruned model directory (an `spp prune` output)."),
     data: Optional[str] = typer.Option(None, "--data", help="Alpaca .json/.jsonl, a plain .txt, or a datasets hub name (downloads; alpaca.yaml's default is one)."),
     output: Optional[str] = typer.Option(None, "--output", help="The output directory (built in OUTPUT.partial)."),

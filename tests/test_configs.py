@@ -75,6 +75,19 @@ def test_a_pipeline_is_refused_as_a_train_config_in_one_line(name, tmp_path, mon
         assert "unknown key" not in result.stderr and "pipeline_" not in result.stderr.split("bundled train configs")[1]
 
 
+def test_train_help_and_commands_md_name_every_bundled_train_config():
+    from typer.testing import CliRunner
+
+    from spp.cli import app
+
+    names = [p.name for p in CONFIGS if stage_named(header(p), p) == "train"]
+    help_text = " ".join(CliRunner().invoke(app, ["train", "--help"]).output.split())
+    commands = (Path(__file__).resolve().parents[1] / "docs" / "commands.md").read_text()
+    section = commands.split("\n## spp train\n", 1)[1].split("\n## ", 1)[0]
+    for name in names:
+        assert name in help_text and f"`{name}`" in section, name
+
+
 @pytest.mark.parametrize("kind", ["train", "pipeline"])
 def test_a_missing_config_lists_the_bundled_ones_of_its_kind(kind):
     names = [p.name for p in CONFIGS if (stage_named(header(p), p) == "run") == (kind == "pipeline")]
