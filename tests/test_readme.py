@@ -81,6 +81,22 @@ def test_readme_block_runs(index, tmp_path, shared_data):
         assert "skipped (up to date)" in result.stdout and (work / "runs" / "stories" / "report.md").is_file()
 
 
+@pytest.mark.parametrize("command", ["prune", "train", "merge", "export", "eval", "run", "demo"])
+def test_commands_md_usage_lines_name_every_flag(command):
+    """Each command's synopsis in docs/commands.md (its section's first ```bash block, or for `run` and `demo` the
+    inline `spp COMMAND ...`) names every option the command takes."""
+    import typer.main
+
+    from spp.cli import app
+
+    params = typer.main.get_command(app).commands[command].params
+    flags = {opt for p in params for opt in (*p.opts, *p.secondary_opts) if opt.startswith("--")}
+    section = (DOCS / "commands.md").read_text().split(f"\n## spp {command}", 1)[1].split("\n## ", 1)[0]
+    bash = [body for info, body in FENCE.findall(section) if info.strip() == "bash"]
+    usage = bash[0] if command not in ("run", "demo") else re.search(rf"`spp {command} [^`]*`", section)[0]
+    assert flags - set(re.findall(r"--[a-z][a-z-]*", usage)) == set(), usage
+
+
 def test_pipeline_example_is_the_bundled_file():
     """docs/commands.md's `spp run` section shows configs/pipeline_stories.yaml; the two must say the same thing."""
     section = (DOCS / "commands.md").read_text().split("## spp run: the whole chain from one file", 1)[1]
