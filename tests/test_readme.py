@@ -81,6 +81,15 @@ def test_readme_block_runs(index, tmp_path, shared_data):
         assert "skipped (up to date)" in result.stdout and (work / "runs" / "stories" / "report.md").is_file()
 
 
+def test_readme_example_outputs_are_git_ignored():
+    """Running the README's blocks from the repository root leaves nothing for `git status` to show."""
+    ignored = set((ROOT / ".gitignore").read_text().split())
+    outputs = {out for name, block in BLOCKS if name == "README.md" for out in re.findall(r"--output (\S+)", block)}
+    assert outputs >= {"pruned", "train", "merged", "train-alpaca"}
+    for out in outputs:
+        assert f"/{out.strip('/')}/" in ignored, f"{out}/ is not in .gitignore"
+
+
 @pytest.mark.parametrize("command", ["prune", "train", "merge", "export", "eval", "run", "demo"])
 def test_commands_md_usage_lines_name_every_flag(command):
     """Each command's synopsis in docs/commands.md (its section's first ```bash block, or for `run` and `demo` the
