@@ -106,6 +106,11 @@ def test_commands_md_usage_lines_name_every_flag(command):
     assert flags - set(re.findall(r"--[a-z][a-z-]*", usage)) == set(), usage
 
 
+def test_the_spp_formula_is_written_once():
+    """W ⊙ (1 + s·Â ⊙ β·1ᵀ) lives in docs/adapter.md; every other page links there."""
+    assert [p for p in pages() if "Â" in p.read_text()] == [DOCS / "adapter.md"]
+
+
 def test_pipeline_example_is_the_bundled_file():
     """docs/commands.md's `spp run` section shows configs/pipeline_stories.yaml; the two must say the same thing."""
     section = (DOCS / "commands.md").read_text().split("## spp run: the whole chain from one file", 1)[1]
