@@ -380,15 +380,17 @@ def _resolve_names(directory: Path, config, tensors: dict[str, SavedTensor]):
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    renamed = _renamed_keys(model, tensors)
-    refuse_incomplete_load(directory, info, tensors, renamed)
+    renamings, converters = hf.weight_conversions(model)
     state = model.state_dict()
+    renamed = _renamed_keys(tensors, renamings, converters, model.base_model_prefix, state)
+    refuse_incomplete_load(directory, info, tensors, renamed)
     saved_names = {key: saved for saved, (key, pattern) in renamed.items() if key in state and pattern is None}
     ignored = sorted((saved for saved, (key, _) in renamed.items() if key not in state), key=natural_key)
-    return model, saved_names, ignored, _fused_pieces(model, tensors, renamed)
+    return model, saved_names, ignored, _fused_pieces(tensors, renamed, hf.stacked_expert_patterns(converters), state)
 
 
-def _renamed_keys(model, tensors: dict[str, SavedTensor]) -> dict[str, tuple[str, str | None]]:
+def _renamed_keys(tensors: dict[str, SavedTensor], renamings: list, converters: list, prefix: str,
+                  state: dict) -> dict[str, tuple[str, str | None]]:
     """Saved name -> (the state-dict key transformers loads it into, the converter pattern or None).
 
     The two-step lookup of `transformers.core_model_loading.convert_and_load_state_dict_in_model`: every
@@ -397,8 +399,6 @@ def _renamed_keys(model, tensors: dict[str, SavedTensor]) -> dict[str, tuple[str
     """
     from spp import hf
 
-    renamings, converters = hf.weight_conversions(model)
-    state, prefix = model.state_dict(), model.base_model_prefix
     out = {}
     for saved in tensors:
         key, pattern = hf.loaded_key(saved, renamings, converters, prefix, state)
@@ -408,17 +408,15 @@ def _renamed_keys(model, tensors: dict[str, SavedTensor]) -> dict[str, tuple[str
     return out
 
 
-def _fused_pieces(model, tensors: dict[str, SavedTensor], renamed: dict) -> dict[str, list[Piece]]:
+def _fused_pieces(tensors: dict[str, SavedTensor], renamed: dict, stacked: dict[str, int],
+                  state: dict) -> dict[str, list[Piece]]:
     """Fused parameter -> its saved pieces, from the converters that built it (see `Piece`).
 
     Only converters made of `MergeModulelist(dim=0)`, optionally followed by `Concatenate(dim=1)`, with a
-    `*` standing for the expert index, are read; a parameter whose pieces do not tile it exactly (experts
-    0..E-1, rows 0..out, every piece (rows, in)) is left out, and a stage that needs it says so.
+    `*` standing for the expert index, are read (`stacked`: `spp.hf.stacked_expert_patterns`); a parameter whose
+    pieces do not tile it exactly (experts 0..E-1, rows 0..out, every piece (rows, in)) is left out, and a stage
+    that needs it says so.
     """
-    from spp import hf
-
-    stacked = hf.stacked_expert_patterns(hf.weight_conversions(model)[1])  # pattern -> its index among the sources
-    state = model.state_dict()
     found: dict[str, dict[int, dict[int, str]]] = {}  # parameter -> expert -> source-pattern index -> saved name
     for saved, (key, pattern) in renamed.items():
         if pattern not in stacked or key not in state or state[key].dim() != 3:
