@@ -98,6 +98,7 @@ class Checkpoint:
     mask_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     source: dict | None = None
     pieces: dict[str, list[Piece]] = field(default_factory=dict)
+    _masks: tuple | None = field(default=None, repr=False, compare=False)  # the mask file, decoded once
 
     @property
     def mask_file(self) -> Path:
@@ -168,6 +169,9 @@ class Checkpoint:
     def read_masks(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The mask file: (bool masks in the stored weight's shape, layouts), both keyed by saved tensor name.
 
+        Decoded on the first call and served from memory after (1 byte per masked weight); callers must not
+        modify the masks.
+
         Raises:
             SppError: there is no mask file, or it is corrupt.
         """
@@ -175,7 +179,9 @@ class Checkpoint:
 
         if self.mask_sha256 is None:
             raise SppError(f"{self.directory} has no {MASK_FILE} (is it an `spp prune` output?)")
-        return load_masks(self.mask_file)
+        if self._masks is None:
+            self._masks = load_masks(self.mask_file)
+        return self._masks
 
     def masks_by_parameter(self, masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The mask file keyed by in-memory parameter name (masks in the stored weight's shape, True = keep).
