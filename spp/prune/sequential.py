@@ -182,8 +182,7 @@ class Block:
     experts: dict[str, Any]
     stats: dict[str, Any]
     routes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None
-    _inputs: BlockInputs | None = field(default=None, repr=False)
-    _propagate: bool = False  # run the (pruned) block again for the next block's inputs
+    _inputs: BlockInputs | None = field(default=None, repr=False)  # None: nothing to run again (dense pass)
     _last: bool = False
     _device: torch.device | None = None
     _home: torch.device | None = None
@@ -203,9 +202,9 @@ class Block:
         """
         if not self._finished:
             self.stats, self.routes = {}, None
-            if self._propagate and not self._last:
+            if self._inputs is not None and not self._last:
                 self._inputs.hidden = run_block(self.module, self.index, self._inputs, self._device)
-            if self._propagate:
+            if self._inputs is not None:
                 self._inputs.calls[self.index] = []
             self.module.to(self._home)
             self._finished = True
@@ -263,8 +262,8 @@ def walk_blocks(
                 outputs = run_block(module, index, state, device, keep_outputs=dense and not last)
             if dense and not last:
                 state.hidden = outputs
-        block = Block(index, module, layers, experts, stats, routes, _inputs=state,
-                      _propagate=state is not None and not dense, _last=last, _device=device, _home=home)
+        block = Block(index, module, layers, experts, stats, routes, _inputs=None if dense else state, _last=last,
+                      _device=device, _home=home)
         del stats, routes  # the block holds them, and drops them before it runs again
         yield block
         block.finish()
