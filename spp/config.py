@@ -9,6 +9,7 @@ type. Each dataclass checks its own ranges in `__post_init__`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -139,10 +140,20 @@ class PruneConfig:
     # (128 × 2048 tokens give each of 8 top-2 experts ~65k on average) and catches only starved experts.
     expert_min_tokens: int = 32
 
-    def __post_init__(self):
+    @functools.cached_property
+    def n_m(self) -> tuple[int, int] | None:
+        """The parsed `pattern`: (N, M) for N:M, None for unstructured; parsed once, by `__post_init__`.
+
+        Raises:
+            SppError: `pattern` is neither (`spp.prune.masks.parse_pattern`).
+        """
+        # imported here: `spp.prune`'s package __init__ (run by any `spp.prune.*` import) imports this module
         from spp.prune.masks import parse_pattern
 
-        n_m = parse_pattern(self.pattern)
+        return parse_pattern(self.pattern)
+
+    def __post_init__(self):
+        n_m = self.n_m
         if self.sparsity is not None:
             _check_range("--sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         if n_m is None:

@@ -72,11 +72,8 @@ def _check_section(section: str, values: dict) -> None:
 
 def setting_name(cfg: PruneConfig) -> str:
     """The folder name of a sweep setting: `wanda-2of4`, `sparsegpt-50pct`, `wanda-owl-70pct`."""
-    from spp.prune.masks import parse_pattern
-
-    n_m = parse_pattern(cfg.pattern)
-    if n_m is not None:
-        return f"{cfg.method}-{n_m[0]}of{n_m[1]}"
+    if cfg.n_m is not None:
+        return f"{cfg.method}-{cfg.n_m[0]}of{cfg.n_m[1]}"
     return f"{cfg.method}{'-owl' if cfg.owl else ''}-{cfg.sparsity * 100:g}pct"
 
 
@@ -242,14 +239,12 @@ def _join(words: list[str]) -> str:
 
 def prune_command(cfg: PruneConfig) -> str:
     """The `spp prune` command that makes this step's output alone."""
-    from spp.prune.masks import parse_pattern
-
     defaults = PruneConfig(model=cfg.model, output=cfg.output, pattern=cfg.pattern)
     listed = ("targets", "ignore", "sparsity_overrides")  # repeated flags and a --set mapping, not `--flag a,b`
     keys = [f.name for f in dataclasses.fields(PruneConfig)
             if f.name not in ("model", "output", "pattern", "sparsity", "method", *listed)]
     words = ["spp", "prune", "--model", cfg.model, "--output", cfg.output, "--method", cfg.method, "--pattern", cfg.pattern]
-    if parse_pattern(cfg.pattern) is None:
+    if cfg.n_m is None:
         words += ["--sparsity", f"{cfg.sparsity:g}"]
     for key in ("targets", "ignore"):
         if getattr(cfg, key) != getattr(defaults, key):

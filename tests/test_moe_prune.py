@@ -203,8 +203,8 @@ def test_an_expert_without_tokens_is_pruned_by_magnitude_and_says_so():
     routes = {"mlp.experts": [(torch.randn(100, 64, generator=g), index)]}
     original = {n: w.weight.detach().clone() for n, w in weights.items()}
     cfg = PruneConfig(model="m", output="o", method="wanda", pattern="unstructured", sparsity=0.5)
-    done = prune_expert_weights(weights, routes, METHODS["wanda"], METHODS["magnitude"], cfg, lambda n: 0.5,
-                                pieces.__getitem__, torch.device("cpu"))
+    done = prune_expert_weights(weights, routes, METHODS["wanda"], METHODS["magnitude"], cfg,
+                                {n: 0.5 for n in weights}, pieces, torch.device("cpu"))
     for name, pruned in done.items():
         records = {(p["expert"], tuple(p["rows"])): p for p in pruned.stats["pieces"]}
         for piece in pieces[name]:

@@ -22,7 +22,7 @@ from spp.io.maskfile import load_masks
 from spp.models import find_decoder_blocks, find_linear_layers, weight_out_in
 from spp.prune import run_prune
 from spp.prune.masks import is_nm_valid, pruned_count
-from spp.prune.sequential import capture_block_inputs, prune_blocks, run_block
+from spp.prune.sequential import capture_block_inputs, run_block, walk_blocks
 from spp.prune.sparsegpt import accumulate_hessian, hessian_from_sum, sparsegpt_prune
 from spp.verify import verify_checkpoint
 
@@ -194,9 +194,9 @@ def test_captured_calls_reproduce_the_model(arch):
     inputs = capture_block_inputs(model, blocks, windows, batch_size=3, storage=torch.device("cpu"))
     torch.testing.assert_close(torch.cat(inputs.hidden), expected[0])
     seen = []
-    prune_blocks(blocks, inputs, lambda s, X: None,
-                 lambda i, name, layer, s: torch.ones_like(weight_out_in(layer), dtype=torch.bool), torch.device("cpu"),
-                 on_block_done=lambda i, block, masks, inp: seen.append(torch.cat(inp.hidden)))
+    for block in walk_blocks(blocks, inputs, lambda s, X: None, torch.device("cpu")):  # nothing pruned
+        block.finish()
+        seen.append(torch.cat(inputs.hidden))
     for i in range(len(blocks) - 1):
         torch.testing.assert_close(seen[i], expected[i + 1], rtol=1e-5, atol=1e-5)
 
@@ -216,8 +216,11 @@ def test_block1_inputs_change_when_block0_is_pruned():
         return keep
 
     seen = []
-    prune_blocks(blocks, inputs, None, halve, torch.device("cpu"),
-                 on_block_done=lambda i, b, m, inp: seen.append([h.clone() for h in inp.hidden]))
+    for block in walk_blocks(blocks, inputs, None, torch.device("cpu")):
+        for name, layer in block.layers.items():
+            halve(block.index, name, layer, None)
+        block.finish()
+        seen.append([h.clone() for h in inputs.hidden])
     assert not torch.allclose(seen[0][0], unpruned_out, atol=1e-4)
     inputs.hidden, inputs.calls[0] = block0_inputs, capture_block_inputs(
         model, blocks, _windows(), batch_size=4, storage=torch.device("cpu")).calls[0]

@@ -1,8 +1,9 @@
 """`spp prune`: check inputs, calibrate, prune block by block, and write a checkpoint with its mask file.
 
 `run_prune(cfg)` reads top to bottom: input checks (before loading any weights), the
-calibration windows, the model on the CPU, `sequential.capture_block_inputs` and
-`sequential.prune_blocks` with the method picked from `METHODS`, then one atomic output
+calibration windows, the model on the CPU, then `prune_model`: a plain loop over
+`sequential.walk_blocks` (each block on the device with its statistics and routed tokens) that prunes
+each block's layers with the method picked from `METHODS`, then one atomic output
 directory holding the `save_pretrained` files, `spp/masks.safetensors`, the resolved config and
 the manifest. Every finished block is persisted in `OUTPUT.partial/` (`spp.io.progress`),
 so `--resume` continues a killed or interrupted run at its first unfinished block, with
@@ -31,7 +32,7 @@ from spp.config import PruneConfig, to_dict
 from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
 from spp.prune.experts import check_expert_weights, prune_expert_weights, saved_pieces
-from spp.prune.masks import apply_mask, parse_pattern, select_mask
+from spp.prune.masks import apply_mask, select_mask
 from spp.prune.output import PruneReport, input_hashes, write_output
 from spp.prune.owl import outlier_share, owl_sparsities
 from spp.prune.plan import LayerPlan, plan_layers
@@ -60,25 +61,25 @@ def _accumulate_hessian(state, X):
 
 
 def _prune_magnitude(W, state, cfg, sparsity):
-    keep = select_mask(magnitude_scores(W), parse_pattern(cfg.pattern), sparsity, per_row=False)
+    keep = select_mask(magnitude_scores(W), cfg.n_m, sparsity, per_row=False)
     return apply_mask(W, keep), keep, {}
 
 
 def _prune_wanda(W, sq_norm, cfg, sparsity):
-    keep = select_mask(wanda_scores(W, sq_norm), parse_pattern(cfg.pattern), sparsity, per_row=True)
+    keep = select_mask(wanda_scores(W, sq_norm), cfg.n_m, sparsity, per_row=True)
     return apply_mask(W, keep), keep, {}
 
 
 def _prune_ria(W, sq_norm, cfg, sparsity):
     # unstructured: one threshold over the whole layer, as RIA's reference code (Wanda compares per row)
-    keep = select_mask(ria_scores(W, sq_norm), parse_pattern(cfg.pattern), sparsity, per_row=False)
+    keep = select_mask(ria_scores(W, sq_norm), cfg.n_m, sparsity, per_row=False)
     return apply_mask(W, keep), keep, {}
 
 
 def _prune_sparsegpt(W, state, cfg, sparsity):
     H_sum, n_tokens = state
     W_new, keep, damp = sparsegpt_prune(
-        W, hessian_from_sum(H_sum, n_tokens), parse_pattern(cfg.pattern), sparsity, cfg.blocksize, cfg.percdamp
+        W, hessian_from_sum(H_sum, n_tokens), cfg.n_m, sparsity, cfg.blocksize, cfg.percdamp
     )
     return W_new, keep, ({"percdamp_used": damp} if damp != cfg.percdamp else {})
 
@@ -116,7 +117,7 @@ def _check_layer_shapes(model: nn.Module, cfg: PruneConfig, plan: LayerPlan) -> 
     from spp.models import weight_out_in
     from spp.patterns import linear_layers
 
-    n_m = parse_pattern(cfg.pattern)
+    n_m = cfg.n_m
     layers = linear_layers(model)
     for full in plan.sparsity:
         out_features, in_features = weight_out_in(layers[full].module).shape[-2:]  # of each expert, for an expert weight
@@ -138,7 +139,6 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
 
     if cfg.method not in METHODS:
         raise SppError(f"--method {cfg.method!r} is not one of {', '.join(sorted(METHODS))}")
-    parse_pattern(cfg.pattern)
     if needs_calibration(cfg):
         check_calib_source(cfg.calib)  # offline, a hub set fails here in a second, before any model is read
     calib = cfg.calib if needs_calibration(cfg) else None
@@ -223,8 +223,8 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
             if not checked.blocks_done:
                 start_progress(tmp, resume_settings(cfg, checked.windows), len(find_decoder_blocks(model)[1]),
                                checked.conditions, checked.inputs)
-            pruned = prune_model(model, checked.windows, cfg, checked.device, on_module,
-                                 partial=tmp, blocks_done=checked.blocks_done, pieces=checked.checkpoint.pieces)
+            pruned = prune_model(model, checked.windows, cfg, checked.device, on_module, partial=tmp,
+                                 blocks_done=checked.blocks_done, pieces=checked.checkpoint.pieces, plan=checked.plan)
             shutil.rmtree(progress_dir(tmp))
             return write_output(cfg, checked, model, pruned, start, tmp)
     except KeyboardInterrupt:
@@ -262,6 +262,15 @@ class PrunedModel:
     plan: LayerPlan | None = None
     owl: dict | None = None
 
+    def add_block(self, prefix: str, masks: dict[str, torch.Tensor], record, experts) -> None:
+        """Take in one finished block (`prefix`: `model.layers.3.`): its keep-masks by block-relative name, its
+        `spp.io.progress.BlockRecord`, and the names of its fused expert weights (`experts`)."""
+        for name, keep in masks.items():  # an expert weight's name is its parameter's: no `.weight`
+            self.masks[prefix + name + ("" if name in experts else ".weight")] = keep
+        self.layouts.update(record.layouts)
+        self.module_stats.update(record.module_stats)
+        self.retries.extend(record.retries)
+
 
 def prune_model(
     model: nn.Module,
@@ -272,6 +281,7 @@ def prune_model(
     partial: Path | None = None,
     blocks_done: int = 0,
     pieces: dict | None = None,
+    plan: LayerPlan | None = None,
 ) -> PrunedModel:
     """Prune `model` in place, block by block: the in-memory half of `run_prune`.
 
@@ -285,14 +295,15 @@ def prune_model(
         blocks_done: blocks an interrupted run already finished in `partial` (restored, not redone).
         pieces: fused expert weight -> its saved per-expert tensors (`spp.io.reader.Checkpoint.pieces`), needed
             when expert weights are pruned (each piece is pruned as its own matrix).
+        plan: the layer plan (`layer_plan`) when the caller already made it, before OWL.
     """
     from spp.io.progress import BlockRecord, load_owl, restore_blocks, save_block, save_owl
     from spp.models import find_decoder_blocks, find_expert_weights, layer_layout, weight_out_in
-    from spp.prune.sequential import capture_block_inputs, prune_blocks
+    from spp.prune.sequential import capture_block_inputs, walk_blocks
 
     method = METHODS[cfg.method]
     blocks_name, blocks = find_decoder_blocks(model)
-    plan = layer_plan(model, cfg)
+    plan = plan or layer_plan(model, cfg)
     storage = torch.device("cpu") if cfg.offload_activations else device
     inputs = None
     if windows is not None and needs_calibration(cfg):
@@ -309,68 +320,67 @@ def prune_model(
         plan = plan.with_block_sparsities({i: s for i, s in enumerate(owl["sparsity"]) if s is not None})
     calibrated = inputs if method.accumulate is not None else None  # magnitude + OWL: no propagation needed
     result = PrunedModel(masks={}, layouts={}, module_stats={}, retries=[], plan=plan, owl=owl)
-    restored_masks = []
     if partial is not None and blocks_done:
         restored = restore_blocks(partial, blocks, blocks_done, calibrated is not None, storage)
         if restored.hidden is not None:
             calibrated.hidden = restored.hidden
-        for record in restored.records:
-            result.layouts.update(record.layouts)
-            result.module_stats.update(record.module_stats)
-            result.retries.extend(record.retries)
-        restored_masks = restored.masks
-
-    def block_done(index: int, block: nn.Module, block_masks: dict, block_inputs) -> None:
-        prefix = f"{blocks_name}.{index}."
-        record = BlockRecord(layouts={k: v for k, v in result.layouts.items() if k.startswith(prefix)},
-                             module_stats={k: v for k, v in result.module_stats.items() if k.startswith(prefix)},
-                             retries=[r for r in result.retries if r["module"].startswith(prefix)])
-        last = index + 1 == len(blocks)
-        save_block(partial, index, block, block_masks, None if block_inputs is None or last else block_inputs.hidden,
-                   record)
-        fault_point("prune_block", index)
-
-    def prune_layer(index: int, name: str, layer: nn.Module, state) -> torch.Tensor:
-        full = f"{blocks_name}.{index}.{name}"
-        if method.accumulate is not None and state is None:
-            raise SppError(f"module {full} received no calibration input; spp cannot prune it with {cfg.method}")
-        W = weight_out_in(layer)  # (out, in) view of the stored weight
-        try:
-            W_new, keep, info = method.prune(W, state, cfg, plan.sparsity[full])
-        except SppError as exc:
-            raise SppError(f"module {full}: {exc}") from exc
-        with torch.no_grad():
-            W.copy_(W_new)
-        if info:
-            result.retries.append({"module": full, "percdamp_requested": cfg.percdamp, **info})
-        result.layouts[f"{full}.weight"] = layer_layout(layer)
-        result.module_stats[f"{full}.weight"] = sparsity_stats(W.detach().cpu(), keep.cpu())
-        return keep
-
-    def prune_experts(index: int, weights: dict, routes: dict | None) -> dict[str, torch.Tensor]:
-        prefix = f"{blocks_name}.{index}."
-        done = prune_expert_weights(
-            weights, routes, method, METHODS["magnitude"], cfg, lambda name: plan.sparsity[prefix + name],
-            lambda name: saved_pieces(pieces, prefix + name), device,
-            on_weight=(lambda name: on_module(index, len(blocks), prefix + name)) if on_module else None)
-        for name, pruned in done.items():
-            result.layouts[prefix + name] = "linear"
-            result.module_stats[prefix + name] = pruned.stats
-            result.retries.extend({"module": prefix + name, **r} for r in pruned.retries)
-        return {name: pruned.keep for name, pruned in done.items()}
-
-    masks = prune_blocks(
-        blocks, calibrated, method.accumulate, prune_layer, device,
-        on_module=(lambda i, name: on_module(i, len(blocks), f"{blocks_name}.{i}.{name}")) if on_module else None,
-        on_block_done=block_done if partial is not None else None, start=len(restored_masks),
-        chosen=lambda i, name: f"{blocks_name}.{i}.{name}" in plan.sparsity, prune_experts=prune_experts,
-    )
-    masks[: len(restored_masks)] = restored_masks
-    for i, block_masks in enumerate(masks):
-        experts = find_expert_weights(blocks[i])
-        for name, keep in block_masks.items():  # an expert weight's name is its parameter's: no `.weight`
-            result.masks[f"{blocks_name}.{i}.{name}" + ("" if name in experts else ".weight")] = keep
+        for index, (masks, record) in enumerate(zip(restored.masks, restored.records)):
+            result.add_block(f"{blocks_name}.{index}.", masks, record, find_expert_weights(blocks[index]))
+    chosen = [{full.removeprefix(f"{blocks_name}.{i}.") for full in plan.in_block(i)} for i in range(len(blocks))]
+    for block in walk_blocks(blocks, calibrated, method.accumulate, device, chosen,
+                             start=blocks_done if partial is not None else 0):
+        prefix = f"{blocks_name}.{block.index}."
+        masks, record = {}, BlockRecord(layouts={}, module_stats={}, retries=[])
+        for name, layer in block.layers.items():
+            full = prefix + name
+            if on_module is not None:
+                on_module(block.index, len(blocks), full)
+            keep, info = prune_layer(full, layer, block.stats.pop(name, None), method, cfg, plan.sparsity[full])
+            if info:
+                record.retries.append({"module": full, "percdamp_requested": cfg.percdamp, **info})
+            record.layouts[f"{full}.weight"] = layer_layout(layer)
+            record.module_stats[f"{full}.weight"] = sparsity_stats(weight_out_in(layer).detach().cpu(), keep.cpu())
+            masks[name] = keep.cpu()
+        if block.experts:
+            for name in block.experts:
+                if on_module is not None:
+                    on_module(block.index, len(blocks), prefix + name)
+            done = prune_expert_weights(block.experts, block.routes, method, METHODS["magnitude"], cfg,
+                                        {name: plan.sparsity[prefix + name] for name in block.experts},
+                                        {name: saved_pieces(pieces, prefix + name) for name in block.experts}, device)
+            for name, pruned in done.items():
+                masks[name] = pruned.keep
+                record.layouts[prefix + name] = "linear"
+                record.module_stats[prefix + name] = pruned.stats
+                record.retries.extend({"module": prefix + name, **r} for r in pruned.retries)
+        next_inputs = block.finish()  # the pruned block's outputs
+        result.add_block(prefix, masks, record, block.experts)
+        if partial is not None:
+            save_block(partial, block.index, block.module, masks, next_inputs, record)
+            fault_point("prune_block", block.index)
     return result
+
+
+def prune_layer(full: str, layer: nn.Module, state, method: Method, cfg: PruneConfig,
+                sparsity: float) -> tuple[torch.Tensor, dict]:
+    """Prune one linear layer in place with `method` from its statistics `state`; returns (keep-mask (out, in),
+    the method's extra record).
+
+    Raises:
+        SppError: the layer saw no calibration input, or the method failed (both naming module `full`).
+    """
+    from spp.models import weight_out_in
+
+    if method.accumulate is not None and state is None:
+        raise SppError(f"module {full} received no calibration input; spp cannot prune it with {cfg.method}")
+    W = weight_out_in(layer)  # (out, in) view of the stored weight
+    try:
+        W_new, keep, info = method.prune(W, state, cfg, sparsity)
+    except SppError as exc:
+        raise SppError(f"module {full}: {exc}") from exc
+    with torch.no_grad():
+        W.copy_(W_new)
+    return keep, info
 
 
 def owl_block_sparsities(blocks: nn.ModuleList, blocks_name: str, inputs, plan: LayerPlan, cfg: PruneConfig,
@@ -384,20 +394,17 @@ def owl_block_sparsities(blocks: nn.ModuleList, blocks_name: str, inputs, plan: 
         SppError: a layer saw no calibration input, or a block sparsity falls outside [0, 1).
     """
     from spp.models import weight_out_in
-    from spp.prune.sequential import dense_statistics
+    from spp.prune.sequential import walk_blocks
 
-    def voting(index: int, name: str) -> bool:
-        full = f"{blocks_name}.{index}.{name}"
-        return full in plan.sparsity and full not in plan.overridden
-
-    def share(index: int, layers: dict, stats: dict) -> float | None:
-        missing = [name for name in layers if name not in stats]
+    voting = [{full.removeprefix(f"{blocks_name}.{i}.") for full in plan.in_block(i, default_only=True)}
+              for i in range(len(blocks))]
+    shares: list[float | None] = []
+    for block in walk_blocks(blocks, inputs, accumulate_sq_norms, device, voting, dense=True):
+        missing = [name for name in block.layers if name not in block.stats]
         if missing:
-            raise SppError(f"module {blocks_name}.{index}.{missing[0]} received no calibration input; OWL needs it")
-        scores = [wanda_scores(weight_out_in(layer), stats[name]) for name, layer in layers.items()]
-        return outlier_share(scores, cfg.owl_m) if scores else None
-
-    shares = dense_statistics(blocks, inputs, accumulate_sq_norms, share, device, chosen=voting)
+            raise SppError(f"module {blocks_name}.{block.index}.{missing[0]} received no calibration input; OWL needs it")
+        scores = [wanda_scores(weight_out_in(layer), block.stats[name]) for name, layer in block.layers.items()]
+        shares.append(outlier_share(scores, cfg.owl_m) if scores else None)
     voters = [i for i, d in enumerate(shares) if d is not None]
     n = torch.tensor([sum(plan.numel[f] for f in plan.in_block(i, default_only=True)) for i in voters])
     D = torch.tensor([shares[i] for i in voters], dtype=torch.float64)

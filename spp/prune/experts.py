@@ -12,7 +12,7 @@ Mixtral's w1 = rows [0, I) of gate_up_proj[e], w3 = rows [I, 2I), w2 = down_proj
 (rows, in) matrix by the method's prune function, so its mask is the one the same matrix would get as a separate
 linear layer (N:M along its input axis). An expert that received fewer than `expert_min_tokens` calibration tokens
 is pruned by magnitude instead, and the record of each piece says how many tokens it saw and which method pruned
-it. The router is not an expert weight and stays dense. The wiring into the block loop is `spp.prune.sequential`;
+it. The router is not an expert weight and stays dense. The wiring into the block loop is `spp.prune.prune_model`;
 OWL is refused for expert weights (`check_expert_weights`).
 """
 
@@ -163,10 +163,9 @@ def prune_expert_weights(
     method,
     fallback,
     cfg,
-    sparsity: Callable[[str], float],
-    pieces: Callable[[str], list],
+    sparsity: dict[str, float],
+    pieces: dict[str, list],
     device: torch.device,
-    on_weight: Callable[[str], None] | None = None,
 ) -> dict[str, ExpertPruned]:
     """Prune the chosen expert weights of one block, expert by expert, each saved piece as its own matrix.
 
@@ -178,7 +177,6 @@ def prune_expert_weights(
         cfg: the `PruneConfig` (pattern, SparseGPT settings, `expert_min_tokens`).
         sparsity: block-relative name -> its requested sparsity; pieces: block-relative name -> its `Piece`s.
         device: where the block is.
-        on_weight: progress callback, called with each weight's name before its first expert.
 
     Returns:
         Block-relative name -> `ExpertPruned`.
@@ -192,8 +190,6 @@ def prune_expert_weights(
     done: dict[str, ExpertPruned] = {}
     for module_name, params in by_module.items():
         for name, weight in params.values():
-            if on_weight is not None:
-                on_weight(name)
             done[name] = ExpertPruned(keep=torch.ones(weight.weight.shape, dtype=torch.bool),
                                       stats={"pieces": []})
         experts = next(iter(params.values()))[1].experts
@@ -211,7 +207,7 @@ def prune_expert_weights(
                 if param in params:
                     name, weight = params[param]
                     _prune_one_expert(done[name], weight, expert, inputs.get(param), tokens, method, fallback, cfg,
-                                      sparsity(name), pieces(name))
+                                      sparsity[name], pieces[name])
             del X, inputs  # one expert's inputs and statistics at a time
     for pruned in done.values():
         pruned.stats = {**tally(pruned.stats["pieces"]), "pieces": pruned.stats["pieces"]}

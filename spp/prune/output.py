@@ -53,8 +53,8 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
     keep_by_param, layouts, module_stats, retries = pruned.masks, pruned.layouts, pruned.module_stats, pruned.retries
     plan = pruned.plan
     requested = {param: plan.sparsity[layer_name_of(param)] for param in module_stats}
-    blocks = [(name, row["numel"], row["pruned"]) for name, row in block_tallies(module_stats).items()]
     block_details = _block_details(module_stats, requested)
+    blocks = [(name, row["numel"], row["pruned"]) for name, row in block_details.items()]
     totals = tally(module_stats.values())
     kept_zero = totals["kept_zero"]
     save_model(model, checked.tokenizer, tmp, cfg.max_shard_size)

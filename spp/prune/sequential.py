@@ -1,16 +1,16 @@
-"""Block-by-block pruning: capture every decoder block's call once, then prune one block at a time.
+"""Block-by-block calibration: capture every decoder block's call once, then walk the blocks one at a time.
 
 `capture_block_inputs` runs the model once over the calibration windows with every
 decoder block replaced by a pass-through, recording the hidden states that reach block 0
 and the positional and keyword arguments of *every* block call (attention masks can differ
 per layer: Qwen2's `max_window_layers`, Gemma2's alternating sliding/full layers; GPT-2
-passes some arguments positionally). Cache objects are dropped. `prune_blocks` then, for
-each block: moves it to the device, runs the *unpruned* block with hooks on its linear
-layers to collect statistics (and a pre-hook on each experts module recording the routed
-tokens: `spp.prune.experts`), prunes every linear layer and expert weight, and runs the *pruned*
-block to produce the next block's inputs, as SparseGPT and Wanda do. Forwards are batched over
-windows. This module knows nothing about any pruning method: it takes an `accumulate`
-function (statistics from layer inputs) and `prune_layer`/`prune_experts` functions (keep-masks).
+passes some arguments positionally). Cache objects are dropped. `walk_blocks` then yields
+one block at a time on the device, after running it with hooks on its chosen linear layers
+to collect statistics (and a pre-hook on each experts module recording the routed tokens:
+`spp.prune.experts`); once the caller has pruned it, the *pruned* block runs to produce the
+next block's inputs, as SparseGPT and Wanda do. Forwards are batched over windows. This
+module knows nothing about any pruning method: it takes an `accumulate` function
+(statistics from layer inputs) and leaves the pruning to its caller (`spp.prune.prune_model`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from spp.models import find_expert_weights, find_linear_layers
+from spp.prune.experts import recording_routes
 
 
 class _StopForward(Exception):
@@ -161,120 +162,108 @@ def _recording(layers: dict[str, nn.Module], accumulate) -> Iterator[dict[str, A
             handle.remove()
 
 
-def _collect_statistics(block, index, inputs, layers, accumulate, device, experts_modules=None):
-    """Run the unpruned block with a forward hook on each linear layer feeding `accumulate`, and a pre-hook on each
-    of `experts_modules` recording its routed tokens (`spp.prune.experts.recording_routes`); returns
-    (statistics by layer name, routes by experts module name)."""
-    from spp.prune.experts import recording_routes
+@dataclass
+class Block:
+    """One decoder block on the device, as `walk_blocks` yields it.
 
-    with _recording(layers, accumulate) as stats, recording_routes(experts_modules or {}, inputs.storage) as routes:
-        run_block(block, index, inputs, device, keep_outputs=False)
-    return stats, routes
-
-
-@torch.no_grad()
-def dense_statistics(
-    blocks: nn.ModuleList,
-    inputs: BlockInputs,
-    accumulate: Callable[[Any, torch.Tensor], Any],
-    reduce: Callable[[int, dict[str, nn.Module], dict[str, Any]], Any],
-    device: torch.device,
-    chosen: Callable[[int, str], bool] | None = None,
-) -> list[Any]:
-    """One pass over the *unpruned* model: per block, statistics of its chosen layers, reduced to one value.
-
-    Each block runs once, with the hooks of `_collect_statistics` on, and its outputs feed the
-    next block (dense outputs: nothing is pruned yet). `inputs` is left as it was, so pruning can
-    start from block 0's inputs afterwards. OWL's outlier shares come from here.
-
-    Args:
-        reduce: (block index, chosen layers by name, their statistics) -> the block's value.
-        chosen: (block index, layer name) -> whether the layer takes part (default: all).
-
-    Returns:
-        One value per block.
+    Attributes:
+        index: its position among the decoder blocks.
+        module: the block, on the device until `finish`.
+        layers: the chosen linear layers, by block-relative name (`self_attn.q_proj`), in model order.
+        experts: the chosen fused expert weights (`spp.models.ExpertWeight`), by block-relative name.
+        stats: layer name -> the statistics `accumulate` folded from its inputs (empty without calibration).
+        routes: experts module name -> its (hidden (T, H), top_k_index (T, k)) per chunk of windows
+            (`spp.prune.experts.recording_routes`), or None without calibration.
     """
-    hidden, values = inputs.hidden, []
-    for index, block in enumerate(blocks):
-        home = next(block.parameters()).device
-        block.to(device)
-        layers = {n: m for n, m in find_linear_layers(block).items() if chosen is None or chosen(index, n)}
-        state = BlockInputs(hidden=hidden, calls=inputs.calls, hidden_as_kwarg=inputs.hidden_as_kwarg,
-                            storage=inputs.storage)
-        with _recording(layers, accumulate) as stats:
-            hidden = run_block(block, index, state, device, keep_outputs=index + 1 < len(blocks))
-        values.append(reduce(index, layers, stats))
-        block.to(home)
-    return values
+
+    index: int
+    module: nn.Module
+    layers: dict[str, nn.Module]
+    experts: dict[str, Any]
+    stats: dict[str, Any]
+    routes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None
+    _inputs: BlockInputs | None = field(default=None, repr=False)  # None: nothing to run again (dense pass)
+    _last: bool = False
+    _device: torch.device | None = None
+    _home: torch.device | None = None
+    _finished: bool = False
+
+    def finish(self) -> list[torch.Tensor] | None:
+        """Hand the block's outputs on to the next block and move the block back home; done once.
+
+        While pruning, the *pruned* block runs here on its inputs (its statistics and routes are dropped
+        first), so the next block sees pruned outputs; this block's recorded call arguments are dropped too.
+        `walk_blocks` calls this when the next block is asked for; call it sooner to persist the block with
+        the next block's inputs.
+
+        Returns:
+            The next block's inputs (one (batch, seq, hidden) tensor per chunk of windows), or None for the last
+            block or without calibration.
+        """
+        if not self._finished:
+            self.stats, self.routes = {}, None
+            if self._inputs is not None and not self._last:
+                self._inputs.hidden = run_block(self.module, self.index, self._inputs, self._device)
+            if self._inputs is not None:
+                self._inputs.calls[self.index] = []
+            self.module.to(self._home)
+            self._finished = True
+        return None if self._inputs is None or self._last else self._inputs.hidden
 
 
-def prune_blocks(
+def walk_blocks(
     blocks: nn.ModuleList,
     inputs: BlockInputs | None,
     accumulate: Callable[[Any, torch.Tensor], Any] | None,
-    prune_layer: Callable[[int, str, nn.Module, Any], torch.Tensor],
     device: torch.device,
-    on_module: Callable[[int, str], None] | None = None,
-    on_block_done: Callable[[int, nn.Module, dict, BlockInputs | None], None] | None = None,
+    chosen: list[set[str]] | None = None,
     start: int = 0,
-    chosen: Callable[[int, str], bool] | None = None,
-    prune_experts: Callable[[int, dict, dict | None], dict[str, torch.Tensor]] | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """Prune every linear layer of every block, in order, each block seeing the pruned blocks before it.
+    dense: bool = False,
+) -> Iterator[Block]:
+    """Yield each decoder block on `device` with the statistics of its chosen layers, calibration flowing block to block.
+
+    Pruning (the default): block i is yielded with statistics from its *unpruned* run on its inputs; the caller
+    prunes it in place; then (`Block.finish`) the *pruned* block runs to give block i + 1's inputs, as SparseGPT
+    and Wanda do, and `inputs.hidden` holds them. Dense (`dense=True`, OWL's pass over the unpruned model): one
+    run of each block gives both its statistics and the next block's inputs, and `inputs` is left as it was, so
+    pruning can start from block 0's inputs afterwards. One block's activations are held at a time.
 
     Args:
-        blocks: decoder blocks (on the CPU; each is moved to `device` while it is pruned).
-        inputs: from `capture_block_inputs`, or None for methods without calibration (magnitude).
-        accumulate: (state or None, X (..., in)) -> state, called for every input batch of a layer.
-        prune_layer: (block index, layer name, layer, state) -> bool keep-mask (out, in); it
-            updates the layer's weight in place.
+        blocks: decoder blocks (on the CPU; each is moved to `device` while it is yielded).
+        inputs: from `capture_block_inputs`, or None for methods without calibration (magnitude): no statistics,
+            no runs.
+        accumulate: (state or None, X (..., in)) -> state, called for every input batch of a chosen layer; None
+            collects nothing (and, while pruning, the block still runs to feed the next one).
         device: where each block runs.
-        on_module: called with (block index, layer name) before each layer is pruned (progress).
-        on_block_done: called with (block index, block, its masks, next block's inputs) after each
-            block, the place to persist per-block state.
-        start: the first block to prune (a resumed run: blocks before it are already pruned and
-            `inputs.hidden` holds block `start`'s inputs); skipped blocks get an empty dict.
-        chosen: (block index, layer name) -> whether the layer is pruned (default: all); the others
-            are left as they are and get no statistics and no mask.
-        prune_experts: (block index, chosen expert weights by name (`spp.models.ExpertWeight`), the routed
-            tokens of each experts module or None) -> keep-mask (E, out, in) by name, for a mixture-of-experts
-            block (`spp.prune.experts`); None leaves expert weights alone.
-
-    Returns:
-        One dict per block: layer name (relative to the block) -> keep-mask (out, in) ((E, out, in) for an
-        expert weight), on the CPU.
+        chosen: per block index, the block-relative names of the layers and expert weights to yield (default: every
+            linear layer, no expert weight); the others get no statistics.
+        start: the first block to yield (a resumed run: blocks before it are already pruned and `inputs.hidden`
+            holds block `start`'s inputs).
+        dense: the statistics pass described above.
     """
-    masks = []
-    for index, block in enumerate(blocks):
+    state = inputs
+    if dense and inputs is not None:
+        state = BlockInputs(hidden=inputs.hidden, calls=inputs.calls, hidden_as_kwarg=inputs.hidden_as_kwarg,
+                            storage=inputs.storage)
+    for index, module in enumerate(blocks):
         if index < start:
-            masks.append({})
-            if inputs is not None:
-                inputs.calls[index] = []
+            if state is not None:
+                state.calls[index] = []
             continue
-        home = next(block.parameters()).device
-        block.to(device)
-        layers = {n: m for n, m in find_linear_layers(block).items() if chosen is None or chosen(index, n)}
-        experts = {n: w for n, w in find_expert_weights(block).items()
-                   if prune_experts is not None and (chosen is None or chosen(index, n))}
+        home = next(module.parameters()).device
+        module.to(device)
+        layers = {n: m for n, m in find_linear_layers(module).items() if chosen is None or n in chosen[index]}
+        experts = {n: w for n, w in find_expert_weights(module).items() if chosen is not None and n in chosen[index]}
+        last = index + 1 == len(blocks)
         stats, routes = {}, None
-        if inputs is not None and accumulate is not None:
+        if state is not None and accumulate is not None:
             modules = {n.rsplit(".", 1)[0]: w.experts for n, w in experts.items()}
-            stats, routes = _collect_statistics(block, index, inputs, layers, accumulate, device, modules)
-        block_masks = {}
-        for name, layer in layers.items():
-            if on_module is not None:
-                on_module(index, name)
-            block_masks[name] = prune_layer(index, name, layer, stats.pop(name, None)).cpu()
-        del stats
-        if experts:
-            block_masks.update(prune_experts(index, experts, routes))
-        del routes
-        if inputs is not None and index + 1 < len(blocks):
-            inputs.hidden = run_block(block, index, inputs, device)  # pruned outputs feed the next block
-        if inputs is not None:
-            inputs.calls[index] = []  # this block's recorded arguments are no longer needed
-        block.to(home)
-        masks.append(block_masks)
-        if on_block_done is not None:
-            on_block_done(index, block, block_masks, inputs)
-    return masks
+            with _recording(layers, accumulate) as stats, recording_routes(modules, state.storage) as routes:
+                outputs = run_block(module, index, state, device, keep_outputs=dense and not last)
+            if dense and not last:
+                state.hidden = outputs
+        block = Block(index, module, layers, experts, stats, routes, _inputs=None if dense else state, _last=last,
+                      _device=device, _home=home)
+        del stats, routes  # the block holds them, and drops them before it runs again
+        yield block
+        block.finish()
