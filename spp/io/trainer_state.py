@@ -71,8 +71,9 @@ def commit_checkpoint(workdir: Path, step: int, keep: int) -> Path:
     return final
 
 
-def optimizer_tensors(optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer's state into tensors keyed `<param name>/<state key>` and a JSON-able rest."""
+def save_optimizer(optimizer, names: list[str], directory: Path) -> None:
+    """`optimizer.safetensors` (the state's tensors keyed `<param name>/<state key>`) and `optimizer.json` (the
+    param groups, the rest of the state and `names`) of an unsharded optimizer whose parameters are `names`."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, per_param in state["state"].items():
@@ -81,26 +82,9 @@ def optimizer_tensors(optimizer, names: list[str]) -> tuple[dict[str, torch.Tens
                 tensors[f"{names[index]}/{key}"] = value.detach().to("cpu").contiguous()
             else:
                 scalars[f"{names[index]}/{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "param_names": names}
-
-
-def optimizer_state(tensors: dict[str, torch.Tensor], config: dict, names: list[str]) -> dict:
-    """Inverse of `optimizer_tensors`, for `optimizer.load_state_dict`."""
-    if config["param_names"] != names:
-        raise SppError("the checkpoint's optimizer holds other parameters than this model's adapter")
-    index = {name: i for i, name in enumerate(names)}
-    state: dict[int, dict] = {}
-    for flat, value in list(tensors.items()) + list(config["scalars"].items()):
-        name, _, key = flat.rpartition("/")
-        state.setdefault(index[name], {})[key] = value
-    return {"state": state, "param_groups": config["param_groups"]}
-
-
-def save_optimizer(optimizer, names: list[str], directory: Path) -> None:
-    """`optimizer.safetensors` and `optimizer.json` of an unsharded optimizer whose parameters are `names`."""
-    tensors, config = optimizer_tensors(optimizer, names)
     save_tensors(tensors, directory / OPTIMIZER_WEIGHTS_FILE)
-    write_json(directory / OPTIMIZER_CONFIG_FILE, config)
+    write_json(directory / OPTIMIZER_CONFIG_FILE, {"param_groups": state["param_groups"], "scalars": scalars,
+                                                   "param_names": names})
 
 
 def load_optimizer(optimizer, names: list[str], directory: Path) -> None:
@@ -113,7 +97,14 @@ def load_optimizer(optimizer, names: list[str], directory: Path) -> None:
 
     tensors = load_file(str(directory / OPTIMIZER_WEIGHTS_FILE))
     config = read_json(directory / OPTIMIZER_CONFIG_FILE, what="optimizer state")
-    optimizer.load_state_dict(optimizer_state(tensors, config, names))
+    if config["param_names"] != names:
+        raise SppError("the checkpoint's optimizer holds other parameters than this model's adapter")
+    index = {name: i for i, name in enumerate(names)}
+    state: dict[int, dict] = {}
+    for flat, value in list(tensors.items()) + list(config["scalars"].items()):
+        name, _, key = flat.rpartition("/")
+        state.setdefault(index[name], {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": config["param_groups"]})
 
 
 def save_rng(directory: Path, rank: int) -> None:
