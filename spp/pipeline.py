@@ -351,8 +351,8 @@ def stale_reason(step: Step) -> str | None:
 
 def resumable_train(step: Step) -> bool:
     """True when `train.partial/` holds a checkpoint made with the same settings (so `resume` continues it)."""
+    from spp.io.trainer_state import checkpoint_dirs
     from spp.train import RESUMABLE_CHANGES
-    from spp.train.loop import checkpoint_dirs
 
     partial = partial_path(step.folder)
     if not partial.is_dir() or not checkpoint_dirs(partial) or not (partial / RESOLVED_CONFIG_FILE).is_file():

@@ -19,8 +19,9 @@ and uint8 masks (E, out, in) are parameters split along the expert axis; its for
 sees them gathered.
 Checkpoints hold the trainable parameters and the optimizer state through
 `torch.distributed.checkpoint` (each rank writes its own shards); the adapter file is gathered
-one layer at a time (`gathered_layers`) and streamed by rank 0. This module owns no loop and no
-file names: `spp.train.loop` calls it, `spp.io.checkpoint` names the files.
+one layer at a time (`gathered_layers`) and streamed by rank 0. `FSDP2` is this policy as the training
+strategy (`spp.train.strategy`) that `spp.train` and its loop call. This module owns no loop and no
+file names: `spp.io.checkpoint` names the files.
 """
 
 from __future__ import annotations
