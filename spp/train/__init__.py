@@ -415,19 +415,19 @@ def _check_zeros(name: str, W: torch.Tensor, W_eff: torch.Tensor, keep: torch.Te
 
 
 def write_train_manifest(workdir: Path, cfg: TrainConfig, base: Path, mask_sha256: str, report: TrainReport,
-                         conditions: dict | None = None, data_hashes: dict[str, str] | None = None) -> None:
+                         conditions: dict, data_hashes: dict[str, str]) -> None:
     """`spp_manifest.json` for the train stage: inputs hashed (the data as `data_hashes` found it at the start of the
-    run; hashed here without it), trainable parameters, final losses."""
+    run), the run conditions, trainable parameters, final losses."""
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
 
-    inputs = {str(mask_path(base)): mask_sha256, **(data_identity(cfg.data_path) if data_hashes is None else data_hashes)}
+    inputs = {str(mask_path(base)): mask_sha256, **data_hashes}
     details = {key: getattr(report, key) for key in ("steps", "train_loss", "val_loss", "trainable_params",
                                                      "adapted_modules", "train_examples", "val_examples",
                                                      "world_size", "tokens_seen", "resumed_from")}
     if cfg.teacher:  # a second full model in the training dtype, besides its activations for one micro-batch
         details.update(teacher=str(Path(cfg.teacher).expanduser().resolve()), teacher_param_bytes=report.teacher_param_bytes)
     manifest = Manifest(stage="train", settings=to_dict(cfg), inputs=inputs, mask_sha256=mask_sha256,
-                        conditions=conditions or {},
+                        conditions=conditions,
                         details={"base_model": str(base), **details}, wall_time_s=report.wall_time_s,
                         peak_memory=peak_memory_bytes())
     write_manifest(workdir, manifest)
