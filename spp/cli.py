@@ -224,12 +224,12 @@ def train(
     """
     import os
 
-    from spp.config import TrainConfig, find_config, merge_into, parse_set, read_yaml
+    from spp.config import TrainConfig, merge_into, parse_set, read_train_config
 
-    path = find_config(config)
+    path, values = read_train_config(config)
     flags = {"base_model": model, "data_path": data, "output_dir": output, "max_steps": max_steps, "teacher": teacher,
              "resume": resume or None, "overwrite": overwrite or None, "distributed": distributed}
-    cfg = merge_into(TrainConfig, [(str(path), read_yaml(path)),
+    cfg = merge_into(TrainConfig, [(str(path), values),
                                    ("flags", {k: v for k, v in flags.items() if v is not None}),
                                    ("--set", parse_set(set_ or []))])
     if cfg.output_dir:

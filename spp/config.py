@@ -376,7 +376,7 @@ def find_config(name: str, kind: Literal["train", "pipeline"] = "train") -> Path
     Bundled pipelines are the `pipeline_*.yaml` files; the others (`alpaca.yaml`, ...) are train configs.
 
     Raises:
-        SppError: neither exists (lists the bundled files of that kind), or a pipeline file given as a train config.
+        SppError: neither exists (lists the bundled files of that kind).
     """
     from importlib.resources import files
 
@@ -384,14 +384,30 @@ def find_config(name: str, kind: Literal["train", "pipeline"] = "train") -> Path
     path = Path(name).expanduser()
     if not path.is_file() and "/" not in name and (bundled / name).is_file():
         path = Path(str(bundled / name))
-    names = sorted(p.name for p in bundled.iterdir() if p.name.endswith(".yaml")
-                   and p.name.startswith("pipeline_") == (kind == "pipeline"))
     if not path.is_file():
-        raise SppError(f"config {name} does not exist (bundled configs: {', '.join(names)})")
-    if kind == "train" and PIPELINE_SECTIONS & read_yaml(path).keys():
-        raise SppError(f"{name} is an `spp run` pipeline, not a train config: run it with `spp run {name}` "
-                       f"(bundled train configs: {', '.join(names)})")
+        raise SppError(f"config {name} does not exist (bundled configs: {', '.join(_bundled_names(kind))})")
     return path
+
+
+def _bundled_names(kind: Literal["train", "pipeline"]) -> list[str]:
+    from importlib.resources import files
+
+    return sorted(p.name for p in files("spp.configs").iterdir() if p.name.endswith(".yaml")
+                  and p.name.startswith("pipeline_") == (kind == "pipeline"))
+
+
+def read_train_config(name: str) -> tuple[Path, dict]:
+    """A train `--config` value found (`find_config`) and read, once: (its path, its keys).
+
+    Raises:
+        SppError: as `find_config` and `read_yaml`, or the file is an `spp run` pipeline.
+    """
+    path = find_config(name)
+    values = read_yaml(path)
+    if PIPELINE_SECTIONS & values.keys():
+        raise SppError(f"{name} is an `spp run` pipeline, not a train config: run it with `spp run {name}` "
+                       f"(bundled train configs: {', '.join(_bundled_names('train'))})")
+    return path, values
 
 
 # --------------------------------------------------------------------------- merge

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from spp.config import (EvalConfig, PipelineConfig, PruneConfig, TrainConfig, find_config, flag_names, merge_into,
-                        nearest, read_yaml, to_dict)
+                        nearest, read_train_config, read_yaml, to_dict)
 from spp.errors import SppError
 from spp.io.checkpoint import MANIFEST_FILE, RESOLVED_CONFIG_FILE, partial_path, sha256_file, write_json
 from spp.io.manifest import read_manifest, settings_sha256
@@ -93,7 +93,8 @@ def _train_config(cfg: PipelineConfig, source: str, base: Path, output: Path) ->
         inline["teacher"] = _absolute_if_local(inline["teacher"])
     layers = []
     if config_name is not None:
-        layers.append((str(find_config(config_name)), read_yaml(find_config(config_name))))
+        path, values = read_train_config(config_name)
+        layers.append((str(path), values))
     values = {k: v for _, layer in layers for k, v in layer.items()} | inline
     weights = [values.get(k) for k in ("kd_weight", "squarehead_weight")]
     if not values.get("teacher") and any(isinstance(w, (int, float)) and w > 0 for w in weights):
@@ -345,8 +346,8 @@ def stale_reason(step: Step) -> str | None:
 
 def resumable_train(step: Step) -> bool:
     """True when `train.partial/` holds a checkpoint made with the same settings (so `resume` continues it)."""
+    from spp.io.trainer_state import checkpoint_dirs
     from spp.train import RESUMABLE_CHANGES
-    from spp.train.loop import checkpoint_dirs
 
     partial = partial_path(step.folder)
     if not partial.is_dir() or not checkpoint_dirs(partial) or not (partial / RESOLVED_CONFIG_FILE).is_file():

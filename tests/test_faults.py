@@ -396,9 +396,9 @@ def test_ctrl_c_after_the_last_step_finishes_the_run(pruned_tiny_dir, text_file,
             if case == "last step":
                 patch.setenv("SPP_FAULT", "train_sigint:2")
             else:
-                check = spp.train.check_pruned_zeros
-                patch.setattr(spp.train, "check_pruned_zeros",
-                              lambda *a: (os.kill(os.getpid(), signal.SIGINT), check(*a))[1])
+                write = spp.train.write_train_manifest
+                patch.setattr(spp.train, "write_train_manifest",
+                              lambda *a: (os.kill(os.getpid(), signal.SIGINT), write(*a))[1])
             result = invoke(*args)
         assert result.exit_code == 0, (case, result.output)
         assert "interrupt:" in result.stderr and "error:" not in result.stderr, result.stderr

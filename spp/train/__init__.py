@@ -6,8 +6,9 @@ and wrap its target layers in the adapter layer of `cfg.adapter` (`spp.adapter`)
 `DIR.partial/` (kept on a crash so `--resume` can continue, under the same run conditions and from
 the same base, mask, data and teacher, `spp.io.conditions`), check the pruned-entries
 invariant on the effective weights, and write the adapter, the manifest and the log.
-The loop itself (steps, checkpoints, resume state) is `spp.train.loop`; with `distributed: fsdp`
-the model is sharded by `spp.train.fsdp` instead of being prepared (wrapped in DDP) by accelerate.
+The loop itself (steps, checkpoints) is `spp.train.loop`, the checkpoint's resume state `spp.io.trainer_state`;
+how the model is loaded and spread over processes (accelerate's DDP, or FSDP2 shards with
+`distributed: fsdp`) is the strategy's (`spp.train.strategy`).
 """
 
 from __future__ import annotations
@@ -59,12 +60,13 @@ def run_train(cfg: TrainConfig) -> TrainReport:
             (right after it is loaded, before the partial output exists), a non-finite loss (the partial
             output and its last checkpoint are kept), or a failed resume.
     """
-    from spp.adapter.model import add_adapter, count_trainable, save_adapter
-    from spp.io.finite import check_finite_model
-    from spp.models import enable_checkpointing, load_model, load_tokenizer
+    from spp.adapter.model import count_trainable
+    from spp.io.trainer_state import LoopState, checkpoint_dirs, truncate_log
+    from spp.models import load_tokenizer
     from spp.train.distill import Distillation, check_teacher, load_teacher, parameter_bytes
-    from spp.train.loop import (FINISH_MESSAGE, InterruptGuard, LoopInputs, LoopState, checkpoint_dirs, load_checkpoint,
-                                train_loop, truncate_log)
+    from spp.train.fsdp import gathered_layers
+    from spp.train.loop import FINISH_MESSAGE, InterruptGuard, LoopInputs, load_checkpoint, train_loop
+    from spp.train.strategy import strategy_for
 
     start = time.time()
     checkpoint, output = check_inputs(cfg)
@@ -73,11 +75,12 @@ def run_train(cfg: TrainConfig) -> TrainReport:
 
         cfg = replace(cfg, resume=False)
     base, mask_sha256 = checkpoint.directory, checkpoint.mask_sha256
-    teacher_dir = check_teacher(cfg, base) if cfg.teacher else None  # configs and tokenizers only: cheap
+    teacher_dir = check_teacher(cfg, checkpoint) if cfg.teacher else None  # configs and tokenizers only: cheap
     data_hashes = data_identity(cfg.data_path)  # hashed once: the checkpoints and the manifest record it
     inputs = input_identity(checkpoint, data_hashes, teacher_dir)
     accelerator = make_accelerator(cfg)
-    conditions = run_conditions(accelerator.device, PRECISIONS[cfg.precision][1], accelerator.num_processes)
+    dtype = PRECISIONS[cfg.precision][1]
+    conditions = run_conditions(accelerator.device, dtype, accelerator.num_processes)
     if cfg.resume:
         check_resumable_conditions(partial_path(output), conditions, inputs)
     tokenizer = load_tokenizer(str(base))
@@ -89,51 +92,35 @@ def run_train(cfg: TrainConfig) -> TrainReport:
 
     teacher = None
     if teacher_dir is not None:  # before set_seed, so the student's init draws the same numbers as without one
-        teacher = load_teacher(teacher_dir, PRECISIONS[cfg.precision][1], accelerator.device)
+        teacher = load_teacher(teacher_dir, dtype, accelerator.device)
     set_seed(cfg.seed)  # the same α init on every process
-    masks = checkpoint.masks_by_parameter()
     adapter_cfg = cfg.adapter_config(base_model=str(base.resolve()), mask_sha256=mask_sha256)
-    sharded = cfg.distributed == "fsdp"
-    own_group = False
-    try:  # a process group spp started itself (one-rank FSDP) is closed however the run ends
-        if sharded:  # built on the meta device and sharded block by block: no rank holds the whole model
-            from spp.train.fsdp import load_sharded_model, shard_model, start_process_group
-
-            own_group = start_process_group()
-            model, adapted = load_sharded_model(checkpoint, getattr(torch, PRECISIONS[cfg.precision][1]), adapter_cfg,
-                                                masks, cfg.cpu_offload, cfg.gradient_checkpointing)
-            masks = None  # a byte per weight of the whole model on every rank: reread at the end, by the main rank only
-            if teacher is not None:
-                shard_model(teacher, cfg.cpu_offload)
-        else:
-            model = load_model(str(base), dtype=PRECISIONS[cfg.precision][1])
-            check_finite_model(model, f"model {base}")  # else the first step's loss is NaN, with no word on why
-            adapted = add_adapter(model, adapter_cfg, masks)
-            if cfg.gradient_checkpointing:
-                enable_checkpointing(model)
+    strategy = strategy_for(cfg, accelerator)
+    try:  # a process group the strategy started itself (one-rank FSDP) is closed however the run ends
+        model, adapted = strategy.load_model(checkpoint, dtype, adapter_cfg, checkpoint.masks_by_parameter())
+        if teacher is not None:
+            strategy.prepare_teacher(teacher)
         if not adapted:
             raise SppError(f"target_modules {cfg.target_modules} select only layers that {base} left dense (no entry "
                            "in its mask file): nothing to adapt; set adapt_unpruned: true to adapt them anyway")
         trainable = count_trainable(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        if not sharded:
-            model, optimizer = accelerator.prepare(model, optimizer)  # the teacher is not prepared: no DDP wrapper, no grads
+        model, optimizer = strategy.prepare(model, optimizer)
         distill = Distillation.build(cfg, teacher, accelerator.unwrap_model(model)) if teacher is not None else None
 
         # not armed until the last step is done; then a Ctrl-C no longer stops the run, up to the output's rename
         with InterruptGuard(message=None) as finishing, output_workdir(accelerator, output, cfg) as workdir:
             state = LoopState(run_conditions=conditions, inputs=inputs)
             if cfg.resume:
-                last = checkpoint_dirs(workdir)[-1]
-                state = load_checkpoint(accelerator, model, optimizer, last, len(train), sharded)
+                state = load_checkpoint(accelerator, strategy, model, optimizer, checkpoint_dirs(workdir)[-1], len(train))
                 if accelerator.is_main_process:
                     truncate_log(workdir / TRAIN_LOG_FILE, state.step)
             elif accelerator.is_main_process:
                 write_yaml(workdir / RESOLVED_CONFIG_FILE, cfg)
             resumed_from = state.step
             inputs = LoopInputs(train=train, val=val, pad_id=pad_id, total_steps=total_steps, cfg=cfg, workdir=workdir,
-                                distill=distill, sharded=sharded)
+                                strategy=strategy, distill=distill)
             state = train_loop(accelerator, model, optimizer, adapter_cfg, inputs, state)
             finishing.message = FINISH_MESSAGE
             report = TrainReport(output=output, steps=state.step, train_loss=state.train_loss, val_loss=state.val_loss,
@@ -144,26 +131,18 @@ def run_train(cfg: TrainConfig) -> TrainReport:
             if distill is not None:
                 distill.close()
             unwrapped = accelerator.unwrap_model(model)
-            if sharded:  # every process takes part in the per-layer gathers; the main one checks and writes
-                from spp.train.fsdp import gathered_layers, save_adapter_gathered
-
-                masks = checkpoint.masks_by_parameter() if accelerator.is_main_process else {}
-                for name, layer, W, tensors in gathered_layers(unwrapped):
-                    if accelerator.is_main_process:
-                        check_layer_zeros(name, layer, W, masks, tensors)
-                save_adapter_gathered(unwrapped, adapter_cfg, workdir, accelerator.is_main_process)
-            elif accelerator.is_main_process:
-                check_pruned_zeros(unwrapped, masks)
-                save_adapter(unwrapped, adapter_cfg, workdir)
+            masks = strategy.masks_for_check(checkpoint)
+            # every process takes part in a sharded model's per-layer gathers; the main one checks and writes
+            for name, layer, W, tensors in gathered_layers(unwrapped):
+                if accelerator.is_main_process:
+                    check_layer_zeros(name, layer, W, masks, tensors)
+            strategy.save_adapter(unwrapped, adapter_cfg, workdir)
             if accelerator.is_main_process:
                 write_train_manifest(workdir, cfg, base, mask_sha256, report, conditions, data_hashes)
             accelerator.wait_for_everyone()
         return report
     finally:
-        if own_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        strategy.close()
 
 
 # --------------------------------------------------------------------------- steps of run_train
@@ -207,7 +186,7 @@ def check_inputs(cfg: TrainConfig):
 def check_resumable(cfg: TrainConfig, partial: Path) -> None:
     """A --resume needs a checkpoint in `partial` made with the same settings (bar RESUMABLE_CHANGES). With no
     checkpoint there it says so in a note and `run_train` starts from the beginning (as `spp prune --resume` does)."""
-    from spp.train.loop import checkpoint_dirs
+    from spp.io.trainer_state import checkpoint_dirs
 
     if not checkpoint_dirs(partial):
         if os.environ.get("RANK", "0") == "0":  # one line, not one per process
@@ -237,7 +216,7 @@ def check_resumable_conditions(partial: Path, conditions: dict, inputs: dict) ->
             condition differs (threads, device, dtype, processes, versions), naming how to match it.
     """
     from spp.io.checkpoint import TRAINER_STATE_FILE, read_json
-    from spp.train.loop import checkpoint_dirs
+    from spp.io.trainer_state import checkpoint_dirs
 
     saved = read_json(checkpoint_dirs(partial)[-1] / TRAINER_STATE_FILE, what="trainer state")
     check_same_inputs(saved.get("inputs"), inputs, "the interrupted run", "start over with --overwrite (without --resume)")
@@ -436,19 +415,19 @@ def _check_zeros(name: str, W: torch.Tensor, W_eff: torch.Tensor, keep: torch.Te
 
 
 def write_train_manifest(workdir: Path, cfg: TrainConfig, base: Path, mask_sha256: str, report: TrainReport,
-                         conditions: dict | None = None, data_hashes: dict[str, str] | None = None) -> None:
+                         conditions: dict, data_hashes: dict[str, str]) -> None:
     """`spp_manifest.json` for the train stage: inputs hashed (the data as `data_hashes` found it at the start of the
-    run; hashed here without it), trainable parameters, final losses."""
+    run), the run conditions, trainable parameters, final losses."""
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
 
-    inputs = {str(mask_path(base)): mask_sha256, **(data_identity(cfg.data_path) if data_hashes is None else data_hashes)}
+    inputs = {str(mask_path(base)): mask_sha256, **data_hashes}
     details = {key: getattr(report, key) for key in ("steps", "train_loss", "val_loss", "trainable_params",
                                                      "adapted_modules", "train_examples", "val_examples",
                                                      "world_size", "tokens_seen", "resumed_from")}
     if cfg.teacher:  # a second full model in the training dtype, besides its activations for one micro-batch
         details.update(teacher=str(Path(cfg.teacher).expanduser().resolve()), teacher_param_bytes=report.teacher_param_bytes)
     manifest = Manifest(stage="train", settings=to_dict(cfg), inputs=inputs, mask_sha256=mask_sha256,
-                        conditions=conditions or {},
+                        conditions=conditions,
                         details={"base_model": str(base), **details}, wall_time_s=report.wall_time_s,
                         peak_memory=peak_memory_bytes())
     write_manifest(workdir, manifest)

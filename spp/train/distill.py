@@ -22,13 +22,13 @@ from spp.errors import SppError
 SPECIAL_TOKENS = ("bos", "eos", "pad", "unk")
 
 
-def check_teacher(cfg, base: Path) -> Path:
+def check_teacher(cfg, checkpoint) -> Path:
     """Refuse a teacher that cannot teach this student, from configs and tokenizers only (no weights).
 
-    Checks: the path exists and holds a model; it is not the student itself; the
-    tokenizers agree (the same token → id map and the same special-token ids); with
-    SquareHead on, the same number of decoder blocks and hidden size; with KD on, the same
-    vocabulary size (the logits are compared entry by entry).
+    `checkpoint` is the student's (`spp.io.reader.Checkpoint`). Checks: the path exists and holds a model; it
+    is not the student itself; the tokenizers agree (the same token → id map and the same special-token ids);
+    with SquareHead on, the same number of decoder blocks and hidden size; with KD on, the same vocabulary
+    size (the logits are compared entry by entry).
 
     Returns:
         The teacher's directory.
@@ -37,10 +37,10 @@ def check_teacher(cfg, base: Path) -> Path:
         SppError: one line saying what differs.
     """
     from spp.io.gguf import gguf_directory, is_gguf
-    from spp.io.reader import load_config
     from spp.models import load_tokenizer
 
     # a GGUF teacher (spp run --model FILE.gguf) is its dequantized directory, as for --model
+    base = checkpoint.directory
     teacher = gguf_directory(cfg.teacher) if is_gguf(cfg.teacher) else Path(cfg.teacher).expanduser()
     if not teacher.is_dir():
         raise SppError(f"teacher {teacher} does not exist")
@@ -51,7 +51,7 @@ def check_teacher(cfg, base: Path) -> Path:
                        "dense model that was pruned")
     from spp.io.reader import read_checkpoint
 
-    student_cfg = _text_config(load_config(str(base)))
+    student_cfg = _text_config(checkpoint.config)
     # read as transformers reads it: a teacher with missing or mismatched weights is refused, not re-initialised
     teacher_cfg = _text_config(read_checkpoint(teacher).config)
     shapes = []

@@ -19,12 +19,14 @@ and uint8 masks (E, out, in) are parameters split along the expert axis; its for
 sees them gathered.
 Checkpoints hold the trainable parameters and the optimizer state through
 `torch.distributed.checkpoint` (each rank writes its own shards); the adapter file is gathered
-one layer at a time (`gathered_layers`) and streamed by rank 0. This module owns no loop and no
-file names: `spp.train.loop` calls it, `spp.io.checkpoint` names the files.
+one layer at a time (`gathered_layers`) and streamed by rank 0. `FSDP2` is this policy as the training
+strategy (`spp.train.strategy`) that `spp.train` and its loop call. This module owns no loop and no
+file names: `spp.io.checkpoint` names the files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -270,22 +272,6 @@ def _materialise_tied(model: nn.Module, checkpoint) -> None:
     _materialise(model, "", checkpoint)
 
 
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
-    """Scale the (sharded) gradients so their global 2-norm is at most `max_norm`; returns the norm before.
-
-    ‖g‖ = (Σ_ranks Σ_local g²)^½: `get_total_norm` on DTensor gradients gives a partial result that
-    `full_tensor` all-reduces, the same number `torch.nn.utils.clip_grad_norm_` gives one process.
-    """
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return float(total)
-
-
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (an all-gather for a DTensor shard; a collective: every rank calls it)."""
     from torch.distributed.tensor import DTensor
@@ -361,36 +347,100 @@ def _state_dicts(model: nn.Module, optimizer) -> dict:
     return {"model": model_state, "optimizer": optim_state}
 
 
-def save_sharded_state(model: nn.Module, optimizer, directory: Path) -> None:
-    """Each rank writes its shards of the trainable parameters and AdamW state into `directory` (DCP).
+class FSDP2:
+    """`distributed: fsdp`: the model sharded by FSDP2 (`load_sharded_model`), not prepared by accelerate, which
+    still starts the processes and reduces the loop's counters. The interface is `spp.train.strategy`'s."""
 
-    `directory` must be on a filesystem every rank sees; rank 0 writes the `.metadata` index last.
-    Every rank must call this.
-    """
-    import torch.distributed.checkpoint as dcp
+    def __init__(self, cfg, accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.own_group = False
 
-    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(directory))
+    def load_model(self, checkpoint, dtype: str, adapter_cfg, masks: dict):
+        """`load_sharded_model`, in a process group (`start_process_group`). The masks are not kept (a byte per
+        weight of the whole model on every rank): `masks_for_check` reads them again."""
+        self.own_group = start_process_group()
+        return load_sharded_model(checkpoint, getattr(torch, dtype), adapter_cfg, masks, self.cfg.cpu_offload,
+                                  self.cfg.gradient_checkpointing)
 
+    def prepare_teacher(self, teacher: nn.Module) -> None:
+        shard_model(teacher, self.cfg.cpu_offload)
 
-def load_sharded_state(model: nn.Module, optimizer, directory: Path) -> None:
-    """Read `save_sharded_state`'s shards back into `model` and `optimizer` (in place; every rank calls it).
+    def prepare(self, model, optimizer):
+        return model, optimizer
 
-    Raises:
-        SppError: the directory holds no DCP checkpoint, or one of another adapter.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    @contextlib.contextmanager
+    def micro_batch(self, model, last: bool):
+        """FSDP2's `set_requires_gradient_sync(last)`, which keeps the unsharded gradients until the last
+        micro-batch; the model is not wrapped by accelerate, so its forward gets accelerate's autocast here."""
+        model.set_requires_gradient_sync(last)
+        with self.accelerator.autocast():
+            yield
 
-    if not (Path(directory) / ".metadata").is_file():
-        raise SppError(f"checkpoint {directory} holds no sharded (distributed: fsdp) state; was it written by "
-                       "a distributed: ddp run? resume with the settings it was written with")
-    state = _state_dicts(model, optimizer)
-    try:
-        dcp.load(state, checkpoint_id=str(directory))
-    except (RuntimeError, KeyError, ValueError) as exc:  # DCP wraps per-rank failures in a CheckpointException
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SppError(f"checkpoint {directory} does not fit this model's adapter: {first}") from exc
-    # strict=False: the frozen base is absent on purpose; dcp.load has already refused a checkpoint that
-    # lacks any trainable tensor this model asked for.
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float) -> float:
+        """Scale the (sharded) gradients so their global 2-norm is at most `max_norm`; returns the norm before.
+
+        ‖g‖ = (Σ_ranks Σ_local g²)^½: `get_total_norm` on DTensor gradients gives a partial result that
+        `full_tensor` all-reduces, the same number `torch.nn.utils.clip_grad_norm_` gives one process.
+        """
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return float(total)
+
+    def save_adapter(self, model: nn.Module, adapter_cfg, directory: Path) -> None:
+        """The adapter file gathered one layer at a time (`save_adapter_gathered`); every rank calls it."""
+        save_adapter_gathered(model, adapter_cfg, directory, self.accelerator.is_main_process)
+
+    def save_optimizer(self, model: nn.Module, optimizer, directory: Path) -> None:
+        """Each rank writes its shards of the trainable parameters and AdamW state into `directory/sharded` (DCP).
+
+        `directory` must be on a filesystem every rank sees; rank 0 writes the `.metadata` index last.
+        Every rank must call this.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        from spp.io.checkpoint import SHARDED_STATE_DIR
+
+        dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(Path(directory) / SHARDED_STATE_DIR))
+
+    def load_state(self, model: nn.Module, optimizer, checkpoint: Path) -> None:
+        """Read `save_optimizer`'s shards back into `model` and `optimizer` (in place; every rank calls it).
+
+        Raises:
+            SppError: the checkpoint holds no DCP state, or one of another adapter.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        from spp.io.checkpoint import SHARDED_STATE_DIR
+
+        directory = Path(checkpoint) / SHARDED_STATE_DIR
+        if not (directory / ".metadata").is_file():
+            raise SppError(f"checkpoint {directory} holds no sharded (distributed: fsdp) state; was it written by "
+                           "a distributed: ddp run? resume with the settings it was written with")
+        state = _state_dicts(model, optimizer)
+        try:
+            dcp.load(state, checkpoint_id=str(directory))
+        except (RuntimeError, KeyError, ValueError) as exc:  # DCP wraps per-rank failures in a CheckpointException
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SppError(f"checkpoint {directory} does not fit this model's adapter: {first}") from exc
+        # strict=False: the frozen base is absent on purpose; dcp.load has already refused a checkpoint that
+        # lacks any trainable tensor this model asked for.
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+    def masks_for_check(self, checkpoint) -> dict:
+        """The mask file read again, by the main process only ({} on the others)."""
+        return checkpoint.masks_by_parameter() if self.accelerator.is_main_process else {}
+
+    def close(self) -> None:
+        """Destroy the process group `load_model` started itself (a one-rank FSDP run), if any."""
+        if self.own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.own_group = False

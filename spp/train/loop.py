@@ -1,9 +1,9 @@
 """The training loop under accelerate: one optimizer step per global batch, logging, checkpoints, resume.
 
-Under `distributed: fsdp` the model is sharded by `spp.train.fsdp` and not prepared by accelerate:
-the loop then toggles FSDP2's gradient sync itself, clips the sharded gradients, and checkpoints
-through `torch.distributed.checkpoint` (`sharded=True` below); accelerate still starts the processes
-and reduces the loop's counters.
+How the model is spread over processes (one, DDP, or FSDP2 shards) is the strategy's business
+(`spp.train.strategy`): the loop asks it for each micro-batch's context, the gradient clipping and the
+checkpoint's adapter and AdamW state; accelerate starts the processes and reduces the loop's counters.
+The checkpoint's other files are `spp.io.trainer_state`'s.
 
 Data order is a pure function of (seed, step): epoch e visits the training examples in
 the order `randperm(n, seed + e)`, and global step t takes the next `batch_size` of
@@ -20,36 +20,24 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
-import shutil
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from spp.adapter.model import adapter_state_dict, read_adapter_weights, save_adapter
 from spp.config import TrainConfig
 from spp.data import pad_batch
 from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
-from spp.io.checkpoint import (
-    CHECKPOINT_PREFIX,
-    CHECKPOINTS_DIR,
-    OPTIMIZER_CONFIG_FILE,
-    OPTIMIZER_WEIGHTS_FILE,
-    RNG_FILE_PATTERN,
-    SHARDED_STATE_DIR,
-    TRAIN_LOG_FILE,
-    TRAINER_STATE_FILE,
-    read_json,
-    save_tensors,
-    write_json,
-)
+from spp.io.checkpoint import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, TRAIN_LOG_FILE
+from spp.io.trainer_state import (LoopState, checkpoint_dirs, checkpoint_tmp, commit_checkpoint, data_position,
+                                  load_rng, new_checkpoint, read_trainer_state, save_rng, write_trainer_state)
 from spp.train.distill import Distillation
+from spp.train.strategy import Strategy
 from spp.train.losses import kd_kl_sum, squarehead_sum, summed_nll, target_count
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
@@ -92,180 +80,50 @@ def rank_slice(indices: list[int], rank: int, world_size: int) -> list[int]:
     return indices[rank * share : (rank + 1) * share]
 
 
-# --------------------------------------------------------------------------- state on disk
+# --------------------------------------------------------------------------- checkpoints
 
 
-@dataclass
-class LoopState:
-    """Where training stands; all of it is saved in every checkpoint (as JSON)."""
-
-    step: int = 0  # optimizer steps done
-    tokens_seen: int = 0  # non-padding input tokens, all processes
-    train_loss: float | None = None  # loss of the last step
-    val_loss: float | None = None  # last validation loss
-    run_conditions: dict = field(default_factory=dict)  # spp.io.conditions the run computes under (--resume checks)
-    inputs: dict = field(default_factory=dict)  # spp.train.input_identity: what the run trains from (--resume checks)
-
-
-def checkpoint_dirs(workdir: Path) -> list[Path]:
-    """Complete checkpoints under `workdir/checkpoints`, oldest first (temporary ones are ignored)."""
-    root = Path(workdir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def optimizer_tensors(optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer's state into tensors keyed `<param name>/<state key>` and a JSON-able rest."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, per_param in state["state"].items():
-        for key, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{names[index]}/{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{names[index]}/{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "param_names": names}
-
-
-def optimizer_state(tensors: dict[str, torch.Tensor], config: dict, names: list[str]) -> dict:
-    """Inverse of `optimizer_tensors`, for `optimizer.load_state_dict`."""
-    if config["param_names"] != names:
-        raise SppError("the checkpoint's optimizer holds other parameters than this model's adapter")
-    index = {name: i for i, name in enumerate(names)}
-    state: dict[int, dict] = {}
-    for flat, value in list(tensors.items()) + list(config["scalars"].items()):
-        name, _, key = flat.rpartition("/")
-        state.setdefault(index[name], {})[key] = value
-    return {"state": state, "param_groups": config["param_groups"]}
-
-
-def save_checkpoint(accelerator, model, optimizer, adapter_cfg, state: LoopState, workdir: Path,
-                    keep: int, data_position: dict, sharded: bool = False) -> Path:
+def save_checkpoint(accelerator, strategy, model, optimizer, adapter_cfg, state: LoopState, workdir: Path,
+                    keep: int, position: dict) -> Path:
     """Write `checkpoints/step-N/` atomically: build `step-N.tmp/`, then rename; then drop old ones.
 
     The previous checkpoint stays until the new one is complete; at most `keep` remain.
-    Every process writes its own RNG state; the main process writes the rest. Sharded (FSDP):
-    every process writes its shards of the adapter and AdamW state into `sharded/` (DCP), and the
-    main process the gathered adapter file; `workdir` must be on a filesystem all processes share.
+    Every process writes its own RNG state and takes part in the strategy's writes of the adapter and AdamW
+    state (a sharded model's are collectives, and its shards need a filesystem all processes share); the main
+    process writes the trainer state (`spp.io.trainer_state`).
     """
-    root = Path(workdir) / CHECKPOINTS_DIR
-    final = root / f"{CHECKPOINT_PREFIX}{state.step}"
-    tmp = root / f"{final.name}.tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        new_checkpoint(workdir, state.step)
     accelerator.wait_for_everyone()
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_tensors(rng, tmp / RNG_FILE_PATTERN.format(rank=accelerator.process_index))
-    if sharded:
-        from spp.train.fsdp import save_adapter_gathered, save_sharded_state
-
-        save_sharded_state(model, optimizer, tmp / SHARDED_STATE_DIR)
-        save_adapter_gathered(model, adapter_cfg, tmp, accelerator.is_main_process)
-        fault_point("checkpoint_write", state.step)
-        if accelerator.is_main_process:
-            write_json(tmp / TRAINER_STATE_FILE, {**asdict(state), "data_position": data_position,
-                                                  "python_random": _python_rng_json(), "grad_scaler": None})
-    elif accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_adapter(unwrapped, adapter_cfg, tmp)
-        fault_point("checkpoint_write", state.step)
-        names = list(adapter_state_dict(unwrapped))
-        tensors, config = optimizer_tensors(optimizer, names)
-        save_tensors(tensors, tmp / OPTIMIZER_WEIGHTS_FILE)
-        write_json(tmp / OPTIMIZER_CONFIG_FILE, config)
+    tmp = checkpoint_tmp(workdir, state.step)
+    save_rng(tmp, accelerator.process_index)
+    strategy.save_adapter(model, adapter_cfg, tmp)
+    fault_point("checkpoint_write", state.step)
+    strategy.save_optimizer(model, optimizer, tmp)
+    if accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None  # fp16 loss scale
-        write_json(tmp / TRAINER_STATE_FILE, {**asdict(state), "data_position": data_position,
-                                              "python_random": _python_rng_json(), "grad_scaler": scaler})
+        write_trainer_state(tmp, state, position, scaler)
     accelerator.wait_for_everyone()
+    final = tmp.with_name(f"{CHECKPOINT_PREFIX}{state.step}")
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in checkpoint_dirs(workdir)[:-keep]:
-            shutil.rmtree(old)
+        commit_checkpoint(workdir, state.step, keep)
     accelerator.wait_for_everyone()
     return final
 
 
-def _python_rng_json() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def data_position(n_examples: int, batch_size: int, seed: int, step: int) -> dict:
-    """Where step `step` leaves the data: a record for people; the step alone fixes the order."""
-    epoch, batch_in_epoch = divmod(step, n_examples // batch_size)
-    return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "examples": n_examples, "batch_size": batch_size,
-            "seed": seed}
-
-
-def load_checkpoint(accelerator, model, optimizer, checkpoint: Path, n_examples: int,
-                    sharded: bool = False) -> LoopState:
+def load_checkpoint(accelerator, strategy, model, optimizer, checkpoint: Path, n_examples: int) -> LoopState:
     """Restore adapter, optimizer, RNG and loop state from `checkpoint` (in place).
 
     Raises:
         SppError: the checkpoint does not fit (another adapter, other processes, or data
             that now gives another number of training examples).
     """
-    from safetensors.torch import load_file
-
-    if sharded:
-        from spp.train.fsdp import load_sharded_state
-
-        load_sharded_state(model, optimizer, checkpoint / SHARDED_STATE_DIR)
-    else:
-        _load_replicated(accelerator, model, optimizer, checkpoint)
-    rng_path = checkpoint / RNG_FILE_PATTERN.format(rank=accelerator.process_index)
-    if not rng_path.is_file():
-        raise SppError(f"checkpoint {checkpoint} has no RNG state for process {accelerator.process_index} "
-                       "(was it written with another number of processes?)")
-    rng = load_file(str(rng_path))
-    torch.set_rng_state(rng["torch"])
-    cuda_states = [rng[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in rng))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    raw = read_json(checkpoint / TRAINER_STATE_FILE, what="trainer state")
-    saved_examples = raw.pop("data_position")["examples"]
-    if saved_examples != n_examples:
-        raise SppError(f"--resume: the data now gives {n_examples} training examples but the interrupted run had "
-                       f"{saved_examples}; the data changed, so the run cannot continue in the same order")
-    scaler = raw.pop("grad_scaler", None)
+    strategy.load_state(model, optimizer, checkpoint)
+    load_rng(checkpoint, accelerator.process_index)
+    state, scaler = read_trainer_state(checkpoint, n_examples)
     if scaler and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(scaler)
-    version, internal, gauss = raw.pop("python_random")
-    random.setstate((version, tuple(internal), gauss))
-    return LoopState(**raw)
-
-
-def _load_replicated(accelerator, model, optimizer, checkpoint: Path) -> None:
-    """The adapter and AdamW state of an unsharded checkpoint (safetensors + JSON), into `model` and `optimizer`."""
-    from safetensors.torch import load_file
-
-    unwrapped = accelerator.unwrap_model(model)
-    weights = read_adapter_weights(checkpoint)
-    params = adapter_state_dict(unwrapped)
-    if set(weights) != set(params):
-        raise SppError(f"checkpoint {checkpoint} holds another adapter than this model has")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(weights[name])
-    names = list(params)
-    tensors = load_file(str(checkpoint / OPTIMIZER_WEIGHTS_FILE))
-    config = read_json(checkpoint / OPTIMIZER_CONFIG_FILE, what="optimizer state")
-    optimizer.load_state_dict(optimizer_state(tensors, config, names))
-
-
-def truncate_log(log_path: Path, step: int) -> None:
-    """Drop log records after `step` (a resumed run redoes those steps)."""
-    if not log_path.is_file():
-        return
-    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    log_path.write_text("".join(line + "\n" for line in kept))
+    return state
 
 
 # --------------------------------------------------------------------------- the loop
@@ -297,8 +155,8 @@ class LoopInputs:
     total_steps: int
     cfg: TrainConfig
     workdir: Path
+    strategy: Strategy  # how the model is spread over processes (spp.train.strategy)
     distill: Distillation | None = None  # the teacher, when kd_weight or squarehead_weight > 0
-    sharded: bool = False  # distributed: fsdp (the model is FSDP2-sharded, not prepared by accelerate)
 
 
 TERMS = ("ce", "kd", "squarehead")  # the loss terms logged besides the total, in _step's order
@@ -330,17 +188,14 @@ def _micro_batch_loss(accelerator, model, batch: dict, ce_weight: float,
     return loss, torch.stack([nll.detach(), kl.detach(), sq.detach()]).double()
 
 
-def _step(accelerator, model, batches: list[dict], world_size: int, ce_weight: float = 1.0,
-          distill: Distillation | None = None,
-          sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _step(accelerator, strategy: Strategy, model, batches: list[dict], world_size: int, ce_weight: float = 1.0,
+          distill: Distillation | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward/backward over this process's micro-batches; gradients of (ce_weight·Σ NLL + the
     distillation terms) / N_global.
 
     N_global, the target count of the whole global batch, is all-reduced first. DDP and FSDP
     average gradients over processes, so each process scales its loss by world_size. Gradients
-    are synchronised after the last micro-batch only (DDP's `no_sync`; FSDP2's
-    `set_requires_gradient_sync`, which keeps the unsharded gradients until then). A sharded model
-    is not wrapped by accelerate, so its forward gets accelerate's autocast here.
+    are synchronised after the last micro-batch only (`strategy.micro_batch`).
 
     Returns:
         (Σ over the global batch of (loss, NLL, KL, SquareHead) as a float64 (4,) tensor, N_global,
@@ -352,11 +207,7 @@ def _step(accelerator, model, batches: list[dict], world_size: int, ce_weight: f
     totals = torch.zeros(1 + len(TERMS), dtype=torch.float64, device=accelerator.device)
     for k, batch in enumerate(batches):
         batch = {key: v.to(accelerator.device) for key, v in batch.items()}
-        last = k == len(batches) - 1
-        if sharded:
-            model.set_requires_gradient_sync(last)
-        sync = contextlib.nullcontext() if last or sharded else accelerator.no_sync(model)
-        with sync, (accelerator.autocast() if sharded else contextlib.nullcontext()):
+        with strategy.micro_batch(model, last=k == len(batches) - 1):
             loss, terms = _micro_batch_loss(accelerator, model, batch, ce_weight, distill)
             accelerator.backward(loss * (world_size / n_targets.clamp(min=1)))
         totals[0] += loss.detach().double()
@@ -389,8 +240,8 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             ids = rank_slice(global_batch(len(inputs.train), cfg.batch_size, cfg.seed, state.step), rank, world)
             batches = [pad_batch([inputs.train[i] for i in ids[j : j + micro]], inputs.pad_id)
                        for j in range(0, len(ids), micro)]
-            sums, n_targets, n_tokens = _step(accelerator, model, batches, world, cfg.ce_weight, inputs.distill,
-                                              inputs.sharded)
+            sums, n_targets, n_tokens = _step(accelerator, inputs.strategy, model, batches, world, cfg.ce_weight,
+                                              inputs.distill)
             if int(n_targets) == 0:  # spp.train.build_examples drops every example without a target token
                 raise RuntimeError(f"step {state.step + 1} has no target token in its global batch; this is a bug in spp")
             loss = float(sums[0] / n_targets.clamp(min=1))
@@ -400,12 +251,8 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             lr = cfg.learning_rate * lr_factor(state.step, inputs.total_steps, warmup, cfg.lr_scheduler)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if cfg.max_grad_norm is not None and inputs.sharded:
-                from spp.train.fsdp import clip_grad_norm_
-
-                clip_grad_norm_(params, cfg.max_grad_norm)
-            elif cfg.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            if cfg.max_grad_norm is not None:
+                inputs.strategy.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -430,8 +277,8 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             saved = state.step % cfg.save_steps == 0 or state.step == inputs.total_steps
             if saved:
                 position = data_position(len(inputs.train), cfg.batch_size, cfg.seed, state.step)
-                save_checkpoint(accelerator, model, optimizer, adapter_cfg, state, inputs.workdir,
-                                cfg.save_total_limit, position, inputs.sharded)
+                save_checkpoint(accelerator, inputs.strategy, model, optimizer, adapter_cfg, state, inputs.workdir,
+                                cfg.save_total_limit, position)
             if record is not None and "tokens_per_s" in record:  # the next window starts after eval and save
                 rate, window_tokens, window_start = record["tokens_per_s"], 0, time.perf_counter()
             progress.update(task, completed=state.step, info=f"loss {loss:.4f}  lr {lr:.2e}  {rate:.0f} tok/s")
@@ -440,8 +287,8 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
             if state.step < inputs.total_steps and _stop_requested(accelerator, guard):  # after the last, finish
                 if not saved:
                     position = data_position(len(inputs.train), cfg.batch_size, cfg.seed, state.step)
-                    save_checkpoint(accelerator, model, optimizer, adapter_cfg, state, inputs.workdir,
-                                    cfg.save_total_limit, position, inputs.sharded)
+                    save_checkpoint(accelerator, inputs.strategy, model, optimizer, adapter_cfg, state,
+                                    inputs.workdir, cfg.save_total_limit, position)
                 raise SppInterrupted(f"interrupted at step {state.step} of {inputs.total_steps}; the checkpoint is "
                                      f"in {inputs.workdir / CHECKPOINTS_DIR}: continue with the same `spp train ...` "
                                      "command plus --resume")
