@@ -18,6 +18,24 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 
+# A random LLaMA of about 100M parameters for the benchmarks (hidden 768, MLP 2048, 12 heads, vocab 16384, tied head)
+LLAMA_100M = dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=12, vocab_size=16384, max_position_embeddings=2048,
+                  tie_word_embeddings=True)
+
+
+def random_llama(layers: int, seed: int = 0, **overrides):
+    """A seeded random `LLAMA_100M` with `layers` decoder blocks (and any other config key overridden), float32,
+    in eval mode on the CPU."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {**LLAMA_100M, "num_hidden_layers": layers, **overrides}
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
@@ -37,6 +55,15 @@ def run(cmd: list[str], log: list[str]) -> str:
         sys.stderr.write(done.stdout + done.stderr)
         raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
     return done.stdout
+
+
+def cli_train_config(config: str, flags: dict, sets: list[str]):
+    """The `TrainConfig` that `spp train --config CONFIG` with these flags and `--set` items resolves, as the CLI
+    does it (file < flags < --set)."""
+    from spp.config import TrainConfig, find_config, merge_into, parse_set, read_yaml
+
+    path = find_config(config)
+    return merge_into(TrainConfig, [(str(path), read_yaml(path)), ("flags", flags), ("--set", parse_set(sets))])
 
 
 # --------------------------------------------------------------------------- data and masks
@@ -69,6 +96,13 @@ def zeros_check(model, masks: dict) -> dict:
     zeros = sum(int((params[name].detach() == 0).sum()) for name in masks)
     return {"pruned_not_plus_zero": bad, "kept_zero": total["kept_zero"], "pruned": total["pruned"],
             "sparsity": zeros / total["numel"] if total["numel"] else 0.0}
+
+
+def saved_zeros(model_dir: Path | str, pruned: Path | str) -> dict:
+    """`zeros_check` of a saved model against the mask file of the `spp prune` output it came from."""
+    from spp.models import load_model
+
+    return zeros_check(load_model(str(model_dir), "float32", "cpu"), pruned_masks(pruned))
 
 
 # --------------------------------------------------------------------------- the PEFT reference
@@ -147,7 +181,27 @@ def save_merged(model, tokenizer_from: Path | str, output: Path) -> None:
     load_tokenizer(str(tokenizer_from)).save_pretrained(output)
 
 
-# --------------------------------------------------------------------------- memory (Linux)
+# --------------------------------------------------------------------------- tables and memory (Linux)
+
+
+def format_owl_table(records: list[dict]) -> str:
+    """A Markdown table per method and pattern: the fastest spp run without and with OWL, ratio OWL / plain."""
+    lines = ["| method | pattern | achieved sparsity (OWL) | plain s | OWL s | time ratio (OWL / plain) | plain peak RSS MiB | OWL peak RSS MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    runs: dict[tuple, list[dict]] = {}
+    for r in records:
+        runs.setdefault((r["method"], r["pattern"], r["impl"]), []).append(r)
+    for method, pattern, impl in runs:
+        if impl != "spp+owl" or (method, pattern, "spp") not in runs:
+            continue
+        p, o = runs[(method, pattern, "spp")], runs[(method, pattern, "spp+owl")]
+        pt, ot = min(r["seconds"] for r in p), min(r["seconds"] for r in o)
+        lines.append(f"| {method} | {pattern} | {o[0]['sparsity']:.4f} | {pt:.2f} | {ot:.2f} | {ot / pt:.2f}x | "
+                     f"{max(r['peak_rss_mb'] for r in p):.0f} | {max(r['peak_rss_mb'] for r in o):.0f} |")
+    return "\n".join(lines)
+
+
+
 
 
 def proc_status(key: str) -> int:

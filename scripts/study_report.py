@@ -10,7 +10,6 @@ and `study_loss_curves.png` are written into the output directory, each file ato
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -18,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from spp.io.text import markdown_table
+from spp.report import gap_recovered  # (log PPL_pruned − log PPL_after) / (log PPL_pruned − log PPL_dense)
 
 SET_TITLES = {"tinystories": "TinyStories (2nd half)", "wikitext": "WikiText-2"}
 KIND_ORDER = ("none", "spp", "masked_lora", "full", "hira", "lora")
@@ -34,18 +34,6 @@ COLORS = {"spp": "tab:blue", "masked_lora": "tab:purple", "full": "tab:green", "
 
 
 # --------------------------------------------------------------------------- rows
-
-
-def recovered_fraction(ppl_pruned: float, ppl_after: float, ppl_dense: float) -> float | None:
-    """Fraction of the pruning loss recovered, in log-perplexity:
-
-        (log PPL_pruned − log PPL_after) / (log PPL_pruned − log PPL_dense)
-
-    1 means back to the dense model, 0 no better than pruned, < 0 worse than pruned.
-    None when pruning did not raise the perplexity (nothing to recover).
-    """
-    lost = math.log(ppl_pruned) - math.log(ppl_dense)
-    return (math.log(ppl_pruned) - math.log(ppl_after)) / lost if lost > 0 else None
 
 
 def recipe(row: dict) -> tuple[str, str, str, str]:
@@ -78,7 +66,7 @@ def flatten(records: dict[str, dict]) -> list[dict]:
         base = pruned.get((r["method"], r["pattern"], r["seed"]))
         for name in SET_TITLES:
             ok = dense is not None and base is not None and r["method"] != "dense" and "diverged" not in r
-            r[f"recovered_{name}"] = (recovered_fraction(base[f"ppl_{name}"], r[f"ppl_{name}"], dense[f"ppl_{name}"])
+            r[f"recovered_{name}"] = (gap_recovered(dense[f"ppl_{name}"], base[f"ppl_{name}"], r[f"ppl_{name}"])
                                       if ok else None)
     return rows
 
