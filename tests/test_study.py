@@ -221,6 +221,8 @@ def test_the_report_tables_accept_a_partial_grid(study, tiny_run):
     text = study_report.cost_table(rows)
     trained = {(r["adapter"], r["distill"]) for r in rows if r["adapter"] != "none"}
     assert text.count("\n") == 1 + len(trained)  # header rule + one line per recovery and objective
-    assert study_report.recovered_fraction(10.0, 10.0, 5.0) == 0
-    assert study_report.recovered_fraction(10.0, 5.0, 5.0) == 1
-    assert study_report.recovered_fraction(5.0, 4.0, 5.0) is None  # pruning lost nothing
+    from spp.report import gap_recovered  # the study's recovered fraction: (dense, pruned, after)
+
+    assert gap_recovered(5.0, 10.0, 10.0) == 0
+    assert gap_recovered(5.0, 10.0, 5.0) == 1
+    assert gap_recovered(5.0, 5.0, 4.0) is None  # pruning lost nothing
