@@ -18,21 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
-MODEL = dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-             num_attention_heads=12, num_key_value_heads=12, vocab_size=32000, max_position_embeddings=4096,
-             tie_word_embeddings=True)
+from common import random_llama
 
-
-def random_llama(layers: int, device: str, seed: int = 0):
-    """A seeded random LLaMA (see MODEL), float32, in eval mode on `device`."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kwargs = dict(MODEL, num_hidden_layers=layers)
-    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
+VOCAB = 32000  # the random LLaMA of `common.random_llama` with this vocabulary and a 4096-token context
 
 
 def plain_loop_ppl(model, windows) -> float:
@@ -74,11 +64,11 @@ def bench_eval(seqlens=(512, 2048), windows: int = 2, batch_size: int = 2, layer
     from spp.eval.perplexity import perplexity, perplexity_windows
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    model = random_llama(layers, device)
+    model = random_llama(layers, vocab_size=VOCAB, max_position_embeddings=4096).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     records = []
     for seqlen in seqlens:
-        ids = torch.randint(0, MODEL["vocab_size"], (windows * seqlen,), generator=torch.Generator().manual_seed(seqlen))
+        ids = torch.randint(0, VOCAB, (windows * seqlen,), generator=torch.Generator().manual_seed(seqlen))
         win = perplexity_windows(ids, seqlen)
         perplexity(model, ids[: 2 * seqlen], seqlen, batch_size=1)  # warm-up (allocator, kernels)
         best = {"spp": float("inf"), "plain": float("inf")}
@@ -106,14 +96,12 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", action="store_true", help="print the records as JSON lines")
+    parser.add_argument("--json", help="also write the records to this file")
     args = parser.parse_args(argv)
     records = bench_eval(tuple(int(s) for s in args.seqlens.split(",")), args.windows, args.batch_size, args.layers,
                          args.repeats, args.device)
     if args.json:
-        for r in records:
-            print(json.dumps(r))
-        return
+        Path(args.json).write_text(json.dumps(records, indent=1))
     print("| device | params | seqlen | windows | batch | spp tok/s | plain tok/s | spp / plain | ppl spp | ppl plain |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in records:

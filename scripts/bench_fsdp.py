@@ -28,22 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import proc_status, reset_peak_rss
+
 CONFIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
               num_key_value_heads=12, vocab_size=8000, max_position_embeddings=256, tie_word_embeddings=False)
 GLOBAL_BATCH, SEQ, STEPS, ROW_GROUPS = 4, 64, 4, 16
-
-
-def _status(key: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 
 
 def predicted_bytes(world: int, b: int = 4) -> dict:
@@ -89,8 +78,8 @@ def worker(out_dir: Path) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("gloo")
-    rss_start = _status("VmRSS")
-    _reset_peak()
+    rss_start = proc_status("VmRSS")
+    reset_peak_rss()
     adapter_cfg = AdapterConfig(kind="spp", spp_row_groups=ROW_GROUPS)
     torch.manual_seed(0)
     if world > 1:
@@ -101,7 +90,7 @@ def worker(out_dir: Path) -> None:
         with torch.no_grad():  # from_pretrained may map the file lazily; count the model as the first step will
             sum(float(p.sum()) for p in model.parameters())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    load_peak = _status("VmHWM")
+    load_peak = proc_status("VmHWM")
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, CONFIG["vocab_size"], (GLOBAL_BATCH, SEQ), generator=generator)
     mine = ids[rank * GLOBAL_BATCH // world : (rank + 1) * GLOBAL_BATCH // world]
@@ -109,7 +98,7 @@ def worker(out_dir: Path) -> None:
     times = []
     for step in range(STEPS):
         if step == 1:
-            _reset_peak()
+            reset_peak_rss()
         start = time.perf_counter()
         chunks = mine.split(2)
         for k, chunk in enumerate(chunks):
@@ -121,7 +110,7 @@ def worker(out_dir: Path) -> None:
         times.append(time.perf_counter() - start)
     record = {"world": world, "rank": rank, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "rss_start": rss_start, "load_peak": load_peak,
-              "step_peak": _status("VmHWM"), "step_s": statistics.median(times[1:]), "micro_batches": micro}
+              "step_peak": proc_status("VmHWM"), "step_s": statistics.median(times[1:]), "micro_batches": micro}
     (out_dir / f"world{world}-rank{rank}.json").write_text(json.dumps(record))
     if world > 1:
         dist.destroy_process_group()
@@ -137,7 +126,7 @@ def main() -> None:
         return
     import tempfile
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
     with tempfile.TemporaryDirectory() as tmp:
         import torch

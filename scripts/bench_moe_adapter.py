@@ -7,13 +7,10 @@ in a model, where earlier layers train). Variants, timed side by side in one pro
 every round, median over rounds after warm-up:
 
   frozen    the experts module itself (x gets a gradient, the weights none)
-  loop      `AdaptedExperts` kind `spp` as shipped: `ExpertsWeightFunction` builds W_eff and dα, dβ
-            expert by expert, calling the 2-D entry points (`spp.adapter.layer`) in a Python loop
-  batched   a candidate written here, not shipped (`BatchedSppWeight`): the same elementwise ops and
-            row-group `bmm` reductions with a leading expert axis, on chunks of `CHUNK_ENTRIES` = 2^22
-            weight entries, G not copied. W_eff is bitwise the loop's; dα, dβ too, except dβ of a run of
-            a single row group (torch's CPU `bmm` of batch 1 sums in another order). Checked each run.
-  batched 2^k   the candidate with chunks of 2^k entries (`--chunk-powers`)
+  adapted   the module adapted by spp (kind `spp`, both fused weights), as `spp train` adapts a MoE model
+
+(A batched candidate for the adapted weight, measured against the expert-by-expert loop and not landed, is
+described in docs/benchmarks.md; it is in git history.)
 
 Shapes (scaled down for a CPU so the experts, not the routing, dominate):
   mixtral   E=8,   H=1024, I=3584, top-2   (Mixtral-8x7B's I/H ratio of 3.5, H / 4)
@@ -24,11 +21,10 @@ Shapes (scaled down for a CPU so the experts, not the routing, dominate):
 "saved MiB" is what autograd keeps for backward beyond the parameters (a saved-tensors hook sums the
 distinct storages that are not a parameter's): the adapter's excess over `frozen` is W_eff, which the
 experts kernel keeps, E·out·in elements of the base dtype per adapted weight (3·E·H·I for gate_up and
-down), the same for every spp variant. Transient on top of that: one expert's float32 temporaries at a
-time in the loop, one chunk's (at most 2^22 entries, 16 MiB each) in the candidate. Never run by tests.
+down). Never run by tests.
 
     python scripts/bench_moe_adapter.py                     # both shapes, 2 threads
-    python scripts/bench_moe_adapter.py --shapes qwen3 --threads 1 --rounds 9 --chunk-powers 18,24
+    python scripts/bench_moe_adapter.py --shapes qwen3 --threads 1 --rounds 9
 """
 
 from __future__ import annotations
@@ -120,144 +116,24 @@ def saved_bytes(module, inputs) -> int:
     return sum(storages.values())
 
 
-CHUNK_ENTRIES = 2**22  # weight entries per chunk of the candidate (at least one expert)
-
-
-def batched_effective_weight(W, alpha, beta, scale):
-    """`spp.adapter.layer.effective_weight` with a leading expert axis: W (E, out, in), α (E, r, in), β (E, out)."""
-    from spp.adapter.common import compute_dtype
-    from spp.adapter.layer import row_blocks
-
-    E, out_features, in_features = W.shape
-    dtype = compute_dtype(W, alpha)
-    alpha32, beta32 = alpha.to(dtype), beta.to(dtype) * scale
-    W_eff = torch.empty_like(W, dtype=dtype)
-    for row0, group0, n_groups, rows in row_blocks(out_features, alpha.shape[-2]):
-        rows_end = row0 + n_groups * rows
-        w = W[:, row0:rows_end].view(E, n_groups, rows, in_features)  # (E, g, p, in)
-        e = W_eff[:, row0:rows_end].view(E, n_groups, rows, in_features)  # (E, g, p, in)
-        torch.mul(w, beta32[:, row0:rows_end].view(E, n_groups, rows, 1), out=e)  # s·β ⊙ W
-        torch.addcmul(w, e, alpha32[:, group0:group0 + n_groups, None, :], out=e)  # W + (s·β ⊙ W) ⊙ Â
-    return W_eff.to(W.dtype)
-
-
-def batched_gradients(G, W, alpha, beta, scale):
-    """`spp.adapter.layer.gradients` with a leading expert axis: (dα (E, r, in), dβ (E, out)) from G (E, out, in)."""
-    from spp.adapter.common import compute_dtype
-    from spp.adapter.layer import row_blocks
-
-    G = G.to(compute_dtype(G, alpha)) * W  # G ⊙ W, (E, out, in)
-    E, out_features, in_features = G.shape
-    d_alpha, d_beta = torch.zeros_like(alpha, dtype=G.dtype), torch.zeros_like(beta, dtype=G.dtype)
-    a, b = alpha.to(G.dtype), beta.to(G.dtype)
-    for row0, group0, n_groups, rows in row_blocks(out_features, alpha.shape[-2]):
-        rows_end, groups_end = row0 + n_groups * rows, group0 + n_groups
-        g = G[:, row0:rows_end].reshape(-1, rows, in_features)  # (E·g, p, in)
-        b_run = b[:, row0:rows_end].reshape(-1, 1, rows)  # (E·g, 1, p)
-        a_run = a[:, group0:groups_end].reshape(-1, in_features, 1)  # (E·g, in, 1)
-        d_alpha[:, group0:groups_end] = torch.bmm(b_run, g).view(E, n_groups, in_features)
-        d_beta[:, row0:rows_end] = torch.bmm(g, a_run).view(E, n_groups * rows)
-    return (d_alpha * scale).to(alpha.dtype), (d_beta * scale).to(beta.dtype)
-
-
-class BatchedSppWeight(torch.autograd.Function):
-    """The candidate: W_eff (E, out, in) of kind spp by chunks of experts; backward dα, dβ by chunks."""
-
-    @staticmethod
-    def forward(ctx, W, alpha, beta, scale):
-        ctx.scale = scale
-        ctx.save_for_backward(W, alpha, beta)
-        W_eff = torch.empty_like(W)
-        for i in expert_chunks(W.shape):
-            W_eff[i] = batched_effective_weight(W[i], alpha[i], beta[i], scale)
-        return W_eff
-
-    @staticmethod
-    def backward(ctx, G):
-        W, alpha, beta = ctx.saved_tensors
-        d_alpha, d_beta = torch.empty_like(alpha), torch.empty_like(beta)
-        for i in expert_chunks(W.shape):
-            d_alpha[i], d_beta[i] = batched_gradients(G[i], W[i], alpha[i], beta[i], ctx.scale)  # G only read
-        return None, d_alpha, d_beta, None
-
-
-def expert_chunks(shape) -> list[slice]:
-    """Slices of as many experts of W (E, out, in) as fit `CHUNK_ENTRIES` weight entries (at least one)."""
-    n_experts, out_features, in_features = shape
-    step = max(1, CHUNK_ENTRIES // (out_features * in_features))
-    return [slice(e, min(e + step, n_experts)) for e in range(0, n_experts, step)]
-
-
-class BatchedSppExperts(torch.nn.Module):
-    """The adapted experts of `adapted()` (same base, same α, β) run through the candidate."""
-
-    def __init__(self, experts):
-        super().__init__()
-        self.experts = experts
-
-    def forward(self, *args):
-        experts = self.experts
-        weights = {p: BatchedSppWeight.apply(getattr(experts.base_layer, p), experts.adapted[p]["spp_alpha"],
-                                             experts.adapted[p]["spp_beta"], experts.scale) for p in experts.params}
-        return torch.func.functional_call(experts.base_layer, weights, args)
-
-
-def check_candidate(loop, candidate, inputs) -> str:
-    """Loop vs candidate on W_eff (bitwise) and dα, dβ (bitwise or max relative difference), as a note."""
-    x, top_k, top_w, probe = inputs
-    notes = []
-    for p in loop.params:
-        W, (alpha, beta) = getattr(loop.base_layer, p), loop.adapted[p].values()
-        with torch.no_grad():
-            W_loop, W_cand = loop.effective_weight(p), BatchedSppWeight.apply(W, alpha, beta, loop.scale)
-        bits = {2: torch.int16, 4: torch.int32}[W_loop.element_size()]  # compare bits: -0.0 != +0.0
-        if not torch.equal(W_loop.view(bits), W_cand.view(bits)):
-            raise AssertionError(f"{p}: the candidate's W_eff differs from the loop's")
-    grads = []
-    for module in (loop, candidate):
-        step(module, inputs)
-        grads.append([t.grad.clone() for t in loop.parameters() if t.requires_grad])
-    for got, expected in zip(*grads):
-        if not torch.equal(got, expected):
-            notes.append(f"{float((got - expected).abs().max() / expected.abs().max()):.1e}")
-    return "W_eff bitwise; gradients " + (f"max rel. diff {', '.join(notes)}" if notes else "bitwise")
-
-
-def run_variant(name: str, modules: dict, inputs) -> tuple[float, float]:
-    """One step of a variant (`batched 2^k` with `CHUNK_ENTRIES` = 2^k for the step)."""
-    global CHUNK_ENTRIES
-
-    shipped = CHUNK_ENTRIES
-    if name.startswith("batched 2^"):
-        CHUNK_ENTRIES = 2 ** int(name.removeprefix("batched 2^"))
-    try:
-        return step(modules[name.split()[0]], inputs)
-    finally:
-        CHUNK_ENTRIES = shipped
-
-
-def bench_shape(shape: str, args) -> tuple[list[dict], str]:
-    """Every variant of one shape, rounds rotated: median and best wall time, median CPU time, saved bytes;
-    and the candidate's agreement with the loop."""
+def bench_shape(shape: str, args) -> list[dict]:
+    """Both variants of one shape, rounds rotated: median and best wall time, median CPU time, saved bytes."""
     dtype = getattr(torch, args.dtype)
     base, config = experts_module(shape, args.kernel, dtype)
     inputs = routed_inputs(config, args.tokens, dtype)
-    loop = adapted(base, args.row_groups)
-    modules = {"frozen": base, "loop": loop, "batched": BatchedSppExperts(loop)}
-    check = check_candidate(loop, modules["batched"], inputs)
-    names = ["frozen", "loop", "batched"] + [f"batched 2^{k}" for k in args.chunk_powers.split(",") if k]
+    modules = {"frozen": base, "adapted": adapted(base, args.row_groups)}
+    names = list(modules)
     for _ in range(args.warmup):
         for name in names:
-            run_variant(name, modules, inputs)
+            step(modules[name], inputs)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for round_index in range(args.rounds):
-        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
-            times[name].append(run_variant(name, modules, inputs))
-    saved = {name: saved_bytes(module, inputs) for name, module in modules.items()}
+        for name in names[round_index % 2:] + names[:round_index % 2]:
+            times[name].append(step(modules[name], inputs))
     return [dict(variant=name, ms=1e3 * statistics.median(t for t, _ in times[name]),
                  best_ms=1e3 * min(t for t, _ in times[name]),
-                 cpu_ms=1e3 * statistics.median(c for _, c in times[name]), saved=saved[name.split()[0]])
-            for name in names], check
+                 cpu_ms=1e3 * statistics.median(c for _, c in times[name]), saved=saved_bytes(modules[name], inputs))
+            for name in names]
 
 
 def main(argv=None) -> None:
@@ -270,32 +146,22 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kernel", default="grouped_mm", help="experts kernel: grouped_mm, batched_mm, eager")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--chunk-powers", default="", help="also time the candidate with chunks of 2^k entries, "
-                                                            "e.g. 18,24")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, kernel {args.kernel}, "
-          f"{args.tokens} tokens, r={args.row_groups}, {args.rounds} rounds after {args.warmup} warm-up; "
-          f"batched = chunks of 2^{CHUNK_ENTRIES.bit_length() - 1} entries\n")
-    print("| shape (E, H, I, top-k) | variant | ms/step | best ms | × frozen | loop / variant | overhead ms | "
-          "CPU ms/step | loop / variant (CPU) | saved MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    checks = []
+          f"{args.tokens} tokens, r={args.row_groups}, {args.rounds} rounds after {args.warmup} warm-up\n")
+    print("| shape (E, H, I, top-k) | variant | ms/step | best ms | × frozen | overhead ms | CPU ms/step | saved MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for shape in args.shapes.split(","):
-        results, check = bench_shape(shape, args)
-        checks.append(f"{shape}: {check}")
-        rows = {row["variant"]: row for row in results}
+        rows = {row["variant"]: row for row in bench_shape(shape, args)}
         cfg = SHAPES[shape]
         dims = (f"{shape} ({cfg.get('num_local_experts') or cfg['num_experts']}, {cfg['hidden_size']}, "
                 f"{cfg.get('moe_intermediate_size') or cfg['intermediate_size']}, {cfg['num_experts_per_tok']})")
-        frozen, loop = rows["frozen"], rows["loop"]
+        frozen = rows["frozen"]
         for name, row in rows.items():
             overhead = "" if name == "frozen" else f"{row['ms'] - frozen['ms']:.0f}"
             print(f"| {dims} | {name} | {row['ms']:.0f} | {row['best_ms']:.0f} | {row['ms'] / frozen['ms']:.2f} | "
-                  f"{loop['ms'] / row['ms']:.2f} | {overhead} | {row['cpu_ms']:.0f} | "
-                  f"{loop['cpu_ms'] / row['cpu_ms']:.2f} | {row['saved'] / 2**20:.0f} |")
-
-    print("\ncandidate vs loop: " + "; ".join(checks))
+                  f"{overhead} | {row['cpu_ms']:.0f} | {row['saved'] / 2**20:.0f} |")
 
 
 if __name__ == "__main__":

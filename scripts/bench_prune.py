@@ -24,26 +24,11 @@ import subprocess
 import sys
 import time
 
-MODEL = dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-             num_attention_heads=12, num_key_value_heads=12, vocab_size=16384, max_position_embeddings=2048,
-             tie_word_embeddings=True)
+from common import LLAMA_100M, format_owl_table, random_llama
+
 SETUPS = {"cpu": dict(nsamples=16, seqlen=256), "cuda": dict(nsamples=128, seqlen=2048)}
 METHOD_NAMES = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("unstructured", "2:4")
-
-
-# --------------------------------------------------------------------------- the model
-
-
-def random_llama(layers: int, seed: int = 0):
-    """A seeded random LLaMA (hidden 768, MLP 2048, 12 heads, vocab 16384, tied head), float32, on the CPU."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kwargs = dict(MODEL, num_hidden_layers=layers)
-    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 # --------------------------------------------------------------------------- baselines (reference style)
@@ -217,7 +202,7 @@ def measure(impl: str, method: str, pattern: str, device: str, nsamples: int, se
 
     model = random_llama(layers)
     params = sum(p.numel() for p in model.parameters())
-    windows = torch.randint(0, MODEL["vocab_size"], (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, LLAMA_100M["vocab_size"], (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     dev = torch.device(device)
     cfg = PruneConfig(model="-", output="-", method=method, pattern=pattern, calib="-", nsamples=nsamples,
                       seqlen=seqlen, sparsity=sparsity, owl=impl == "spp+owl")
@@ -296,23 +281,6 @@ def format_table(records: list[dict]) -> str:
         bt, st = min(r["seconds"] for r in b), min(r["seconds"] for r in s)
         bm, sm = max(r[mem] for r in b), max(r[mem] for r in s)
         lines.append(f"| {method} | {pattern} | {bt:.2f} | {st:.2f} | {bt / st:.2f}x | {bm:.0f} | {sm:.0f} | {bm / sm:.2f}x |")
-    return "\n".join(lines)
-
-
-def format_owl_table(records: list[dict]) -> str:
-    """A Markdown table per method and pattern: the fastest spp run without and with OWL, ratio OWL / plain."""
-    lines = ["| method | pattern | achieved sparsity (OWL) | plain s | OWL s | time ratio (OWL / plain) | plain peak RSS MiB | OWL peak RSS MiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    runs: dict[tuple, list[dict]] = {}
-    for r in records:
-        runs.setdefault((r["method"], r["pattern"], r["impl"]), []).append(r)
-    for method, pattern, impl in runs:
-        if impl != "spp+owl" or (method, pattern, "spp") not in runs:
-            continue
-        p, o = runs[(method, pattern, "spp")], runs[(method, pattern, "spp+owl")]
-        pt, ot = min(r["seconds"] for r in p), min(r["seconds"] for r in o)
-        lines.append(f"| {method} | {pattern} | {o[0]['sparsity']:.4f} | {pt:.2f} | {ot:.2f} | {ot / pt:.2f}x | "
-                     f"{max(r['peak_rss_mb'] for r in p):.0f} | {max(r['peak_rss_mb'] for r in o):.0f} |")
     return "\n".join(lines)
 
 

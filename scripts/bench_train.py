@@ -41,11 +41,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common import DATA, proc_status, reset_peak_rss
+
 VARIANTS = ("spp", "spp_train", "lora", "hira", "masked_lora", "full", "naive_spp")
 ADAPTER_KINDS = ("spp", "masked_lora", "full")  # built by spp.adapter.model.add_adapter
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FULL = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, vocab_size=512)
-REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=32000)
 
 
@@ -72,8 +73,6 @@ def _naive_module():
     import torch.nn.functional as F
     from torch import nn
 
-    from spp.adapter.layer import expand_rows
-
     class Naive(nn.Module):
         def __init__(self, base, r=16, scale=2.0):
             super().__init__()
@@ -86,25 +85,16 @@ def _naive_module():
 
         def forward(self, x):
             W = self.base_layer.weight
-            delta = W * (expand_rows(self.spp_alpha, W.shape[0]) * self.spp_beta[:, None])
+            A_hat = self.spp_alpha.repeat_interleave(W.shape[0] // self.spp_alpha.shape[0], 0)  # r divides out here
+            delta = W * (A_hat * self.spp_beta[:, None])
             return self.base_layer(x) + self.scale * F.linear(x, delta)
 
     return Naive
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-
-
-def _current_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+def projections(model) -> dict:
+    """The seven projections of every decoder block (what `*proj` selects in spp), by full module name."""
+    return {name: m for name, m in model.named_modules() if name.startswith("model.layers.") and name.endswith("proj")}
 
 
 def random_llama(dims: dict, seed: int = 0):
@@ -116,14 +106,12 @@ def random_llama(dims: dict, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from spp.adapter.model import target_layers
-
     torch.manual_seed(seed)
     config = LlamaConfig(**dims, num_key_value_heads=dims["num_attention_heads"], max_position_embeddings=2048)
     model = LlamaForCausalLM(config)
     masks = {}
     with torch.no_grad():
-        for name, layer in target_layers(model, ["*proj"]).items():
+        for name, layer in projections(model).items():
             W = layer.weight  # (out, in); keep the 2 largest |w| of every 4 inputs
             groups = W.abs().view(W.shape[0], -1, 4)
             keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
@@ -141,17 +129,12 @@ def build_model(variant: str, dims: dict, device: str, seed: int = 0):
         from spp.adapter.config import AdapterConfig
         from spp.adapter import model as adapter_model
 
-        cfg = dict(spp_row_groups=16, lora_alpha=16, lora_r=8, target_modules=["*proj"])
-        if variant == "spp" and not hasattr(adapter_model, "add_adapter"):  # before there were adapter kinds
-            adapter_model.add_spp(model, AdapterConfig(**cfg), masks)
-        else:
-            adapter_model.add_adapter(model, AdapterConfig(kind=variant, rank=8, **cfg), masks)
+        adapter_model.add_adapter(model, AdapterConfig(kind=variant, rank=8, spp_row_groups=16, lora_alpha=16, lora_r=8,
+                                                       target_modules=["*proj"]), masks)
     elif variant == "naive_spp":
-        from spp.adapter.model import target_layers
-
         model.requires_grad_(False)
         naive = _naive_module()
-        for name, layer in target_layers(model, ["*proj"]).items():
+        for name, layer in projections(model).items():
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, naive(layer))
     elif variant in ("lora", "hira"):
@@ -166,14 +149,10 @@ def build_model(variant: str, dims: dict, device: str, seed: int = 0):
 
 
 def available_variants() -> list[str]:
-    """The variants this checkout and PEFT can build (masked_lora / full need adapter kinds, hira a new PEFT)."""
+    """The variants this PEFT can build (HiRA needs a recent one)."""
     import peft
 
-    from spp.adapter.config import AdapterConfig
-
-    has_kinds = "kind" in getattr(AdapterConfig, "__dataclass_fields__", {})
-    return [v for v in VARIANTS if (v not in ("masked_lora", "full") or has_kinds)
-            and (v != "hira" or hasattr(peft, "HiraConfig"))]
+    return [v for v in VARIANTS if v != "hira" or hasattr(peft, "HiraConfig")]
 
 
 def _memory_start(device: str) -> int:
@@ -184,15 +163,15 @@ def _memory_start(device: str) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    base = _current_rss()
-    _reset_peak_rss()
+    base = proc_status("VmRSS")
+    reset_peak_rss()
     return base
 
 
 def _memory_peak(device: str) -> int:
     import torch
 
-    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else _peak_rss()
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else proc_status("VmHWM")
 
 
 def bench_train(variant: str, dims: dict = FULL, batch: int = 4, seqlen: int = 256, warmup: int = 2, steps: int = 5,
@@ -240,7 +219,7 @@ def bench_train(variant: str, dims: dict = FULL, batch: int = 4, seqlen: int = 2
 
 def _text_file(path, min_chars: int) -> None:
     """Training text: the start of TinyStories' validation file if it is there, else seeded random words."""
-    source = REPO.parent / "shared" / "data" / "tinystories" / "tinystories_val.txt"
+    source = DATA / "tinystories" / "tinystories_val.txt"
     if source.is_file():
         with open(source, encoding="utf-8") as f:
             text = f.read(min_chars)
@@ -287,7 +266,7 @@ def bench_spp_train(dims: dict, batch: int, seqlen: int, warmup: int, steps: int
         torch.manual_seed(seed)  # random_llama's weights before its pruning; run_prune prunes these
         config = LlamaConfig(**dims, num_key_value_heads=dims["num_attention_heads"], max_position_embeddings=2048)
         LlamaForCausalLM(config).save_pretrained(str(root / "dense"))
-        load_tokenizer(str(REPO.parent / "shared" / "data" / "stories260K-hf")).save_pretrained(str(root / "dense"))
+        load_tokenizer(str(DATA / "stories260K-hf")).save_pretrained(str(root / "dense"))
         run_prune(PruneConfig(model=str(root / "dense"), output=str(root / "pruned"), method="magnitude",
                               pattern="2:4", device=device))
         total = warmup + steps + 1  # stamp 1 ends step 1; iterations 2 .. total are timed after `warmup` of them

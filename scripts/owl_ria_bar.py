@@ -24,9 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from common import DATA, format_owl_table, split_halves
 
 # (label, method, pattern, sparsity, owl): the bar's cells first, then context rows
 CELLS = [
@@ -46,8 +44,6 @@ CELLS = [
 
 
 def run(model: str, text: str, seeds: list[int], eval_windows: int = 200, eval_seqlen: int = 256) -> dict:
-    from study import split_halves
-
     from spp.config import PruneConfig
     from spp.eval.perplexity import perplexity, tokenize_text
     from spp.models import load_model, load_tokenizer
@@ -95,8 +91,6 @@ def recover(model: str, text: str, adapters: list[str], seeds: list[int], eval_w
     `tinystories.yaml` on the first half (`spp train`'s defaults for that file: the adapter's learning rate
     from the study, one epoch), merge, and measure perplexity on the second half, all through the stage
     functions the CLI calls."""
-    from study import split_halves
-
     from spp.config import MergeConfig, PruneConfig, TrainConfig, find_config, merge_into, read_yaml
     from spp.eval.perplexity import perplexity, tokenize_text
     from spp.merge import run_merge
@@ -220,8 +214,6 @@ def owl_note(result: dict, label: str = "wanda + OWL 70%", s: float = 0.7, lmbda
 
 def bench_table(records: list[dict]) -> str:
     """bench_prune --owl records: each run, and the best of each side with the ratio."""
-    from bench_prune import format_owl_table
-
     runs = ", ".join(f"{r['impl']} {r['method']} {r['seconds']:.1f} s" for r in records)
     return format_owl_table(records) + f"\n\nEvery run, in the order they ran (alternating): {runs}."
 
@@ -265,8 +257,8 @@ def render_markdown(result: dict, bench: list[dict] | None, machine: str) -> str
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT.parent / "shared/data/stories260K-hf"))
-    parser.add_argument("--text", default=str(ROOT.parent / "shared/data/tinystories/tinystories_val.txt"))
+    parser.add_argument("--model", default=str(DATA / "stories260K-hf"))
+    parser.add_argument("--text", default=str(DATA / "tinystories" / "tinystories_val.txt"))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--from-json", help="render an earlier run's records instead of running")

@@ -25,39 +25,19 @@ bitwise (+0.0) in every merged model against the pruned model's mask file, and k
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, cli_train_config, run, save_merged, saved_zeros, spp_cli, train_peft
 
 KINDS = ("spp", "masked_lora", "full")
 LORA_RATES = (4e-3, 1e-2, 2e-2, 4e-2)
 BARS = {"spp": 0.75, "masked_lora": 0.78}  # adapter: KIND at the config's default rate must recover at least this
-
-
-def run(cmd: list[str], log: list[str]) -> str:
-    """Run one CLI command (printed and logged); returns its stdout. Raises CalledProcessError with its stderr."""
-    shown = " ".join(cmd)
-    print("$", shown, flush=True)
-    log.append(shown)
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        sys.stderr.write(done.stdout + done.stderr)
-        raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
-    return done.stdout
-
-
-def spp_cli() -> str:
-    """The `spp` executable beside this interpreter (the checkout's virtual environment), else on PATH."""
-    beside = Path(sys.executable).with_name("spp")
-    return str(beside) if beside.is_file() else "spp"
 
 
 def perplexity(spp: str, model: Path, heldout: Path, windows: int, out: Path, log: list[str]) -> float:
@@ -68,84 +48,20 @@ def perplexity(spp: str, model: Path, heldout: Path, windows: int, out: Path, lo
     return float(entry["ppl"])
 
 
-def zeros_check(model_dir: Path, pruned_dir: Path) -> dict:
-    """Against the pruned model's mask file: entries marked pruned that are not bitwise +0.0, kept zeros, sparsity."""
-    from spp.io.reader import read_checkpoint
-    from spp.models import load_model
-    from spp.sparsity import pruned_is_positive_zero
-
-    model = load_model(str(model_dir), "float32", "cpu")
-    masks = read_checkpoint(pruned_dir).masks_by_parameter()
-    params = dict(model.named_parameters())
-    bad = kept_zero = pruned = total = 0
-    for name, keep in masks.items():
-        W = params[name].detach()
-        bad += int((~pruned_is_positive_zero(W, keep)).sum())
-        kept_zero += int(((W == 0) & keep).sum())
-        pruned += int((~keep).sum())
-        total += keep.numel()
-    zeros = sum(int((params[n].detach() == 0).sum()) for n in masks)
-    return {"pruned_not_plus_zero": bad, "kept_zero": kept_zero, "pruned": pruned, "sparsity": zeros / total}
-
-
 def train_config(config: str, pruned: Path, train_txt: Path, steps: int, kind: str):
     """The `TrainConfig` the bar's `spp train` command builds (config file, flags, --set), as the CLI does."""
-    from spp.config import TrainConfig, find_config, merge_into, parse_set, read_yaml
-
-    path = find_config(config)
-    sets = ["batch_size=8", "micro_batch_size=8", "cutoff_len=256", "val_set_size=0", f"adapter={kind}"]
-    return merge_into(TrainConfig, [(str(path), read_yaml(path)),
-                                    ("flags", {"base_model": str(pruned), "data_path": str(train_txt),
-                                               "output_dir": "unused", "max_steps": steps}),
-                                    ("--set", parse_set(sets))])
+    return cli_train_config(config, {"base_model": str(pruned), "data_path": str(train_txt), "output_dir": "unused",
+                                     "max_steps": steps},
+                            ["batch_size=8", "micro_batch_size=8", "cutoff_len=256", "val_set_size=0", f"adapter={kind}"])
 
 
-def train_peft_lora(pruned: Path, cfg, lr: float, steps: int, output: Path) -> dict:
-    """PEFT LoRA on the windows `spp train` builds from `cfg` (`spp.train.build_examples`), in its order, with
-    its schedule and optimizer settings, at rate `lr`; merged and saved."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from spp.data import pad_batch
-    from spp.models import load_model, load_tokenizer
-    from spp.train import build_examples
-    from spp.train.loop import global_batch, lr_factor
-    from spp.train.losses import summed_nll, target_count
-
-    tokenizer = load_tokenizer(str(pruned))
-    train, _ = build_examples(cfg, tokenizer)
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-    torch.manual_seed(cfg.seed)
-    model = load_model(str(pruned), "float32", "cpu")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    warmup = math.ceil(cfg.warmup_ratio * steps)
-    model.train()
-    start, losses = time.perf_counter(), []
-    for step in range(steps):
-        ids = global_batch(len(train), cfg.batch_size, cfg.seed, step)
-        batch = pad_batch([train[i] for i in ids], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        loss = summed_nll(logits, batch["labels"]) / max(target_count(batch["labels"]), 1)
-        loss.backward()
-        for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, steps, warmup, cfg.lr_scheduler)
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    merged = model.merge_and_unload()
-    merged.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    return {"final_loss": losses[-1], "train_s": time.perf_counter() - start,
-            "trainable": sum(p.numel() for p in params)}
-
-
-def recovered(pruned: float, after: float, dense: float) -> float:
-    return (math.log(pruned) - math.log(after)) / (math.log(pruned) - math.log(dense))
+def train_peft_lora(pruned: Path, cfg, lr: float, output: Path) -> dict:
+    """PEFT LoRA (`common.train_peft`) with `cfg`'s data, order, schedule and optimizer at rate `lr`; merged, saved."""
+    start = time.perf_counter()
+    model, log = train_peft("lora", dataclasses.replace(cfg, learning_rate=lr))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    save_merged(model, pruned, output)
+    return {"final_loss": log["losses"][-1], "train_s": time.perf_counter() - start, "trainable": trainable}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -164,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from spp.io.manifest import library_versions
+    from spp.report import gap_recovered
 
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     spp, work, log = spp_cli(), Path(args.work), []
@@ -218,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         p = perplexity(spp, merged, heldout_txt, args.windows, work / f"eval-{kind}", log)
         rows.append(remember(f"spp:{kind}:{lr:g}:{args.steps}:{key}", {
             "recovery": f"spp train adapter={kind}", "kind": kind, "lr": lr, "ppl": p,
-            "recovered": recovered(ppl["pruned"], p, ppl["dense"]), "verify_exit": verify.returncode,
-            **zeros_check(merged, pruned)}))
+            "recovered": gap_recovered(ppl["dense"], ppl["pruned"], p), "verify_exit": verify.returncode,
+            **saved_zeros(merged, pruned)}))
     for lr in (float(r) for r in args.lora_rates.split(",") if r):
         cached_row = cache.get(f"lora:{lr:g}:{args.steps}:{key}")
         if cached_row:
@@ -227,14 +144,13 @@ def main(argv: list[str] | None = None) -> dict:
             log.append(f"PEFT LoRA at {lr:g}   (done in an earlier call)")
             continue
         out_dir = work / f"lora-{lr:g}"
-        info = train_peft_lora(pruned, train_config(args.config, pruned, train_txt, args.steps, "spp"), lr,
-                               args.steps, out_dir)
+        info = train_peft_lora(pruned, train_config(args.config, pruned, train_txt, args.steps, "spp"), lr, out_dir)
         log.append(f"PEFT LoRA r=8 alpha=16 at {lr:g}: {args.steps} steps in this process -> {out_dir} (merged)")
         p = perplexity(spp, out_dir, heldout_txt, args.windows, work / f"eval-lora-{lr:g}", log)
         rows.append(remember(f"lora:{lr:g}:{args.steps}:{key}", {
             "recovery": "PEFT LoRA (merged)", "kind": "lora", "lr": lr, "ppl": p,
-            "recovered": recovered(ppl["pruned"], p, ppl["dense"]), "verify_exit": None, **info,
-            **zeros_check(out_dir, pruned)}))
+            "recovered": gap_recovered(ppl["dense"], ppl["pruned"], p), "verify_exit": None, **info,
+            **saved_zeros(out_dir, pruned)}))
     calls = remember("calls", cache.get("calls", []) + [{"started": started, "minutes": (time.perf_counter() - t0) / 60,
                                                           "commands": log}])
     result = {"started": calls[0]["started"], "minutes": sum(c["minutes"] for c in calls), "calls": len(calls),

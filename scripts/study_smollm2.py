@@ -7,7 +7,7 @@
 Every cell is `spp prune` / `spp train` / `spp merge` / `spp verify` / `spp eval` on the command line, from
 `--model FILE.gguf` (dequantized once by spp, `spp.io.gguf`), except the dense reference PEFT LoRA, which is
 trained in this process on the exact examples, order, schedule and optimizer settings `spp train` uses
-(`scripts/recovery_bar.train_peft_lora`). Cells run in `CELLS` order, most important first; each finished cell
+(`scripts/common.train_peft`). Cells run in `CELLS` order, most important first; each finished cell
 is kept in `WORK/cells/NAME.json`, so a second call redoes nothing and the report can be written from a partial
 study (`--report-only`). Evaluation of every model: WikiText-2 perplexity on the protocol text (seqlen 512, the
 first `--windows` windows) and lm-eval zero-shot on the local copies of eight tasks (the first `--limit` items of
@@ -18,21 +18,15 @@ entries bitwise +0.0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-
-from recovery_bar import run, spp_cli, train_peft_lora, zeros_check  # noqa: E402
-
-DATA = REPO.parent / "shared" / "data"
+from common import DATA, REPO, cli_train_config, run, save_merged, saved_zeros, spp_cli, train_peft
 TASKS = ("piqa", "arc_easy", "arc_challenge", "boolq", "winogrande", "hellaswag", "openbookqa", "rte")
 CHANCE = {"piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "boolq": 0.5, "winogrande": 0.5, "hellaswag": 0.25,
           "openbookqa": 0.25, "rte": 0.5}
@@ -105,15 +99,13 @@ def run_cell(name: str, pruned_name: str | None, kind: str | None, data: str | N
                 "minutes": (time.perf_counter() - t0) / 60}
     merged = work / f"merged-{slug}"
     sets = train_settings(kind, data, args.steps)
-    extra = {}
     if kind == "lora":
-        from spp.config import TrainConfig, find_config, merge_into, parse_set
-
-        config = find_config(CONFIG)
-        cfg = merge_into(TrainConfig, [(str(config), read_yaml(config)), ("flags", {"base_model": str(pruned), "data_path": str(texts[data]),
-                                                  "output_dir": "unused", "max_steps": args.steps}),
-                                       ("--set", parse_set(sets))])
-        extra = train_peft_lora(pruned, cfg, LORA_RATE, args.steps, merged)
+        cfg = cli_train_config(CONFIG, {"base_model": str(pruned), "data_path": str(texts[data]),
+                                        "output_dir": "unused", "max_steps": args.steps}, sets)
+        model, peft_log = train_peft("lora", dataclasses.replace(cfg, learning_rate=LORA_RATE))
+        extra = {"final_loss": peft_log["losses"][-1], "trainable": sum(p.numel() for p in model.parameters()
+                                                                          if p.requires_grad)}
+        save_merged(model, pruned, merged)
         log.append(f"PEFT LoRA r=8 alpha=16 at {LORA_RATE:g}, {args.steps} steps, {' '.join(sets)} -> {merged}")
     else:
         train_dir = work / f"train-{slug}"
@@ -127,7 +119,7 @@ def run_cell(name: str, pruned_name: str | None, kind: str | None, data: str | N
         log.append(f"{spp} verify {merged}   -> exit {verify.returncode}")
         extra = {"verify_exit": verify.returncode}
     result = evaluate(spp, merged, args, work / f"eval-{slug}", log)
-    return {**result, **extra, **zeros_check(merged, pruned), "kind": kind, "data": data, "kd_weight": kd,
+    return {**result, **extra, **saved_zeros(merged, pruned), "kind": kind, "data": data, "kd_weight": kd,
             "lr": LORA_RATE if kind == "lora" else read_yaml(work / f"train-{slug}" / "spp_config.yaml")["learning_rate"],
             "steps": args.steps, "minutes": (time.perf_counter() - t0) / 60}
 

@@ -181,9 +181,6 @@ def is_script(name: str) -> bool:
     return '__name__ == "__main__"' in (ROOT / "scripts" / f"{name}.py").read_text(encoding="utf-8")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24, 'scripts/ call the library or the CLI' (not done yet): bench.py "
-                   "composes bench_prune/bench_train/bench_eval, owl_ria_bar.py imports study.py and bench_prune.py, "
-                   "study_smollm2.py imports recovery_bar.py; once none does, this passes and the marker goes")
 def test_no_script_imports_another_script():
     bad = sorted(f"scripts/{name}.py imports scripts/{other}.py"
                  for name, others in script_imports().items() for other in others if is_script(other))

@@ -1,6 +1,6 @@
 """The study script in miniature (`scripts/study.py --grid tiny`): a few steps on a couple of cells of
-stories260K, so the study cannot rot. Checks the outputs against each other and against formulas,
-never against stored numbers."""
+stories260K through spp's own prune, train, merge and perplexity entries, so the study cannot rot. Checks the
+outputs against each other and against formulas, never against stored numbers."""
 
 import importlib.util
 import json
@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_script(name: str):
+    if str(REPO / "scripts") not in sys.path:  # as `python scripts/NAME.py` has it: its helper modules beside it
+        sys.path.insert(0, str(REPO / "scripts"))
     spec = importlib.util.spec_from_file_location(f"_{name}_under_test", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
@@ -29,7 +31,7 @@ def study():
 @pytest.fixture(scope="module")
 def tiny_run(study, shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    argv = ["--grid", "tiny", "--out", str(root / "out"), "--work", str(root / "work"), "--jobs", "1", "--threads", "1",
+    argv = ["--grid", "tiny", "--out", str(root / "out"), "--work", str(root / "work"),
             "--model", str(shared_data / "stories260K-hf"),
             "--text", str(shared_data / "tinystories" / "tinystories_val.txt"),
             "--wikitext", str(shared_data / "wikitext-2-raw" / "wikitext-test.txt")]
@@ -183,14 +185,14 @@ def test_split_halves_cuts_at_a_line_break_after_the_middle(study):
     assert first == "aaaa\nbbbbbb\n"
 
 
-def test_row_groups_above_the_smallest_layer_are_refused_before_any_work(study, shared_data):
-    model = str(shared_data / "stories260K-hf")  # k_proj / v_proj have 32 output rows
-    study.check_row_groups(model, [study.Cell("wanda", "50%", "spp")], 32)
-    with pytest.raises(study.SppError, match="32 output rows"):
-        study.check_row_groups(model, [study.Cell("wanda", "50%", "spp")], 64)
-    with pytest.raises(study.SppError, match="at most 32"):
-        study.check_row_groups(model, [study.Cell("wanda", "50%", "spp")], 33)
-    study.check_row_groups(model, [study.Cell("wanda", "50%", "lora")], 64)  # no SPP cell, nothing to check
+def test_row_groups_above_the_smallest_layer_are_refused_by_spp_train(study, tiny_run, capsys):
+    """SPP needs r ≤ the output rows of every adapted layer: `spp train` refuses, naming the layer, and the study
+    stops with that one-line error."""
+    argv, _, _, _ = tiny_run
+    with pytest.raises(SystemExit) as stopped:  # k_proj / v_proj of stories260K have 32 output rows
+        study.main(argv + ["--spp-row-groups", "64", "--only", "wanda-50pct-s0-spp"])
+    assert stopped.value.code == 1
+    assert "32 output rows, fewer than spp_row_groups=64" in capsys.readouterr().err
 
 
 def test_report_only_lists_the_cells_the_cache_lacks(study, tiny_run, tmp_path):
@@ -212,13 +214,15 @@ def test_report_only_lists_the_cells_the_cache_lacks(study, tiny_run, tmp_path):
 
 def test_the_report_tables_accept_a_partial_grid(study, tiny_run):
     """Only seed-1 cells and no dense model (an interrupted or filtered study): tables still build."""
-    import study_report  # on sys.path since the study script was loaded
+    import study_report  # beside the study script, on sys.path since it was loaded
 
     _, report, _, _ = tiny_run
     rows = [{**r, "seed": 1} for r in report["rows"] if r["method"] != "dense"]
     text = study_report.cost_table(rows)
     trained = {(r["adapter"], r["distill"]) for r in rows if r["adapter"] != "none"}
     assert text.count("\n") == 1 + len(trained)  # header rule + one line per recovery and objective
-    assert study_report.recovered_fraction(10.0, 10.0, 5.0) == 0
-    assert study_report.recovered_fraction(10.0, 5.0, 5.0) == 1
-    assert study_report.recovered_fraction(5.0, 4.0, 5.0) is None  # pruning lost nothing
+    from spp.report import gap_recovered  # the study's recovered fraction: (dense, pruned, after)
+
+    assert gap_recovered(5.0, 10.0, 10.0) == 0
+    assert gap_recovered(5.0, 10.0, 5.0) == 1
+    assert gap_recovered(5.0, 5.0, 4.0) is None  # pruning lost nothing
