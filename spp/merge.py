@@ -23,7 +23,7 @@ import torch
 
 from spp.adapter import ADAPTERS
 from spp.adapter.config import AdapterConfig
-from spp.adapter.model import read_adapter_config, read_adapter_weights, target_layers
+from spp.adapter.model import find_targets, read_adapter_config, read_adapter_weights
 from spp.config import MergeConfig, to_dict
 from spp.errors import SppError
 from spp.io.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LEGACY_MASK_FILE, MANIFEST_FILE, MASK_FILE,
@@ -87,51 +87,41 @@ def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfi
     Raises:
         SppError: the adapter does not fit the base (names the module, file and shapes).
     """
-    from spp.models import is_expert_weight, layer_name_of
-
     weights = read_adapter_weights(adapter_dir)
     weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
     model_dir = base.directory
     kind = ADAPTERS[adapter_cfg.kind]
-    masked = None
-    if not adapter_cfg.adapt_unpruned:  # as `add_adapter` chose in training: layers left dense were not adapted
-        masked = {layer_name_of(param) for param in base.masks_by_parameter(masks)}  # fused expert weights by their own name
-    layers = target_layers(base.model, adapter_cfg.target_modules, masked)
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    # the weights `add_adapter` chose in training (by default, layers left dense were not adapted)
+    chosen = find_targets(base.model, adapter_cfg, None if adapter_cfg.adapt_unpruned else base.masks_by_parameter(masks))
+    by_weight: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
-        module, _, short = key.rpartition(".")
-        by_module.setdefault(module, {})[short] = value
-    if set(by_module) != set(layers):
-        extra = sorted(set(by_module) - set(layers)) or sorted(set(layers) - set(by_module))
+        name, _, short = key.rpartition(".")
+        by_weight.setdefault(name, {})[short] = value
+    if set(by_weight) != set(chosen):
+        extra = sorted(set(by_weight) - set(chosen)) or sorted(set(chosen) - set(by_weight))
         raise SppError(f"adapter weights {weights_path} do not fit the model in {model_dir} "
                        f"(first mismatched module: {extra[0]})")
     targets = []
-    for module, layer in layers.items():
-        if is_expert_weight(layer):  # fused (E, out, in): the adapter's tensors are (E, ...)
-            n_experts, out_features, in_features = layer.weight.shape
-            what, tensor = f"{module} ((E, out, in) = {tuple(layer.weight.shape)})", module
-            expected = {short: (n_experts, *size)
-                        for short, size in kind.tensor_shapes(out_features, in_features, adapter_cfg).items()}
-        else:
-            tensor = base.saved_name(f"{module}.weight")  # the name transformers loads it from
-            shape = base.tensors[tensor].shape
-            out_features, in_features = shape[::-1] if is_conv1d(layer) else shape
-            what = f"{tensor} ((out, in) = {(out_features, in_features)})"
-            expected = {short: tuple(size)
-                        for short, size in kind.tensor_shapes(out_features, in_features, adapter_cfg).items()}
-        got = {short: tuple(t.shape) for short, t in by_module[module].items()}
+    for name, target in chosen.items():
+        shape = tuple(target.out_in().shape)  # (E?, out, in); the adapter's tensors are (E?, ...)
+        fused = len(shape) == 3
+        what = (f"{name} ((E, out, in) = {shape})" if fused
+                else f"{base.saved_name(target.param)} ((out, in) = {shape})")  # the name transformers loads it from
+        expected = {short: (*shape[:-2], *size) for short, size in kind.tensor_shapes(*shape[-2:], adapter_cfg).items()}
+        got = {short: tuple(t.shape) for short, t in by_weight[name].items()}
         if got != expected:
-            raise SppError(f"adapter weights {weights_path}: {module} has {_shapes(got)}, but a {adapter_cfg.kind} "
+            raise SppError(f"adapter weights {weights_path}: {name} has {_shapes(got)}, but a {adapter_cfg.kind} "
                            f"adapter of {what} needs {_shapes(expected)}")
-        if not is_expert_weight(layer):
-            targets.append(MergeTarget(module, tensor, is_conv1d(layer), by_module[module]))
-            continue
-        if module not in base.pieces:
-            raise SppError(f"{model_dir} saves {module} in a layout spp cannot map to per-expert tensors, so an "
+        if fused and target.param not in base.pieces:
+            raise SppError(f"{model_dir} saves {name} in a layout spp cannot map to per-expert tensors, so an "
                            "adapter of it cannot be merged")
-        for piece in base.pieces[module]:  # each saved per-expert tensor, through the reader's mapping
-            tensors = {short: t[piece.expert] for short, t in by_module[module].items()}
-            targets.append(MergeTarget(module, piece.saved, False, tensors, piece.rows, out_features))
+        for piece in base.pieces.get(target.param) or [None]:  # each saved tensor, through the reader's mapping
+            if piece is None:
+                targets.append(MergeTarget(name, base.saved_name(target.param), is_conv1d(target.module),
+                                           by_weight[name]))
+            else:
+                tensors = {short: t[piece.expert] for short, t in by_weight[name].items()}
+                targets.append(MergeTarget(name, piece.saved, False, tensors, piece.rows, shape[-2]))
     return targets
 
 
@@ -223,12 +213,6 @@ def check_invariant(directory: Path, masks: dict[str, torch.Tensor]) -> tuple[in
     return checked, kept_zero
 
 
-def _size(adapter_cfg: AdapterConfig) -> dict:
-    """The adapter's size for the manifest: SPP's row groups or masked LoRA's rank (`full` has none)."""
-    sizes = {"spp": {"row_groups": adapter_cfg.spp_row_groups}, "masked_lora": {"rank": adapter_cfg.rank}}
-    return sizes.get(adapter_cfg.kind, {})
-
-
 def _base_details(base: Checkpoint) -> dict:
     """The base's pruning method and pattern, carried over so `spp verify` checks N:M on the merged model."""
     if base.manifest is None:
@@ -288,7 +272,7 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
         checked, kept_zero = check_invariant(tmp, masks)
         settings = {**to_dict(cfg), "model": str(model_dir)}
         details = {**_base_details(base), "adapter": adapter_cfg.kind, "adapted_modules": n_modules,
-                   **_size(adapter_cfg), "scale": adapter_cfg.scale, "shards": len(shards),
+                   **ADAPTERS[adapter_cfg.kind].size(adapter_cfg), "scale": adapter_cfg.scale, "shards": len(shards),
                    "invariant_tensors_checked": checked, "kept_zero": kept_zero}
         write_manifest(tmp, Manifest(stage="merge", settings=settings, inputs=inputs, details=details,
                                      conditions=run_conditions("cpu", "float32"),  # the merge math: fp32 on the CPU

@@ -198,6 +198,45 @@ def find_expert_weights(block: nn.Module) -> dict[str, ExpertWeight]:
     return found
 
 
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One weight spp prunes or adapts, whatever its shape: a linear layer's (out, in) weight (GPT-2's Conv1D
+    stores it (in, out)) or a fused expert weight (E, out, in); the 2-D case is the fused one with E absent.
+
+    Attributes:
+        name: the weight's name: its linear layer's (`model.layers.0.self_attn.q_proj`), or a fused expert
+            weight's own (`model.layers.0.mlp.experts.gate_up_proj`); adapters key their tensors `<name>.<tensor>`.
+        param: its parameter's name in the model, which keys its keep-mask: `<layer>.weight`, or the fused name.
+        module: the module that owns the parameter (the linear layer, or the experts module).
+        attr: the parameter's attribute on `module` (`weight`, `gate_up_proj`).
+    """
+
+    name: str
+    param: str
+    module: nn.Module
+    attr: str
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The parameter, in its storage layout."""
+        return getattr(self.module, self.attr)
+
+    @property
+    def module_name(self) -> str:
+        return self.param.rpartition(".")[0]
+
+    def out_in(self) -> torch.Tensor:
+        """The weight viewed (E?, out, in), whatever its storage layout (a view, not a copy)."""
+        return self.weight.t() if is_conv1d(self.module) else self.weight
+
+
+def target_of(name: str, layer) -> Target:
+    """The `Target` of a linear layer or `ExpertWeight` named `name` (as `spp.patterns.linear_layers` gives them)."""
+    if is_expert_weight(layer):
+        return Target(name, name, layer.experts, layer.param)
+    return Target(name, f"{name}.weight", layer, "weight")
+
+
 def weight_name(layer_name: str, layer) -> str:
     """The parameter name of a layer's weight: `<layer>.weight`, or an expert weight's own name."""
     return layer_name if is_expert_weight(layer) else f"{layer_name}.weight"

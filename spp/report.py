@@ -87,14 +87,13 @@ def adapter_parameter_count(train_dir: Path) -> int | None:
     return sum(math.prod(shape) for _, shape in safetensors_keys(path).values())
 
 
-ADAPTER_LABELS = {"spp": "SPP", "masked_lora": "masked LoRA", "full": "full sparse FT"}
-
-
 def adapter_label(train_dir: Path) -> str:
     """The adapter's name for the table, from the `kind` its `adapter_config.json` records (SPP when absent)."""
     path = train_dir / ADAPTER_CONFIG_FILE
     kind = read_json(path, what="adapter config").get("kind", "spp") if path.is_file() else "spp"
-    return ADAPTER_LABELS.get(kind, kind)
+    from spp.adapter import ADAPTERS
+
+    return ADAPTERS[kind].label if kind in ADAPTERS else kind
 
 
 def _eval_numbers(folder: Path) -> dict:

@@ -1,7 +1,7 @@
 """The rules of a sparse weight, stated once: every entry its keep-mask prunes is +0.0 bitwise, and how
 sparsity is counted.
 
-Pure tensor functions; nothing here reads files or knows a stage. `add_adapter` (and `MaskedLoRALinear`),
+Pure tensor functions; nothing here reads files or knows a stage. `add_adapter` (and the masked-LoRA kind's `state`),
 `spp train` (on the effective weights, gathered when sharded, expert by expert for fused expert weights),
 `spp merge` (on the written shards), `spp verify` and `spp export` check the invariant with
 `check_pruned_zero`; `spp prune`, `spp verify`, `spp merge` and `spp eval` count with `mask_stats`,
@@ -37,7 +37,7 @@ def check_pruned_zero(weight: torch.Tensor, keep: torch.Tensor, message: Callabl
         message: (how many pruned entries break the rule, the index of the first in row-major order) -> the text.
         error: `SppError` where the input is at fault (a base or checkpoint that breaks its mask),
             `RuntimeError` where only a bug in spp could break it.
-        signed: False accepts -0.0 (the value zero, not its sign): `MaskedLoRALinear`'s own check, which
+        signed: False accepts -0.0 (the value zero, not its sign): the masked-LoRA kind's own check, which
             `add_adapter` precedes with the bitwise one.
 
     Raises:

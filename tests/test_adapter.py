@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from spp.adapter import ADAPTERS, DEFAULT_LEARNING_RATE
 from spp.adapter.config import AdapterConfig
-from spp.adapter.layer import (SPPFunction, SPPLinear, effective_weight, expand_rows, row_blocks, spp_delta,
-                               spp_merge_weight)
-from spp.adapter.model import (LAYER_TYPES, adapter_state_dict, add_adapter, count_trainable, load_adapter,
-                               merge_adapter, save_adapter)
+from spp.adapter.layer import effective_weight, expand_rows, row_blocks, spp_delta, spp_merge_weight
+from spp.adapter.model import (adapter_state_dict, add_adapter, count_trainable, load_adapter, merge_adapter,
+                               save_adapter)
+from spp.adapter.weight import AdaptedFunction, AdaptedWeight
 from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from spp.models import weight_out_in
@@ -30,6 +31,16 @@ def naive_forward(x, W, alpha, beta, bias, s):
     """y = W x + s·(W ⊙ Â ⊙ β) x + b, two matrix products, Â built row by row from its definition."""
     A_hat = alpha[group_of_rows(W.shape[0], alpha.shape[0])]
     return F.linear(x, W, bias) + s * F.linear(x, W * (A_hat * beta[:, None]))
+
+
+def function(kind, x, W, state, bias, scale, **tensors):
+    """The one autograd function on a 2-D (out, in) weight W of `kind`, with its state and tensors."""
+    return AdaptedFunction.apply(x, W, state, bias, ADAPTERS[kind], scale, False, tuple(tensors), *tensors.values())
+
+
+def spp_layer(base, row_groups, scale):
+    """An SPP `AdaptedWeight` on a linear layer with r = `row_groups` and s = `scale` (= lora_alpha / 8)."""
+    return AdaptedWeight(base, AdapterConfig(spp_row_groups=row_groups, lora_alpha=scale * 8, lora_r=8))
 
 
 def random_params(out, inp, r, dtype=torch.float64, seed=0):
@@ -118,7 +129,7 @@ def test_function_gradcheck_float64(out, inp, r, with_bias):
     inputs = (x, alpha, beta) + ((bias,) if with_bias else ())
 
     def f(x, alpha, beta, *rest):
-        return SPPFunction.apply(x, W, alpha, beta, rest[0] if rest else None, 2.0)
+        return function("spp", x, W, None, rest[0] if rest else None, 2.0, spp_alpha=alpha, spp_beta=beta)
 
     assert torch.autograd.gradcheck(f, inputs)
 
@@ -130,7 +141,8 @@ def test_function_equals_naive_formula_in_value_and_gradient(out, inp, r):
     bias0 = torch.randn(out, dtype=torch.float64)
     grad_y = torch.randn(4, out, dtype=torch.float64)
     results = []
-    for fn in (lambda *a: SPPFunction.apply(a[0], W, *a[1:], 2.0), lambda *a: naive_forward(a[0], W, *a[1:], 2.0)):
+    for fn in (lambda x, a, b, bias: function("spp", x, W, None, bias, 2.0, spp_alpha=a, spp_beta=b),
+               lambda *a: naive_forward(a[0], W, *a[1:], 2.0)):
         leaves = [t.clone().requires_grad_(True) for t in (x0, alpha0, beta0, bias0)]
         y = fn(*leaves)
         y.backward(grad_y)
@@ -139,7 +151,7 @@ def test_function_equals_naive_formula_in_value_and_gradient(out, inp, r):
         torch.testing.assert_close(ours, naive, rtol=1e-10, atol=1e-10)
 
 
-# ------------------------------------------------------------------ SPPLinear
+# ------------------------------------------------------------------ the SPP layer
 
 
 def make_layer(kind: str, out=10, inp=8, dtype=torch.float32, seed=0):
@@ -157,7 +169,7 @@ def test_at_init_the_layer_is_the_base_layer(kind):
     base = make_layer(kind)
     x = torch.randn(3, 8)
     expected = base(x)
-    layer = SPPLinear(base, row_groups=3, scale=2.0)
+    layer = spp_layer(base, row_groups=3, scale=2.0)
     assert torch.equal(layer(x), expected)
     assert torch.equal(layer.spp_beta, torch.zeros(10))
     bound = 1 / 8**0.5  # Kaiming-uniform with a = √5 on (r, in): U(-1/√in, 1/√in)
@@ -167,7 +179,7 @@ def test_at_init_the_layer_is_the_base_layer(kind):
 @pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d"])
 def test_layer_equals_naive_formula_for_each_layout(kind):
     base = make_layer(kind, dtype=torch.float64)
-    layer = SPPLinear(base, row_groups=4, scale=2.0)  # out = 10, not divisible by 4
+    layer = spp_layer(base, row_groups=4, scale=2.0)  # out = 10, not divisible by 4
     with torch.no_grad():
         layer.spp_beta.normal_()
     x = torch.randn(2, 5, 8, dtype=torch.float64)
@@ -187,12 +199,12 @@ def test_layer_equals_naive_formula_for_each_layout(kind):
 @pytest.mark.parametrize("kind", ["linear_bias", "conv1d"])
 def test_merged_weight_is_in_storage_layout_and_reproduces_the_layer(kind):
     base = make_layer(kind)
-    layer = SPPLinear(base, row_groups=4, scale=2.0)
+    layer = spp_layer(base, row_groups=4, scale=2.0)
     with torch.no_grad():
         layer.spp_beta.normal_()
     x = torch.randn(3, 8)
     y = layer(x)
-    merged = layer.merged_weight()
+    merged = layer.merged_weight("weight")
     assert merged.shape == base.weight.shape
     with torch.no_grad():
         base.weight.copy_(merged)
@@ -202,10 +214,10 @@ def test_merged_weight_is_in_storage_layout_and_reproduces_the_layer(kind):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_forward_and_backward_close_to_fp32(dtype):
     base32 = make_layer("linear_bias", out=32, inp=64)
-    layer32 = SPPLinear(base32, row_groups=4, scale=2.0)
+    layer32 = spp_layer(base32, row_groups=4, scale=2.0)
     with torch.no_grad():
         layer32.spp_beta.normal_(std=0.1)
-    layer16 = SPPLinear(make_layer("linear_bias", out=32, inp=64).to(dtype), row_groups=4, scale=2.0)
+    layer16 = spp_layer(make_layer("linear_bias", out=32, inp=64).to(dtype), row_groups=4, scale=2.0)
     layer16.load_state_dict(layer32.state_dict())
     assert layer16.spp_alpha.dtype == torch.float32
     x = torch.randn(4, 64)
@@ -219,7 +231,7 @@ def test_low_precision_forward_and_backward_close_to_fp32(dtype):
 
 
 def test_autocast_bf16_trains():
-    layer = SPPLinear(make_layer("linear_bias", out=16, inp=8), row_groups=4, scale=2.0)
+    layer = spp_layer(make_layer("linear_bias", out=16, inp=8), row_groups=4, scale=2.0)
     x = torch.randn(3, 8, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
@@ -230,7 +242,7 @@ def test_autocast_bf16_trains():
 
 def test_row_groups_larger_than_out_is_an_error():
     with pytest.raises(SppError, match="spp_row_groups=20"):
-        SPPLinear(make_layer("linear"), row_groups=20, scale=2.0)
+        spp_layer(make_layer("linear"), row_groups=20, scale=2.0)
 
 
 # ------------------------------------------------------------------ config
@@ -286,7 +298,7 @@ def test_add_spp_wraps_targets_freezes_the_rest_and_starts_at_the_base(tiny_mode
     names = add_adapter(model, AdapterConfig(spp_row_groups=4), masks)
     per_block = 7 if arch == "llama" else 4
     assert len(names) == 2 * per_block
-    assert all(isinstance(model.get_submodule(n), SPPLinear) for n in names)
+    assert all(isinstance(model.get_submodule(n), AdaptedWeight) and model.get_submodule(n).kind == "spp" for n in names)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(adapter_state_dict(model))
     assert count_trainable(model) == sum(p.numel() for p in adapter_state_dict(model).values())
@@ -313,7 +325,7 @@ def test_add_spp_refuses_a_base_that_breaks_its_mask(tiny_model, bad):
         model.get_parameter(name)[row, col] = 0.5 if bad == "nonzero" else -0.0
     with pytest.raises(SppError, match="model.layers.1.mlp.down_proj: 1 entries"):
         add_adapter(model, AdapterConfig(spp_row_groups=4), masks)
-    assert not any(isinstance(m, SPPLinear) for m in model.modules())
+    assert not any(isinstance(m, AdaptedWeight) for m in model.modules())
     assert model.get_parameter(name)[row, col].item() != 0 or torch.signbit(model.get_parameter(name)[row, col])
 
 
@@ -338,7 +350,7 @@ def test_save_load_and_in_memory_merge(tiny_model, tmp_path, arch):
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, y_adapter)
         merge_adapter(reloaded, masks)
-        assert not any(isinstance(m, SPPLinear) for m in reloaded.modules())
+        assert not any(isinstance(m, AdaptedWeight) for m in reloaded.modules())
         y_merged = reloaded(ids).logits
     torch.testing.assert_close(y_merged, y_adapter, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(y_merged, y_base, atol=1e-3)
@@ -366,9 +378,22 @@ def test_load_adapter_bad_inputs(tiny_model, tmp_path):
 
 # ------------------------------------------------------------------ masked LoRA
 
-from spp.adapter import ADAPTERS, DEFAULT_LEARNING_RATE  # noqa: E402
-from spp.adapter.full import FullFunction, FullLinear  # noqa: E402
-from spp.adapter.masked_lora import MaskedLoRAFunction, MaskedLoRALinear, masked_lora_weight  # noqa: E402
+from spp.adapter.masked_lora import masked_lora_weight  # noqa: E402
+
+
+def masked_lora_layer(base, keep, rank, scale, name=""):
+    """A masked-LoRA `AdaptedWeight` on a linear layer (keep in its storage layout), s = `scale` (= lora_alpha / rank)."""
+    return AdaptedWeight(base, AdapterConfig(kind="masked_lora", rank=rank, lora_alpha=scale * rank), {"weight": keep},
+                         name=name)
+
+
+def full_layer(base, keep):
+    return AdaptedWeight(base, AdapterConfig(kind="full"), {"weight": keep})
+
+
+def keep_of(layer):
+    """The layer's keep-mask M rebuilt from its W and state, storage layout."""
+    return ADAPTERS[layer.kind].keep(layer.base_layer.weight.detach(), layer.state["weight"])
 
 LORA_SHAPES = [(11, 6, 3), (7, 9, 2), (5, 4, 6)]  # (out, in, rank): out 11 and 7 are prime; rank may exceed min(out, in)
 
@@ -402,7 +427,7 @@ def test_masked_lora_function_gradcheck_float64(out, inp, r, with_bias):
     inputs = (x, A.requires_grad_(True), B.requires_grad_(True)) + ((bias,) if with_bias else ())
 
     def f(x, A, B, *rest):
-        return MaskedLoRAFunction.apply(x, W, A, B, kept_zeros(W, keep), rest[0] if rest else None, 1.5)
+        return function("masked_lora", x, W, kept_zeros(W, keep), rest[0] if rest else None, 1.5, lora_A=A, lora_B=B)
 
     assert torch.autograd.gradcheck(f, inputs)
 
@@ -414,7 +439,7 @@ def test_masked_lora_equals_naive_formula_in_value_and_gradient(out, inp, r):
     grad_y = torch.randn(4, out, dtype=torch.float64)
     results = []
     assert len(kept_zeros(W, keep)) == 1
-    for fn in (lambda x, A, B, b: MaskedLoRAFunction.apply(x, W, A, B, kept_zeros(W, keep), b, 2.0),
+    for fn in (lambda x, A, B, b: function("masked_lora", x, W, kept_zeros(W, keep), b, 2.0, lora_A=A, lora_B=B),
                lambda x, A, B, b: naive_lora_forward(x, W, A, B, keep, b, 2.0)):
         leaves = [t.clone().requires_grad_(True) for t in (x0, A0, B0, bias0)]
         fn(*leaves).backward(grad_y)
@@ -436,14 +461,14 @@ def test_masked_lora_layer_equals_naive_formula_for_each_layout(kind):
         base.weight.copy_(torch.where(keep, base.weight, torch.zeros((), dtype=torch.float64)))
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     expected = base(x)
-    layer = MaskedLoRALinear(base, keep, rank=3, scale=16 / 3)
+    layer = masked_lora_layer(base, keep, rank=3, scale=16 / 3)
     assert torch.equal(layer(x), expected)  # B = 0 at init: the base layer exactly
     bound = 1 / 8**0.5  # Kaiming-uniform with a = √5 on (r, in)
     assert layer.lora_A.abs().max() <= bound and not layer.lora_B.any()
     with torch.no_grad():
         layer.lora_B.normal_()
     y = layer(x)
-    W, keep_oi = weight_out_in(base).detach(), layer.keep_out_in()
+    W, keep_oi = weight_out_in(base).detach(), keep_of(layer).t() if kind == "conv1d" else keep_of(layer)
     A = layer.lora_A.detach().clone().requires_grad_(True)
     B = layer.lora_B.detach().clone().requires_grad_(True)
     y_naive = naive_lora_forward(x, W, A, B, keep_oi, base.bias, 16 / 3)
@@ -453,7 +478,7 @@ def test_masked_lora_layer_equals_naive_formula_for_each_layout(kind):
     torch.testing.assert_close(layer.lora_A.grad, A.grad, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(layer.lora_B.grad, B.grad, rtol=1e-10, atol=1e-10)
     assert base.weight.grad is None
-    merged = layer.merged_weight()
+    merged = layer.merged_weight("weight")
     assert merged.shape == base.weight.shape
     assert (merged[~keep] == 0).all() and not torch.signbit(merged[~keep]).any()
     with torch.no_grad():
@@ -469,17 +494,16 @@ def test_masked_lora_layer_rebuilds_the_mask_file_s_mask_not_w_nonzero(kind):
         base.weight.copy_(torch.where(keep, base.weight, torch.zeros(())))
         kept = tuple(keep.nonzero()[0])
         base.weight[kept] = 0.0  # a kept weight that is zero: M keeps it, W != 0 would not
-    layer = MaskedLoRALinear(base, keep, rank=2, scale=2.0)
-    stored = keep.t() if kind == "conv1d" else keep
-    assert torch.equal(layer.keep_out_in().bool(), stored) and len(layer.kept_zero) == 1
+    layer = masked_lora_layer(base, keep, rank=2, scale=2.0)
+    assert torch.equal(keep_of(layer).bool(), keep) and len(layer.state["weight"]) == 1
     with torch.no_grad():
         layer.lora_B.normal_()
-    merged = layer.merged_weight()
+    merged = layer.merged_weight("weight")
     assert merged[kept] != 0 and (merged[~keep] == 0).all() and not torch.signbit(merged[~keep]).any()
     with torch.no_grad():
         base.weight[tuple((~keep).nonzero()[0])] = 0.5
     with pytest.raises(SppError, match="^lin: 1 entries the mask marks pruned are not zero"):
-        MaskedLoRALinear(base, keep, rank=2, scale=2.0, name="lin")
+        masked_lora_layer(base, keep, rank=2, scale=2.0, name="lin")
 
 
 def test_masked_lora_pruned_entries_are_positive_zero_and_kept_ones_may_vanish():
@@ -501,13 +525,13 @@ def test_masked_lora_low_precision_close_to_fp32(dtype):
     base32 = make_layer("linear_bias", out=32, inp=64)
     with torch.no_grad():
         base32.weight.copy_(torch.where(keep, base32.weight, torch.zeros(())))
-    layer32 = MaskedLoRALinear(base32, keep, rank=4, scale=4.0)
+    layer32 = masked_lora_layer(base32, keep, rank=4, scale=4.0)
     with torch.no_grad():
         layer32.lora_B.normal_(std=0.1)
     base16 = make_layer("linear_bias", out=32, inp=64).to(dtype)
     with torch.no_grad():
         base16.weight.copy_(base32.weight)
-    layer16 = MaskedLoRALinear(base16, keep, rank=4, scale=4.0)
+    layer16 = masked_lora_layer(base16, keep, rank=4, scale=4.0)
     layer16.load_state_dict(layer32.state_dict())
     assert layer16.lora_A.dtype == torch.float32
     x = torch.randn(4, 64)
@@ -518,7 +542,7 @@ def test_masked_lora_low_precision_close_to_fp32(dtype):
     y32.sum().backward()
     assert layer16.lora_B.grad.dtype == torch.float32
     torch.testing.assert_close(layer16.lora_B.grad, layer32.lora_B.grad, rtol=5e-2, atol=5e-2)
-    merged = layer16.merged_weight()
+    merged = layer16.merged_weight("weight")
     assert merged.dtype == dtype and (merged[~keep] == 0).all() and not torch.signbit(merged[~keep]).any()
 
 
@@ -534,7 +558,7 @@ def test_full_gradient_is_the_dense_gradient_times_the_mask(kind):
     dense = make_layer(kind, out=11, inp=8, dtype=torch.float64)
     dense.load_state_dict(base.state_dict())
     x = torch.randn(3, 8, dtype=torch.float64)
-    layer = FullLinear(base, keep)
+    layer = full_layer(base, keep)
     assert base.weight.requires_grad and not base.bias.requires_grad  # an fp32/fp64 base is its own master
     y, y_dense = layer(x), dense(x)
     torch.testing.assert_close(y, y_dense, rtol=1e-12, atol=1e-12)
@@ -550,7 +574,8 @@ def test_full_function_gradcheck_float64():
     W, _, _, keep = lora_params(7, 5, 1)
     x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, W, b: FullFunction.apply(x, W, keep, b, torch.float64),
+    keep = keep.to(torch.uint8)  # as the layer keeps it; W is both the frozen weight and the trained master
+    assert torch.autograd.gradcheck(lambda x, W, b: function("full", x, W, keep, b, 1.0, full_weight=W),
                                     (x, W.requires_grad_(True), bias))
 
 
@@ -561,10 +586,10 @@ def test_full_pruned_entries_stay_positive_zero_through_adamw_with_weight_decay(
     keep = torch.rand(base.weight.shape, generator=torch.Generator().manual_seed(2)) > 0.5
     with torch.no_grad():
         base.weight.copy_(torch.where(keep, base.weight, torch.zeros((), dtype=dtype)))
-    layer = FullLinear(base, keep)
+    layer = full_layer(base, keep)
     params = [p for p in layer.parameters() if p.requires_grad]
     assert len(params) == 1 and params[0].dtype == torch.float32  # the base itself (fp32) or a float32 master (bf16)
-    assert (layer.full_master is None) == (dtype == torch.float32)
+    assert (layer.names["weight"] == []) == (dtype == torch.float32)
     optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5)
     for step in range(5):
         x = torch.randn(4, 8, dtype=dtype)
@@ -575,7 +600,7 @@ def test_full_pruned_entries_stay_positive_zero_through_adamw_with_weight_decay(
     master = params[0]
     assert (master[~keep] == 0).all() and not torch.signbit(master[~keep]).any()
     assert not torch.equal(master[keep], base.weight.float()[keep]) or dtype == torch.float32
-    merged = layer.merged_weight()
+    merged = layer.merged_weight("weight")
     assert merged.dtype == dtype and (merged[~keep] == 0).all() and not torch.signbit(merged[~keep]).any()
     for state in optimizer.state[master].values():
         if torch.is_tensor(state) and state.shape == master.shape:
@@ -588,9 +613,9 @@ def test_full_pruned_entries_stay_positive_zero_through_adamw_with_weight_decay(
 def test_every_kind_has_the_same_entry_points_and_a_default_learning_rate():
     assert set(ADAPTERS) == set(DEFAULT_LEARNING_RATE) == {"spp", "masked_lora", "full"}
     for name, kind in ADAPTERS.items():
-        assert kind.layer.kind == name
-        assert all(callable(f) for f in (kind.make_layer, kind.tensor_shapes, kind.effective_weight, kind.gradients,
-                                         kind.merged_weight))
+        assert isinstance(kind.label, str) and kind.label
+        assert all(callable(f) for f in (kind.scale, kind.size, kind.tensor_shapes, kind.init, kind.state, kind.keep,
+                                         kind.effective_weight, kind.gradients, kind.merged_weight))
 
 
 def test_config_records_the_kind_and_refuses_an_unknown_one():
@@ -611,7 +636,7 @@ def test_spp_row_groups_error_names_the_layer(tiny_model):
     with pytest.raises(SppError, match=r"^model\.layers\.0\.self_attn\.k_proj has 16 output rows, fewer than "
                                        r"spp_row_groups=32$"):
         add_adapter(model, AdapterConfig(spp_row_groups=32))
-    assert not any(isinstance(m, SPPLinear) for m in model.modules())
+    assert not any(isinstance(m, AdaptedWeight) for m in model.modules())
 
 
 @pytest.mark.parametrize("kind", ["masked_lora", "full"])
@@ -621,7 +646,7 @@ def test_a_target_without_a_mask_is_refused_for_kinds_that_need_one(tiny_model, 
     del masks["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(SppError, match=rf"^model\.layers\.1\.mlp\.up_proj has no entry in the keep-masks .*{kind}"):
         add_adapter(model, AdapterConfig(kind=kind, adapt_unpruned=True), masks)
-    assert not any(isinstance(m, LAYER_TYPES) for m in model.modules())
+    assert not any(isinstance(m, AdaptedWeight) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())  # refused before anything changed
     with pytest.raises(SppError, match="has no entry in the keep-masks"):
         add_adapter(tiny_model("llama"), AdapterConfig(kind=kind))  # no masks at all
@@ -665,7 +690,7 @@ def test_save_load_and_in_memory_merge_for_each_kind(tiny_model, tmp_path, arch,
         assert torch.equal(reloaded(ids).logits, y_adapter)
         merge_adapter(reloaded, masks)
         y_merged = reloaded(ids).logits
-    assert not any(isinstance(m, (SPPLinear, MaskedLoRALinear, FullLinear)) for m in reloaded.modules())
+    assert not any(isinstance(m, AdaptedWeight) for m in reloaded.modules())
     assert not any(p.requires_grad for p in reloaded.parameters())
     torch.testing.assert_close(y_merged, y_adapter, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(y_merged, y_base, atol=1e-3)

@@ -1,5 +1,5 @@
 """FSDP2 sharding of a mixture-of-experts model: a tiny pruned Mixtral (4 experts, top-2) whose fused expert weights
-`spp.train.fsdp.load_sharded_model` builds from their saved per-expert tensors, with `AdaptedExperts`' stacked tensors
+`spp.train.fsdp.load_sharded_model` builds from their saved per-expert tensors, with adapted experts modules' stacked tensors
 and masks sharded along the expert axis (two ranks, torchrun, gloo); `spp train --distributed fsdp` on it, with two ranks
 and with one, against one unsharded process.
 """
@@ -81,7 +81,7 @@ def test_sharded_mixtral_starts_and_steps_as_the_unsharded_model(pruned_mixtral,
     """Two ranks, every kind: the sharded loader's adapter init equals `add_adapter` on the whole model (same random
     draws: `add_adapter` adapts in model order), each rank's half batch gives the whole batch's gradients, at rest each
     rank holds 2 of the 4 experts of every fused weight, adapter tensor and uint8 mask, and the tensors
-    `AdaptedExperts.forward` builds W_eff from (and hands to `functional_call`) are whole; the gathered adapter file
+    `AdaptedWeight.forward` builds W_eff from (and hands to `functional_call`) are whole; the gathered adapter file
     is byte for byte the unsharded one, and the gathered pruned-zero check passes."""
     import json
     import os
@@ -94,8 +94,8 @@ def test_sharded_mixtral_starts_and_steps_as_the_unsharded_model(pruned_mixtral,
                             text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "rank0.json").read_text())
-    expected = {"spp": (["spp_alpha", "spp_beta"], []), "masked_lora": (["lora_A", "lora_B"], ["keeps"]),
-                "full": ([], ["keeps"])}
+    expected = {"spp": (["spp_alpha", "spp_beta"], []), "masked_lora": (["lora_A", "lora_B"], []),
+                "full": ([], ["state"])}  # masked LoRA rebuilds its mask from W and the kept zeros' indices
     assert sorted(report) == sorted(expected)
     for kind, (tensors, masked) in expected.items():
         at_rest, in_forward = report[kind]["at_rest"], report[kind]["in_forward"]
@@ -116,14 +116,14 @@ def test_sharded_mixtral_starts_and_steps_as_the_unsharded_model(pruned_mixtral,
 def _worker(base: str, out_dir: str) -> None:
     """Under torchrun (2 ranks), for each kind: the pruned Mixtral adapted whole (every rank) and loaded sharded;
     their adapter tensors at init, their gradients on one global batch (each sharded rank half of it), the
-    experts' local and global shapes at rest and what every `AdaptedExperts.forward` reads."""
+    experts' local and global shapes at rest and what every `AdaptedWeight.forward` reads."""
     import json
 
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     from spp.adapter.config import AdapterConfig
-    from spp.adapter.experts import AdaptedExperts
+    from spp.adapter.weight import AdaptedWeight
     from spp.adapter.model import add_adapter, adapter_state_dict, save_adapter
     from spp.io.reader import read_checkpoint
     from spp.models import load_model
@@ -136,11 +136,12 @@ def _worker(base: str, out_dir: str) -> None:
     masks = checkpoint.masks_by_parameter()
     torch.manual_seed(1)
     ids = torch.randint(0, 512, (4, 16))  # one global batch; rank k takes rows 2k, 2k+1
-    forward, report, seen = AdaptedExperts.forward, {}, []
+    forward, report, seen = AdaptedWeight.forward, {}, []
 
     def recording(self, *args, **kwargs):
-        for p in self.params:
-            for tensor in (getattr(self.base_layer, p), *self.tensors(p).values(), self.keeps.get(p)):
+        for p in self.params if self.fused else []:
+            mask = self._state(p) if self.kind == "full" else None  # masked LoRA's state is (k, 3) indices
+            for tensor in (getattr(self.base_layer, p), *self.tensors(p).values(), mask):
                 if tensor is not None:
                     seen.append((list(tensor.shape), isinstance(tensor, DTensor)))
         return forward(self, *args, **kwargs)
@@ -167,11 +168,11 @@ def _worker(base: str, out_dir: str) -> None:
             for name, p in sharded.named_parameters():
                 if p.requires_grad:
                     p.copy_(distribute_tensor(trained[name].detach(), p.device_mesh, p.placements))
-        AdaptedExperts.forward = recording
+        AdaptedWeight.forward = recording
         seen.clear()
         sharded.train()
         got = gradients(sharded, ids[2 * rank : 2 * rank + 2])  # FSDP averages the two halves' mean losses
-        AdaptedExperts.forward = forward
+        AdaptedWeight.forward = forward
         error = max(float((got[n].full_tensor() - r).abs().max() / r.abs().max()) for n, r in reference.items())
         at_rest = {name: (list(p.to_local().shape), list(p.shape)) for name, p in sharded.named_parameters()
                    if ".experts." in name}

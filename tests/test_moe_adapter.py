@@ -1,4 +1,4 @@
-"""Adapters on mixture-of-experts weights: `AdaptedExperts` in memory, `spp train`, `spp merge` and eval.
+"""Adapters on mixture-of-experts weights: `AdaptedWeight` in memory, `spp train`, `spp merge` and eval.
 
 Tiny random Mixtral and Qwen3-MoE models (4 experts, top-2): in memory, every expert weight and linear
 layer magnitude-pruned 2:4 (`prune_2_4`); on disk, `spp prune --method wanda --pattern 2:4` outputs
@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from conftest import MOE_CONFIGS, make_moe_model, one_line_error
 from spp.adapter.config import AdapterConfig
-from spp.adapter.experts import AdaptedExperts
 from spp.adapter.layer import spp_delta
 from spp.adapter.model import add_adapter, adapter_state_dict, load_adapter, merge_adapter, save_adapter
+from spp.adapter.weight import AdaptedWeight
 from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE
 from spp.io.reader import read_checkpoint
@@ -120,7 +120,7 @@ def test_adapted_experts_start_at_the_base_keep_zeros_and_merge_in_memory(arch, 
                                                         for p in ("gate_up_proj", "down_proj")]
     assert not any(n.endswith("mlp.gate") for n in adapted)  # the router is not adapted
     experts = model.model.layers[0].mlp.experts
-    assert isinstance(experts, AdaptedExperts) and experts.params == ["gate_up_proj", "down_proj"]
+    assert isinstance(experts, AdaptedWeight) and experts.params == ["gate_up_proj", "down_proj"]
     E, H, I = 4, MOE_CONFIGS[arch]["hidden_size"], 48
     expected = {"spp": {"spp_alpha": (E, 4, H), "spp_beta": (E, 2 * I)},
                 "masked_lora": {"lora_A": (E, 4, H), "lora_B": (E, 2 * I, 4)},
@@ -136,13 +136,13 @@ def test_adapted_experts_start_at_the_base_keep_zeros_and_merge_in_memory(arch, 
     check_pruned_zeros(model, masks)  # base and W_eff +0.0 bitwise at every pruned entry
     for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
         module, _, p = name.rpartition(".")
-        with torch.no_grad():
-            W_eff = model.get_submodule(module).effective_weight(p)
+        layer = model.get_submodule(module)
+        W_eff = layer.effective_weight(getattr(layer.base_layer, p).detach(), masks[name], layer.tensors(p))
         assert pruned_is_positive_zero(W_eff, masks[name]).all() and (W_eff[masks[name]] == 0).float().mean() < 0.01
     trained = logits(model, ids)
     assert (trained - base).abs().max() > 1e-3
     merge_adapter(model, masks)
-    assert not any(isinstance(m, AdaptedExperts) for m in model.modules())
+    assert not any(isinstance(m, AdaptedWeight) for m in model.modules())
     assert torch.equal(logits(model, ids), trained)  # the in-memory merge is the adapter model, bitwise
     for name, keep in masks.items():
         assert pruned_is_positive_zero(model.get_parameter(name), keep).all()
@@ -197,7 +197,7 @@ def test_batched_function_gradients_equal_a_per_expert_reference(kind):
     keeps = {p: masks[f"model.layers.0.mlp.experts.{p}"] for p in ("gate_up_proj", "down_proj")}
     cfg = adapter_cfg(kind, spp_row_groups=5)  # 5 groups: 96 and 64 rows are not divisible by 5
     torch.manual_seed(0)
-    adapted = AdaptedExperts(experts, ["gate_up_proj", "down_proj"], cfg, keeps)
+    adapted = AdaptedWeight(experts, cfg, keeps, ["gate_up_proj", "down_proj"])
     with torch.no_grad():  # away from init, so every term of every gradient is non-zero
         for p in adapted.params:
             for t in adapted.tensors(p).values():
@@ -402,9 +402,9 @@ def test_an_adapter_that_does_not_fit_the_experts_is_one_error_line(pruned_mixtr
     with pytest.raises(SppError, match=r"^model.layers.1.mlp.experts.down_proj: 1 entries the mask marks pruned are "
                                        r"not \+0.0 in the base weight"):
         add_adapter(model, adapter_cfg("spp"), masks)
-    assert not any(isinstance(m, AdaptedExperts) for m in model.modules())
+    assert not any(isinstance(m, AdaptedWeight) for m in model.modules())
 
     with pytest.raises(SppError, match=r"model.layers.0.mlp.experts.gate_up_proj \(expert 0\) has 96 output rows, "
                                        r"fewer than spp_row_groups=100"):
         add_adapter(model, adapter_cfg("spp", spp_row_groups=100, target_modules=["mlp.experts.*"]))
-    assert not any(isinstance(m, AdaptedExperts) for m in model.modules())  # nothing changed
+    assert not any(isinstance(m, AdaptedWeight) for m in model.modules())  # nothing changed

@@ -197,7 +197,7 @@ def test_pad_batch_masks_padding():
 def test_train_writes_the_adapter_and_keeps_every_zero(pruned_tiny_dir, alpaca_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from spp.adapter.layer import SPPLinear
+    from spp.adapter.weight import AdaptedWeight
     from spp.adapter.model import load_adapter, merge_adapter
     from spp.io.checkpoint import read_json
     from spp.io.reader import read_checkpoint
@@ -233,7 +233,7 @@ def test_train_writes_the_adapter_and_keeps_every_zero(pruned_tiny_dir, alpaca_f
     ids = torch.tensor([[1, 20, 30, 40, 50]])
     pruned_logits = model(ids).logits
     load_adapter(model, out, masks)
-    betas = [m.spp_beta for m in model.modules() if isinstance(m, SPPLinear)]
+    betas = [m.spp_beta for m in model.modules() if isinstance(m, AdaptedWeight)]
     assert all(float(b.detach().abs().max()) > 0 for b in betas)
     merge_adapter(model, masks)
     assert not torch.allclose(model(ids).logits, pruned_logits, atol=1e-4)

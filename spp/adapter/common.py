@@ -1,4 +1,4 @@
-"""Small pieces the adapter kinds share: the compute dtype, the keep-mask, and +0.0 outside it."""
+"""Small pieces the adapter kinds share: the compute dtype and +0.0 outside the keep-mask."""
 
 from __future__ import annotations
 
@@ -26,20 +26,3 @@ def mask_multiply_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     (−0.0 where x < 0): add it to a tensor that is +0.0 there, or add +0.0, to get +0.0 bitwise
     (IEEE round-to-nearest: +0.0 + (±0.0) = +0.0)."""
     return x.mul_(keep)
-
-
-def keep_mask(keep: torch.Tensor | None, name: str, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The layer's keep-mask as a uint8 tensor of `shape` (1 = keep; 1 byte per weight, as bool, but
-    multiplying a float tensor by it is about 3× faster), or a one-line SppError naming the layer.
-
-    Raises:
-        SppError: no mask (the kind needs one) or a mask of another shape.
-    """
-    from spp.errors import SppError
-
-    if keep is None:
-        raise SppError(f"{name or 'the layer'} has no entry in the keep-masks (masks.safetensors); adapter kind "
-                       f"{kind!r} needs the mask of every target layer")
-    if tuple(keep.shape) != tuple(shape):
-        raise SppError(f"{name or 'the layer'}: mask shape {tuple(keep.shape)} does not match weight shape {tuple(shape)}")
-    return keep.to(torch.uint8)

@@ -13,11 +13,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from spp.adapter import ADAPTERS
 from spp.errors import SppError
 from spp.typed import merge_into
 
 ADAPTER_TYPE = "SPP"  # `peft_type` of every spp adapter, whatever its kind (PEFT cannot load any of them)
-KINDS = ("spp", "masked_lora", "full")
+KINDS = tuple(ADAPTERS)
 
 
 def check_kind(kind, source: str = "adapter config") -> None:
@@ -88,12 +89,8 @@ class AdapterConfig:
 
     @property
     def scale(self) -> float:
-        """s: lora_alpha / lora_r for SPP, lora_alpha / rank for masked LoRA, 1 for `full` (unused)."""
-        if self.kind == "spp":
-            return self.lora_alpha / self.lora_r
-        if self.kind == "masked_lora":
-            return self.lora_alpha / self.rank
-        return 1.0
+        """s: lora_alpha / lora_r for SPP, lora_alpha / rank for masked LoRA, 1 for `full` (unused): the kind's."""
+        return ADAPTERS[self.kind].scale(self)
 
     def describe(self, directory) -> str:
         """`adapter DIR (trained on BASE)` for messages that compare it with a base model."""

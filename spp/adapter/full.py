@@ -24,11 +24,8 @@ target weight (4 bytes per target parameter), `full_weight`, (out, in), in the s
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from spp.adapter.common import keep_mask, mask_multiply_, zero_outside_
-from spp.models import is_conv1d, weight_out_in
+from spp.adapter.common import mask_multiply_, zero_outside_
 
 
 @torch.no_grad()
@@ -55,120 +52,39 @@ def full_gradient(G: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> to
     return mask_multiply_(G.to(dtype), keep).add_(0.0)
 
 
-class FullFunction(torch.autograd.Function):
-    """y = x·(M ⊙ W)ᵀ + b, in one matrix product (`full_effective_weight`).
-
-    Forward keeps x, W (the master) and M, not M ⊙ W, which backward rebuilds. Backward:
-    dx = dy·(M ⊙ W), dW = (dyᵀ·x) ⊙ M in the master's dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x, master, keep, bias, dtype):
-        ctx.dtype = dtype
-        ctx.save_for_backward(x, master, keep)
-        ctx.has_bias = bias is not None
-        return F.linear(x, full_effective_weight(master, keep, dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, master, keep = ctx.saved_tensors
-        needs_x, needs_master, _, needs_bias, _ = ctx.needs_input_grad
-        out_features, in_features = master.shape
-        grad_x = grad_master = grad_bias = None
-        if needs_x:
-            W_eff = full_effective_weight(master, keep, ctx.dtype).to(grad_y.dtype)
-            grad_x = (grad_y @ W_eff).to(x.dtype)
-            del W_eff
-        dy = grad_y.reshape(-1, out_features)  # (N, out)
-        if needs_master:
-            G = dy.t() @ x.reshape(-1, in_features).to(dy.dtype)  # dL/dW_eff, (out, in)
-            grad_master = full_gradient(G, keep, master.dtype)
-        if needs_bias and ctx.has_bias:
-            grad_bias = dy.sum(0)
-        return grad_x, grad_master, None, grad_bias, None
-
-
-class FullLinear(nn.Module):
-    """A pruned linear layer whose kept weights are trained: y = (M ⊙ W)·x + b, dW = (dyᵀ·x) ⊙ M.
-
-    The trainable tensor ("master") is the base weight itself for fp32/fp64 bases and a float32
-    copy (`full_master`, storage layout) for bf16/fp16 bases, whose own weight then stays as it
-    was until merged. The bias stays frozen. M is stored once as a uint8 tensor in the weight's
-    storage layout (not a buffer: not saved in state dicts nor broadcast by DDP every step).
-
-    Args:
-        base_layer: the layer to train (`nn.Linear` or GPT-2's `Conv1D`, kept as `base_layer`).
-        keep: keep-mask (bool or uint8, True = keep) in the weight's storage layout.
-        name: the layer's name in the model, for error messages.
-    """
-
-    kind = "full"
-
-    def __init__(self, base_layer: nn.Module, keep: torch.Tensor, name: str = ""):
-        super().__init__()
-        weight = base_layer.weight
-        self.base_layer = base_layer.requires_grad_(False)
-        self.keep = keep_mask(keep, name, self.kind, tuple(weight.shape)).to(weight.device)
-        self.base_dtype = weight.dtype
-        if weight.dtype in (torch.float32, torch.float64):
-            self.full_master = None
-            weight.requires_grad_(True)  # the base weight is the master: no copy
-        else:
-            self.full_master = nn.Parameter(weight.detach().to(torch.float32))
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self.keep = fn(self.keep)  # `.to(device)` moves the mask; dtype casts leave integer tensors alone
-        return self
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (the master itself for fp32 bases), for code that inspects it."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    def master(self) -> torch.Tensor:
-        """The trained weight in the (out, in) view (a view of the parameter, not a copy)."""
-        W = self.base_layer.weight if self.full_master is None else self.full_master
-        return W.t() if is_conv1d(self.base_layer) else W
-
-    def keep_out_in(self) -> torch.Tensor:
-        """M in the (out, in) view."""
-        return self.keep.t() if is_conv1d(self.base_layer) else self.keep
-
-    def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors `adapter_model.safetensors` holds for this layer: the master, (out, in), detached."""
-        return {"full_weight": self.master().detach()}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FullFunction.apply(x, self.master(), self.keep_out_in(), self.base_layer.bias, self.base_dtype)
-
-    @torch.no_grad()
-    def merged_weight(self, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """M ⊙ W in the base layer's storage layout and dtype (`keep`: the layer's own mask)."""
-        conv1d = is_conv1d(self.base_layer)
-        keep = self.keep_out_in() if keep is None else (keep.t() if conv1d else keep).to(self.keep.device)
-        weight = zero_outside_(keep, full_effective_weight(self.master(), keep, self.base_dtype))
-        return weight.t().contiguous() if conv1d else weight
-
-    def extra_repr(self) -> str:
-        out_features, in_features = self.master().shape
-        return f"in={in_features}, out={out_features}, master={str(self.master().dtype).removeprefix('torch.')}"
-
-
 # ------------------------------------------------------------------ the table's uniform entry points
+
+LABEL = "full sparse FT"
+
+
+def scale(cfg) -> float:
+    """`full` has no scale: 1 (unused)."""
+    return 1.0
+
+
+def size(cfg) -> dict:
+    """`full` has no size beyond the model's."""
+    return {}
 
 
 def tensor_shapes(out_features: int, in_features: int, cfg) -> dict[str, tuple[int, ...]]:
-    """The saved tensors of one adapted (out, in) layer and their shapes."""
+    """The saved tensors of one adapted (out, in) matrix and their shapes."""
     return {"full_weight": (out_features, in_features)}
 
 
-def make_layer(name: str, base_layer: nn.Module, cfg, keep: torch.Tensor | None) -> FullLinear:
-    return FullLinear(base_layer, keep, name=name)
+def init(W, cfg, name: str) -> dict:
+    """No tensors of its own: `full` trains the weight itself (its master, `full_weight`; see the module docstring)."""
+    return {}
+
+
+def state(W: torch.Tensor, keep: torch.Tensor, name: str) -> torch.Tensor:
+    """M as uint8 in W's storage layout (1 byte per weight; multiplying a float tensor by it is about 3× faster
+    than by a bool one)."""
+    return keep.to(torch.uint8)
+
+
+def keep(W, state: torch.Tensor) -> torch.Tensor:
+    return state
 
 
 def effective(W, keep, tensors: dict, scale: float) -> torch.Tensor:
@@ -183,4 +99,3 @@ def merged(W, keep, tensors: dict, scale: float) -> torch.Tensor:
 
 def gradients(G, W, keep, tensors: dict, scale: float) -> dict[str, torch.Tensor]:
     return {"full_weight": full_gradient(G, keep, tensors["full_weight"].dtype)}
-

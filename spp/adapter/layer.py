@@ -1,13 +1,16 @@
-"""The SPP layer: pure weight functions, the one-matmul autograd function, and `SPPLinear`.
+"""The `spp` kind: SPP's pure weight functions and the table's entry points.
 
 SPP (Lu et al., "SPP: Sparsity-Preserved Parameter-Efficient Fine-Tuning for Large
 Language Models", ICML 2024) adapts a frozen pruned weight W by *multiplying* it:
 
     W_eff = W ⊙ (1 + s·Â ⊙ β·1ᵀ)
 
-so every zero of W stays zero. This module owns the math and the layer of the `spp` kind
-(`spp.adapter.ADAPTERS`; its uniform entry points are at the end, as in `masked_lora.py` and
-`full.py`); finding the layers of a model and saving adapters is `spp.adapter.model`.
+so every zero of W stays zero. This module owns the math of the `spp` kind (`spp.adapter.ADAPTERS`; its
+uniform entry points are at the end, as in `masked_lora.py` and `full.py`); `spp.adapter.weight` applies them
+to a model's weights.
+
+At init α is Kaiming-uniform (a = √5) and β = 0, so the adapted weight equals the base exactly; α and β are
+float32 for bf16/fp16/fp32 bases. s = lora_alpha / lora_r (in SPP `lora_r` only sets the scale).
 
 Shapes: W (out, in) in the (out, in) view (GPT-2's Conv1D stores it (in, out));
 α (r, in); β (out,); Â (out, in) is α with row k repeated over the k-th of r nearly
@@ -19,12 +22,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from spp.adapter.common import compute_dtype
 from spp.errors import SppError
-from spp.models import is_conv1d, weight_out_in
 
 
 def row_blocks(out_features: int, r: int) -> list[tuple[int, int, int, int]]:
@@ -73,7 +74,7 @@ def effective_weight(W: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, s
     instead of building Â. The evaluated form keeps every +0.0 of W at +0.0 whatever the
     signs of α and β (+0.0 + (±0.0) = +0.0), so pruned entries stay +0.0 exactly. Computed in
     float64 when W or α is float64 (so float64 checks are exact). Not tracked by autograd:
-    `SPPFunction` supplies the gradients (`spp_delta` is the differentiable reference).
+    `spp.adapter.weight.AdaptedFunction` supplies the gradients (`spp_delta` is the differentiable reference).
 
     Args:
         W: (out, in), any float dtype (a transposed view for Conv1D is fine).
@@ -142,126 +143,50 @@ def _group_grads(G: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale
     return (d_alpha * scale).to(alpha.dtype), (d_beta * scale).to(beta.dtype)
 
 
-class SPPFunction(torch.autograd.Function):
-    """y = x·W_effᵀ + b with W_eff = W ⊙ (1 + s·Â ⊙ β·1ᵀ), in one matrix product.
-
-    Forward keeps x, W, α, β (not W_eff, which backward rebuilds). Backward:
-    dx = dy·W_eff, G = (dyᵀ·x) ⊙ W, then dα and dβ by group reductions of G.
-    W is frozen: it gets no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, W, alpha, beta, bias, scale):
-        ctx.scale = scale
-        ctx.save_for_backward(x, W, alpha, beta)
-        ctx.has_bias = bias is not None
-        return F.linear(x, effective_weight(W, alpha, beta, scale), bias)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, W, alpha, beta = ctx.saved_tensors
-        needs_x, _, needs_alpha, needs_beta, needs_bias, _ = ctx.needs_input_grad
-        out_features, in_features = W.shape
-        grad_x = d_alpha = d_beta = grad_bias = None
-        if needs_x:
-            W_eff = effective_weight(W, alpha, beta, ctx.scale).to(grad_y.dtype)
-            grad_x = (grad_y @ W_eff).to(x.dtype)
-            del W_eff
-        dy = grad_y.reshape(-1, out_features)  # (N, out)
-        if needs_alpha or needs_beta:
-            G = dy.t() @ x.reshape(-1, in_features).to(dy.dtype)  # dL/dW_eff, (out, in)
-            G = G.to(compute_dtype(G, alpha)).mul_(W)  # ⊙ W in float32 (a no-op cast for fp32 G)
-            d_alpha, d_beta = _group_grads(G, alpha, beta, ctx.scale)
-        if needs_bias and ctx.has_bias:
-            grad_bias = dy.sum(0)
-        return grad_x, None, d_alpha, d_beta, grad_bias, None
-
-
-class SPPLinear(nn.Module):
-    """A frozen (pruned) linear layer with the SPP adapter.
-
-        y = W·x + s·(W ⊙ (Â ⊙ β·1ᵀ))·x + b  =  (W ⊙ (1 + s·Â ⊙ β·1ᵀ))·x + b
-
-    with W (out, in) frozen, α (r, in) and β (out,) learnable, Â (out, in) = row k of α
-    repeated over the k-th contiguous block of output rows, and s = lora_alpha / lora_r.
-    Every zero of W stays zero, since the update multiplies W elementwise. At init α is
-    Kaiming-uniform (a = √5) and β = 0, so the layer equals the base layer exactly.
-    α and β are float32 for bf16/fp16/fp32 bases (W_eff is computed in float32 and cast
-    to the base dtype). The base may be `nn.Linear` or GPT-2's `Conv1D` (weight
-    stored (in, out)); it is kept as `base_layer`, as in PEFT.
-    Reference: Lu et al., "SPP: Sparsity-Preserved Parameter-Efficient Fine-Tuning for
-    Large Language Models", ICML 2024.
-
-    Args:
-        base_layer: the layer to adapt (its parameters are frozen here).
-        row_groups: r, at most out.
-        scale: s.
-        name: the layer's name in the model, for error messages.
-    """
-
-    kind = "spp"
-
-    def __init__(self, base_layer: nn.Module, row_groups: int, scale: float, name: str = ""):
-        super().__init__()
-        out_features, in_features = weight_out_in(base_layer).shape
-        if row_groups < 1:
-            raise SppError(f"spp_row_groups={row_groups} must be at least 1")
-        if row_groups > out_features:
-            raise SppError(f"{name or 'the layer'} has {out_features} output rows, fewer than spp_row_groups={row_groups}")
-        self.base_layer = base_layer.requires_grad_(False)
-        self.scale = float(scale)
-        device = base_layer.weight.device
-        dtype = torch.promote_types(base_layer.weight.dtype, torch.float32)  # fp32 for bf16/fp16 bases
-        self.spp_alpha = nn.Parameter(torch.empty(row_groups, in_features, dtype=dtype, device=device))
-        self.spp_beta = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
-        nn.init.kaiming_uniform_(self.spp_alpha, a=math.sqrt(5))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's (frozen) weight, for code that inspects `layer.weight`."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors `adapter_model.safetensors` holds for this layer (detached, sharing storage)."""
-        return {"spp_alpha": self.spp_alpha.detach(), "spp_beta": self.spp_beta.detach()}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = weight_out_in(self.base_layer)  # (out, in) view
-        return SPPFunction.apply(x, W, self.spp_alpha, self.spp_beta, self.base_layer.bias, self.scale)
-
-    @torch.no_grad()
-    def merged_weight(self, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """W ⊙ (1 + s·Â ⊙ β·1ᵀ) in the base layer's storage layout and dtype.
-
-        Args:
-            keep: bool keep-mask in the storage layout; default `W != 0`, so every zero
-                of W (in particular every pruned entry) comes out +0.0.
-        """
-        W = weight_out_in(self.base_layer)
-        keep_out_in = (W != 0) if keep is None else (keep.t() if is_conv1d(self.base_layer) else keep)
-        merged = spp_merge_weight(W, self.spp_alpha, self.spp_beta, self.scale, keep_out_in)
-        return merged.t().contiguous() if is_conv1d(self.base_layer) else merged
-
-    def extra_repr(self) -> str:
-        r, in_features = self.spp_alpha.shape
-        return f"row_groups={r}, in={in_features}, out={self.spp_beta.shape[0]}, scale={self.scale:g}"
-
-
 # ------------------------------------------------------------------ the table's uniform entry points
+
+LABEL = "SPP"
+
+
+def scale(cfg) -> float:
+    """s = lora_alpha / lora_r."""
+    return cfg.lora_alpha / cfg.lora_r
+
+
+def size(cfg) -> dict:
+    """The adapter's size for a manifest."""
+    return {"row_groups": cfg.spp_row_groups}
 
 
 def tensor_shapes(out_features: int, in_features: int, cfg) -> dict[str, tuple[int, ...]]:
-    """The saved tensors of one adapted (out, in) layer and their shapes."""
+    """The saved tensors of one adapted (out, in) matrix and their shapes."""
     return {"spp_alpha": (cfg.spp_row_groups, in_features), "spp_beta": (out_features,)}
 
 
-def make_layer(name: str, base_layer: nn.Module, cfg, keep: torch.Tensor | None) -> SPPLinear:
-    """SPP needs no mask: W_eff multiplies W, so every zero of W stays zero (`keep` is unused)."""
-    return SPPLinear(base_layer, cfg.spp_row_groups, cfg.scale, name=name)
+def init(W: torch.Tensor, cfg, name: str) -> dict[str, torch.Tensor]:
+    """α (r, in) Kaiming-uniform (a = √5), β (out,) zero, for the (out, in) matrix W (float32 for bf16/fp16 W).
+
+    Raises:
+        SppError: r is above out (names the weight).
+    """
+    out_features, in_features = W.shape
+    r = cfg.spp_row_groups
+    if r > out_features:
+        raise SppError(f"{name or 'the layer'} has {out_features} output rows, fewer than spp_row_groups={r}")
+    dtype = torch.promote_types(W.dtype, torch.float32)
+    alpha = torch.empty(r, in_features, dtype=dtype, device=W.device)
+    beta = torch.zeros(out_features, dtype=dtype, device=W.device)
+    nn.init.kaiming_uniform_(alpha, a=math.sqrt(5))
+    return {"spp_alpha": alpha, "spp_beta": beta}
+
+
+def state(W, keep, name: str) -> None:
+    """SPP keeps no per-weight state and needs no mask: W_eff multiplies W, so every zero of W stays zero."""
+    return None
+
+
+def keep(W, state) -> None:
+    return None
 
 
 def effective(W, keep, tensors: dict, scale: float) -> torch.Tensor:
@@ -269,9 +194,10 @@ def effective(W, keep, tensors: dict, scale: float) -> torch.Tensor:
 
 
 def gradients(G, W, keep, tensors: dict, scale: float) -> dict[str, torch.Tensor]:
-    """dα, dβ from G = dL/dW_eff (out, in): the group reductions of G ⊙ W."""
+    """dα, dβ from G = dL/dW_eff (out, in): the group reductions of G ⊙ W (G is overwritten when it is already in
+    the compute dtype)."""
     alpha = tensors["spp_alpha"]
-    d_alpha, d_beta = _group_grads(G.to(compute_dtype(G, alpha)) * W, alpha, tensors["spp_beta"], scale)
+    d_alpha, d_beta = _group_grads(G.to(compute_dtype(G, alpha)).mul_(W), alpha, tensors["spp_beta"], scale)
     return {"spp_alpha": d_alpha, "spp_beta": d_beta}
 
 

@@ -1,10 +1,10 @@
 """Put adapters of any kind into a model, save and load them, and merge them in memory.
 
-`add_adapter` wraps the chosen linear layers of the decoder blocks in the layer of the
-config's kind (`spp.adapter.ADAPTERS`) and freezes everything else; `save_adapter` /
-`load_adapter` write and read `adapter_model.safetensors` (only the trained tensors) and
-`adapter_config.json` (with the `kind`). Nothing here knows a kind: the math is in
-`spp.adapter.layer` (SPP), `spp.adapter.masked_lora` and `spp.adapter.full`. The streaming
+`add_adapter` wraps the module owning each chosen weight of the decoder blocks (`spp.models.Target`: a linear
+layer's weight, or an experts module's fused weights) in an `spp.adapter.weight.AdaptedWeight` of the config's
+kind and freezes everything else; `save_adapter` / `load_adapter` write and read `adapter_model.safetensors`
+(only the trained tensors) and `adapter_config.json` (with the `kind`). Nothing here knows a kind or a weight's
+shape: the math is in `spp.adapter.layer` (SPP), `spp.adapter.masked_lora` and `spp.adapter.full`. The streaming
 merge of a saved checkpoint is `spp.merge`.
 """
 
@@ -17,13 +17,11 @@ from torch import nn
 
 from spp.adapter import ADAPTERS
 from spp.adapter.config import AdapterConfig
-from spp.adapter.experts import AdaptedExperts, adapt_experts
+from spp.adapter.weight import AdaptedWeight
 from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, read_json, write_json
+from spp.models import Target, target_of
 from spp.sparsity import check_pruned_zero
-
-# every adapter layer class: one per kind, and the mixture-of-experts wrapper that serves them all
-LAYER_TYPES = (*(kind.layer for kind in ADAPTERS.values()), AdaptedExperts)
 
 
 def target_layers(model: nn.Module, patterns: list[str], masked: set[str] | None = None) -> dict[str, nn.Module]:
@@ -48,8 +46,27 @@ def target_layers(model: nn.Module, patterns: list[str], masked: set[str] | None
     return found if masked is None else {full: layer for full, layer in found.items() if full in masked}
 
 
-def _check_pruned_zeros(name: str, layer: nn.Module, keep: torch.Tensor) -> None:
-    weight = layer.weight
+def find_targets(model: nn.Module, cfg: AdapterConfig, masks=None) -> dict[str, Target]:
+    """The weights `add_adapter` adapts (and `spp merge` expects an adapter of): those `cfg.target_modules` selects
+    in the decoder blocks, less those without a keep-mask entry (left dense by `spp prune`) unless
+    `cfg.adapt_unpruned` or there are no masks.
+
+    Args:
+        masks: keep-masks (or their names) keyed by parameter name, or None.
+
+    Returns:
+        weight name -> its target, in model order.
+
+    Raises:
+        SppError: as `target_layers`.
+    """
+    found = {name: target_of(name, layer) for name, layer in target_layers(model, cfg.target_modules).items()}
+    if masks is None or cfg.adapt_unpruned:
+        return found
+    return {name: target for name, target in found.items() if target.param in masks}
+
+
+def _check_pruned_zeros(name: str, weight: torch.Tensor, keep: torch.Tensor) -> None:
     if tuple(keep.shape) != tuple(weight.shape):
         raise SppError(f"{name}: mask shape {tuple(keep.shape)} does not match weight shape {tuple(weight.shape)}")
     check_pruned_zero(weight, keep, lambda count, _: (
@@ -58,10 +75,9 @@ def _check_pruned_zeros(name: str, layer: nn.Module, keep: torch.Tensor) -> None
 
 
 def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Tensor] | None = None) -> list[str]:
-    """Wrap every target linear layer in the layer of `cfg.kind` (in place) and freeze all other parameters.
-
-    Target fused expert weights (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) are adapted by one
-    `spp.adapter.experts.AdaptedExperts` per experts module, which replaces that module.
+    """Wrap the module owning every target weight in an `AdaptedWeight` of `cfg.kind` (in place) and freeze all
+    other parameters. An experts module's target fused weights (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`)
+    share one `AdaptedWeight`, which replaces that module.
 
     Args:
         model: a Hugging Face causal LM without adapter layers.
@@ -74,50 +90,41 @@ def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Ten
             without an entry (left dense by `spp prune`) is skipped unless `cfg.adapt_unpruned`.
 
     Returns:
-        The adapted layer names (an expert weight's is its parameter name), in model order.
+        The adapted weights' names (an expert weight's is its parameter name), in model order.
 
     Raises:
         SppError: the model already has adapter layers, no layer matches, a base weight breaks
             its mask, a target layer has no mask where the kind needs one, or a layer is too
             small for the adapter (each names the module).
     """
-    from spp.models import is_expert_weight, layer_name_of, weight_name
-
-    if any(isinstance(m, LAYER_TYPES) for m in model.modules()):
+    if any(isinstance(m, AdaptedWeight) for m in model.modules()):
         raise SppError("the model already has spp adapters")
-    kind = ADAPTERS[cfg.kind]
-    # a layer `spp prune` left dense has no mask entry: not adapted unless asked (the pruned model's layers all have one)
-    masked = None if masks is None or cfg.adapt_unpruned else {layer_name_of(k) for k in masks}
-    targets = target_layers(model, cfg.target_modules, masked)
+    targets = find_targets(model, cfg, masks)
     masks = masks or {}
-    for name, layer in targets.items():
-        keep = masks.get(weight_name(name, layer))
-        if keep is not None:
-            _check_pruned_zeros(name, layer, keep)
-        elif kind.needs_mask:
+    for name, target in targets.items():
+        if target.param in masks:
+            _check_pruned_zeros(name, target.weight, masks[target.param])
+        elif ADAPTERS[cfg.kind].needs_mask:
             raise SppError(f"{name} has no entry in the keep-masks (masks.safetensors); adapter kind {cfg.kind!r} "
                            "needs the mask of every target layer")
     model.requires_grad_(False)
-    wrapped = {}
-    # build every layer before changing the model, so an error leaves it alone; in model order (one
-    # AdaptedExperts per experts module, at its first target weight), so the random init does not depend on
-    # whether the model is adapted whole or block by block (`spp.train.fsdp`)
-    for name, layer in targets.items():
-        if not is_expert_weight(layer):
-            keep = masks.get(f"{name}.weight")
-            wrapped[name] = kind.make_layer(name, layer, cfg, None if keep is None else keep.to(layer.weight.device))
-        elif (module := name.rpartition(".")[0]) not in wrapped:
-            weights = {n: l for n, l in targets.items() if is_expert_weight(l) and n.rpartition(".")[0] == module}
-            wrapped.update(adapt_experts(model, weights, cfg, masks))
+    by_module: dict[str, list[Target]] = {}
+    for target in targets.values():
+        by_module.setdefault(target.module_name, []).append(target)
+    # build every module before changing the model, so an error leaves it alone; in model order (an experts
+    # module at its first target weight), so the random init does not depend on whether the model is adapted
+    # whole or block by block (`spp.train.fsdp`)
+    wrapped = {module: AdaptedWeight(group[0].module, cfg, {t.attr: masks[t.param] for t in group if t.param in masks},
+                                     [t.attr for t in group], name=module) for module, group in by_module.items()}
     for name, new in wrapped.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
     return list(targets)
 
 
-def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every adapter layer of the model, by module name, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)}
+def adapter_layers(model: nn.Module) -> dict[str, AdaptedWeight]:
+    """Every adapted module of the model, by module name, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedWeight)}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,7 +132,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     One entry per trainable parameter, in the order of `model.parameters()`: SPP's `spp_alpha`,
     `spp_beta`; masked LoRA's `lora_A`, `lora_B`; `full`'s `full_weight` ((out, in) view of the
-    trained weight). An adapted experts module's are keyed by the fused parameter, each (E, ...):
+    trained weight). An adapted experts module's are keyed by the fused parameter's name, each (E, ...):
     `model.layers.0.mlp.experts.gate_up_proj.spp_alpha` (E, r, H). Copying into an entry writes the parameter.
     """
     return {f"{name}.{key}": tensor for name, m in adapter_layers(model).items()
@@ -218,7 +225,7 @@ def load_adapter(model: nn.Module, adapter_dir: Path, masks: dict[str, torch.Ten
 
 
 def merge_adapter(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Replace every adapter layer (and adapted experts module) by its base holding the merged weights (in place).
+    """Replace every adapted module by its base holding the merged weights (in place).
 
     Args:
         masks: optional keep-masks by parameter name (`<module>.weight`, stored layout; a fused expert
@@ -231,13 +238,9 @@ def merge_adapter(model: nn.Module, masks: dict[str, torch.Tensor] | None = None
     for name, module in adapter_layers(model).items():
         base = module.base_layer
         with torch.no_grad():
-            if isinstance(module, AdaptedExperts):  # each fused weight, masks keyed by its own name
-                for p in module.params:
-                    keep = None if masks is None else masks.get(f"{name}.{p}")
-                    getattr(base, p).copy_(module.merged_weight(p, keep))
-            else:
-                keep = None if masks is None else masks.get(f"{name}.weight")
-                base.weight.copy_(module.merged_weight(keep))
+            for p in module.params:  # masks keyed by parameter name: `<module>.weight`, or a fused weight's own
+                keep = None if masks is None else masks.get(f"{name}.{p}")
+                getattr(base, p).copy_(module.merged_weight(p, keep))
         base.requires_grad_(False)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, base)

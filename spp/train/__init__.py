@@ -355,55 +355,32 @@ def output_workdir(accelerator, output: Path, cfg: TrainConfig):
 
 def check_pruned_zeros(model, masks: dict[str, torch.Tensor]) -> None:
     """The invariant after training: where the mask says pruned, the base weight and the effective
-    weight of every adapter layer (of any kind, via `spp.adapter.ADAPTERS`) are bitwise +0.0 (a
-    NaN/inf in a trained tensor would break it). An adapted experts module is checked expert by
-    expert, for each of its fused weights ((E, out, in) masks keyed by the fused parameter's name).
+    weight of every adapted weight (of any kind and shape, via `spp.adapter.weight.AdaptedWeight`) are
+    bitwise +0.0 (a NaN/inf in a trained tensor would break it).
 
     Raises:
         RuntimeError: a violation, which can only be a bug in spp.
     """
-    from spp.adapter.experts import AdaptedExperts
     from spp.adapter.model import adapter_layers
-    from spp.models import weight_out_in
 
     for name, layer in adapter_layers(model).items():
-        if not isinstance(layer, AdaptedExperts):
-            check_layer_zeros(name, layer, weight_out_in(layer.base_layer).detach(), masks, layer.adapter_tensors())
-            continue
-        for p in layer.params:  # each fused weight as `check_layer_zeros` takes it (also from `spp.train.fsdp`)
-            tensors = {t: v.detach() for t, v in layer.tensors(p).items()}
-            check_layer_zeros(f"{name}.{p}", layer, getattr(layer.base_layer, p).detach(), masks, tensors)
+        for weight, W, tensors in layer.weights(name):  # as `check_layer_zeros` takes them (also from `spp.train.fsdp`)
+            check_layer_zeros(weight, layer, W, masks, tensors)
 
 
 def check_layer_zeros(name: str, layer, W: torch.Tensor, masks: dict[str, torch.Tensor],
                       tensors: dict[str, torch.Tensor]) -> None:
-    """`check_pruned_zeros` for one adapter layer, given its whole weight W (out, in) and adapter tensors
-    (gathered first when the model is sharded). For a fused expert weight of an `AdaptedExperts`, `name` is the
-    parameter's own name, W is (E, out, in) and the tensors are that weight's, (E, ...) each.
+    """`check_pruned_zeros` for one adapted weight `name` of `layer`, given its whole weight W (storage layout) and
+    adapter tensors (gathered first when the model is sharded), as `AdaptedWeight.weights` yields them.
 
     Raises:
         RuntimeError: a pruned entry of W or of the effective weight is not +0.0 (a bug in spp).
     """
-    from spp.adapter import ADAPTERS
-    from spp.adapter.experts import AdaptedExperts, ExpertsWeightFunction
-    from spp.models import is_conv1d
-
-    if isinstance(layer, AdaptedExperts):
-        if name not in masks:
-            return
-        keep = masks[name].to(W.device)
-        mask = keep.to(torch.uint8) if ADAPTERS[layer.kind].needs_mask else None  # as the module keeps it
-        with torch.no_grad():
-            W_eff = ExpertsWeightFunction.apply(W, mask, layer.kind, tuple(tensors), layer.scale, *tensors.values())
-        _check_zeros(name, W, W_eff, keep)
+    key = layer.mask_key(name)
+    if key not in masks:
         return
-    if f"{name}.weight" not in masks:
-        return
-    keep = masks[f"{name}.weight"].to(W.device)
-    keep = keep.t() if is_conv1d(layer.base_layer) else keep  # (out, in)
-    with torch.no_grad():
-        W_eff = ADAPTERS[layer.kind].effective_weight(W, keep, tensors, getattr(layer, "scale", 1.0))
-    _check_zeros(name, W, W_eff, keep)
+    keep = masks[key].to(W.device)
+    _check_zeros(name, W, layer.effective_weight(W, keep, tensors), keep)
 
 
 def _check_zeros(name: str, W: torch.Tensor, W_eff: torch.Tensor, keep: torch.Tensor) -> None:

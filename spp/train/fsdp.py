@@ -10,11 +10,11 @@ each parameter). The mixed-precision policy leaves parameter dtypes alone (`para
 a bf16 base stays bf16 and the adapter stays float32, as without sharding) and reduces gradients
 in float32. Inside a block's forward FSDP2 all-gathers the block, so every adapter's autograd
 function sees the whole (out, in) weight and the adapter code does not know it is sharded.
-A keep-mask that a kind stores per weight (`full`'s uint8 `keep`) becomes a frozen uint8
+A keep-mask that a kind stores per weight (`full`'s uint8 mask) becomes a frozen uint8
 parameter first, so it is sharded by rows with its weight instead of replicated on every rank
 (bfloat16 0/1 on torch < 2.13, whose FSDP2 cannot shard an integer parameter: `mask_parameter`).
 Mixture-of-experts models shard the same way: a fused expert weight (E, out, in) is read from its saved
-per-expert tensors (`Checkpoint.join`), and an `AdaptedExperts`' stacked tensors (α (E, r, in), β (E, out), …)
+per-expert tensors (`Checkpoint.join`), and an adapted experts module's stacked tensors (α (E, r, in), β (E, out), …)
 and uint8 masks (E, out, in) are parameters split along the expert axis; its forward, inside the block's,
 sees them gathered.
 Checkpoints hold the trainable parameters and the optimizer state through
@@ -72,42 +72,22 @@ def mask_parameter(keep: torch.Tensor) -> nn.Parameter:
 
 
 def masks_as_parameters(model: nn.Module) -> int:
-    """Give FSDP2 the per-layer tensors that adapter layers keep as plain attributes (in place).
+    """Give FSDP2 the per-weight state that adapted modules keep as plain attributes (in place;
+    `spp.adapter.weight.AdaptedWeight.register_state`).
 
-    `full`'s uint8 keep-mask `keep` becomes a frozen parameter: FSDP2 shards parameters, not plain
-    attributes or buffers, so it is split by rows exactly as its weight is (both in the weight's storage
-    layout, so GPT-2's (in, out) Conv1D mask follows its (in, out) weight) and costs 1/world byte per
-    weight on each rank instead of 1. `masked_lora`'s `kept_zero` ((k, 2) indices, usually k = 0)
-    becomes a non-persistent buffer, so FSDP2 moves it to the device with the block. `spp` needs no mask.
-    An `AdaptedExperts`' uint8 masks (E, out, in) become an `nn.ParameterDict` of frozen parameters (its `keeps`),
-    sharded along the expert axis.
+    A kind's keep-mask kept in the weight's storage layout (`full`'s uint8 mask) becomes a frozen parameter:
+    FSDP2 shards parameters, not plain attributes or buffers, so it is split exactly as its weight is (by rows,
+    so GPT-2's (in, out) Conv1D mask follows its (in, out) weight; an (E, out, in) mask along the expert axis)
+    and costs 1/world byte per weight on each rank instead of 1. Other state (`masked_lora`'s kept-zero
+    indices, usually none) becomes a non-persistent buffer, so FSDP2 moves it to the device with the block.
+    `spp` keeps none.
 
     Returns:
         The number of masks turned into parameters.
     """
-    from spp.adapter.experts import AdaptedExperts
     from spp.adapter.model import adapter_layers
 
-    turned = 0
-    for layer in adapter_layers(model).values():
-        if isinstance(layer, AdaptedExperts):
-            if layer.keeps and not isinstance(layer.keeps, nn.ParameterDict):
-                # (E, out, in) uint8 masks, split along the expert axis; a ParameterDict's `get` reads the
-                # registered parameter at call time, so the forward sees the one FSDP2 has gathered
-                keeps = nn.ParameterDict({p: mask_parameter(k) for p, k in layer.keeps.items()})
-                del layer.keeps
-                layer.keeps = keeps
-                turned += len(keeps)
-            continue
-        keep, kept_zero = layer.__dict__.get("keep"), layer.__dict__.get("kept_zero")
-        if isinstance(keep, torch.Tensor):
-            del layer.keep  # a plain attribute; `nn.Module.__setattr__` would otherwise keep both
-            layer.keep = mask_parameter(keep)
-            turned += 1
-        if isinstance(kept_zero, torch.Tensor):
-            del layer.kept_zero
-            layer.register_buffer("kept_zero", kept_zero, persistent=False)
-    return turned
+    return sum(layer.register_state(mask_parameter) for layer in adapter_layers(model).values())
 
 
 def shard_model(model: nn.Module, cpu_offload: bool = False) -> int:
@@ -288,32 +268,20 @@ def adapter_specs(model: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, .
 
 
 def gathered_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, torch.Tensor, dict[str, torch.Tensor]]]:
-    """Each adapter layer with its whole weight and adapter tensors, gathered one layer at a time.
+    """Each adapted weight with its whole base weight and adapter tensors, gathered one weight at a time.
 
     Every rank must run the iteration to its end (each gather is a collective); every rank gets the
-    whole tensors of one layer, which are dropped before the next layer is gathered.
-
-    An `AdaptedExperts` yields one item per adapted fused weight p, named `<module>.<p>` (the parameter's own
-    name, as its masks are keyed), with W (E, out, in) and p's tensors ((E, ...) each, by short name).
+    whole tensors of one weight, which are dropped before the next one is gathered.
 
     Yields:
-        (module name, the layer, W (out, in), {tensor name: whole tensor}).
+        (the weight's name, as adapters key it: a linear layer's module name or a fused expert weight's own;
+        its `AdaptedWeight`; W in its storage layout, (E?, ...); {tensor name: whole tensor}).
     """
-    from spp.adapter.experts import AdaptedExperts
     from spp.adapter.model import adapter_layers
-    from spp.models import is_conv1d
 
     for name, layer in adapter_layers(model).items():
-        if isinstance(layer, AdaptedExperts):
-            for p in layer.params:
-                W = _full(getattr(layer.base_layer, p).detach())
-                # a `full` master on an fp32 base is the base weight itself: gathered once
-                yield f"{name}.{p}", layer, W, {t: W if t in layer.masters[p] else _full(v.detach())
-                                                for t, v in layer.tensors(p).items()}
-            continue
-        W = _full(layer.base_layer.weight.detach())
-        W = W.t() if is_conv1d(layer.base_layer) else W  # (out, in)
-        yield name, layer, W, {key: _full(t) for key, t in layer.adapter_tensors().items()}
+        for weight, W, tensors in layer.weights(name, gather=_full):
+            yield weight, layer, W, tensors
 
 
 def save_adapter_gathered(model: nn.Module, adapter_cfg, directory: Path, is_main: bool) -> None:
