@@ -75,13 +75,14 @@ def routed_inputs(config, tokens: int, dtype: torch.dtype, seed: int = 1):
 
 
 def adapted(module, row_groups: int):
-    """`AdaptedExperts` of kind spp on both fused weights, β moved off zero (so nothing is trivially zero)."""
+    """The adapted experts module (`AdaptedWeight`) of kind spp on both fused weights, β moved off zero (so nothing
+    is trivially zero)."""
     from spp.adapter.config import AdapterConfig
-    from spp.adapter.experts import AdaptedExperts
+    from spp.adapter.weight import AdaptedWeight
 
     cfg = AdapterConfig(kind="spp", spp_row_groups=row_groups)
     torch.manual_seed(2)
-    experts = AdaptedExperts(module, ["gate_up_proj", "down_proj"], cfg, {})
+    experts = AdaptedWeight(module, cfg, {}, ["gate_up_proj", "down_proj"])
     with torch.no_grad():
         for p in experts.params:
             experts.adapted[p]["spp_beta"].normal_(0, 0.1)
