@@ -103,3 +103,13 @@ def test_alps_drops_dead_inputs_and_keeps_the_float32_path():
     W_hat, keep, _ = alps_prune(W.float(), H.float(), (2, 4), 0.5)
     assert W_hat.dtype == torch.float32 and not keep[:, 5].any()
     assert reconstruction_error(W, W_hat.double(), H) < 0.5
+
+
+def test_the_fast_projection_equals_the_mask_selection_with_ties():
+    from spp.prune.alps import _project
+    from spp.prune.masks import unstructured_mask
+
+    g = torch.Generator().manual_seed(7)
+    for scores in (torch.rand(9, 16, generator=g), torch.randint(0, 4, (9, 16), generator=g).double()):
+        for s in (0.0, 0.3, 0.5, 0.9):
+            assert torch.equal(_project(scores, None, s), unstructured_mask(scores, s, per_row=False))

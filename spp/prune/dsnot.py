@@ -15,8 +15,8 @@ Each cycle, for every row still active, one pruned weight j is regrown and one k
 - prune (in groups of width g: N:M with g = M, or SparseGPT's column blocks): the kept, initially kept k of lowest
   Wanda score in j's group, so every group keeps its count; the swap must keep sign(ε_i) as it was at the start.
 
-A row stops for good once |ε_i| ≤ `threshold`, its grow candidates run out, or (groups) a swap would flip the sign
-of ε_i; all stop after `max_cycles`. Every swap is inside one row (and one group), so the count of kept weights in
+A row stops for good once |ε_i| ≤ `threshold`, its candidates run out, or (groups) a swap would flip the sign of
+ε_i; all stop after `max_cycles`. Every swap is inside one row (and one group), so the count of kept weights in
 every row, every group of g, every column block of g and the layer is exactly unchanged.
 
 A regrown weight takes its dense value W_ij (mask-only methods). After SparseGPT or ALPS, whose kept weights were
