@@ -1,4 +1,4 @@
-"""DSnoT mask refinement (spp.prune.dsnot) on small seeded layers: exact counts per group, the guard, the bookkeeping."""
+"""DSnoT mask refinement (spp.prune.dsnot) on small seeded layers: exact counts per group, the guard, bookkeeping."""
 
 from __future__ import annotations
 
