@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
      ["spp.models", "spp.patterns"]),
     ("math: pure tensor functions and the per-layer plans they run on",
      ["spp.prune.masks", "spp.prune.wanda", "spp.prune.ria", "spp.prune.owl", "spp.prune.sparsegpt",
-      "spp.prune.experts", "spp.prune.plan", "spp.train.losses", "spp.eval.sparse_kernels"]),
+      "spp.prune.reconstruction", "spp.prune.alps", "spp.prune.dsnot", "spp.prune.experts", "spp.prune.plan", "spp.train.losses", "spp.eval.sparse_kernels"]),
     ("adapters: the kinds, the mixture-of-experts wrapper, adding/saving/loading/merging in memory",
      ["spp.adapter.*"]),
     ("config: one dataclass per stage", ["spp.config"]),
