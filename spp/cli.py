@@ -9,6 +9,7 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Optional
 
@@ -341,7 +342,7 @@ def eval_(
     if compare:
         from spp.eval import compare_results
 
-        print(compare_results(paths or []).markdown())
+        print(compare_results(paths or []))
         return
     if paths:
         raise SppError(f"unexpected argument {paths[0]!r} (positional paths are only for --compare)")
@@ -349,10 +350,9 @@ def eval_(
         raise SppError("--model is required (or --compare A B ... to compare results)")
     from spp.config import EvalConfig
     from spp.eval import run_eval
-    from spp.eval.zeroshot import default_task_data
 
     cfg = EvalConfig(model=model, adapter=adapter, ppl=_split_list(ppl), seqlen=seqlen, max_windows=max_windows,
-                     tasks=_split_list(tasks), task_data=task_data or default_task_data(),
+                     tasks=_split_list(tasks), task_data=task_data or os.environ.get("SPP_TASK_DATA") or None,
                      limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, output=output, device=device,
                      dtype=dtype, sparse_kernels=sparse_kernels, overwrite=overwrite)
     with quiet_output(verbose, lm_eval=bool(cfg.tasks)) as noise:

@@ -17,6 +17,9 @@ from pathlib import Path
 from spp import __version__
 from spp.config import EvalConfig, to_dict
 from spp.errors import SppError
+from spp.io.checkpoint import RESULTS_FILE, atomic_dir, check_not_an_input, check_output_dir, read_json, write_json
+from spp.io.manifest import Manifest, library_versions, peak_memory_bytes, write_manifest
+from spp.io.text import markdown_table
 
 MAX_DEFAULT_SEQLEN = 4096
 PROTOCOL = "wanda-sparsegpt: non-overlapping windows, partial tail dropped, exp(summed NLL / predicted tokens)"
@@ -134,8 +137,6 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     start = time.time()
     check_hub_sources(cfg)  # offline, a hub set or task fails here in a second, before any model is read
     if cfg.output:
-        from spp.io.checkpoint import check_not_an_input
-
         ppl = [("--ppl", path) for spec in cfg.ppl for path in (spec, spec.partition(":")[2])]  # PATH or NAME:PATH
         check_not_an_input(Path(cfg.output), [("--model", cfg.model), ("--adapter", cfg.adapter), *ppl,
                                               ("--task-data", cfg.task_data)])
@@ -143,8 +144,6 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     seqlen = resolve_seqlen(cfg.seqlen, context_length(checkpoint.config))
     device, _ = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     if cfg.output:
-        from spp.io.checkpoint import check_output_dir
-
         check_output_dir(Path(cfg.output), cfg.overwrite)
     adapter_cfg = _check_adapter(cfg, checkpoint) if cfg.adapter else None
     kernel_masks = None
@@ -186,7 +185,7 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
         "perplexity": ppl_results,
         "zeroshot": zeroshot,
         "sparse_kernels": sparse_kernels,
-        "lm_eval_version": _lm_eval_version(),
+        "lm_eval_version": library_versions().get("lm_eval"),
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "run_conditions": run_conditions(device, next(model.parameters()).dtype),  # what changes the numbers
@@ -228,19 +227,7 @@ def check_hub_sources(cfg: EvalConfig) -> None:
         check_hub_tasks(cfg.tasks)
 
 
-def _lm_eval_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lm_eval")
-    except PackageNotFoundError:
-        return None
-
-
 def _write(cfg: EvalConfig, results: dict, start: float) -> Path:
-    from spp.io.checkpoint import RESULTS_FILE, atomic_dir, write_json
-    from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
-
     inputs = {}
     if results["source"]:
         inputs[results["source"]["file"]] = results["source"]["sha256"]
@@ -294,33 +281,12 @@ def results_rows(results: dict) -> list[tuple[str, str]]:
     return rows
 
 
-@dataclass
-class CompareTable:
-    """Rows = metrics, columns = runs; a missing metric is "—"."""
-
-    columns: list[str]
-    rows: list[tuple[str, list[str]]]
-
-    def markdown(self) -> str:
-        """A GitHub/Markdown pipe table, ready to paste into a paper draft or an issue."""
-        from spp.io.text import markdown_table
-
-        header = ["metric", *self.columns]
-        return markdown_table(header, [[metric, *values] for metric, values in self.rows], "-" + "r" * len(self.columns),
-                              pad=True)
-
-
-def _read_results(path: Path) -> dict:
-    from spp.io.checkpoint import RESULTS_FILE, read_json
-
-    file = path / RESULTS_FILE if path.is_dir() else path
-    if not file.exists():
-        raise SppError(f"--compare {path}: no {RESULTS_FILE} there (is it an `spp eval --output` directory?)")
-    return read_json(file, what="results")
-
-
-def compare_results(paths: list[str]) -> CompareTable:
+def compare_results(paths: list[str]) -> str:
     """Line up several `spp eval` outputs (directories or results JSON files) side by side.
+
+    Returns:
+        A GitHub/Markdown pipe table, ready to paste into a paper draft or an issue: rows = metrics, columns =
+        runs; a missing metric is "—".
 
     Raises:
         SppError: fewer than one path, or a path that holds no results.
@@ -330,11 +296,15 @@ def compare_results(paths: list[str]) -> CompareTable:
     columns, per_run = [], []
     for p in paths:
         path = Path(p)
-        results = _read_results(path)
+        file = path / RESULTS_FILE if path.is_dir() else path
+        if not file.exists():
+            raise SppError(f"--compare {path}: no {RESULTS_FILE} there (is it an `spp eval --output` directory?)")
+        results = read_json(file, what="results")
         label = path.name if path.is_dir() else (path.parent.name if path.name == "results.json" else path.stem)
         columns.append(label if label not in columns else str(path))
         per_run.append(dict(results_rows(results)))
     metrics: list[str] = []
     for run in per_run:
         metrics += [m for m in run if m not in metrics]
-    return CompareTable(columns, [(m, [run.get(m, "—") for run in per_run]) for m in metrics])
+    rows = [[m, *(run.get(m, "—") for run in per_run)] for m in metrics]
+    return markdown_table(["metric", *columns], rows, "-" + "r" * len(columns), pad=True)

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from spp.errors import SppError
+from spp.io.checkpoint import sha256_file
 
 HUB_SETS = ("wikitext2", "c4", "ptb")
 C4_DOCS = 1100
@@ -184,9 +185,7 @@ def set_ids(tokenizer, text: PplText, seqlen: int) -> torch.Tensor:
 
 
 def _hub_rows(what: str, **kwargs):
-    from spp.hub import require_hub
-
-    require_hub(f"--ppl {what}", kwargs["path"], "dataset", f"pass a local copy as --ppl {what}:PATH instead")
+    check_ppl_source(what)
     import datasets
 
     try:
@@ -219,7 +218,7 @@ def ptb_text(path: Path) -> PplText:
     path = _existing(path, "ptb")
     with open(path, encoding="utf-8") as f:  # lines as ptb_text_only reads them: text mode, split at "\n" only
         sentences = [line.strip() for line in f]
-    return PplText("ptb", " ".join(sentences), str(path), _sha256(path))
+    return PplText("ptb", " ".join(sentences), str(path), sha256_file(path))
 
 
 def wikitext_raw_rows(text: str) -> str:
@@ -256,13 +255,13 @@ def label_protocol(text: PplText, protocol: str, what: str) -> PplText:
     return text
 
 
-def local_text(path: Path, name: str | None = None, join: str = "\n\n") -> PplText:
+def local_text(path: Path, name: str | None = None) -> PplText:
     """A local `.txt` (text mode, one document) or `.jsonl`/`.json` with a `text` field."""
     from spp.data import read_text_documents
 
     path = _existing(path, name)
     docs = read_text_documents(path)
-    return PplText(name or str(path), join.join(docs), str(path), _sha256(path))
+    return PplText(name or str(path), "\n\n".join(docs), str(path), sha256_file(path))
 
 
 def c4_local_text(path: Path) -> PplText:
@@ -271,7 +270,7 @@ def c4_local_text(path: Path) -> PplText:
 
     path = _existing(path, "c4")
     docs = read_text_documents(path)[:C4_DOCS]
-    return PplText("c4", " ".join(docs), str(path), _sha256(path), max_tokens_per_seqlen=C4_WINDOWS)
+    return PplText("c4", " ".join(docs), str(path), sha256_file(path), max_tokens_per_seqlen=C4_WINDOWS)
 
 
 HUB_REPOS = {"wikitext2": "Salesforce/wikitext", "c4": "allenai/c4"}
@@ -323,9 +322,3 @@ def _existing(path: Path, what: str | None) -> Path:
     if not path.is_file():
         raise SppError(f"--ppl {what + ': ' if what else ''}file {path} does not exist")
     return path
-
-
-def _sha256(path: Path) -> str:
-    from spp.io.checkpoint import sha256_file
-
-    return sha256_file(path)

@@ -21,7 +21,6 @@ import bz2
 import csv
 import difflib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -189,11 +188,6 @@ LOCAL_TASKS: dict[str, LocalTask] = {
 # --------------------------------------------------------------------------- task setup
 
 
-def default_task_data() -> str | None:
-    """`$SPP_TASK_DATA` when set, else None (the hub)."""
-    return os.environ.get("SPP_TASK_DATA") or None
-
-
 def _close(name: str, choices) -> str:
     matches = difflib.get_close_matches(name, list(choices), n=5, cutoff=0.6)
     return f"; close matches: {', '.join(matches)}" if matches else ""
@@ -323,8 +317,6 @@ def prepare_tasks(names: list[str], task_data: str | None, workdir: Path) -> Tas
     Raises:
         SppError: unknown task (with close matches), missing local file, or data that cannot be loaded.
     """
-    if task_data is None:  # before lm-eval is imported: offline, this fails in a second
-        check_hub_tasks(names)
     from lm_eval.tasks import TaskManager
 
     from spp.io.checkpoint import sha256_file
