@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -157,8 +158,6 @@ def prune(
             raise SppError(f"--{key} is required (or `{key}:` in --config)")
     cfg = merge_into(PruneConfig, layers)
     if config:
-        from pathlib import Path
-
         from spp.io.checkpoint import check_not_an_input
 
         check_not_an_input(Path(cfg.output), [("--config", config)])  # the stage checks its other inputs
@@ -388,8 +387,6 @@ def run(
 
     Example: spp run configs/pipeline_stories.yaml --until prune
     """
-    from pathlib import Path
-
     from spp.pipeline import REPORT_MD, run_pipeline
 
     with quiet_output(lm_eval=True) as noise:
@@ -408,8 +405,6 @@ def demo(
 
     Example: spp demo --output /tmp/spp-demo
     """
-    from pathlib import Path
-
     from spp.demo import run_demo
     from spp.pipeline import REPORT_MD
 

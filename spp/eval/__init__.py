@@ -9,17 +9,28 @@ The math is in `spp.eval.perplexity`; lm-eval plumbing in `spp.eval.zeroshot`.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from spp import __version__
 from spp.config import EvalConfig, to_dict
 from spp.errors import SppError
+from spp.eval.perplexity import check_ppl_source, perplexity, ppl_text, set_ids
+from spp.eval.zeroshot import check_hub_tasks, evaluate_tasks, prepare_tasks
 from spp.io.checkpoint import RESULTS_FILE, atomic_dir, check_not_an_input, check_output_dir, read_json, write_json
+from spp.io.conditions import run_conditions
+from spp.io.finite import check_finite_model
 from spp.io.manifest import Manifest, library_versions, peak_memory_bytes, write_manifest
+from spp.io.reader import read_checkpoint
 from spp.io.text import markdown_table
+from spp.models import check_seqlen, context_length, load_model, load_tokenizer, resolve_device, resolve_dtype
+from spp.patterns import decoder_weights
+from spp.sparsity import fraction, mask_stats, tally
 
 MAX_DEFAULT_SEQLEN = 4096
 PROTOCOL = "wanda-sparsegpt: non-overlapping windows, partial tail dropped, exp(summed NLL / predicted tokens)"
@@ -40,8 +51,6 @@ def resolve_seqlen(requested: int | None, context: int | None) -> int:
     Raises:
         SppError: `requested` exceeds the context, or neither is known.
     """
-    from spp.models import check_seqlen
-
     if requested is not None:
         check_seqlen(requested, context)
         return requested
@@ -57,11 +66,6 @@ def mask_sparsity(checkpoint) -> dict | None:
     weights): layers left dense (--ignore, --targets) count as kept, so pruning attention alone at 2:4 is not
     reported as 50%. `masked_sparsity` is over the masked weights only.
     """
-    import math
-
-    from spp.patterns import decoder_weights
-    from spp.sparsity import fraction, mask_stats, tally
-
     if checkpoint.mask_sha256 is None:
         return None
     masks, _ = checkpoint.read_masks()
@@ -87,8 +91,6 @@ def _check_adapter(cfg: EvalConfig, checkpoint):
 
 def _prepare_ppl(cfg: EvalConfig, tokenizer, seqlen: int) -> list[tuple[str, object, object]]:
     """(key, PplText, ids) for every --ppl entry, each checked to hold at least one window."""
-    from spp.eval.perplexity import ppl_text, set_ids
-
     out, seen = [], set()
     for spec in cfg.ppl:
         text = ppl_text(spec)
@@ -108,9 +110,6 @@ def _load(cfg: EvalConfig, checkpoint, device):
     Raises:
         SppError: a weight or an adapter tensor is NaN or ±inf (`spp.io.finite`), or the adapter does not fit.
     """
-    from spp.io.finite import check_finite_model
-    from spp.models import load_model
-
     model = load_model(str(checkpoint.directory), cfg.dtype, device)
     check_finite_model(model, f"model {checkpoint.directory}")  # its perplexity would be `nan`, and mean nothing
     if cfg.adapter:
@@ -128,12 +127,6 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
         SppError: any bad input, detected before the model is loaded where possible; a NaN or ±inf weight; a
             perplexity that is not finite (never reported as a number).
     """
-    from spp.eval.perplexity import perplexity
-    from spp.eval.zeroshot import evaluate_tasks, prepare_tasks
-    from spp.io.conditions import run_conditions
-    from spp.io.reader import read_checkpoint
-    from spp.models import context_length, load_tokenizer, resolve_device, resolve_dtype
-
     start = time.time()
     check_hub_sources(cfg)  # offline, a hub set or task fails here in a second, before any model is read
     if cfg.output:
@@ -202,10 +195,6 @@ def _check_finite_ppl(key: str, res, model) -> None:
     Raises:
         SppError: `res.ppl` is not finite (names the set, the summed NLL and the dtype the model ran in).
     """
-    import math
-
-    import torch
-
     if math.isfinite(res.ppl):
         return
     dtype = next(model.parameters()).dtype
@@ -218,9 +207,6 @@ def _check_finite_ppl(key: str, res, model) -> None:
 
 def check_hub_sources(cfg: EvalConfig) -> None:
     """Each `--ppl` hub set, and `--tasks` without task data, needs the hub: offline they fail at once."""
-    from spp.eval.perplexity import check_ppl_source
-    from spp.eval.zeroshot import check_hub_tasks
-
     for spec in cfg.ppl:
         check_ppl_source(spec)
     if cfg.tasks and cfg.task_data is None:

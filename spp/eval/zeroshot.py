@@ -214,11 +214,13 @@ def local_task_files(name: str, task_data: Path) -> list[Path]:
     raise SppError(f"--task-data {task_data}: task {name} needs {missing}{return_hint}, which does not exist")
 
 
-def registered_yaml(relative: str) -> Path:
-    """Absolute path of a registered task YAML inside the installed lm_eval."""
-    import lm_eval
+def registered_yaml(relative: str) -> Path | None:
+    """Absolute path of a registered task YAML inside the installed lm_eval (found without importing it), or None
+    when lm_eval is not installed."""
+    import importlib.util
 
-    return Path(lm_eval.__file__).parent / "tasks" / relative
+    spec = importlib.util.find_spec("lm_eval")
+    return Path(spec.origin).parent / "tasks" / relative if spec is not None and spec.origin else None
 
 
 def write_local_tasks(names: list[str], task_data: Path, workdir: Path) -> dict[str, str]:
@@ -279,13 +281,11 @@ class TaskSetup:
 
 def registered_dataset(name: str) -> str | None:
     """The hub dataset a registered task of LOCAL_TASKS reads (its YAML's `dataset_path`), else None."""
-    import importlib.util
     import re
 
-    spec = importlib.util.find_spec("lm_eval")
-    if name not in LOCAL_TASKS or spec is None or not spec.origin:
+    task_yaml = registered_yaml(LOCAL_TASKS[name].yaml) if name in LOCAL_TASKS else None
+    if task_yaml is None:
         return None
-    task_yaml = Path(spec.origin).parent / "tasks" / LOCAL_TASKS[name].yaml
     for _ in range(3):  # a task YAML may take its dataset from the file it `include:`s (arc_challenge)
         text = task_yaml.read_text(encoding="utf-8") if task_yaml.is_file() else ""
         found = re.search(r"^dataset_path:\s*(\S+)", text, re.M)
