@@ -20,7 +20,7 @@ import torch
 from spp import __version__
 from spp.config import EvalConfig, to_dict
 from spp.errors import SppError
-from spp.eval.perplexity import check_ppl_source, perplexity, ppl_text, set_ids
+from spp.eval.perplexity import check_ppl_source, ppl_text, set_ids
 from spp.eval.zeroshot import check_hub_tasks, evaluate_tasks, prepare_tasks
 from spp.io.checkpoint import RESULTS_FILE, atomic_dir, check_not_an_input, check_output_dir, read_json, write_json
 from spp.io.conditions import run_conditions
@@ -127,6 +127,8 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
         SppError: any bad input, detected before the model is loaded where possible; a NaN or ±inf weight; a
             perplexity that is not finite (never reported as a number).
     """
+    from spp.eval.perplexity import perplexity  # here, not at the top, where it would hide the submodule's name
+
     start = time.time()
     check_hub_sources(cfg)  # offline, a hub set or task fails here in a second, before any model is read
     if cfg.output:

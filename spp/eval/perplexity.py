@@ -33,6 +33,7 @@ This module owns the math and the text; model loading and output files live in `
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ import torch
 
 from spp.errors import SppError
 from spp.io.checkpoint import sha256_file
+from spp.quiet import quiet_transformers
 
 HUB_SETS = ("wikitext2", "c4", "ptb")
 C4_DOCS = 1100
@@ -163,14 +165,8 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     Returns:
         LongTensor (n,).
     """
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "sequence longer than the maximum" is expected here
-    try:
+    with quiet_transformers(logging.ERROR):  # "sequence longer than the maximum" is expected here
         return tokenizer(text, return_tensors="pt").input_ids[0]
-    finally:
-        transformers.logging.set_verbosity(verbosity)
 
 
 def set_ids(tokenizer, text: PplText, seqlen: int) -> torch.Tensor:

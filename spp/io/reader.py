@@ -21,6 +21,7 @@ Weight values are hashed only by `spp verify` (against the manifest).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -360,9 +361,8 @@ def _resolve_names(directory: Path, config, tensors: dict[str, SavedTensor]):
         (the meta model, parameter name -> saved name, saved names transformers ignores, fused parameter
         name -> its pieces).
     """
-    from transformers.utils import logging as hf_logging
-
     from spp import hf
+    from spp.quiet import quiet_transformers
 
     config_file = directory / CONFIG_FILE
     model_class = hf.causal_lm_class(config)
@@ -371,17 +371,11 @@ def _resolve_names(directory: Path, config, tensors: dict[str, SavedTensor]):
                        f"({type(config).__name__} has no causal-LM class in transformers)")
     state = {name: torch.empty(t.shape, dtype=_DTYPES.get(t.dtype, torch.float32), device="meta")
              for name, t in tensors.items()}
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # our refusal below is the report; transformers' table would be a second one
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = hf.meta_load(model_class, config, state)
+    try:  # transformers' warnings off: our refusal below is the report, its table would be a second one
+        with quiet_transformers(logging.ERROR):
+            model, info = hf.meta_load(model_class, config, state)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise hf.transformers_failed(exc, f"resolving the weights of {directory} against {config_file}") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
     renamings, converters = hf.weight_conversions(model)
     state = model.state_dict()
     renamed = _renamed_keys(tensors, renamings, converters, model.base_model_prefix, state)
