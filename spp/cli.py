@@ -9,7 +9,9 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -156,8 +158,6 @@ def prune(
             raise SppError(f"--{key} is required (or `{key}:` in --config)")
     cfg = merge_into(PruneConfig, layers)
     if config:
-        from pathlib import Path
-
         from spp.io.checkpoint import check_not_an_input
 
         check_not_an_input(Path(cfg.output), [("--config", config)])  # the stage checks its other inputs
@@ -341,7 +341,7 @@ def eval_(
     if compare:
         from spp.eval import compare_results
 
-        print(compare_results(paths or []).markdown())
+        print(compare_results(paths or []))
         return
     if paths:
         raise SppError(f"unexpected argument {paths[0]!r} (positional paths are only for --compare)")
@@ -349,10 +349,9 @@ def eval_(
         raise SppError("--model is required (or --compare A B ... to compare results)")
     from spp.config import EvalConfig
     from spp.eval import run_eval
-    from spp.eval.zeroshot import default_task_data
 
     cfg = EvalConfig(model=model, adapter=adapter, ppl=_split_list(ppl), seqlen=seqlen, max_windows=max_windows,
-                     tasks=_split_list(tasks), task_data=task_data or default_task_data(),
+                     tasks=_split_list(tasks), task_data=task_data or os.environ.get("SPP_TASK_DATA") or None,
                      limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, output=output, device=device,
                      dtype=dtype, sparse_kernels=sparse_kernels, overwrite=overwrite)
     with quiet_output(verbose, lm_eval=bool(cfg.tasks)) as noise:
@@ -388,8 +387,6 @@ def run(
 
     Example: spp run configs/pipeline_stories.yaml --until prune
     """
-    from pathlib import Path
-
     from spp.pipeline import REPORT_MD, run_pipeline
 
     with quiet_output(lm_eval=True) as noise:
@@ -408,8 +405,6 @@ def demo(
 
     Example: spp demo --output /tmp/spp-demo
     """
-    from pathlib import Path
-
     from spp.demo import run_demo
     from spp.pipeline import REPORT_MD
 

@@ -163,23 +163,21 @@ def check_data_source(source: str) -> None:
         require_hub(f"--data {source}", source, "dataset", DATA_ALTERNATIVE)
 
 
+def _load_hub_dataset(calib: str, *args, **kwargs):
+    """`datasets.load_dataset` of the hub set `--calib calib` names (`HUB_CALIBRATION`): one attempt, one clear error.
 
-
-def _load_hub_dataset(what: str, name: str, *args, **kwargs):
-    """`datasets.load_dataset(name, ...)` for the input `what` (e.g. "--calib c4"): one attempt, one clear error.
-
-    Offline (`spp.hub.require_hub`) it fails at once, before `datasets` is imported.
+    Offline (`check_calib_source`) it fails at once, before `datasets` is imported.
     """
-    from spp.hub import require_hub
-
-    require_hub(what, name, "dataset", CALIB_ALTERNATIVE)
+    check_calib_source(calib)
     import datasets
 
+    name = HUB_CALIBRATION[calib]
     try:
         return datasets.load_dataset(name, *args, **kwargs)
     except Exception as exc:  # network, missing files, bad split: all mean "not loadable"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SppError(f"{what}: cannot load {name} from the Hugging Face hub ({reason}); {CALIB_ALTERNATIVE}") from exc
+        raise SppError(f"--calib {calib}: cannot load {name} from the Hugging Face hub ({reason}); "
+                       f"{CALIB_ALTERNATIVE}") from exc
 
 
 def c4_windows(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -193,7 +191,7 @@ def c4_windows(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor
     """
     import random
 
-    data = _load_hub_dataset("--calib c4", "allenai/c4", data_files={"train": _C4_SHARD}, split="train")
+    data = _load_hub_dataset("c4", data_files={"train": _C4_SHARD}, split="train")
     rng = random.Random(seed)
     windows, tries = [], 0
     while len(windows) < nsamples:
@@ -218,7 +216,7 @@ def wikitext2_windows(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch
     Returns:
         LongTensor (nsamples, seqlen).
     """
-    data = _load_hub_dataset("--calib wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1", split="train")
+    data = _load_hub_dataset("wikitext2", "wikitext-2-raw-v1", split="train")
     stream = tokenize_stream(tokenizer, ["\n\n".join(data["text"])])
     return random_windows(stream, nsamples, seqlen, seed, source="wikitext2 (train)")
 

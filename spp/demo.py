@@ -58,7 +58,6 @@ NAMES = {
     "she": ["Lily", "Mia", "Anna", "Emma", "Zoe", "Lucy", "Rose", "Ella"],
 }
 POSSESSIVE = {"he": "his", "she": "her"}
-OBJECT_PRONOUN = {"he": "him", "she": "her"}
 # noun -> (plural, kind) ; kind decides which verbs make sense with it
 ANIMALS = {"cat": "cats", "dog": "dogs", "bird": "birds", "fox": "foxes", "bunny": "bunnies",
            "frog": "frogs", "duck": "ducks", "bear": "bears"}

@@ -30,12 +30,17 @@ import shlex
 from pathlib import Path
 from typing import Callable
 
-from spp.config import (EvalConfig, PipelineConfig, PruneConfig, TrainConfig, find_config, flag_names, merge_into,
-                        nearest, read_train_config, read_yaml, to_dict)
+from spp.config import (EvalConfig, MergeConfig, PipelineConfig, PruneConfig, TrainConfig, find_config, flag_names,
+                        merge_into, nearest, read_train_config, read_yaml, to_dict)
 from spp.errors import SppError
+from spp.eval import run_eval
 from spp.io.checkpoint import MANIFEST_FILE, RESOLVED_CONFIG_FILE, partial_path, sha256_file, write_json
 from spp.io.manifest import read_manifest, settings_sha256
+from spp.io.trainer_state import checkpoint_dirs
+from spp.merge import run_merge
+from spp.prune import run_prune
 from spp.report import REPORT_JSON, REPORT_MD, PipelineReport, Step, StepResult, build_report, report_json
+from spp.train import RESUMABLE_CHANGES, run_train
 
 STAGES = ("prune", "train", "merge", "eval")
 # Keys that name where a stage writes or how it treats an existing output; they do not change its numbers.
@@ -55,6 +60,11 @@ def _absolute_if_local(value: str | None) -> str | None:
         return value
     path = Path(value).expanduser()
     return str(path.resolve()) if path.exists() else value
+
+
+def _absolute_paths(values: dict, keys: tuple[str, ...]) -> dict:
+    """`values` with each of `keys` it has made absolute where it names a local path (`_absolute_if_local`)."""
+    return values | {key: _absolute_if_local(values[key]) for key in keys if key in values}
 
 
 def _ppl_entry(spec: str) -> str:
@@ -77,20 +87,12 @@ def setting_name(cfg: PruneConfig) -> str:
     return f"{cfg.method}{'-owl' if cfg.owl else ''}-{cfg.sparsity * 100:g}pct"
 
 
-def load_pipeline(path: Path) -> PipelineConfig:
-    """Read a pipeline file into a `PipelineConfig` (unknown top-level keys are errors)."""
-    return merge_into(PipelineConfig, [(str(path), read_yaml(Path(path)))])
-
-
 def _train_config(cfg: PipelineConfig, source: str, base: Path, output: Path) -> tuple[TrainConfig, dict, str | None]:
     """The TrainConfig of one setting; also the inline keys and the named config file (for the command)."""
     inline = dict(cfg.train)
     config_name = inline.pop("config", None)
     _check_section("train", inline)
-    if "data_path" in inline:
-        inline["data_path"] = _absolute_if_local(inline["data_path"])
-    if inline.get("teacher"):
-        inline["teacher"] = _absolute_if_local(inline["teacher"])
+    inline = _absolute_paths(inline, ("data_path", "teacher"))
     layers = []
     if config_name is not None:
         path, values = read_train_config(config_name)
@@ -113,17 +115,13 @@ def plan(cfg: PipelineConfig, source: str = "pipeline") -> list[Step]:
         SppError: an unknown or run-owned key in a section, a bad value, or two steps that
             would write into the same folder.
     """
-    from spp.config import MergeConfig
-
     run = Path(cfg.output).expanduser().resolve()
     model = _absolute_if_local(cfg.model)
     _check_section("prune", cfg.prune)
     _check_section("eval", cfg.eval)
-    eval_values = dict(cfg.eval)
+    eval_values = _absolute_paths(cfg.eval, ("task_data",))
     if "ppl" in eval_values and isinstance(eval_values["ppl"], list):
         eval_values["ppl"] = [_ppl_entry(str(p)) for p in eval_values["ppl"]]
-    if eval_values.get("task_data"):
-        eval_values["task_data"] = _absolute_if_local(eval_values["task_data"])
 
     def eval_step(setting: str, label: str, folder: Path, model_dir: str, upstream: list[Path]) -> Step:
         ecfg = merge_into(EvalConfig, [(f"{source}: eval", eval_values),
@@ -141,9 +139,7 @@ def plan(cfg: PipelineConfig, source: str = "pipeline") -> list[Step]:
         entry = dict(entry)
         name = entry.pop("name", None)
         _check_section("prune", entry)
-        values = {**cfg.prune, **entry}
-        if "calib" in values:
-            values["calib"] = _absolute_if_local(values["calib"])
+        values = _absolute_paths({**cfg.prune, **entry}, ("calib",))
         placeholder = str(run / "_")
         pcfg = merge_into(PruneConfig, [(f"{source}: prune + sweep entry {i}", values),
                                         ("spp run", {"model": model, "output": placeholder})])
@@ -290,14 +286,9 @@ def eval_command(cfg: EvalConfig) -> str:
 # --------------------------------------------------------------------------- up to date?
 
 
-def comparable_settings(stage: str, settings: dict) -> dict:
+def comparable_settings(settings: dict) -> dict:
     """A stage's settings without the keys that only say where and how it writes."""
     return {k: v for k, v in settings.items() if k not in VOLATILE_KEYS}
-
-
-def expected_settings(step: Step) -> dict:
-    """The settings the step's stage would record in its manifest."""
-    return comparable_settings(step.stage, to_dict(step.config))
 
 
 NO_OUTPUT = "no output yet"  # the stale reason of a step that never ran; `spp run` then says just "running"
@@ -322,9 +313,9 @@ def stale_reason(step: Step) -> str | None:
         return f"{step.folder} holds a {manifest.stage} output, not {step.stage}"
     # A setting added to spp after the folder was made was at its default then, as in a --resume of train.
     defaults = {f.name: f.default for f in dataclasses.fields(step.config) if f.default is not dataclasses.MISSING}
-    recorded = comparable_settings(step.stage, {**defaults, **manifest.settings})
-    if settings_sha256(recorded) != settings_sha256(expected_settings(step)):
-        now = expected_settings(step)
+    recorded = comparable_settings({**defaults, **manifest.settings})
+    now = comparable_settings(to_dict(step.config))  # what the step's stage would record in its manifest
+    if settings_sha256(recorded) != settings_sha256(now):
         changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
         return f"settings changed ({', '.join(changed)})"
     for path, digest in manifest.inputs.items():
@@ -346,9 +337,6 @@ def stale_reason(step: Step) -> str | None:
 
 def resumable_train(step: Step) -> bool:
     """True when `train.partial/` holds a checkpoint made with the same settings (so `resume` continues it)."""
-    from spp.io.trainer_state import checkpoint_dirs
-    from spp.train import RESUMABLE_CHANGES
-
     partial = partial_path(step.folder)
     if not partial.is_dir() or not checkpoint_dirs(partial) or not (partial / RESOLVED_CONFIG_FILE).is_file():
         return False
@@ -385,30 +373,17 @@ def run_step(step: Step, resume: bool, log: Callable[[str], None] = print) -> bo
     Returns:
         Whether it resumed: False when it ran from the start, also after its --resume was refused.
     """
-    if step.stage in ("prune", "train"):
-        if step.stage == "prune":
-            from spp.prune import run_prune as run
-        else:
-            from spp.train import run_train as run
-        try:
-            run(dataclasses.replace(step.config, overwrite=True, resume=resume))
-            return resume
-        except SppError as exc:
-            if not (resume and str(exc).startswith("--resume:")):
-                raise
-            # e.g. the calibration text changed, or another torch thread count (spp.io.conditions)
-            log(f"{step.label}: cannot resume ({exc}); starting over")
-            run(dataclasses.replace(step.config, overwrite=True))
-            return False
-    if step.stage == "merge":
-        from spp.merge import run_merge
-
-        run_merge(dataclasses.replace(step.config, overwrite=True))
-    else:
-        from spp.eval import run_eval
-
-        run_eval(dataclasses.replace(step.config, overwrite=True))
-    return False
+    run = {"prune": run_prune, "train": run_train, "merge": run_merge, "eval": run_eval}[step.stage]
+    try:
+        run(dataclasses.replace(step.config, overwrite=True, **({"resume": True} if resume else {})))
+        return resume
+    except SppError as exc:
+        if not (resume and str(exc).startswith("--resume:")):
+            raise
+        # e.g. the calibration text changed, or another torch thread count (spp.io.conditions)
+        log(f"{step.label}: cannot resume ({exc}); starting over")
+        run(dataclasses.replace(step.config, overwrite=True))
+        return False
 
 
 def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | None = None, force: bool = False,
@@ -425,7 +400,7 @@ def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | N
         SppError: any bad input (before any stage runs), or a stage's own error.
     """
     path = find_config(str(path), kind="pipeline")  # a file, or a pipeline bundled with spp (pipeline_stories.yaml)
-    cfg = load_pipeline(path)
+    cfg = merge_into(PipelineConfig, [(str(path), read_yaml(path))])  # unknown top-level keys are errors
     in_range = stage_range(from_stage, until_stage)
     steps = plan(cfg, source=str(path))
     check_stage_folders(cfg, steps, path)

@@ -96,27 +96,27 @@ def quiet_output(verbose: bool = False, lm_eval: bool = False) -> Iterator[Noise
             logger.addFilter(noise)
             stack.callback(logger.removeFilter, noise)
         if not verbose:
-            stack.callback(_quiet_transformers())
+            stack.enter_context(quiet_transformers())  # our progress and table say it all
             if lm_eval:
                 stack.enter_context(_no_git_probe())
                 stack.callback(_quiet_datasets())
         yield noise
 
 
-def _quiet_transformers():
-    """Transformers' loading bars and info logs off (our progress and table say it all); returns the undo."""
+@contextmanager
+def quiet_transformers(level: int = logging.WARNING) -> Iterator[None]:
+    """Transformers' loading bars off and its logs below `level` (a `logging` level) dropped, for the duration."""
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_warning()
-
-    def undo():
+    hf_logging.set_verbosity(level)
+    try:
+        yield
+    finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-    return undo
 
 
 def _quiet_datasets():

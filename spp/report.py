@@ -161,18 +161,19 @@ def build_report(run: Path, steps: list[Step], results: list[StepResult]) -> Pip
                           machine=machine)
 
 
+def _manifest(folder: Path) -> dict | None:
+    """A stage folder's `spp_manifest.json` as JSON, or None when it has none."""
+    path = Path(folder) / MANIFEST_FILE
+    return read_json(path, what="manifest") if path.is_file() else None
+
+
 def conditions_line(folders: list[Path]) -> str:
     """The distinct run conditions recorded in the manifests of `folders`, in words, joined by ` | `."""
-    from spp.io.checkpoint import MANIFEST_FILE
     from spp.io.conditions import describe_conditions
 
-    seen = []
-    for folder in folders:
-        if (Path(folder) / MANIFEST_FILE).is_file():
-            line = describe_conditions(read_json(Path(folder) / MANIFEST_FILE, what="manifest").get("conditions") or {})
-            if line not in seen:
-                seen.append(line)
-    return " | ".join(seen) or "not recorded"
+    manifests = [m for m in map(_manifest, folders) if m is not None]
+    lines = dict.fromkeys(describe_conditions(m.get("conditions") or {}) for m in manifests)  # distinct, in order
+    return " | ".join(lines) or "not recorded"
 
 
 def _mask_names(prune_dir: Path) -> list[str]:
@@ -183,8 +184,7 @@ def _mask_names(prune_dir: Path) -> list[str]:
     path = mask_path(prune_dir)
     if not path.is_file():
         return []
-    manifest = prune_dir / MANIFEST_FILE
-    dense = (read_json(manifest, what="manifest").get("details") or {}).get("dense_layers") or [] if manifest.is_file() else []
+    dense = ((_manifest(prune_dir) or {}).get("details") or {}).get("dense_layers") or []
     return sorted({*load_masks(path)[0], *dense})
 
 
@@ -224,10 +224,7 @@ def settings_table(settings: list[dict]) -> str:
 
 def _prune_blocks(prune_dir: Path) -> dict:
     """The prune manifest's per-block record ({block: {requested, achieved, numel, pruned}}), {} if it has none."""
-    path = Path(prune_dir) / MANIFEST_FILE
-    if not path.is_file():
-        return {}
-    return (read_json(path, what="manifest").get("details") or {}).get("blocks") or {}
+    return ((_manifest(prune_dir) or {}).get("details") or {}).get("blocks") or {}
 
 
 def block_table(settings: list[dict]) -> str:

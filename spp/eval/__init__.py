@@ -9,14 +9,28 @@ The math is in `spp.eval.perplexity`; lm-eval plumbing in `spp.eval.zeroshot`.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from spp import __version__
 from spp.config import EvalConfig, to_dict
 from spp.errors import SppError
+from spp.eval.perplexity import check_ppl_source, ppl_text, set_ids
+from spp.eval.zeroshot import check_hub_tasks, evaluate_tasks, prepare_tasks
+from spp.io.checkpoint import RESULTS_FILE, atomic_dir, check_not_an_input, check_output_dir, read_json, write_json
+from spp.io.conditions import run_conditions
+from spp.io.finite import check_finite_model
+from spp.io.manifest import Manifest, library_versions, peak_memory_bytes, write_manifest
+from spp.io.reader import read_checkpoint
+from spp.io.text import markdown_table
+from spp.models import check_seqlen, context_length, load_model, load_tokenizer, resolve_device, resolve_dtype
+from spp.patterns import decoder_weights
+from spp.sparsity import fraction, mask_stats, tally
 
 MAX_DEFAULT_SEQLEN = 4096
 PROTOCOL = "wanda-sparsegpt: non-overlapping windows, partial tail dropped, exp(summed NLL / predicted tokens)"
@@ -37,8 +51,6 @@ def resolve_seqlen(requested: int | None, context: int | None) -> int:
     Raises:
         SppError: `requested` exceeds the context, or neither is known.
     """
-    from spp.models import check_seqlen
-
     if requested is not None:
         check_seqlen(requested, context)
         return requested
@@ -54,11 +66,6 @@ def mask_sparsity(checkpoint) -> dict | None:
     weights): layers left dense (--ignore, --targets) count as kept, so pruning attention alone at 2:4 is not
     reported as 50%. `masked_sparsity` is over the masked weights only.
     """
-    import math
-
-    from spp.patterns import decoder_weights
-    from spp.sparsity import fraction, mask_stats, tally
-
     if checkpoint.mask_sha256 is None:
         return None
     masks, _ = checkpoint.read_masks()
@@ -84,8 +91,6 @@ def _check_adapter(cfg: EvalConfig, checkpoint):
 
 def _prepare_ppl(cfg: EvalConfig, tokenizer, seqlen: int) -> list[tuple[str, object, object]]:
     """(key, PplText, ids) for every --ppl entry, each checked to hold at least one window."""
-    from spp.eval.perplexity import ppl_text, set_ids
-
     out, seen = [], set()
     for spec in cfg.ppl:
         text = ppl_text(spec)
@@ -105,9 +110,6 @@ def _load(cfg: EvalConfig, checkpoint, device):
     Raises:
         SppError: a weight or an adapter tensor is NaN or ±inf (`spp.io.finite`), or the adapter does not fit.
     """
-    from spp.io.finite import check_finite_model
-    from spp.models import load_model
-
     model = load_model(str(checkpoint.directory), cfg.dtype, device)
     check_finite_model(model, f"model {checkpoint.directory}")  # its perplexity would be `nan`, and mean nothing
     if cfg.adapter:
@@ -125,17 +127,11 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
         SppError: any bad input, detected before the model is loaded where possible; a NaN or ±inf weight; a
             perplexity that is not finite (never reported as a number).
     """
-    from spp.eval.perplexity import perplexity
-    from spp.eval.zeroshot import evaluate_tasks, prepare_tasks
-    from spp.io.conditions import run_conditions
-    from spp.io.reader import read_checkpoint
-    from spp.models import context_length, load_tokenizer, resolve_device, resolve_dtype
+    from spp.eval.perplexity import perplexity  # here, not at the top, where it would hide the submodule's name
 
     start = time.time()
     check_hub_sources(cfg)  # offline, a hub set or task fails here in a second, before any model is read
     if cfg.output:
-        from spp.io.checkpoint import check_not_an_input
-
         ppl = [("--ppl", path) for spec in cfg.ppl for path in (spec, spec.partition(":")[2])]  # PATH or NAME:PATH
         check_not_an_input(Path(cfg.output), [("--model", cfg.model), ("--adapter", cfg.adapter), *ppl,
                                               ("--task-data", cfg.task_data)])
@@ -143,8 +139,6 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     seqlen = resolve_seqlen(cfg.seqlen, context_length(checkpoint.config))
     device, _ = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     if cfg.output:
-        from spp.io.checkpoint import check_output_dir
-
         check_output_dir(Path(cfg.output), cfg.overwrite)
     adapter_cfg = _check_adapter(cfg, checkpoint) if cfg.adapter else None
     kernel_masks = None
@@ -186,7 +180,7 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
         "perplexity": ppl_results,
         "zeroshot": zeroshot,
         "sparse_kernels": sparse_kernels,
-        "lm_eval_version": _lm_eval_version(),
+        "lm_eval_version": library_versions().get("lm_eval"),
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "run_conditions": run_conditions(device, next(model.parameters()).dtype),  # what changes the numbers
@@ -203,10 +197,6 @@ def _check_finite_ppl(key: str, res, model) -> None:
     Raises:
         SppError: `res.ppl` is not finite (names the set, the summed NLL and the dtype the model ran in).
     """
-    import math
-
-    import torch
-
     if math.isfinite(res.ppl):
         return
     dtype = next(model.parameters()).dtype
@@ -219,28 +209,13 @@ def _check_finite_ppl(key: str, res, model) -> None:
 
 def check_hub_sources(cfg: EvalConfig) -> None:
     """Each `--ppl` hub set, and `--tasks` without task data, needs the hub: offline they fail at once."""
-    from spp.eval.perplexity import check_ppl_source
-    from spp.eval.zeroshot import check_hub_tasks
-
     for spec in cfg.ppl:
         check_ppl_source(spec)
     if cfg.tasks and cfg.task_data is None:
         check_hub_tasks(cfg.tasks)
 
 
-def _lm_eval_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lm_eval")
-    except PackageNotFoundError:
-        return None
-
-
 def _write(cfg: EvalConfig, results: dict, start: float) -> Path:
-    from spp.io.checkpoint import RESULTS_FILE, atomic_dir, write_json
-    from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
-
     inputs = {}
     if results["source"]:
         inputs[results["source"]["file"]] = results["source"]["sha256"]
@@ -294,33 +269,12 @@ def results_rows(results: dict) -> list[tuple[str, str]]:
     return rows
 
 
-@dataclass
-class CompareTable:
-    """Rows = metrics, columns = runs; a missing metric is "—"."""
-
-    columns: list[str]
-    rows: list[tuple[str, list[str]]]
-
-    def markdown(self) -> str:
-        """A GitHub/Markdown pipe table, ready to paste into a paper draft or an issue."""
-        from spp.io.text import markdown_table
-
-        header = ["metric", *self.columns]
-        return markdown_table(header, [[metric, *values] for metric, values in self.rows], "-" + "r" * len(self.columns),
-                              pad=True)
-
-
-def _read_results(path: Path) -> dict:
-    from spp.io.checkpoint import RESULTS_FILE, read_json
-
-    file = path / RESULTS_FILE if path.is_dir() else path
-    if not file.exists():
-        raise SppError(f"--compare {path}: no {RESULTS_FILE} there (is it an `spp eval --output` directory?)")
-    return read_json(file, what="results")
-
-
-def compare_results(paths: list[str]) -> CompareTable:
+def compare_results(paths: list[str]) -> str:
     """Line up several `spp eval` outputs (directories or results JSON files) side by side.
+
+    Returns:
+        A GitHub/Markdown pipe table, ready to paste into a paper draft or an issue: rows = metrics, columns =
+        runs; a missing metric is "—".
 
     Raises:
         SppError: fewer than one path, or a path that holds no results.
@@ -330,11 +284,15 @@ def compare_results(paths: list[str]) -> CompareTable:
     columns, per_run = [], []
     for p in paths:
         path = Path(p)
-        results = _read_results(path)
+        file = path / RESULTS_FILE if path.is_dir() else path
+        if not file.exists():
+            raise SppError(f"--compare {path}: no {RESULTS_FILE} there (is it an `spp eval --output` directory?)")
+        results = read_json(file, what="results")
         label = path.name if path.is_dir() else (path.parent.name if path.name == "results.json" else path.stem)
         columns.append(label if label not in columns else str(path))
         per_run.append(dict(results_rows(results)))
     metrics: list[str] = []
     for run in per_run:
         metrics += [m for m in run if m not in metrics]
-    return CompareTable(columns, [(m, [run.get(m, "—") for run in per_run]) for m in metrics])
+    rows = [[m, *(run.get(m, "—") for run in per_run)] for m in metrics]
+    return markdown_table(["metric", *columns], rows, "-" + "r" * len(columns), pad=True)

@@ -33,6 +33,7 @@ This module owns the math and the text; model loading and output files live in `
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from pathlib import Path
 import torch
 
 from spp.errors import SppError
+from spp.io.checkpoint import sha256_file
+from spp.quiet import quiet_transformers
 
 HUB_SETS = ("wikitext2", "c4", "ptb")
 C4_DOCS = 1100
@@ -162,14 +165,8 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     Returns:
         LongTensor (n,).
     """
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "sequence longer than the maximum" is expected here
-    try:
+    with quiet_transformers(logging.ERROR):  # "sequence longer than the maximum" is expected here
         return tokenizer(text, return_tensors="pt").input_ids[0]
-    finally:
-        transformers.logging.set_verbosity(verbosity)
 
 
 def set_ids(tokenizer, text: PplText, seqlen: int) -> torch.Tensor:
@@ -184,9 +181,7 @@ def set_ids(tokenizer, text: PplText, seqlen: int) -> torch.Tensor:
 
 
 def _hub_rows(what: str, **kwargs):
-    from spp.hub import require_hub
-
-    require_hub(f"--ppl {what}", kwargs["path"], "dataset", f"pass a local copy as --ppl {what}:PATH instead")
+    check_ppl_source(what)
     import datasets
 
     try:
@@ -219,7 +214,7 @@ def ptb_text(path: Path) -> PplText:
     path = _existing(path, "ptb")
     with open(path, encoding="utf-8") as f:  # lines as ptb_text_only reads them: text mode, split at "\n" only
         sentences = [line.strip() for line in f]
-    return PplText("ptb", " ".join(sentences), str(path), _sha256(path))
+    return PplText("ptb", " ".join(sentences), str(path), sha256_file(path))
 
 
 def wikitext_raw_rows(text: str) -> str:
@@ -256,13 +251,13 @@ def label_protocol(text: PplText, protocol: str, what: str) -> PplText:
     return text
 
 
-def local_text(path: Path, name: str | None = None, join: str = "\n\n") -> PplText:
+def local_text(path: Path, name: str | None = None) -> PplText:
     """A local `.txt` (text mode, one document) or `.jsonl`/`.json` with a `text` field."""
     from spp.data import read_text_documents
 
     path = _existing(path, name)
     docs = read_text_documents(path)
-    return PplText(name or str(path), join.join(docs), str(path), _sha256(path))
+    return PplText(name or str(path), "\n\n".join(docs), str(path), sha256_file(path))
 
 
 def c4_local_text(path: Path) -> PplText:
@@ -271,7 +266,7 @@ def c4_local_text(path: Path) -> PplText:
 
     path = _existing(path, "c4")
     docs = read_text_documents(path)[:C4_DOCS]
-    return PplText("c4", " ".join(docs), str(path), _sha256(path), max_tokens_per_seqlen=C4_WINDOWS)
+    return PplText("c4", " ".join(docs), str(path), sha256_file(path), max_tokens_per_seqlen=C4_WINDOWS)
 
 
 HUB_REPOS = {"wikitext2": "Salesforce/wikitext", "c4": "allenai/c4"}
@@ -323,9 +318,3 @@ def _existing(path: Path, what: str | None) -> Path:
     if not path.is_file():
         raise SppError(f"--ppl {what + ': ' if what else ''}file {path} does not exist")
     return path
-
-
-def _sha256(path: Path) -> str:
-    from spp.io.checkpoint import sha256_file
-
-    return sha256_file(path)

@@ -21,7 +21,6 @@ import bz2
 import csv
 import difflib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -189,11 +188,6 @@ LOCAL_TASKS: dict[str, LocalTask] = {
 # --------------------------------------------------------------------------- task setup
 
 
-def default_task_data() -> str | None:
-    """`$SPP_TASK_DATA` when set, else None (the hub)."""
-    return os.environ.get("SPP_TASK_DATA") or None
-
-
 def _close(name: str, choices) -> str:
     matches = difflib.get_close_matches(name, list(choices), n=5, cutoff=0.6)
     return f"; close matches: {', '.join(matches)}" if matches else ""
@@ -220,11 +214,13 @@ def local_task_files(name: str, task_data: Path) -> list[Path]:
     raise SppError(f"--task-data {task_data}: task {name} needs {missing}{return_hint}, which does not exist")
 
 
-def registered_yaml(relative: str) -> Path:
-    """Absolute path of a registered task YAML inside the installed lm_eval."""
-    import lm_eval
+def registered_yaml(relative: str) -> Path | None:
+    """Absolute path of a registered task YAML inside the installed lm_eval (found without importing it), or None
+    when lm_eval is not installed."""
+    import importlib.util
 
-    return Path(lm_eval.__file__).parent / "tasks" / relative
+    spec = importlib.util.find_spec("lm_eval")
+    return Path(spec.origin).parent / "tasks" / relative if spec is not None and spec.origin else None
 
 
 def write_local_tasks(names: list[str], task_data: Path, workdir: Path) -> dict[str, str]:
@@ -285,13 +281,11 @@ class TaskSetup:
 
 def registered_dataset(name: str) -> str | None:
     """The hub dataset a registered task of LOCAL_TASKS reads (its YAML's `dataset_path`), else None."""
-    import importlib.util
     import re
 
-    spec = importlib.util.find_spec("lm_eval")
-    if name not in LOCAL_TASKS or spec is None or not spec.origin:
+    task_yaml = registered_yaml(LOCAL_TASKS[name].yaml) if name in LOCAL_TASKS else None
+    if task_yaml is None:
         return None
-    task_yaml = Path(spec.origin).parent / "tasks" / LOCAL_TASKS[name].yaml
     for _ in range(3):  # a task YAML may take its dataset from the file it `include:`s (arc_challenge)
         text = task_yaml.read_text(encoding="utf-8") if task_yaml.is_file() else ""
         found = re.search(r"^dataset_path:\s*(\S+)", text, re.M)
@@ -323,8 +317,6 @@ def prepare_tasks(names: list[str], task_data: str | None, workdir: Path) -> Tas
     Raises:
         SppError: unknown task (with close matches), missing local file, or data that cannot be loaded.
     """
-    if task_data is None:  # before lm-eval is imported: offline, this fails in a second
-        check_hub_tasks(names)
     from lm_eval.tasks import TaskManager
 
     from spp.io.checkpoint import sha256_file

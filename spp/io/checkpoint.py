@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -112,8 +113,7 @@ def check_output_dir(output: Path, overwrite: bool, flag: str = "--output") -> N
         raise SppError(f"{flag} {output} already exists; pass --overwrite to replace it")
     if output.exists() and not output.is_dir():
         raise SppError(f"{flag} {output} exists and is not a directory")
-    parent = output.resolve().parent
-    probe = parent
+    probe = output.resolve().parent
     while not probe.exists():  # the first existing ancestor decides whether we can create the rest
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
@@ -506,7 +506,7 @@ def save_tensors_streamed(specs: dict, chunks, path: Path, metadata: dict | None
     if metadata:
         header["__metadata__"] = metadata
     for name, (dtype, shape) in specs.items():
-        size = dtype.itemsize * _numel(shape)
+        size = dtype.itemsize * math.prod(shape)
         header[name] = {"dtype": SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
@@ -525,13 +525,6 @@ def save_tensors_streamed(specs: dict, chunks, path: Path, metadata: dict | None
         if next(expected, None) is not None:
             raise RuntimeError(f"{path}: fewer tensors arrived than the header lists; this is a bug in spp")
     follow_umask(Path(path))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 # `spp train` outputs: the JSONL log, and resumable checkpoints `checkpoints/step-N/`, each holding the

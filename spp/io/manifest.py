@@ -23,7 +23,7 @@ from pathlib import Path
 
 from spp import __version__
 from spp.errors import SppError
-from spp.io.checkpoint import MANIFEST_FILE, MASK_FILE, read_json, sha256_file, write_json
+from spp.io.checkpoint import MANIFEST_FILE, MASK_FILE, read_json, safetensors_files, sha256_file, write_json
 
 SCHEMA_VERSION = 1
 
@@ -101,7 +101,6 @@ def model_identity(directory: Path, manifest: Manifest | None) -> dict[str, str]
     and modification time (`spp.io.conditions.file_identity`: a model spp did not write; hashing it would read
     the whole model). A file rewritten by hand under an unchanged manifest is not seen here (`spp verify` sees it).
     """
-    from spp.io.checkpoint import safetensors_files
     from spp.io.conditions import file_identity
 
     directory = Path(directory)

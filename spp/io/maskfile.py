@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from spp.errors import SppError
@@ -93,8 +93,6 @@ def load_masks(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise SppError(f"mask file {path} does not exist (is this an `spp prune` output?)")
     try:
         packed = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:

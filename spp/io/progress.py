@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from spp.errors import SppError
-from spp.io.checkpoint import PRUNE_PROGRESS_DIR, PRUNE_PROGRESS_FILE, read_json, write_json
+from spp.io.checkpoint import PRUNE_PROGRESS_DIR, PRUNE_PROGRESS_FILE, read_json, save_tensors, write_json
 from spp.io.conditions import check_same_conditions, check_same_inputs
 from spp.io.manifest import settings_sha256
 
@@ -61,8 +61,6 @@ def progress_dir(partial: Path) -> Path:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors through a temporary file and a rename, so a kill never leaves half a file under `path`."""
-    from spp.io.checkpoint import save_tensors
-
     tmp = path.with_name(path.name + ".tmp")
     save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)

@@ -21,6 +21,7 @@ Weight values are hashed only by `spp verify` (against the manifest).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -76,10 +77,8 @@ class Checkpoint:
         saved_names: parameter (or persistent buffer) name -> the saved tensor it is loaded from, for every
             one-to-one correspondence (a fused mixture-of-experts parameter built from several saved tensors
             has none).
-        ignored: saved tensors transformers ignores for this architecture (not loaded, not saved again).
         manifest: the directory's `spp_manifest.json`, or None when it has none.
         mask_sha256: sha256 of the mask file (`mask_file`), or None when there is none.
-        mask_shapes: saved tensor name -> the shape its mask records (from the mask file's header).
         source: for a directory dequantized from a GGUF file, its `spp_source.json` record (file, sha256,
             tensor types); None otherwise.
         pieces: fused parameter name (`model.layers.0.mlp.experts.gate_up_proj`, (E, out, in)) -> its saved
@@ -92,10 +91,8 @@ class Checkpoint:
     model: nn.Module
     tensors: dict[str, SavedTensor]
     saved_names: dict[str, str]
-    ignored: list[str] = field(default_factory=list)
     manifest: Any = None
     mask_sha256: str | None = None
-    mask_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     source: dict | None = None
     pieces: dict[str, list[Piece]] = field(default_factory=dict)
     _masks: tuple | None = field(default=None, repr=False, compare=False)  # the mask file, decoded once
@@ -250,7 +247,7 @@ def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoi
               f"{type(model).__name__} (first: {ignored[0]}); they are not used and are not written again",
               file=sys.stderr)
     ckpt = Checkpoint(directory=directory, config=config, model=model, tensors=tensors, saved_names=saved_names,
-                      ignored=ignored, manifest=manifest, source=read_source(directory), pieces=pieces)
+                      manifest=manifest, source=read_source(directory), pieces=pieces)
     if ckpt.mask_file.is_file():
         ckpt.mask_sha256 = sha256_file(ckpt.mask_file)
         if manifest is not None and manifest.mask_sha256:
@@ -364,9 +361,8 @@ def _resolve_names(directory: Path, config, tensors: dict[str, SavedTensor]):
         (the meta model, parameter name -> saved name, saved names transformers ignores, fused parameter
         name -> its pieces).
     """
-    from transformers.utils import logging as hf_logging
-
     from spp import hf
+    from spp.quiet import quiet_transformers
 
     config_file = directory / CONFIG_FILE
     model_class = hf.causal_lm_class(config)
@@ -375,17 +371,11 @@ def _resolve_names(directory: Path, config, tensors: dict[str, SavedTensor]):
                        f"({type(config).__name__} has no causal-LM class in transformers)")
     state = {name: torch.empty(t.shape, dtype=_DTYPES.get(t.dtype, torch.float32), device="meta")
              for name, t in tensors.items()}
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # our refusal below is the report; transformers' table would be a second one
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = hf.meta_load(model_class, config, state)
+    try:  # transformers' warnings off: our refusal below is the report, its table would be a second one
+        with quiet_transformers(logging.ERROR):
+            model, info = hf.meta_load(model_class, config, state)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise hf.transformers_failed(exc, f"resolving the weights of {directory} against {config_file}") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
     renamings, converters = hf.weight_conversions(model)
     state = model.state_dict()
     renamed = _renamed_keys(tensors, renamings, converters, model.base_model_prefix, state)
@@ -503,4 +493,3 @@ def _read_mask_header(ckpt: Checkpoint) -> None:
         if shape != ckpt.tensors[name].shape:
             raise SppError(f"{path}: the mask for {name} has shape {shape} but {ckpt.tensors[name].shard} stores "
                            f"it as {ckpt.tensors[name].shape}")
-        ckpt.mask_shapes[name] = shape
