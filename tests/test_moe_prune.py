@@ -221,11 +221,11 @@ def test_an_expert_without_tokens_is_pruned_by_magnitude_and_says_so():
 
 
 def test_expert_weights_without_a_saved_mapping_or_with_owl_are_refused():
-    from spp.prune import layer_plan
+    from spp.prune.plan import plan_layers
     from spp.prune.experts import check_expert_weights
 
     model = make_moe_model("mixtral")
-    plan = layer_plan(model, PruneConfig(model="m", output="o"))
+    plan = plan_layers(model, PruneConfig(model="m", output="o"))
     pieces = {full: [] for full in plan.sparsity if ".experts." in full}
     check_expert_weights(model, plan, pieces, owl=False)
     with pytest.raises(SppError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj: cannot tell which saved"):

@@ -113,22 +113,6 @@ class _Checked:
     plan: LayerPlan | None = None  # which layers are pruned, at which sparsity (before OWL)
 
 
-def _check_layer_shapes(model: nn.Module, cfg: PruneConfig, plan: LayerPlan) -> None:
-    from spp.models import decoder_targets
-
-    n_m = cfg.n_m
-    targets = {target.name: target for targets in decoder_targets(model) for target in targets.values()}
-    for full in plan.sparsity:
-        out_features, in_features = targets[full].out_in().shape[-2:]  # of each expert, for an expert weight
-        if n_m is not None and in_features % n_m[1]:
-            raise SppError(
-                f"--pattern {cfg.pattern}: module {full} has weight (out, in) = "
-                f"({out_features}, {in_features}); its input dimension {in_features} is not divisible by M={n_m[1]}"
-            )
-    if n_m is not None and cfg.method == "sparsegpt" and cfg.blocksize % n_m[1]:
-        raise SppError(f"--blocksize {cfg.blocksize} must be a multiple of M={n_m[1]} for --pattern {cfg.pattern}")
-
-
 def _check_inputs(cfg: PruneConfig) -> _Checked:
     """Every check that can fail on the user's input, before any weights are loaded."""
     from spp.data import calibration_windows, check_calib_source
@@ -151,8 +135,7 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     context = context_length(model_config)
     check_seqlen(cfg.seqlen, context)
     seqlen = cfg.seqlen or min(2048, context or 2048)
-    plan = layer_plan(checkpoint.model, cfg)
-    _check_layer_shapes(checkpoint.model, cfg, plan)
+    plan = plan_layers(checkpoint.model, cfg)
     check_expert_weights(checkpoint.model, plan, checkpoint.pieces, cfg.owl)
     tokenizer = load_tokenizer(str(checkpoint.directory))
     windows = None
@@ -168,11 +151,6 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
         blocks_done = check_resumable(partial_path(Path(cfg.output)), resume_settings(cfg, windows), conditions, inputs)
     return _Checked(seqlen=seqlen, device=device, tokenizer=tokenizer, windows=windows, blocks_done=blocks_done,
                     conditions=conditions, checkpoint=checkpoint, plan=plan, inputs=inputs)
-
-
-def layer_plan(model: nn.Module, cfg: PruneConfig) -> LayerPlan:
-    """`plan.plan_layers` with this config's patterns and sparsity."""
-    return plan_layers(model, cfg.targets, cfg.ignore, cfg.sparsity_overrides, cfg.sparsity)
 
 
 def prune_conditions(cfg: PruneConfig, device: torch.device, model_config) -> dict:
@@ -294,7 +272,7 @@ def prune_model(
         blocks_done: blocks an interrupted run already finished in `partial` (restored, not redone).
         pieces: fused expert weight -> its saved per-expert tensors (`spp.io.reader.Checkpoint.pieces`), needed
             when expert weights are pruned (each piece is pruned as its own matrix).
-        plan: the layer plan (`layer_plan`) when the caller already made it, before OWL.
+        plan: the layer plan (`plan.plan_layers`) when the caller already made it, before OWL.
     """
     from spp.io.progress import BlockRecord, load_owl, restore_blocks, save_block, save_owl
     from spp.models import decoder_targets, find_decoder_blocks
@@ -303,7 +281,7 @@ def prune_model(
 
     method = METHODS[cfg.method]
     _, blocks = find_decoder_blocks(model)
-    plan = plan or layer_plan(model, cfg)
+    plan = plan or plan_layers(model, cfg)
     storage = torch.device("cpu") if cfg.offload_activations else device
     inputs = None
     if windows is not None and needs_calibration(cfg):
