@@ -172,6 +172,8 @@ class PruneConfig:
         if self.seqlen is not None:
             _check_range("--seqlen", self.seqlen, 1)
         _check_range("--blocksize", self.blocksize, 1)
+        if n_m is not None and self.method == "sparsegpt" and self.blocksize % n_m[1]:
+            raise SppError(f"--blocksize {self.blocksize} must be a multiple of M={n_m[1]} for --pattern {self.pattern}")
         _check_range("--percdamp", self.percdamp, 0.0, lo_open=True)
         _check_range("--batch-size", self.batch_size, 1)
         _check_range("--expert-min-tokens", self.expert_min_tokens, 1)

@@ -34,7 +34,7 @@ from spp.io.conditions import run_conditions
 from spp.io.finite import cast_weight
 from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
 from spp.io.reader import Checkpoint, read_checkpoint
-from spp.models import is_conv1d, resolve_dtype
+from spp.models import resolve_dtype
 from spp.sparsity import check_pruned_zero, sparsity_stats
 
 NOT_COPIED = {MANIFEST_FILE, RESOLVED_CONFIG_FILE, RESULTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
@@ -91,24 +91,25 @@ def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfi
     weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
     model_dir = base.directory
     kind = ADAPTERS[adapter_cfg.kind]
-    # the weights `add_adapter` chose in training (by default, layers left dense were not adapted)
-    chosen = find_targets(base.model, adapter_cfg, None if adapter_cfg.adapt_unpruned else base.masks_by_parameter(masks))
-    by_weight: dict[str, dict[str, torch.Tensor]] = {}
+    by_weight: dict[str, dict[str, torch.Tensor]] = {}  # the adapted weights, as the adapter's tensors name them
     for key, value in weights.items():
         name, _, short = key.rpartition(".")
         by_weight.setdefault(name, {})[short] = value
+    # they must be the weights `add_adapter` chose in training (by default, layers left dense were not adapted)
+    chosen = find_targets(base.model, adapter_cfg, None if adapter_cfg.adapt_unpruned else base.masks_by_parameter(masks))
     if set(by_weight) != set(chosen):
         extra = sorted(set(by_weight) - set(chosen)) or sorted(set(chosen) - set(by_weight))
         raise SppError(f"adapter weights {weights_path} do not fit the model in {model_dir} "
                        f"(first mismatched module: {extra[0]})")
     targets = []
-    for name, target in chosen.items():
+    for name, tensors in by_weight.items():
+        target = chosen[name]
         shape = tuple(target.out_in().shape)  # (E?, out, in); the adapter's tensors are (E?, ...)
         fused = len(shape) == 3
         what = (f"{name} ((E, out, in) = {shape})" if fused
                 else f"{base.saved_name(target.param)} ((out, in) = {shape})")  # the name transformers loads it from
         expected = {short: (*shape[:-2], *size) for short, size in kind.tensor_shapes(*shape[-2:], adapter_cfg).items()}
-        got = {short: tuple(t.shape) for short, t in by_weight[name].items()}
+        got = {short: tuple(t.shape) for short, t in tensors.items()}
         if got != expected:
             raise SppError(f"adapter weights {weights_path}: {name} has {_shapes(got)}, but a {adapter_cfg.kind} "
                            f"adapter of {what} needs {_shapes(expected)}")
@@ -117,11 +118,10 @@ def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfi
                            "adapter of it cannot be merged")
         for piece in base.pieces.get(target.param) or [None]:  # each saved tensor, through the reader's mapping
             if piece is None:
-                targets.append(MergeTarget(name, base.saved_name(target.param), is_conv1d(target.module),
-                                           by_weight[name]))
+                targets.append(MergeTarget(name, base.saved_name(target.param), target.layout == "conv1d", tensors))
             else:
-                tensors = {short: t[piece.expert] for short, t in by_weight[name].items()}
-                targets.append(MergeTarget(name, piece.saved, False, tensors, piece.rows, shape[-2]))
+                expert = {short: t[piece.expert] for short, t in tensors.items()}
+                targets.append(MergeTarget(name, piece.saved, False, expert, piece.rows, shape[-2]))
     return targets
 
 

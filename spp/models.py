@@ -1,11 +1,12 @@
-"""Load Hugging Face causal LMs and find their decoder blocks, linear layers and expert weights, for any family.
+"""Load Hugging Face causal LMs and find their decoder blocks and the weights spp prunes and adapts, for any family.
 
 Nothing here is specific to one architecture: decoder blocks are the longest
 `nn.ModuleList` whose entries are the model's no-split modules (or, failing that,
 all of one class), linear layers are found by type (`nn.Linear` and GPT-2's
 `Conv1D`, whose weight is stored (in, out)), and a mixture-of-experts block's fused
 expert weights (transformers 5: 3-D parameters (E, out, in) of an experts module, e.g.
-Mixtral's `mlp.experts.gate_up_proj`) by shape. A router is neither (it stays dense).
+Mixtral's `mlp.experts.gate_up_proj`) by shape. A router is neither (it stays dense). Each weight found is a
+`Target` (`block_targets`, `decoder_targets`), the one record every stage loops over.
 """
 
 from __future__ import annotations
@@ -134,68 +135,12 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def find_linear_layers(block: nn.Module) -> dict[str, nn.Module]:
-    """All linear layers (nn.Linear and Conv1D) inside a block, by name relative to the block, except the gates
-    of a mixture-of-experts block (`is_moe_gate`). Expert weights are `find_expert_weights`."""
-    moe = bool(find_expert_weights(block))
-    return {name: module for name, module in block.named_modules()
-            if (isinstance(module, nn.Linear) or is_conv1d(module)) and not (moe and is_moe_gate(name))}
-
-
 def is_moe_gate(name: str) -> bool:
     """A linear layer of an MoE block that scores experts rather than transforming the hidden states: its name
     ends in `gate` (a router kept as nn.Linear, `mlp.gate`; Qwen2-MoE's `shared_expert_gate`, (1, H)), not
     `gate_proj`. Like the routers, these stay dense and are never adapted: a pruned router changes which experts
     every token reaches."""
     return name.rsplit(".", 1)[-1].endswith("gate")
-
-
-@dataclass(frozen=True, eq=False)
-class ExpertWeight:
-    """One fused expert weight of a mixture-of-experts block: the parameter `param` of the experts module,
-    (E, out, in), expert e's matrix at [e] in the usual (out, in) view (Mixtral's `gate_up_proj` (E, 2·I, H)
-    stacks each expert's gate rows over its up rows; `down_proj` is (E, H, I)). Its name in a model is the
-    parameter's own name (`model.layers.0.mlp.experts.gate_up_proj`, no `.weight`)."""
-
-    experts: nn.Module
-    param: str
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return getattr(self.experts, self.param)
-
-    @property
-    def num_experts(self) -> int:
-        return self.weight.shape[0]
-
-
-def is_expert_weight(layer) -> bool:
-    return isinstance(layer, ExpertWeight)
-
-
-def find_expert_weights(block: nn.Module) -> dict[str, ExpertWeight]:
-    """The fused expert weights inside a block, by parameter name relative to the block (`mlp.experts.down_proj`).
-
-    An expert weight is a 3-D floating-point parameter of a module whose name says `expert` (transformers 5's
-    experts modules: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-style). Biases and transposed layouts are refused.
-
-    Raises:
-        SppError: an experts module stores its weights (E, in, out) (`is_transposed`, e.g. GPT-OSS) or has
-            expert biases, which spp does not handle.
-    """
-    found = {}
-    for module_name, module in block.named_modules():
-        if "expert" not in module_name.rsplit(".", 1)[-1].lower():
-            continue
-        fused = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()}
-        if not fused:
-            continue
-        if getattr(module, "is_transposed", False) or any(p.dim() == 2 for p in module.parameters(recurse=False)):
-            raise SppError(f"{module_name} ({type(module).__name__}) stores its expert weights transposed or with "
-                           "biases; spp prunes (E, out, in) expert weights without biases only")
-        for param in fused:
-            found[f"{module_name}.{param}"] = ExpertWeight(module, param)
-    return found
 
 
 @dataclass(frozen=True, eq=False)
@@ -225,34 +170,50 @@ class Target:
     def module_name(self) -> str:
         return self.param.rpartition(".")[0]
 
+    @property
+    def layout(self) -> str:
+        """`conv1d` for a weight stored (in, out), else `linear` (an expert weight's is `linear`)."""
+        return "conv1d" if is_conv1d(self.module) else "linear"
+
     def out_in(self) -> torch.Tensor:
         """The weight viewed (E?, out, in), whatever its storage layout (a view, not a copy)."""
         return self.weight.t() if is_conv1d(self.module) else self.weight
 
 
-def target_of(name: str, layer) -> Target:
-    """The `Target` of a linear layer or `ExpertWeight` named `name` (as `spp.patterns.linear_layers` gives them)."""
-    if is_expert_weight(layer):
-        return Target(name, name, layer.experts, layer.param)
-    return Target(name, f"{name}.weight", layer, "weight")
+def block_targets(block: nn.Module, prefix: str = "") -> dict[str, Target]:
+    """Every weight spp may prune or adapt inside one decoder block, by name relative to the block: its linear
+    layers (nn.Linear and Conv1D), except the gates of a mixture-of-experts block (`is_moe_gate`), then its fused
+    expert weights (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`). Each target's `name` and `param` are
+    `prefix` (`model.layers.3.`) followed by the block-relative ones.
+
+    A fused expert weight is a 3-D floating-point parameter (E, out, in) of a module whose name says `expert`
+    (transformers 5's experts modules: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-style); its name is the parameter's
+    own (no `.weight`). Biases and transposed layouts are refused.
+
+    Raises:
+        SppError: an experts module stores its weights (E, in, out) (`is_transposed`, e.g. GPT-OSS) or has
+            expert biases, which spp does not handle.
+    """
+    fused = {}
+    for module_name, module in block.named_modules():
+        if "expert" not in module_name.rsplit(".", 1)[-1].lower():
+            continue
+        params = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
+        if not params:
+            continue
+        if getattr(module, "is_transposed", False) or any(p.dim() == 2 for p in module.parameters(recurse=False)):
+            raise SppError(f"{module_name} ({type(module).__name__}) stores its expert weights transposed or with "
+                           "biases; spp prunes (E, out, in) expert weights without biases only")
+        for param in params:
+            name = f"{prefix}{module_name}.{param}"
+            fused[f"{module_name}.{param}"] = Target(name, name, module, param)
+    linear = {name: Target(prefix + name, f"{prefix}{name}.weight", module, "weight")
+              for name, module in block.named_modules()
+              if (isinstance(module, nn.Linear) or is_conv1d(module)) and not (fused and is_moe_gate(name))}
+    return {**linear, **fused}
 
 
-def weight_name(layer_name: str, layer) -> str:
-    """The parameter name of a layer's weight: `<layer>.weight`, or an expert weight's own name."""
-    return layer_name if is_expert_weight(layer) else f"{layer_name}.weight"
-
-
-def layer_name_of(weight: str) -> str:
-    """The inverse of `weight_name`: a linear layer's module name, or an expert weight's parameter name."""
-    return weight.removesuffix(".weight")
-
-
-def weight_out_in(module) -> torch.Tensor:
-    """The layer's weight viewed as (out, in), whatever its storage layout (a view, not a copy); an expert
-    weight's (E, out, in) as it is."""
-    return module.weight.t() if is_conv1d(module) else module.weight
-
-
-def layer_layout(module: nn.Module) -> str:
-    """`conv1d` for weights stored (in, out), else `linear`."""
-    return "conv1d" if is_conv1d(module) else "linear"
+def decoder_targets(model: nn.Module) -> list[dict[str, Target]]:
+    """Per decoder block, in order, its targets by block-relative name (`block_targets`), with full names."""
+    prefix, blocks = find_decoder_blocks(model)
+    return [block_targets(block, f"{prefix}.{i}.") for i, block in enumerate(blocks)]

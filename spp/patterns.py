@@ -1,8 +1,8 @@
 r"""Layer name patterns: the one language `spp prune --targets/--ignore` and `spp train`'s `target_modules` share.
 
 A pattern selects linear layers inside the decoder blocks, and a mixture-of-experts block's fused
-expert weights by their parameter names (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`:
-`spp.models.ExpertWeight`; the router is neither). It is tried against both the layer's
+expert weights by their parameter names (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`; the router is
+neither): the targets of `spp.models.block_targets`. It is tried against both the layer's
 name relative to its block (`self_attn.q_proj`, `mlp.*`) and its full module name
 (`model.layers.0.mlp.down_proj`, so one block can be named). A plain pattern is an fnmatch pattern
 (`*`, `?`, `[...]`) over the whole name; a pattern starting with `re:` is a Python regular
@@ -15,26 +15,15 @@ knows modules and names only; what is done to the chosen layers is the caller's.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from torch import nn
 
 from spp.errors import SppError
 from spp.io.reader import Checkpoint
-from spp.models import find_decoder_blocks, find_expert_weights, find_linear_layers, weight_name
+from spp.models import Target, decoder_targets, find_decoder_blocks
 
 REGEX_PREFIX = "re:"
-
-
-@dataclass(frozen=True)
-class LinearLayer:
-    """One linear layer (or fused expert weight) of a decoder block: block index, name relative to the block,
-    the module (or `spp.models.ExpertWeight`)."""
-
-    block: int
-    name: str
-    module: nn.Module
 
 
 def compile_pattern(pattern: str, source: str):
@@ -55,19 +44,10 @@ def compile_pattern(pattern: str, source: str):
     return lambda name: fnmatchcase(name, pattern)
 
 
-def linear_layers(model: nn.Module) -> dict[str, LinearLayer]:
-    """Every linear layer and expert weight inside the decoder blocks, by full name, in model order."""
-    prefix, blocks = find_decoder_blocks(model)
-    return {f"{prefix}.{i}.{name}": LinearLayer(i, name, layer)
-            for i, block in enumerate(blocks)
-            for name, layer in {**find_linear_layers(block), **find_expert_weights(block)}.items()}
-
-
 def decoder_weights(checkpoint: Checkpoint) -> list[str]:
-    """The saved tensors of every weight `spp prune` could prune (the linear layers and expert weights of the
-    decoder blocks, `linear_layers`), in model order."""
-    return [saved for full, layer in linear_layers(checkpoint.model).items()
-            for saved in checkpoint.saved_tensors_of(weight_name(full, layer.module))]
+    """The saved tensors of every weight `spp prune` could prune (`spp.models.decoder_targets`), in model order."""
+    return [saved for targets in decoder_targets(checkpoint.model) for target in targets.values()
+            for saved in checkpoint.saved_tensors_of(target.param)]
 
 
 def _outside_blocks(model: nn.Module) -> list[str]:
@@ -78,8 +58,8 @@ def _outside_blocks(model: nn.Module) -> list[str]:
             and getattr(module, "weight", None) is not None]
 
 
-def match_layers(model: nn.Module, patterns: list[str], source: str, each: bool = True) -> dict[str, LinearLayer]:
-    """The decoder-block linear layers that any of `patterns` selects (full name -> layer), in model order.
+def match_layers(model: nn.Module, patterns: list[str], source: str, each: bool = True) -> dict[str, Target]:
+    """The decoder-block targets that any of `patterns` selects (full name -> `spp.models.Target`), in model order.
 
     Args:
         model: a causal LM (weights may be on the meta device).
@@ -92,25 +72,25 @@ def match_layers(model: nn.Module, patterns: list[str], source: str, each: bool 
             layer, naming the module outside the decoder blocks it names if it does (embeddings,
             lm_head), else the available block-relative names.
     """
-    layers = linear_layers(model)
+    named = [(relative, target) for targets in decoder_targets(model) for relative, target in targets.items()]
     predicates = [(p, compile_pattern(p, source)) for p in patterns]
-    chosen: dict[str, LinearLayer] = {}
+    chosen: set[str] = set()
     for pattern, matches in predicates:
-        hits = [full for full, layer in layers.items() if matches(layer.name) or matches(full)]
+        hits = {target.name for relative, target in named if matches(relative) or matches(target.name)}
         if not hits and each:
-            _raise_no_match(model, layers, [(pattern, matches)], source)
-        chosen.update((full, layers[full]) for full in hits)
+            _raise_no_match(model, named, [(pattern, matches)], source)
+        chosen |= hits
     if not chosen:
-        _raise_no_match(model, layers, predicates, source)
-    return {full: layer for full, layer in layers.items() if full in chosen}
+        _raise_no_match(model, named, predicates, source)
+    return {target.name: target for _, target in named if target.name in chosen}
 
 
-def _raise_no_match(model, layers, predicates, source) -> None:
+def _raise_no_match(model, named, predicates, source) -> None:
     shown = [p for p, _ in predicates]
     what = repr(shown[0]) if len(shown) == 1 else str(shown)
     outside = [name for name in _outside_blocks(model) if any(m(name) for _, m in predicates)]
     if outside:
         raise SppError(f"{source} {what} names {outside[0]}, which is outside the decoder blocks; spp prunes and "
                        "adapts only the linear layers inside them (embeddings and lm_head stay dense)")
-    names = sorted({layer.name for layer in layers.values()})
+    names = sorted({relative for relative, _ in named})
     raise SppError(f"{source} {what} match no linear layer in the decoder blocks (their names are: {', '.join(names)})")

@@ -162,21 +162,18 @@ def build_pruned_dir(model, tokenizer, directory: Path, sparsity: float = 0.5) -
     from spp.io.checkpoint import MASK_FILE, save_model
     from spp.io.manifest import Manifest, write_manifest
     from spp.io.maskfile import save_masks
-    from spp.models import find_decoder_blocks, find_linear_layers, layer_layout, weight_out_in
+    from spp.models import decoder_targets
     from spp.prune.masks import apply_mask, unstructured_mask
 
-    prefix, blocks = find_decoder_blocks(model)
     masks, layouts = {}, {}
     with torch.no_grad():
-        for i, block in enumerate(blocks):
-            for name, layer in find_linear_layers(block).items():
-                W = weight_out_in(layer)
+        for targets in decoder_targets(model):
+            for target in targets.values():
+                W = target.out_in()
                 keep = unstructured_mask(W.abs(), sparsity, per_row=False)
                 W.copy_(apply_mask(W, keep))
-                key = f"{prefix}.{i}.{name}.weight"
-                layout = layer_layout(layer)
-                masks[key] = keep.t() if layout == "conv1d" else keep
-                layouts[key] = layout
+                masks[target.param] = keep.t() if target.layout == "conv1d" else keep
+                layouts[target.param] = target.layout
     directory = Path(directory)
     save_model(model, tokenizer, directory)
     save_masks(directory / MASK_FILE, masks, layouts)
@@ -223,3 +220,10 @@ def save_tiny_stories_llama(directory: Path, shared_data: Path, seed: int = 0) -
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
         shutil.copyfile(shared_data / "stories260K-hf" / name, Path(directory) / name)
     return Path(directory)
+
+
+def weight_out_in(module):
+    """A linear layer's weight viewed (out, in), whatever its storage layout (GPT-2's Conv1D stores (in, out))."""
+    from spp.models import is_conv1d
+
+    return module.weight.t() if is_conv1d(module) else module.weight

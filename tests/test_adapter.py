@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from conftest import weight_out_in
 from spp.adapter import ADAPTERS, DEFAULT_LEARNING_RATE
 from spp.adapter.config import AdapterConfig
 from spp.adapter.layer import effective_weight, expand_rows, row_blocks, spp_delta, spp_merge_weight
@@ -16,7 +17,6 @@ from spp.adapter.model import (adapter_state_dict, add_adapter, count_trainable,
 from spp.adapter.weight import AdaptedFunction, AdaptedWeight
 from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
-from spp.models import weight_out_in
 from spp.prune.masks import apply_mask, unstructured_mask
 
 SHAPES = [(12, 5, 4), (10, 6, 4), (7, 3, 2), (5, 4, 5), (9, 8, 1)]  # (out, in, r); 10/4 and 7/2 not divisible
@@ -271,14 +271,15 @@ def test_config_scale_json_round_trip_and_checks():
 
 def prune_in_place(model, sparsity=0.5):
     """Magnitude-prune every linear layer of the decoder blocks; keep-masks by parameter name."""
-    from spp.adapter.model import target_layers
+    from spp.models import decoder_targets
 
     masks = {}
     with torch.no_grad():
-        for name, layer in target_layers(model, ["*"]).items():
-            keep = unstructured_mask(layer.weight.abs(), sparsity)
-            layer.weight.copy_(apply_mask(layer.weight, keep))
-            masks[f"{name}.weight"] = keep
+        for targets in decoder_targets(model):
+            for target in targets.values():
+                keep = unstructured_mask(target.weight.abs(), sparsity)
+                target.weight.copy_(apply_mask(target.weight, keep))
+                masks[target.param] = keep
     return masks
 
 

@@ -351,19 +351,18 @@ def pruned_adapter_merged(tmp_path_factory, tiny_dir):
     from spp.adapter.model import add_adapter, merge_adapter, save_adapter
     from spp.io.checkpoint import MASK_FILE, save_model, sha256_file
     from spp.io.maskfile import save_masks
-    from spp.models import find_decoder_blocks, find_linear_layers
+    from spp.models import decoder_targets
     from spp.prune.masks import apply_mask, unstructured_mask
 
     root = tmp_path_factory.mktemp("spp")
     model, tok = make_tiny_model("llama"), char_tokenizer()
-    prefix, blocks = find_decoder_blocks(model)
     masks = {}
     with torch.no_grad():
-        for i, block in enumerate(blocks):
-            for name, layer in find_linear_layers(block).items():
-                keep = unstructured_mask(layer.weight.abs(), 0.5)
-                layer.weight.copy_(apply_mask(layer.weight, keep))
-                masks[f"{prefix}.{i}.{name}.weight"] = keep
+        for targets in decoder_targets(model):
+            for target in targets.values():
+                keep = unstructured_mask(target.weight.abs(), 0.5)
+                target.weight.copy_(apply_mask(target.weight, keep))
+                masks[target.param] = keep
     pruned = root / "pruned"
     save_model(model, tok, pruned)
     save_masks(pruned / MASK_FILE, masks, {k: "linear" for k in masks})

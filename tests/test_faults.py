@@ -900,7 +900,7 @@ def test_mask_invariant_survives_save_load_train_merge_load(pattern, row_groups,
     from spp.io.manifest import Manifest, write_manifest
     from spp.io.maskfile import save_masks
     from spp.merge import run_merge
-    from spp.models import find_decoder_blocks, find_linear_layers
+    from spp.models import decoder_targets
     from spp.prune.masks import apply_mask, is_nm_valid, parse_pattern, select_mask
     from spp.sparsity import pruned_is_positive_zero
     from spp.verify import verify_checkpoint
@@ -910,15 +910,14 @@ def test_mask_invariant_survives_save_load_train_merge_load(pattern, row_groups,
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = make_tiny_model("llama", seed=seed)
-        prefix, blocks = find_decoder_blocks(model)
         masks = {}
         with torch.no_grad():
-            for i, block in enumerate(blocks):
-                for layer_name, layer in find_linear_layers(block).items():
-                    keep = select_mask(layer.weight.abs(), n_m, sparsity if n_m is None else 1 - n_m[0] / n_m[1],
+            for targets in decoder_targets(model):
+                for target in targets.values():
+                    keep = select_mask(target.weight.abs(), n_m, sparsity if n_m is None else 1 - n_m[0] / n_m[1],
                                        per_row=True)
-                    layer.weight.copy_(apply_mask(layer.weight, keep))
-                    masks[f"{prefix}.{i}.{layer_name}.weight"] = keep
+                    target.weight.copy_(apply_mask(target.weight, keep))
+                    masks[target.param] = keep
         save_model(model, None, tmp / "pruned")
         save_masks(tmp / "pruned" / MASK_FILE, masks, {k: "linear" for k in masks})
         write_manifest(tmp / "pruned", Manifest(stage="prune", settings={}, details={"method": "magnitude",

@@ -298,7 +298,7 @@ def _worker(out_dir: str) -> None:
 
     from spp.adapter.config import AdapterConfig
     from spp.adapter.model import add_adapter
-    from spp.models import enable_checkpointing, find_decoder_blocks, find_linear_layers, weight_out_in
+    from spp.models import decoder_targets, enable_checkpointing
     from spp.train.fsdp import shard_model
 
     dist.init_process_group("gloo")
@@ -318,14 +318,13 @@ def _worker(out_dir: str) -> None:
     for kind in ("spp", "masked_lora", "full"):
         torch.manual_seed(0)
         model, masks = LlamaForCausalLM(config), {}
-        prefix, blocks = find_decoder_blocks(model)
         with torch.no_grad():  # prune half of every decoder linear by magnitude
-            for i, block in enumerate(blocks):
-                for name, layer in find_linear_layers(block).items():
-                    W = weight_out_in(layer)
+            for targets in decoder_targets(model):
+                for target in targets.values():
+                    W = target.out_in()
                     keep = W.abs() > W.abs().median()
                     W.copy_(torch.where(keep, W, torch.zeros(())))
-                    masks[f"{prefix}.{i}.{name}.weight"] = keep
+                    masks[target.param] = keep
         torch.manual_seed(2)
         add_adapter(model, AdapterConfig(kind=kind, spp_row_groups=4, rank=4), masks)
         with torch.no_grad():  # β and B away from 0, so every gradient is non-trivial

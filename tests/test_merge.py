@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from spp.adapter.config import AdapterConfig
-from spp.adapter.model import adapter_state_dict, add_adapter, save_adapter, target_layers
+from spp.adapter.model import adapter_state_dict, add_adapter, save_adapter
 from spp.cli import app
 from spp.config import MergeConfig
 from spp.errors import SppError
@@ -17,7 +17,7 @@ from spp.io.manifest import Manifest, read_manifest, write_manifest
 from spp.io.maskfile import save_masks
 from spp.io.reader import read_checkpoint
 from spp.merge import run_merge
-from spp.models import layer_layout, weight_out_in
+from spp.models import decoder_targets
 from spp.prune.masks import apply_mask, unstructured_mask
 from spp.verify import verify_checkpoint
 
@@ -41,12 +41,12 @@ def make_pruned(model, directory, sparsity=0.5, max_shard_size="2GB"):
     """Magnitude-prune the decoder linears of `model` and save it as `spp prune` would."""
     keep_by_param, layouts = {}, {}
     with torch.no_grad():
-        for name, layer in target_layers(model, ["*"]).items():
-            W = weight_out_in(layer)
+        for target in (target for targets in decoder_targets(model) for target in targets.values()):
+            W = target.out_in()
             keep = unstructured_mask(W.abs(), sparsity)
             W.copy_(apply_mask(W, keep))
-            stored = keep.t() if layer_layout(layer) == "conv1d" else keep
-            keep_by_param[f"{name}.weight"], layouts[f"{name}.weight"] = stored, layer_layout(layer)
+            stored = keep.t() if target.layout == "conv1d" else keep
+            keep_by_param[target.param], layouts[target.param] = stored, target.layout
     directory.mkdir(parents=True)
     save_model(model, None, directory, max_shard_size=max_shard_size)
     written = read_checkpoint(directory)

@@ -35,17 +35,16 @@ def prune_2_4(model) -> dict[str, torch.Tensor]:
     Returns:
         keep-masks by parameter name (a fused expert weight's own name, (E, out, in)).
     """
-    from spp.models import weight_name, weight_out_in
-    from spp.patterns import linear_layers
+    from spp.models import decoder_targets
     from spp.prune.masks import apply_mask, nm_mask
 
     masks = {}
     with torch.no_grad():
-        for full, layer in linear_layers(model).items():
-            W = weight_out_in(layer.module)  # (out, in) or (E, out, in)
+        for target in (target for targets in decoder_targets(model) for target in targets.values()):
+            W = target.out_in()  # (out, in) or (E, out, in)
             keep = nm_mask(W.abs().reshape(-1, W.shape[-1]), 2, 4).reshape(W.shape)
             W.copy_(apply_mask(W, keep))
-            masks[weight_name(full, layer.module)] = keep
+            masks[target.param] = keep
     return masks
 
 

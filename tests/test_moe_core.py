@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from conftest import MOE_CONFIGS, make_moe_model
 from spp.errors import SppError
 from spp.io.reader import read_checkpoint
-from spp.models import ExpertWeight, find_expert_weights, find_linear_layers, layer_name_of, weight_name
-from spp.patterns import linear_layers, match_layers
+from spp.models import block_targets, decoder_targets
+from spp.patterns import match_layers
 
 
 def _saved(model, directory, **kwargs):
@@ -94,19 +94,19 @@ def test_masks_by_parameter_joins_the_per_expert_entries(tmp_path):
 def test_expert_weights_are_targets_and_the_router_is_not():
     model = make_moe_model("mixtral")
     block = model.model.layers[0]
-    experts = find_expert_weights(block)
+    experts = {name: t for name, t in block_targets(block).items() if t.weight.dim() == 3}
     assert sorted(experts) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
-    assert all(isinstance(e, ExpertWeight) and e.num_experts == 4 for e in experts.values())
+    assert all(t.module is block.mlp.experts and t.weight.shape[0] == 4 for t in experts.values())
     assert experts["mlp.experts.down_proj"].weight is block.mlp.experts.down_proj
-    assert "mlp.gate" not in find_linear_layers(block)  # the router is not an nn.Linear: never pruned or adapted
-    layers = linear_layers(model)
+    assert "mlp.gate" not in block_targets(block)  # the router is not an nn.Linear: never pruned or adapted
+    layers = {t.name: t for targets in decoder_targets(model) for t in targets.values()}
     assert "model.layers.1.mlp.experts.gate_up_proj" in layers and not any(".gate" == n[-5:] for n in layers)
     chosen = match_layers(model, ["mlp.experts.*"], "--targets")
     assert list(chosen) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")]
     full = "model.layers.0.mlp.experts.down_proj"
-    assert weight_name(full, layers[full].module) == full and layer_name_of(full) == full
+    assert layers[full].param == full  # an expert weight's name is its parameter's: no `.weight`
     q = "model.layers.0.self_attn.q_proj"
-    assert weight_name(q, layers[q].module) == f"{q}.weight" and layer_name_of(f"{q}.weight") == q
+    assert layers[q].param == f"{q}.weight" and layers[q].module is model.model.layers[0].self_attn.q_proj
 
 
 def test_transposed_experts_with_biases_are_refused():
@@ -117,7 +117,7 @@ def test_transposed_experts_with_biases_are_refused():
                           head_dim=16)
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(SppError, match="transposed or with biases"):
-        find_expert_weights(model.model.layers[0])
+        block_targets(model.model.layers[0])
 
 
 def test_sparse_kernels_leave_expert_weights_dense(tmp_path):
@@ -151,8 +151,8 @@ def test_gates_of_an_moe_block_are_not_targets():
     model = make_moe_model("qwen2_moe")
     block = model.model.layers[0]
     assert isinstance(block.mlp.shared_expert_gate, torch.nn.Linear)
-    names = set(find_linear_layers(block))
+    names = set(block_targets(block))
     assert "mlp.shared_expert_gate" not in names and "mlp.shared_expert.gate_proj" in names
     with pytest.raises(SppError, match="match no linear layer"):
         match_layers(model, ["mlp.shared_expert_gate"], "--targets")
-    assert set(find_linear_layers(torch.nn.ModuleDict({"gate": torch.nn.Linear(4, 4)}))) == {"gate"}  # MoE blocks only
+    assert set(block_targets(torch.nn.ModuleDict({"gate": torch.nn.Linear(4, 4)}))) == {"gate"}  # MoE blocks only

@@ -188,12 +188,13 @@ def test_routed_inputs_and_down_inputs_equal_a_per_token_loop():
 
 def test_an_expert_without_tokens_is_pruned_by_magnitude_and_says_so():
     """Hand-made routes that never choose expert 3: its pieces get magnitude masks, tokens 0, method magnitude."""
-    from spp.models import find_expert_weights
+    from spp.models import block_targets
+    from spp.prune.experts import expert_targets
     from spp.io.reader import Piece
 
     model = make_moe_model("mixtral")
     block = model.model.layers[0]
-    weights = find_expert_weights(block)
+    weights = expert_targets(block_targets(block))
     I = MOE_CONFIGS["mixtral"]["intermediate_size"]
     pieces = {"mlp.experts.gate_up_proj": [Piece(f"w{e}.{r}", e, rows) for e in range(4)
                                             for r, rows in ((1, (0, I)), (3, (I, 2 * I)))],
@@ -220,11 +221,11 @@ def test_an_expert_without_tokens_is_pruned_by_magnitude_and_says_so():
 
 
 def test_expert_weights_without_a_saved_mapping_or_with_owl_are_refused():
-    from spp.prune import layer_plan
+    from spp.prune.plan import plan_layers
     from spp.prune.experts import check_expert_weights
 
     model = make_moe_model("mixtral")
-    plan = layer_plan(model, PruneConfig(model="m", output="o"))
+    plan = plan_layers(model, PruneConfig(model="m", output="o"))
     pieces = {full: [] for full in plan.sparsity if ".experts." in full}
     check_expert_weights(model, plan, pieces, owl=False)
     with pytest.raises(SppError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj: cannot tell which saved"):

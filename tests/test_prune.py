@@ -19,7 +19,7 @@ from spp.errors import SppError
 from spp.io.checkpoint import MASK_FILE, MANIFEST_FILE
 from spp.io.reader import read_checkpoint
 from spp.io.maskfile import load_masks
-from spp.models import find_decoder_blocks, find_linear_layers, weight_out_in
+from spp.models import block_targets, find_decoder_blocks
 from spp.prune import run_prune
 from spp.prune.masks import is_nm_valid, pruned_count
 from spp.prune.sequential import capture_block_inputs, run_block, walk_blocks
@@ -94,7 +94,7 @@ def test_prune_every_arch(arch, method, pattern, tmp_path, text_file):
     tensors = saved_tensors(out)
     n_blocks = TINY_CONFIGS[arch].get("num_hidden_layers", TINY_CONFIGS[arch].get("n_layer"))
     blocks_name, blocks = find_decoder_blocks(report.model)
-    assert len(masks) == sum(len(find_linear_layers(b)) for b in blocks) and n_blocks == len(blocks)
+    assert len(masks) == sum(len(block_targets(b)) for b in blocks) and n_blocks == len(blocks)
     for name, keep in masks.items():
         assert name in tensors, f"mask key {name} is not a saved tensor"
         W = tensors[name]
@@ -133,14 +133,14 @@ def test_output_files_exactly(tmp_path, text_file):
 
 def test_magnitude_needs_no_calibration_and_uses_one_threshold(tmp_path):
     model_dir = save_tiny("llama", tmp_path / "model")
-    original = {n: weight_out_in(m).detach().clone()
-                for n, m in find_linear_layers(find_decoder_blocks(make_model("llama"))[1][0]).items()}
+    original = {n: t.out_in().detach().clone()
+                for n, t in block_targets(find_decoder_blocks(make_model("llama"))[1][0]).items()}
     out = tmp_path / "pruned"
     report = run_prune(PruneConfig(model=str(model_dir), output=str(out), method="magnitude", sparsity=0.3,
                                    calib=str(tmp_path / "does-not-exist.txt"), device="cpu"))
-    block0 = find_linear_layers(find_decoder_blocks(report.model)[1][0])
+    block0 = block_targets(find_decoder_blocks(report.model)[1][0])
     for name, W0 in original.items():
-        W = weight_out_in(block0[name])
+        W = block0[name].out_in()
         keep = W != 0
         assert (~keep).sum() == pruned_count(W.numel(), 0.3)
         assert W0.abs()[~keep].max() <= W0.abs()[keep].min()  # one threshold over the whole matrix
@@ -208,8 +208,8 @@ def test_block1_inputs_change_when_block0_is_pruned():
     unpruned_out = run_block(blocks[0], 0, inputs, torch.device("cpu"))[0].clone()
     block0_inputs = [h.clone() for h in inputs.hidden]
 
-    def halve(i, name, layer, state):
-        W = weight_out_in(layer)
+    def halve(i, name, target, state):
+        W = target.out_in()
         keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(i)) > 0.5
         with torch.no_grad():
             W.copy_(torch.where(keep, W, torch.zeros(())))
@@ -217,8 +217,8 @@ def test_block1_inputs_change_when_block0_is_pruned():
 
     seen = []
     for block in walk_blocks(blocks, inputs, None, torch.device("cpu")):
-        for name, layer in block.layers.items():
-            halve(block.index, name, layer, None)
+        for name, target in block.targets.items():
+            halve(block.index, name, target, None)
         block.finish()
         seen.append([h.clone() for h in inputs.hidden])
     assert not torch.allclose(seen[0][0], unpruned_out, atol=1e-4)

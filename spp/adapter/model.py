@@ -20,30 +20,9 @@ from spp.adapter.config import AdapterConfig
 from spp.adapter.weight import AdaptedWeight
 from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, read_json, write_json
-from spp.models import Target, target_of
+from spp.models import Target
+from spp.patterns import match_layers
 from spp.sparsity import check_pruned_zero
-
-
-def target_layers(model: nn.Module, patterns: list[str], masked: set[str] | None = None) -> dict[str, nn.Module]:
-    """The linear layers inside the decoder blocks that a pattern selects (`spp.patterns`), optionally only
-    those with a keep-mask.
-
-    Args:
-        patterns: `target_modules`.
-        masked: full module names that have a mask entry; None keeps every matching layer (the
-            caller's config says `adapt_unpruned`, or there are no masks at all).
-
-    Returns:
-        full module name (e.g. `model.layers.0.self_attn.q_proj`) -> layer, in model order.
-
-    Raises:
-        SppError: an invalid pattern, or no layer matches (names the patterns and the available names,
-            or the module outside the decoder blocks a pattern names).
-    """
-    from spp.patterns import match_layers
-
-    found = {full: layer.module for full, layer in match_layers(model, patterns, "target_modules", each=False).items()}
-    return found if masked is None else {full: layer for full, layer in found.items() if full in masked}
 
 
 def find_targets(model: nn.Module, cfg: AdapterConfig, masks=None) -> dict[str, Target]:
@@ -58,9 +37,10 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, masks=None) -> dict[str, 
         weight name -> its target, in model order.
 
     Raises:
-        SppError: as `target_layers`.
+        SppError: an invalid pattern, or no layer matches (names the patterns and the available names,
+            or the module outside the decoder blocks a pattern names).
     """
-    found = {name: target_of(name, layer) for name, layer in target_layers(model, cfg.target_modules).items()}
+    found = match_layers(model, cfg.target_modules, "target_modules", each=False)
     if masks is None or cfg.adapt_unpruned:
         return found
     return {name: target for name, target in found.items() if target.param in masks}

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spp.adapter import ADAPTERS, AdapterKind
-from spp.models import is_conv1d
+from spp.models import Target, is_conv1d
 
 
 def _matrices(W: torch.Tensor, keep: torch.Tensor | None, tensors: dict[str, torch.Tensor]):
@@ -154,8 +154,9 @@ class AdaptedWeight(nn.Module):
             W = getattr(base_layer, p)
             keep = (keeps or {}).get(p)
             keep = None if keep is None else keep.to(device=W.device, dtype=torch.bool)
-            self.state[p] = kind.state(W.detach(), keep, self.weight_name(name, p) or "the layer")
-            inits = [kind.init(w, cfg, self.weight_name(name, p) + (f" (expert {e})" if self.fused else ""))
+            weight = self.target(name, p).name
+            self.state[p] = kind.state(W.detach(), keep, weight or "the layer")
+            inits = [kind.init(w, cfg, weight + (f" (expert {e})" if self.fused else ""))
                      for e, (w, _, _) in enumerate(_matrices(self._out_in(W.detach()), None, {}))]
             tensors = {t: torch.stack([i[t] for i in inits]) if self.fused else inits[0][t] for t in inits[0]}
             if kind.master and W.dtype in (torch.float32, torch.float64):
@@ -188,14 +189,12 @@ class AdaptedWeight(nn.Module):
     def _state(self, p: str) -> torch.Tensor | None:
         return self.state.get(p) if isinstance(self.state, dict) else getattr(self.state, p, None)
 
-    def weight_name(self, module_name: str, p: str) -> str:
-        """The adapted weight's name: the module's for a linear layer, the parameter's own for an expert weight
-        (`model.layers.0.mlp.experts.gate_up_proj`), as `adapter_model.safetensors` keys its tensors."""
-        return f"{module_name}.{p}" if self.fused else module_name
-
-    def mask_key(self, weight_name: str) -> str:
-        """The parameter name its keep-mask is keyed by: `<module>.weight`, or an expert weight's own name."""
-        return weight_name if self.fused else f"{weight_name}.{self.params[0]}"
+    def target(self, module_name: str, p: str) -> Target:
+        """Adapted parameter p as a `spp.models.Target`, this module being `module_name` in the model: named as
+        `adapter_model.safetensors` keys its tensors (the module's name for a linear layer, the parameter's own for
+        an expert weight, `model.layers.0.mlp.experts.gate_up_proj`), its keep-mask keyed `<module_name>.<p>`."""
+        param = f"{module_name}.{p}"
+        return Target(param if self.fused else module_name, param, self.base_layer, p)
 
     def tensors(self, p: str) -> dict[str, torch.Tensor]:
         """The kind's tensors of parameter p, (E?, ...) each, by short name (parameters, not detached); `full`'s
@@ -215,13 +214,13 @@ class AdaptedWeight(nn.Module):
         return {(f"{p}.{t}" if self.fused else t): v.detach() for p in self.params for t, v in self.tensors(p).items()}
 
     def weights(self, module_name: str, gather=lambda t: t):
-        """Per adapted weight: (its name, W in its storage layout, {tensor: (E?, ...)} as `tensors` gives them),
+        """Per adapted weight: (its `target`, W in its storage layout, {tensor: (E?, ...)} as `tensors` gives them),
         detached and passed through `gather` (which makes a sharded tensor whole; a `full` master that is the base
         weight itself is gathered once, as W)."""
         for p in self.params:
             W = gather(getattr(self.base_layer, p).detach())
             held = {t: gather(v.detach()) for t, v in self._held(p).items()}
-            yield self.weight_name(module_name, p), W, self._with_master(held, W)
+            yield self.target(module_name, p), W, self._with_master(held, W)
 
     def forward(self, *args, **kwargs):
         kind = ADAPTERS[self.kind]

@@ -113,23 +113,6 @@ class _Checked:
     plan: LayerPlan | None = None  # which layers are pruned, at which sparsity (before OWL)
 
 
-def _check_layer_shapes(model: nn.Module, cfg: PruneConfig, plan: LayerPlan) -> None:
-    from spp.models import weight_out_in
-    from spp.patterns import linear_layers
-
-    n_m = cfg.n_m
-    layers = linear_layers(model)
-    for full in plan.sparsity:
-        out_features, in_features = weight_out_in(layers[full].module).shape[-2:]  # of each expert, for an expert weight
-        if n_m is not None and in_features % n_m[1]:
-            raise SppError(
-                f"--pattern {cfg.pattern}: module {full} has weight (out, in) = "
-                f"({out_features}, {in_features}); its input dimension {in_features} is not divisible by M={n_m[1]}"
-            )
-    if n_m is not None and cfg.method == "sparsegpt" and cfg.blocksize % n_m[1]:
-        raise SppError(f"--blocksize {cfg.blocksize} must be a multiple of M={n_m[1]} for --pattern {cfg.pattern}")
-
-
 def _check_inputs(cfg: PruneConfig) -> _Checked:
     """Every check that can fail on the user's input, before any weights are loaded."""
     from spp.data import calibration_windows, check_calib_source
@@ -152,8 +135,7 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
     context = context_length(model_config)
     check_seqlen(cfg.seqlen, context)
     seqlen = cfg.seqlen or min(2048, context or 2048)
-    plan = layer_plan(checkpoint.model, cfg)
-    _check_layer_shapes(checkpoint.model, cfg, plan)
+    plan = plan_layers(checkpoint.model, cfg)
     check_expert_weights(checkpoint.model, plan, checkpoint.pieces, cfg.owl)
     tokenizer = load_tokenizer(str(checkpoint.directory))
     windows = None
@@ -169,11 +151,6 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
         blocks_done = check_resumable(partial_path(Path(cfg.output)), resume_settings(cfg, windows), conditions, inputs)
     return _Checked(seqlen=seqlen, device=device, tokenizer=tokenizer, windows=windows, blocks_done=blocks_done,
                     conditions=conditions, checkpoint=checkpoint, plan=plan, inputs=inputs)
-
-
-def layer_plan(model: nn.Module, cfg: PruneConfig) -> LayerPlan:
-    """`plan.plan_layers` with this config's patterns and sparsity."""
-    return plan_layers(model, cfg.targets, cfg.ignore, cfg.sparsity_overrides, cfg.sparsity)
 
 
 def prune_conditions(cfg: PruneConfig, device: torch.device, model_config) -> dict:
@@ -262,11 +239,11 @@ class PrunedModel:
     plan: LayerPlan | None = None
     owl: dict | None = None
 
-    def add_block(self, prefix: str, masks: dict[str, torch.Tensor], record, experts) -> None:
-        """Take in one finished block (`prefix`: `model.layers.3.`): its keep-masks by block-relative name, its
-        `spp.io.progress.BlockRecord`, and the names of its fused expert weights (`experts`)."""
-        for name, keep in masks.items():  # an expert weight's name is its parameter's: no `.weight`
-            self.masks[prefix + name + ("" if name in experts else ".weight")] = keep
+    def add_block(self, masks: dict[str, torch.Tensor], record, targets) -> None:
+        """Take in one finished block: its keep-masks by block-relative name, its `spp.io.progress.BlockRecord`,
+        and its targets by block-relative name (`spp.models.block_targets`), whose `param` keys each mask."""
+        for name, keep in masks.items():
+            self.masks[targets[name].param] = keep
         self.layouts.update(record.layouts)
         self.module_stats.update(record.module_stats)
         self.retries.extend(record.retries)
@@ -295,15 +272,16 @@ def prune_model(
         blocks_done: blocks an interrupted run already finished in `partial` (restored, not redone).
         pieces: fused expert weight -> its saved per-expert tensors (`spp.io.reader.Checkpoint.pieces`), needed
             when expert weights are pruned (each piece is pruned as its own matrix).
-        plan: the layer plan (`layer_plan`) when the caller already made it, before OWL.
+        plan: the layer plan (`plan.plan_layers`) when the caller already made it, before OWL.
     """
     from spp.io.progress import BlockRecord, load_owl, restore_blocks, save_block, save_owl
-    from spp.models import find_decoder_blocks, find_expert_weights, layer_layout, weight_out_in
+    from spp.models import decoder_targets, find_decoder_blocks
+    from spp.prune.experts import expert_targets
     from spp.prune.sequential import capture_block_inputs, walk_blocks
 
     method = METHODS[cfg.method]
-    blocks_name, blocks = find_decoder_blocks(model)
-    plan = plan or layer_plan(model, cfg)
+    _, blocks = find_decoder_blocks(model)
+    plan = plan or plan_layers(model, cfg)
     storage = torch.device("cpu") if cfg.offload_activations else device
     inputs = None
     if windows is not None and needs_calibration(cfg):
@@ -314,77 +292,70 @@ def prune_model(
         if owl is None:
             if inputs is None:
                 raise SppError("--owl needs calibration windows (its outlier shares are Wanda scores)")
-            owl = owl_block_sparsities(blocks, blocks_name, inputs, plan, cfg, device)
+            owl = owl_block_sparsities(model, inputs, plan, cfg, device)
             if partial is not None:
                 save_owl(partial, owl)
         plan = plan.with_block_sparsities({i: s for i, s in enumerate(owl["sparsity"]) if s is not None})
     calibrated = inputs if method.accumulate is not None else None  # magnitude + OWL: no propagation needed
     result = PrunedModel(masks={}, layouts={}, module_stats={}, retries=[], plan=plan, owl=owl)
+    targets = decoder_targets(model)
     if partial is not None and blocks_done:
         restored = restore_blocks(partial, blocks, blocks_done, calibrated is not None, storage)
         if restored.hidden is not None:
             calibrated.hidden = restored.hidden
         for index, (masks, record) in enumerate(zip(restored.masks, restored.records)):
-            result.add_block(f"{blocks_name}.{index}.", masks, record, find_expert_weights(blocks[index]))
-    chosen = [{full.removeprefix(f"{blocks_name}.{i}.") for full in plan.in_block(i)} for i in range(len(blocks))]
+            result.add_block(masks, record, targets[index])
+    chosen = [{name: t for name, t in block.items() if t.name in plan.sparsity} for block in targets]
     for block in walk_blocks(blocks, calibrated, method.accumulate, device, chosen,
                              start=blocks_done if partial is not None else 0):
-        prefix = f"{blocks_name}.{block.index}."
-        masks, record = {}, BlockRecord(layouts={}, module_stats={}, retries=[])
-        for name, layer in block.layers.items():
-            full = prefix + name
+        experts = expert_targets(block.targets)
+        pruned = {}  # block-relative name -> (keep-mask on the CPU, its statistics, its dampening retries)
+        for name, target in block.targets.items():
             if on_module is not None:
-                on_module(block.index, len(blocks), full)
-            keep, info = prune_layer(full, layer, block.stats.pop(name, None), method, cfg, plan.sparsity[full])
-            if info:
-                record.retries.append({"module": full, "percdamp_requested": cfg.percdamp, **info})
-            record.layouts[f"{full}.weight"] = layer_layout(layer)
-            record.module_stats[f"{full}.weight"] = sparsity_stats(weight_out_in(layer).detach().cpu(), keep.cpu())
-            masks[name] = keep.cpu()
-        if block.experts:
-            for name in block.experts:
-                if on_module is not None:
-                    on_module(block.index, len(blocks), prefix + name)
-            done = prune_expert_weights(block.experts, block.routes, method, METHODS["magnitude"], cfg,
-                                        {name: plan.sparsity[prefix + name] for name in block.experts},
-                                        {name: saved_pieces(pieces, prefix + name) for name in block.experts}, device)
-            for name, pruned in done.items():
-                masks[name] = pruned.keep
-                record.layouts[prefix + name] = "linear"
-                record.module_stats[prefix + name] = pruned.stats
-                record.retries.extend({"module": prefix + name, **r} for r in pruned.retries)
+                on_module(block.index, len(blocks), target.name)
+            if name not in experts:
+                keep, info = prune_layer(target, block.stats.pop(name, None), method, cfg, plan.sparsity[target.name])
+                stats = sparsity_stats(target.out_in().detach().cpu(), keep.cpu())
+                pruned[name] = keep.cpu(), stats, [{"percdamp_requested": cfg.percdamp, **info}] if info else []
+        if experts:
+            done = prune_expert_weights(experts, block.routes, method, METHODS["magnitude"], cfg,
+                                        {name: plan.sparsity[t.name] for name, t in experts.items()},
+                                        {name: saved_pieces(pieces, t.param) for name, t in experts.items()}, device)
+            pruned.update((name, (d.keep, d.stats, d.retries)) for name, d in done.items())
+        masks, record = {}, BlockRecord(layouts={}, module_stats={}, retries=[])
+        for name, (keep, stats, retries) in pruned.items():
+            target = block.targets[name]
+            masks[name] = keep
+            record.layouts[target.param], record.module_stats[target.param] = target.layout, stats
+            record.retries.extend({"module": target.name, **r} for r in retries)
         next_inputs = block.finish()  # the pruned block's outputs
-        result.add_block(prefix, masks, record, block.experts)
+        result.add_block(masks, record, block.targets)
         if partial is not None:
             save_block(partial, block.index, block.module, masks, next_inputs, record)
             fault_point("prune_block", block.index)
     return result
 
 
-def prune_layer(full: str, layer: nn.Module, state, method: Method, cfg: PruneConfig,
-                sparsity: float) -> tuple[torch.Tensor, dict]:
-    """Prune one linear layer in place with `method` from its statistics `state`; returns (keep-mask (out, in),
-    the method's extra record).
+def prune_layer(target, state, method: Method, cfg: PruneConfig, sparsity: float) -> tuple[torch.Tensor, dict]:
+    """Prune one linear layer's weight (`spp.models.Target`) in place with `method` from its statistics `state`;
+    returns (keep-mask (out, in), the method's extra record).
 
     Raises:
-        SppError: the layer saw no calibration input, or the method failed (both naming module `full`).
+        SppError: the layer saw no calibration input, or the method failed (both naming the module).
     """
-    from spp.models import weight_out_in
-
     if method.accumulate is not None and state is None:
-        raise SppError(f"module {full} received no calibration input; spp cannot prune it with {cfg.method}")
-    W = weight_out_in(layer)  # (out, in) view of the stored weight
+        raise SppError(f"module {target.name} received no calibration input; spp cannot prune it with {cfg.method}")
+    W = target.out_in()  # (out, in) view of the stored weight
     try:
         W_new, keep, info = method.prune(W, state, cfg, sparsity)
     except SppError as exc:
-        raise SppError(f"module {full}: {exc}") from exc
+        raise SppError(f"module {target.name}: {exc}") from exc
     with torch.no_grad():
         W.copy_(W_new)
     return keep, info
 
 
-def owl_block_sparsities(blocks: nn.ModuleList, blocks_name: str, inputs, plan: LayerPlan, cfg: PruneConfig,
-                         device: torch.device) -> dict:
+def owl_block_sparsities(model: nn.Module, inputs, plan: LayerPlan, cfg: PruneConfig, device: torch.device) -> dict:
     """OWL's statistics pass over the dense model and the block sparsities it gives (`spp.prune.owl`).
 
     Only the layers at the default sparsity take part (not ignored, not overridden); a block with none
@@ -393,17 +364,18 @@ def owl_block_sparsities(blocks: nn.ModuleList, blocks_name: str, inputs, plan: 
     Raises:
         SppError: a layer saw no calibration input, or a block sparsity falls outside [0, 1).
     """
-    from spp.models import weight_out_in
+    from spp.models import decoder_targets, find_decoder_blocks
     from spp.prune.sequential import walk_blocks
 
-    voting = [{full.removeprefix(f"{blocks_name}.{i}.") for full in plan.in_block(i, default_only=True)}
-              for i in range(len(blocks))]
+    blocks_name, blocks = find_decoder_blocks(model)
+    voting = [{name: t for name, t in targets.items() if t.name in plan.in_block(i, default_only=True)}
+              for i, targets in enumerate(decoder_targets(model))]
     shares: list[float | None] = []
     for block in walk_blocks(blocks, inputs, accumulate_sq_norms, device, voting, dense=True):
-        missing = [name for name in block.layers if name not in block.stats]
+        missing = [t.name for name, t in block.targets.items() if name not in block.stats]
         if missing:
-            raise SppError(f"module {blocks_name}.{block.index}.{missing[0]} received no calibration input; OWL needs it")
-        scores = [wanda_scores(weight_out_in(layer), block.stats[name]) for name, layer in block.layers.items()]
+            raise SppError(f"module {missing[0]} received no calibration input; OWL needs it")
+        scores = [wanda_scores(t.out_in(), block.stats[name]) for name, t in block.targets.items()]
         shares.append(outlier_share(scores, cfg.owl_m) if scores else None)
     voters = [i for i, d in enumerate(shares) if d is not None]
     n = torch.tensor([sum(plan.numel[f] for f in plan.in_block(i, default_only=True)) for i in voters])

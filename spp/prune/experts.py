@@ -28,7 +28,7 @@ from torch import nn
 
 from spp.errors import SppError
 from spp.hf import expert_gate_fn
-from spp.models import is_expert_weight
+from spp.models import Target, decoder_targets
 from spp.sparsity import sparsity_stats, tally
 
 GATE_UP, DOWN = "gate_up_proj", "down_proj"  # the fused layout spp prunes (Mixtral, Qwen2/3-MoE, OLMoE)
@@ -75,6 +75,11 @@ def expert_down_inputs(X: torch.Tensor, gate_up: torch.Tensor,
 # --------------------------------------------------------------------------- capture
 
 
+def expert_targets(targets: dict[str, Target]) -> dict[str, Target]:
+    """The fused expert weights (E, out, in) among `targets` (same keys): the ones pruned from routed tokens."""
+    return {name: target for name, target in targets.items() if target.weight.dim() == 3}
+
+
 @contextlib.contextmanager
 def recording_routes(experts_modules: dict[str, nn.Module], storage: torch.device
                      ) -> Iterator[dict[str, list[tuple[torch.Tensor, torch.Tensor]]]]:
@@ -113,19 +118,16 @@ def check_expert_weights(model: nn.Module, plan, pieces: dict, owl: bool) -> Non
             per-expert tensors are unknown (no `spp.io.reader.Piece` mapping), or --owl is asked for with
             expert weights in the plan.
     """
-    from spp.patterns import linear_layers
-
-    layers = linear_layers(model)
-    experts = [full for full in plan.sparsity if is_expert_weight(layers[full].module)]
+    targets = {target.name: target for targets in decoder_targets(model) for target in targets.values()}
+    experts = expert_targets({full: targets[full] for full in plan.sparsity})
     if experts and owl:
-        raise SppError(f"--owl does not support expert weights ({experts[0]}): prune mixture-of-experts models "
-                       "without --owl, or leave the experts dense with --ignore 'mlp.experts.*'")
-    for full in experts:
-        weight = layers[full].module
-        params = {n for n, p in weight.experts.named_parameters(recurse=False) if p.dim() == 3}
-        if weight.param not in (GATE_UP, DOWN) or params != {GATE_UP, DOWN}:
+        raise SppError(f"--owl does not support expert weights ({next(iter(experts))}): prune mixture-of-experts "
+                       "models without --owl, or leave the experts dense with --ignore 'mlp.experts.*'")
+    for full, target in experts.items():
+        params = {n for n, p in target.module.named_parameters(recurse=False) if p.dim() == 3}
+        if target.attr not in (GATE_UP, DOWN) or params != {GATE_UP, DOWN}:
             raise SppError(f"{full}: spp prunes experts made of {GATE_UP} and {DOWN} (Mixtral, Qwen-MoE, OLMoE); "
-                           f"{type(weight.experts).__name__} has {', '.join(sorted(params))}")
+                           f"{type(target.module).__name__} has {', '.join(sorted(params))}")
         if full not in pieces:
             raise SppError(f"{full}: cannot tell which saved per-expert tensors make up this fused weight "
                            "(transformers' converters for it are not a stack of per-expert matrices)")
@@ -170,7 +172,7 @@ def prune_expert_weights(
     """Prune the chosen expert weights of one block, expert by expert, each saved piece as its own matrix.
 
     Args:
-        weights: block-relative name (`mlp.experts.gate_up_proj`) -> `spp.models.ExpertWeight`, on `device`.
+        weights: block-relative name (`mlp.experts.gate_up_proj`) -> its `spp.models.Target`, on `device`.
         routes: experts module name -> its recorded (hidden, top_k_index) per chunk (`recording_routes`), or
             None when the method uses no calibration.
         method: the `spp.prune.Method` (accumulate, prune); fallback: the magnitude `Method`.
@@ -186,16 +188,16 @@ def prune_expert_weights(
     """
     by_module: dict[str, dict[str, Any]] = {}
     for name, weight in weights.items():
-        by_module.setdefault(name.rsplit(".", 1)[0], {})[weight.param] = (name, weight)
+        by_module.setdefault(name.rsplit(".", 1)[0], {})[weight.attr] = (name, weight)
     done: dict[str, ExpertPruned] = {}
     for module_name, params in by_module.items():
         for name, weight in params.values():
             done[name] = ExpertPruned(keep=torch.ones(weight.weight.shape, dtype=torch.bool),
                                       stats={"pieces": []})
-        experts = next(iter(params.values()))[1].experts
+        experts = next(iter(params.values()))[1].module
         apply_gate = expert_gate_fn(experts) or default_apply_gate(experts.act_fn)
         chunks = None if routes is None else routes[module_name]
-        for expert in range(next(iter(params.values()))[1].num_experts):
+        for expert in range(next(iter(params.values()))[1].weight.shape[0]):
             # selected where the routes are kept (--offload-activations: the CPU), so only X_e moves to the device
             X = None if chunks is None else [x.to(device) for h, i in chunks if (x := routed_inputs(h, i, expert)).shape[0]]
             tokens = None if X is None else sum(x.shape[0] for x in X)

@@ -48,11 +48,9 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
     from spp.io.maskfile import save_masks
 
-    from spp.models import layer_name_of
-
     keep_by_param, layouts, module_stats, retries = pruned.masks, pruned.layouts, pruned.module_stats, pruned.retries
     plan = pruned.plan
-    requested = {param: plan.sparsity[layer_name_of(param)] for param in module_stats}
+    requested = {plan.params[name]: sparsity for name, sparsity in plan.sparsity.items()}
     block_details = _block_details(module_stats, requested)
     blocks = [(name, row["numel"], row["pruned"]) for name, row in block_details.items()]
     totals = tally(module_stats.values())
@@ -76,8 +74,7 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
         "kept_zero": kept_zero,
         "blocks": block_details,
         "owl": pruned.owl,
-        "dense_layers": [name for full in plan.dense  # an expert weight's name is its parameter's
-                         for name in written.saved_tensors_of(full if full in written.pieces else f"{full}.weight")],
+        "dense_layers": [name for full in plan.dense for name in written.saved_tensors_of(plan.params[full])],
         "modules": modules,
         "expert_fallbacks": fallbacks,  # saved expert tensors pruned by magnitude (< expert_min_tokens routed tokens)
         "calibration": None if checked.windows is None else {

@@ -6,8 +6,8 @@ and the positional and keyword arguments of *every* block call (attention masks 
 per layer: Qwen2's `max_window_layers`, Gemma2's alternating sliding/full layers; GPT-2
 passes some arguments positionally). Cache objects are dropped. `walk_blocks` then yields
 one block at a time on the device, after running it with hooks on its chosen linear layers
-to collect statistics (and a pre-hook on each experts module recording the routed tokens:
-`spp.prune.experts`); once the caller has pruned it, the *pruned* block runs to produce the
+to collect statistics (and a pre-hook on each experts module of its chosen expert weights recording the routed
+tokens: `spp.prune.experts`); once the caller has pruned it, the *pruned* block runs to produce the
 next block's inputs, as SparseGPT and Wanda do. Forwards are batched over windows. This
 module knows nothing about any pruning method: it takes an `accumulate` function
 (statistics from layer inputs) and leaves the pruning to its caller (`spp.prune.prune_model`).
@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from spp.models import find_expert_weights, find_linear_layers
-from spp.prune.experts import recording_routes
+from spp.models import Target, block_targets
+from spp.prune.experts import expert_targets, recording_routes
 
 
 class _StopForward(Exception):
@@ -169,17 +169,17 @@ class Block:
     Attributes:
         index: its position among the decoder blocks.
         module: the block, on the device until `finish`.
-        layers: the chosen linear layers, by block-relative name (`self_attn.q_proj`), in model order.
-        experts: the chosen fused expert weights (`spp.models.ExpertWeight`), by block-relative name.
-        stats: layer name -> the statistics `accumulate` folded from its inputs (empty without calibration).
+        targets: the chosen weights (`spp.models.Target`, full names), by block-relative name (`self_attn.q_proj`,
+            `mlp.experts.gate_up_proj`), in model order.
+        stats: linear layer name -> the statistics `accumulate` folded from its inputs (empty without calibration;
+            none for expert weights, whose inputs are their routed tokens).
         routes: experts module name -> its (hidden (T, H), top_k_index (T, k)) per chunk of windows
             (`spp.prune.experts.recording_routes`), or None without calibration.
     """
 
     index: int
     module: nn.Module
-    layers: dict[str, nn.Module]
-    experts: dict[str, Any]
+    targets: dict[str, Target]
     stats: dict[str, Any]
     routes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None
     _inputs: BlockInputs | None = field(default=None, repr=False)  # None: nothing to run again (dense pass)
@@ -216,7 +216,7 @@ def walk_blocks(
     inputs: BlockInputs | None,
     accumulate: Callable[[Any, torch.Tensor], Any] | None,
     device: torch.device,
-    chosen: list[set[str]] | None = None,
+    chosen: list[dict[str, Target]] | None = None,
     start: int = 0,
     dense: bool = False,
 ) -> Iterator[Block]:
@@ -235,8 +235,8 @@ def walk_blocks(
         accumulate: (state or None, X (..., in)) -> state, called for every input batch of a chosen layer; None
             collects nothing (and, while pruning, the block still runs to feed the next one).
         device: where each block runs.
-        chosen: per block index, the block-relative names of the layers and expert weights to yield (default: every
-            linear layer, no expert weight); the others get no statistics.
+        chosen: per block index, the targets to yield by block-relative name (default: every target of the block,
+            `spp.models.block_targets`); the others get no statistics.
         start: the first block to yield (a resumed run: blocks before it are already pruned and `inputs.hidden`
             holds block `start`'s inputs).
         dense: the statistics pass described above.
@@ -252,17 +252,18 @@ def walk_blocks(
             continue
         home = next(module.parameters()).device
         module.to(device)
-        layers = {n: m for n, m in find_linear_layers(module).items() if chosen is None or n in chosen[index]}
-        experts = {n: w for n, w in find_expert_weights(module).items() if chosen is not None and n in chosen[index]}
+        targets = block_targets(module) if chosen is None else chosen[index]
+        experts = expert_targets(targets)
         last = index + 1 == len(blocks)
         stats, routes = {}, None
         if state is not None and accumulate is not None:
-            modules = {n.rsplit(".", 1)[0]: w.experts for n, w in experts.items()}
+            layers = {n: t.module for n, t in targets.items() if n not in experts}
+            modules = {n.rsplit(".", 1)[0]: t.module for n, t in experts.items()}
             with _recording(layers, accumulate) as stats, recording_routes(modules, state.storage) as routes:
                 outputs = run_block(module, index, state, device, keep_outputs=dense and not last)
             if dense and not last:
                 state.hidden = outputs
-        block = Block(index, module, layers, experts, stats, routes, _inputs=None if dense else state, _last=last,
+        block = Block(index, module, targets, stats, routes, _inputs=None if dense else state, _last=last,
                       _device=device, _home=home)
         del stats, routes  # the block holds them, and drops them before it runs again
         yield block

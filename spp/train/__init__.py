@@ -133,9 +133,9 @@ def run_train(cfg: TrainConfig) -> TrainReport:
             unwrapped = accelerator.unwrap_model(model)
             masks = strategy.masks_for_check(checkpoint)
             # every process takes part in a sharded model's per-layer gathers; the main one checks and writes
-            for name, layer, W, tensors in gathered_layers(unwrapped):
+            for target, layer, W, tensors in gathered_layers(unwrapped):
                 if accelerator.is_main_process:
-                    check_layer_zeros(name, layer, W, masks, tensors)
+                    check_layer_zeros(target, layer, W, masks, tensors)
             strategy.save_adapter(unwrapped, adapter_cfg, workdir)
             if accelerator.is_main_process:
                 write_train_manifest(workdir, cfg, base, mask_sha256, report, conditions, data_hashes)
@@ -364,31 +364,26 @@ def check_pruned_zeros(model, masks: dict[str, torch.Tensor]) -> None:
     from spp.adapter.model import adapter_layers
 
     for name, layer in adapter_layers(model).items():
-        for weight, W, tensors in layer.weights(name):  # as `check_layer_zeros` takes them (also from `spp.train.fsdp`)
-            check_layer_zeros(weight, layer, W, masks, tensors)
+        for target, W, tensors in layer.weights(name):  # as `check_layer_zeros` takes them (also from `spp.train.fsdp`)
+            check_layer_zeros(target, layer, W, masks, tensors)
 
 
-def check_layer_zeros(name: str, layer, W: torch.Tensor, masks: dict[str, torch.Tensor],
+def check_layer_zeros(target, layer, W: torch.Tensor, masks: dict[str, torch.Tensor],
                       tensors: dict[str, torch.Tensor]) -> None:
-    """`check_pruned_zeros` for one adapted weight `name` of `layer`, given its whole weight W (storage layout) and
-    adapter tensors (gathered first when the model is sharded), as `AdaptedWeight.weights` yields them.
+    """`check_pruned_zeros` for one adapted weight (`spp.models.Target`) of `layer`, given its whole weight W (storage
+    layout) and adapter tensors (gathered first when the model is sharded), as `AdaptedWeight.weights` yields them.
 
     Raises:
         RuntimeError: a pruned entry of W or of the effective weight is not +0.0 (a bug in spp).
     """
-    key = layer.mask_key(name)
-    if key not in masks:
-        return
-    keep = masks[key].to(W.device)
-    _check_zeros(name, W, layer.effective_weight(W, keep, tensors), keep)
-
-
-def _check_zeros(name: str, W: torch.Tensor, W_eff: torch.Tensor, keep: torch.Tensor) -> None:
     from spp.sparsity import check_pruned_zero
 
-    for weight in (W, W_eff):
-        check_pruned_zero(weight, keep, lambda *_: f"{name}: a pruned entry is not +0.0 after training; this is a bug "
-                          "in spp", error=RuntimeError)
+    if target.param not in masks:
+        return
+    keep = masks[target.param].to(W.device)
+    for weight in (W, layer.effective_weight(W, keep, tensors)):
+        check_pruned_zero(weight, keep, lambda *_: f"{target.name}: a pruned entry is not +0.0 after training; this is "
+                          "a bug in spp", error=RuntimeError)
 
 
 def write_train_manifest(workdir: Path, cfg: TrainConfig, base: Path, mask_sha256: str, report: TrainReport,

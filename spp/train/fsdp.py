@@ -203,8 +203,8 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
-    from spp.adapter.model import add_adapter, target_layers
-    from spp.models import enable_checkpointing, find_decoder_blocks, layer_name_of
+    from spp.adapter.model import add_adapter, find_targets
+    from spp.models import enable_checkpointing, find_decoder_blocks
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(checkpoint.config, dtype=dtype)
@@ -215,8 +215,7 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     policy = _policy(cpu_offload)
     # The targets are chosen once on the whole (meta) model, names only, exactly as `add_adapter` chooses them
     # (full-name patterns, layers left dense); each block is then adapted at those exact names.
-    masked = None if masks is None or adapter_cfg.adapt_unpruned else {layer_name_of(k) for k in masks}
-    targets = list(target_layers(model, adapter_cfg.target_modules, masked))
+    targets = list(find_targets(model, adapter_cfg, masks))
     prefix, blocks = find_decoder_blocks(model)
     for i, block in enumerate(blocks):
         _materialise(block, f"{prefix}.{i}", checkpoint)
@@ -274,14 +273,14 @@ def gathered_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, torch.Te
     whole tensors of one weight, which are dropped before the next one is gathered.
 
     Yields:
-        (the weight's name, as adapters key it: a linear layer's module name or a fused expert weight's own;
-        its `AdaptedWeight`; W in its storage layout, (E?, ...); {tensor name: whole tensor}).
+        (the weight as a `spp.models.Target`, named as adapters key it: a linear layer's module name or a fused
+        expert weight's own; its `AdaptedWeight`; W in its storage layout, (E?, ...); {tensor name: whole tensor}).
     """
     from spp.adapter.model import adapter_layers
 
     for name, layer in adapter_layers(model).items():
-        for weight, W, tensors in layer.weights(name, gather=_full):
-            yield weight, layer, W, tensors
+        for target, W, tensors in layer.weights(name, gather=_full):
+            yield target, layer, W, tensors
 
 
 def save_adapter_gathered(model: nn.Module, adapter_cfg, directory: Path, is_main: bool) -> None:
@@ -293,8 +292,8 @@ def save_adapter_gathered(model: nn.Module, adapter_cfg, directory: Path, is_mai
     """
     from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, save_tensors_streamed, write_json
 
-    chunks = ({f"{name}.{key}": t.to("cpu") for key, t in tensors.items()}
-              for name, _, _, tensors in gathered_layers(model))
+    chunks = ({f"{target.name}.{key}": t.to("cpu") for key, t in tensors.items()}
+              for target, _, _, tensors in gathered_layers(model))
     if not is_main:
         for _ in chunks:  # take part in every gather
             pass
