@@ -580,10 +580,10 @@ def bar_markdown(report: dict, s) -> str:
     ppl = {name: next((r["rows"][0]["ppl"]["tinystories"] for r in recs if r["cell"]["method"] == method
                        and r["cell"]["adapter"] == "none"), float("nan"))
            for name, method in (("dense", "dense"), ("pruned", "wanda"))}
-    rows = [{"recovery": f"spp train adapter={r['recovery']}" if r["recovery"] in SPARSE else "PEFT LoRA (merged)",
+    rows = [{**r, "recovery": f"spp train adapter={r['recovery']}" if r["recovery"] in SPARSE else "PEFT LoRA (merged)",
              "kind": rec["cell"]["adapter"], "lr": rec["learning_rate"], "ppl": r["ppl"]["tinystories"],
              "recovered": gap_recovered(ppl["dense"], ppl["pruned"], r["ppl"]["tinystories"]),
-             "verify_exit": r.get("verify_exit"), **r} for rec, r in _rows(report["records"])
+             "verify_exit": r.get("verify_exit")} for rec, r in _rows(report["records"])
             if rec["cell"]["adapter"] != "none"]
     report["bar_rows"] = rows
     sparse, lora = [r for r in rows if r["kind"] in SPARSE], [r for r in rows if r["kind"] == "lora"]
