@@ -426,35 +426,33 @@ def prune(cell: Cell, s: StudySettings, data: StudyData, work: Path, log: list[s
     return output
 
 
-def measure(model: Path | str, s: StudySettings, data: StudyData, out: Path, log: list[str]) -> dict:
-    """`spp eval` of a saved model: perplexity and mean NLL per set (`val`: the validation slice), zero-shot tasks."""
-    groups = ([({"val": data.val}, ["--seqlen", str(s.seqlen)])] if data.val else []) + [(data.eval_sets, [
-        "--seqlen", str(s.eval_seqlen), "--max-windows", str(s.eval_windows)] + (
-        ["--tasks", s.tasks, "--task-data", str(DATA / "eval"), "--limit", str(s.limit)] if s.tasks else []))]
-    found = {"ppl": {}, "nll": {}}
-    for i, (sets, args) in enumerate(groups):
-        run(["eval", "--model", str(model), *[a for spec in sets.values() for a in ("--ppl", spec)], *args,
-             "--batch-size", str(s.eval_batch_size), "--device", s.device, "--dtype", "float32",
-             "--output", str(out / f"eval{i}"), "--overwrite"], log)
-        results = json.loads((out / f"eval{i}" / "results.json").read_text())
-        for name, entry in zip(sets, results["perplexity"].values()):
-            found["ppl"][name], found["nll"][name] = entry["ppl"], entry["nll_sum"] / entry["predicted_tokens"]
-        if results.get("zeroshot"):
-            found.update(zeroshot=results["zeroshot"]["tasks"], mean_acc=results["zeroshot"]["mean_acc"])
-    return found
-
-
-def measure_unmerged(model, s: StudySettings, data: StudyData) -> dict:
-    """`measure` of a model in memory (PEFT LoRA unmerged), on the ids `spp eval` builds (`ppl_text`, `set_ids`)."""
+def measure(model, s: StudySettings, data: StudyData, out: Path, log: list[str]) -> dict:
+    """`spp eval` of a saved model: perplexity and mean NLL per set (`val`: the validation slice at every `seqlen`
+    window; the others at the first `eval_windows` of `eval_seqlen`), zero-shot `tasks`. A model in memory (PEFT
+    LoRA unmerged) is measured in this process, on the ids `spp eval` builds (`ppl_text`, `set_ids`)."""
     from spp.eval.perplexity import perplexity, ppl_text, set_ids
     from spp.models import load_tokenizer
 
-    tokenizer = load_tokenizer(s.model)
-    sets = [(n, v, s.eval_seqlen, s.eval_windows) for n, v in data.eval_sets.items()]
+    groups = ([({"val": data.val}, s.seqlen, None)] if data.val else []) + [(data.eval_sets, s.eval_seqlen,
+                                                                            s.eval_windows)]
     found = {"ppl": {}, "nll": {}}
-    for name, spec, seqlen, windows in ([("val", data.val, s.seqlen, None)] if data.val else []) + sets:
-        res = perplexity(model, set_ids(tokenizer, ppl_text(spec), seqlen), seqlen, s.eval_batch_size, windows)
-        found["ppl"][name], found["nll"][name] = res.ppl, res.nll_sum / res.predicted_tokens
+    for i, (sets, seqlen, windows) in enumerate(groups):
+        if not isinstance(model, (str, Path)):
+            tokenizer = load_tokenizer(s.model)
+            entries = {name: dataclasses.asdict(perplexity(model, set_ids(tokenizer, ppl_text(spec), seqlen), seqlen,
+                                                           s.eval_batch_size, windows)) for name, spec in sets.items()}
+        else:
+            run(["eval", "--model", str(model), *[a for spec in sets.values() for a in ("--ppl", spec)],
+                 "--seqlen", str(seqlen), *(["--max-windows", str(windows)] if windows else []),
+                 *(["--tasks", s.tasks, "--task-data", str(DATA / "eval"), "--limit", str(s.limit)] if s.tasks
+                   and sets is data.eval_sets else []), "--batch-size", str(s.eval_batch_size), "--device", s.device,
+                 "--dtype", "float32", "--output", str(out / f"eval{i}"), "--overwrite"], log)
+            results = json.loads((out / f"eval{i}" / "results.json").read_text())
+            entries = dict(zip(sets, results["perplexity"].values()))
+            if results.get("zeroshot"):
+                found.update(zeroshot=results["zeroshot"]["tasks"], mean_acc=results["zeroshot"]["mean_acc"])
+        for name, entry in entries.items():
+            found["ppl"][name], found["nll"][name] = entry["ppl"], entry["nll_sum"] / entry["predicted_tokens"]
     return found
 
 
@@ -508,9 +506,10 @@ def run_cell(cell: Cell, s: StudySettings, data: StudyData, work: Path, config: 
     scratch = work / "scratch" / cell.key  # training output and final models: measured, then removed
     shutil.rmtree(scratch, ignore_errors=True)
 
-    def row(name: str, model_dir: Path | str | None, trainable: int, found: dict | None = None, **extra) -> None:
-        found = found or measure(model_dir, s, data, scratch / name, log)
-        row_zeros = zeros if model_dir is None or model_dir == base else saved_zeros(model_dir, pruned)
+    def row(name: str, model, trainable: int, **extra) -> None:
+        """Measure a final model (a directory, or LoRA unmerged in memory: the pruned base's zeros) into a row."""
+        found = measure(model, s, data, scratch / name, log)
+        row_zeros = saved_zeros(model, pruned) if isinstance(model, Path) and model != base else zeros
         record["rows"].append({"recovery": name, **found, "val_nll": found["nll"].get("val"), "trainable": trainable,
                                **row_zeros, **extra})
 
@@ -550,7 +549,7 @@ def run_cell(cell: Cell, s: StudySettings, data: StudyData, work: Path, config: 
         if peft_log["diverged_at"] is None:
             if cell.adapter == "lora" and data.val:
                 # unmerged: the sparse base runs as pruned, plus a dense rank-r branch of `trainable` weights
-                row("lora-unmerged", None, trainable, measure_unmerged(model, s, data), dense_adapter_params=trainable)
+                row("lora-unmerged", model, trainable, dense_adapter_params=trainable)
             save_merged(model, base, merged)  # HiRA: W + W ⊙ (B·A), the zeros of W survive the merge; LoRA: they don't
             row("lora-merged" if cell.adapter == "lora" else "hira", merged, trainable)
     shutil.rmtree(scratch, ignore_errors=True)

@@ -542,15 +542,14 @@ def owl_label(cell: dict) -> str:
     return f"{cell['method']}{' + OWL' if cell.get('owl') else ''} {cell['pattern']}"
 
 
-def _machine(runs: list[dict]) -> dict:
+def _machine(settings, runs: list[dict]) -> dict:
+    """`environment`, with the threads, load and time of the last run and how many calls computed cells."""
     import torch
 
-    from spp.io.manifest import library_versions
-
     last = runs[-1] if runs else {}
-    return {"platform": platform.platform(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {**environment(settings), "torch_threads": torch.get_num_threads(),
             "OMP_NUM_THREADS": last.get("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "unset")),
-            "load_avg_1min_end": last.get("load_avg_1min_end", os.getloadavg()[0]), "versions": library_versions(),
+            "load_avg_1min_end": last.get("load_avg_1min_end", os.getloadavg()[0]),
             "finished": last.get("finished_utc", "not run"), "calls": len([r for r in runs if r["cells_computed"]])}
 
 
@@ -560,7 +559,7 @@ def write_page(preset: str, out: Path, settings, records: dict[str, dict], runs:
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in runs if r.get("settings_sha256") == settings.sha256()]
     report = {"preset": preset, "settings": asdict(settings), "settings_sha256": settings.sha256(), **span,
-              "machine": _machine(runs), "runs": runs, "records": records}
+              "machine": _machine(settings, runs), "runs": runs, "records": records}
     text = (owl_markdown(report, settings, bench, machine) if preset == "owl_ria" else
             {"bar": bar_markdown, "smollm2": smollm2_markdown}[preset](report, settings))
     _write_text(out / f"{PAGES[preset]}.json", json.dumps(report, indent=1, default=str))
@@ -622,7 +621,7 @@ def bar_markdown(report: dict, s) -> str:
         f"{m['platform']}, {m['cpu_cores']} CPU cores shared with other work (1-minute load "
         f"{m['load_avg_1min_end']:.1f} at the end), OMP_NUM_THREADS={m['OMP_NUM_THREADS']} for the script and every "
         f"`spp` command it ran (torch threads: {m['torch_threads']}). Versions: "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", "",
+        + ", ".join(f"{k} {v}" for k, v in m["libraries"].items()) + ".", "",
         f"Setup: TRAIN is the first half by characters of `{s.text}`, the held-out text its second half; Wanda 2:4 "
         f"calibrated on TRAIN ({s.calib_nsamples} × {s.calib_seqlen} tokens); every recovery trains {s.steps} steps "
         "of 8 × 256 tokens from TRAIN with the config's schedule (5 warmup steps, linear decay, clip 1.0, seed 42); "
@@ -651,7 +650,7 @@ def smollm2_markdown(report: dict, s) -> str:
         f"threads, {platform.machine()})", "",
         f"From `{Path(s.model).name}` (GGUF Q4_1, dequantized by `spp` to float32). WikiText-2 perplexity: protocol "
         f"text, seqlen {s.eval_seqlen}, first {s.eval_windows} windows. Zero-shot: lm-eval "
-        f"{m['versions'].get('lm_eval')} on the local task copies, first {s.limit} items per task, 0-shot, `acc` "
+        f"{m['libraries'].get('lm_eval')} on the local task copies, first {s.limit} items per task, 0-shot, `acc` "
         f"(± lm-eval's stderr). Recovery: {s.steps} steps of 8 × 256 tokens (C4 documents 200–999, or the Alpaca "
         "sample). Sparsity is of the decoder linears, counted after merge. Written by "
         "`python scripts/study.py --preset smollm2`.", "",
@@ -663,7 +662,7 @@ def smollm2_markdown(report: dict, s) -> str:
         f"Chance: {', '.join(f'{t} {p:.2f}' for t, p in CHANCE.items())}. HellaSwag is approximate (see "
         "`spp eval`'s note on the local copy).", "",
         f"Report written {m['finished']}; the cells took {report['cell_minutes']:.0f} min in all; versions "
-        f"{m['versions']}.", ""])
+        f"{m['libraries']}.", ""])
 
 
 def owl_markdown(report: dict, s, bench: list[dict] | None = None, machine: str = "unstated") -> str:
