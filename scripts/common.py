@@ -1,4 +1,4 @@
-"""What several scripts share: the `spp` CLI in a child process, the text split the studies use, the +0.0 tally of a
+"""What several scripts share: the `spp` CLI run in this process, the text split the studies use, the +0.0 tally of a
 model against its pruned base's masks, the PEFT reference recovery, and the process's resident memory.
 
 A helper module, not a script: the scripts beside it import it (`python scripts/NAME.py` puts `scripts/` on
@@ -9,7 +9,6 @@ one loop here trains PEFT's adapters, which `spp train` does not, the way `spp t
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,22 +38,31 @@ def random_llama(layers: int, seed: int = 0, **overrides):
 # --------------------------------------------------------------------------- the CLI
 
 
-def spp_cli() -> str:
-    """The `spp` executable beside this interpreter (the checkout's virtual environment), else on PATH."""
-    beside = Path(sys.executable).with_name("spp")
-    return str(beside) if beside.is_file() else "spp"
+def run(args: list[str], log: list[str], check: bool = True) -> int:
+    """Run `spp ARGS` through the command line's own entry (`spp.cli.app`) in this process, printed and logged.
 
+    Returns:
+        The exit code (0 unless `check` is False).
 
-def run(cmd: list[str], log: list[str]) -> str:
-    """Run one CLI command (printed and logged); returns its stdout. Raises CalledProcessError with its stderr."""
-    shown = " ".join(cmd)
+    Raises:
+        SppError: the command exited non-zero and `check` is set (its stderr, which is echoed, ends the message).
+    """
+    import contextlib
+    import io
+
+    from spp.cli import app
+    from spp.errors import SppError
+
+    shown = "spp " + " ".join(args)
     print("$", shown, flush=True)
     log.append(shown)
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        sys.stderr.write(done.stdout + done.stderr)
-        raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
-    return done.stdout
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = app(args, standalone_mode=False) or 0
+    if code and check:
+        sys.stderr.write(err.getvalue())
+        raise SppError(f"`{shown}` exited {code}: {err.getvalue().strip()}")
+    return code
 
 
 def cli_train_config(config: str, flags: dict, sets: list[str]):

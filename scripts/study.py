@@ -1,36 +1,41 @@
-"""The recovery study: prune, recover with every adapter at a swept learning rate, with and without
-distillation from the dense model, measure, and write `docs/results/`.
+"""spp's studies, one machinery: a grid of cells, each pruned, recovered, merged, verified and measured through the
+`spp` command line, every finished cell cached, then one results page written from the cache.
 
-    python scripts/study.py                                   # stories260K, Wanda 2:4
-    python scripts/study.py --grid tiny --out /tmp/r --work /tmp/w   # a few cells, a few steps
-    python scripts/study.py --pairs wanda-2:4,sparsegpt-2:4   # more pruned models
-    python scripts/study.py --model PATH --device cuda        # any causal LM, e.g. a 7B on a GPU
+    python scripts/study.py                              # stories: the recovery study (docs/results/study.md)
+    python scripts/study.py --preset bar                 # issue 10's bar, about 10 minutes (recovery_bar.md)
+    python scripts/study.py --preset smollm2             # SmolLM2-135M from GGUF, about 90 minutes (smollm2.md)
+    python scripts/study.py --preset owl_ria --bench docs/results/bench_owl.json --machine "..."   # owl_ria.md
+    python scripts/study.py --preset NAME --grid tiny --out DIR --work DIR   # a few cells of a few steps
+    python scripts/study.py --pairs wanda-2:4,sparsegpt-2:4  # stories: more pruned models
+    python scripts/study.py --model PATH --device cuda   # any causal LM, e.g. a 7B on a GPU
 
-What it does, for every cell (one pruned model, one recovery, one learning rate, one seed), through spp's own
-stage entries, as the CLI runs them:
+The presets (`PRESETS`):
 
-1. prune the model with `spp.prune.run_prune`, calibrated on the first half of the TinyStories text;
-2. recover with one of: nothing; spp's sparsity-preserving adapters (`spp.train.run_train` with adapter `spp`,
-   `masked_lora` or `full`, then `spp.merge.run_merge`); PEFT LoRA (evaluated unmerged, then merged with
-   `merge_and_unload`); PEFT HiRA (merged). Each with the plain cross-entropy loss, or with logit distillation
-   from the dense model added (`kd_weight` with the dense model as `teacher`). PEFT trains in
-   `common.train_peft`, on the examples `spp train` builds from the same settings, in the same order, with the
-   same loss, schedule, AdamW settings and seed;
-3. measure, with `spp.eval.perplexity.perplexity`: the mean token NLL on a validation slice of the training text
-   (the last `val_share` of the first half, never trained on) and the perplexity on the first `eval_windows`
-   windows of `eval_seqlen` tokens of the second half of the TinyStories text and of WikiText-2; the sparsity of
-   the weights the final model multiplies by, and whether every entry the mask marks pruned is +0.0
-   (`common.zeros_check`, `spp.sparsity`); trainable parameters and the training-step time.
+- `stories`: stories260K pruned (Wanda 2:4 by default), recovered by every adapter kind at a swept learning rate,
+  with and without distillation from the dense model, 3 seeds for the headline recipes; `spp train` runs the
+  study's own config (`train_config_yaml`, written into `--work`). The learning rate of each (recovery,
+  distillation) is chosen on the validation NLL of seed 0 over a grid (`LR_GRIDS`); a grid whose best rate is at
+  its edge is extended one rung of `LADDER` (at most `MAX_EXTENSIONS` times); the chosen rate then runs with the
+  other seeds. `plan` derives all cells from the cache, so the study is a fixed point: run what is planned, plan
+  again, until nothing is missing. Writes study.md, study.json and three plots.
+- `bar`: issue 10's bar as the issue states it: Wanda 2:4 of stories260K calibrated on the first half (by
+  characters) of the TinyStories text, each sparsity-preserving kind at `tinystories.yaml`'s default rate for it
+  (150 steps of 8 × 256 tokens), PEFT LoRA at four rates; perplexity over 200 windows of 256 tokens of the
+  second half. Writes recovery_bar.md and .json.
+- `smollm2`: SmolLM2-135M-Instruct from its GGUF file, `SMOLLM2_CELLS` with `smollm2.yaml`; WikiText-2 perplexity
+  and lm-eval zero-shot on eight local tasks. Writes smollm2.md and .json.
+- `owl_ria`: issue 14's bar: Wanda+OWL vs uniform Wanda at 70%, RIA 2:4 vs Wanda 2:4 and context rows
+  (`OWL_CELLS`), each for three calibration seeds, four of them recovered with `tinystories.yaml`. Writes
+  owl_ria.md and .json (with `--bench`, `scripts/bench_prune.py --owl`'s timing records).
 
-The learning rate of each (recovery, distillation) is chosen on the validation NLL of seed 0 over a
-grid (`LR_GRIDS`); a grid whose best rate is at its edge is extended one rung of `LADDER` (at most
-`MAX_EXTENSIONS` times). The chosen rate then runs with the other seeds. `plan` derives all cells
-from the cache, so the study is a fixed point: run what is planned, plan again, until nothing is
-missing.
-
-Each finished cell is cached as JSON under `--work`, so an interrupted study resumes where it
-stopped; the tables, `study.json` and the plots (`study_report.py`) are rebuilt from the cache. Pruned
-checkpoints are cached there too. Nothing in the tables is typed in by hand: they come from the run.
+Every cell is `spp prune` (cached per pruned model), then nothing, or `spp train`, `spp merge`, `spp verify`, or the
+PEFT reference (LoRA, HiRA), which `spp train` does not train: `common.train_peft` on the examples, order, loss,
+schedule and optimizer settings that the same `spp train` command resolves, merged with `merge_and_unload`; then
+`spp eval` of the final model. LoRA unmerged (stories) is measured in this process on the ids `spp eval` builds.
+Every final model is checked against the pruned model's mask file: entries the mask prunes are bitwise +0.0.
+The commands run in this process (`common.run`), each logged in its cell's record. Each finished cell is cached
+as JSON under `--work`, keyed by the settings' sha256, so an interrupted study resumes where it stopped and
+`--report-only` writes the page from a partial study. Nothing in the pages is typed in by hand.
 """
 
 from __future__ import annotations
@@ -48,14 +53,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from common import DATA, REPO, pruned_masks, split_halves, train_peft, zeros_check
-from study_report import write_report
+import study_report
+from common import DATA, REPO, cli_train_config, run, save_merged, saved_zeros, split_halves, train_peft
 
 from spp.errors import SppError
 
-PATTERNS = {"50%": ("unstructured", 0.5), "75%": ("unstructured", 0.75), "2:4": ("2:4", None)}
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "ria")
 SPARSE_KINDS = ("spp", "masked_lora", "full")  # spp's own sparsity-preserving recoveries (spp.adapter)
 PEFT_KINDS = ("lora", "hira")
 KINDS = SPARSE_KINDS + PEFT_KINDS
@@ -72,29 +75,47 @@ LR_GRIDS = {  # the first grid of each recovery (every one holds COMMON_RATE); e
 }
 MAX_EXTENSIONS = 2  # per grid edge
 HEADLINE_KINDS = ("spp", "masked_lora", "full", "lora")  # candidates of the answer table: these get 3 seeds
+BAR_LORA_RATES = (4e-3, 1e-2, 2e-2, 4e-2)  # PEFT LoRA's rates in the bar; its best is taken
+SMOLLM2_LORA_RATE = 1e-3  # as masked LoRA's in smollm2.yaml
+SMOLLM2_TASKS = "piqa,arc_easy,arc_challenge,boolq,winogrande,hellaswag,openbookqa,rte"
+# (method, pattern, owl): the bar's cells first, then context rows; OWL_RECOVERED also train and merge
+OWL_CELLS = (("wanda", "70%", False), ("wanda", "70%", True), ("wanda", "2:4", False), ("ria", "2:4", False),
+             ("ria", "70%", False), ("sparsegpt", "70%", False), ("sparsegpt", "70%", True),
+             ("magnitude", "70%", False), ("magnitude", "70%", True), ("wanda", "50%", False),
+             ("wanda", "50%", True), ("ria", "50%", False))
+OWL_RECOVERED = OWL_CELLS[:4]
 
 
-# --------------------------------------------------------------------------- settings and grid
+# --------------------------------------------------------------------------- settings and cells
 
 
 @dataclass(frozen=True)
 class StudySettings:
-    """Everything that decides the numbers of a cell (its sha256 keys the cache).
+    """Everything that decides the numbers of a cell (its sha256 keys the cache); each preset overrides some.
 
-    Training (`spp.train.TrainConfig`): `steps` AdamW steps of `batch_size` windows of `seqlen` tokens, peak rate
-    from the cell (`learning_rate` when the cell has none) with linear warmup over `warmup_ratio` of the steps
-    then linear decay, gradients clipped to `max_grad_norm`. Adapters: SPP with `spp_row_groups` row groups and
-    scale `lora_alpha / lora_r`; masked LoRA, PEFT LoRA and HiRA rank `lora_r`, scale `lora_alpha / lora_r`.
-    Distillation (cells with `distill` "kd"): loss = ce_weight · NLL/N + kd_weight · T²·KL(teacher ‖ student)/N
-    at temperature `kd_temperature`, the teacher being the dense `model`. The last `val_share` of the first half
-    (from a line break) is held out of training and chooses the learning rate.
+    Data: `text` is cut in two (`split` "line": at the first line break after the middle; "middle": at the middle
+    character); the first half calibrates pruning (`calib_nsamples` windows of `calib_seqlen` tokens; `calib` names
+    another file) and is the recovery text, less its last `val_share` (from a line break), the validation slice.
+    Training: `spp train --config CONFIG` with `train_sets` (`{steps}` filled in) and `--max-steps steps` (0: the
+    config's epochs); `config` "" is the study's own config written from these fields (`train_config_yaml`):
+    `steps` AdamW steps of `batch_size` windows of `seqlen` tokens, peak rate from the cell (`learning_rate` when
+    it has none), linear warmup over `warmup_ratio` then linear decay, clip `max_grad_norm`; SPP with
+    `spp_row_groups` row groups; masked LoRA, PEFT LoRA and HiRA rank `lora_r`, scale `lora_alpha / lora_r`;
+    distillation: loss = ce_weight · NLL/N + kd_weight · T²·KL(teacher ‖ student)/N at T = `kd_temperature`, the
+    teacher being the dense `model`. Measuring (`spp eval`): the `eval_sets` ("tinystories": the second half;
+    "wikitext": WikiText-2) over the first `eval_windows` windows of `eval_seqlen`, and `tasks` zero-shot on the
+    first `limit` items; the validation slice in every `seqlen` window.
     """
 
     model: str = str(DATA / "stories260K-hf")
     text: str = str(DATA / "tinystories" / "tinystories_val.txt")
     wikitext: str = str(DATA / "wikitext-2-raw" / "wikitext-test.txt")
+    split: str = "line"
+    calib: str = ""
     calib_nsamples: int = 64
     calib_seqlen: int = 256
+    config: str = ""
+    train_sets: tuple[str, ...] = ()
     steps: int = 150
     batch_size: int = 8
     seqlen: int = 256
@@ -108,9 +129,12 @@ class StudySettings:
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
     val_share: float = 0.08
+    eval_sets: str = "tinystories,wikitext"
     eval_windows: int = 200
     eval_seqlen: int = 256
     eval_batch_size: int = 16
+    tasks: str = ""
+    limit: int = 0
     device: str = "cpu"
 
     def sha256(self) -> str:
@@ -119,16 +143,13 @@ class StudySettings:
         return settings_sha256(asdict(self))
 
 
-TINY = dict(calib_nsamples=4, calib_seqlen=128, steps=4, batch_size=2, seqlen=64, eval_windows=2, eval_seqlen=128,
-            eval_batch_size=2)
-
-
 @dataclass(frozen=True)
 class Cell:
     """One pruned model, one way to recover it, one peak learning rate and one seed.
 
-    `method` "dense" is the unpruned model; `lr` None means `StudySettings.learning_rate`;
-    `distill` "kd" adds logit distillation from the dense model.
+    `method` "dense" is the unpruned model; `pattern` "N:M" or "P%" (unstructured), `owl` with OWL's layerwise
+    sparsity; `lr` None means the settings' rate (the study's config) or the config's rate for the kind;
+    `distill` "kd" adds logit distillation from the dense model; `data` names the recovery text ("" the first half).
     """
 
     method: str
@@ -137,15 +158,18 @@ class Cell:
     seed: int = 0
     lr: float | None = None
     distill: str = ""
+    owl: bool = False
+    data: str = ""
 
     @property
     def prune_key(self) -> str:
-        return f"{self.method}-{self.pattern.replace(':', 'of').replace('%', 'pct')}-s{self.seed}"
+        return (f"{self.method}{'-owl' if self.owl else ''}-{self.pattern.replace(':', 'of').replace('%', 'pct')}"
+                f"-s{self.seed}")
 
     @property
     def key(self) -> str:
         return (f"{self.prune_key}-{self.adapter}" + (f"-lr{self.lr:g}" if self.lr is not None else "")
-                + (f"-{self.distill}" if self.distill else ""))
+                + (f"-{self.distill}" if self.distill else "") + (f"-{self.data}" if self.data else ""))
 
     @property
     def recipe(self) -> tuple[str, str, str, str]:
@@ -162,11 +186,14 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
     pairs = []
     for item in filter(None, (p.strip() for p in text.split(","))):
         method, _, pattern = item.partition("-")
-        if method not in METHODS or pattern not in PATTERNS:
+        if method not in METHODS or not re.fullmatch(r"\d+:\d+|\d+(\.\d+)?%", pattern):
             raise SppError(f"--pairs {item!r}: expected METHOD-PATTERN with METHOD in {', '.join(METHODS)} "
-                           f"and PATTERN in {', '.join(PATTERNS)}")
+                           "and PATTERN N:M or P%")
         pairs.append((method, pattern))
     return pairs
+
+
+# --------------------------------------------------------------------------- the stories grid
 
 
 def validation_nll(record: dict | None) -> float:
@@ -219,7 +246,7 @@ def sweep(recipe: tuple, records: dict[str, dict], seed: int, grid: tuple[float,
 def plan(name: str, records: dict[str, dict], seeds: tuple[int, ...] = (0, 1, 2),
          pairs: list[tuple[str, str]] | None = None, kinds: tuple[str, ...] = KINDS,
          distills: tuple[str, ...] = DISTILL) -> tuple[list[Cell], dict]:
-    """The cells of a grid that `records` (the cache) make known, and each recipe's sweep.
+    """The cells of the stories grid that `records` (the cache) make known, and each recipe's sweep.
 
     `full`: the dense model; per (method, pattern) in `pairs` (default Wanda 2:4): the pruned
     model with every seed; every recovery in `kinds` at each rate of its sweep (`LR_GRIDS`,
@@ -276,206 +303,271 @@ def plan(name: str, records: dict[str, dict], seeds: tuple[int, ...] = (0, 1, 2)
     return [c for stage in stages for c in stage], sweeps
 
 
+# --------------------------------------------------------------------------- the other presets' grids
+
+
+def plan_bar(grid: str, kinds: tuple[str, ...], seeds: tuple[int, ...]) -> list[Cell]:
+    """Dense, Wanda 2:4, each of spp's kinds at the config's rate for it, PEFT LoRA at each of `BAR_LORA_RATES`."""
+    cells = [Cell("dense", "0%"), Cell("wanda", "2:4")] + [Cell("wanda", "2:4", k) for k in kinds if k in SPARSE_KINDS]
+    return cells + [Cell("wanda", "2:4", "lora", lr=lr) for lr in BAR_LORA_RATES if "lora" in kinds]
+
+
+def plan_smollm2(grid: str, kinds: tuple[str, ...], seeds: tuple[int, ...]) -> list[Cell]:
+    """In run order, most important first; `tiny`: the first four (dense, Wanda 2:4, two recoveries)."""
+    cells = [Cell("dense", "0%"), Cell("wanda", "2:4"), Cell("wanda", "2:4", "full", distill="kd", data="c4"),
+             Cell("wanda", "2:4", "spp", distill="kd", data="c4"),
+             Cell("wanda", "2:4", "lora", lr=SMOLLM2_LORA_RATE, data="c4"), Cell("sparsegpt", "2:4"),
+             Cell("wanda", "2:4", "full", distill="kd", data="alpaca"),
+             Cell("sparsegpt", "2:4", "full", distill="kd", data="c4"), Cell("wanda", "50%"),
+             Cell("sparsegpt", "50%"), Cell("wanda", "70%")]
+    return cells[:4] if grid == "tiny" else cells
+
+
+def plan_owl_ria(grid: str, kinds: tuple[str, ...], seeds: tuple[int, ...]) -> list[Cell]:
+    """Every `OWL_CELLS` pruned model per calibration seed, then `OWL_RECOVERED` recovered by each of `kinds`."""
+    cells = [Cell("dense", "0%")] + [Cell(m, p, seed=s, owl=o) for s in seeds for m, p, o in OWL_CELLS]
+    return cells + [Cell(m, p, k, s, owl=o) for s in seeds for m, p, o in OWL_RECOVERED for k in kinds]
+
+
 # --------------------------------------------------------------------------- data
 
 
 @dataclass
 class StudyData:
-    """What every cell shares: the text files spp reads, and the token ids each model is measured on."""
+    """The text files every cell shares, and where the text was cut."""
 
-    calib_path: str  # the first half, for `run_prune --calib`
-    train_path: str  # the first half without the validation slice, for `spp train` and PEFT
-    eval_ids: dict[str, torch.Tensor]  # "val", "tinystories", "wikitext" -> (n,) ids
-    split: dict  # where the text was cut, and token counts
+    calib: str  # `spp prune --calib`
+    train: dict[str, str]  # recovery texts by `Cell.data`
+    val: str | None  # the validation slice (stories), measured at every `seqlen` window
+    eval_sets: dict[str, str]  # set name -> `spp eval --ppl` spec
+    split: dict
 
 
-def prepare_data(settings: StudySettings, work: Path) -> StudyData:
-    """Split the text (calibration and training half, validation slice, evaluation half), write the files spp reads,
-    tokenize the three measured texts."""
-    from spp.eval.perplexity import local_text, set_ids, tokenize_text
+def prepare_data(s: StudySettings, work: Path) -> StudyData:
+    """Cut the text, write the files spp reads, and check the validation and evaluation texts are long enough.
+
+    Raises:
+        SppError: `--text` is missing; the validation slice holds fewer than two windows, or an evaluation set fewer
+            than `eval_windows`.
+    """
+    from spp.eval.perplexity import ppl_text, set_ids
     from spp.models import load_tokenizer
 
-    path = Path(settings.text)
+    path = Path(s.text)
     if not path.is_file():
         raise SppError(f"--text {path} does not exist")
-    first, second = split_halves(path.read_text(encoding="utf-8"))
-    cut = first.find("\n", int(len(first) * (1 - settings.val_share)))
+    text = path.read_text(encoding="utf-8")
+    first, second = split_halves(text) if s.split == "line" else (text[: len(text) // 2], text[len(text) // 2:])
+    cut = first.find("\n", int(len(first) * (1 - s.val_share))) if s.val_share else -1
     train, val = (first, "") if cut < 0 else (first[: cut + 1], first[cut + 1:])
     work.mkdir(parents=True, exist_ok=True)
-    files = {"calib": (work / "calib_first_half.txt", first), "train": (work / "train_text.txt", train)}
-    for file, text in files.values():
-        if not file.is_file() or file.read_text(encoding="utf-8") != text:
-            file.write_text(text, encoding="utf-8")
-    tokenizer = load_tokenizer(settings.model)
-    eval_ids = {"val": tokenize_text(tokenizer, val), "tinystories": tokenize_text(tokenizer, second),
-                "wikitext": set_ids(tokenizer, local_text(Path(settings.wikitext), "wikitext2"), settings.eval_seqlen)}
-    if eval_ids["val"].numel() < 2 * settings.seqlen:
-        raise SppError(f"the validation slice (--val-share {settings.val_share}) has {eval_ids['val'].numel()} tokens, "
-                       f"fewer than two windows of {settings.seqlen}")
-    for name in ("tinystories", "wikitext"):
-        if eval_ids[name].numel() < settings.eval_seqlen * settings.eval_windows:
-            raise SppError(f"the {name} evaluation text has {eval_ids[name].numel()} tokens, fewer than "
-                           f"{settings.eval_windows} windows of {settings.eval_seqlen}")
-    split = {"text_chars": len(first) + len(second), "cut_at_char": len(first), "val_at_char": len(train),
-             "val_tokens": int(eval_ids["val"].numel()),
-             "eval_tokens_used": {k: settings.eval_windows * settings.eval_seqlen for k in ("tinystories", "wikitext")},
-             "eval_tokens_available": {k: int(eval_ids[k].numel()) for k in ("tinystories", "wikitext")}}
-    return StudyData(calib_path=str(files["calib"][0]), train_path=str(files["train"][0]), eval_ids=eval_ids,
-                     split=split)
+    files = {"calib_first_half.txt": first, "train_text.txt": train, "val_text.txt": val,
+             "heldout_second_half.txt": second}
+    if s.calib.endswith(".jsonl"):  # C4 documents: the calibration sample; from document 200 on, the recovery text
+        docs = [json.loads(line)["text"] for line in Path(s.calib).read_text(encoding="utf-8").splitlines() if line]
+        files["c4_train.txt"] = "\n\n".join(docs[200:])
+    for name, part in files.items():
+        if part and (not (work / name).is_file() or (work / name).read_text(encoding="utf-8") != part):
+            (work / name).write_text(part, encoding="utf-8")
+    sets = {"tinystories": str(work / "heldout_second_half.txt"), "wikitext": f"wikitext2:{s.wikitext}"}
+    data = StudyData(calib=s.calib or str(work / "calib_first_half.txt"),
+                     train={"": str(work / "train_text.txt"), "c4": str(work / "c4_train.txt"),
+                            "alpaca": str(DATA / "alpaca" / "alpaca_small.json")},
+                     val=str(work / "val_text.txt") if val else None,
+                     eval_sets={name: sets[name] for name in s.eval_sets.split(",")},
+                     split={"text_chars": len(text), "cut_at_char": len(first), "val_at_char": len(train)})
+    if not val:
+        return data
+    tokenizer = load_tokenizer(s.model)
+    val_tokens = set_ids(tokenizer, ppl_text(data.val), s.seqlen).numel()
+    if val_tokens < 2 * s.seqlen:
+        raise SppError(f"the validation slice (--val-share {s.val_share}) has {val_tokens} tokens, fewer than two "
+                       f"windows of {s.seqlen}")
+    available = {k: int(set_ids(tokenizer, ppl_text(v), s.eval_seqlen).numel()) for k, v in data.eval_sets.items()}
+    for name, n in available.items():
+        if n < s.eval_seqlen * s.eval_windows:
+            raise SppError(f"the {name} evaluation text has {n} tokens, fewer than {s.eval_windows} windows of "
+                           f"{s.eval_seqlen}")
+    data.split.update(val_tokens=int(val_tokens), eval_tokens_available=available,
+                      eval_tokens_used={k: s.eval_windows * s.eval_seqlen for k in available})
+    return data
+
+
+def train_config_yaml(s: StudySettings, work: Path) -> str:
+    """The study's own `spp train` config (stories), written from the settings; the cell adds adapter, rate, seed."""
+    path = work / "study_train.yaml"
+    values = dict(data_format="text", cutoff_len=s.seqlen, val_set_size=0, micro_batch_size=s.batch_size,
+                  batch_size=s.batch_size, max_steps=s.steps, learning_rate=s.learning_rate,
+                  warmup_ratio=s.warmup_ratio, max_grad_norm=s.max_grad_norm, logging_steps=1, save_steps=s.steps,
+                  eval_steps=s.steps, spp_row_groups=s.spp_row_groups, rank=s.lora_r, lora_alpha=s.lora_alpha,
+                  lora_r=s.lora_r, ce_weight=s.ce_weight, kd_weight=0.0, kd_temperature=s.kd_temperature)
+    path.write_text("".join(f"{k}: {v!r}\n" for k, v in values.items()))
+    return str(path)
 
 
 # --------------------------------------------------------------------------- one cell
 
 
-def evaluate(model, data: StudyData, settings: StudySettings) -> dict:
-    """Validation NLL (every `seqlen` window of the slice), perplexity on each set (the first `eval_windows`
-    windows of `eval_seqlen`) and the time the forward passes took."""
-    from spp.eval.perplexity import perplexity
-
-    device = next(model.parameters()).device
-    out, seconds = {}, 0.0
-    for name, ids in data.eval_ids.items():
-        seqlen, windows = (settings.seqlen, None) if name == "val" else (settings.eval_seqlen, settings.eval_windows)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        out[name] = perplexity(model, ids, seqlen, settings.eval_batch_size, windows)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds += time.perf_counter() - start
-    sets = {k: {"ppl": r.ppl, "nll_sum": r.nll_sum, "predicted_tokens": r.predicted_tokens, "windows": r.windows}
-            for k, r in out.items() if k != "val"}
-    tokens = sum(r.predicted_tokens for r in out.values())
-    return {"val_nll": out["val"].nll_sum / out["val"].predicted_tokens, "ppl": {k: v["ppl"] for k, v in sets.items()},
-            "sets": sets, "infer_s": seconds, "infer_tokens_per_s": tokens / seconds}
+def prune_dir(work: Path, cell: Cell, s: StudySettings) -> Path:
+    """Where the cell's pruned model is cached: named by (method, pattern, OWL, seed) and the calibration size."""
+    return work / "pruned" / f"{cell.prune_key}-c{s.calib_nsamples}x{s.calib_seqlen}"
 
 
-def train_config(cell: Cell, settings: StudySettings, data: StudyData, pruned: Path, output: Path, lr: float):
-    """The `spp train` settings of a cell (the PEFT reference trains with the same)."""
-    from spp.config import TrainConfig
-
-    kd = cell.distill == "kd"
-    return TrainConfig(base_model=str(pruned), data_path=data.train_path, output_dir=str(output), data_format="text",
-                       cutoff_len=settings.seqlen, val_set_size=0, micro_batch_size=settings.batch_size,
-                       batch_size=settings.batch_size, max_steps=settings.steps, learning_rate=lr,
-                       warmup_ratio=settings.warmup_ratio, max_grad_norm=settings.max_grad_norm, seed=cell.seed,
-                       logging_steps=1, save_steps=settings.steps, eval_steps=settings.steps,
-                       adapter=cell.adapter if cell.adapter in SPARSE_KINDS else "spp",
-                       spp_row_groups=settings.spp_row_groups, rank=settings.lora_r, lora_alpha=settings.lora_alpha,
-                       lora_r=settings.lora_r, teacher=settings.model if kd else "", ce_weight=settings.ce_weight,
-                       kd_weight=settings.kd_weight if kd else 0.0, kd_temperature=settings.kd_temperature,
-                       overwrite=True)
+def prune(cell: Cell, s: StudySettings, data: StudyData, work: Path, log: list[str]) -> Path:
+    """`spp prune` for the cell's (method, pattern, OWL, seed) unless its output is cached already."""
+    output = prune_dir(work, cell, s)
+    if not (output / "spp_manifest.json").is_file():
+        pattern = cell.pattern if ":" in cell.pattern else "unstructured"
+        sparsity = ["--sparsity", f"{float(cell.pattern[:-1]) / 100:g}"] if cell.pattern.endswith("%") else []
+        run(["prune", "--model", s.model, "--method", cell.method, "--pattern", pattern, *sparsity,
+             *(["--owl"] if cell.owl else []), "--calib", data.calib, "--nsamples", str(s.calib_nsamples),
+             "--seqlen", str(s.calib_seqlen), "--seed", str(cell.seed), "--device", s.device, "--dtype", "float32",
+             "--output", str(output), "--overwrite"], log)
+    return output
 
 
-def train_sparse(cfg, pruned: Path, merged: Path) -> tuple[dict, int]:
-    """`run_train` then `run_merge` into `merged`. Returns (the training log, trainable parameters); a
-    non-finite loss is a result of the sweep, recorded as `diverged_at`, not an error."""
-    from spp.config import MergeConfig
+def measure(model, s: StudySettings, data: StudyData, out: Path, log: list[str]) -> dict:
+    """`spp eval` of a saved model: perplexity and mean NLL per set (`val`: the validation slice at every `seqlen`
+    window; the others at the first `eval_windows` of `eval_seqlen`), zero-shot `tasks`. A model in memory (PEFT
+    LoRA unmerged) is measured in this process, on the ids `spp eval` builds (`ppl_text`, `set_ids`)."""
+    from spp.eval.perplexity import perplexity, ppl_text, set_ids
+    from spp.models import load_tokenizer
+
+    groups = ([({"val": data.val}, s.seqlen, None)] if data.val else []) + [(data.eval_sets, s.eval_seqlen,
+                                                                            s.eval_windows)]
+    found = {"ppl": {}, "nll": {}}
+    for i, (sets, seqlen, windows) in enumerate(groups):
+        if not isinstance(model, (str, Path)):
+            tokenizer = load_tokenizer(s.model)
+            entries = {name: dataclasses.asdict(perplexity(model, set_ids(tokenizer, ppl_text(spec), seqlen), seqlen,
+                                                           s.eval_batch_size, windows)) for name, spec in sets.items()}
+        else:
+            run(["eval", "--model", str(model), *[a for spec in sets.values() for a in ("--ppl", spec)],
+                 "--seqlen", str(seqlen), *(["--max-windows", str(windows)] if windows else []),
+                 *(["--tasks", s.tasks, "--task-data", str(DATA / "eval"), "--limit", str(s.limit)] if s.tasks
+                   and sets is data.eval_sets else []), "--batch-size", str(s.eval_batch_size), "--device", s.device,
+                 "--dtype", "float32", "--output", str(out / f"eval{i}"), "--overwrite"], log)
+            results = json.loads((out / f"eval{i}" / "results.json").read_text())
+            entries = dict(zip(sets, results["perplexity"].values()))
+            if results.get("zeroshot"):
+                found.update(zeroshot=results["zeroshot"]["tasks"], mean_acc=results["zeroshot"]["mean_acc"])
+        for name, entry in entries.items():
+            found["ppl"][name], found["nll"][name] = entry["ppl"], entry["nll_sum"] / entry["predicted_tokens"]
+    return found
+
+
+def train_command(cell: Cell, s: StudySettings, data: StudyData, pruned: Path, output: Path, config: str) -> list[str]:
+    """The cell's `spp train` arguments (the PEFT reference resolves the same, with its own rate)."""
+    sets = [x.format(steps=s.steps) for x in s.train_sets]
+    sets.append(f"adapter={cell.adapter if cell.adapter in SPARSE_KINDS else 'spp'}")
+    if cell.lr is not None:
+        sets.append(f"learning_rate={cell.lr:g}")
+    if not s.config:  # the study's own config: the cell's seed also seeds training (a bundled config keeps its own)
+        sets.append(f"seed={cell.seed}")
+    if cell.distill:
+        sets.append(f"kd_weight={s.kd_weight:g}")
+    if cell.data == "alpaca":
+        sets.append("data_format=alpaca")
+    return (["train", "--config", config, "--model", str(pruned), "--data", data.train[cell.data],
+             "--output", str(output)] + (["--max-steps", str(s.steps)] if s.steps else [])
+            + (["--teacher", s.model] if cell.distill else []) + [a for x in sets for a in ("--set", x)])
+
+
+def train_log(output: Path) -> dict:
+    """Cross-entropy, KD term and seconds per logged step, from `spp train`'s log."""
     from spp.io.checkpoint import TRAIN_LOG_FILE
-    from spp.merge import run_merge
-    from spp.train import run_train
 
-    try:
-        report = run_train(cfg)
-    except SppError as exc:
-        found = re.match(r"the training loss is \S+ at step (\d+)", str(exc))
-        if not found:
-            raise
-        shutil.rmtree(cfg.output_dir + ".partial", ignore_errors=True)
-        return {"losses": [], "kd_losses": [], "step_times": [], "diverged_at": int(found[1])}, 0
-    records = [json.loads(line) for line in (Path(cfg.output_dir) / TRAIN_LOG_FILE).read_text().splitlines()]
+    records = [json.loads(line) for line in (output / TRAIN_LOG_FILE).read_text().splitlines()]
     records = [r for r in records if "loss" in r]
     tokens = [b["tokens_seen"] - a["tokens_seen"] for a, b in zip([{"tokens_seen": 0}] + records, records)]
-    run_merge(MergeConfig(model=str(pruned), adapter=cfg.output_dir, output=str(merged), overwrite=True))
     return {"losses": [r.get("ce", r["loss"]) for r in records], "kd_losses": [r["kd"] for r in records if "kd" in r],
-            "step_times": [n / r["tokens_per_s"] for n, r in zip(tokens, records)], "diverged_at": None}, \
-        report.trainable_params
+            "step_times": [n / r["tokens_per_s"] for n, r in zip(tokens, records)], "diverged_at": None}
 
 
-def run_cell(cell: Cell, settings: StudySettings, data: StudyData, work: Path) -> dict:
-    """Prune (from the cache), recover and measure one cell. Returns its JSON record.
+def run_cell(cell: Cell, s: StudySettings, data: StudyData, work: Path, config: str) -> dict:
+    """Prune (cached), recover and measure one cell. Returns its JSON record.
 
-    Records one row per final model: `none`, `spp` / `masked_lora` / `full` (merged),
-    `lora-unmerged` and `lora-merged`, `hira` (merged). A diverged cell has no rows, only `diverged`.
+    Records one row per final model: `none`, `spp` / `masked_lora` / `full` (merged, with `verify_exit`),
+    `lora-unmerged` (stories) and `lora-merged`, `hira` (merged). A diverged cell has no rows, only `diverged`.
     """
-    from spp.models import load_model, resolve_device
+    from spp.config import read_yaml
 
-    start = time.perf_counter()
-    device = resolve_device(settings.device)
-    pruned = pruned_dir(work, cell, settings)
-    source = settings.model if cell.method == "dense" else str(pruned)
-    masks = {} if cell.method == "dense" else pruned_masks(pruned, device)
-    base = load_model(source, "float32", device)
-    lr = settings.learning_rate if cell.lr is None else cell.lr
-    record = {"key": cell.key, "cell": asdict(cell), "settings_sha256": settings.sha256(), "rows": [],
-              "model_params": sum(p.numel() for p in base.parameters()), "learning_rate": lr}
-    base_zeros = zeros_check(base, masks)
+    start, log = time.perf_counter(), []
+    lr = s.learning_rate if cell.lr is None and not s.config else cell.lr
+    record = {"key": cell.key, "cell": asdict(cell), "settings_sha256": s.sha256(), "rows": [], "learning_rate": lr}
+    pruned = None if cell.method == "dense" else prune(cell, s, data, work, log)
+    base = Path(s.model) if pruned is None else pruned
+    if pruned is not None:
+        manifest = json.loads((pruned / "spp_manifest.json").read_text())
+        record["prune"] = {k: manifest["details"][k] for k in ("achieved_sparsity", "blocks", "owl")}
+        record["prune"]["seconds"] = manifest["wall_time_s"]
+    zeros = saved_zeros(base, pruned) if pruned else {"pruned_not_plus_zero": 0, "kept_zero": 0, "pruned": 0,
+                                                       "sparsity": 0.0}
+    scratch = work / "scratch" / cell.key  # training output and final models: measured, then removed
+    shutil.rmtree(scratch, ignore_errors=True)
 
-    def row(name: str, final, trainable: int, zeros: dict | None = None, **extra) -> None:
-        record["rows"].append({"recovery": name, **evaluate(final, data, settings), "trainable": trainable,
-                               **(zeros or zeros_check(final, masks)), **extra})
+    def row(name: str, model, trainable: int, **extra) -> None:
+        """Measure a final model (a directory, or LoRA unmerged in memory: the pruned base's zeros) into a row."""
+        found = measure(model, s, data, scratch / name, log)
+        row_zeros = saved_zeros(model, pruned) if isinstance(model, Path) and model != base else zeros
+        record["rows"].append({"recovery": name, **found, "val_nll": found["nll"].get("val"), "trainable": trainable,
+                               **row_zeros, **extra})
 
-    scratch = work / "scratch" / cell.key  # training output and merged model: measured, then removed
+    train_dir, merged = scratch / "train", scratch / "merged"
+    args = train_command(cell, s, data, base, train_dir, config)
     if cell.adapter == "none":
-        row("none", base, 0, base_zeros)
+        row("none", base, 0)
     elif cell.adapter in SPARSE_KINDS:
-        cfg = train_config(cell, settings, data, pruned, scratch / "train", lr)
-        log, trainable = train_sparse(cfg, pruned, scratch / "merged")
-        if log["diverged_at"] is None:
-            row(cell.adapter, load_model(str(scratch / "merged"), "float32", device), trainable)
+        try:
+            run(args + ["--overwrite"], log)
+        except SppError as exc:  # a non-finite loss is a result of the sweep, recorded as `diverged_at`, not an error
+            if not (found := re.search(r"the training loss is \S+ at step (\d+)", str(exc))):
+                raise
+            train = {"losses": [], "kd_losses": [], "step_times": [], "diverged_at": int(found[1])}, 0
+        else:
+            lr = record["learning_rate"] = read_yaml(train_dir / "spp_config.yaml")["learning_rate"]
+            details = json.loads((train_dir / "spp_manifest.json").read_text())["details"]
+            train = {**train_log(train_dir), "steps": details["steps"]}, details["trainable_params"]
+            run(["merge", "--adapter", str(train_dir), "--output", str(merged), "--overwrite"], log)
+            verify_exit = run(["verify", str(merged)], log, check=False)
+            row(cell.adapter, merged, train[1], verify_exit=verify_exit)
     else:
-        del base
-        teacher = load_model(settings.model, "float32", device).requires_grad_(False).eval() if cell.distill else None
-        cfg = train_config(cell, settings, data, pruned, scratch / "train", lr)
-        model, log = train_peft(cell.adapter, cfg, device, teacher)
+        teacher = None
+        if cell.distill:
+            from spp.models import load_model
+
+            teacher = load_model(s.model, "float32", s.device).requires_grad_(False).eval()
+        flags = {"base_model": str(base), "data_path": data.train[cell.data], "output_dir": "unused",
+                 "max_steps": s.steps or None, "teacher": s.model if cell.distill else None}
+        cfg = cli_train_config(config, {k: v for k, v in flags.items() if v is not None}, args[args.index("--set"):][1::2])
+        lr = record["learning_rate"] = cfg.learning_rate
+        model, peft_log = train_peft(cell.adapter, cfg, s.device, teacher)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if log["diverged_at"] is None and cell.adapter == "lora":
-            # unmerged: the sparse base runs as pruned, plus a dense rank-r branch of `trainable` weights
-            row("lora-unmerged", model, trainable, base_zeros, dense_adapter_params=trainable)
-            row("lora-merged", model.merge_and_unload(), trainable)
-        elif log["diverged_at"] is None:
-            row("hira", model.merge_and_unload(), trainable)  # W + W ⊙ (B·A): the zeros of W survive the merge
+        log.append(f"PEFT {cell.adapter} r={cfg.rank} alpha={cfg.lora_alpha:g} at {lr:g}: {len(peft_log['losses'])} "
+                   f"steps in this process (common.train_peft, resolved as `spp {' '.join(args)}`) -> {merged} (merged)")
+        train = {**peft_log, "steps": len(peft_log["losses"])}, trainable
+        if peft_log["diverged_at"] is None:
+            if cell.adapter == "lora" and data.val:
+                # unmerged: the sparse base runs as pruned, plus a dense rank-r branch of `trainable` weights
+                row("lora-unmerged", model, trainable, dense_adapter_params=trainable)
+            save_merged(model, base, merged)  # HiRA: W + W ⊙ (B·A), the zeros of W survive the merge; LoRA: they don't
+            row("lora-merged" if cell.adapter == "lora" else "hira", merged, trainable)
     shutil.rmtree(scratch, ignore_errors=True)
     if cell.adapter != "none":
-        times = log.pop("step_times")
-        log["step_s"] = statistics.median(times[1:] or times) if times else math.nan
-        log["learning_rate"] = lr
-        record.update(train=log, trainable=trainable)
-        if log["diverged_at"] is not None:
-            record["diverged"] = log["diverged_at"]
-    record["base_sparsity"] = base_zeros["sparsity"]
-    record["wall_s"] = time.perf_counter() - start
+        trained, trainable = train
+        times = trained.pop("step_times")
+        trained.update(step_s=statistics.median(times[1:] or times) if times else math.nan, learning_rate=lr)
+        record.update(train=trained, trainable=trainable)
+        if trained["diverged_at"] is not None:
+            record["diverged"] = trained["diverged_at"]
+    record.update(base_sparsity=zeros["sparsity"], wall_s=time.perf_counter() - start, commands=log)
     return record
-
-
-def prune_one(cell: Cell, settings: StudySettings, data: StudyData, work: Path) -> None:
-    """`run_prune` for the cell's (method, pattern, seed) into `work/pruned/` unless it is there already."""
-    from spp.config import PruneConfig
-    from spp.io.checkpoint import MANIFEST_FILE
-    from spp.prune import run_prune
-
-    output = pruned_dir(work, cell, settings)
-    if not (output / MANIFEST_FILE).is_file():
-        pattern, sparsity = PATTERNS[cell.pattern]
-        run_prune(PruneConfig(model=settings.model, output=str(output), method=cell.method, pattern=pattern,
-                              sparsity=sparsity, calib=data.calib_path, nsamples=settings.calib_nsamples,
-                              seqlen=settings.calib_seqlen, seed=cell.seed, device=settings.device, dtype="float32",
-                              overwrite=True))
 
 
 # --------------------------------------------------------------------------- the grid, cached
 
 
-def pruned_dir(work: Path, cell: Cell, settings: StudySettings) -> Path:
-    """Where the cell's pruned model is cached: named by (method, pattern, seed) and the calibration size."""
-    return work / "pruned" / f"{cell.prune_key}-c{settings.calib_nsamples}x{settings.calib_seqlen}"
-
-
-def cell_path(work: Path, cell: Cell) -> Path:
-    return work / "cells" / f"{cell.key}.json"
-
-
-def cached_records(work: Path, settings: StudySettings) -> dict[str, dict]:
+def cached_records(work: Path, s: StudySettings) -> dict[str, dict]:
     """Every cell record under `work/cells` computed with these settings, by key (a torn write is skipped)."""
     out = {}
     for path in sorted((work / "cells").glob("*.json")):
@@ -483,81 +575,104 @@ def cached_records(work: Path, settings: StudySettings) -> dict[str, dict]:
             record = json.loads(path.read_text())
         except json.JSONDecodeError:
             continue
-        if record.get("settings_sha256") == settings.sha256():
+        if record.get("settings_sha256") == s.sha256():
             out[record["key"]] = record
     return out
 
 
 def save_record(work: Path, cell: Cell, record: dict) -> None:
     """Write a cell's record atomically (temporary file, then rename)."""
-    path = cell_path(work, cell)
+    path = work / "cells" / f"{cell.key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
 
 
-def run_grid(cells: list[Cell], settings: StudySettings, work: Path, data: StudyData, log=print) -> dict:
-    """Prune what the cells need, then run every cell, one after another; each record is cached as it finishes.
+def run_grid(cells: list[Cell], s: StudySettings, work: Path, data: StudyData, config: str, log=print) -> dict:
+    """Run every cell, one after another; each record is cached as it finishes.
 
     Returns:
         This run's timing: wall seconds, cells computed, threads, load, the data split.
     """
+    import torch
+
     start, load_start = time.perf_counter(), os.getloadavg()[0]
-    prunes = list({c.prune_key: c for c in cells if c.method != "dense"}.values())
-    log(f"running {len(cells)} cells (pruning up to {len(prunes)} models), {torch.get_num_threads()} thread(s)")
-    for cell in prunes:
-        prune_one(cell, settings, data, work)
+    log(f"running {len(cells)} cells, {torch.get_num_threads()} thread(s)")
     for cell in cells:
-        record = run_cell(cell, settings, data, work)
+        record = run_cell(cell, s, data, work, config)
         save_record(work, cell, record)
         if record.get("diverged"):
             log(f"  {cell.key:44s} {record['wall_s']:6.1f} s  diverged at step {record['diverged']}")
             continue
-        ppl = ", ".join(f"{r['recovery']} {r['ppl']['tinystories']:.3f}/{r['ppl']['wikitext']:.1f}"
+        ppl = ", ".join(f"{r['recovery']} " + "/".join(f"{v:.3f}" for k, v in r["ppl"].items() if k != "val")
                         for r in record["rows"])
-        log(f"  {cell.key:44s} {record['wall_s']:6.1f} s  val {record['rows'][0]['val_nll']:.4f}  "
-            f"ppl tinystories/wikitext: {ppl}")
-    return {"wall_s": time.perf_counter() - start, "cells_computed": len(cells), "prunes": len(prunes),
-            "threads": torch.get_num_threads(), "settings_sha256": settings.sha256(),
-            "load_avg_1min_start": load_start, "load_avg_1min_end": os.getloadavg()[0], "device": settings.device,
-            "split": data.split}
+        log(f"  {cell.key:44s} {record['wall_s']:6.1f} s  ppl {'/'.join(data.eval_sets)}: {ppl}")
+    return {"wall_s": time.perf_counter() - start, "cells_computed": len(cells), "threads": torch.get_num_threads(),
+            "settings_sha256": s.sha256(), "load_avg_1min_start": load_start, "load_avg_1min_end": os.getloadavg()[0],
+            "device": s.device, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"), "split": data.split}
 
 
-# --------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------- presets and main
+
+TINY = dict(calib_nsamples=4, calib_seqlen=128, steps=4, batch_size=2, seqlen=64, eval_windows=2, eval_seqlen=128,
+            eval_batch_size=2)
+PRESETS = {  # name: (settings, settings of --grid tiny, default --kinds, default --seeds, the cells)
+    "stories": ({}, TINY, ",".join(KINDS), "0,1,2", None),
+    "bar": (dict(split="middle", val_share=0.0, config="tinystories.yaml", eval_sets="tinystories",
+                 train_sets=("batch_size=8", "micro_batch_size=8", "cutoff_len=256", "val_set_size=0")),
+            dict(calib_nsamples=4, calib_seqlen=128, steps=2, eval_windows=2), "spp,masked_lora,full,lora", "0",
+            plan_bar),
+    "smollm2": (dict(model=str(DATA / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                     calib=str(DATA / "c4" / "c4_sample.jsonl"), calib_nsamples=32, calib_seqlen=512, val_share=0.0,
+                     config="smollm2.yaml", train_sets=("save_steps={steps}", "eval_steps={steps}"), steps=40,
+                     eval_sets="wikitext", eval_windows=40, eval_seqlen=512, tasks=SMOLLM2_TASKS, limit=100),
+                dict(calib_nsamples=4, steps=2, eval_windows=2, limit=4), "", "0", plan_smollm2),
+    "owl_ria": (dict(val_share=0.0, config="tinystories.yaml", steps=0, eval_sets="tinystories", eval_batch_size=8),
+                dict(calib_nsamples=4, calib_seqlen=128, steps=2, eval_windows=2, eval_seqlen=128), "full,spp",
+                "0,1,2", plan_owl_ria),
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse flags, run the grid to its fixed point (resuming from `--work`), and write the report into `--out`."""
+    """Parse flags, run the preset's grid to its fixed point (resuming from `--work`), write its page into `--out`."""
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="stories", choices=list(PRESETS))
     parser.add_argument("--grid", default="full", choices=["full", "tiny"])
-    parser.add_argument("--out", default=str(REPO / "docs" / "results"), help="where tables, JSON and plots go")
-    parser.add_argument("--work", default=str(REPO / "runs" / "study"), help="cache of pruned models and cells")
-    parser.add_argument("--pairs", default="wanda-2:4", help="pruned models to recover: METHOD-PATTERN, comma-separated")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="recoveries, comma-separated")
-    parser.add_argument("--distill", default="none,kd", help="'none' and/or 'kd', comma-separated")
+    parser.add_argument("--out", default=str(REPO / "docs" / "results"), help="where the page, JSON and plots go")
+    parser.add_argument("--work", default=None, help="cache of pruned models and cells (default runs/PRESET)")
+    parser.add_argument("--pairs", default="wanda-2:4", help="stories: pruned models, METHOD-PATTERN, comma-separated")
+    parser.add_argument("--kinds", default=None, help="recoveries, comma-separated (default: the preset's)")
+    parser.add_argument("--distill", default="none,kd", help="stories: 'none' and/or 'kd', comma-separated")
     parser.add_argument("--only", default=None, help="comma-separated globs over cell keys (e.g. 'dense*,*-spp-*')")
     parser.add_argument("--report-only", action="store_true", help="write the report from the cached cells only")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default=None, help="comma-separated (default: the preset's)")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's caveats (repeatable)")
+    parser.add_argument("--bench", help="owl_ria: `scripts/bench_prune.py --owl` records to include")
+    parser.add_argument("--machine", default="unstated", help="owl_ria: the machine, in words, for the report")
     for f in dataclasses.fields(StudySettings):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+        if f.name != "train_sets":
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
     args = parser.parse_args(argv)
+    preset, tiny, kinds_default, seeds_default, cells_of = PRESETS[args.preset]
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudySettings)
-                 if getattr(args, f.name) is not None}
-    settings = StudySettings(**{**(TINY if args.grid == "tiny" else {}), **overrides})
+                 if getattr(args, f.name, None) is not None}
+    settings = StudySettings(**{**preset, **(tiny if args.grid == "tiny" else {}), **overrides})
     if settings.device == "auto":
         settings = dataclasses.replace(settings, device="cuda" if torch.cuda.is_available() else "cpu")
-    seeds = tuple(int(s) for s in args.seeds.split(","))
-    kinds = tuple(k for k in args.kinds.split(",") if k)
+    seeds = tuple(int(x) for x in (args.seeds or seeds_default).split(","))
+    kinds = tuple(k for k in (args.kinds if args.kinds is not None else kinds_default).split(",") if k)
     distills = tuple("" if d == "none" else d for d in args.distill.split(",") if d)
     if bad := [k for k in kinds if k not in KINDS] + [d for d in distills if d not in DISTILL]:
         print(f"error: unknown --kinds/--distill {bad} (kinds: {', '.join(KINDS)}; distill: none, kd)", file=sys.stderr)
         raise SystemExit(1)
-    work = Path(args.work)
+    work = Path(args.work or REPO / "runs" / args.preset)
 
     def planned(records):
-        cells, sweeps = plan(args.grid, records, seeds, pairs, kinds, distills)
+        cells, sweeps = (plan(args.grid, records, seeds, pairs, kinds, distills) if cells_of is None
+                         else (cells_of(args.grid, kinds, seeds), {}))
         if args.only:
             from fnmatch import fnmatchcase
 
@@ -568,12 +683,13 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         pairs = parse_pairs(args.pairs)
         data = prepare_data(settings, work)
+        config = settings.config or train_config_yaml(settings, work)
         records = cached_records(work, settings)
         cells, sweeps = planned(records)
         runs = json.loads(runs_path.read_text()) if runs_path.is_file() else []
         # --report-only: tables from whatever the cache holds; the cells not run are listed in the report
         while not args.report_only and (todo := [c for c in cells if c.key not in records]):
-            timing = run_grid(todo, settings, work, data)
+            timing = run_grid(todo, settings, work, data, config)
             records = cached_records(work, settings)
             runs.append({**timing, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                          "grid_cells": len(cells)})
@@ -586,8 +702,11 @@ def main(argv: list[str] | None = None) -> dict:
     span = {"span_minutes": sum(r["wall_s"] for r in runs) / 60 + 0.0,
             "cell_minutes": sum(r["wall_s"] for r in records.values()) / 60,
             "missing": [c.key for c in cells if c.key not in records], "split": data.split}
-    return write_report(Path(args.out), settings, cells, records, runs, span, sweeps, args.note, grids=LR_GRIDS,
-                        common_rate=COMMON_RATE)
+    if args.preset != "stories":
+        bench = json.loads(Path(args.bench).read_text()) if args.bench else None
+        return study_report.write_page(args.preset, Path(args.out), settings, records, runs, span, bench, args.machine)
+    return study_report.write_report(Path(args.out), settings, cells, records, runs, span, sweeps, args.note,
+                                     grids=LR_GRIDS, common_rate=COMMON_RATE)
 
 
 if __name__ == "__main__":

@@ -226,3 +226,25 @@ def test_the_report_tables_accept_a_partial_grid(study, tiny_run):
     assert gap_recovered(5.0, 10.0, 10.0) == 0
     assert gap_recovered(5.0, 10.0, 5.0) == 1
     assert gap_recovered(5.0, 5.0, 4.0) is None  # pruning lost nothing
+
+
+def test_the_bar_and_owl_ria_presets_write_their_pages_through_the_cli(study, shared_data, tmp_path):
+    """Two more presets in miniature, a few cells each: the page's table, verdicts and commands come from the run."""
+    common = ["--grid", "tiny", "--model", str(shared_data / "stories260K-hf"),
+              "--text", str(shared_data / "tinystories" / "tinystories_val.txt")]
+    report = study.main(common + ["--preset", "bar", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "bar"),
+                                  "--only", "dense*,wanda-2of4-s0-none,wanda-2of4-s0-spp,wanda-2of4-s0-lora-lr0.01"])
+    page = (tmp_path / "out" / "recovery_bar.md").read_text()
+    assert "| recovery | lr | PPL (held-out) | recovered | sparsity after merge |" in page
+    (spp,) = [r for r in report["bar_rows"] if r["kind"] == "spp"]
+    (lora,) = [r for r in report["bar_rows"] if r["kind"] == "lora"]
+    assert spp["pruned_not_plus_zero"] == 0 and spp["verify_exit"] == 0 and lora["pruned_not_plus_zero"] > 0
+    assert spp["lr"] == 0.08 and lora["lr"] == 0.01  # tinystories.yaml's rate for spp; the cell's for PEFT LoRA
+    assert "spp train --config tinystories.yaml" in page and "`adapter: spp` at the config's default rate" in page
+    report = study.main(common + ["--preset", "owl_ria", "--seeds", "0", "--kinds", "", "--out", str(tmp_path / "out"),
+                                  "--work", str(tmp_path / "owl"),
+                                  "--only", "dense*,wanda-70pct-*,wanda-owl-70pct-*,wanda-2of4-*,ria-2of4-*"])
+    page = (tmp_path / "out" / "owl_ria.md").read_text()
+    assert page.count("**met**") + page.count("**not met**") == 3
+    owl = next(r for r in report["records"].values() if r["cell"]["owl"])
+    assert owl["prune"]["owl"]["outlier_share"] and "| model.layers.0 |" in page
