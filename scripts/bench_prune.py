@@ -113,7 +113,8 @@ def baseline_prune(model, windows, method: str, n_m, sparsity: float, device) ->
 
     layers = model.model.layers
     nsamples, seqlen = windows.shape
-    inps = torch.zeros(nsamples, seqlen, model.config.hidden_size, device=device)
+    dtype = next(layers[0].parameters()).dtype  # the reference scripts keep activations in the model's dtype
+    inps = torch.zeros(nsamples, seqlen, model.config.hidden_size, device=device, dtype=dtype)
     caught = {"i": 0}
 
     class Catcher(torch.nn.Module):
