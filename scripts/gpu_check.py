@@ -15,7 +15,7 @@ recorded before is kept and marked):
            projection), bf16, micro-batch 4 × 2048, activation checkpointing off and on: median step time and
            peak CUDA memory, as ratios to LoRA in the same setting.
   prune    `spp.prune.prune_model` (Wanda, SparseGPT; 2:4) against the reference-style loop of
-           scripts/bench_prune.py on the first blocks of the model, 128 × 2048 calibration tokens: seconds per
+           scripts/reference.py on the first blocks of the model, 128 × 2048 calibration tokens: seconds per
            block and peak CUDA memory; then ALPS (`spp.prune.alps.alps_prune`, not a CLI method) against
            `sparsegpt_prune` on block 0's q_proj and down_proj: seconds and the layer-wise error tr(ΔW H ΔWᵀ).
   kernels  dense F.linear against the 2:4 semi-structured path (the tensor subclass that `spp eval
@@ -26,7 +26,7 @@ recorded before is kept and marked):
   fsdp     `spp train --distributed fsdp` under `torchrun --nproc_per_node 1` (NCCL), and with cpu_offload,
            against the single-process bf16 run on the same GPU: per-step loss differences and the adapter's
            largest relative difference (the tolerance, measured), peak CUDA memory from the manifests.
-  eval     `spp.eval.perplexity.perplexity` tokens/s against a plain loop (scripts/bench_eval.py) on the model.
+  eval     `spp.eval.perplexity.perplexity` tokens/s against a plain loop (scripts/reference.py) on the model.
 
 The model: a seeded random LLaMA with LLaMA-3-8B layer shapes (hidden 4096, intermediate 14336, 32 query / 8
 key-value heads), 4 layers, vocabulary 512 with the stories260K tokenizer, bf16; text: TinyStories' validation
@@ -429,7 +429,7 @@ def row_prune(ctx: Context, row: Row) -> None:
 
     import torch
 
-    from bench_prune import baseline_prune  # the reference-style loop
+    from reference import baseline_prune  # the reference-style loop
     from spp.config import PruneConfig
     from spp.data import calibration_windows
     from spp.models import load_model, load_tokenizer
@@ -729,7 +729,7 @@ def row_fsdp(ctx: Context, row: Row) -> None:
 
 
 def row_eval(ctx: Context, row: Row) -> None:
-    from bench_eval import plain_loop_ppl  # the baseline: one window per forward, transformers' loss
+    from reference import plain_loop_ppl  # the baseline: one window per forward, transformers' loss
     from spp.eval.perplexity import perplexity, perplexity_windows, tokenize_text
     from spp.models import load_model, load_tokenizer
 
