@@ -70,7 +70,7 @@ LLAMA3_8B_4L = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers
 TINY = dict(LLAMA3_8B_4L, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
 FULL_SIZES = dict(nsamples=128, seqlen=2048, micro=4, train_seq=2048, e2e_steps=10, warmup=2, steps=3,
-                  prune_blocks=2, alps_windows=16, ppl_windows=8, fsdp_steps=4, min_ms=20.0)
+                  prune_blocks=2, alps_windows=16, ppl_windows=8, fsdp_steps=4, min_ms=10.0)
 DRY_SIZES = dict(nsamples=4, seqlen=64, micro=2, train_seq=64, e2e_steps=2, warmup=1, steps=1, prune_blocks=2,
                  alps_windows=4, ppl_windows=4, fsdp_steps=2, min_ms=1.0)
 KERNEL_SHAPES = {  # (out, in) of nn.Linear weights
@@ -793,11 +793,14 @@ def run_row(name: str, ctx: Context, cap: float) -> dict:
     proc.start()
     proc.join(cap)
     timed_out = proc.is_alive()
-    if timed_out:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    if timed_out:  # the row's whole process group: its CLI children and torchrun's agent (which stops its workers)
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            proc.join(wait)
+        proc.kill()
         proc.join()
     data = json.loads(path.read_text()) if path.is_file() else {"name": name, "items": [], "notes": []}
     data["seconds"] = round(time.perf_counter() - start, 2)
