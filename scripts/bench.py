@@ -4,8 +4,8 @@ Runs the stage benchmarks as child processes (`bench_prune.py`, `bench_train.py`
 its JSON output) and measures the merge here (`bench_merge`: the streaming `spp merge` against loading,
 merging in memory and saving). Every comparison is a ratio of two measurements taken in the same run, so it
 holds on a busy machine even when the absolute numbers do not. Sections that cannot run here (a missing
-package, a failure) are reported with the reason, never left out silently. 2:4 matmul speed on GPUs is
-`scripts/bench_sparse24.py`.
+package, a failure) are reported with the reason, never left out silently. Every CUDA path, 2:4 matmul speed
+among them, is measured by `scripts/gpu_check.py` (report: docs/results/gpu.md).
 
     python scripts/bench.py                       # CPU (and CUDA when present); writes docs/results/bench.*
     python scripts/bench.py --quick               # smaller models, fewer steps: a look in a few minutes
@@ -234,8 +234,8 @@ def markdown(results: dict, meta: dict) -> str:
              + ". Each ratio compares two measurements from the same run; above 1 favours spp.", "",
              markdown_table(["area", "comparison", "device", "measured", "ratio"], rows, "----r")]
     lines += ["", "Raw records: `bench.json`. Each stage benchmark also runs on its own: "
-              "`scripts/bench_prune.py`, `scripts/bench_train.py`, `scripts/bench_eval.py`; 2:4 matmul speed on a GPU: "
-              "`scripts/bench_sparse24.py`.", ""]
+              "`scripts/bench_prune.py`, `scripts/bench_train.py`, `scripts/bench_eval.py`; every CUDA path, 2:4 "
+              "matmul speed among them: `scripts/gpu_check.py` (docs/results/gpu.md).", ""]
     return "\n".join(lines)
 
 

@@ -21,23 +21,9 @@ import time
 from pathlib import Path
 
 from common import random_llama
+from reference import plain_loop_ppl
 
 VOCAB = 32000  # the random LLaMA of `common.random_llama` with this vocabulary and a 4096-token context
-
-
-def plain_loop_ppl(model, windows) -> float:
-    """The baseline: one window per forward, transformers' own shifted-label loss."""
-    import torch
-
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for x in windows:
-            x = x[None].to(device)
-            loss = model(input_ids=x, labels=x).loss  # mean over seqlen - 1 targets
-            nll += float(loss) * (x.shape[1] - 1)
-            count += x.shape[1] - 1
-    return float(torch.exp(torch.tensor(nll / count)))
 
 
 def _timed(fn, device: str) -> tuple[float, float]:

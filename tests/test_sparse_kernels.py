@@ -1,6 +1,6 @@
 """`spp eval --sparse-kernels` (spp.eval.sparse_kernels): the checks that run on any machine.
 
-The conversion and the timing need a CUDA GPU (cuSPARSELt); `scripts/bench_sparse24.py` measures them there.
+The conversion and the timing need a CUDA GPU (cuSPARSELt); `scripts/gpu_check.py` (its kernels and e2e rows) measures them there.
 Here: the 2:4 check against a loop, each refusal as one line, and that a valid 2:4 model reaches the CUDA check.
 """
 
