@@ -75,6 +75,27 @@ def make_moe_model(arch: str = "mixtral", seed: int = 0, experts_implementation:
     return model.eval()
 
 
+def saved_moe(directory, arch, shared_data):
+    """A tiny MoE of `arch` with the stories260K tokenizer (vocab 512), saved as a user's checkpoint."""
+    import shutil
+
+    model = make_moe_model(arch)
+    model.resize_token_embeddings(512)
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(shared_data / "stories260K-hf" / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shared_data):
+    """The first 30k characters of TinyStories validation text (the MoE end-to-end tests' text)."""
+    text = tmp_path_factory.mktemp("moe_text") / "text.txt"
+    text.write_text((shared_data / "tinystories" / "tinystories_val.txt").read_text()[:30000])
+    return text
+
+
 def one_line_error(result, *needles: str, pattern: str | None = None) -> str:
     """A CliRunner result that failed with exactly one `error: ...` line (on stderr, and nothing else printed), no
     traceback, containing every needle and matching the regular expression `pattern` when given. Returns the line."""

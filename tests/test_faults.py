@@ -756,7 +756,8 @@ def test_a_second_run_into_the_same_output_is_refused_naming_the_first(model4, c
     import socket
 
     out = tmp_path / "out"
-    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    first = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],  # alive until killed: no clock
+                             stdin=subprocess.PIPE)
     try:
         (tmp_path / "out.lock").write_text(json.dumps({"pid": first.pid, "host": socket.gethostname()}))
         partial_path(out).mkdir()
@@ -770,7 +771,7 @@ def test_a_second_run_into_the_same_output_is_refused_naming_the_first(model4, c
             assert snapshot(tmp_path) == before
     finally:
         first.kill()
-        first.wait()
+        first.communicate()  # reaped, its stdin closed
     result = invoke(*prune_args(model4, calib, out, "wanda"))
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

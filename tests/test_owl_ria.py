@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from conftest import TINY_CONFIGS, one_line_error
 from spp.cli import app
 from spp.config import PruneConfig
-from spp.errors import SppError, SppInterrupted
+from spp.errors import SppInterrupted
 from spp.io.checkpoint import MANIFEST_FILE, MASK_FILE, PRUNE_PROGRESS_DIR, PRUNE_PROGRESS_FILE, partial_path
 from spp.io.maskfile import load_masks
 from spp.prune.masks import nm_mask, pruned_count, unstructured_mask
@@ -308,20 +308,6 @@ def test_overrides_targets_and_config_precedence(model_dir, calib, tmp_path):
     assert details["method"] == "wanda"  # --set over the file
     assert {m["requested"] for n, m in details["modules"].items() if ".mlp." in n} == {0.75}
     assert {m["requested"] for n, m in details["modules"].items() if ".self_attn." in n} == {0.5}  # flag over file
-
-
-def test_target_modules_share_the_pattern_language(tiny_model):
-    from spp.adapter.config import AdapterConfig
-    from spp.adapter.model import add_adapter
-
-    names = add_adapter(tiny_model("llama"), AdapterConfig(target_modules=[r"re:.*\.(q|v)_proj"], spp_row_groups=4))
-    assert names == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"]
-    names = add_adapter(tiny_model("llama"), AdapterConfig(target_modules=["model.layers.1.mlp.*"], spp_row_groups=4))
-    assert names == [f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    with pytest.raises(SppError, match="names lm_head, which is outside the decoder blocks"):
-        add_adapter(tiny_model("llama"), AdapterConfig(target_modules=["lm_head"]))
-    with pytest.raises(SppError, match="not a valid regular expression"):
-        AdapterConfig(target_modules=["re:(q"])
 
 
 def _config_file(tmp_path, values):

@@ -1,4 +1,5 @@
-"""`spp run`: end to end on a tiny fixture, stage skipping, re-running what changed, resume after SIGKILL, bad input."""
+"""`spp run`: end to end on a tiny fixture, stage skipping, re-running what changed, resume after SIGKILL, bad input;
+and mixture-of-experts checkpoints through every stage from the command line."""
 
 from __future__ import annotations
 
@@ -318,3 +319,87 @@ def test_a_setting_an_older_manifest_does_not_record_counts_as_its_default(tmp_p
     assert stale_reason(Step("merge", "s", "s/merge", folder, cfg)) is None
     cfg.dtype = "bfloat16"
     assert stale_reason(Step("merge", "s", "s/merge", folder, cfg)) == "settings changed (dtype)"
+
+
+# --------------------------------------------------------------------------- mixture of experts, stage by stage
+# Tiny random Mixtral, Qwen3-MoE and OLMoE models (4 experts, top-2) with the stories260K tokenizer stand in for the
+# real ones, through every stage from the command line: prune -> train -> merge -> verify -> eval. The stage-level
+# math has its own tests (test_reader, test_prune, test_adapter); here the point is that the stages hand each other
+# MoE checkpoints as users would: per-expert tensors on disk, fused experts in memory, one mask file keyed by the
+# saved names.
+
+from conftest import MOE_CONFIGS, one_line_error, saved_moe  # noqa: E402
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def expert_tensors(directory):
+    state = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        if shard.name != "masks.safetensors":
+            state.update(load_file(str(shard)))
+    return {name: t for name, t in state.items() if ".experts." in name}
+
+
+def two_of_four(t):
+    return bool(((t != 0).reshape(t.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+@pytest.mark.parametrize("arch", sorted(MOE_CONFIGS))
+def test_moe_prune_train_merge_verify_eval(arch, tmp_path, shared_data, corpus):
+    dense = saved_moe(tmp_path / "dense", arch, shared_data)
+    cli("prune", "--model", dense, "--method", "wanda", "--pattern", "2:4", "--calib", corpus, "--nsamples", 8,
+        "--seqlen", 64, "--output", tmp_path / "pruned", "--device", "cpu")
+    cli("verify", tmp_path / "pruned")
+    experts = expert_tensors(tmp_path / "pruned")
+    assert experts and all(two_of_four(t) for t in experts.values())  # every saved expert matrix is 2:4
+    router = [n for n in load_file(str(tmp_path / "pruned" / "model.safetensors")) if n.endswith("gate.weight")]
+    assert router and all((load_file(str(tmp_path / "pruned" / "model.safetensors"))[n] != 0).all() for n in router)
+
+    cli("train", "--config", "tinystories.yaml", "--model", tmp_path / "pruned", "--data", corpus,
+        "--max-steps", 6, "--set", "eval_steps=6", "--set", "logging_steps=6", "--set", "cutoff_len=64",
+        "--set", "micro_batch_size=8", "--set", "batch_size=8", "--output", tmp_path / "train")
+    log = [json.loads(line) for line in (tmp_path / "train" / "train_log.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in log if "val_loss" in r]
+    assert val[-1] < val[0], val  # SPP on every linear and expert weight lowers the validation loss
+    adapter = load_file(str(tmp_path / "train" / "adapter_model.safetensors"))
+    assert any(".experts.gate_up_proj." in k for k in adapter) and any(".experts.down_proj." in k for k in adapter)
+    assert not any(".gate." in k or k.split(".")[-2] == "gate" for k in adapter)  # the router is not adapted
+
+    cli("merge", "--model", tmp_path / "pruned", "--adapter", tmp_path / "train", "--output", tmp_path / "merged")
+    cli("verify", tmp_path / "merged")
+    merged = expert_tensors(tmp_path / "merged")
+    assert merged.keys() == experts.keys()
+    assert all(bool(((experts[n] == 0) <= (merged[n] == 0)).all()) for n in merged)  # every pruned zero stays zero
+    assert any(not torch.equal(merged[n], experts[n]) for n in merged)  # and the experts did change
+
+    ppl = {}
+    for name, extra in (("merged", ["--model", tmp_path / "merged"]),
+                        ("adapter", ["--model", tmp_path / "pruned", "--adapter", tmp_path / "train"])):
+        cli("eval", *extra, "--ppl", corpus, "--seqlen", 64, "--max-windows", 4, "--device", "cpu",
+            "--output", tmp_path / f"eval-{name}")
+        ppl[name] = json.loads((tmp_path / f"eval-{name}" / "results.json").read_text())
+    assert ppl["merged"]["perplexity"] == ppl["adapter"]["perplexity"], ppl
+
+
+def test_moe_zero_shot_eval_and_export_of_a_pruned_model(tmp_path, shared_data):
+    dense = saved_moe(tmp_path / "dense", "mixtral", shared_data)
+    cli("prune", "--model", dense, "--method", "magnitude", "--pattern", "2:4", "--output", tmp_path / "pruned")
+    cli("export", "--model", tmp_path / "pruned", "--output", tmp_path / "packed")  # per-expert masks compress too
+    details = json.loads((tmp_path / "packed" / "spp_manifest.json").read_text())["details"]
+    assert details["masked_tensors"] == 2 * (4 + 3 * 4) and details["ratio"] <= 0.55  # 4 attention + 12 expert each
+    refused = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "packed"), "--ppl", "x.txt"])
+    one_line_error(refused, "is an `spp export` compressed checkpoint", "spp export --dense")
+    cli("export", "--dense", "--model", tmp_path / "packed", "--output", tmp_path / "restored")
+    for name in ("model.safetensors", MASK_FILE):
+        assert (tmp_path / "restored" / name).read_bytes() == (tmp_path / "pruned" / name).read_bytes()
+    cli("eval", "--model", tmp_path / "pruned", "--tasks", "boolq", "--task-data", shared_data / "eval",
+        "--limit", 8, "--device", "cpu", "--output", tmp_path / "eval")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    boolq = results["zeroshot"]["tasks"]["boolq"]
+    assert boolq["n"] == 8 and 0 <= boolq["acc"] <= 1
+    assert results["sparsity"]["sparsity"] == pytest.approx(0.5)  # the expert weights are counted: all 2:4

@@ -211,7 +211,8 @@ def test_damaged_checkpoints_are_refused_in_one_line_with_nothing_written(inputs
 
 def test_a_mixtral_checkpoint_as_saved_prunes_and_verifies(tmp_path, shared_data):
     """Its files keep the hub's per-expert names (`block_sparse_moe.experts.N.w1`), its model fuses them: the
-    reader's converter mapping is what makes the two agree (test_moe_* test the stages in depth)."""
+    reader's converter mapping is what makes the two agree (the mixture-of-experts sections of test_reader,
+    test_prune and test_adapter test the stages in depth)."""
     from transformers import MixtralConfig
 
     model = _model(MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from spp.cli import app
+from spp.errors import SppError
 from spp.eval.sparse_kernels import nm_violations, refusal
+from spp.io.reader import read_checkpoint
 
-from conftest import one_line_error, save_tiny_stories_llama
+from conftest import make_moe_model, one_line_error, save_tiny_stories_llama
+from test_reader import _saved
 
 
 def nm_violations_loop(keep, n=2, m=4):
@@ -63,3 +66,31 @@ def test_bad_inputs_are_refused_before_loading(pruned_24, text_file):
     one_line_error(kernels(pruned_24, "p50", "--dtype", "bfloat16", text=text_file), "is not 2:4 sparse")
     one_line_error(kernels(pruned_24, "dense", "--dtype", "float16", text=text_file), "masks.safetensors")
     one_line_error(kernels(pruned_24, "p24", "--dtype", "bfloat16", text=text_file), "needs a CUDA GPU")
+
+
+# --------------------------------------------------------------------------- mixture of experts
+
+
+def test_sparse_kernels_leave_expert_weights_dense(tmp_path):
+    """cuSPARSELt takes 2-D weights: unstructured expert masks do not stop the 2:4 attention linears (the check
+    reaches the CUDA test, the last one), while a non-2:4 attention mask still does."""
+    from spp.eval.sparse_kernels import check_sparse_kernels
+    from spp.io.maskfile import save_masks
+    from spp.prune.masks import nm_mask
+
+    model = make_moe_model("mixtral")
+    ckpt = _saved(model, tmp_path / "m")
+    torch.manual_seed(0)
+    entries = {}
+    for name, param in model.named_parameters():
+        if param.dim() == 3:
+            entries.update(ckpt.split(name, torch.rand(param.shape) > 0.3))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    entries[ckpt.saved_name(q)] = nm_mask(model.get_parameter(q).detach().abs(), 2, 4)
+    save_masks(tmp_path / "m" / "masks.safetensors", entries, {k: "linear" for k in entries})
+    with pytest.raises(SppError, match="needs a CUDA GPU"):
+        check_sparse_kernels(read_checkpoint(tmp_path / "m"), "bfloat16", None, torch.device("cpu"))
+    entries[ckpt.saved_name(q)] = torch.ones_like(entries[ckpt.saved_name(q)])
+    save_masks(tmp_path / "m" / "masks.safetensors", entries, {k: "linear" for k in entries})
+    with pytest.raises(SppError, match="q_proj.weight is not 2:4 sparse"):
+        check_sparse_kernels(read_checkpoint(tmp_path / "m"), "bfloat16", None, torch.device("cpu"))
