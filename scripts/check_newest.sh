@@ -32,7 +32,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLIN
 # the README's four-stage block (tests/test_readme.py runs each marked block as the README states it), then the
 # tests that touch transformers' loading and internals most
 "$venv/bin/python" -m pytest -q -p no:cacheprovider -x "tests/test_readme.py::test_readme_block_runs[README.md-0]" \
-  tests/test_hf.py tests/test_io.py tests/test_realworld_checkpoints.py tests/test_moe_core.py tests/test_merge.py \
+  tests/test_hf.py tests/test_io.py tests/test_realworld_checkpoints.py tests/test_reader.py tests/test_models.py tests/test_merge.py \
   tests/test_env.py -k "not constraints"
 status=$?
 echo
