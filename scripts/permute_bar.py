@@ -122,7 +122,15 @@ def main() -> None:
     result = run(args.model, args.text, [int(s) for s in args.seeds.split(",")])
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
-    text = (f"The permutation reaches o_proj and down_proj only: {result['reach']:.1%} of the pruned weights.\n\n"
+    text = ("# RIA's channel permutation for N:M on stories260K\n\n"
+            f"Written by `python scripts/permute_bar.py` (torch {torch.__version__}, {result['threads']} thread(s)). "
+            f"Model `{result['model']}`; calibration {result['calibration']} of `{result['text']}` (seeds "
+            f"{', '.join(map(str, result['seeds']))}); perplexity on the first {result['eval_windows']} windows of "
+            f"{result['eval_seqlen']} tokens of the second half, the protocol of owl_ria.md. `+ permute` is "
+            "`--permute-channels` (heuristic allocation, then one round of linear sum assignment, folded into "
+            "v_proj and gate/up_proj). The kept score is the N:M-kept Σ of the method's scores over o_proj and "
+            "down_proj, after the fold over before.\n\n"
+            f"The permutation reaches o_proj and down_proj only: {result['reach']:.1%} of the pruned weights.\n\n"
             + report(result))
     print(text)
     if args.md:

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from conftest import TINY_CONFIGS, one_line_error
 from spp.models import decoder_targets, find_decoder_blocks
-from spp.prune.permute import channel_permutation, head_permutation, kept_score, legal_folds, permute_block
+from spp.prune.permute import (assignment_refinement, channel_permutation, head_permutation, kept_score, legal_folds,
+                               permute_block)
 from test_owl_ria import calib, invoke, model_dir, prune_flags  # noqa: F401 (fixtures)
 from test_prune import saved_tensors
 
@@ -49,6 +50,24 @@ def test_the_permutation_never_keeps_less_than_the_identity(nm, rows, groups, se
     P = channel_permutation(S, n, m)
     assert sorted(P.tolist()) == list(range(groups * m))
     assert kept_score(S[:, P], n, m) >= kept_score(S, n, m)
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (3, 4), (4, 8)])
+def test_the_assignment_step_keeps_more_and_is_optimal_at_the_position_it_solved_last(n, m):
+    """The refinement never keeps less than its start; at the last position it solves (k = M − 1; earlier ones
+    change as their groups' other channels move), no exchange of two channels between groups keeps more."""
+    S = torch.rand(5, 6 * m, generator=torch.Generator().manual_seed(n * m), dtype=torch.float64)
+    start = torch.randperm(6 * m, generator=torch.Generator().manual_seed(1))
+    P = assignment_refinement(S, start, n, m)
+    assert sorted(P.tolist()) == list(range(6 * m))
+    best = kept_score(S[:, P], n, m)
+    assert best >= kept_score(S[:, start], n, m)
+    k = m - 1
+    for g in range(6):
+        for h in range(g + 1, 6):
+            Q = P.clone()
+            Q[[g * m + k, h * m + k]] = Q[[h * m + k, g * m + k]]
+            assert kept_score(S[:, Q], n, m) <= best + 1e-12
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])

@@ -49,28 +49,62 @@ def kept_score(S: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def channel_permutation(S: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """RIA's heuristic channel allocation (§3.3), kept only where it raises the N:M kept score.
+    """RIA's channel permutation (§3.3): the heuristic allocation, then one round of linear sum assignment; kept only
+    where it raises the N:M kept score.
 
-    Channel importance c_j = Σ_i S_ij; sorted ascending, the channels split into M runs of in/M (importance
-    quantiles); run k fills position k of the in/M groups, in order for even k and reversed for odd k (the
-    reference code's snake), so every group holds one channel of each quantile. The paper then refines P by a
-    linear sum assignment per position; that step (and its scipy dependency) is left out.
+    Heuristic channel allocation: channel importance c_j = Σ_i S_ij; sorted ascending, the channels split into M
+    runs of in/M (importance quantiles); run k fills position k of the in/M groups, in order for even k and
+    reversed for odd k (the reference code's snake), so every group holds one channel of each quantile. Then
+    `assignment_refinement` reassigns each position's channels to groups optimally, as the paper's LSA step.
 
     Args:
         S: (out, in) scores with in divisible by M.
         n, m: the N:M pattern.
 
     Returns:
-        P (in,) long. The identity when the heuristic keeps no more score than the original order (a departure:
-        the reference code applies it unconditionally).
+        P (in,) long. The identity when the result keeps no more score than the original order (a departure: the
+        reference code applies it unconditionally).
     """
     in_features = S.shape[1]
-    order = torch.sort(S.double().sum(dim=0), stable=True).indices  # ascending importance
+    S = S.double()
+    order = torch.sort(S.sum(dim=0), stable=True).indices.cpu()  # ascending importance
     runs = order.reshape(m, in_features // m).clone()  # (M, in/M): run k = the k-th quantile
     runs[1::2] = runs[1::2].flip(-1)
-    P = runs.t().reshape(-1)  # group g, position k <- runs[k, g]
+    P = assignment_refinement(S, runs.t().reshape(-1), n, m)  # heuristic: group g, position k <- runs[k, g]
     identity = torch.arange(in_features)
-    return P if kept_score(S[:, P], n, m) > kept_score(S, n, m) else identity
+    return P if kept_score(S[:, P.to(S.device)], n, m) > kept_score(S, n, m) else identity
+
+
+def assignment_refinement(S: torch.Tensor, P: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The paper's linear sum assignment, one round over the M positions of the groups: with the other M − 1
+    channels of every group fixed, the in/M channels at position k are reassigned to the in/M groups so that the
+    kept score is maximal (exactly, by scipy's `linear_sum_assignment`). Adding a score x to a set T of M − 1
+    scores raises its top-N sum by max(0, x − t_N), t_N the N-th largest of T, so channel i in group g is worth
+    V_ig = Σ_rows max(0, S_ri − t_N(row, g)). Never lowers the kept score (the current assignment is feasible).
+
+    Cost per position: V is (in/M)² · out operations, then an (in/M)² assignment.
+
+    Args:
+        S: (out, in) scores, float64.
+        P: (in,) the starting permutation.
+
+    Returns:
+        The refined P (in,) long.
+    """
+    from scipy.optimize import linear_sum_assignment  # scipy comes with lm-eval (scikit-learn)
+
+    G = P.numel() // m
+    for k in range(m):
+        groups = P.reshape(G, m).clone()  # (G, M) channel at position k of group g
+        others = S[:, torch.cat([groups[:, :k], groups[:, k + 1:]], dim=1).to(S.device)]  # (out, G, M - 1)
+        t_n = others.topk(n, dim=-1).values[..., -1]  # (out, G): the N-th largest of each group's others
+        X = S[:, groups[:, k].to(S.device)]  # (out, G): the candidates
+        V = torch.stack([(x[:, None] - t_n).clamp_min(0).sum(dim=0) for x in X.t()])  # (candidate, group)
+        rows, cols = linear_sum_assignment(V.cpu().numpy(), maximize=True)
+        candidates = groups[:, k].clone()
+        groups[torch.from_numpy(cols), k] = candidates[torch.from_numpy(rows)]
+        P = groups.reshape(-1)
+    return P
 
 
 def head_permutation(S: torch.Tensor, n: int, m: int, head_dim: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +123,7 @@ def head_permutation(S: torch.Tensor, n: int, m: int, head_dim: int, groups: int
     kv_heads = heads // groups
     # per kv head, its query heads' slices stacked: (kv, groups · out, head_dim)
     stacked = S.reshape(out_features, kv_heads, groups, head_dim).permute(1, 2, 0, 3).reshape(kv_heads, -1, head_dim)
-    pi = torch.stack([channel_permutation(s, n, m) for s in stacked])  # (kv, head_dim)
+    pi = torch.stack([channel_permutation(s, n, m) for s in stacked]).cpu()  # (kv, head_dim)
     R = (pi + head_dim * torch.arange(kv_heads)[:, None]).reshape(-1)
     P = (pi.repeat_interleave(groups, dim=0) + head_dim * torch.arange(heads)[:, None]).reshape(-1)
     return P, R
