@@ -120,6 +120,7 @@ def prune(
     owl: bool = typer.Option(False, "--owl", help="Outlier-weighted layerwise sparsity (OWL): blocks with more outliers are pruned less; unstructured only."),
     owl_m: Optional[float] = typer.Option(None, "--owl-m", help="OWL's outlier threshold M, times a block's mean Wanda score (default 5)."),
     owl_lmbda: Optional[float] = typer.Option(None, "--owl-lmbda", help="OWL's lambda: block sparsities span 2*lambda around --sparsity (default 0.08)."),
+    permute_channels: bool = typer.Option(False, "--permute-channels", help="N:M with ria or wanda: reorder the inputs of o_proj and down_proj before forming groups (RIA's channel permutation), folded into v_proj and gate/up_proj so the saved model computes the same function."),
     calib: Optional[str] = typer.Option(None, "--calib", help="A local .txt/.jsonl/.json file, or c4 / wikitext2 (downloaded from the hub; the default c4 needs the network)."),
     nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Number of calibration windows (default 128)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default min(2048, context))."),
@@ -145,7 +146,8 @@ def prune(
     from spp.prune import run_prune
 
     flags = dict(model=model, output=output, method=method, pattern=pattern, sparsity=sparsity, targets=targets,
-                 ignore=ignore, owl=owl or None, owl_m=owl_m, owl_lmbda=owl_lmbda, calib=calib, nsamples=nsamples,
+                 ignore=ignore, owl=owl or None, owl_m=owl_m, owl_lmbda=owl_lmbda,
+                 permute_channels=permute_channels or None, calib=calib, nsamples=nsamples,
                  seqlen=seqlen, seed=seed, device=device, dtype=dtype, max_shard_size=max_shard_size,
                  batch_size=batch_size, offload_activations=offload_activations or None,
                  expert_min_tokens=expert_min_tokens, overwrite=overwrite or None,

@@ -120,6 +120,7 @@ class PruneConfig:
     owl: bool = False  # outlier-weighted layerwise sparsity (spp.prune.owl), unstructured only
     owl_m: float = 5.0  # OWL's outlier threshold M, in units of a block's mean Wanda score
     owl_lmbda: float = 0.08  # OWL's λ: the block sparsities span 2λ around the target
+    permute_channels: bool = False  # RIA's channel permutation for N:M, where it folds (spp.prune.permute)
     calib: str = "c4"
     nsamples: int = 128
     seqlen: int | None = None  # default min(2048, the model's context)
@@ -196,6 +197,9 @@ class PruneConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SppError(f"sparsity_overrides: {pattern}={value!r} should be a number in [0, 1)")
             _check_range(f"sparsity_overrides: {pattern}", value, 0.0, 1.0, hi_open=True)
+        if self.permute_channels and (n_m is None or self.method not in ("ria", "wanda")):
+            raise SppError("--permute-channels needs --pattern N:M and --method ria or wanda: it reorders a layer's "
+                           "inputs before the groups of M are formed, by those methods' scores")
         _check_range("--owl-m", self.owl_m, 0.0, lo_open=True)
         _check_range("--owl-lmbda", self.owl_lmbda, 0.0, 0.5)
 

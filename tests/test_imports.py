@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("model structure: loading, decoder blocks, linear layers, expert weights, name patterns",
      ["spp.models", "spp.patterns"]),
     ("math: pure tensor functions and the per-layer plans they run on",
-     ["spp.prune.masks", "spp.prune.wanda", "spp.prune.ria", "spp.prune.owl", "spp.prune.sparsegpt",
+     ["spp.prune.masks", "spp.prune.wanda", "spp.prune.ria", "spp.prune.permute", "spp.prune.owl", "spp.prune.sparsegpt",
       "spp.prune.reconstruction", "spp.prune.alps", "spp.prune.dsnot", "spp.prune.experts", "spp.prune.plan", "spp.train.losses", "spp.eval.sparse_kernels"]),
     ("adapters: the kinds, the mixture-of-experts wrapper, adding/saving/loading/merging in memory",
      ["spp.adapter.*"]),

@@ -35,6 +35,7 @@ from spp.prune.experts import check_expert_weights, prune_expert_weights, saved_
 from spp.prune.masks import apply_mask, select_mask
 from spp.prune.output import PruneReport, input_hashes, write_output
 from spp.prune.owl import outlier_share, owl_sparsities
+from spp.prune.permute import permute_block
 from spp.prune.plan import LayerPlan, plan_layers
 from spp.prune.ria import ria_scores
 from spp.prune.sparsegpt import accumulate_hessian, hessian_from_sum, sparsegpt_prune
@@ -309,6 +310,8 @@ def prune_model(
     for block in walk_blocks(blocks, calibrated, method.accumulate, device, chosen,
                              start=blocks_done if partial is not None else 0):
         experts = expert_targets(block.targets)
+        if cfg.permute_channels:  # before any of the block's weights is pruned; its function is unchanged
+            permute_block(block.module, block.targets, block.stats, cfg.method, cfg.n_m)
         pruned = {}  # block-relative name -> (keep-mask on the CPU, its statistics, its dampening retries)
         for name, target in block.targets.items():
             if on_module is not None:

@@ -8,7 +8,8 @@ Models" (ICLR 2024), §3.1–3.2, eq. 3 with a = 0.5:
 the first term relative to row i (its output), the second to column j (its input). The comparison
 group follows the reference code: for unstructured sparsity the whole layer shares one threshold
 (Wanda compares within each row); for N:M each group of M inputs of a row, as Wanda. The paper's
-channel permutation for N:M (reordering input channels before choosing groups) is not included.
+channel permutation for N:M (§3.3, reordering input channels before choosing groups) is `spp.prune.permute`,
+applied where it folds exactly (o_proj, down_proj) with --permute-channels.
 A row or column of |W| that sums to 0 contributes 0 instead of 0/0.
 
 Shapes: W (out, in); sq_norm (in,) = Σ_t X_tj² from `spp.prune.wanda.accumulate_sq_norms`.
