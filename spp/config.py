@@ -144,6 +144,9 @@ class PruneConfig:
     # Hessian (gathered for Wanda/RIA/magnitude as --record-error does); a departure from the paper, whose criterion
     # is the expected error alone
     dsnot_guard: bool = True
+    # DSnoT's update threshold: a row whose expected error |ε_i| is at or below it is left alone (the paper's 0.1, in
+    # the units of the layer's outputs; a model whose outputs are small needs a smaller one)
+    dsnot_threshold: float = dataclasses.field(default=0.1, metadata=NO_FLAG)
     # Gather the full input Hessian (in² float32 per layer of a block) for Wanda/RIA/magnitude, to record their
     # reconstruction error (SparseGPT and ALPS hold it anyway) and give DSnoT's guard the exact error
     record_error: bool = False
@@ -193,6 +196,7 @@ class PruneConfig:
         _check_range("--alps-iters", self.alps_iters, 1)
         _check_range("--alps-rho0", self.alps_rho0, 0.0, lo_open=True)
         _check_range("--alps-pcg-steps", self.alps_pcg_steps, 0)
+        _check_range("dsnot_threshold", self.dsnot_threshold, 0.0)
         _check_range("--expert-min-tokens", self.expert_min_tokens, 1)
         _check_shard_size(self.max_shard_size)
 

@@ -169,7 +169,8 @@ def _refine_dsnot(W, W_new, keep, sums, H, refits: bool, percdamp: float, cfg: P
     keeps the better of the method's (weights, mask) and the refit, by its error (w − ŵ)ᵀH(w − ŵ): a row never gets
     worse, and `rows_refit` counts those that took the refit.
     """
-    new_keep, record = dsnot_refine(W, keep, *sums, dsnot_group(cfg), guard=cfg.dsnot_guard, H=H)
+    new_keep, record = dsnot_refine(W, keep, *sums, dsnot_group(cfg), threshold=cfg.dsnot_threshold,
+                                    guard=cfg.dsnot_guard, H=H)
     if not refits:
         return apply_mask(W, new_keep), new_keep, record
     W32 = W.detach().float()
