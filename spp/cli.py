@@ -136,7 +136,7 @@ def prune(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration windows per block forward (default 16)."),
     offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations on the CPU."),
     alps_iters: Optional[int] = typer.Option(None, "--alps-iters", help="ALPS: the most ADMM iterations, each about one SparseGPT pass (default 15; the paper's code: 300)."),
-    alps_rho0: Optional[float] = typer.Option(None, "--alps-rho0", help="ALPS: initial ADMM penalty; smaller explores more supports, larger settles sooner (default 0.1)."),
+    alps_rho: Optional[float] = typer.Option(None, "--alps-rho", help="ALPS: initial ADMM penalty; smaller explores more supports, larger settles sooner (default 0.1)."),
     alps_pcg_steps: Optional[int] = typer.Option(None, "--alps-pcg-steps", help="ALPS: conjugate-gradient steps refitting the kept weights (default 10; 0: none)."),
     refine: Optional[str] = typer.Option(None, "--refine", help="none (default) or dsnot: swap pruned and kept weights per row (in their group) to cut the expected error; needs calibration."),
     dsnot_guard: Optional[bool] = typer.Option(None, "--dsnot-guard/--no-dsnot-guard", help="DSnoT: reject swaps that raise the squared reconstruction error, from each layer's full input Hessian (as --record-error holds it; default on; the paper has no guard)."),
@@ -160,7 +160,7 @@ def prune(
                  ignore=ignore, owl=owl or None, owl_m=owl_m, owl_lmbda=owl_lmbda, calib=calib, nsamples=nsamples,
                  seqlen=seqlen, seed=seed, device=device, dtype=dtype, max_shard_size=max_shard_size,
                  batch_size=batch_size, offload_activations=offload_activations or None, alps_iters=alps_iters,
-                 alps_rho0=alps_rho0, alps_pcg_steps=alps_pcg_steps, refine=refine, dsnot_guard=dsnot_guard,
+                 alps_rho=alps_rho, alps_pcg_steps=alps_pcg_steps, refine=refine, dsnot_guard=dsnot_guard,
                  record_error=record_error or None,
                  expert_min_tokens=expert_min_tokens, overwrite=overwrite or None,
                  resume=resume or None)

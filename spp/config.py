@@ -136,7 +136,7 @@ class PruneConfig:
     # ALPS (spp.prune.alps). The paper's code runs up to 300 ADMM iterations; each costs about one SparseGPT pass,
     # and 15 keep ALPS within ~10x SparseGPT's time at about half its layer error (docs/pruning-methods.md).
     alps_iters: int = 15  # the most ADMM iterations: more explore more supports, at one SparseGPT pass each
-    alps_rho0: float = 0.1  # initial ADMM penalty (unit-diagonal scale): smaller explores more, larger settles sooner
+    alps_rho: float = 0.1  # initial ADMM penalty (unit-diagonal scale): smaller explores more, larger settles sooner
     alps_pcg_steps: int = 10  # conjugate-gradient steps refitting the kept weights on the final support (0: none)
     # Mask refinement after the method (spp.prune.dsnot): none, or dsnot (swaps a pruned and a kept weight per row)
     refine: Literal["none", "dsnot"] = "none"
@@ -194,7 +194,7 @@ class PruneConfig:
         _check_range("--percdamp", self.percdamp, 0.0, lo_open=True)
         _check_range("--batch-size", self.batch_size, 1)
         _check_range("--alps-iters", self.alps_iters, 1)
-        _check_range("--alps-rho0", self.alps_rho0, 0.0, lo_open=True)
+        _check_range("--alps-rho", self.alps_rho, 0.0, lo_open=True)
         _check_range("--alps-pcg-steps", self.alps_pcg_steps, 0)
         _check_range("dsnot_threshold", self.dsnot_threshold, 0.0)
         _check_range("--expert-min-tokens", self.expert_min_tokens, 1)

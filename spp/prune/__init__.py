@@ -93,7 +93,7 @@ def _prune_sparsegpt(W, state, cfg, sparsity):
 
 def _prune_alps(W, state, cfg, sparsity):
     H = hessian_from_sum(*state)
-    W_new, keep, info = alps_prune(W, H, cfg.n_m, sparsity, percdamp=cfg.percdamp, rho0=cfg.alps_rho0,
+    W_new, keep, info = alps_prune(W, H, cfg.n_m, sparsity, percdamp=cfg.percdamp, rho0=cfg.alps_rho,
                                    max_iter=cfg.alps_iters, pcg_steps=cfg.alps_pcg_steps)
     damp = info.pop("percdamp_used")
     retry = {"percdamp_used": damp} if damp != cfg.percdamp else {}
