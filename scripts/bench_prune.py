@@ -322,9 +322,12 @@ def compare_cell(args, cell: str, pattern: str) -> dict:
     cells = Path(args.cells_dir)
     key = f"{cell}@{pattern}".replace("/", "-").replace(":", "of")
     record_path = cells / f"{key}.json"
-    if record_path.is_file():
-        return json.loads(record_path.read_text())
     out = cells / key
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if cell != "dense" and "stage_s" not in record:  # a record of an earlier version of this script
+            record["stage_s"] = json.loads((out / "spp_manifest.json").read_text())["wall_time_s"]
+        return record
     spp = spp_cli()
     record: dict = {"cell": cell, "pattern": pattern}
     if cell != "dense":
@@ -343,7 +346,9 @@ def compare_cell(args, cell: str, pattern: str) -> dict:
                 "cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
                 "resumed": resumed}))
         record.update(json.loads((cells / f"{key}.prune-times.json").read_text()))
-        details = json.loads((out / "spp_manifest.json").read_text())["details"]
+        manifest = json.loads((out / "spp_manifest.json").read_text())
+        details = manifest["details"]
+        record["stage_s"] = manifest["wall_time_s"]  # inside the process: no interpreter start or imports
         record.update(sparsity=details["achieved_sparsity"], error=details.get("reconstruction_error"),
                       refine=details.get("refine"), verify=subprocess.run([spp, "verify", str(out)],
                                                                           capture_output=True).returncode)
@@ -383,8 +388,9 @@ def write_compare_report(args, records: list[dict]) -> None:
     label = {p: (p if ":" in p else f"{float(p):.0%}") for p in patterns}
     lines = [f"Model `{args.model}`; calibration `{args.calib}`, {args.nsamples} × {args.seqlen} tokens; perplexity "
              f"`{args.ppl}` at seqlen {args.ppl_seqlen}, first {args.max_windows} windows; dense {dense['ppl']:.2f}. "
-             "Each cell: perplexity / mean relative layer reconstruction error / CPU seconds of `spp prune` "
-             "(user + system over its threads; wanda's cells gather H for the error with --record-error).", "",
+             "Each cell: perplexity / mean relative layer reconstruction error / CPU seconds of the `spp prune` "
+             "process (user + system over its threads) / the stage's wall seconds in the manifest (no interpreter "
+             "start); wanda's cells gather H for the error with --record-error, `wanda/plain` does not.", "",
              "| method | " + " | ".join(label[p] for p in patterns) + " |", "|---|" + "---:|" * len(patterns)]
     by = {(r["cell"], r["pattern"]): r for r in records}
     for cell in args.cells.split(","):
@@ -392,7 +398,7 @@ def write_compare_report(args, records: list[dict]) -> None:
         for p in patterns:
             r = by.get((cell, p))
             row.append("" if r is None else f"{r['ppl']:.2f} / {r['error'] if r['error'] is not None else float('nan'):.4f}"
-                       f" / {r['cpu_s']:.0f}" + ("" if r["verify"] == 0 else " (verify failed)")
+                       f" / {r['cpu_s']:.1f} / {r['stage_s']:.1f}" + ("" if r["verify"] == 0 else " (verify failed)")
                        + (" (resumed)" if r.get("resumed") else ""))
         lines.append(f"| {cell} | " + " | ".join(row) + " |")
     with open(args.report, "w") as f:

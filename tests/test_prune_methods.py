@@ -184,3 +184,13 @@ def test_magnitude_dsnot_without_windows_is_refused():
     cfg = PruneConfig(model="m", output="o", method="magnitude", refine="dsnot", device="cpu")
     with pytest.raises(SppError, match=r"^--refine dsnot needs calibration windows .*--method magnitude; give --calib$"):
         prune_model(make_model("llama"), None, cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_alps_and_dsnot_in_half_precision(tiny, tmp_path, dtype):
+    """Computed in float32 from the stored dtype, written back in it, as SparseGPT: exact 2:4, verify passes."""
+    _, _, details = prune(tiny, tmp_path / "out", "--method", "alps", "--pattern", "2:4", "--refine", "dsnot",
+                          "--dtype", dtype)
+    tensors = saved_tensors(tmp_path / "out")
+    for name, record in details["modules"].items():
+        assert tensors[name].dtype == getattr(torch, dtype) and 0 < record["reconstruction_error"] < 1, name
