@@ -369,8 +369,8 @@ def compare_cell(args, cell: str, pattern: str) -> dict:
 def compare(args) -> list[dict]:
     records = [compare_cell(args, "dense", "dense")]
     print(f"  dense ppl {records[0]['ppl']:.2f}", file=sys.stderr, flush=True)
-    for cell in args.cells.split(","):
-        for pattern in args.patterns.split(","):
+    for pattern in args.patterns.split(","):  # a column at a time: the first patterns given finish first
+        for cell in args.cells.split(","):
             records.append(compare_cell(args, cell, pattern))
             r = records[-1]
             print(f"  {cell:22s} {pattern:4s} ppl {r['ppl']:9.2f}  error {r['error'] or float('nan'):.4f}  "
