@@ -304,6 +304,7 @@ COMPARE_CELLS = {
     "wanda+dsnot/noguard": ["--method", "wanda", "--refine", "dsnot", "--no-dsnot-guard", "--record-error"],
     "sparsegpt+dsnot": ["--method", "sparsegpt", "--refine", "dsnot"],
     "alps/paper": ["--method", "alps", "--alps-iters", "300"],
+    "alps/50": ["--method", "alps", "--alps-iters", "50"],
     "wanda/plain": ["--method", "wanda"],  # not run by default: Wanda's own time, without gathering H
 }
 COMPARE_PATTERNS = ("0.5", "0.6", "0.7", "2:4")
@@ -422,7 +423,7 @@ def main(argv=None) -> None:
     parser.add_argument("--compare", action="store_true", help="the method comparison on --model (see above)")
     parser.add_argument("--model", help="--compare: a model directory or .gguf file")
     parser.add_argument("--cells-dir", help="--compare: where each cell's record and outputs live")
-    parser.add_argument("--cells", default=",".join(c for c in COMPARE_CELLS if c != "wanda/plain"))
+    parser.add_argument("--cells", default=",".join(c for c in COMPARE_CELLS if c not in ("wanda/plain", "alps/50")))
     parser.add_argument("--calib", default="../shared/data/c4/c4_sample.jsonl")
     parser.add_argument("--ppl", default="wikitext2:../shared/data/wikitext-2-raw/wikitext-test.txt")
     parser.add_argument("--ppl-seqlen", type=int, default=512)
