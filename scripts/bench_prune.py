@@ -13,6 +13,15 @@ one record per measurement; `main` prints them side by side with ratios (baselin
     python scripts/bench_prune.py --layers 4      # a smaller model
     python scripts/bench_prune.py --owl --methods wanda --patterns unstructured --sparsity 0.7
                                                   # spp with OWL against spp without (ratio = OWL / plain)
+
+`--compare` (issue 25) instead runs the method comparison on a real model through the CLI, one cell (method +
+refinement, sparsity or N:M) at a time: `spp prune` (CPU and wall time of the process), `spp verify`, `spp eval
+--ppl`, and the manifest's achieved sparsity, mean layer reconstruction error and DSnoT totals. Each finished
+cell is a JSON file under `--cells-dir`, so a rerun skips it (a killed prune continues with `--resume`), and the
+pruned weights are deleted once evaluated (`--keep-models` keeps them). `--report FILE` writes the Markdown table:
+
+    python scripts/bench_prune.py --compare --model ../shared/data/stories260K-hf --cells-dir /work/results-25/stories260K \
+        --calib ../shared/data/c4/c4_sample.jsonl --nsamples 128 --seqlen 512 --report /work/results-25/stories260K.md
 """
 
 from __future__ import annotations
@@ -133,6 +142,119 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- the method comparison (issue 25)
+
+# cell -> spp prune flags; wanda's cells record their error (--record-error: its time includes gathering H)
+COMPARE_CELLS = {
+    "wanda": ["--method", "wanda", "--record-error"],
+    "sparsegpt": ["--method", "sparsegpt"],
+    "alps": ["--method", "alps"],
+    "wanda+dsnot": ["--method", "wanda", "--refine", "dsnot"],
+    "wanda+dsnot/noguard": ["--method", "wanda", "--refine", "dsnot", "--no-dsnot-guard", "--record-error"],
+    "sparsegpt+dsnot": ["--method", "sparsegpt", "--refine", "dsnot"],
+    "alps/paper": ["--method", "alps", "--alps-iters", "300"],
+    "alps/50": ["--method", "alps", "--alps-iters", "50"],
+    "wanda/plain": ["--method", "wanda"],  # not run by default: Wanda's own time, without gathering H
+}
+COMPARE_PATTERNS = ("0.5", "0.6", "0.7", "2:4")
+
+
+def _pattern_flags(pattern: str) -> list[str]:
+    return ["--pattern", pattern] if ":" in pattern else ["--sparsity", pattern]
+
+
+def compare_cell(args, cell: str, pattern: str) -> dict:
+    """Prune, verify and evaluate one cell (or read its finished record); returns the record."""
+    from pathlib import Path
+
+    from common import spp_cli
+
+    cells = Path(args.cells_dir)
+    key = f"{cell}@{pattern}".replace("/", "-").replace(":", "of")
+    record_path = cells / f"{key}.json"
+    out = cells / key
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if cell != "dense" and "stage_s" not in record:  # a record of an earlier version of this script
+            record["stage_s"] = json.loads((out / "spp_manifest.json").read_text())["wall_time_s"]
+        return record
+    spp = spp_cli()
+    record: dict = {"cell": cell, "pattern": pattern}
+    if cell != "dense":
+        if not (out / "spp_manifest.json").is_file():
+            cmd = [spp, "prune", "--model", args.model, "--calib", args.calib, "--nsamples", str(args.nsamples),
+                   "--seqlen", str(args.seqlen), "--device", "cpu", "--output", str(out), "--resume",
+                   *COMPARE_CELLS[cell], *_pattern_flags(pattern)]
+            resumed = (out.parent / (out.name + ".partial")).exists()  # a killed run's blocks: its time is partial
+            before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+            (cells / f"{key}.prune-times.json").write_text(json.dumps({
+                "wall_s": time.perf_counter() - start,
+                "cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+                "resumed": resumed}))
+        record.update(json.loads((cells / f"{key}.prune-times.json").read_text()))
+        manifest = json.loads((out / "spp_manifest.json").read_text())
+        details = manifest["details"]
+        record["stage_s"] = manifest["wall_time_s"]  # inside the process: no interpreter start or imports
+        record.update(sparsity=details["achieved_sparsity"], error=details.get("reconstruction_error"),
+                      refine=details.get("refine"), verify=subprocess.run([spp, "verify", str(out)],
+                                                                          capture_output=True).returncode)
+    evaluated = cells / f"{key}.eval"
+    if not (evaluated / "results.json").is_file():
+        subprocess.run([spp, "eval", "--model", str(out) if cell != "dense" else args.model, "--ppl", args.ppl,
+                        "--seqlen", str(args.ppl_seqlen), "--max-windows", str(args.max_windows), "--device", "cpu",
+                        "--output", str(evaluated), "--overwrite"], check=True, capture_output=True)
+    (ppl,) = json.loads((evaluated / "results.json").read_text())["perplexity"].values()
+    record["ppl"] = ppl["ppl"]
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    if cell != "dense" and not args.keep_models:
+        for path in out.glob("*.safetensors"):  # the weights; the manifest and the mask file (spp/) stay
+            path.unlink()
+    return record
+
+
+def compare(args) -> list[dict]:
+    records = [compare_cell(args, "dense", "dense")]
+    print(f"  dense ppl {records[0]['ppl']:.2f}", file=sys.stderr, flush=True)
+    for pattern in args.patterns.split(","):  # a column at a time: the first patterns given finish first
+        for cell in args.cells.split(","):
+            records.append(compare_cell(args, cell, pattern))
+            r = records[-1]
+            print(f"  {cell:22s} {pattern:4s} ppl {r['ppl']:9.2f}  error {r['error'] or float('nan'):.4f}  "
+                  f"cpu {r['cpu_s']:7.1f} s  wall {r['wall_s']:7.1f} s  verify {r['verify']}", file=sys.stderr,
+                  flush=True)
+            if args.report:
+                write_compare_report(args, records)
+    return records
+
+
+def write_compare_report(args, records: list[dict]) -> None:
+    """The comparison as Markdown: perplexity, mean layer error, CPU time per cell, one row per method."""
+    patterns = args.patterns.split(",")
+    dense = next(r for r in records if r["cell"] == "dense")
+    label = {p: (p if ":" in p else f"{float(p):.0%}") for p in patterns}
+    lines = [f"Model `{args.model}`; calibration `{args.calib}`, {args.nsamples} × {args.seqlen} tokens; perplexity "
+             f"`{args.ppl}` at seqlen {args.ppl_seqlen}, first {args.max_windows} windows; dense {dense['ppl']:.2f}. "
+             "Each cell: perplexity / mean relative layer reconstruction error / CPU seconds of the `spp prune` "
+             "process (user + system over its threads) / the stage's wall seconds in the manifest (no interpreter "
+             "start); wanda's cells gather H for the error with --record-error, `wanda/plain` does not.", "",
+             "| method | " + " | ".join(label[p] for p in patterns) + " |", "|---|" + "---:|" * len(patterns)]
+    by = {(r["cell"], r["pattern"]): r for r in records}
+    for cell in args.cells.split(","):
+        row = []
+        for p in patterns:
+            r = by.get((cell, p))
+            row.append("" if r is None else f"{r['ppl']:.2f} / {r['error'] if r['error'] is not None else float('nan'):.4f}"
+                       f" / {r['cpu_s']:.1f} / {r['stage_s']:.1f}" + ("" if r["verify"] == 0 else " (verify failed)")
+                       + (" (resumed)" if r.get("resumed") else ""))
+        lines.append(f"| {cell} | " + " | ".join(row) + " |")
+    with open(args.report, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -147,7 +269,25 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="also write the records to this file")
     parser.add_argument("--owl", action="store_true", help="compare spp with and without OWL (unstructured only)")
     parser.add_argument("--sparsity", type=float, help="unstructured sparsity (default 0.5)")
+    parser.add_argument("--compare", action="store_true", help="the method comparison on --model (see above)")
+    parser.add_argument("--model", help="--compare: a model directory or .gguf file")
+    parser.add_argument("--cells-dir", help="--compare: where each cell's record and outputs live")
+    parser.add_argument("--cells", default=",".join(c for c in COMPARE_CELLS if c not in ("wanda/plain", "alps/50")))
+    parser.add_argument("--calib", default="../shared/data/c4/c4_sample.jsonl")
+    parser.add_argument("--ppl", default="wikitext2:../shared/data/wikitext-2-raw/wikitext-test.txt")
+    parser.add_argument("--ppl-seqlen", type=int, default=512)
+    parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--keep-models", action="store_true")
+    parser.add_argument("--report", help="--compare: write the Markdown table here after every cell")
     args = parser.parse_args(argv)
+    if args.compare:
+        import os
+
+        os.makedirs(args.cells_dir, exist_ok=True)
+        args.nsamples, args.seqlen = args.nsamples or 128, args.seqlen or 512
+        args.patterns = args.patterns if args.patterns != ",".join(PATTERNS) else ",".join(COMPARE_PATTERNS)
+        compare(args)
+        return
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
         return

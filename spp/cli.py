@@ -21,7 +21,7 @@ from spp.errors import SppError
 from spp.quiet import quiet_output
 
 app = typer.Typer(
-    help="Prune LLMs (Wanda, SparseGPT, RIA, magnitude; OWL layerwise), fine-tune them with SPP, merge, export and evaluate, keeping every zero.",
+    help="Prune LLMs (Wanda, SparseGPT, RIA, ALPS, magnitude; OWL layerwise; DSnoT), fine-tune them with SPP, merge, export and evaluate, keeping every zero.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -87,8 +87,10 @@ def env():
 # --------------------------------------------------------------------------- prune / verify
 
 
-def _sparsity_table(title: str, blocks: list[tuple[str, int, int]], total: float, requested: dict | None = None):
-    """Per block: weights, pruned, achieved sparsity, and the requested one when it varies (OWL, overrides)."""
+def _sparsity_table(title: str, blocks: list[tuple[str, int, int]], total: float, requested: dict | None = None,
+                    errors: dict | None = None, mean_error: float | None = None):
+    """Per block: weights, pruned, achieved sparsity, the requested one when it varies (OWL, overrides), and the
+    mean relative reconstruction error of its layers when recorded (total row: the mean over all layers)."""
     from rich.table import Table
 
     requested = requested if requested and len({round(v, 9) for v in requested.values()}) > 1 else None
@@ -99,11 +101,15 @@ def _sparsity_table(title: str, blocks: list[tuple[str, int, int]], total: float
     if requested:
         table.add_column("requested", justify="right")
     table.add_column("sparsity", justify="right")
+    if errors:
+        table.add_column("recon. error", justify="right")
     for name, numel, pruned in blocks:
         wanted = [f"{requested[name]:.2%}" if name in requested else "-"] if requested else []
-        table.add_row(name, f"{numel:,}", f"{pruned:,}", *wanted, f"{pruned / numel:.2%}" if numel else "-")
+        error = [f"{errors[name]:.4f}" if name in errors else "-"] if errors else []
+        table.add_row(name, f"{numel:,}", f"{pruned:,}", *wanted, f"{pruned / numel:.2%}" if numel else "-", *error)
     table.add_row("total", f"{sum(b[1] for b in blocks):,}", f"{sum(b[2] for b in blocks):,}",
-                  *([""] if requested else []), f"{total:.2%}")
+                  *([""] if requested else []), f"{total:.2%}",
+                  *([f"{mean_error:.4f}" if mean_error is not None else ""] if errors else []))
     return table
 
 
@@ -112,7 +118,7 @@ def prune(
     model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory, a .gguf file (dequantized once; needs spp-llm[gguf]), or a hub id (downloads from the hub)."),
     output: Optional[str] = typer.Option(None, "--output", help="Output directory (built in OUTPUT.partial, then renamed)."),
     config: Optional[str] = typer.Option(None, "--config", help="A YAML file of prune settings (any PruneConfig key, sparsity_overrides among them); flags, then --set, override it."),
-    method: Optional[str] = typer.Option(None, "--method", help="wanda (default), sparsegpt, magnitude or ria."),
+    method: Optional[str] = typer.Option(None, "--method", help="wanda (default), sparsegpt, magnitude, ria or alps (ADMM + conjugate-gradient refit; reuses SparseGPT's Hessian)."),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="unstructured (default), or N:M = at most N kept in every M inputs."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction pruned, unstructured only (default 0.5)."),
     targets: Optional[list[str]] = typer.Option(None, "--targets", help="Prune only the decoder-block linears these patterns name (fnmatch or re:REGEX, block-relative or full names; repeatable; default *)."),
@@ -130,12 +136,18 @@ def prune(
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest safetensors shard (default 2GB)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration windows per block forward (default 16)."),
     offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations on the CPU."),
+    alps_iters: Optional[int] = typer.Option(None, "--alps-iters", help="ALPS: the most ADMM iterations, each about one SparseGPT pass (default 15; the paper's code: 300)."),
+    alps_rho: Optional[float] = typer.Option(None, "--alps-rho", help="ALPS: initial ADMM penalty; smaller explores more supports, larger settles sooner (default 0.1)."),
+    alps_pcg_steps: Optional[int] = typer.Option(None, "--alps-pcg-steps", help="ALPS: conjugate-gradient steps refitting the kept weights (default 10; 0: none)."),
+    refine: Optional[str] = typer.Option(None, "--refine", help="none (default) or dsnot: swap pruned and kept weights per row (in their group) to cut the expected error; needs calibration."),
+    dsnot_guard: Optional[bool] = typer.Option(None, "--dsnot-guard/--no-dsnot-guard", help="DSnoT: reject swaps that raise the squared reconstruction error, from each layer's full input Hessian (as --record-error holds it; default on; the paper has no guard)."),
+    record_error: bool = typer.Option(False, "--record-error", help="Record wanda/ria/magnitude's reconstruction error: holds each layer's input Hessian, in*in float32 (4*in^2 bytes per layer of a block); sparsegpt/alps record it anyway."),
     expert_min_tokens: Optional[int] = typer.Option(None, "--expert-min-tokens", help="Mixture-of-experts: an expert routed fewer calibration tokens is pruned by magnitude, recorded in the manifest (default 32)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (only once the new one is complete)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed or interrupted run at its first unfinished block (same settings)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set 'sparsity_overrides={mlp.*: 0.6}' (repeatable)."),
 ):
-    """Prune a causal LM block by block (Wanda, SparseGPT, magnitude or RIA) and write it with its mask file.
+    """Prune a causal LM block by block (Wanda, SparseGPT, magnitude, RIA or ALPS; DSnoT refinement) and write it with its mask file.
 
     Example: spp prune --model ../shared/data/stories260K-hf --method wanda --pattern 2:4 --calib ../shared/data/tinystories/tinystories_val.txt --nsamples 64 --seqlen 256 --output pruned
     """
@@ -149,7 +161,9 @@ def prune(
                  ignore=ignore, owl=owl or None, owl_m=owl_m, owl_lmbda=owl_lmbda,
                  permute_channels=permute_channels or None, calib=calib, nsamples=nsamples,
                  seqlen=seqlen, seed=seed, device=device, dtype=dtype, max_shard_size=max_shard_size,
-                 batch_size=batch_size, offload_activations=offload_activations or None,
+                 batch_size=batch_size, offload_activations=offload_activations or None, alps_iters=alps_iters,
+                 alps_rho=alps_rho, alps_pcg_steps=alps_pcg_steps, refine=refine, dsnot_guard=dsnot_guard,
+                 record_error=record_error or None,
                  expert_min_tokens=expert_min_tokens, overwrite=overwrite or None,
                  resume=resume or None)
     layers = [(config, read_yaml(config))] if config else []
@@ -173,9 +187,20 @@ def prune(
             progress.update(task, total=n_blocks, completed=index, description=f"pruning {name}")
 
         report = run_prune(cfg, on_module=on_module)
-    owl_note = " + OWL" if cfg.owl else ""
+    owl_note = (" + OWL" if cfg.owl else "") + (f" + {cfg.refine}" if cfg.refine != "none" else "")
     title = f"{report.method}{owl_note} {report.pattern} -> {report.output} ({report.wall_time_s:.1f} s)"
-    console.print(_sparsity_table(title, report.blocks, report.total_sparsity, report.requested_blocks))
+    console.print(_sparsity_table(title, report.blocks, report.total_sparsity, report.requested_blocks,
+                                  report.block_errors, report.mean_error))
+    if report.mean_error is not None:
+        console.print(f"mean relative reconstruction error {report.mean_error:.4f} (tr(dW H dW^T) / tr(W H W^T) "
+                      "per layer, on its calibration inputs)")
+    if report.refine:
+        r = report.refine
+        before = (f"; reconstruction error {r['reconstruction_error_before']:.4f} -> {r['reconstruction_error_after']:.4f}"
+                  if "reconstruction_error_before" in r else "")
+        console.print(f"{r['method']}{' (guard)' if r['guard'] else ''}: {r['swaps']:,} swaps in {r['layers_changed']} "
+                      f"of {r['layers']} layers; mean |expected error| {r['expected_error_before']:.4g} -> "
+                      f"{r['expected_error_after']:.4g}{before}")
     if report.dense_layers:
         console.print(f"{len(report.dense_layers)} layers or expert weights left dense (no mask entry, not in the total): "
                       f"{', '.join(report.dense_layers[:4])}{' …' if len(report.dense_layers) > 4 else ''}")
@@ -202,7 +227,7 @@ def verify(directory: str = typer.Argument(..., help="An spp output directory (p
     report = verify_checkpoint(directory)
     console = Console()
     console.print(_sparsity_table(f"{report.directory} ({report.pattern})", report.blocks, report.total_sparsity,
-                                  report.requested_blocks))
+                                  report.requested_blocks, report.block_errors, report.mean_error))
     console.print(f"ok: {report.tensors_checked} masked tensors and {report.files_checked} files match the manifest; "
                   f"every pruned entry is +0.0" + (f"; {report.kept_zero} kept weights are zero" if report.kept_zero else ""))
 

@@ -108,7 +108,7 @@ class PruneConfig:
 
     model: str
     output: str
-    method: Literal["wanda", "sparsegpt", "magnitude", "ria"] = "wanda"
+    method: Literal["wanda", "sparsegpt", "magnitude", "ria", "alps"] = "wanda"
     pattern: str = "unstructured"
     sparsity: float | None = None  # default 0.5 for unstructured; implied 1 - N/M for N:M
     # Which linear layers of the decoder blocks are pruned (spp.patterns: fnmatch or `re:`, block-relative or full
@@ -134,6 +134,23 @@ class PruneConfig:
     blocksize: int = dataclasses.field(default=128, metadata=NO_FLAG)  # SparseGPT column block width
     percdamp: float = dataclasses.field(default=0.01, metadata=NO_FLAG)  # SparseGPT dampening, × mean Hessian diagonal
     batch_size: int = 16  # calibration windows per block forward
+    # ALPS (spp.prune.alps). The paper's code runs up to 300 ADMM iterations; each costs about one SparseGPT pass,
+    # and 15 keep ALPS within ~10x SparseGPT's time at about half its layer error (docs/pruning-methods.md).
+    alps_iters: int = 15  # the most ADMM iterations: more explore more supports, at one SparseGPT pass each
+    alps_rho: float = 0.1  # initial ADMM penalty (unit-diagonal scale): smaller explores more, larger settles sooner
+    alps_pcg_steps: int = 10  # conjugate-gradient steps refitting the kept weights on the final support (0: none)
+    # Mask refinement after the method (spp.prune.dsnot): none, or dsnot (swaps a pruned and a kept weight per row)
+    refine: Literal["none", "dsnot"] = "none"
+    # DSnoT's guard: reject a swap that raises the row's squared reconstruction error, exactly, from the full input
+    # Hessian (gathered for Wanda/RIA/magnitude as --record-error does); a departure from the paper, whose criterion
+    # is the expected error alone
+    dsnot_guard: bool = True
+    # DSnoT's update threshold: a row whose expected error |ε_i| is at or below it is left alone (the paper's 0.1, in
+    # the units of the layer's outputs; a model whose outputs are small needs a smaller one)
+    dsnot_threshold: float = dataclasses.field(default=0.1, metadata=NO_FLAG)
+    # Gather the full input Hessian (in² float32 per layer of a block) for Wanda/RIA/magnitude, to record their
+    # reconstruction error (SparseGPT and ALPS hold it anyway) and give DSnoT's guard the exact error
+    record_error: bool = False
     # A mixture-of-experts expert that the router sent fewer calibration tokens than this is pruned by magnitude
     # (recorded per saved tensor in the manifest). Its statistics would be a handful of tokens: Wanda's ‖X_j‖ from
     # T tokens varies by ~1/√(2T) (±12% at 32), one token's outlier channel would decide every row's mask, and at 0
@@ -177,6 +194,10 @@ class PruneConfig:
             raise SppError(f"--blocksize {self.blocksize} must be a multiple of M={n_m[1]} for --pattern {self.pattern}")
         _check_range("--percdamp", self.percdamp, 0.0, lo_open=True)
         _check_range("--batch-size", self.batch_size, 1)
+        _check_range("--alps-iters", self.alps_iters, 1)
+        _check_range("--alps-rho", self.alps_rho, 0.0, lo_open=True)
+        _check_range("--alps-pcg-steps", self.alps_pcg_steps, 0)
+        _check_range("dsnot_threshold", self.dsnot_threshold, 0.0)
         _check_range("--expert-min-tokens", self.expert_min_tokens, 1)
         _check_shard_size(self.max_shard_size)
 

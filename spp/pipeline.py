@@ -221,8 +221,8 @@ def _flags(cfg, defaults, command: str, order: list[str]) -> list[str]:
         if key not in flags:
             raise SppError(f"{command}: {key}={value!r} cannot be given on the `spp {command}` command line")
         flag = flags[key]
-        if isinstance(value, bool):
-            out.append(flag)
+        if isinstance(value, bool):  # a default-on switch is turned off by its --no- form (--no-dsnot-guard)
+            out.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, list):
             out += [flag, ",".join(str(v) for v in value)]
         else:

@@ -31,6 +31,9 @@ class VerifyReport:
     total_sparsity: float
     kept_zero: int
     requested_blocks: dict[str, float] = field(default_factory=dict)  # the manifest's per-block requested sparsity
+    # the manifest's per-block mean relative reconstruction error, and over all layers, where `spp prune` recorded it
+    block_errors: dict[str, float] = field(default_factory=dict)
+    mean_error: float | None = None
 
 
 def _check_files(directory: Path, outputs: dict[str, str]) -> int:
@@ -109,7 +112,10 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
     return VerifyReport(directory=directory, pattern=pattern, tensors_checked=len(masks), files_checked=files,
                         blocks=[(b, r["numel"], r["pruned"]) for b, r in sorted(blocks.items(), key=lambda kv: natural_key(kv[0]))],
                         total_sparsity=total["sparsity"], kept_zero=total["kept_zero"],
-                        requested_blocks=_requested_blocks(manifest.details, blocks))
+                        requested_blocks=_requested_blocks(manifest.details, blocks),
+                        block_errors={b: r["reconstruction_error"] for b, r in manifest.details.get("blocks", {}).items()
+                                      if "reconstruction_error" in r},
+                        mean_error=manifest.details.get("reconstruction_error"))
 
 
 def _requested_blocks(details: dict, blocks: dict[str, dict]) -> dict[str, float]:

@@ -105,12 +105,12 @@ def calib(tmp_path_factory) -> Path:
 
 
 def prune_args(model, calib, output, method):
-    pattern = "2:4" if method == "sparsegpt" else "unstructured"
+    pattern = "2:4" if method in ("sparsegpt", "alps") else "unstructured"
     return ["prune", "--model", model, "--calib", calib, "--output", output, "--method", method, "--pattern", pattern,
             "--nsamples", "4", "--seqlen", "16", "--batch-size", "3", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "alps"])
 def test_killed_prune_resumes_bit_for_bit(model4, calib, tmp_path, method):
     straight = tmp_path / "straight"
     assert invoke(*prune_args(model4, calib, straight, method)).exit_code == 0

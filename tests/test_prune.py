@@ -415,6 +415,7 @@ from safetensors.torch import load_file  # noqa: E402
 from conftest import MOE_CONFIGS, make_moe_model  # noqa: E402
 from spp.io.checkpoint import PRUNE_PROGRESS_DIR, PRUNE_PROGRESS_FILE, partial_path  # noqa: E402
 from spp.prune import METHODS  # noqa: E402
+from spp.prune.alps import alps_prune  # noqa: E402
 from spp.prune.experts import expert_down_inputs, prune_expert_weights, routed_inputs  # noqa: E402
 from spp.prune.masks import parse_pattern, select_mask  # noqa: E402
 from spp.prune.wanda import magnitude_scores  # noqa: E402
@@ -529,6 +530,10 @@ def reference_expert_masks(model_dir: Path, pruned_dir: Path, calib: Path, metho
             elif method == "magnitude":
                 keep = _keep_highest(W.abs(), n_m, sparsity, per_row=False)
                 out[name] = (keep, torch.where(keep, W, torch.zeros(())))
+            elif method == "alps":  # the shipped settings (PruneConfig's alps_* defaults)
+                H = hessian_from_sum(*accumulate_hessian(None, X_e))
+                W_new, keep, _ = alps_prune(W, H, n_m, sparsity, max_iter=15)
+                out[name] = (keep, W_new)
             else:
                 H = hessian_from_sum(*accumulate_hessian(None, X_e))
                 W_new, keep, _ = sparsegpt_prune(W, H, n_m, sparsity, blocksize=16)
@@ -660,7 +665,8 @@ def test_mixtral_wanda_2_4_bar(mixtral, calib, tmp_path):
 
 
 @pytest.mark.parametrize("method,pattern", [("wanda", "2:4"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4"),
-                                            ("magnitude", "unstructured"), ("ria", "unstructured")])
+                                            ("magnitude", "unstructured"), ("ria", "unstructured"),
+                                            ("alps", "2:4")])
 def test_expert_masks_equal_separate_linears(mixtral, calib, tmp_path, method, pattern):
     out = tmp_path / "out"
     run_prune(prune_cfg(mixtral, out, calib, method=method, pattern=pattern))
@@ -670,7 +676,10 @@ def test_expert_masks_equal_separate_linears(mixtral, calib, tmp_path, method, p
     assert reference.keys() <= masks.keys() and len(reference) == 24
     for name, (keep, W) in reference.items():
         assert torch.equal(masks[name], keep), name
-        torch.testing.assert_close(tensors[name], W, rtol=1e-4, atol=1e-5)
+        # ALPS's eigendecomposition, ADMM and PCG carry H's summation-order rounding (chunks vs one stack) further than
+        # SparseGPT: up to 2e-4 on a few weights of experts with few tokens; the masks are equal
+        tol = dict(rtol=1e-2, atol=1e-3) if method == "alps" else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tensors[name], W, **tol)
     if method == "magnitude":  # one threshold over w1 and w3 together would not give these masks
         original = saved(mixtral)
         w1, w3 = [n for n in sorted(reference) if ".layers.0." in n and (".experts.0.w1" in n or ".experts.0.w3" in n)]

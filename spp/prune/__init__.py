@@ -31,14 +31,17 @@ from torch import nn
 from spp.config import PruneConfig, to_dict
 from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
+from spp.prune.alps import alps_prune
+from spp.prune.dsnot import accumulate_input_sums, dsnot_refine
 from spp.prune.experts import check_expert_weights, prune_expert_weights, saved_pieces
 from spp.prune.masks import apply_mask, select_mask
 from spp.prune.output import PruneReport, input_hashes, write_output
 from spp.prune.owl import outlier_share, owl_sparsities
 from spp.prune.permute import permute_block
 from spp.prune.plan import LayerPlan, plan_layers
+from spp.prune.reconstruction import reconstruction_error, resolve_on_support, row_errors
 from spp.prune.ria import ria_scores
-from spp.prune.sparsegpt import accumulate_hessian, hessian_from_sum, sparsegpt_prune
+from spp.prune.sparsegpt import accumulate_hessian, dampening_retry, hessian_from_sum, sparsegpt_prune
 from spp.prune.wanda import accumulate_sq_norms, magnitude_scores, wanda_scores
 from spp.sparsity import sparsity_stats
 
@@ -49,10 +52,15 @@ from spp.sparsity import sparsity_stats
 @dataclass(frozen=True)
 class Method:
     """How one method prunes a layer: statistics from its inputs (None: no calibration) and the pruning
-    (W (out, in), statistics, config, this layer's sparsity) -> (new W, keep-mask, extra record)."""
+    (W (out, in), statistics, config, this layer's sparsity) -> (new W, keep-mask, record). The record's
+    `percdamp_used` (only when the Cholesky or eigendecomposition needed more dampening) is a dampening retry; its
+    other keys go into the layer's manifest entry. `refits`: the method updates the kept weights from H =
+    `_accumulate_hessian`'s state, so its reconstruction error is free and a DSnoT mask is refit
+    (`_refine_dsnot`)."""
 
     accumulate: Callable[[Any, torch.Tensor], Any] | None
     prune: Callable[[torch.Tensor, Any, PruneConfig, float], tuple[torch.Tensor, torch.Tensor, dict]]
+    refits: bool = False
 
 
 def _accumulate_hessian(state, X):
@@ -78,24 +86,108 @@ def _prune_ria(W, sq_norm, cfg, sparsity):
 
 
 def _prune_sparsegpt(W, state, cfg, sparsity):
-    H_sum, n_tokens = state
-    W_new, keep, damp = sparsegpt_prune(
-        W, hessian_from_sum(H_sum, n_tokens), cfg.n_m, sparsity, cfg.blocksize, cfg.percdamp
-    )
-    return W_new, keep, ({"percdamp_used": damp} if damp != cfg.percdamp else {})
+    H = hessian_from_sum(*state)
+    W_new, keep, damp = sparsegpt_prune(W, H, cfg.n_m, sparsity, cfg.blocksize, cfg.percdamp)
+    retry = {"percdamp_used": damp} if damp != cfg.percdamp else {}
+    return W_new, keep, {**retry, "reconstruction_error": reconstruction_error(W, W_new, H)}
+
+
+def _prune_alps(W, state, cfg, sparsity):
+    H = hessian_from_sum(*state)
+    W_new, keep, info = alps_prune(W, H, cfg.n_m, sparsity, percdamp=cfg.percdamp, rho0=cfg.alps_rho,
+                                   max_iter=cfg.alps_iters, pcg_steps=cfg.alps_pcg_steps)
+    damp = info.pop("percdamp_used")
+    retry = {"percdamp_used": damp} if damp != cfg.percdamp else {}
+    return W_new, keep, {**retry, "reconstruction_error": reconstruction_error(W, W_new, H), "alps": info}
 
 
 METHODS: dict[str, Method] = {
     "magnitude": Method(accumulate=None, prune=_prune_magnitude),
     "wanda": Method(accumulate=accumulate_sq_norms, prune=_prune_wanda),
-    "sparsegpt": Method(accumulate=_accumulate_hessian, prune=_prune_sparsegpt),
+    "sparsegpt": Method(accumulate=_accumulate_hessian, prune=_prune_sparsegpt, refits=True),
     "ria": Method(accumulate=accumulate_sq_norms, prune=_prune_ria),
+    "alps": Method(accumulate=_accumulate_hessian, prune=_prune_alps, refits=True),
 }
+REFIT_STEPS = 10  # PCG steps refitting SparseGPT's or ALPS's kept weights on a DSnoT mask (ALPS's own count)
+
+
+def layer_method(cfg: PruneConfig) -> Method:
+    """The method as `prune_model` runs it on every layer: `cfg.method`, then (`cfg.refine`) DSnoT, and the
+    reconstruction error where H is held (SparseGPT, ALPS, or any method with `cfg.record_error`).
+
+    Its statistics are those of the method plus, in the same calibration pass, DSnoT's per-channel sums
+    (`spp.prune.dsnot.accumulate_input_sums`) and, for `record_error` or DSnoT's guard, the Hessian sum of a
+    mask-only method (in² float32 per layer).
+    """
+    base = METHODS[cfg.method]
+    parts = {"base": base.accumulate} if base.accumulate is not None else {}
+    if cfg.refine == "dsnot":
+        parts["sums"] = accumulate_input_sums
+    if (cfg.record_error or cfg.refine == "dsnot" and cfg.dsnot_guard) and not base.refits:
+        parts["hessian"] = _accumulate_hessian  # DSnoT's guard is exact with the full H (its diagonal rejects any swap
+        # after Wanda: every pruned weight's score is below every kept one's in its row)
+    if set(parts) <= {"base"}:
+        return base
+
+    def accumulate(state, X):
+        state = state or {}
+        return {key: fn(state.get(key), X) for key, fn in parts.items()}
+
+    def prune(W, state, cfg, sparsity):
+        W_new, keep, record = base.prune(W, state.get("base"), cfg, sparsity)
+        held = state["base"] if base.refits else state.get("hessian")
+        H = None if held is None else hessian_from_sum(*held)
+        if H is not None and not base.refits:
+            record["reconstruction_error"] = reconstruction_error(W, W_new, H)
+        if "sums" in state:
+            damp = record.get("percdamp_used", cfg.percdamp)
+            W_new, keep, refined = _refine_dsnot(W, W_new, keep, state["sums"], H, base.refits, damp, cfg)
+            if H is not None:
+                refined["reconstruction_error_before"] = record["reconstruction_error"]
+                record["reconstruction_error"] = reconstruction_error(W, W_new, H)
+            record["refine"] = refined
+        return W_new, keep, record
+
+    return Method(accumulate=accumulate, prune=prune, refits=base.refits)
+
+
+def dsnot_group(cfg: PruneConfig) -> int | None:
+    """The width of the column groups inside which DSnoT swaps, so the base method's comparison group keeps its
+    count: M for N:M; SparseGPT's column block (it prunes floor(out·b·s) per block of b columns); None (anywhere
+    in the row) for Wanda (per row), magnitude, RIA and ALPS (per layer): a swap inside a row keeps both counts."""
+    if cfg.n_m is not None:
+        return cfg.n_m[1]
+    return cfg.blocksize if cfg.method == "sparsegpt" else None
+
+
+def _refine_dsnot(W, W_new, keep, sums, H, refits: bool, percdamp: float, cfg: PruneConfig):
+    """DSnoT on the base method's mask (`spp.prune.dsnot.dsnot_refine`, from the dense W); returns (new W, new
+    keep-mask, record).
+
+    A regrown weight of a mask-only method takes its dense value. After SparseGPT or ALPS, whose kept weights were
+    fitted to the old mask, the kept weights are refit on the new mask (`resolve_on_support`, H dampened by the
+    `percdamp` the method used, from the method's weights with regrown entries at their dense value), and each row
+    keeps the better of the method's (weights, mask) and the refit, by its error (w − ŵ)ᵀH(w − ŵ): a row never gets
+    worse, and `rows_refit` counts those that took the refit.
+    """
+    new_keep, record = dsnot_refine(W, keep, *sums, dsnot_group(cfg), threshold=cfg.dsnot_threshold,
+                                    guard=cfg.dsnot_guard, H=H)
+    if not refits:
+        return apply_mask(W, new_keep), new_keep, record
+    W32 = W.detach().float()
+    H_damped = H.clone()
+    H_damped.diagonal().add_(percdamp * torch.diagonal(H).mean())
+    W_fit, _ = resolve_on_support(W32, H_damped, new_keep, W0=torch.where(keep, W_new.float(), W32), steps=REFIT_STEPS)
+    better = row_errors(W32, W_fit, H) < row_errors(W32, W_new, H)  # (out,)
+    keep = torch.where(better[:, None], new_keep, keep)
+    W_out = torch.where(better[:, None], W_fit.to(W.dtype), W_new)
+    return apply_mask(W_out, keep), keep, {**record, "rows_refit": int(better.sum())}
 
 
 def needs_calibration(cfg: PruneConfig) -> bool:
-    """The method uses layer inputs, or OWL does (its outlier shares are Wanda scores, even for magnitude)."""
-    return METHODS[cfg.method].accumulate is not None or cfg.owl
+    """The method uses layer inputs, or OWL, DSnoT or the recorded error does (OWL's outlier shares are Wanda
+    scores, even for magnitude)."""
+    return METHODS[cfg.method].accumulate is not None or cfg.owl or cfg.refine != "none" or cfg.record_error
 
 
 # --------------------------------------------------------------------------- input checks
@@ -280,13 +372,17 @@ def prune_model(
     from spp.prune.experts import expert_targets
     from spp.prune.sequential import capture_block_inputs, walk_blocks
 
-    method = METHODS[cfg.method]
+    method = layer_method(cfg)
     _, blocks = find_decoder_blocks(model)
     plan = plan or plan_layers(model, cfg)
     storage = torch.device("cpu") if cfg.offload_activations else device
     inputs = None
     if windows is not None and needs_calibration(cfg):
         inputs = capture_block_inputs(model, blocks, windows, cfg.batch_size, storage)
+    if inputs is None and (cfg.refine != "none" or cfg.record_error):
+        flag = f"--refine {cfg.refine}" if cfg.refine != "none" else "--record-error"
+        raise SppError(f"{flag} needs calibration windows (it uses each layer's inputs), even with --method "
+                       f"{cfg.method}; give --calib")
     owl = None
     if cfg.owl:
         owl = load_owl(partial) if partial is not None else None  # a resumed run reuses the ratios it computed
@@ -318,8 +414,9 @@ def prune_model(
                 on_module(block.index, len(blocks), target.name)
             if name not in experts:
                 keep, info = prune_layer(target, block.stats.pop(name, None), method, cfg, plan.sparsity[target.name])
-                stats = sparsity_stats(target.out_in().detach().cpu(), keep.cpu())
-                pruned[name] = keep.cpu(), stats, [{"percdamp_requested": cfg.percdamp, **info}] if info else []
+                retries = dampening_retry(info, cfg.percdamp)
+                stats = {**sparsity_stats(target.out_in().detach().cpu(), keep.cpu()), **info}
+                pruned[name] = keep.cpu(), stats, retries
         if experts:
             done = prune_expert_weights(experts, block.routes, method, METHODS["magnitude"], cfg,
                                         {name: plan.sparsity[t.name] for name, t in experts.items()},

@@ -130,7 +130,7 @@ def alps_prune(
             dimension is not divisible by M.
     """
     dtype = torch.promote_types(H.dtype, torch.float32)
-    W0 = W.detach().to(dtype)
+    W0 = W.detach().to(dtype, copy=True)  # a copy even in H's dtype: the dead columns are zeroed below
     H = H.to(device=W.device, dtype=dtype).clone()
     dead = torch.diagonal(H) == 0  # inputs that were always zero: their weights are free to drop
     H[dead, dead] = 1.0

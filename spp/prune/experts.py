@@ -29,6 +29,7 @@ from torch import nn
 from spp.errors import SppError
 from spp.hf import expert_gate_fn
 from spp.models import Target, decoder_targets
+from spp.prune.sparsegpt import dampening_retry
 from spp.sparsity import sparsity_stats, tally
 
 GATE_UP, DOWN = "gate_up_proj", "down_proj"  # the fused layout spp prunes (Mixtral, Qwen2/3-MoE, OLMoE)
@@ -235,11 +236,10 @@ def _prune_one_expert(done: ExpertPruned, weight, expert: int, X: list[torch.Ten
         with torch.no_grad():
             W.copy_(W_new)
         done.keep[expert, piece.rows[0]:piece.rows[1]] = keep.cpu()
-        if info:
-            done.retries.append({"piece": piece.saved, "percdamp_requested": cfg.percdamp, **info})
+        done.retries.extend({"piece": piece.saved, **r} for r in dampening_retry(info, cfg.percdamp))
         done.stats["pieces"].append({
             "expert": expert, "rows": list(piece.rows), **sparsity_stats(W.detach().cpu(), keep.cpu()),
-            "tokens": tokens, "method": "magnitude" if used is fallback else cfg.method,
+            "tokens": tokens, "method": "magnitude" if used is fallback else cfg.method, **info,
         })
 
 
@@ -257,8 +257,18 @@ def module_records(written, module_stats: dict[str, dict], requested: dict[str, 
         else:
             out[written.saved_name(param)] = {"requested": requested[param], "achieved": s["sparsity"],
                                               "numel": s["numel"], "pruned": s["pruned"], "kept_zero": s["kept_zero"],
-                                              "layout": layouts[param]}
+                                              "layout": layouts[param], **layer_record(s)}
     return out
+
+
+RECORD_KEYS = ("reconstruction_error", "alps", "refine")  # a method's per-layer record (spp.prune.Method)
+
+
+def layer_record(stats: dict) -> dict:
+    """The manifest's per-layer record of how it was pruned, where the method gave one: `reconstruction_error`
+    (relative, tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)), ALPS's `alps` (ADMM iterations, final ρ, PCG iterations) and `refine`
+    (DSnoT's swaps and its error reduction)."""
+    return {key: stats[key] for key in RECORD_KEYS if key in stats}
 
 
 def expert_records(written, param: str, stats: dict, requested: float) -> dict[str, dict]:
@@ -280,7 +290,7 @@ def expert_records(written, param: str, stats: dict, requested: float) -> dict[s
             raise SppError(f"{param}: {written.directory} saved no tensor for expert {key[0]}, rows {key[1]}")
         out[saved[key]] = {"requested": requested, "achieved": piece["sparsity"], "numel": piece["numel"],
                            "pruned": piece["pruned"], "kept_zero": piece["kept_zero"], "layout": "linear",
-                           "tokens": piece["tokens"], "method": piece["method"]}
+                           "tokens": piece["tokens"], "method": piece["method"], **layer_record(piece)}
     return out
 
 

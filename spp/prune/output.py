@@ -16,7 +16,7 @@ from torch import nn
 
 from spp.config import to_dict, write_yaml
 from spp.prune.experts import module_records
-from spp.sparsity import block_tallies, tally
+from spp.sparsity import block_name, block_tallies, tally
 
 
 @dataclass
@@ -36,6 +36,10 @@ class PruneReport:
     requested_blocks: dict[str, float] = field(default_factory=dict)  # block -> requested sparsity (its weights' mean)
     dense_layers: list[str] = field(default_factory=list)  # decoder-block linears left dense (--targets/--ignore)
     expert_fallbacks: int = 0  # saved expert tensors pruned by magnitude: too few routed tokens (expert_min_tokens)
+    # block -> the mean relative reconstruction error of its layers, where H was held (SparseGPT, ALPS, --record-error)
+    block_errors: dict[str, float] = field(default_factory=dict)
+    mean_error: float | None = None  # over every layer with an error
+    refine: dict | None = None  # --refine's totals: method, guard, swaps, layers changed, error before/after
 
 
 
@@ -64,6 +68,13 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
             stored[name], stored_layouts[name] = piece, layouts[param]
     save_masks(tmp / MASK_FILE, stored, stored_layouts)
     modules = module_records(written, module_stats, requested, layouts)
+    errors = [(param, r["reconstruction_error"]) for param, s in module_stats.items()  # an expert weight: per piece
+              for r in s.get("pieces", [s]) if "reconstruction_error" in r]
+    block_errors = {b: sum(e) / len(e) for b, e in _by_block(errors).items()}
+    for name, error in block_errors.items():
+        block_details[name]["reconstruction_error"] = error
+    mean_error = sum(e for _, e in errors) / len(errors) if errors else None
+    refine = _refine_totals(cfg, modules)
     fallbacks = 0 if cfg.method == "magnitude" else sum(m.get("method") == "magnitude" for m in modules.values())
     write_yaml(tmp / RESOLVED_CONFIG_FILE, cfg)
     details = {
@@ -81,6 +92,8 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
             "source": cfg.calib, "nsamples": cfg.nsamples, "seqlen": checked.seqlen, "seed": cfg.seed,
         },
         "dampening_retries": retries,
+        "reconstruction_error": mean_error,  # the mean over layers of modules.*.reconstruction_error (None: no H held)
+        "refine": refine,
         "source": checked.checkpoint.source,  # a GGUF file's record: the weights pruned were dequantized from it
     }
     wall = time.perf_counter() - start
@@ -91,7 +104,35 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
                        requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=totals["sparsity"],
                        kept_zero=kept_zero, wall_time_s=time.perf_counter() - start, dampening_retries=retries,
                        model=model, requested_blocks={b: d["requested"] for b, d in block_details.items()},
-                       dense_layers=list(plan.dense), expert_fallbacks=fallbacks)
+                       dense_layers=list(plan.dense), expert_fallbacks=fallbacks, block_errors=block_errors,
+                       mean_error=mean_error, refine=refine)
+
+
+def _by_block(values: list[tuple[str, float]]) -> dict[str, list[float]]:
+    """(parameter name, value) pairs grouped by decoder block (`spp.sparsity.block_name`), in order."""
+    out: dict[str, list[float]] = {}
+    for name, value in values:
+        out.setdefault(block_name(name), []).append(value)
+    return out
+
+
+def _refine_totals(cfg, modules: dict[str, dict]) -> dict | None:
+    """The manifest's `refine`: the refinement, its guard, and over every refined layer the swaps, the layers it
+    changed and the mean errors before and after (expected |ε|; relative reconstruction error where H was held)."""
+    if cfg.refine == "none":
+        return None
+    records = [m for m in modules.values() if "refine" in m]
+    out = {"method": cfg.refine, "guard": cfg.dsnot_guard, "layers": len(records),
+           "swaps": sum(r["refine"]["swaps"] for r in records),
+           "layers_changed": sum(r["refine"]["swaps"] > 0 for r in records)}
+    pairs = {"expected_error": ("expected_error_before", "expected_error_after"),
+             "reconstruction_error": ("reconstruction_error_before", None)}
+    for key, (before, after) in pairs.items():
+        rows = [r for r in records if before in r["refine"]]
+        if rows:
+            out[key + "_before"] = sum(r["refine"][before] for r in rows) / len(rows)
+            out[key + "_after"] = sum((r["refine"][after] if after else r[key]) for r in rows) / len(rows)
+    return out
 
 
 def _block_details(module_stats: dict[str, dict], requested: dict[str, float]) -> dict[str, dict]:

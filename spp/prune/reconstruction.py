@@ -20,7 +20,7 @@ import torch
 def row_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """e_i = (w_i − ŵ_i)ᵀ H (w_i − ŵ_i) for every output row, in H's dtype (at least float32). Returns (out,)."""
     dtype = torch.promote_types(H.dtype, torch.float32)
-    Delta = (W.to(dtype) - W_hat.to(dtype))  # (out, in)
+    Delta = (W.detach().to(dtype) - W_hat.detach().to(dtype))  # (out, in)
     return ((Delta @ H.to(dtype)) * Delta).sum(dim=1)
 
 

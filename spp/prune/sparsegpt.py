@@ -41,6 +41,14 @@ def hessian_from_sum(H_sum: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return H_sum * (2.0 / max(n_tokens, 1))
 
 
+def dampening_retry(record: dict, percdamp: float) -> list[dict]:
+    """Take a method's `percdamp_used` out of its per-layer `record` (in place): [{percdamp_requested,
+    percdamp_used}] when the factorisation needed more dampening than `percdamp`, else []."""
+    if "percdamp_used" not in record:
+        return []
+    return [{"percdamp_requested": percdamp, "percdamp_used": record.pop("percdamp_used")}]
+
+
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
     """U with UᵀU = (H + λI)⁻¹, λ = percdamp · mean(diag H); retries with 10× dampening on failure.
 
