@@ -167,8 +167,6 @@ def compare_cell(args, cell: str, pattern: str) -> dict:
     """Prune, verify and evaluate one cell (or read its finished record); returns the record."""
     from pathlib import Path
 
-    from common import spp_cli
-
     cells = Path(args.cells_dir)
     key = f"{cell}@{pattern}".replace("/", "-").replace(":", "of")
     record_path = cells / f"{key}.json"
@@ -178,7 +176,7 @@ def compare_cell(args, cell: str, pattern: str) -> dict:
         if cell != "dense" and "stage_s" not in record:  # a record of an earlier version of this script
             record["stage_s"] = json.loads((out / "spp_manifest.json").read_text())["wall_time_s"]
         return record
-    spp = spp_cli()
+    spp = str(Path(sys.executable).with_name("spp"))  # a child process: its CPU time is the stage's
     record: dict = {"cell": cell, "pattern": pattern}
     if cell != "dense":
         if not (out / "spp_manifest.json").is_file():
