@@ -39,7 +39,7 @@ import torch
 from spp.errors import SppError
 from spp.prune.masks import nm_mask, pruned_count, unstructured_mask
 from spp.prune.reconstruction import resolve_on_support
-from spp.prune.sparsegpt import MAX_DAMPENING_RETRIES
+from spp.prune.sparsegpt import with_dampening
 
 RHO_MAX = 1e6
 STALL = 3e-4  # a support change below this fraction of k after min_iter iterations ends ADMM
@@ -71,22 +71,18 @@ def _normalised_eigh(H: torch.Tensor, percdamp: float):
     if not torch.isfinite(H).all():
         raise SppError("the calibration Hessian has non-finite entries (NaN or inf); "
                        "check the model's activations on the calibration windows")
-    mean_diag = torch.diagonal(H).mean()
-    for attempt in range(MAX_DAMPENING_RETRIES + 1):
-        damp = percdamp * 10**attempt
-        H_damped = H.clone()
-        H_damped.diagonal().add_(damp * mean_diag)
+
+    def factor(H_damped: torch.Tensor):
         diag = torch.diagonal(H_damped)
-        if (diag > 0).all():
-            d = diag.sqrt()
-            H_tilde = H_damped / d[:, None] / d[None, :]
-            L, Q = torch.linalg.eigh(H_tilde)
-            if torch.isfinite(L).all() and L.min() > 0:
-                return d, H_tilde, L, Q, damp
-    raise SppError(
-        f"the calibration Hessian is not positive definite even with dampening {damp:g} x mean diagonal; "
-        "use more or longer calibration windows (--nsamples, --seqlen)"
-    )
+        if not (diag > 0).all():
+            return None
+        d = diag.sqrt()
+        H_tilde = H_damped / d[:, None] / d[None, :]
+        L, Q = torch.linalg.eigh(H_tilde)
+        return (d, H_tilde, L, Q) if torch.isfinite(L).all() and L.min() > 0 else None
+
+    (d, H_tilde, L, Q), damp = with_dampening(H, percdamp, factor)
+    return d, H_tilde, L, Q, damp
 
 
 def alps_prune(

@@ -49,6 +49,32 @@ def dampening_retry(record: dict, percdamp: float) -> list[dict]:
     return [{"percdamp_requested": percdamp, "percdamp_used": record.pop("percdamp_used")}]
 
 
+def with_dampening(H: torch.Tensor, percdamp: float, factor):
+    """`factor(H + λI)` for λ = percdamp · mean(diag H), retried with 10× λ while it returns None.
+
+    Args:
+        H: (in, in). factor: the damped H -> a factorisation, or None where it failed.
+
+    Returns:
+        (the factorisation, the percdamp that worked).
+
+    Raises:
+        SppError: `factor` failed even at percdamp · 10^MAX_DAMPENING_RETRIES.
+    """
+    mean_diag = torch.diagonal(H).mean()
+    for attempt in range(MAX_DAMPENING_RETRIES + 1):
+        damp = percdamp * 10**attempt
+        H_damped = H.clone()
+        H_damped.diagonal().add_(damp * mean_diag)
+        result = factor(H_damped)
+        if result is not None:
+            return result, damp
+    raise SppError(
+        f"the calibration Hessian is not positive definite even with dampening {damp:g} x mean diagonal; "
+        "use more or longer calibration windows (--nsamples, --seqlen)"
+    )
+
+
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
     """U with UᵀU = (H + λI)⁻¹, λ = percdamp · mean(diag H); retries with 10× dampening on failure.
 
@@ -58,20 +84,16 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
     Raises:
         SppError: the factorisation failed even at percdamp · 10^MAX_DAMPENING_RETRIES.
     """
-    mean_diag = torch.diagonal(H).mean()
-    for attempt in range(MAX_DAMPENING_RETRIES + 1):
-        damp = percdamp * 10**attempt
-        H_damped = H.clone()
-        H_damped.diagonal().add_(damp * mean_diag)
+
+    def factor(H_damped: torch.Tensor) -> torch.Tensor | None:
         L, info = torch.linalg.cholesky_ex(H_damped)
         if info == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0 and torch.isfinite(torch.diagonal(U)).all():
-                return U, damp
-    raise SppError(
-        f"the calibration Hessian is not positive definite even with dampening {damp:g} x mean diagonal; "
-        "use more or longer calibration windows (--nsamples, --seqlen)"
-    )
+                return U
+        return None
+
+    return with_dampening(H, percdamp, factor)
 
 
 def sparsegpt_prune(
