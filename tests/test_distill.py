@@ -249,9 +249,11 @@ def test_resume_with_distillation_equals_an_uninterrupted_run(pruned_tiny_dir, t
 
     out = tmp_path / "interrupted"
     monkeypatch.setenv("SPP_FAULT", "train_sigint:2")  # a Ctrl-C during step 2: a checkpoint is saved there
+    # the handler the run must give back: Python's default, or SIG_IGN when the suite runs as a background job
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(SppInterrupted, match="interrupted at step 2 of 4"):
         run_train(_cfg(pruned_tiny_dir, text, out, **kw))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     monkeypatch.delenv("SPP_FAULT")
     report = run_train(_cfg(pruned_tiny_dir, text, out, resume=True, **kw))
     assert report.resumed_from == 2 and report.steps == 4
