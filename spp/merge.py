@@ -79,10 +79,9 @@ def resolve_base(cfg: MergeConfig, adapter_cfg: AdapterConfig) -> Path:
     return Path(adapter_cfg.base_model).expanduser()
 
 
-def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfig,
-                  masks: dict[str, torch.Tensor]) -> list[MergeTarget]:
+def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfig) -> list[MergeTarget]:
     """Match the adapter's tensors to the base's saved weights, checking names and shapes for its kind
-    (`masks`: the base's mask file, keyed by saved name).
+    (the base's mask file through `base.masks_by_parameter`).
 
     Raises:
         SppError: the adapter does not fit the base (names the module, file and shapes).
@@ -96,7 +95,7 @@ def merge_targets(base: Checkpoint, adapter_dir: Path, adapter_cfg: AdapterConfi
         name, _, short = key.rpartition(".")
         by_weight.setdefault(name, {})[short] = value
     # they must be the weights `add_adapter` chose in training (by default, layers left dense were not adapted)
-    chosen = find_targets(base.model, adapter_cfg, None if adapter_cfg.adapt_unpruned else base.masks_by_parameter(masks))
+    chosen = find_targets(base.model, adapter_cfg, None if adapter_cfg.adapt_unpruned else base.masks_by_parameter())
     if set(by_weight) != set(chosen):
         extra = sorted(set(by_weight) - set(chosen)) or sorted(set(chosen) - set(by_weight))
         raise SppError(f"adapter weights {weights_path} do not fit the model in {model_dir} "
@@ -249,7 +248,7 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
     mask_sha256 = base.check_mask_hash(adapter_cfg.mask_sha256, who=adapter_cfg.describe(adapter_dir))
     masks, _ = base.read_masks()  # keyed by saved name, each naming a saved tensor of its shape
     shards = base.shards
-    targets = {t.tensor: t for t in merge_targets(base, adapter_dir, adapter_cfg, masks)}
+    targets = {t.tensor: t for t in merge_targets(base, adapter_dir, adapter_cfg)}
     n_modules = len({t.module for t in targets.values()})  # a fused expert weight counts once, not per piece
     unmasked = [t.module for t in targets.values() if t.tensor not in masks]
     if unmasked and ADAPTERS[adapter_cfg.kind].needs_mask:

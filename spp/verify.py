@@ -89,7 +89,7 @@ def verify_checkpoint(directory: Path) -> VerifyReport:
     checkpoint.check_mask_hash(manifest.mask_sha256, "the manifest")  # a mask file is required here
     files = _check_files(directory, manifest.outputs)
     masks, layouts = checkpoint.read_masks()  # each entry names a saved tensor of its shape
-    checkpoint.masks_by_parameter(masks)  # refuses a fused expert weight masked for some experts only
+    checkpoint.masks_by_parameter()  # refuses a fused expert weight masked for some experts only
     pattern = manifest.details.get("pattern", "unstructured")
     n_m = parse_pattern(pattern)
     recorded = manifest.details.get("modules", {})

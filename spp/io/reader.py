@@ -180,15 +180,10 @@ class Checkpoint:
             self._masks = load_masks(self.mask_file)
         return self._masks
 
-    def masks_by_parameter(self, masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The mask file keyed by in-memory parameter name (masks in the stored weight's shape, True = keep).
-
-        Args:
-            masks: the mask file as `read_masks` gives it (keyed by saved name), when the caller has read it
-                already; read here otherwise.
-        """
-        if masks is None:
-            masks, _ = self.read_masks()
+    def masks_by_parameter(self) -> dict[str, torch.Tensor]:
+        """The mask file keyed by in-memory parameter name (masks in the stored weight's shape, True = keep),
+        from `read_masks` (decoded once)."""
+        masks, _ = self.read_masks()
         out, fused = {}, {}
         for saved, keep in masks.items():
             name, piece = self.parameter_name(saved), self.piece_of(saved)
