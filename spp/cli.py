@@ -8,15 +8,20 @@ exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from spp import __version__
+from spp.config import EvalConfig, ExportConfig, MergeConfig, PruneConfig, TrainConfig
 from spp.errors import SppError
 from spp.quiet import quiet_output
 
@@ -47,11 +52,66 @@ def _reporting_errors(fn):
     return wrapper
 
 
+@dataclasses.dataclass(frozen=True)
+class ConfigFlags:
+    """A command parameter's default standing for one option per flagged field of `cls` (`spp.config.option`), in
+    field order; the command receives the options given, as one dict of field name -> value.
+
+    With `layered` (a YAML file lies under the flags) an option left out is unset, so it does not override the file;
+    otherwise it shows and takes the field's default, and a field without one is required unless named in `optional`.
+    """
+
+    cls: type
+    layered: bool = False
+    optional: tuple[str, ...] = ()
+
+    def options(self) -> list[inspect.Parameter]:
+        hints = typing.get_type_hints(self.cls)
+        params = []
+        for field in dataclasses.fields(self.cls):
+            if "help" not in field.metadata:
+                continue
+            hint = hints[field.name]
+            if isinstance(hint, types.UnionType):  # `int | None` -> int
+                hint = next(t for t in typing.get_args(hint) if t is not type(None))
+            if typing.get_origin(hint) is typing.Literal:
+                hint = str
+            flag = field.metadata["flag"] or "--" + field.name.replace("_", "-")
+            if field.default is True and "/" not in flag:  # a default-on switch is turned off by its --no- form
+                flag += "/--no-" + flag[2:]
+            if self.layered or field.name in self.optional:
+                default = None
+            elif field.default is dataclasses.MISSING:
+                default = None if field.default_factory is not dataclasses.MISSING else ...
+            else:
+                default = field.default
+            option = typer.Option(default, flag, help=field.metadata["help"])
+            params.append(inspect.Parameter(field.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option,
+                                            annotation=Optional[hint]))
+        return params
+
+
 def command(*args, **kwargs):
-    """`app.command` with the error wrapper applied."""
+    """`app.command` with the error wrapper applied, and each `ConfigFlags` parameter expanded into its options."""
 
     def register(fn):
-        return app.command(*args, **kwargs)(_reporting_errors(fn))
+        params, groups = [], {}
+        for param in inspect.signature(fn, eval_str=True).parameters.values():
+            if isinstance(param.default, ConfigFlags):
+                options = param.default.options()
+                groups[param.name] = [option.name for option in options]
+                params += options
+            else:
+                params.append(param)
+
+        @functools.wraps(fn)
+        def collect(**values):
+            for name, keys in groups.items():
+                values[name] = {key: value for key in keys if (value := values.pop(key)) is not None}
+            return fn(**values)
+
+        collect.__signature__ = inspect.Signature(params)
+        return app.command(*args, **kwargs)(_reporting_errors(collect))
 
     return register
 
@@ -115,36 +175,8 @@ def _sparsity_table(title: str, blocks: list[tuple[str, int, int]], total: float
 
 @command("prune")
 def prune(
-    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory, a .gguf file (dequantized once; needs spp-llm[gguf]), or a hub id (downloads from the hub)."),
-    output: Optional[str] = typer.Option(None, "--output", help="Output directory (built in OUTPUT.partial, then renamed)."),
     config: Optional[str] = typer.Option(None, "--config", help="A YAML file of prune settings (any PruneConfig key, sparsity_overrides among them); flags, then --set, override it."),
-    method: Optional[str] = typer.Option(None, "--method", help="wanda (default), sparsegpt, magnitude, ria or alps (ADMM + conjugate-gradient refit; reuses SparseGPT's Hessian)."),
-    pattern: Optional[str] = typer.Option(None, "--pattern", help="unstructured (default), or N:M = at most N kept in every M inputs."),
-    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction pruned, unstructured only (default 0.5)."),
-    targets: Optional[list[str]] = typer.Option(None, "--targets", help="Prune only the decoder-block linears these patterns name (fnmatch or re:REGEX, block-relative or full names; repeatable; default *)."),
-    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Leave the linears these patterns name dense: no mask entry, no adapter (repeatable)."),
-    owl: bool = typer.Option(False, "--owl", help="Outlier-weighted layerwise sparsity (OWL): blocks with more outliers are pruned less; unstructured only."),
-    owl_m: Optional[float] = typer.Option(None, "--owl-m", help="OWL's outlier threshold M, times a block's mean Wanda score (default 5)."),
-    owl_lmbda: Optional[float] = typer.Option(None, "--owl-lmbda", help="OWL's lambda: block sparsities span 2*lambda around --sparsity (default 0.08)."),
-    permute_channels: bool = typer.Option(False, "--permute-channels", help="N:M with ria or wanda: reorder the inputs of o_proj and down_proj before forming groups (RIA's channel permutation), folded into v_proj and gate/up_proj so the saved model computes the same function."),
-    calib: Optional[str] = typer.Option(None, "--calib", help="A local .txt/.jsonl/.json file, or c4 / wikitext2 (downloaded from the hub; the default c4 needs the network)."),
-    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Number of calibration windows (default 128)."),
-    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default min(2048, context))."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the calibration window offsets (default 0)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda: where each block is pruned."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (default), float32, bfloat16 or float16."),
-    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest safetensors shard (default 2GB)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration windows per block forward (default 16)."),
-    offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations on the CPU."),
-    alps_iters: Optional[int] = typer.Option(None, "--alps-iters", help="ALPS: the most ADMM iterations, each about one SparseGPT pass (default 15; the paper's code: 300)."),
-    alps_rho: Optional[float] = typer.Option(None, "--alps-rho", help="ALPS: initial ADMM penalty; smaller explores more supports, larger settles sooner (default 0.1)."),
-    alps_pcg_steps: Optional[int] = typer.Option(None, "--alps-pcg-steps", help="ALPS: conjugate-gradient steps refitting the kept weights (default 10; 0: none)."),
-    refine: Optional[str] = typer.Option(None, "--refine", help="none (default) or dsnot: swap pruned and kept weights per row (in their group) to cut the expected error; needs calibration."),
-    dsnot_guard: Optional[bool] = typer.Option(None, "--dsnot-guard/--no-dsnot-guard", help="DSnoT: reject swaps that raise the squared reconstruction error, from each layer's full input Hessian (as --record-error holds it; default on; the paper has no guard)."),
-    record_error: bool = typer.Option(False, "--record-error", help="Record wanda/ria/magnitude's reconstruction error: holds each layer's input Hessian, in*in float32 (4*in^2 bytes per layer of a block); sparsegpt/alps record it anyway."),
-    expert_min_tokens: Optional[int] = typer.Option(None, "--expert-min-tokens", help="Mixture-of-experts: an expert routed fewer calibration tokens is pruned by magnitude, recorded in the manifest (default 32)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (only once the new one is complete)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a killed or interrupted run at its first unfinished block (same settings)."),
+    flags: dict = ConfigFlags(PruneConfig, layered=True),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set 'sparsity_overrides={mlp.*: 0.6}' (repeatable)."),
 ):
     """Prune a causal LM block by block (Wanda, SparseGPT, magnitude, RIA or ALPS; DSnoT refinement) and write it with its mask file.
@@ -154,20 +186,11 @@ def prune(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from spp.config import PruneConfig, merge_into, parse_set, read_yaml
+    from spp.config import merge_into, parse_set, read_yaml
     from spp.prune import run_prune
 
-    flags = dict(model=model, output=output, method=method, pattern=pattern, sparsity=sparsity, targets=targets,
-                 ignore=ignore, owl=owl or None, owl_m=owl_m, owl_lmbda=owl_lmbda,
-                 permute_channels=permute_channels or None, calib=calib, nsamples=nsamples,
-                 seqlen=seqlen, seed=seed, device=device, dtype=dtype, max_shard_size=max_shard_size,
-                 batch_size=batch_size, offload_activations=offload_activations or None, alps_iters=alps_iters,
-                 alps_rho=alps_rho, alps_pcg_steps=alps_pcg_steps, refine=refine, dsnot_guard=dsnot_guard,
-                 record_error=record_error or None,
-                 expert_min_tokens=expert_min_tokens, overwrite=overwrite or None,
-                 resume=resume or None)
     layers = [(config, read_yaml(config))] if config else []
-    layers += [("flags", {k: v for k, v in flags.items() if v is not None}), ("--set", parse_set(set_ or []))]
+    layers += [("flags", flags), ("--set", parse_set(set_ or []))]
     given = {k for _, layer in layers for k in layer}
     for key in ("model", "output"):
         if key not in given:
@@ -235,14 +258,7 @@ def verify(directory: str = typer.Argument(..., help="An spp output directory (p
 @command("train", no_args_is_help=True)
 def train(
     config: str = typer.Option(..., "--config", help="A YAML file, or the name of a bundled config (alpaca.yaml, tinystories.yaml, smollm2.yaml)."),
-    model: Optional[str] = typer.Option(None, "--model", help="The pruned model directory (an `spp prune` output)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Alpaca .json/.jsonl, a plain .txt, or a datasets hub name (downloads; alpaca.yaml's default is one)."),
-    output: Optional[str] = typer.Option(None, "--output", help="The output directory (built in OUTPUT.partial)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="The dense model to distil from (with kd_weight or squarehead_weight > 0)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
-    distributed: Optional[str] = typer.Option(None, "--distributed", help="ddp (replicate the model on each process; launch with accelerate launch) or fsdp (shard it with FSDP2; launch with torchrun)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    flags: dict = ConfigFlags(TrainConfig, layered=True),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set learning_rate=1e-3 (repeatable)."),
 ):
     """Fine-tune a pruned model with SPP, masked LoRA or masked full fine-tuning (--set adapter=...); every pruned zero stays zero.
@@ -251,14 +267,10 @@ def train(
     """
     import os
 
-    from spp.config import TrainConfig, merge_into, parse_set, read_train_config
+    from spp.config import merge_into, parse_set, read_train_config
 
     path, values = read_train_config(config)
-    flags = {"base_model": model, "data_path": data, "output_dir": output, "max_steps": max_steps, "teacher": teacher,
-             "resume": resume or None, "overwrite": overwrite or None, "distributed": distributed}
-    cfg = merge_into(TrainConfig, [(str(path), values),
-                                   ("flags", {k: v for k, v in flags.items() if v is not None}),
-                                   ("--set", parse_set(set_ or []))])
+    cfg = merge_into(TrainConfig, [(str(path), values), ("flags", flags), ("--set", parse_set(set_ or []))])
     if cfg.output_dir:
         from pathlib import Path
 
@@ -281,43 +293,28 @@ def train(
 
 
 @command("merge")
-def merge(
-    model: Optional[str] = typer.Option(None, "--model", help="The pruned base (default: the one the adapter records)."),
-    adapter: str = typer.Option("train", "--adapter", help="The adapter directory (an `spp train` output)."),
-    output: str = typer.Option("merged", "--output", help="The merged model directory (built in OUTPUT.partial)."),
-    dtype: str = typer.Option("auto", "--dtype", help="The merged weights' dtype: auto (the base's), float32, bfloat16 or float16; the merge math is float32 either way."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
-):
+def merge(flags: dict = ConfigFlags(MergeConfig)):
     """Merge an adapter (any kind) into its pruned base, shard by shard; the result is a plain HF model, as sparse as the base.
 
     Example: spp merge --model pruned --adapter train --output merged
     """
-    from spp.config import MergeConfig
     from spp.merge import run_merge
 
-    report = run_merge(MergeConfig(model=model, adapter=adapter, output=output, dtype=dtype, overwrite=overwrite))
+    report = run_merge(MergeConfig(**flags))
     print(f"merged {report.n_modules} layers of {report.model} with {report.adapter} "
           f"({report.n_shards} shard(s), every pruned entry +0.0"
           + (f"; {report.kept_zero} kept weights are zero" if report.kept_zero else "") + f") -> {report.output}")
 
 
 @command("export", no_args_is_help=True)
-def export(
-    model: str = typer.Option(..., "--model", help="A sparse checkpoint (spp prune/merge output), or with --dense an `spp export` output."),
-    output: str = typer.Option(..., "--output", help="The output directory (built in OUTPUT.partial)."),
-    compressed: bool = typer.Option(True, "--compressed/--dense", help="Write kept values + the mask file (default), or restore the checkpoint."),
-    dtype: str = typer.Option("auto", "--dtype", help="With --dense: the restored weights' dtype: auto (the source's, byte for byte), float32, bfloat16 or float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
-):
+def export(flags: dict = ConfigFlags(ExportConfig)):
     """Store a sparse checkpoint compressed (kept values + bit-packed mask), or restore it exactly with --dense.
 
     Example: spp export --model merged --output merged-compressed
     """
-    from spp.config import ExportConfig
     from spp.export import run_export
 
-    report = run_export(ExportConfig(model=model, output=output, compressed=compressed, dtype=dtype,
-                                     overwrite=overwrite))
+    report = run_export(ExportConfig(**flags))
     mib = 1 << 20
     if report.direction == "compressed":
         print(f"compressed {report.tensors} masked tensors: {report.dense_bytes / mib:.1f} MiB dense -> "
@@ -339,21 +336,7 @@ def _split_list(values: Optional[list[str]]) -> list[str]:
 @command("eval")
 def eval_(
     paths: Optional[list[str]] = typer.Argument(None, help="With --compare: results directories or JSON files."),
-    model: Optional[str] = typer.Option(None, "--model", help="Local Hugging Face directory (dense, pruned, merged), a .gguf file (needs spp-llm[gguf]), or a hub id (downloads from the hub)."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="An `spp train` output to evaluate unmerged on top of --model."),
-    ppl: Optional[list[str]] = typer.Option(None, "--ppl", help="Comma list of PATH (.txt/.jsonl); wikitext2 / c4 (from the hub); or NAME:PATH, a local copy of the set NAME (wikitext2, c4 or ptb)."),
-    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Perplexity window (default: the model's context, at most 4096)."),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Use at most this many perplexity windows per set."),
-    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Comma list of lm-eval tasks: boolq,piqa,arc_easy,... (data from the hub unless --task-data)."),
-    task_data: Optional[str] = typer.Option(None, "--task-data", help="Local task data directory (default $SPP_TASK_DATA; unset: the hub)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Perplexity windows / lm-eval requests per forward."),
-    num_fewshot: int = typer.Option(0, "--num-fewshot", help="Few-shot examples per prompt (the papers use 0)."),
-    output: Optional[str] = typer.Option(None, "--output", help="Write results.json and the manifest here."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    sparse_kernels: bool = typer.Option(False, "--sparse-kernels", help="Run the 2:4 linears on cuSPARSELt (CUDA, float16/bfloat16); reports speed against dense."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
+    flags: dict = ConfigFlags(EvalConfig, optional=("model",)),
     compare: bool = typer.Option(False, "--compare", help="Print earlier results side by side instead of evaluating."),
     verbose: bool = typer.Option(False, "--verbose", help="Show every library message (by default spp.quiet drops the ones listed there)."),
 ):
@@ -372,18 +355,15 @@ def eval_(
         return
     if paths:
         raise SppError(f"unexpected argument {paths[0]!r} (positional paths are only for --compare)")
-    if model is None:
+    if "model" not in flags:
         raise SppError("--model is required (or --compare A B ... to compare results)")
-    from spp.config import EvalConfig
     from spp.eval import run_eval
 
-    cfg = EvalConfig(model=model, adapter=adapter, ppl=_split_list(ppl), seqlen=seqlen, max_windows=max_windows,
-                     tasks=_split_list(tasks), task_data=task_data or os.environ.get("SPP_TASK_DATA") or None,
-                     limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, output=output, device=device,
-                     dtype=dtype, sparse_kernels=sparse_kernels, overwrite=overwrite)
+    cfg = EvalConfig(**flags | {"ppl": _split_list(flags.get("ppl")), "tasks": _split_list(flags.get("tasks")),
+                                "task_data": flags.get("task_data") or os.environ.get("SPP_TASK_DATA") or None})
     with quiet_output(verbose, lm_eval=bool(cfg.tasks)) as noise:
         report = run_eval(cfg)
-    table = Table(title=f"{model}" + (f" + adapter {adapter}" if adapter else ""))
+    table = Table(title=f"{cfg.model}" + (f" + adapter {cfg.adapter}" if cfg.adapter else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for metric, value in report.rows:

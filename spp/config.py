@@ -41,15 +41,22 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-NO_FLAG = {"flag": False}  # field metadata: a config key that the stage's command line has no flag for
+def option(default=dataclasses.MISSING, help: str = "", flag: str = "", **field_kwargs):
+    """A config field that its stage's command also takes as a flag: `--name` (or `flag`), with this help line.
+
+    `spp.cli` builds each command's flags from these fields, so a setting is declared once; a field made with a
+    plain default or `dataclasses.field` has no flag (YAML and `--set` only).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag}, **field_kwargs)
 
 
 def flag_names(cls) -> dict[str, str]:
     """Config key -> its `spp <stage>` flag (`max_shard_size` -> `--max-shard-size`), for every key that has one.
 
-    The one source both `spp.cli` (checked by a test) and `spp run`'s reproduce commands rely on.
+    The one source both `spp.cli` (which builds its flags from it) and `spp run`'s reproduce commands rely on.
     """
-    return {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.metadata.get("flag", True)}
+    return {f.name: (f.metadata["flag"] or "--" + f.name.replace("_", "-")).split("/")[0]
+            for f in dataclasses.fields(cls) if "help" in f.metadata}
 
 
 def read_yaml(path: Path) -> dict:
@@ -106,57 +113,60 @@ def _check_shard_size(value: str) -> None:
 class PruneConfig:
     """Settings of `spp prune`. `pattern` is `unstructured` or `N:M` (at most N kept in every M inputs)."""
 
-    model: str
-    output: str
-    method: Literal["wanda", "sparsegpt", "magnitude", "ria", "alps"] = "wanda"
-    pattern: str = "unstructured"
-    sparsity: float | None = None  # default 0.5 for unstructured; implied 1 - N/M for N:M
+    model: str = option(help="Local Hugging Face directory, a .gguf file (dequantized once; needs spp-llm[gguf]), or a hub id (downloads from the hub).")
+    output: str = option(help="Output directory (built in OUTPUT.partial, then renamed).")
+    method: Literal["wanda", "sparsegpt", "magnitude", "ria", "alps"] = option("wanda", "wanda (default), sparsegpt, magnitude, ria or alps (ADMM + conjugate-gradient refit; reuses SparseGPT's Hessian).")
+    pattern: str = option("unstructured", "unstructured (default), or N:M = at most N kept in every M inputs.")
+    # default 0.5 for unstructured; for N:M the implied 1 - N/M
+    sparsity: float | None = option(None, "Fraction pruned, unstructured only (default 0.5).")
     # Which linear layers of the decoder blocks are pruned (spp.patterns: fnmatch or `re:`, block-relative or full
     # names); the rest stay dense, get no mask entry and, by default, no adapter in `spp train`.
-    targets: list[str] = dataclasses.field(default_factory=lambda: ["*"])
-    ignore: list[str] = dataclasses.field(default_factory=list)
+    targets: list[str] = option(help="Prune only the decoder-block linears these patterns name (fnmatch or re:REGEX, block-relative or full names; repeatable; default *).", default_factory=lambda: ["*"])
+    ignore: list[str] = option(help="Leave the linears these patterns name dense: no mask entry, no adapter (repeatable).", default_factory=list)
     # pattern -> sparsity for the layers it selects (unstructured only; YAML or --set); OWL leaves these alone
-    sparsity_overrides: dict[str, float] = dataclasses.field(default_factory=dict, metadata=NO_FLAG)
-    owl: bool = False  # outlier-weighted layerwise sparsity (spp.prune.owl), unstructured only
-    owl_m: float = 5.0  # OWL's outlier threshold M, in units of a block's mean Wanda score
-    owl_lmbda: float = 0.08  # OWL's λ: the block sparsities span 2λ around the target
-    permute_channels: bool = False  # RIA's channel permutation for N:M, where it folds (spp.prune.permute)
-    calib: str = "c4"
-    nsamples: int = 128
-    seqlen: int | None = None  # default min(2048, the model's context)
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    max_shard_size: str = "2GB"
-    overwrite: bool = False
-    resume: bool = False
-    offload_activations: bool = False  # keep calibration activations on the CPU between blocks
-    blocksize: int = dataclasses.field(default=128, metadata=NO_FLAG)  # SparseGPT column block width
-    percdamp: float = dataclasses.field(default=0.01, metadata=NO_FLAG)  # SparseGPT dampening, × mean Hessian diagonal
-    batch_size: int = 16  # calibration windows per block forward
+    sparsity_overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+    owl: bool = option(False, "Outlier-weighted layerwise sparsity (OWL): blocks with more outliers are pruned less; unstructured only.")
+    owl_m: float = option(5.0, "OWL's outlier threshold M, times a block's mean Wanda score (default 5).")
+    owl_lmbda: float = option(0.08, "OWL's lambda: block sparsities span 2*lambda around --sparsity (default 0.08).")
+    # RIA's channel permutation for N:M, where it folds (spp.prune.permute)
+    permute_channels: bool = option(False, "N:M with ria or wanda: reorder the inputs of o_proj and down_proj before forming groups (RIA's channel permutation), folded into v_proj and gate/up_proj so the saved model computes the same function.")
+    calib: str = option("c4", "A local .txt/.jsonl/.json file, or c4 / wikitext2 (downloaded from the hub; the default c4 needs the network).")
+    nsamples: int = option(128, "Number of calibration windows (default 128).")
+    seqlen: int | None = option(None, "Tokens per window (default min(2048, context)).")
+    seed: int = option(0, "Seed of the calibration window offsets (default 0).")
+    device: str = option("auto", "auto (default), cpu or cuda: where each block is pruned.")
+    dtype: str = option("auto", "auto (default), float32, bfloat16 or float16.")
+    max_shard_size: str = option("2GB", "Largest safetensors shard (default 2GB).")
+    overwrite: bool = option(False, "Replace an existing OUTPUT (only once the new one is complete).")
+    resume: bool = option(False, "Continue a killed or interrupted run at its first unfinished block (same settings).")
+    offload_activations: bool = option(False, "Keep calibration activations on the CPU.")
+    blocksize: int = 128  # SparseGPT column block width
+    percdamp: float = 0.01  # SparseGPT dampening, × mean Hessian diagonal
+    batch_size: int = option(16, "Calibration windows per block forward (default 16).")
     # ALPS (spp.prune.alps). The paper's code runs up to 300 ADMM iterations; each costs about one SparseGPT pass,
     # and 15 keep ALPS within ~10x SparseGPT's time at about half its layer error (docs/pruning-methods.md).
-    alps_iters: int = 15  # the most ADMM iterations: more explore more supports, at one SparseGPT pass each
-    alps_rho: float = 0.1  # initial ADMM penalty (unit-diagonal scale): smaller explores more, larger settles sooner
-    alps_pcg_steps: int = 10  # conjugate-gradient steps refitting the kept weights on the final support (0: none)
+    alps_iters: int = option(15, "ALPS: the most ADMM iterations, each about one SparseGPT pass (default 15; the paper's code: 300).")
+    # the initial ADMM penalty is in the unit-diagonal scale; the CG refit acts on the final support
+    alps_rho: float = option(0.1, "ALPS: initial ADMM penalty; smaller explores more supports, larger settles sooner (default 0.1).")
+    alps_pcg_steps: int = option(10, "ALPS: conjugate-gradient steps refitting the kept weights (default 10; 0: none).")
     # Mask refinement after the method (spp.prune.dsnot): none, or dsnot (swaps a pruned and a kept weight per row)
-    refine: Literal["none", "dsnot"] = "none"
+    refine: Literal["none", "dsnot"] = option("none", "none (default) or dsnot: swap pruned and kept weights per row (in their group) to cut the expected error; needs calibration.")
     # DSnoT's guard: reject a swap that raises the row's squared reconstruction error, exactly, from the full input
     # Hessian (gathered for Wanda/RIA/magnitude as --record-error does); a departure from the paper, whose criterion
     # is the expected error alone
-    dsnot_guard: bool = True
+    dsnot_guard: bool = option(True, "DSnoT: reject swaps that raise the squared reconstruction error, from each layer's full input Hessian (as --record-error holds it; default on; the paper has no guard).")
     # DSnoT's update threshold: a row whose expected error |ε_i| is at or below it is left alone (the paper's 0.1, in
     # the units of the layer's outputs; a model whose outputs are small needs a smaller one)
-    dsnot_threshold: float = dataclasses.field(default=0.1, metadata=NO_FLAG)
+    dsnot_threshold: float = 0.1
     # Gather the full input Hessian (in² float32 per layer of a block) for Wanda/RIA/magnitude, to record their
     # reconstruction error (SparseGPT and ALPS hold it anyway) and give DSnoT's guard the exact error
-    record_error: bool = False
+    record_error: bool = option(False, "Record wanda/ria/magnitude's reconstruction error: holds each layer's input Hessian, in*in float32 (4*in^2 bytes per layer of a block); sparsegpt/alps record it anyway.")
     # A mixture-of-experts expert that the router sent fewer calibration tokens than this is pruned by magnitude
     # (recorded per saved tensor in the manifest). Its statistics would be a handful of tokens: Wanda's ‖X_j‖ from
     # T tokens varies by ~1/√(2T) (±12% at 32), one token's outlier channel would decide every row's mask, and at 0
     # all scores tie; SparseGPT's Hessian has rank ≤ T. 32 costs nothing at usual calibration sizes
     # (128 × 2048 tokens give each of 8 top-2 experts ~65k on average) and catches only starved experts.
-    expert_min_tokens: int = 32
+    expert_min_tokens: int = option(32, "Mixture-of-experts: an expert routed fewer calibration tokens is pruned by magnitude, recorded in the manifest (default 32).")
 
     @functools.cached_property
     def n_m(self) -> tuple[int, int] | None:
@@ -237,9 +247,9 @@ class TrainConfig:
     optimizer step. `num_epochs` sets the length unless `max_steps` is given.
     """
 
-    base_model: str = ""  # an `spp prune` output directory
-    data_path: str = ""  # Alpaca .json/.jsonl, a plain .txt, or a `datasets` hub name
-    output_dir: str = ""
+    base_model: str = option("", "The pruned model directory (an `spp prune` output).", flag="--model")
+    data_path: str = option("", "Alpaca .json/.jsonl, a plain .txt, or a datasets hub name (downloads; alpaca.yaml's default is one).", flag="--data")
+    output_dir: str = option("", "The output directory (built in OUTPUT.partial).", flag="--output")
     data_format: Literal["auto", "alpaca", "text"] = "auto"  # auto: .txt -> text, anything else -> alpaca
     data_split: str = "train"  # split of a hub dataset
     prompt_template: Literal["alpaca"] = "alpaca"
@@ -250,7 +260,7 @@ class TrainConfig:
     micro_batch_size: int = 4
     batch_size: int = 128
     num_epochs: int = 1
-    max_steps: int | None = None
+    max_steps: int | None = option(None, "Stop after this many optimizer steps.")
     # None: the adapter's documented default (spp.adapter.DEFAULT_LEARNING_RATE); a mapping {adapter: rate}
     # picks the rate of the chosen adapter (so one file can carry a rate per adapter). Resolved to a float.
     learning_rate: float | dict[str, float] | None = None
@@ -261,7 +271,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     # Several processes: `ddp` replicates the model (accelerate's DDP); `fsdp` shards it with FSDP2 (spp.train.fsdp).
-    distributed: Literal["ddp", "fsdp"] = "ddp"
+    distributed: Literal["ddp", "fsdp"] = option("ddp", "ddp (replicate the model on each process; launch with accelerate launch) or fsdp (shard it with FSDP2; launch with torchrun).")
     cpu_offload: bool = False  # fsdp only: keep sharded parameters, gradients and AdamW state in CPU memory
     seed: int = 42
     logging_steps: int = 10
@@ -278,13 +288,14 @@ class TrainConfig:
     adapt_unpruned: bool = False  # also adapt target layers that `spp prune` left dense (no mask entry)
     # Distillation from the dense model (spp.train.losses): the loss is ce_weight·CE + kd_weight·T²·KL
     # + squarehead_weight·SquareHead, each per target token; kd/squarehead need a teacher.
-    teacher: str = ""  # the dense model that was pruned (`spp run` sets it when a distillation weight is > 0)
+    # the dense model that was pruned (`spp run` sets it when a distillation weight is > 0)
+    teacher: str = option("", "The dense model to distil from (with kd_weight or squarehead_weight > 0).")
     ce_weight: float = 1.0
     kd_weight: float = 0.0  # KL(teacher ‖ student) of the logits at temperature kd_temperature, times T²
     kd_temperature: float = 1.0
     squarehead_weight: float = 0.0  # per-block ‖h_t − h_s‖² / ‖h_t‖² (Kurtic et al. 2023)
-    overwrite: bool = False
-    resume: bool = False
+    overwrite: bool = option(False, "Replace an existing output directory.")
+    resume: bool = option(False, "Continue an interrupted run from its last checkpoint.")
 
     def __post_init__(self):
         if self.cutoff_len < 2:
@@ -368,21 +379,22 @@ class EvalConfig:
     means the local copies described in the README (`spp eval`, offline task data).
     """
 
-    model: str
-    adapter: str | None = None
-    ppl: list[str] = dataclasses.field(default_factory=list)  # wikitext2, c4, ptb, NAME:PATH or PATH
-    seqlen: int | None = None
-    max_windows: int | None = None
-    tasks: list[str] = dataclasses.field(default_factory=list)
-    task_data: str | None = None
-    limit: int | None = None
-    batch_size: int = 1
-    num_fewshot: int = 0
-    output: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    sparse_kernels: bool = False  # run 2:4 linears on cuSPARSELt (spp.eval.sparse_kernels); CUDA, fp16/bf16 only
-    overwrite: bool = False
+    model: str = option(help="Local Hugging Face directory (dense, pruned, merged), a .gguf file (needs spp-llm[gguf]), or a hub id (downloads from the hub).")
+    adapter: str | None = option(None, "An `spp train` output to evaluate unmerged on top of --model.")
+    ppl: list[str] = option(help="Comma list of PATH (.txt/.jsonl); wikitext2 / c4 (from the hub); or NAME:PATH, a local copy of the set NAME (wikitext2, c4 or ptb).", default_factory=list)
+    seqlen: int | None = option(None, "Perplexity window (default: the model's context, at most 4096).")
+    max_windows: int | None = option(None, "Use at most this many perplexity windows per set.")
+    tasks: list[str] = option(help="Comma list of lm-eval tasks: boolq,piqa,arc_easy,... (data from the hub unless --task-data).", default_factory=list)
+    task_data: str | None = option(None, "Local task data directory (default $SPP_TASK_DATA; unset: the hub).")
+    limit: int | None = option(None, "Evaluate only the first N examples of each task.")
+    batch_size: int = option(1, "Perplexity windows / lm-eval requests per forward.")
+    num_fewshot: int = option(0, "Few-shot examples per prompt (the papers use 0).")
+    output: str | None = option(None, "Write results.json and the manifest here.")
+    device: str = option("auto", "auto, cpu or cuda.")
+    dtype: str = option("auto", "auto, float32, bfloat16 or float16.")
+    # run 2:4 linears on cuSPARSELt (spp.eval.sparse_kernels); CUDA, fp16/bf16 only
+    sparse_kernels: bool = option(False, "Run the 2:4 linears on cuSPARSELt (CUDA, float16/bfloat16); reports speed against dense.")
+    overwrite: bool = option(False, "Replace an existing OUTPUT.")
 
     def __post_init__(self):
         if not self.ppl and not self.tasks:
@@ -445,22 +457,22 @@ class MergeConfig:
     """Settings of `spp merge`. Run inside a training run's directory, the defaults need no flags:
     `adapter` is `./train`, `model` the base recorded in the adapter config, `output` `./merged`."""
 
-    model: str | None = None  # the pruned base; None = the adapter config's base_model
-    adapter: str = "train"
-    output: str = "merged"
-    dtype: str = "auto"  # the written weights: auto = the base's; float32, bfloat16, float16 (the math is float32)
-    overwrite: bool = False
+    model: str | None = option(None, "The pruned base (default: the one the adapter records).")
+    adapter: str = option("train", "The adapter directory (an `spp train` output).")
+    output: str = option("merged", "The merged model directory (built in OUTPUT.partial).")
+    dtype: str = option("auto", "The merged weights' dtype: auto (the base's), float32, bfloat16 or float16; the merge math is float32 either way.")
+    overwrite: bool = option(False, "Replace an existing output directory.")
 
 
 @dataclass
 class ExportConfig:
     """Settings of `spp export`: `compressed` writes kept values + mask (spp.io.compressed); False restores."""
 
-    model: str  # an spp prune/merge output (compressed=True) or an `spp export` output (False)
-    output: str
-    compressed: bool = True
-    dtype: str = "auto"  # restoring only: the restored weights' dtype; auto = the source's, byte for byte
-    overwrite: bool = False
+    model: str = option(help="A sparse checkpoint (spp prune/merge output), or with --dense an `spp export` output.")
+    output: str = option(help="The output directory (built in OUTPUT.partial).")
+    compressed: bool = option(True, "Write kept values + the mask file (default), or restore the checkpoint.", flag="--compressed/--dense")
+    dtype: str = option("auto", "With --dense: the restored weights' dtype: auto (the source's, byte for byte), float32, bfloat16 or float16.")
+    overwrite: bool = option(False, "Replace an existing output directory.")
 
 
 # --------------------------------------------------------------------------- pipeline
