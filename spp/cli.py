@@ -21,7 +21,8 @@ from typing import Optional
 import typer
 
 from spp import __version__
-from spp.config import EvalConfig, ExportConfig, MergeConfig, PruneConfig, TrainConfig
+from spp.config import (EvalConfig, ExportConfig, MergeConfig, PruneConfig, TrainConfig, merge_into, parse_set,
+                        read_train_config, read_yaml)
 from spp.errors import SppError
 from spp.quiet import quiet_output
 
@@ -186,7 +187,6 @@ def prune(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from spp.config import merge_into, parse_set, read_yaml
     from spp.prune import run_prune
 
     layers = [(config, read_yaml(config))] if config else []
@@ -265,15 +265,9 @@ def train(
 
     Example: spp train --config tinystories.yaml --model pruned --data ../shared/data/tinystories/tinystories_val.txt --output train
     """
-    import os
-
-    from spp.config import merge_into, parse_set, read_train_config
-
     path, values = read_train_config(config)
     cfg = merge_into(TrainConfig, [(str(path), values), ("flags", flags), ("--set", parse_set(set_ or []))])
     if cfg.output_dir:
-        from pathlib import Path
-
         from spp.io.checkpoint import check_not_an_input
 
         check_not_an_input(Path(cfg.output_dir), [("--config", path)])  # the stage checks its other inputs

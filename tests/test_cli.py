@@ -72,3 +72,35 @@ def test_a_prune_error_prints_nothing_on_stdout(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and result.stdout == "", repr(result.stdout)
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+
+
+def test_flags_override_the_config_file_only_where_given(tmp_path, monkeypatch):
+    """Options built from the config's fields: a flag left out keeps the YAML's value (not the field's default), a
+    default-on switch's --no- form and --set still win, and the direct commands get their fields' defaults."""
+    import spp.export
+    import spp.merge
+    import spp.prune
+    from spp.errors import SppError
+
+    seen = {}
+
+    def capture(cfg, **_):
+        seen[type(cfg).__name__] = cfg
+        raise SppError("captured")
+
+    for module, name in ((spp.prune, "run_prune"), (spp.merge, "run_merge"), (spp.export, "run_export")):
+        monkeypatch.setattr(module, name, capture)
+    (tmp_path / "prune.yaml").write_text("method: sparsegpt\nnsamples: 7\nseed: 3\nowl: true\n")
+    result = CliRunner().invoke(app, ["prune", "--config", str(tmp_path / "prune.yaml"), "--model", "m",
+                                      "--output", str(tmp_path / "out"), "--nsamples", "9", "--no-dsnot-guard",
+                                      "--set", "seed=5"])
+    assert result.exit_code == 1 and "captured" in result.output, result.output
+    cfg = seen["PruneConfig"]
+    assert (cfg.method, cfg.nsamples, cfg.seed, cfg.owl, cfg.dsnot_guard, cfg.batch_size) == ("sparsegpt", 9, 5, True,
+                                                                                             False, 16)
+    assert CliRunner().invoke(app, ["merge", "--output", "x"]).exit_code == 1
+    assert (seen["MergeConfig"].model, seen["MergeConfig"].adapter, seen["MergeConfig"].output) == (None, "train", "x")
+    assert CliRunner().invoke(app, ["export", "--dense", "--model", "a", "--output", "b"]).exit_code == 1
+    assert (seen["ExportConfig"].compressed, seen["ExportConfig"].dtype) == (False, "auto")
+    result = CliRunner().invoke(app, ["export", "--model", "a"])
+    assert result.exit_code == 2 and "Missing option '--output'" in result.output, result.output
