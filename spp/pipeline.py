@@ -210,11 +210,15 @@ def stage_range(from_stage: str | None, until_stage: str | None) -> tuple[str, .
 # --------------------------------------------------------------------------- reproducing commands
 
 
-def _flags(cfg, defaults, command: str, order: list[str]) -> list[str]:
-    """`--key value` for every key of `cfg` that differs from `defaults` and that the command has a flag for."""
+def _flags(cfg, defaults, command: str, written: tuple[str, ...]) -> list[str]:
+    """`--key value`, in field order, for every key of `cfg` but the `written` ones that differs from `defaults`.
+
+    Raises:
+        SppError: such a key has no flag on the command line.
+    """
     flags = flag_names(type(cfg))
     out = []
-    for key in order:
+    for key in (f.name for f in dataclasses.fields(cfg) if f.name not in written):
         value = getattr(cfg, key)
         if key in VOLATILE_KEYS or value == getattr(defaults, key, object()) or value is None:
             continue
@@ -237,9 +241,6 @@ def _join(words: list[str]) -> str:
 def prune_command(cfg: PruneConfig) -> str:
     """The `spp prune` command that makes this step's output alone."""
     defaults = PruneConfig(model=cfg.model, output=cfg.output, pattern=cfg.pattern)
-    listed = ("targets", "ignore", "sparsity_overrides")  # repeated flags and a --set mapping, not `--flag a,b`
-    keys = [f.name for f in dataclasses.fields(PruneConfig)
-            if f.name not in ("model", "output", "pattern", "sparsity", "method", *listed)]
     words = ["spp", "prune", "--model", cfg.model, "--output", cfg.output, "--method", cfg.method, "--pattern", cfg.pattern]
     if cfg.n_m is None:
         words += ["--sparsity", f"{cfg.sparsity:g}"]
@@ -247,10 +248,10 @@ def prune_command(cfg: PruneConfig) -> str:
         if getattr(cfg, key) != getattr(defaults, key):
             words += [w for p in getattr(cfg, key) for w in (f"--{key}", p)]
     if cfg.sparsity_overrides:
-        import yaml
-
-        words += ["--set", "sparsity_overrides=" + yaml.safe_dump(cfg.sparsity_overrides, default_flow_style=True).strip()]
-    return _join(words + _flags(cfg, defaults, "prune", keys))
+        words += ["--set", "sparsity_overrides=" + _yaml_scalar(cfg.sparsity_overrides)]
+    # targets and ignore are repeated flags and sparsity_overrides a --set mapping, not `--flag a,b`
+    written = ("model", "output", "method", "pattern", "sparsity", "targets", "ignore", "sparsity_overrides")
+    return _join(words + _flags(cfg, defaults, "prune", written))
 
 
 def train_command(cfg: TrainConfig, inline: dict, config_name: str | None) -> str:
@@ -279,8 +280,7 @@ def eval_command(cfg: EvalConfig) -> str:
     words = ["spp", "eval", "--model", cfg.model]
     words += ["--ppl", ",".join(cfg.ppl)] if cfg.ppl else []
     words += ["--tasks", ",".join(cfg.tasks)] if cfg.tasks else []
-    keys = [f.name for f in dataclasses.fields(EvalConfig) if f.name not in ("model", "ppl", "tasks")]
-    return _join(words + _flags(cfg, defaults, "eval", keys) + ["--output", cfg.output])
+    return _join(words + _flags(cfg, defaults, "eval", ("model", "ppl", "tasks")) + ["--output", cfg.output])
 
 
 # --------------------------------------------------------------------------- up to date?
