@@ -398,12 +398,11 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[
         input_ids (B, T) padded with `pad_id`, attention_mask (B, T) 1 on real tokens,
         labels (B, T) padded with IGNORE_INDEX; T is the longest example.
     """
-    longest = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
-    for row, (ids, labs) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(labs)] = torch.tensor(labs)
-        attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    from torch.nn.utils.rnn import pad_sequence
+
+    def padded(rows, value):
+        return pad_sequence([torch.tensor(row, dtype=torch.long) for row in rows], batch_first=True, padding_value=value)
+
+    return {"input_ids": padded([ids for ids, _ in examples], pad_id),
+            "attention_mask": padded([[1] * len(ids) for ids, _ in examples], 0),
+            "labels": padded([labels for _, labels in examples], IGNORE_INDEX)}
