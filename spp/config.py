@@ -155,9 +155,9 @@ class PruneConfig:
     # Hessian (gathered for Wanda/RIA/magnitude as --record-error does); a departure from the paper, whose criterion
     # is the expected error alone
     dsnot_guard: bool = option(True, "DSnoT: reject swaps that raise the squared reconstruction error, from each layer's full input Hessian (as --record-error holds it; default on; the paper has no guard).")
-    # DSnoT's update threshold: a row whose expected error |ε_i| is at or below it is left alone (the paper's 0.1, in
-    # the units of the layer's outputs; a model whose outputs are small needs a smaller one)
-    dsnot_threshold: float = 0.1
+    # DSnoT's update threshold: a row whose expected error |ε_i| (output units, per token) is at or below it is left
+    # alone; the authors' 0.1 is on the error summed over a 2048-token window, hence 0.1 / 2048 per token
+    dsnot_threshold: float = 0.1 / 2048
     # Gather the full input Hessian (in² float32 per layer of a block) for Wanda/RIA/magnitude, to record their
     # reconstruction error (SparseGPT and ALPS hold it anyway) and give DSnoT's guard the exact error
     record_error: bool = option(False, "Record wanda/ria/magnitude's reconstruction error: holds each layer's input Hessian, in*in float32 (4*in^2 bytes per layer of a block); sparsegpt/alps record it anyway.")

@@ -45,9 +45,12 @@ def test_accumulate_input_sums_adds_batches():
 
 @pytest.mark.parametrize("pattern,group", [(None, None), (None, 16), ((2, 4), 4), ((1, 4), 4), ((4, 8), 8)])
 def test_dsnot_keeps_every_count_and_lowers_the_expected_error(pattern, group):
-    W, _, stats, _ = problem(0)
+    """With the guard, as spp runs it. The paper's per-row rule alone can overshoot: at the authors' threshold rows
+    run all 50 cycles and |ε| oscillates (on this problem mean |ε| goes from 0.25 to 0.51); the property test below
+    checks the counts without the guard."""
+    W, _, stats, H = problem(0)
     keep = wanda_keep(W, stats, pattern, 0.6)
-    new, info = dsnot_refine(W, keep, *stats, group)
+    new, info = dsnot_refine(W, keep, *stats, group, guard=True, H=H)
     assert info["swaps"] > 0 and not torch.equal(new, keep)
     width = group or W.shape[1]
     assert torch.equal(new.reshape(24, -1, width).sum(-1), keep.reshape(24, -1, width).sum(-1))

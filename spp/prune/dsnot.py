@@ -41,7 +41,9 @@ from __future__ import annotations
 import torch
 
 MAX_CYCLES = 50  # the paper's maximum number of cycles
-UPDATE_THRESHOLD = 0.1  # the paper's update threshold on |ε_i| (in the units of the layer's output)
+# The authors' update threshold is 0.1 on their metric W_ij · Σ_t x_tj / (windows), the error summed over the
+# tokens of one 2048-token calibration window; per token (ε_i here) that is 0.1 / 2048.
+UPDATE_THRESHOLD = 0.1 / 2048
 
 
 def accumulate_input_sums(state: tuple | None, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -99,7 +101,8 @@ def dsnot_refine(
         group: None to swap anywhere in a row (per-row or per-layer methods); M for N:M; SparseGPT's column block
             width b for its unstructured masks, so that each block keeps its count.
         max_cycles: the most grow-and-prune cycles (the paper's 50). More cycles fix more rows but cost time.
-        threshold: rows with |ε_i| at or below this stop (the paper's 0.1, in output units).
+        threshold: rows with |ε_i| at or below this stop, in output units per token (the authors' 0.1 per 2048-token
+            window, `UPDATE_THRESHOLD`).
         var_power: exponent of σ² in the grow order (the paper's 1; 0 orders by |c_ij| alone).
         guard: skip swaps that raise the row's squared reconstruction error (a departure from the paper).
         H: for the guard: (in, in) undamped 2XᵀX/T (exact), or (in,) its diagonal; None uses 2·sq_norm/T.
