@@ -211,16 +211,20 @@ def stage_range(from_stage: str | None, until_stage: str | None) -> tuple[str, .
 
 
 def _flags(cfg, defaults, command: str, written: tuple[str, ...]) -> list[str]:
-    """`--key value`, in field order, for every key of `cfg` but the `written` ones that differs from `defaults`.
+    """`--key value`, in field order, for every key of `cfg` but the `written` ones that differs from `defaults`;
+    `--set key=value` for a key without a flag (`spp prune` takes `--set`).
 
     Raises:
-        SppError: such a key has no flag on the command line.
+        SppError: such a key has no flag and the command takes no `--set`.
     """
     flags = flag_names(type(cfg))
     out = []
     for key in (f.name for f in dataclasses.fields(cfg) if f.name not in written):
         value = getattr(cfg, key)
         if key in VOLATILE_KEYS or value == getattr(defaults, key, object()) or value is None:
+            continue
+        if key not in flags and command == "prune":
+            out += ["--set", f"{key}={_yaml_scalar(value)}"]
             continue
         if key not in flags:
             raise SppError(f"{command}: {key}={value!r} cannot be given on the `spp {command}` command line")

@@ -403,3 +403,18 @@ def test_moe_zero_shot_eval_and_export_of_a_pruned_model(tmp_path, shared_data):
     boolq = results["zeroshot"]["tasks"]["boolq"]
     assert boolq["n"] == 8 and 0 <= boolq["acc"] <= 1
     assert results["sparsity"]["sparsity"] == pytest.approx(0.5)  # the expert weights are counted: all 2:4
+
+
+def test_prune_command_carries_keys_that_have_no_flag_as_set():
+    """`spp run`'s reproduce command once refused a prune section setting percdamp, blocksize or dsnot_threshold
+    (config keys with no flag); they go through `--set` and rebuild the same config."""
+    from spp.config import PruneConfig, merge_into, parse_set
+    from spp.pipeline import prune_command
+
+    cfg = PruneConfig(model="m", output="o", method="sparsegpt", percdamp=0.02, blocksize=64, refine="dsnot",
+                      dsnot_threshold=1e-3, calib="c.txt")
+    words = shlex.split(prune_command(cfg))
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    assert sorted(s.split("=")[0] for s in sets) == ["blocksize", "dsnot_threshold", "percdamp"]
+    flags = {"model": "m", "output": "o", "method": "sparsegpt", "refine": "dsnot", "calib": "c.txt"}
+    assert merge_into(PruneConfig, [("flags", flags), ("--set", parse_set(sets))]) == cfg
