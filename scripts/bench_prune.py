@@ -148,12 +148,14 @@ def format_table(records: list[dict]) -> str:
 COMPARE_CELLS = {
     "wanda": ["--method", "wanda", "--record-error"],
     "sparsegpt": ["--method", "sparsegpt"],
-    "alps": ["--method", "alps"],
+    "alps": ["--method", "alps"],  # the default cap: 15 iterations unstructured, 30 for N:M
     "wanda+dsnot": ["--method", "wanda", "--refine", "dsnot"],
     "wanda+dsnot/noguard": ["--method", "wanda", "--refine", "dsnot", "--no-dsnot-guard", "--record-error"],
     "sparsegpt+dsnot": ["--method", "sparsegpt", "--refine", "dsnot"],
     "alps/paper": ["--method", "alps", "--alps-iters", "300"],
     "alps/50": ["--method", "alps", "--alps-iters", "50"],
+    "alps/15": ["--method", "alps", "--alps-iters", "15"],
+    "alps/30": ["--method", "alps", "--alps-iters", "30"],
     "wanda/plain": ["--method", "wanda"],  # not run by default: Wanda's own time, without gathering H
 }
 COMPARE_PATTERNS = ("0.5", "0.6", "0.7", "2:4")

@@ -145,7 +145,7 @@ class PruneConfig:
     batch_size: int = option(16, "Calibration windows per block forward (default 16).")
     # ALPS (spp.prune.alps). The paper's code runs up to 300 ADMM iterations; each costs about one SparseGPT pass,
     # and 15 keep ALPS within ~10x SparseGPT's time at about half its layer error (docs/pruning-methods.md).
-    alps_iters: int = option(15, "ALPS: the most ADMM iterations, each about one SparseGPT pass (default 15; the paper's code: 300).")
+    alps_iters: int | None = option(None, "ALPS: the most ADMM iterations, each about one SparseGPT pass (default 15 unstructured, 30 for N:M; the paper's code: 300).")
     # the initial ADMM penalty is in the unit-diagonal scale; the CG refit acts on the final support
     alps_rho: float = option(0.1, "ALPS: initial ADMM penalty; smaller explores more supports, larger settles sooner (default 0.1).")
     alps_pcg_steps: int = option(10, "ALPS: conjugate-gradient steps refitting the kept weights (default 10; 0: none).")
@@ -204,7 +204,8 @@ class PruneConfig:
             raise SppError(f"--blocksize {self.blocksize} must be a multiple of M={n_m[1]} for --pattern {self.pattern}")
         _check_range("--percdamp", self.percdamp, 0.0, lo_open=True)
         _check_range("--batch-size", self.batch_size, 1)
-        _check_range("--alps-iters", self.alps_iters, 1)
+        if self.alps_iters is not None:
+            _check_range("--alps-iters", self.alps_iters, 1)
         _check_range("--alps-rho", self.alps_rho, 0.0, lo_open=True)
         _check_range("--alps-pcg-steps", self.alps_pcg_steps, 0)
         _check_range("dsnot_threshold", self.dsnot_threshold, 0.0)

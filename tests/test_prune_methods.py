@@ -61,7 +61,8 @@ def test_alps_prunes_exactly_and_records_its_error(tiny, tmp_path, pattern):
         else:
             assert bool((keep.reshape(out_f, -1, 4).sum(-1) == 2).all()), name
         record = details["modules"][name]
-        assert 0 < record["reconstruction_error"] < 1 and record["alps"]["admm_iterations"] <= 15
+        cap = 15 if pattern == "unstructured" else 30  # the default caps (spp.prune.alps.default_iters)
+        assert 0 < record["reconstruction_error"] < 1 and record["alps"]["admm_iterations"] <= cap
     # ALPS's error is the layer-wise objective it minimises: below SparseGPT's on most layers
     _, _, sparsegpt = prune(tiny, tmp_path / "sgpt", "--method", "sparsegpt", *flags)
     lower = [details["modules"][n]["reconstruction_error"] <= sparsegpt["modules"][n]["reconstruction_error"] * 1.001

@@ -31,7 +31,7 @@ from torch import nn
 from spp.config import PruneConfig, to_dict
 from spp.errors import SppError, SppInterrupted
 from spp.faults import fault_point
-from spp.prune.alps import alps_prune
+from spp.prune.alps import alps_prune, default_iters
 from spp.prune.dsnot import accumulate_input_sums, dsnot_refine
 from spp.prune.experts import check_expert_weights, prune_expert_weights, saved_pieces
 from spp.prune.masks import apply_mask, select_mask
@@ -95,7 +95,7 @@ def _prune_sparsegpt(W, state, cfg, sparsity):
 def _prune_alps(W, state, cfg, sparsity):
     H = hessian_from_sum(*state)
     W_new, keep, info = alps_prune(W, H, cfg.n_m, sparsity, percdamp=cfg.percdamp, rho0=cfg.alps_rho,
-                                   max_iter=cfg.alps_iters, pcg_steps=cfg.alps_pcg_steps)
+                                   max_iter=cfg.alps_iters or default_iters(cfg.n_m), pcg_steps=cfg.alps_pcg_steps)
     damp = info.pop("percdamp_used")
     retry = {"percdamp_used": damp} if damp != cfg.percdamp else {}
     return W_new, keep, {**retry, "reconstruction_error": reconstruction_error(W, W_new, H), "alps": info}
