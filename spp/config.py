@@ -376,7 +376,7 @@ class EvalConfig:
     tasks: list[str] = dataclasses.field(default_factory=list)
     task_data: str | None = None
     limit: int | None = None
-    batch_size: int = 1
+    batch_size: int | None = None  # None: 1 window per perplexity forward; zero-shot, see spp.eval.loglikelihood
     num_fewshot: int = 0
     output: str | None = None
     device: str = "auto"
@@ -387,10 +387,9 @@ class EvalConfig:
     def __post_init__(self):
         if not self.ppl and not self.tasks:
             raise SppError("nothing to evaluate: pass --ppl (e.g. wikitext2) and/or --tasks (e.g. boolq,piqa)")
-        for name in ("seqlen", "max_windows", "limit"):
+        for name in ("seqlen", "max_windows", "limit", "batch_size"):
             if getattr(self, name) is not None:
                 _check_range("--" + name.replace("_", "-"), getattr(self, name), 1)
-        _check_range("--batch-size", self.batch_size, 1)
         _check_range("--num-fewshot", self.num_fewshot, 0)
 
 
