@@ -17,9 +17,11 @@ prints them with the ratio spp / plain (above 1 = spp faster).
 Zero-shot (`bench_zeroshot`): a real model (SmolLM2-135M from its GGUF file) on the 8 local tasks, `--limit`
 items each. Per task, interleaved so that a busy machine slows all alike: (1) lm-eval's `HFLM` at
 `batch_size=1` (spp's default before `spp.eval.loglikelihood`) on the first `--old-items` items, its time
-extrapolated to all items by the tokens it runs; (2) a plain forward pass (`logits_to_keep=1`, the same batch
+(2) a plain forward pass (`logits_to_keep=1`, the same batch
 size) over the tokens spp's path runs, on the same first items: the model's own speed on this machine;
-(3) spp's default (`SharedContextLM`) on every item. Answers of (1) and (3) on the shared items are compared
+(3) spp's default (`SharedContextLM`) on the same first items. Both (1) and (3) are extrapolated to all `--limit`
+items by the tokens each runs there (counted exactly by tokenizing every request), since a full run of either
+takes hours on a busy shared CPU. Answers of (1) and (3) on the shared items are compared
 item by item: log-likelihood differences, greedy flags, and answers that change (near ties, < 1e-4 nats,
 counted apart). `--sweep` first times spp's path at several batch sizes on a fixed subset.
 
@@ -30,6 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import sys
 import time
 from pathlib import Path
 
@@ -133,7 +138,8 @@ def bench_zeroshot(model_path: str, task_data: str, limit: int | None = 500, old
     model = load_model(directory, "float32", torch.device("cpu"))
     tokenizer = load_tokenizer(directory)
     out = {"model": model_path, "threads": torch.get_num_threads(), "batch_size": batch_size, "limit": limit,
-           "old_items": old_items, "tasks": [], "sweep": []}
+           "old_items": old_items, "tasks": [], "sweep": [], "torch": torch.__version__,
+           "load_average_start": os.getloadavg()[0], "affinity": sorted(os.sched_getaffinity(0))}
     with tempfile.TemporaryDirectory() as workdir, quiet_output(lm_eval=True):
         setup = prepare_tasks(list(LOCAL_TASKS), task_data, Path(workdir))
         instances = _task_instances(setup, limit)
@@ -167,9 +173,7 @@ def bench_zeroshot(model_path: str, task_data: str, limit: int | None = 500, old
             t_old, scores_old = _timed(lambda: old.loglikelihood(shared, disable_tqdm=True), "cpu")
             pairs = encoded(shared)[0]
             t_plain, _ = _timed(lambda: _plain_forward(model, groups, pairs, batch_size), "cpu")
-            t_new, scores_new = _timed(lambda: new.loglikelihood(insts), "cpu")
-            index = {id(inst): k for k, inst in enumerate(insts)}
-            ours = [scores_new[index[id(inst)]] for inst in shared]
+            t_new, ours = _timed(lambda: new.loglikelihood(shared), "cpu")
             a, b = _answers(shared, scores_old), _answers(shared, ours)
             changed = [doc for doc in a if a[doc][0] != b[doc][0]]
             near = [doc for doc in changed if min(a[doc][1], b[doc][1]) < 1e-4]
@@ -178,12 +182,15 @@ def bench_zeroshot(model_path: str, task_data: str, limit: int | None = 500, old
                 "shared_items": len(a), "old_seconds_shared": t_old, "old_tokens_shared": old_shared,
                 "old_tokens_all": old_all, "old_seconds_all_extrapolated": t_old * old_all / old_shared,
                 "plain_seconds_shared": t_plain, "plain_tok_s": new_shared / t_plain,
-                "new_seconds": t_new, "new_tokens": new_all, "new_tok_s": new_all / t_new,
+                "new_seconds_shared": t_new, "new_tokens_shared": new_shared, "new_tokens_all": new_all,
+                "new_seconds_all_extrapolated": t_new * new_all / new_shared, "new_tok_s": new_shared / t_new,
+                "old_tok_s": old_shared / t_old,
                 "max_abs_ll_diff": max(abs(x[0] - y[0]) for x, y in zip(scores_old, ours)),
                 "greedy_equal": all(x[1] == y[1] for x, y in zip(scores_old, ours)),
                 "answers_changed": len(changed), "answers_changed_near_tie": len(near),
             }
             out["tasks"].append(record)
+            out["load_average_end"] = os.getloadavg()[0]
             progress(json.dumps(record), out)
     return out
 
@@ -206,20 +213,56 @@ def _plain_forward(model, groups, pairs, batch_size: int) -> None:
 
 def zeroshot_table(result: dict) -> str:
     """The markdown table of `bench_zeroshot`'s result (seconds, tokens/s, answers)."""
-    lines = ["| task | items | lm-eval bs=1 s (extrap.) | spp s | speed-up | spp tok/s | plain tok/s | spp / plain "
+    lines = ["| task | items | lm-eval bs=1 s (extrap.) | spp s (extrap.) | speed-up | spp tok/s | plain tok/s | spp / plain "
              "| max \\|Δ log p\\| | answers changed (near ties) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     total_old = total_new = 0.0
     for r in result["tasks"]:
         total_old += r["old_seconds_all_extrapolated"]
-        total_new += r["new_seconds"]
-        lines.append(f"| {r['task']} | {r['items']} | {r['old_seconds_all_extrapolated']:.0f} | {r['new_seconds']:.0f} | "
-                     f"{r['old_seconds_all_extrapolated'] / r['new_seconds']:.2f}x | {r['new_tok_s']:.0f} | "
+        total_new += r["new_seconds_all_extrapolated"]
+        lines.append(f"| {r['task']} | {r['items']} | {r['old_seconds_all_extrapolated']:.0f} | {r['new_seconds_all_extrapolated']:.0f} | "
+                     f"{r['old_seconds_all_extrapolated'] / r['new_seconds_all_extrapolated']:.2f}x | {r['new_tok_s']:.0f} | "
                      f"{r['plain_tok_s']:.0f} | {r['new_tok_s'] / r['plain_tok_s']:.2f} | {r['max_abs_ll_diff']:.1e} | "
                      f"{r['answers_changed']} of {r['shared_items']} ({r['answers_changed_near_tie']}) |")
     lines.append(f"| **all** | {sum(r['items'] for r in result['tasks'])} | {total_old:.0f} | {total_new:.0f} | "
                  f"{total_old / total_new:.2f}x | | | | | |")
     return "\n".join(lines)
+
+
+def zeroshot_page(result: dict, command: str) -> str:
+    """docs/results/eval_speed.md: the machine, the command, the table and the totals, from `bench_zeroshot`."""
+    tasks = result["tasks"]
+    old_total = sum(r["old_seconds_all_extrapolated"] for r in tasks)
+    new_total = sum(r["new_seconds_all_extrapolated"] for r in tasks)
+    new_tokens, old_tokens = sum(r["new_tokens_all"] for r in tasks), sum(r["old_tokens_all"] for r in tasks)
+    plain = sum(r["new_tokens_shared"] for r in tasks) / sum(r["plain_seconds_shared"] for r in tasks)
+    changed = sum(r["answers_changed"] for r in tasks)
+    return f"""# Zero-shot evaluation speed: spp's default against lm-eval's batch_size=1
+
+Written by `{command}` (`scripts/bench_eval.py`, `bench_zeroshot`). Machine: the shared 2-core x86-64 CPU VM
+({platform.processor() or platform.machine()}, AVX without AVX2), torch {result['torch']}, {result['threads']} thread, pinned to core(s)
+{result['affinity']}; the other core ran a background study, and other jobs shared this one (load average
+{result['load_average_start']:.1f} at the start, {result.get('load_average_end', float('nan')):.1f} at the end), so absolute
+times are slow and noisy; the three methods alternate task by task, so the ratios are the meaningful columns.
+
+Model: {result['model']} (SmolLM2-135M-Instruct, dequantized to float32). Tasks: the 8 local tasks, the first
+{result['limit']} items of each (all of RTE's 277 and OpenBookQA's 500). Each method ran on the first
+{result['old_items']} items of every task and is extrapolated to all items by the tokens it runs there (counted
+exactly by tokenizing every request): a full run of lm-eval's path did not fit in the time of this session.
+spp ran `--batch-size` {result['batch_size']} (its CPU default); plain = one forward per {result['batch_size']} sequences of the
+same tokens spp runs (each context followed by its answers), `logits_to_keep=1`, no lm-eval: this model's own
+speed on this machine.
+
+{zeroshot_table(result)}
+
+- Tokens run for all items: lm-eval batch_size=1 {old_tokens:,}; spp {new_tokens:,} ({old_tokens / new_tokens:.2f}x fewer).
+- All {len(tasks)} tasks: lm-eval batch_size=1 ≈ {old_total / 60:.0f} min, spp ≈ {new_total / 60:.0f} min ({old_total / new_total:.2f}x);
+  the issue's bar is 15 min, which needs {new_tokens / 900:.0f} tokens/s; spp ran {new_tokens / new_total:.0f} tokens/s here and the
+  plain forward {plain:.0f}.
+- Answers: {changed} of {sum(r['shared_items'] for r in tasks)} compared items changed answer
+  ({sum(r['answers_changed_near_tie'] for r in tasks)} of them near ties, < 1e-4 nats); greedy flags equal: {all(r['greedy_equal'] for r in tasks)};
+  largest log-likelihood difference {max(r['max_abs_ll_diff'] for r in tasks):.1e} nats.
+"""
 
 
 def main(argv=None) -> None:
@@ -236,6 +279,7 @@ def main(argv=None) -> None:
     parser.add_argument("--task-data", default=str(DATA / "eval"))
     parser.add_argument("--limit", type=int, default=500)
     parser.add_argument("--old-items", type=int, default=40)
+    parser.add_argument("--md", help="with --zeroshot: also write the results page here (docs/results/eval_speed.md)")
     parser.add_argument("--sweep", default="", help="comma list of batch sizes to time first, e.g. 1,4,8,16,32")
     args = parser.parse_args(argv)
     if args.zeroshot:
@@ -249,6 +293,8 @@ def main(argv=None) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
         print(zeroshot_table(result))
+        if args.md:
+            Path(args.md).write_text(zeroshot_page(result, "python scripts/bench_eval.py " + " ".join(argv or sys.argv[1:])))
         return
     records = bench_eval(tuple(int(s) for s in args.seqlens.split(",")), args.windows, args.batch_size, args.layers,
                          args.repeats, args.device)

@@ -347,7 +347,7 @@ def eval_(
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Comma list of lm-eval tasks: boolq,piqa,arc_easy,... (data from the hub unless --task-data)."),
     task_data: Optional[str] = typer.Option(None, "--task-data", help="Local task data directory (default $SPP_TASK_DATA; unset: the hub)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Perplexity windows (default 1) / distinct zero-shot contexts (default: 8 on a CPU, the most that fits on CUDA) per forward."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Perplexity windows (default 1) / distinct zero-shot contexts (default: 4 on a CPU, the most that fits on CUDA) per forward."),
     num_fewshot: int = typer.Option(0, "--num-fewshot", help="Few-shot examples per prompt (the papers use 0)."),
     output: Optional[str] = typer.Option(None, "--output", help="Write results.json and the manifest here."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),

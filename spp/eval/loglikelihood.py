@@ -29,7 +29,7 @@ from lm_eval.models.huggingface import HFLM, eval_logger
 from spp.errors import SppError
 from spp.hf import forward_with_cache, select_cache_rows
 
-CPU_BATCH = 8  # contexts per forward on a CPU: measured with scripts/bench_eval.py --zeroshot (docs/results/eval_speed.md)
+CPU_BATCH = 4  # contexts per forward on a CPU: measured with scripts/bench_eval.py --zeroshot (docs/results/eval_speed.md)
 CUDA_BATCH = 256  # "auto" on CUDA starts here and halves on out-of-memory, as lm-eval's batch_size="auto" does
 
 Request = tuple[list[int], list[int]]  # (context ids, continuation ids), as HFLM tokenizes them
@@ -68,9 +68,10 @@ def _score_batch(model, groups, requests: list[Request], device) -> dict[int, tu
         out, cache = forward_with_cache(model, input_ids=ids.to(device), logits_to_keep=last.to(device))
     else:
         out = model(input_ids=ids.to(device), use_cache=False, logits_to_keep=last.to(device))
-    first = out.logits.float().log_softmax(-1).cpu()  # (B, V): one row per context, in batch order
-    scores = {i: (float(first[b, requests[i][1][0]]), int(first[b].argmax()) == requests[i][1][0])
-              for b, (_, members) in enumerate(groups) for i in members}
+    first_logp, first_greedy = _picked(out.logits, [requests[i][1][0] for _, members in groups for i in members],
+                                       [b for b, (_, members) in enumerate(groups) for _ in members])
+    members = [i for _, group in groups for i in group]
+    scores = {i: (float(first_logp[k]), bool(first_greedy[k])) for k, i in enumerate(members)}
     if not rows:
         return scores
     cache = select_cache_rows(cache, torch.tensor([b for b, _ in rows], device=device))
@@ -87,17 +88,25 @@ def _score_batch(model, groups, requests: list[Request], device) -> dict[int, tu
     positions = torch.tensor(lengths)[[b for b, _ in rows]][:, None] + torch.arange(S)  # (R, S): |c| + j
     logits = forward_with_cache(model, cache, input_ids=suffix.to(device), attention_mask=mask.to(device),
                                 position_ids=positions.to(device), logits_to_keep=keep.to(device))[0].logits
-    rest = logits.float().log_softmax(-1).cpu()  # (Σ (|y| − 1), V): rows in order, positions in order within a row
-    greedy = rest.argmax(-1)
+    targets = [t for _, i in rows for t in requests[i][1][1:]]
+    logp, greedy = _picked(logits, targets, list(range(len(targets))))  # logits rows: by row, then by position
     offset = 0
     for _, i in rows:
-        y = torch.tensor(requests[i][1][1:])
-        n = y.numel()
-        logp, is_greedy = scores[i]
-        picked = rest[offset : offset + n].gather(1, y[:, None])
-        scores[i] = (logp + float(picked.sum()), is_greedy and bool((greedy[offset : offset + n] == y).all()))
+        n = len(requests[i][1]) - 1
+        before, was_greedy = scores[i]
+        scores[i] = (before + float(logp[offset : offset + n].sum()), was_greedy and bool(greedy[offset : offset + n].all()))
         offset += n
     return scores
+
+
+def _picked(logits: torch.Tensor, targets: list[int], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each k: log softmax(logits[rows[k]])[targets[k]] (float32) and whether targets[k] is the argmax, on the
+    CPU; logits (N, V) stay on their device, so only 2 numbers per target are copied."""
+    rows_t = torch.tensor(rows, device=logits.device)
+    targets_t = torch.tensor(targets, device=logits.device)
+    logp = logits.float().log_softmax(-1)[rows_t]  # (K, V)
+    picked = logp.gather(1, targets_t[:, None]).squeeze(1)
+    return picked.cpu(), (logp.argmax(-1) == targets_t).cpu()
 
 
 def continuation_logprobs(model, requests: list[Request], max_length: int, batch_size: int | None = None,
