@@ -139,7 +139,8 @@ def bench_zeroshot(model_path: str, task_data: str, limit: int | None = 500, old
     tokenizer = load_tokenizer(directory)
     out = {"model": model_path, "threads": torch.get_num_threads(), "batch_size": batch_size, "limit": limit,
            "old_items": old_items, "tasks": [], "sweep": [], "torch": torch.__version__,
-           "load_average_start": os.getloadavg()[0], "affinity": sorted(os.sched_getaffinity(0))}
+           "load_average_start": os.getloadavg()[0], "affinity": sorted(os.sched_getaffinity(0)),
+           "vocab": model.config.get_text_config().vocab_size}
     with tempfile.TemporaryDirectory() as workdir, quiet_output(lm_eval=True):
         setup = prepare_tasks(list(LOCAL_TASKS), task_data, Path(workdir))
         instances = _task_instances(setup, limit)
@@ -237,6 +238,10 @@ def zeroshot_page(result: dict, command: str) -> str:
     new_tokens, old_tokens = sum(r["new_tokens_all"] for r in tasks), sum(r["old_tokens_all"] for r in tasks)
     plain = sum(r["new_tokens_shared"] for r in tasks) / sum(r["plain_seconds_shared"] for r in tasks)
     changed = sum(r["answers_changed"] for r in tasks)
+    sweep = ("- Batch size (`--sweep`, 12 items each of BoolQ, ARC-Challenge and HellaSwag"
+             + (f", {result['sweep_note']}" if result.get("sweep_note") else "") + "): "
+             + ", ".join(f"{r['batch_size']}: {r['tok_s']:.0f} tokens/s" for r in result["sweep"]) + ".\n"
+             if result["sweep"] else "")
     return f"""# Zero-shot evaluation speed: spp's default against lm-eval's batch_size=1
 
 Written by `{command}` (`scripts/bench_eval.py`, `bench_zeroshot`). Machine: the shared 2-core x86-64 CPU VM
@@ -245,8 +250,8 @@ Written by `{command}` (`scripts/bench_eval.py`, `bench_zeroshot`). Machine: the
 {result['load_average_start']:.1f} at the start, {result.get('load_average_end', float('nan')):.1f} at the end), so absolute
 times are slow and noisy; the three methods alternate task by task, so the ratios are the meaningful columns.
 
-Model: {result['model']} (SmolLM2-135M-Instruct, dequantized to float32). Tasks: the 8 local tasks, the first
-{result['limit']} items of each (all of RTE's 277 and OpenBookQA's 500). Each method ran on the first
+Model: {result['model']} (SmolLM2-135M-Instruct, dequantized to float32). Tasks: {', '.join(r['task'] for r in tasks)}
+({len(tasks)} of the 8 local tasks), the first {result['limit']} items of each (all of RTE's 277 and OpenBookQA's 500). Each method ran on the first
 {result['old_items']} items of every task and is extrapolated to all items by the tokens it runs there (counted
 exactly by tokenizing every request): a full run of lm-eval's path did not fit in the time of this session.
 spp ran `--batch-size` {result['batch_size']} (its CPU default); plain = one forward per {result['batch_size']} sequences of the
@@ -259,6 +264,9 @@ speed on this machine.
 - All {len(tasks)} tasks: lm-eval batch_size=1 ≈ {old_total / 60:.0f} min, spp ≈ {new_total / 60:.0f} min ({old_total / new_total:.2f}x);
   the issue's bar is 15 min, which needs {new_tokens / 900:.0f} tokens/s; spp ran {new_tokens / new_total:.0f} tokens/s here and the
   plain forward {plain:.0f}.
+{sweep}- spp / plain below 1: the plain forward sends no scored position through the output head and pads one
+  sequence per item; spp scores every answer token through the head (a {result.get('vocab', 'full')}-way log-softmax each)
+  and pads each batch's answers to the longest. On BoolQ and RTE (one-token answers, no second pass) the two match.
 - Answers: {changed} of {sum(r['shared_items'] for r in tasks)} compared items changed answer
   ({sum(r['answers_changed_near_tie'] for r in tasks)} of them near ties, < 1e-4 nats); greedy flags equal: {all(r['greedy_equal'] for r in tasks)};
   largest log-likelihood difference {max(r['max_abs_ll_diff'] for r in tasks):.1e} nats.
