@@ -329,7 +329,8 @@ def paired_rows(runs: list[dict]) -> list[list[str]]:
         diffs = {}
         for name in names:
             ours, theirs = reference[name], tasks.get(name, {})
-            if len(theirs.get("item_acc") or []) == len(ours["item_acc"]) and theirs.get("files") == ours.get("files"):
+            same_data = sorted((theirs.get("files") or {}).values()) == sorted((ours.get("files") or {}).values())
+            if len(theirs.get("item_acc") or []) == len(ours["item_acc"]) > 1 and same_data:  # same items, by hash
                 diffs[name] = paired_difference(ours["item_acc"], theirs["item_acc"])
         per_run.append(diffs)
     for name in names:
