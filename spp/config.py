@@ -388,7 +388,7 @@ class EvalConfig:
     tasks: list[str] = option(help="Comma list of lm-eval tasks: boolq,piqa,arc_easy,... (data from the hub unless --task-data).", default_factory=list)
     task_data: str | None = option(None, "Local task data directory (default $SPP_TASK_DATA; unset: the hub).")
     limit: int | None = option(None, "Evaluate only the first N examples of each task.")
-    batch_size: int = option(1, "Perplexity windows / lm-eval requests per forward.")
+    batch_size: int | None = option(None, "Perplexity windows (default 1) / distinct zero-shot contexts (default: 4 on a CPU, the most that fits on CUDA) per forward.")
     num_fewshot: int = option(0, "Few-shot examples per prompt (the papers use 0).")
     output: str | None = option(None, "Write results.json and the manifest here.")
     device: str = option("auto", "auto, cpu or cuda.")
@@ -400,10 +400,9 @@ class EvalConfig:
     def __post_init__(self):
         if not self.ppl and not self.tasks:
             raise SppError("nothing to evaluate: pass --ppl (e.g. wikitext2) and/or --tasks (e.g. boolq,piqa)")
-        for name in ("seqlen", "max_windows", "limit"):
+        for name in ("seqlen", "max_windows", "limit", "batch_size"):
             if getattr(self, name) is not None:
                 _check_range("--" + name.replace("_", "-"), getattr(self, name), 1)
-        _check_range("--batch-size", self.batch_size, 1)
         _check_range("--num-fewshot", self.num_fewshot, 0)
 
 

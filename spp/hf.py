@@ -148,3 +148,29 @@ def drop_quantization_config(model) -> None:
         quantizer.remove_quantization_config(model)
     except AttributeError as exc:
         raise moved("hf_quantizer.remove_quantization_config", exc) from exc
+
+
+def forward_with_cache(model, cache=None, **kwargs):
+    """`model(**kwargs, use_cache=True)` continuing the key/value cache `cache` (None: a new one).
+
+    Returns:
+        (the model's output, its cache). transformers 5.25 renamed the argument and output field
+        `past_key_values` to `cache` (the old name is deprecated there); this passes whichever the model takes.
+    """
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    if cache is not None:
+        kwargs[name] = cache
+    out = model(use_cache=True, **kwargs)
+    return out, out.get(name)
+
+
+def select_cache_rows(cache, rows):
+    """The key/value cache `cache` with batch rows `rows` (a LongTensor, repeats allowed), changed in place and
+    returned. Public on `Cache` but undocumented (contrastive search uses it): `Cache.batch_select_indices`."""
+    try:
+        cache.batch_select_indices(rows)
+    except AttributeError as exc:
+        raise moved("Cache.batch_select_indices", exc) from exc
+    return cache

@@ -3,8 +3,9 @@
 `NOISE` is the allow-list: each entry names the logger that emits a message, a pattern
 for it, and why it says nothing to an `spp` user. `quiet_output()` attaches one
 `NoiseFilter` to those loggers, turns off transformers' info logs and loading bars, and
-(with `lm_eval=True`) skips lm-eval's `git describe` probe and the "Generating split"
-bars of the data sets lm-eval builds; all of it is undone on exit. The filter counts
+(with `lm_eval=True`) skips lm-eval's `git describe` probe, its per-task request-building
+bars (`spp.eval` shows one bar per task) and the "Generating split" bars of the data sets
+lm-eval builds; all of it is undone on exit. The filter counts
 what it drops, so an entry with a `summary` (per-request truncation) comes back as one
 line from `NoiseFilter.summary_lines`. With `verbose=True` nothing is dropped or turned off.
 """
@@ -99,6 +100,7 @@ def quiet_output(verbose: bool = False, lm_eval: bool = False) -> Iterator[Noise
             stack.enter_context(quiet_transformers())  # our progress and table say it all
             if lm_eval:
                 stack.enter_context(_no_git_probe())
+                stack.enter_context(_no_request_bars())
                 stack.callback(_quiet_datasets())
         yield noise
 
@@ -150,3 +152,20 @@ def _no_git_probe():
     finally:
         if probe is not None:
             evaluator.get_git_commit_hash = probe
+
+
+@contextmanager
+def _no_request_bars():
+    """lm-eval draws a tqdm bar per task while building its requests (`Task.build_all_requests`); spp draws one
+    bar per task while scoring them (`spp.eval.loglikelihood`). tqdm reads `TQDM_DISABLE` only when it is
+    imported, so the module's `tqdm` is swapped for a disabled one for the duration."""
+    import functools
+
+    import lm_eval.api.task as task
+
+    bar = task.tqdm
+    task.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        task.tqdm = bar

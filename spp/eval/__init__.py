@@ -33,6 +33,8 @@ from spp.patterns import decoder_weights
 from spp.sparsity import fraction, mask_stats, tally
 
 MAX_DEFAULT_SEQLEN = 4096
+HEADLINE_ROW = "tasks above baseline by 2 stderr"
+HEADLINE_MEAN_ROW = "mean acc over those tasks"
 PROTOCOL = "wanda-sparsegpt: non-overlapping windows, partial tail dropped, exp(summed NLL / predicted tokens)"
 
 
@@ -156,7 +158,7 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
             sparse_kernels = apply_sparse_kernels(model, kernel_masks, model.config.get_text_config().vocab_size)
         ppl_results = {}
         for key, text, ids in ppl_inputs:
-            res = perplexity(model, ids, seqlen, cfg.batch_size, cfg.max_windows)
+            res = perplexity(model, ids, seqlen, cfg.batch_size or 1, cfg.max_windows)
             _check_finite_ppl(key, res, model)
             ppl_results[key] = {
                 "ppl": res.ppl, "seqlen": res.seqlen, "windows": res.windows, "max_windows": cfg.max_windows,
@@ -262,6 +264,10 @@ def results_rows(results: dict) -> list[tuple[str, str]]:
                 rows.append((f"{label} {metric} (lm-eval; not token ppl)", f"{task[metric]:.4f}"))
     if zeroshot.get("mean_acc") is not None:
         rows.append(("mean acc", f"{zeroshot['mean_acc']:.4f}"))
+    if zeroshot.get("headline_tasks") is not None:
+        rows.append((HEADLINE_ROW, ", ".join(zeroshot["headline_tasks"]) or "none"))
+        if zeroshot["headline_mean_acc"] is not None:
+            rows.append((HEADLINE_MEAN_ROW, f"{zeroshot['headline_mean_acc']:.4f}"))
     kernels = results.get("sparse_kernels")
     if kernels:
         for phase in ("prefill", "decode"):
@@ -274,14 +280,15 @@ def compare_results(paths: list[str]) -> str:
 
     Returns:
         A GitHub/Markdown pipe table, ready to paste into a paper draft or an issue: rows = metrics, columns =
-        runs; a missing metric is "—".
+        runs; a missing metric is "—". With two runs or more, a second table gives each later run's paired
+        difference from the first on the same items (`paired_rows`).
 
     Raises:
         SppError: fewer than one path, or a path that holds no results.
     """
     if not paths:
         raise SppError("--compare needs at least one results directory or JSON file")
-    columns, per_run = [], []
+    columns, per_run, runs = [], [], []
     for p in paths:
         path = Path(p)
         file = path / RESULTS_FILE if path.is_dir() else path
@@ -291,8 +298,50 @@ def compare_results(paths: list[str]) -> str:
         label = path.name if path.is_dir() else (path.parent.name if path.name == "results.json" else path.stem)
         columns.append(label if label not in columns else str(path))
         per_run.append(dict(results_rows(results)))
+        runs.append(results)
     metrics: list[str] = []
     for run in per_run:
         metrics += [m for m in run if m not in metrics]
     rows = [[m, *(run.get(m, "—") for run in per_run)] for m in metrics]
-    return markdown_table(["metric", *columns], rows, "-" + "r" * len(columns), pad=True)
+    table = markdown_table(["metric", *columns], rows, "-" + "r" * len(columns), pad=True)
+    paired = paired_rows(runs)
+    if not paired:
+        return table
+    note = (f"\nPaired difference from {columns[0]} on the same items, with its 95% interval (Miller 2024; "
+            f"`spp.eval.uncertainty`); \"noise\" when the interval holds 0. The mean is over the tasks where "
+            f"{columns[0]} is above its baseline by 2 stderr.\n\n")
+    return table + note + markdown_table(["task", *columns[1:]], paired, "-" + "r" * (len(columns) - 1), pad=True)
+
+
+def paired_rows(runs: list[dict]) -> list[list[str]]:
+    """One row per accuracy task of the first run, then the headline mean: each later run's paired difference
+    from the first, "+0.012 [−0.020, +0.044] noise"; "—" where a run lacks that task's items (or has others)."""
+    from spp.eval.uncertainty import headline_tasks, mean_difference, paired_difference
+
+    reference = ((runs[0].get("zeroshot") or {}).get("tasks") or {}) if runs else {}
+    names = [name for name, task in reference.items() if task.get("item_acc")]
+    if len(runs) < 2 or not names:
+        return []
+    headline = [name for name in headline_tasks(reference) if name in names]
+    rows, per_run = [], []
+    for run in runs[1:]:
+        tasks = (run.get("zeroshot") or {}).get("tasks") or {}
+        diffs = {}
+        for name in names:
+            ours, theirs = reference[name], tasks.get(name, {})
+            same_data = sorted((theirs.get("files") or {}).values()) == sorted((ours.get("files") or {}).values())
+            if len(theirs.get("item_acc") or []) == len(ours["item_acc"]) > 1 and same_data:  # same items, by hash
+                diffs[name] = paired_difference(ours["item_acc"], theirs["item_acc"])
+        per_run.append(diffs)
+    for name in names:
+        rows.append([f"{name} acc", *(_interval(diffs.get(name)) for diffs in per_run)])
+    label = f"mean acc over {', '.join(headline)}" if headline else "mean acc (no task above baseline)"
+    rows.append([label, *(_interval(mean_difference([d[n] for n in headline]))
+                          if headline and all(n in d for n in headline) else "—" for d in per_run)])
+    return rows
+
+
+def _interval(diff) -> str:
+    if diff is None:
+        return "—"
+    return f"{diff.diff:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]" + (" noise" if diff.within_noise else "")

@@ -346,21 +346,32 @@ def prepare_tasks(names: list[str], task_data: str | None, workdir: Path) -> Tas
     return TaskSetup(manager, mapping, sources, loaded)
 
 
-def evaluate_tasks(model, tokenizer, setup: TaskSetup, limit: int | None = None, batch_size: int = 1,
+def evaluate_tasks(model, tokenizer, setup: TaskSetup, limit: int | None = None, batch_size: int | None = None,
                    num_fewshot: int = 0) -> dict:
-    """Run every prepared task in one `simple_evaluate` call on the in-memory model.
+    """Run every prepared task in one `simple_evaluate` call on the in-memory model, one progress bar per task.
+
+    Args:
+        batch_size: distinct contexts per forward pass (`spp.eval.loglikelihood`); None: the device's default.
 
     Returns:
-        {"tasks": {name: {acc, acc_stderr, acc_norm?, acc_norm_stderr?, n, lm_eval_task, ...}},
-         "mean_acc": mean of `acc` over the tasks that report it, "lm_eval_version": str}.
+        {"tasks": {name: {acc, acc_stderr, acc_norm?, acc_norm_stderr?, n, lm_eval_task, item_acc, baseline, ...}},
+         "mean_acc": mean of `acc` over the tasks that report it, "lm_eval_version": str}; `item_acc` and the
+        baseline fields are those of `item_scores`.
     """
     import lm_eval
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = simple_evaluate(model=lm, tasks=list(setup.loaded.values()), num_fewshot=num_fewshot, limit=limit,
-                          task_manager=setup.task_manager, log_samples=False)
+    from spp.eval.loglikelihood import SharedContextLM
+    from spp.eval.uncertainty import headline_tasks
+
+    labels = {lm_name: name for name, lm_name in setup.lm_eval_names.items()}
+    columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        lm = SharedContextLM(model, tokenizer, batch_size, progress, labels)
+        out = simple_evaluate(model=lm, tasks=list(setup.loaded.values()), num_fewshot=num_fewshot, limit=limit,
+                              task_manager=setup.task_manager, log_samples=True)
     tasks = {}
     for name, lm_name in setup.lm_eval_names.items():
         tasks[name] = task_metrics(out["results"][lm_name], out.get("n-samples", {}).get(lm_name, {}))
@@ -368,8 +379,42 @@ def evaluate_tasks(model, tokenizer, setup: TaskSetup, limit: int | None = None,
         tasks[name].update({k: v for k, v in setup.sources.get(name, {}).items() if v is not None})
         if lm_name == "wikitext":
             tasks[name]["note"] = WORD_PPL_NOTE
+        elif "acc" in tasks[name]:
+            tasks[name].update(item_scores(out["samples"][lm_name]))
     accs = [t["acc"] for t in tasks.values() if "acc" in t]
-    return {"tasks": tasks, "mean_acc": sum(accs) / len(accs) if accs else None, "lm_eval_version": lm_eval.__version__}
+    headline = headline_tasks(tasks)
+    return {"tasks": tasks, "mean_acc": sum(accs) / len(accs) if accs else None,
+            "headline_tasks": headline,  # above their baseline by 2 stderrs (spp.eval.uncertainty)
+            "headline_mean_acc": sum(tasks[n]["acc"] for n in headline) / len(headline) if headline else None,
+            "lm_eval_version": lm_eval.__version__}
+
+
+NEAR_TIE = 1e-4  # nats: choices closer than this may swap under float rounding (another batch shape, device)
+
+
+def item_scores(samples: list[dict]) -> dict:
+    """Per-item results of one multiple-choice task from lm-eval's logged samples, in item order.
+
+    Returns:
+        item_acc (and item_acc_norm): 0/1 per item, for paired comparisons (`spp.eval.uncertainty`);
+        near_ties: items whose two best choices' log-likelihoods differ by less than `NEAR_TIE`;
+        baseline: chance, the mean over items of 1/(number of choices); or, when every item offers the same
+        answers (BoolQ's yes/no, RTE's True/False), the larger of chance and the majority-class rate, the share of
+        items whose answer is the most common one; baseline_kind: "chance" or "majority".
+    """
+    samples = sorted(samples, key=lambda sample: sample["doc_id"])
+    out = {"item_acc": [int(sample["acc"]) for sample in samples]}
+    if all("acc_norm" in sample for sample in samples):
+        out["item_acc_norm"] = [int(sample["acc_norm"]) for sample in samples]
+    lls = [sorted((float(resp[0]) for resp in sample["filtered_resps"]), reverse=True) for sample in samples]
+    out["near_ties"] = sum(1 for ll in lls if len(ll) > 1 and ll[0] - ll[1] < NEAR_TIE)
+    out["baseline"], out["baseline_kind"] = sum(1 / len(ll) for ll in lls) / len(samples), "chance"
+    if len({tuple(str(arg[-1]) for arg in sample["arguments"]) for sample in samples}) == 1:  # one answer set
+        targets = [str(sample["target"]) for sample in samples]
+        majority = max(targets.count(t) for t in set(targets)) / len(samples)
+        if majority > out["baseline"]:
+            out["baseline"], out["baseline_kind"] = majority, "majority"
+    return out
 
 
 def task_metrics(result: dict, n_samples: dict) -> dict:

@@ -1,0 +1,54 @@
+"""spp.eval.loglikelihood: each distinct context run once gives lm-eval's batch_size=1 answers, item by item."""
+
+import pytest
+
+from spp.eval import zeroshot as Z
+
+
+def answers(instances, scores) -> dict[int, tuple[int, float]]:
+    """doc id -> (chosen answer, margin between the two best log-likelihoods), as lm-eval's `acc` picks it."""
+    docs: dict[int, list] = {}
+    for inst, (ll, _) in zip(instances, scores):
+        docs.setdefault(inst.doc_id, []).append((inst.idx, ll))
+    out = {}
+    for doc, choices in docs.items():
+        lls = [ll for _, ll in sorted(choices)]
+        ranked = sorted(lls, reverse=True)
+        out[doc] = (lls.index(ranked[0]), ranked[0] - ranked[1])
+    return out
+
+
+def test_batched_equals_batch_size_one_item_by_item(shared_data, tmp_path):
+    """BoolQ (long passages, some truncated to the 512-token context; one-token answers) and ARC-Easy (3 to 5
+    answers of several tokens: the cached second pass), 12 items each, 5 contexts per forward, against HFLM at
+    batch_size=1. (HellaSwag would take 20 s more to prepare.)"""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from spp.eval.loglikelihood import SharedContextLM
+    from spp.models import load_model, load_tokenizer
+
+    model_dir = shared_data / "stories260K-hf"
+    setup = Z.prepare_tasks(["boolq", "arc_easy"], str(shared_data / "eval"), tmp_path)
+    model = load_model(str(model_dir), "float32", torch.device("cpu"))
+    tokenizer = load_tokenizer(str(model_dir))
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    batched = SharedContextLM(model, tokenizer, batch_size=5)
+    for name, lm_name in setup.lm_eval_names.items():
+        task = setup.loaded[lm_name]
+        task.build_all_requests(limit=12, rank=0, world_size=1)
+        instances = [inst for inst in task.instances if inst.request_type == "loglikelihood"]
+        pairs = [reference._encode_pair(*inst.args) for inst in instances]
+        if name == "boolq":  # the cases the two passes must get right are really there
+            assert any(len(c) + len(y) > reference.max_length + 1 for c, y in pairs), "no truncated request"
+        else:
+            assert min(len(y) for _, y in pairs) > 1 and len({len(c) for c, _ in pairs}) > 1
+        ours = batched.loglikelihood(instances)
+        theirs = reference.loglikelihood(instances, disable_tqdm=True)
+        for (ll, greedy), (ref_ll, ref_greedy) in zip(ours, theirs):
+            assert ll == pytest.approx(ref_ll, rel=1e-5, abs=1e-4), name
+            assert greedy == ref_greedy, name
+        a, b = answers(instances, theirs), answers(instances, ours)
+        changed = [doc for doc in a if a[doc][0] != b[doc][0]]
+        assert all(min(a[doc][1], b[doc][1]) < Z.NEAR_TIE for doc in changed), (name, changed)
+        assert len(a) == 12
