@@ -209,7 +209,11 @@ def recovered_adapter(partial: Path, index: int) -> dict[str, torch.Tensor]:
     Raises:
         SppError: the file is missing or corrupt (names it).
     """
-    return _load_tensors(progress_dir(partial, BLOCKWISE_PROGRESS_DIR) / f"adapter-{index}.safetensors")
+    return _load_tensors(recovered_adapter_path(partial, index))
+
+
+def recovered_adapter_path(partial: Path, index: int) -> Path:
+    return progress_dir(partial, BLOCKWISE_PROGRESS_DIR) / f"adapter-{index}.safetensors"
 
 
 def recovered_inputs(partial: Path, blocks_done: int, storage: torch.device) -> tuple[dict[str, list[torch.Tensor]], list]:

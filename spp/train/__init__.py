@@ -156,13 +156,11 @@ def run_blockwise(cfg: TrainConfig, checkpoint, output: Path, start: float) -> T
     Raises:
         SppError: as `run_train`, or several processes.
     """
-    from spp.adapter.model import adapter_state_dict, save_adapter
     from spp.io.checkpoint import BLOCKWISE_PROGRESS_DIR
     from spp.io.progress import check_resumable as check_block_progress, progress_dir, start_progress
     from spp.models import load_tokenizer, resolve_device
-    from spp.train.blockwise import blockwise_windows, recover_blocks
+    from spp.train.blockwise import blockwise_windows, recover_blocks, write_recovered_adapter
     from spp.train.distill import check_teacher
-    from spp.train.fsdp import gathered_layers
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SppError("objective=blockwise trains one block at a time in one process: launch it without "
@@ -187,18 +185,16 @@ def run_blockwise(cfg: TrainConfig, checkpoint, output: Path, start: float) -> T
             if not blocks_done:
                 start_progress(workdir, settings, n_blocks, conditions, inputs, BLOCKWISE_PROGRESS_DIR)
                 write_yaml(workdir / RESOLVED_CONFIG_FILE, cfg)
-            recovered = recover_blocks(cfg, checkpoint, teacher_dir, windows, adapter_cfg, device, dtype, workdir,
-                                       blocks_done)
             masks = checkpoint.masks_by_parameter()
-            for target, layer, W, tensors in gathered_layers(recovered.model):
-                check_layer_zeros(target, layer, W, masks, tensors)
-            save_adapter(recovered.model, adapter_cfg, workdir)
+            recovered = recover_blocks(cfg, checkpoint, teacher_dir, windows, adapter_cfg, device, dtype, workdir,
+                                       blocks_done, lambda block, prefix: check_pruned_zeros(block, masks, prefix))
+            trainable = write_recovered_adapter(workdir, adapter_cfg, n_blocks)
             (workdir / TRAIN_LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in recovered.records))
             shutil.rmtree(progress_dir(workdir, BLOCKWISE_PROGRESS_DIR))
             finals = [r["epoch_losses"][-1] for r in recovered.records if "epoch_losses" in r]
             report = TrainReport(output=output, steps=sum(r.get("steps", 0) for r in recovered.records),
                                  train_loss=sum(finals) / len(finals) if finals else None, val_loss=None,
-                                 trainable_params=sum(t.numel() for t in adapter_state_dict(recovered.model).values()),
+                                 trainable_params=trainable,
                                  adapted_modules=len(recovered.adapted), train_examples=cfg.nsamples, val_examples=0,
                                  world_size=1, resumed_from=blocks_done,
                                  tokens_seen=sum(r.get("steps", 0) for r in recovered.records) * cfg.batch_size * cfg.cutoff_len,
@@ -427,10 +423,11 @@ def output_workdir(accelerator, output: Path, cfg: TrainConfig):
         yield Path(workdir)
 
 
-def check_pruned_zeros(model, masks: dict[str, torch.Tensor]) -> None:
+def check_pruned_zeros(model, masks: dict[str, torch.Tensor], prefix: str = "") -> None:
     """The invariant after training: where the mask says pruned, the base weight and the effective
     weight of every adapted weight (of any kind and shape, via `spp.adapter.weight.AdaptedWeight`) are
-    bitwise +0.0 (a NaN/inf in a trained tensor would break it).
+    bitwise +0.0 (a NaN/inf in a trained tensor would break it). `model` may be one decoder block, whose
+    full-name `prefix` (`model.layers.3.`) names its weights as `masks` keys them.
 
     Raises:
         RuntimeError: a violation, which can only be a bug in spp.
@@ -438,7 +435,7 @@ def check_pruned_zeros(model, masks: dict[str, torch.Tensor]) -> None:
     from spp.adapter.model import adapter_layers
 
     for name, layer in adapter_layers(model).items():
-        for target, W, tensors in layer.weights(name):  # as `check_layer_zeros` takes them (also from `spp.train.fsdp`)
+        for target, W, tensors in layer.weights(prefix + name):  # as `check_layer_zeros` takes them (also from `spp.train.fsdp`)
             check_layer_zeros(target, layer, W, masks, tensors)
 
 

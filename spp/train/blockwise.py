@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,9 +42,9 @@ from spp.train.losses import feature_error_sum
 
 @dataclass
 class Recovered:
-    """What `recover_blocks` returns: the student with every block's trained adapter, and a record per block."""
+    """What `recover_blocks` returns: the adapted weights' names, and a record per block (this run's and the
+    resumed run's)."""
 
-    model: nn.Module
     adapted: list[str]
     records: list[dict]
 
@@ -67,8 +68,12 @@ def blockwise_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: 
 
 
 def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, adapter_cfg, device: torch.device,
-                   dtype: str, workdir: Path, blocks_done: int) -> Recovered:
-    """Train every decoder block's adapter against the teacher's block, in order (the module docstring's loss).
+                   dtype: str, workdir: Path, blocks_done: int, check_block: Callable[[nn.Module, str], None]) -> Recovered:
+    """Train every decoder block's adapter against the teacher's block, in order (the module docstring's loss),
+    streaming both models: each is a skeleton on the meta device (`spp.io.stream`), and only the embeddings (for
+    the calibration inputs), then one student block and one teacher block at a time, are read from their shards
+    and released after use. Each finished block's adapter tensors go into the progress (`workdir`), from which
+    `write_recovered_adapter` writes the adapter file.
 
     Args:
         cfg: the `TrainConfig` (objective blockwise). checkpoint: the pruned student (`spp.io.reader.Checkpoint`).
@@ -76,20 +81,20 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
         device: where each block runs. dtype: the base dtype's name (`precision`).
         workdir: `OUTPUT.partial/`, whose progress holds the finished blocks. blocks_done: blocks a resumed run
             takes from there.
+        check_block: (trained block, its full-name prefix) -> None; raises if a pruned entry is not +0.0.
 
     Raises:
         SppError: a NaN or ±inf weight in the student or teacher, nothing to adapt, or a non-finite loss.
     """
     from spp.adapter.model import add_block_adapter, adapter_state_dict, find_targets
-    from spp.io.finite import check_finite_model
-    from spp.io.progress import recovered_adapter, recovered_inputs, save_recovered_block
-    from spp.models import find_decoder_blocks, load_model
-    from spp.train.distill import load_teacher
+    from spp.io.progress import recovered_inputs, save_recovered_block
+    from spp.io.reader import read_checkpoint
+    from spp.io.stream import load, release, skeleton
+    from spp.models import find_decoder_blocks
 
-    student = load_model(str(checkpoint.directory), dtype=dtype)
-    check_finite_model(student, f"model {checkpoint.directory}")
-    teacher = load_teacher(teacher_dir, dtype, "cpu")
-    student.requires_grad_(False)
+    student = skeleton(checkpoint, dtype).requires_grad_(False)
+    teacher_checkpoint = read_checkpoint(teacher_dir)
+    teacher = skeleton(teacher_checkpoint, dtype).requires_grad_(False)
     masks = checkpoint.masks_by_parameter()
     targets = list(find_targets(student, adapter_cfg, masks))
     if not targets:
@@ -97,41 +102,77 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
                        "(no entry in its mask file): nothing to adapt; set adapt_unpruned: true to adapt them anyway")
     prefix, blocks = find_decoder_blocks(student)
     _, teacher_blocks = find_decoder_blocks(teacher)
+    load(student, checkpoint, "", "cpu", skip=(f"{prefix}.", *_output_layer(student)))  # embeddings, norms
     with torch.no_grad():  # block 0's inputs and every block's call arguments: the embeddings only
         captured = capture_block_inputs(student, blocks, windows, cfg.micro_batch_size, device)
-    streams = {"student": captured.hidden}
-    records = []
+    release(student)
+    streams, records = {"student": captured.hidden}, []
     if blocks_done:
         streams, records = recovered_inputs(workdir, blocks_done, device)
     adapted = []
-    for index, block in enumerate(blocks):
+    for index in range(blocks_done, len(blocks)):
+        block, own = blocks[index], f"{prefix}.{index}."
+        load(student, checkpoint, own, device)
         torch.manual_seed(cfg.seed + index)  # the block's adapter init, whatever ran before it (a resumed run too)
-        names = add_block_adapter(block, f"{prefix}.{index}.", targets, adapter_cfg, masks)
-        adapted += names
-        own = {k: v for k, v in adapter_state_dict(block).items()}
-        if index < blocks_done:
-            _load_block_adapter(own, recovered_adapter(workdir, index), f"{prefix}.{index}.")
-            continue
+        names = add_block_adapter(block, own, targets, adapter_cfg, masks)
         student_in = streams["student"]
-        teacher_in = streams.get("teacher", student_in)
         with torch.no_grad(), _autocast(cfg, device):
-            teacher_blocks[index].to(device)
-            target = run_block(teacher_blocks[index], index, _inputs(captured, teacher_in), device)
-            teacher_blocks[index].to("cpu")
-        block.to(device)
+            load(teacher, teacher_checkpoint, own, device)
+            target = run_block(teacher_blocks[index], index, _inputs(captured, student_in if cfg.block_target_inputs
+                                                                     == "sparse" else streams.get("teacher", student_in)),
+                               device)
+            release(teacher_blocks[index])
         record = train_block(block, student_in, target, captured, index, cfg, device) if names else {"block": index}
         block.requires_grad_(False)
+        check_block(block, own)
+        last = index + 1 == len(blocks)
         with torch.no_grad(), _autocast(cfg, device):
-            after = run_block(block, index, _inputs(captured, student_in), device) if index + 1 < len(blocks) else []
-        block.to("cpu")
+            after = [] if last else run_block(block, index, _inputs(captured, student_in), device)
         captured.calls[index] = []
         streams = {"student": after}
-        if cfg.block_target_inputs == "dense" and after:
+        if cfg.block_target_inputs == "dense" and not last:
             streams["teacher"] = target  # the dense block's outputs are the next dense block's inputs
         records.append(record)
-        save_recovered_block(workdir, index, {f"{prefix}.{index}.{k}": v for k, v in own.items()}, streams, record)
+        save_recovered_block(workdir, index, {own + k: v for k, v in adapter_state_dict(block).items()}, streams,
+                             record)
+        blocks[index] = nn.Module()  # its adapter is in the progress now: drop the block with the adapter's state
         fault_point("block_done", index)
-    return Recovered(model=student, adapted=adapted, records=records)
+    adapted = [t for t in targets if any(t.startswith(f"{prefix}.{i}.") for i in range(len(blocks)))]
+    return Recovered(adapted=adapted, records=records)
+
+
+def _output_layer(model: nn.Module) -> tuple[str, ...]:
+    """The output layer's name prefix when it is not tied to the embeddings (capturing block inputs never runs it)."""
+    output = model.get_output_embeddings()
+    if output is None or output.weight is model.get_input_embeddings().weight:
+        return ()
+    return tuple(f"{name}." for name, module in model.named_modules() if module is output)
+
+
+def write_recovered_adapter(workdir: Path, adapter_cfg, n_blocks: int) -> int:
+    """Write `adapter_model.safetensors` and `adapter_config.json` into `workdir` from the progress's per-block
+    adapter files, one block at a time (`spp.io.checkpoint.save_tensors_streamed`), as `save_adapter` would.
+
+    Returns:
+        The number of adapter entries (trainable parameters).
+    """
+    from safetensors import safe_open
+
+    from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, save_tensors_streamed, write_json
+    from spp.io.progress import recovered_adapter, recovered_adapter_path
+
+    specs = {}
+    for index in range(n_blocks):
+        with safe_open(str(recovered_adapter_path(workdir, index)), "pt") as f:
+            for key in f.keys():
+                sliced = f.get_slice(key)
+                specs[key] = (getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[sliced.get_dtype()]),
+                              tuple(sliced.get_shape()))
+    chunks = (recovered_adapter(workdir, index) for index in range(n_blocks))
+    ordered = ({key: chunk[key] for key in specs if key in chunk} for chunk in chunks)
+    save_tensors_streamed(specs, ordered, workdir / ADAPTER_WEIGHTS_FILE, metadata={"format": "spp-adapter"})
+    write_json(workdir / ADAPTER_CONFIG_FILE, adapter_cfg.to_json())
+    return sum(math.prod(shape) for _, shape in specs.values())
 
 
 def _inputs(captured: BlockInputs, hidden: list[torch.Tensor]) -> BlockInputs:
@@ -142,16 +183,6 @@ def _inputs(captured: BlockInputs, hidden: list[torch.Tensor]) -> BlockInputs:
 def _autocast(cfg, device: torch.device):
     """bf16 runs the blocks under autocast, as accelerate does end to end; fp32 runs them as they are."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-
-def _load_block_adapter(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], prefix: str) -> None:
-    """Copy a finished block's saved adapter tensors (full names) into its parameters (block-relative names)."""
-    if set(saved) != {prefix + k for k in own}:
-        raise SppError(f"--resume: the saved adapter of block {prefix.rstrip('.')} does not fit this model; run "
-                       "without --resume to start over")
-    with torch.no_grad():
-        for key, tensor in own.items():
-            tensor.copy_(saved[prefix + key])
 
 
 def train_block(block: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], captured: BlockInputs,
