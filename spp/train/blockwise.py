@@ -26,6 +26,7 @@ schedule and clipping follow the end-to-end settings (`batch_size` windows per o
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -229,4 +230,5 @@ def train_block(block: nn.Module, inputs: list[torch.Tensor], targets: list[torc
         first = value if first is None else first
         epoch_losses[step // steps_per_epoch] += value / steps_per_epoch
         fault_point("block_step", index * total + step + 1)  # counted over the run (every block has `total`)
+        fault_point("block_sigint", index * total + step + 1, signal.SIGINT)  # a Ctrl-C mid-block
     return {"block": index, "steps": total, "first_loss": first, "epoch_losses": epoch_losses}
