@@ -8,7 +8,9 @@ the same base, mask, data and teacher, `spp.io.conditions`), check the pruned-en
 invariant on the effective weights, and write the adapter, the manifest and the log.
 The loop itself (steps, checkpoints) is `spp.train.loop`, the checkpoint's resume state `spp.io.trainer_state`;
 how the model is loaded and spread over processes (accelerate's DDP, or FSDP2 shards with
-`distributed: fsdp`) is the strategy's (`spp.train.strategy`).
+`distributed: fsdp`) is the strategy's (`spp.train.strategy`). With `objective: blockwise`, `run_blockwise` takes
+the same inputs and writes the same output, training one decoder block at a time against the teacher's
+(`spp.train.blockwise`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def check_teacher(cfg, checkpoint) -> Path:
 
     `checkpoint` is the student's (`spp.io.reader.Checkpoint`). Checks: the path exists and holds a model; it
     is not the student itself; the tokenizers agree (the same token → id map and the same special-token ids);
-    with SquareHead on, the same number of decoder blocks and hidden size; with KD on, the same vocabulary
+    with SquareHead on or `objective: blockwise`, the same number of decoder blocks and hidden size; with KD on, the same vocabulary
     size (the logits are compared entry by entry).
 
     Returns:
