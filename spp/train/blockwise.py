@@ -102,7 +102,7 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
         raise SppError(f"target_modules {cfg.target_modules} select only layers that {checkpoint.directory} left dense "
                        "(no entry in its mask file): nothing to adapt; set adapt_unpruned: true to adapt them anyway")
     prefix, blocks = find_decoder_blocks(student)
-    _, teacher_blocks = find_decoder_blocks(teacher)
+    teacher_prefix, teacher_blocks = find_decoder_blocks(teacher)
     load(student, checkpoint, "", "cpu", skip=(f"{prefix}.", *_output_layer(student)))  # embeddings, norms
     with torch.no_grad():  # block 0's inputs and every block's call arguments: the embeddings only
         captured = capture_block_inputs(student, blocks, windows, cfg.micro_batch_size, device)
@@ -110,18 +110,15 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
     streams, records = {"student": captured.hidden}, []
     if blocks_done:
         streams, records = recovered_inputs(workdir, blocks_done, device)
-    adapted = []
     for index in range(blocks_done, len(blocks)):
         block, own = blocks[index], f"{prefix}.{index}."
         load(student, checkpoint, own, device)
         torch.manual_seed(cfg.seed + index)  # the block's adapter init, whatever ran before it (a resumed run too)
         names = add_block_adapter(block, own, targets, adapter_cfg, masks)
         student_in = streams["student"]
-        with torch.no_grad(), _autocast(cfg, device):
-            load(teacher, teacher_checkpoint, own, device)
-            target = run_block(teacher_blocks[index], index, _inputs(captured, student_in if cfg.block_target_inputs
-                                                                     == "sparse" else streams.get("teacher", student_in)),
-                               device)
+        with torch.no_grad(), _autocast(cfg, device):  # the target: the dense block on Y_l (X_l when sparse)
+            load(teacher, teacher_checkpoint, f"{teacher_prefix}.{index}.", device)
+            target = run_block(teacher_blocks[index], index, _inputs(captured, streams.get("teacher", student_in)), device)
             release(teacher_blocks[index])
         record = train_block(block, student_in, target, captured, index, cfg, device) if names else {"block": index}
         block.requires_grad_(False)
@@ -138,8 +135,7 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
                              record)
         blocks[index] = nn.Module()  # its adapter is in the progress now: drop the block with the adapter's state
         fault_point("block_done", index)
-    adapted = [t for t in targets if any(t.startswith(f"{prefix}.{i}.") for i in range(len(blocks)))]
-    return Recovered(adapted=adapted, records=records)
+    return Recovered(adapted=targets, records=records)
 
 
 def _output_layer(model: nn.Module) -> tuple[str, ...]:
@@ -161,14 +157,14 @@ def write_recovered_adapter(workdir: Path, adapter_cfg, n_blocks: int) -> int:
 
     from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, save_tensors_streamed, write_json
     from spp.io.progress import recovered_adapter, recovered_adapter_path
+    from spp.io.reader import _DTYPES
 
     specs = {}
     for index in range(n_blocks):
         with safe_open(str(recovered_adapter_path(workdir, index)), "pt") as f:
             for key in f.keys():
                 sliced = f.get_slice(key)
-                specs[key] = (getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[sliced.get_dtype()]),
-                              tuple(sliced.get_shape()))
+                specs[key] = (_DTYPES[sliced.get_dtype()], tuple(sliced.get_shape()))
     chunks = (recovered_adapter(workdir, index) for index in range(n_blocks))
     ordered = ({key: chunk[key] for key in specs if key in chunk} for chunk in chunks)
     save_tensors_streamed(specs, ordered, workdir / ADAPTER_WEIGHTS_FILE, metadata={"format": "spp-adapter"})
