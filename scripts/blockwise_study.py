@@ -31,6 +31,7 @@ GRID = [
     *[(f"lr {lr:g}, {e} epochs", dict(learning_rate=lr, block_epochs=e)) for lr in (3e-2,) for e in (2, 8)],
     *[(f"lr {lr:g}, {e} epochs", dict(learning_rate=lr, block_epochs=e)) for lr in (3e-1,) for e in (4,)],
     *[(f"lr {lr:g}, {e} epochs", dict(learning_rate=lr, block_epochs=e)) for lr in (1e-1,) for e in (8,)],
+    ("normalized, sparse inputs, lr 0.1, 4 epochs", dict(block_target_inputs="sparse", learning_rate=1e-1, block_epochs=4)),
     *[(f"masked_lora lr {lr:g}", dict(adapter="masked_lora", rank=8, learning_rate=lr, block_epochs=4)) for lr in (3e-3, 1e-2)],
     *[(f"full lr {lr:g}", dict(adapter="full", learning_rate=lr, block_epochs=4)) for lr in (3e-4, 1e-3)],
     # end to end on the calibration half, 1 epoch, with logit distillation from the same teacher (for time and quality)
