@@ -287,7 +287,7 @@ class TrainConfig:
     # reproduces the teacher's block output on calibration windows (spp.train.blockwise; needs a teacher)
     objective: Literal["end_to_end", "blockwise"] = dataclasses.field(default="end_to_end", metadata=NO_FLAG)
     block_loss: Literal["normalized", "mse"] = dataclasses.field(default="normalized", metadata=NO_FLAG)
-    block_target_inputs: Literal["dense", "sparse"] = dataclasses.field(default="dense", metadata=NO_FLAG)
+    block_target_inputs: Literal["dense", "sparse"] = dataclasses.field(default="sparse", metadata=NO_FLAG)
     block_epochs: int = dataclasses.field(default=4, metadata=NO_FLAG)  # passes over the windows per block
     calib: str = dataclasses.field(default="", metadata=NO_FLAG)  # blockwise windows: c4, wikitext2 or a file ("": data_path)
     nsamples: int = dataclasses.field(default=128, metadata=NO_FLAG)  # blockwise windows of cutoff_len tokens
