@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -39,6 +41,22 @@ GRID = [
                                                  batch_size=32, num_epochs=1, val_set_size=0))
       for kind, lr in (("spp", 8e-2), ("full", 4e-3))],
 ]
+
+
+SETUP = """Written by `scripts/blockwise_study.py` (the command in its docstring, pinned to one core with `taskset -c 0`,
+`OMP_NUM_THREADS=1`). Other jobs shared the machine, so wall times mean nothing; `CPU s` is the training process's
+own (`time.process_time()` around `run_train`, loading included). What the numbers decided:
+[recovery.md](../recovery.md#block-wise-recovery-objective-blockwise).
+
+The text is cut at a line break: the first half calibrates `spp prune` (Wanda, 64 windows of 256 tokens) and is
+the block-wise calibration text; the second half is held out, its first half for choosing settings (`val`), its
+second half for reporting (`test`); perplexity at seqlen 256 over the first 40 windows of each. Block-wise cells:
+`adapter: spp` unless named, 128 windows of 128 tokens, `batch_size: 8` windows per step in one micro-batch, the
+rate decaying linearly over each block without warmup, AdamW without weight decay, `max_grad_norm: 1`;
+`normalized` loss and `dense` teacher inputs unless the row names them. The end-to-end rows train on the whole
+calibration half (1 epoch, 47 steps of 32 windows of 128 tokens: 12x the block-wise tokens) with cross-entropy +
+logit distillation (`kd_weight: 1`) from the same teacher. `recovered` = (log ppl_pruned - log ppl) /
+(log ppl_pruned - log ppl_dense). One seed."""
 
 
 def split_text(text_path: Path, work: Path) -> dict[str, Path]:
@@ -110,7 +128,9 @@ def main() -> None:
                    for s in ("val", "test")}
             rows.append((pattern, label, base, result, gap))
             print(pattern, label, result["ppl"], gap, flush=True)
-    lines = [f"machine: {describe_conditions(run_conditions('cpu', 'float32'))}", "",
+    lines = ["# Block-wise recovery on stories260K (issue 26)", "", SETUP, "",
+             f"machine: {describe_conditions(run_conditions('cpu', 'float32'))}; {platform.processor() or 'cpu'} "
+             f"{platform.machine()}, {os.cpu_count()} cores", "",
              f"dense: val ppl {dense['val']:.3f}, test ppl {dense['test']:.3f}", "",
              "| pruned | block-wise setting (spp unless named) | pruned ppl (test) | ppl val | ppl test | "
              "recovered val | recovered test | final block loss | CPU s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
