@@ -49,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True)
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--report", help="also write the table, with the machine, to this Markdown file")
     args = parser.parse_args()
     work = Path(args.work)
     text = DATA / "tinystories" / "tinystories_val.txt"
@@ -66,12 +67,20 @@ def main() -> None:
                         "--set", "micro_batch_size=8", "--set", "block_epochs=1"], check=True)
         rows.append((layers, size, peak(pruned), peak(train)))
         shutil.rmtree(train)
-    print("| decoder blocks | fp32 weights (MiB) | `spp prune` magnitude peak RSS (MiB) | block-wise recovery peak RSS (MiB) | "
-          "recovery peak / weights |")
-    print("|---:|---:|---:|---:|---:|")
-    for layers, size, prune_peak, train_peak in rows:
-        print(f"| {layers} | {size / 2**20:.0f} | {prune_peak / 2**20:.0f} | {train_peak / 2**20:.0f} | "
-              f"{train_peak / size:.2f} |")
+    lines = ["| decoder blocks | fp32 weights (MiB) | `spp prune` magnitude peak RSS (MiB) | block-wise recovery peak RSS "
+             "(MiB) | recovery peak / weights |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {layers} | {size / 2**20:.0f} | {prune_peak / 2**20:.0f} | {train_peak / 2**20:.0f} | "
+              f"{train_peak / size:.2f} |" for layers, size, prune_peak, train_peak in rows]
+    print("\n".join(lines))
+    if args.report:
+        import platform
+
+        from spp.io.conditions import describe_conditions, run_conditions
+
+        machine = f"{describe_conditions(run_conditions('cpu', 'float32'))}; {platform.machine()}"
+        Path(args.report).write_text("\n".join(["# Block-wise recovery: peak host memory against depth (issue 26)", "",
+                                                 __doc__.split("\n\n")[1].replace("\n", " "), "",
+                                                 f"machine: {machine}", "", *lines]) + "\n")
 
 
 if __name__ == "__main__":
