@@ -134,25 +134,8 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
         save_recovered_block(workdir, index, {own + k: v for k, v in adapter_state_dict(block).items()}, streams,
                              record)
         blocks[index] = nn.Module()  # its adapter is in the progress now: drop the block with the adapter's state
-        _return_freed_memory()
         fault_point("block_done", index)
     return Recovered(adapted=targets, records=records)
-
-
-def _return_freed_memory() -> None:
-    """Give the memory of the blocks just freed back to the system (glibc's `malloc_trim`; elsewhere nothing).
-
-    Why: glibc raises its mmap threshold as large tensors are freed, so later block-sized tensors come from the
-    heap, and the heap's free holes stay resident. Measured on a random LLaMA (hidden 1024), peak RSS then grew by
-    about one block's weights per block (docs/results/blockwise.md); with the holes returned it stays flat.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _output_layer(model: nn.Module) -> tuple[str, ...]:
