@@ -8,7 +8,7 @@ summed over the layers.
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/measure_alps_dsnot.py --model ../shared/data/stories260K-hf
     # SmolLM2-135M's layers (the timing in docs/pruning-methods.md):
     python scripts/measure_alps_dsnot.py --model ../shared/data/smollm2-135m \
-        --gguf ../shared/data/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf --blocks 0,15,28 --windows 8 --seqlen 512 \
+        --gguf SmolLM2-135M-Instruct.Q4_1.gguf --blocks 0,15,28 --windows 8 --seqlen 512 \
         --synthetic "" --iters 15,30,50,300
 """
 

@@ -280,6 +280,8 @@ def train(
 
         # with a teacher the training loss adds the distillation terms; validation is plain cross-entropy either way
         train = "train loss (cross-entropy + distillation)" if cfg.teacher else "train loss"
+        if cfg.objective == "blockwise":  # steps are summed over the blocks
+            train = "block-wise loss (mean over blocks of the last epoch)"
         val = f", validation cross-entropy {report.val_loss:.4f}" if report.val_loss is not None else ""
         Console().print(f"trained {report.steps} steps on {report.world_size} process(es): {train} "
                         f"{report.train_loss:.4f}{val}; {report.trainable_params:,} trainable parameters in "

@@ -295,6 +295,14 @@ class TrainConfig:
     kd_weight: float = 0.0  # KL(teacher ‖ student) of the logits at temperature kd_temperature, times T²
     kd_temperature: float = 1.0
     squarehead_weight: float = 0.0  # per-block ‖h_t − h_s‖² / ‖h_t‖² (Kurtic et al. 2023)
+    # end_to_end: the whole model on the training text (the loss above); blockwise: each decoder block in turn
+    # reproduces the teacher's block output on calibration windows (spp.train.blockwise; needs a teacher)
+    objective: Literal["end_to_end", "blockwise"] = "end_to_end"
+    block_loss: Literal["normalized", "mse"] = "normalized"
+    block_target_inputs: Literal["dense", "sparse"] = "sparse"
+    block_epochs: int = 4  # passes over the windows per block
+    calib: str = ""  # blockwise windows: c4, wikitext2 or a file ("": data_path)
+    nsamples: int = 128  # blockwise windows of cutoff_len tokens
     overwrite: bool = option(False, "Replace an existing output directory.")
     resume: bool = option(False, "Continue an interrupted run from its last checkpoint.")
 
@@ -305,7 +313,7 @@ class TrainConfig:
             raise SppError(f"val_set_size={self.val_set_size}: a fraction must be in [0, 1); use an integer for a count")
         _check_range("val_set_size", self.val_set_size, 0)
         for key in ("micro_batch_size", "batch_size", "num_epochs", "logging_steps", "eval_steps", "save_steps",
-                    "save_total_limit", "spp_row_groups", "rank", "lora_r"):
+                    "save_total_limit", "spp_row_groups", "rank", "lora_r", "block_epochs", "nsamples"):
             _check_range(key, getattr(self, key), 1)
         if self.max_steps is not None:
             _check_range("max_steps", self.max_steps, 1)
@@ -333,6 +341,8 @@ class TrainConfig:
             _check_range(key, getattr(self, key), 0.0)
         _check_range("kd_temperature", self.kd_temperature, 0.0, lo_open=True)
         distilling = self.kd_weight > 0 or self.squarehead_weight > 0
+        if self.objective == "blockwise":
+            return self._check_blockwise(distilling)
         if not distilling and self.ce_weight == 0:
             raise SppError("ce_weight, kd_weight and squarehead_weight are all 0: nothing to train on; set one > 0")
         if distilling and not self.teacher:
@@ -342,6 +352,24 @@ class TrainConfig:
         if self.teacher and not distilling:
             raise SppError(f"teacher {self.teacher} is set but kd_weight and squarehead_weight are both 0, so it "
                            "would not be used: set one of them > 0 or drop the teacher")
+
+    def _check_blockwise(self, distilling: bool) -> None:
+        if not self.teacher:
+            raise SppError("objective=blockwise needs a teacher: pass --teacher (the dense model that was pruned) or "
+                           "set teacher in the config")
+        if distilling:
+            raise SppError("kd_weight and squarehead_weight are terms of objective=end_to_end; objective=blockwise "
+                           "has its own loss (block_loss): set them to 0")
+        if self.distributed == "fsdp":
+            raise SppError("objective=blockwise runs on one device (one block at a time): drop distributed=fsdp")
+        if self.precision == "fp16":
+            raise SppError("precision=fp16 with objective=blockwise is not supported (no loss scaler): use bf16 or fp32")
+        if self.max_steps is not None:
+            raise SppError(f"max_steps={self.max_steps} counts end-to-end steps; objective=blockwise trains each "
+                           "block for block_epochs passes over nsamples windows: drop max_steps")
+        if self.nsamples < self.batch_size:
+            raise SppError(f"nsamples={self.nsamples} is fewer than one batch (batch_size={self.batch_size}): "
+                           "objective=blockwise needs at least one optimizer step per block epoch")
 
     def _resolve_learning_rate(self) -> float:
         """`learning_rate` as a number: as given, the chosen adapter's entry of a mapping, or the adapter's default."""

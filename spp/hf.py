@@ -76,6 +76,46 @@ def meta_load(model_class, config, state: dict) -> tuple[Any, dict]:
                            output_loading_info=True, ignore_mismatched_sizes=True)
 
 
+def meta_model(model_class, config, state: dict, dtype) -> Any:
+    """The model `from_pretrained(dtype=dtype)` builds from `state` (meta tensors, saved names), left on the meta
+    device: each parameter has the dtype a real load gives it (`spp.io.stream.skeleton`)."""
+    return from_pretrained(model_class, None, config=config, state_dict=state, device_map="meta", dtype=dtype)
+
+
+def init_non_persistent_buffers(model) -> None:
+    """Give every non-persistent buffer still on the meta device (rotary frequencies) its value on the CPU, the way
+    `from_pretrained` does: an empty tensor, then the model's own `_init_weights` on its module (internal:
+    `PreTrainedModel._init_weights`; it also "initialises" the module's meta parameters, which costs nothing)."""
+    import torch
+
+    for module in model.modules():
+        names = [n for n, b in module.named_buffers(recurse=False)
+                 if n in module._non_persistent_buffers_set and b is not None and b.is_meta]
+        if not names:
+            continue
+        for name in names:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+        try:
+            with torch.no_grad():
+                model._init_weights(module)
+        except AttributeError as exc:
+            raise moved("PreTrainedModel._init_weights", exc) from exc
+
+
+def load_generation_config(model, directory) -> None:
+    """Load the generation config of a model directory as `from_pretrained` does (`generation_config.json`, or the
+    one derived from `config.json`), for a model built without reading the directory. Internal:
+    `GenerationMixin.adjust_generation_fn`."""
+    if not model.can_generate():
+        return
+    try:
+        adjust = model.adjust_generation_fn
+    except AttributeError as exc:
+        raise moved("GenerationMixin.adjust_generation_fn", exc) from exc
+    adjust(None, True, False, str(directory), cache_dir=None, force_download=False, proxies=None,
+           local_files_only=True, token=None, revision="main", subfolder="", trust_remote_code=False)
+
+
 def weight_conversions(model) -> tuple[list, list]:
     """(renamings, converters) transformers applies when it loads saved tensors into `model`.
 

@@ -92,14 +92,15 @@ def _train_config(cfg: PipelineConfig, source: str, base: Path, output: Path) ->
     inline = dict(cfg.train)
     config_name = inline.pop("config", None)
     _check_section("train", inline)
-    inline = _absolute_paths(inline, ("data_path", "teacher"))
+    inline = _absolute_paths(inline, ("data_path", "teacher", "calib"))
     layers = []
     if config_name is not None:
         path, values = read_train_config(config_name)
         layers.append((str(path), values))
     values = {k: v for _, layer in layers for k, v in layer.items()} | inline
     weights = [values.get(k) for k in ("kd_weight", "squarehead_weight")]
-    if not values.get("teacher") and any(isinstance(w, (int, float)) and w > 0 for w in weights):
+    teaching = any(isinstance(w, (int, float)) and w > 0 for w in weights) or values.get("objective") == "blockwise"
+    if not values.get("teacher") and teaching:
         inline["teacher"] = _absolute_if_local(cfg.model)  # distillation on: the teacher is the model that was pruned
     layers += [(f"{source}: train", inline), ("spp run", {"base_model": str(base), "output_dir": str(output)})]
     train_cfg = merge_into(TrainConfig, layers)

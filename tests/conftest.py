@@ -248,3 +248,45 @@ def weight_out_in(module):
     from spp.models import is_conv1d
 
     return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def _tiny_llama(directory: Path, tokenizer, **overrides) -> Path:
+    """The same seeded tiny LLaMA as `pruned_tiny_dir`, dense (or with `overrides`), saved with `tokenizer`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spp.io.checkpoint import save_model
+
+    kwargs = dict(TINY_CONFIGS["llama"], vocab_size=512, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    save_model(model, tokenizer, directory)
+    return directory
+
+
+def _word_tokenizer(size: int):
+    """A word-level tokenizer of `size` tokens, with the stories tokenizer's special-token ids but other words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, size)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def teachers(tmp_path_factory, shared_data) -> dict[str, Path]:
+    """The dense model `pruned_tiny_dir` was pruned from, and teachers that cannot teach it (test_distill,
+    test_blockwise)."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("teachers")
+    stories = AutoTokenizer.from_pretrained(shared_data / "stories260K-hf")
+    other = _word_tokenizer(len(stories.get_vocab()))
+    return {"dense": _tiny_llama(root / "dense", stories),
+            "other tokenizer": _tiny_llama(root / "other-tokenizer", other),
+            "other vocab size": _tiny_llama(root / "other-vocab", stories, vocab_size=640),
+            "deeper": _tiny_llama(root / "deeper", stories, num_hidden_layers=3),
+            "wider": _tiny_llama(root / "wider", stories, hidden_size=48, intermediate_size=96)}

@@ -102,6 +102,45 @@ def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Ten
     return list(targets)
 
 
+class _OneBlock(nn.Module):
+    """A stand-in model holding one decoder block as `layers.0`, so `add_adapter` can adapt one block at a time."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList([block])
+
+
+def add_block_adapter(block: nn.Module, prefix: str, targets: list[str], cfg: AdapterConfig,
+                      masks: dict[str, torch.Tensor] | None) -> list[str]:
+    """`add_adapter` on one decoder block, at the weights `find_targets` chose on the whole model (names only, so
+    full-name patterns and layers left dense are decided once, as for the whole model). Adapting the blocks in
+    order draws the same random init, in the same order, as adapting the whole model.
+
+    Args:
+        block: the decoder block whose full-name prefix is `prefix` (`model.layers.3.`).
+        targets: the whole model's target names (`find_targets`); those under `prefix` are adapted.
+        masks: keep-masks by full parameter name (those of other blocks are ignored), or None.
+
+    Returns:
+        The block's adapted weights' full names (empty when none is under `prefix`).
+
+    Raises:
+        SppError: as `add_adapter`, naming the layer as the model does.
+    """
+    import dataclasses
+
+    names = [t[len(prefix):] for t in targets if t.startswith(prefix)]
+    if not names:
+        return []
+    block_cfg = dataclasses.replace(cfg, target_modules=names, adapt_unpruned=True)
+    block_masks = {f"layers.0.{k[len(prefix):]}": m for k, m in (masks or {}).items() if k.startswith(prefix)}
+    try:
+        add_adapter(_OneBlock(block), block_cfg, block_masks)
+    except SppError as exc:  # name the layer as the model does, not as the stand-in
+        raise SppError(str(exc).replace("layers.0.", prefix)) from None
+    return [prefix + name for name in names]
+
+
 def adapter_layers(model: nn.Module) -> dict[str, AdaptedWeight]:
     """Every adapted module of the model, by module name, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedWeight)}

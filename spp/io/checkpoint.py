@@ -541,6 +541,8 @@ SHARDED_STATE_DIR = "sharded"  # distributed: fsdp: each rank's shards of the ad
 # `spp prune` progress inside OUTPUT.partial/ (see spp.io.progress); removed before the output is renamed.
 PRUNE_PROGRESS_DIR = "prune-progress"
 PRUNE_PROGRESS_FILE = "progress.json"
+# `spp train` with `objective: blockwise`: its per-block progress inside OUTPUT.partial/, in the same format.
+BLOCKWISE_PROGRESS_DIR = "blockwise-progress"
 
 
 def as_os_error(exc: BaseException) -> OSError | None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from spp.errors import SppError
-from spp.io.checkpoint import PRUNE_PROGRESS_DIR, PRUNE_PROGRESS_FILE, read_json, save_tensors, write_json
+from spp.io.checkpoint import BLOCKWISE_PROGRESS_DIR, PRUNE_PROGRESS_DIR, PRUNE_PROGRESS_FILE, read_json, save_tensors, write_json
 from spp.io.conditions import check_same_conditions, check_same_inputs
 from spp.io.manifest import settings_sha256
 
@@ -55,8 +55,8 @@ class Restored:
     hidden: list[torch.Tensor] | None
 
 
-def progress_dir(partial: Path) -> Path:
-    return Path(partial) / PRUNE_PROGRESS_DIR
+def progress_dir(partial: Path, name: str = PRUNE_PROGRESS_DIR) -> Path:
+    return Path(partial) / name
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -79,9 +79,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise SppError(f"--resume: {path} is corrupt or truncated ({exc}); run without --resume to start over") from exc
 
 
-def start_progress(partial: Path, settings: dict, n_blocks: int, conditions: dict, inputs: dict) -> None:
-    """Record a fresh run's settings, run conditions and input files' sha256 (no block finished yet)."""
-    directory = progress_dir(partial)
+def start_progress(partial: Path, settings: dict, n_blocks: int, conditions: dict, inputs: dict,
+                   name: str = PRUNE_PROGRESS_DIR) -> None:
+    """Record a fresh run's settings, run conditions and input files' sha256 (no block finished yet) in
+    `partial/name/` (prune's progress, or block-wise recovery's)."""
+    directory = progress_dir(partial, name)
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / PRUNE_PROGRESS_FILE, {"settings": settings, "settings_sha256": settings_sha256(settings),
                                                  "conditions": conditions, "inputs": inputs, "n_blocks": n_blocks,
@@ -89,7 +91,8 @@ def start_progress(partial: Path, settings: dict, n_blocks: int, conditions: dic
                                                  "blocks": []})
 
 
-def check_resumable(partial: Path, settings: dict, conditions: dict, inputs: dict) -> int:
+def check_resumable(partial: Path, settings: dict, conditions: dict, inputs: dict, name: str = PRUNE_PROGRESS_DIR,
+                    stage: str = "prune") -> int:
     """The number of finished blocks of the interrupted run in `partial`, if it used the same settings, read the
     same input files (`inputs`: path -> sha256) and ran under the same conditions
     (`spp.io.conditions.run_conditions`), so the result stays bit-exact. With no progress recorded there it
@@ -99,12 +102,12 @@ def check_resumable(partial: Path, settings: dict, conditions: dict, inputs: dic
         SppError: a setting differs (names the first differing key), an input file changed
             (names it), or a run condition differs (names it and how to match it).
     """
-    path = progress_dir(partial) / PRUNE_PROGRESS_FILE
+    path = progress_dir(partial, name) / PRUNE_PROGRESS_FILE
     if not path.is_file():  # never started, or killed before it recorded progress: `spp run` and scripts always resume
-        print(f"note: --resume: nothing to resume in {partial} (no interrupted prune recorded progress there); "
+        print(f"note: --resume: nothing to resume in {partial} (no interrupted {stage} recorded progress there); "
               "starting from the beginning", file=sys.stderr)
         return 0
-    saved = read_json(path, what="prune progress")
+    saved = read_json(path, what=f"{stage} progress")
     if saved.get("settings_sha256") != settings_sha256(settings):
         old = saved.get("settings", {})
         changed = sorted((k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k)),
@@ -173,3 +176,56 @@ def restore_blocks(partial: Path, blocks: nn.ModuleList, blocks_done: int, calib
         chunks = _load_tensors(directory / f"hidden-{blocks_done}.safetensors")
         hidden = [chunks[f"chunk.{c}"].to(storage) for c in range(len(chunks))]
     return Restored(blocks_done=blocks_done, masks=masks, records=records, hidden=hidden)
+
+
+# --------------------------------------------------------------------------- block-wise recovery (spp.train.blockwise)
+
+
+def save_recovered_block(partial: Path, index: int, tensors: dict[str, torch.Tensor],
+                         hidden: dict[str, list[torch.Tensor]], record: dict) -> None:
+    """Persist recovered block `index` of `spp train` with `objective: blockwise`, then advance its progress.
+
+    Writes `adapter-i.safetensors` (the block's trained adapter tensors, keyed as in `adapter_model.safetensors`)
+    and `hidden-(i+1).safetensors` (block i+1's inputs: `<stream>.<chunk>` for each stream, the student's and, with
+    dense targets, the teacher's), then `progress.json` (`blocks_done` = i + 1, the block's `record`), then deletes
+    the spent `hidden-i`. As for prune, a kill between two writes leaves `progress.json` pointing at complete files.
+    """
+    directory = progress_dir(partial, BLOCKWISE_PROGRESS_DIR)
+    _save_tensors(directory / f"adapter-{index}.safetensors", tensors)
+    if hidden:
+        _save_tensors(directory / f"hidden-{index + 1}.safetensors",
+                      {f"{stream}.{c}": h for stream, chunks in hidden.items() for c, h in enumerate(chunks)})
+    path = directory / PRUNE_PROGRESS_FILE
+    progress = read_json(path, what="train progress")
+    progress["blocks"] = progress["blocks"][:index] + [record]
+    progress["blocks_done"] = index + 1
+    write_json(path, progress)
+    (directory / f"hidden-{index}.safetensors").unlink(missing_ok=True)
+
+
+def recovered_adapter(partial: Path, index: int) -> dict[str, torch.Tensor]:
+    """Recovered block `index`'s adapter tensors, as `save_recovered_block` wrote them.
+
+    Raises:
+        SppError: the file is missing or corrupt (names it).
+    """
+    return _load_tensors(recovered_adapter_path(partial, index))
+
+
+def recovered_adapter_path(partial: Path, index: int) -> Path:
+    return progress_dir(partial, BLOCKWISE_PROGRESS_DIR) / f"adapter-{index}.safetensors"
+
+
+def recovered_inputs(partial: Path, blocks_done: int, storage: torch.device) -> tuple[dict[str, list[torch.Tensor]], list]:
+    """Block `blocks_done`'s inputs by stream (one tensor per chunk of windows) and the finished blocks' records.
+
+    Raises:
+        SppError: the file is missing or corrupt (names it).
+    """
+    directory = progress_dir(partial, BLOCKWISE_PROGRESS_DIR)
+    records = read_json(directory / PRUNE_PROGRESS_FILE, what="train progress")["blocks"][:blocks_done]
+    flat = _load_tensors(directory / f"hidden-{blocks_done}.safetensors")
+    streams: dict[str, list[torch.Tensor]] = {}
+    for key in sorted(flat, key=lambda k: (k.rpartition(".")[0], int(k.rpartition(".")[2]))):
+        streams.setdefault(key.rpartition(".")[0], []).append(flat[key].to(storage))
+    return streams, records

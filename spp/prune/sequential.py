@@ -132,15 +132,18 @@ def run_block(
     """Run block `index` on every chunk of `inputs.hidden`; returns its outputs (on `inputs.storage`), or
     an empty list when `keep_outputs` is False (a pass run only for its hooks)."""
     outputs = []
-    for hidden, (args, kwargs) in zip(inputs.hidden, inputs.calls[index]):
-        args, kwargs = to_device((args, kwargs), device)
-        hidden = hidden.to(device)
-        out = block(hidden_states=hidden, **kwargs) if inputs.hidden_as_kwarg else block(hidden, *args, **kwargs)
-        if isinstance(out, tuple):  # transformers < 5 returned (hidden, ...)
-            out = out[0]
+    for hidden, call in zip(inputs.hidden, inputs.calls[index]):
+        out = call_block(block, hidden.to(device), to_device(call, device), inputs.hidden_as_kwarg)
         if keep_outputs:
             outputs.append(out.to(inputs.storage))
     return outputs
+
+
+def call_block(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict], hidden_as_kwarg: bool) -> torch.Tensor:
+    """Block output (batch, seq, hidden) for `hidden` and one recorded call's (args, kwargs), on their device."""
+    args, kwargs = call
+    out = block(hidden_states=hidden, **kwargs) if hidden_as_kwarg else block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out  # transformers < 5 returned (hidden, ...)
 
 
 @contextlib.contextmanager

@@ -8,13 +8,17 @@ the same base, mask, data and teacher, `spp.io.conditions`), check the pruned-en
 invariant on the effective weights, and write the adapter, the manifest and the log.
 The loop itself (steps, checkpoints) is `spp.train.loop`, the checkpoint's resume state `spp.io.trainer_state`;
 how the model is loaded and spread over processes (accelerate's DDP, or FSDP2 shards with
-`distributed: fsdp`) is the strategy's (`spp.train.strategy`).
+`distributed: fsdp`) is the strategy's (`spp.train.strategy`). With `objective: blockwise`, `run_blockwise` takes
+the same inputs and writes the same output, training one decoder block at a time against the teacher's
+(`spp.train.blockwise`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -70,6 +74,8 @@ def run_train(cfg: TrainConfig) -> TrainReport:
 
     start = time.time()
     checkpoint, output = check_inputs(cfg)
+    if cfg.objective == "blockwise":
+        return run_blockwise(cfg, checkpoint, output, start)
     if cfg.resume and not checkpoint_dirs(partial_path(output)):  # nothing to resume (check_inputs said so)
         from dataclasses import replace
 
@@ -145,6 +151,66 @@ def run_train(cfg: TrainConfig) -> TrainReport:
         strategy.close()
 
 
+def run_blockwise(cfg: TrainConfig, checkpoint, output: Path, start: float) -> TrainReport:
+    """`run_train` for `objective: blockwise` (`spp.train.blockwise`): the same checks, output directory, adapter
+    files and manifest as end to end, one process and one device; --resume continues at the first unfinished block.
+
+    Raises:
+        SppError: as `run_train`, or several processes.
+    """
+    from spp.io.checkpoint import BLOCKWISE_PROGRESS_DIR
+    from spp.io.progress import check_resumable as check_block_progress, progress_dir, start_progress
+    from spp.models import load_tokenizer, resolve_device
+    from spp.train.blockwise import blockwise_windows, recover_blocks, write_recovered_adapter
+    from spp.train.distill import check_teacher
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SppError("objective=blockwise trains one block at a time in one process: launch it without "
+                       "torchrun/accelerate launch")
+    teacher_dir = check_teacher(cfg, checkpoint)
+    source = cfg.calib or cfg.data_path
+    windows = blockwise_windows(load_tokenizer(str(checkpoint.directory)), source, cfg.nsamples, cfg.cutoff_len,
+                                cfg.seed)
+    data_hashes = data_identity(source)
+    inputs = input_identity(checkpoint, data_hashes, teacher_dir)
+    device = resolve_device("auto")
+    dtype = PRECISIONS[cfg.precision][1]
+    conditions = run_conditions(device, dtype, 1)
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
+    partial = partial_path(output)
+    blocks_done = check_block_progress(partial, settings, conditions, inputs, BLOCKWISE_PROGRESS_DIR,
+                                       "block-wise train") if cfg.resume else 0
+    n_blocks = checkpoint.config.get_text_config().num_hidden_layers
+    adapter_cfg = cfg.adapter_config(base_model=str(checkpoint.directory.resolve()), mask_sha256=checkpoint.mask_sha256)
+    try:
+        with atomic_dir(output, overwrite=cfg.overwrite, resume=True, keep_partial=blocks_done > 0) as workdir:
+            if not blocks_done:
+                start_progress(workdir, settings, n_blocks, conditions, inputs, BLOCKWISE_PROGRESS_DIR)
+                write_yaml(workdir / RESOLVED_CONFIG_FILE, cfg)
+            masks = checkpoint.masks_by_parameter()
+            recovered = recover_blocks(cfg, checkpoint, teacher_dir, windows, adapter_cfg, device, dtype, workdir,
+                                       blocks_done, lambda block, prefix: check_pruned_zeros(block, masks, prefix))
+            trainable = write_recovered_adapter(workdir, adapter_cfg, n_blocks)
+            (workdir / TRAIN_LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in recovered.records))
+            shutil.rmtree(progress_dir(workdir, BLOCKWISE_PROGRESS_DIR))
+            finals = [r["epoch_losses"][-1] for r in recovered.records if "epoch_losses" in r]
+            report = TrainReport(output=output, steps=sum(r.get("steps", 0) for r in recovered.records),
+                                 train_loss=sum(finals) / len(finals) if finals else None, val_loss=None,
+                                 trainable_params=trainable,
+                                 adapted_modules=len(recovered.adapted), train_examples=cfg.nsamples, val_examples=0,
+                                 world_size=1, resumed_from=blocks_done,
+                                 tokens_seen=sum(r.get("steps", 0) for r in recovered.records) * cfg.batch_size * cfg.cutoff_len,
+                                 wall_time_s=time.time() - start)
+            write_train_manifest(workdir, cfg, checkpoint.directory, checkpoint.mask_sha256, report, conditions,
+                                 data_hashes)
+        return report
+    except KeyboardInterrupt:
+        from spp.errors import SppInterrupted
+
+        raise SppInterrupted(f"interrupted; the recovered blocks are kept in {partial}: run the same command with "
+                             "--resume to continue") from None
+
+
 # --------------------------------------------------------------------------- steps of run_train
 
 
@@ -159,14 +225,20 @@ def check_inputs(cfg: TrainConfig):
     from spp.io.reader import read_checkpoint
 
     for key, flag in (("base_model", "--model"), ("data_path", "--data"), ("output_dir", "--output")):
-        if not getattr(cfg, key):
+        if not getattr(cfg, key) and not (key == "data_path" and cfg.objective == "blockwise" and cfg.calib):
             raise SppError(f"no {key} given: pass {flag} or set {key} in the config")
     if cfg.cpu_offload and not torch.cuda.is_available():  # FSDP2 pins the offloaded shards for copies to a GPU
         raise SppError("cpu_offload=true moves FSDP shards between CPU memory and a GPU, and this machine has no CUDA "
                        "device (on a CPU the shards already live in CPU memory): drop cpu_offload")
-    check_data_source(cfg.data_path)  # offline, a hub dataset fails here in a second, before any model is read
+    if cfg.objective == "blockwise":
+        from spp.data import check_calib_source
+
+        check_calib_source(cfg.calib or cfg.data_path)
+    else:
+        check_data_source(cfg.data_path)  # offline, a hub dataset fails here in a second, before any model is read
     base, output = Path(cfg.base_model).expanduser(), Path(cfg.output_dir).expanduser()
-    check_not_an_input(output, [("--model", base), ("--data", cfg.data_path), ("--teacher", cfg.teacher)])
+    check_not_an_input(output, [("--model", base), ("--data", cfg.data_path), ("--teacher", cfg.teacher),
+                                ("calib", cfg.calib or None)])
     if not base.is_dir():
         raise SppError(f"--model {base} does not exist")
     if not (base / "config.json").is_file():
@@ -176,9 +248,9 @@ def check_inputs(cfg: TrainConfig):
     checkpoint = read_checkpoint(base, need_manifest=True)  # names, shapes, whole shards, mask = manifest's
     check_output_dir(output, cfg.overwrite)
     partial = partial_path(output)
-    if cfg.resume:
+    if cfg.resume and cfg.objective == "end_to_end":  # block-wise progress is checked by `run_blockwise`
         check_resumable(cfg, partial)
-    elif partial.exists() and not cfg.overwrite:
+    elif not cfg.resume and partial.exists() and not cfg.overwrite:
         raise SppError(f"{partial} holds an interrupted run: pass --resume to continue it, or --overwrite to start over")
     return checkpoint, output
 
@@ -353,10 +425,11 @@ def output_workdir(accelerator, output: Path, cfg: TrainConfig):
         yield Path(workdir)
 
 
-def check_pruned_zeros(model, masks: dict[str, torch.Tensor]) -> None:
+def check_pruned_zeros(model, masks: dict[str, torch.Tensor], prefix: str = "") -> None:
     """The invariant after training: where the mask says pruned, the base weight and the effective
     weight of every adapted weight (of any kind and shape, via `spp.adapter.weight.AdaptedWeight`) are
-    bitwise +0.0 (a NaN/inf in a trained tensor would break it).
+    bitwise +0.0 (a NaN/inf in a trained tensor would break it). `model` may be one decoder block, whose
+    full-name `prefix` (`model.layers.3.`) names its weights as `masks` keys them.
 
     Raises:
         RuntimeError: a violation, which can only be a bug in spp.
@@ -364,7 +437,7 @@ def check_pruned_zeros(model, masks: dict[str, torch.Tensor]) -> None:
     from spp.adapter.model import adapter_layers
 
     for name, layer in adapter_layers(model).items():
-        for target, W, tensors in layer.weights(name):  # as `check_layer_zeros` takes them (also from `spp.train.fsdp`)
+        for target, W, tensors in layer.weights(prefix + name):  # as `check_layer_zeros` takes them (also from `spp.train.fsdp`)
             check_layer_zeros(target, layer, W, masks, tensors)
 
 

@@ -27,7 +27,7 @@ def check_teacher(cfg, checkpoint) -> Path:
 
     `checkpoint` is the student's (`spp.io.reader.Checkpoint`). Checks: the path exists and holds a model; it
     is not the student itself; the tokenizers agree (the same token → id map and the same special-token ids);
-    with SquareHead on, the same number of decoder blocks and hidden size; with KD on, the same vocabulary
+    with SquareHead on or `objective: blockwise`, the same number of decoder blocks and hidden size; with KD on, the same vocabulary
     size (the logits are compared entry by entry).
 
     Returns:
@@ -55,14 +55,15 @@ def check_teacher(cfg, checkpoint) -> Path:
     # read as transformers reads it: a teacher with missing or mismatched weights is refused, not re-initialised
     teacher_cfg = _text_config(read_checkpoint(teacher).config)
     shapes = []
-    if cfg.squarehead_weight > 0:
-        shapes += [("decoder blocks", "num_hidden_layers", "squarehead_weight"), ("hidden size", "hidden_size", "squarehead_weight")]
+    blocks = "objective=blockwise" if cfg.objective == "blockwise" else "squarehead_weight > 0"
+    if cfg.squarehead_weight > 0 or cfg.objective == "blockwise":
+        shapes += [("decoder blocks", "num_hidden_layers", blocks), ("hidden size", "hidden_size", blocks)]
     if cfg.kd_weight > 0:
-        shapes += [("vocabulary size", "vocab_size", "kd_weight")]
+        shapes += [("vocabulary size", "vocab_size", "kd_weight > 0")]
     for what, key, needs in shapes:
         s, t = getattr(student_cfg, key, None), getattr(teacher_cfg, key, None)
         if s != t:
-            raise SppError(f"teacher {teacher} has {what} {t} but the student has {s}; {needs} > 0 needs them equal")
+            raise SppError(f"teacher {teacher} has {what} {t} but the student has {s}; {needs} needs them equal")
     difference = tokenizer_difference(load_tokenizer(str(base)), load_tokenizer(str(teacher)))
     if difference:
         raise SppError(f"teacher {teacher}'s tokenizer differs from the student's ({difference}); distillation "

@@ -27,7 +27,6 @@ file names: `spp.io.checkpoint` names the files.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from pathlib import Path
 from typing import Iterator
@@ -137,14 +136,6 @@ def _outer_units(model: nn.Module) -> list[nn.Module]:
     return [m for m in (embeddings, output) if m is not None and any(True for _ in m.parameters())]
 
 
-class _OneBlock(nn.Module):
-    """A stand-in model holding one decoder block as `layers.0`, so `add_adapter` can adapt one block at a time."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.layers = nn.ModuleList([block])
-
-
 def _materialise(module: nn.Module, prefix: str, checkpoint) -> None:
     """Replace every meta parameter under `module` by its saved tensor (read from its shard, in the meta
     parameter's dtype), through the checkpoint's saved-name correspondence (`spp.io.reader`): a fused expert
@@ -203,7 +194,7 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
-    from spp.adapter.model import add_adapter, find_targets
+    from spp.adapter.model import add_block_adapter, find_targets
     from spp.models import enable_checkpointing, find_decoder_blocks
 
     with init_empty_weights(include_buffers=False):
@@ -219,15 +210,7 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     prefix, blocks = find_decoder_blocks(model)
     for i, block in enumerate(blocks):
         _materialise(block, f"{prefix}.{i}", checkpoint)
-        own = f"{prefix}.{i}."
-        names = [t[len(own):] for t in targets if t.startswith(own)]
-        if names:  # `add_adapter` adapts in model order, so block by block draws the same init as the whole model
-            block_cfg = dataclasses.replace(adapter_cfg, target_modules=names, adapt_unpruned=True)
-            block_masks = {f"layers.0.{k[len(own):]}": m for k, m in (masks or {}).items() if k.startswith(own)}
-            try:
-                add_adapter(_OneBlock(block), block_cfg, block_masks)
-            except SppError as exc:  # name the layer as the model does, not as the stand-in
-                raise SppError(str(exc).replace("layers.0.", own)) from None
+        add_block_adapter(block, f"{prefix}.{i}.", targets, adapter_cfg, masks)
         masks_as_parameters(block)
         fully_shard(block, **policy)
     embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()

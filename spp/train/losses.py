@@ -99,9 +99,26 @@ def squarehead_sum(student_hiddens: Sequence[torch.Tensor], teacher_hiddens: Seq
     keep = target_mask(labels)
     total = None
     for hs, ht in zip(student_hiddens, teacher_hiddens):
-        s = hs[:, :-1][keep].float()  # (N, H)
-        t = ht[:, :-1][keep].float()
-        norm = t.square().sum(-1)
-        ratio = (t - s).square().sum(-1) / torch.where(norm > 0, norm, torch.ones_like(norm))
-        total = ratio.sum() if total is None else total + ratio.sum()
+        ratio = feature_error_sum(hs[:, :-1][keep], ht[:, :-1][keep])  # over (N, H) rows
+        total = ratio if total is None else total + ratio
     return total / len(student_hiddens)
+
+
+def feature_error_sum(student: torch.Tensor, teacher: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+    """Σ_n e_n over the rows n of (..., H) features, in float32; the per-token term of SquareHead and of block-wise
+    recovery (`spp.train.blockwise`).
+
+    normalized: e_n = ‖t_n − s_n‖² / ‖t_n‖² (SquareHead's per-token form; a teacher row of norm 0 counts as
+    norm 1). Otherwise e_n = ‖t_n − s_n‖² / H, so Σ_n e_n / N is the plain mean squared error over all N·H
+    entries (EBFT's block reconstruction loss, Guo et al. 2024).
+
+    Returns:
+        A float32 scalar, differentiable w.r.t. `student`.
+    """
+    s = student.float()
+    t = teacher.float()
+    squared = (t - s).square().sum(-1)
+    if not normalized:
+        return squared.sum() / t.shape[-1]
+    norm = t.square().sum(-1)
+    return (squared / torch.where(norm > 0, norm, torch.ones_like(norm))).sum()

@@ -1,0 +1,131 @@
+"""Hold one part of a model in memory at a time: a skeleton on the meta device, filled from the shards on demand.
+
+This is the shared block loader of streaming stages (`spp prune`, block-wise recovery). `skeleton(checkpoint, dtype)`
+builds the whole model on the meta device (no memory) as `from_pretrained(dtype=...)` would build it: every
+parameter's dtype, the generation config, and the non-persistent buffers (rotary frequencies) computed by
+transformers' own initialisation, on the CPU. `load(model, checkpoint, prefix, device)` then reads the parameters
+and persistent buffers under `prefix` (one decoder block, `model.layers.3`; or everything but the blocks) from the
+safetensors shards, by the saved-name correspondence `spp.io.reader.Checkpoint` resolved as transformers does, a
+fused mixture-of-experts weight put together from its saved per-expert pieces (`Checkpoint.join`), each cast as
+`from_pretrained` casts it; `release(module)` puts them back on the meta device. Values are bitwise those of
+`spp.models.load_model`. Nothing here knows about blocks or methods: callers pass the prefixes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from spp.errors import SppError
+from spp.io.finite import check_finite
+from spp.io.reader import _DTYPES, Checkpoint
+
+
+def skeleton(checkpoint: Checkpoint, dtype: torch.dtype | str = "auto") -> nn.Module:
+    """The model of `checkpoint` on the meta device, in eval mode, as `from_pretrained(dtype=dtype)` builds it.
+
+    Parameters and persistent buffers are meta tensors of the dtype the real load would give them; non-persistent
+    buffers hold their real values on the CPU. Tied parameters are tied (one `nn.Parameter`).
+
+    Raises:
+        SppError: transformers cannot build the model.
+    """
+    from spp import hf
+
+    model_class = hf.causal_lm_class(checkpoint.config)
+    state = {name: torch.empty(t.shape, dtype=_DTYPES.get(t.dtype, torch.float32), device="meta")
+             for name, t in checkpoint.tensors.items()}
+    try:
+        model = hf.meta_model(model_class, checkpoint.config, state, dtype)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise hf.transformers_failed(exc, f"building the model of {checkpoint.directory}") from exc
+    hf.init_non_persistent_buffers(model)
+    hf.load_generation_config(model, checkpoint.directory)
+    model.config.name_or_path = str(checkpoint.directory)  # as from_pretrained records it (config.json keeps it)
+    model.tie_weights()
+    return model.eval()
+
+
+def load(model: nn.Module, checkpoint: Checkpoint, prefix: str, device: torch.device | str = "cpu",
+         skip: tuple[str, ...] = ()) -> None:
+    """Fill every meta parameter and persistent buffer of `model` whose name starts with `prefix` from the shards.
+
+    Args:
+        model: from `skeleton` (names as transformers resolves them).
+        checkpoint: the same checkpoint.
+        prefix: the module to fill (`model.layers.3.`: one decoder block); "" for the whole model.
+        device: where the tensors go.
+        skip: name prefixes left on meta (`("model.layers.",)`: everything but the decoder blocks).
+
+    Raises:
+        SppError: a tensor holds a NaN or ±inf (named as the model names it, `spp.io.finite`), or a parameter has
+            no saved tensor spp can read (a weight converter spp cannot invert).
+    """
+    from safetensors import safe_open
+
+    owners = defaultdict(list)  # id of a meta tensor -> (module, attribute) of every name sharing it
+    wanted = {}  # state name -> its meta tensor; a tied parameter once, under its first name
+    for name, owner, attr, tensor in _state(model):
+        if not name.startswith(prefix) or name.startswith(skip) or not tensor.is_meta:
+            continue
+        if id(tensor) not in owners:
+            wanted[name] = tensor
+        owners[id(tensor)].append((owner, attr))
+    by_shard = defaultdict(list)  # shard -> saved names to read
+    for name in wanted:
+        for saved in _saved_names(checkpoint, name):
+            by_shard[checkpoint.tensors[saved].shard].append(saved)
+    read = {}
+    for shard, names in by_shard.items():
+        with safe_open(str(shard), "pt", device="cpu") as f:
+            read.update((saved, f.get_tensor(saved)) for saved in names)
+    for name, meta in wanted.items():
+        value = checkpoint.join(name, read)
+        for saved in _saved_names(checkpoint, name):
+            del read[saved]
+        if value.is_floating_point() and meta.is_floating_point():
+            value = value.to(meta.dtype)  # as from_pretrained casts each tensor it loads
+        check_finite(value, name, f"model {checkpoint.directory}")
+        value = value.to(device)
+        if isinstance(meta, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=meta.requires_grad)
+        for owner, attr in owners[id(meta)]:  # every name of a tied parameter gets the same one
+            if isinstance(meta, nn.Parameter):
+                setattr(owner, attr, value)
+            else:
+                owner._buffers[attr] = value
+
+
+def release(module: nn.Module) -> None:
+    """Put `module`'s parameters and persistent buffers back on the meta device, so their memory is freed (once
+    nothing else holds them); non-persistent buffers stay."""
+    for owner in module.modules():
+        for name, param in owner.named_parameters(recurse=False):
+            if not param.is_meta:
+                setattr(owner, name, nn.Parameter(torch.empty_like(param, device="meta"),
+                                                  requires_grad=param.requires_grad))
+        for name, buffer in owner.named_buffers(recurse=False):
+            if name not in owner._non_persistent_buffers_set and buffer is not None and not buffer.is_meta:
+                owner._buffers[name] = torch.empty_like(buffer, device="meta")
+
+
+def _state(model: nn.Module):
+    """(name, owning module, attribute, tensor) of every parameter and persistent buffer, tied ones under each
+    name."""
+    for module_name, owner in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for attr, param in owner.named_parameters(recurse=False):
+            yield prefix + attr, owner, attr, param
+        for attr, buffer in owner.named_buffers(recurse=False):
+            if buffer is not None and attr not in owner._non_persistent_buffers_set:
+                yield prefix + attr, owner, attr, buffer
+
+
+def _saved_names(checkpoint: Checkpoint, name: str) -> list[str]:
+    """The saved tensors a parameter or persistent buffer is read from; refuses one spp cannot read."""
+    if name in checkpoint.saved_names or name in checkpoint.pieces:
+        return checkpoint.saved_tensors_of(name)
+    raise SppError(f"{checkpoint.directory}: spp cannot read {name} tensor by tensor (transformers builds it with a "
+                   "weight conversion spp does not invert), so it cannot stream this model")

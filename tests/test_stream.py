@@ -1,0 +1,69 @@
+"""spp.io.stream: a meta skeleton filled part by part from the shards equals transformers' own load, bit for bit."""
+
+import pytest
+import torch
+
+from conftest import make_moe_model, make_tiny_model
+from spp.errors import SppError
+from spp.io import stream
+from spp.io.reader import read_checkpoint
+from spp.models import find_decoder_blocks, load_model
+
+
+def _saved(model, directory):
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", "auto"), ("gpt2", "auto"), ("mixtral", "auto"),
+                                        ("qwen2_moe", "auto"), ("llama", "bfloat16")])
+def test_skeleton_filled_block_by_block_equals_load_model(tmp_path, arch, dtype):
+    model = make_moe_model(arch) if arch in ("mixtral", "qwen2_moe") else make_tiny_model(arch)
+    directory = _saved(model, tmp_path / arch)
+    full = load_model(str(directory), dtype)
+    checkpoint = read_checkpoint(directory)
+    skeleton = stream.skeleton(checkpoint, full.dtype if dtype != "auto" else "auto")
+    assert all(p.is_meta for p in skeleton.parameters())
+    prefix, blocks = find_decoder_blocks(skeleton)
+    stream.load(skeleton, checkpoint, "", skip=(f"{prefix}.",))  # embeddings, final norm, head
+    assert all(p.is_meta for p in blocks.parameters())
+    for i in range(len(blocks)):
+        stream.load(skeleton, checkpoint, f"{prefix}.{i}.")
+    expected, got = full.state_dict(), skeleton.state_dict()
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    buffers = dict(skeleton.named_buffers())
+    for name, buffer in full.named_buffers():  # the non-persistent ones (rotary frequencies) too
+        assert buffers[name].dtype == buffer.dtype and torch.equal(buffers[name], buffer), name
+    assert skeleton.config.to_dict() == full.config.to_dict()
+    assert skeleton.generation_config.to_dict() == full.generation_config.to_dict()
+    tied = [n for n in ("lm_head.weight",) if full.config.tie_word_embeddings]
+    for name in tied:
+        assert skeleton.get_parameter(name) is skeleton.get_input_embeddings().weight
+
+
+def test_release_puts_a_block_back_on_meta_and_load_restores_it(tmp_path):
+    directory = _saved(make_tiny_model("llama"), tmp_path / "m")
+    checkpoint = read_checkpoint(directory)
+    model = stream.skeleton(checkpoint)
+    stream.load(model, checkpoint, "model.layers.1.")
+    block = model.model.layers[1]
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    stream.release(block)
+    assert all(p.is_meta for p in block.parameters())
+    assert all(p.is_meta for p in model.model.layers[0].parameters())  # never loaded
+    stream.load(model, checkpoint, "model.layers.1.")
+    assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())
+
+
+def test_load_refuses_a_non_finite_weight_naming_the_parameter(tmp_path):
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[2, 3] = float("nan")
+    directory = _saved(model, tmp_path / "m")
+    checkpoint = read_checkpoint(directory)
+    skeleton = stream.skeleton(checkpoint)
+    stream.load(skeleton, checkpoint, "model.layers.0.")
+    with pytest.raises(SppError, match=r"model\.layers\.1\.mlp\.down_proj\.weight .* first at \(2, 3\)"):
+        stream.load(skeleton, checkpoint, "model.layers.1.")
