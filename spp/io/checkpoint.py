@@ -478,7 +478,7 @@ def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> Non
 
 
 SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "uint8": "U8",
-                      "int64": "I64", "bool": "BOOL"}
+                      "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "bool": "BOOL"}
 
 
 def save_tensors_streamed(specs: dict, chunks, path: Path, metadata: dict | None = None) -> None:

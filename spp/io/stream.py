@@ -13,7 +13,10 @@ fused mixture-of-experts weight put together from its saved per-expert pieces (`
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -109,6 +112,68 @@ def release(module: nn.Module) -> None:
         for name, buffer in owner.named_buffers(recurse=False):
             if name not in owner._non_persistent_buffers_set and buffer is not None and not buffer.is_meta:
                 owner._buffers[name] = torch.empty_like(buffer, device="meta")
+
+
+def save_streamed(model: nn.Module, directory: Path, max_shard_size: str,
+                  read_part: Callable[[str], dict[str, torch.Tensor]], parts: list[str]) -> None:
+    """Write the weights, index and configs `model.save_pretrained(directory, max_shard_size)` would write, byte for
+    byte, holding one part of the model at a time.
+
+    The plan (which tensor goes to which shard, under which saved name) is `save_pretrained`'s own, made on the
+    meta skeleton: the saved state (`spp.hf.state_to_save`: tied weights once, fused expert weights split back) cut
+    into shards by `huggingface_hub`'s splitter, with meta tensors counted as their real storage would be (a split
+    expert weight's pieces share one storage, so they stay together). Each shard is then written tensor by tensor
+    in safetensors' own order (`save_tensors_streamed`), each tensor taken from its part, read on demand.
+
+    Args:
+        model: the skeleton (`skeleton`), every parameter and persistent buffer on the meta device.
+        directory: where to write (existing).
+        max_shard_size: as `save_pretrained`'s (`"2GB"`).
+        read_part: part prefix -> that part's real tensors by state name (`model.layers.3.mlp.down_proj.weight`).
+        parts: the part prefixes (`model.layers.0.`, ...); "" stands for every tensor outside the others.
+    """
+    from huggingface_hub.serialization import split_state_dict_into_shards_factory
+
+    from spp import hf
+    from spp.io.checkpoint import save_tensors_streamed
+
+    state = {name: t if t.is_meta else t.to("meta") for name, t in model.state_dict().items()}
+    plan = hf.state_to_save(model, state)
+    split = split_state_dict_into_shards_factory(
+        plan, get_storage_size=lambda t: t.untyped_storage().nbytes(), filename_pattern="model{suffix}.safetensors",
+        get_storage_id=lambda t: id(t.untyped_storage()), max_shard_size=max_shard_size)  # views of one storage: one
+    ordered = sorted(parts, key=len, reverse=True)
+    part_of = {name: next(p for p in ordered + [""] if name.startswith(p)) for name in plan}
+    held: dict = {"part": None, "tensors": {}}
+
+    def tensors(names):
+        for name in names:
+            if part_of[name] != held["part"]:
+                held["tensors"] = {}  # the previous part is freed before the next is read
+                held["tensors"] = hf.state_to_save(model, read_part(part_of[name]))
+                held["part"] = part_of[name]
+            yield {name: held["tensors"][name]}
+
+    for filename, names in split.filename_to_tensors.items():
+        names = _safetensors_order({name: plan[name].dtype for name in names})
+        specs = {name: (plan[name].dtype, tuple(plan[name].shape)) for name in names}
+        save_tensors_streamed(specs, tensors(names), Path(directory) / filename, metadata={"format": "pt"})
+    held.clear()
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        with open(Path(directory) / "model.safetensors.index.json", "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    hf.save_configs(model, directory)
+
+
+def _safetensors_order(dtypes: dict[str, torch.dtype]) -> list[str]:
+    """The order safetensors lays tensors out in a file, asked of safetensors itself on empty stand-ins."""
+    from safetensors.torch import save
+
+    blob = save({name: torch.empty(0, dtype=dtype) for name, dtype in dtypes.items()})
+    size = int.from_bytes(blob[:8], "little")
+    return [name for name in json.loads(blob[8:8 + size]) if name != "__metadata__"]
 
 
 def _state(model: nn.Module):
