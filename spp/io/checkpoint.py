@@ -401,13 +401,20 @@ def save_model(model, tokenizer, directory: Path, max_shard_size: str = "2GB") -
     """
     directory = Path(directory)
     model.save_pretrained(str(directory), max_shard_size=max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-        drop_tokenizer_load_options(directory)
-        for source in tokenizer_source_files(tokenizer):
-            if not (directory / source.name).exists():
-                shutil.copyfile(source, directory / source.name)
+    save_tokenizer(tokenizer, directory)
     follow_umask(*(p for p in directory.iterdir() if p.is_file()))
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """`save_model`'s tokenizer files (nothing for None): `save_pretrained`'s, the source directory's other tokenizer
+    files copied as they are, and `tokenizer_config.json` without loading options."""
+    if tokenizer is None:
+        return
+    tokenizer.save_pretrained(str(directory))
+    drop_tokenizer_load_options(directory)
+    for source in tokenizer_source_files(tokenizer):
+        if not (directory / source.name).exists():
+            shutil.copyfile(source, directory / source.name)
 
 
 def tokenizer_source_files(tokenizer) -> list[Path]:

@@ -70,12 +70,14 @@ def load(model: nn.Module, checkpoint: Checkpoint, prefix: str, device: torch.de
 
     owners = defaultdict(list)  # id of a meta tensor -> (module, attribute) of every name sharing it
     wanted = {}  # state name -> its meta tensor; a tied parameter once, under its first name
+    chosen = set()  # ids of the tensors in `wanted`
     for name, owner, attr, tensor in _state(model):
-        if not name.startswith(prefix) or name.startswith(skip) or not tensor.is_meta:
+        if not tensor.is_meta:
             continue
-        if id(tensor) not in owners:
+        owners[id(tensor)].append((owner, attr))  # under every name, chosen or not
+        if name.startswith(prefix) and not name.startswith(skip) and id(tensor) not in chosen:
             wanted[name] = tensor
-        owners[id(tensor)].append((owner, attr))
+            chosen.add(id(tensor))
     by_shard = defaultdict(list)  # shard -> saved names to read
     for name in wanted:
         for saved in _saved_names(checkpoint, name):
@@ -104,11 +106,14 @@ def load(model: nn.Module, checkpoint: Checkpoint, prefix: str, device: torch.de
 def release(module: nn.Module) -> None:
     """Put `module`'s parameters and persistent buffers back on the meta device, so their memory is freed (once
     nothing else holds them); non-persistent buffers stay."""
-    for owner in module.modules():
+    released = {}  # id of a released parameter -> its meta stand-in, so tied parameters stay tied
+    for owner in module.modules(remove_duplicate=False):
         for name, param in owner.named_parameters(recurse=False):
             if not param.is_meta:
-                setattr(owner, name, nn.Parameter(torch.empty_like(param, device="meta"),
-                                                  requires_grad=param.requires_grad))
+                if id(param) not in released:
+                    released[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                                       requires_grad=param.requires_grad)
+                setattr(owner, name, released[id(param)])
         for name, buffer in owner.named_buffers(recurse=False):
             if name not in owner._non_persistent_buffers_set and buffer is not None and not buffer.is_meta:
                 owner._buffers[name] = torch.empty_like(buffer, device="meta")
