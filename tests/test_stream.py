@@ -95,3 +95,14 @@ def test_save_streamed_writes_what_save_pretrained_writes_byte_for_byte(tmp_path
     assert len(expected) > 3 or max_shard_size == "2GB"  # sharded: an index and several shards
     for name in expected:
         assert (tmp_path / "got" / name).read_bytes() == (tmp_path / "expected" / name).read_bytes(), name
+
+
+def test_a_parameter_without_a_readable_saved_tensor_is_named_before_any_load(tmp_path):
+    directory = _saved(make_tiny_model("llama"), tmp_path / "m")
+    checkpoint = read_checkpoint(directory)
+    model = stream.skeleton(checkpoint)
+    assert stream.unreadable(model, checkpoint) is None
+    del checkpoint.saved_names["model.layers.1.post_attention_layernorm.weight"]  # as for a converter spp cannot invert
+    assert stream.unreadable(model, checkpoint) == "model.layers.1.post_attention_layernorm.weight"
+    with pytest.raises(SppError, match="cannot stream this model"):
+        stream.load(model, checkpoint, "model.layers.1.")

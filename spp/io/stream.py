@@ -103,6 +103,19 @@ def load(model: nn.Module, checkpoint: Checkpoint, prefix: str, device: torch.de
                 owner._buffers[attr] = value
 
 
+def unreadable(model: nn.Module, checkpoint: Checkpoint) -> str | None:
+    """The first parameter or persistent buffer of the skeleton `model` that `load` cannot read tensor by tensor
+    (transformers builds it with a weight conversion spp does not invert), or None: the model can be streamed."""
+    seen = set()
+    for name, _, _, tensor in _state(model):
+        if id(tensor) in seen or not tensor.is_meta:
+            continue
+        seen.add(id(tensor))
+        if name not in checkpoint.saved_names and name not in checkpoint.pieces:
+            return name
+    return None
+
+
 def release(module: nn.Module) -> None:
     """Put `module`'s parameters and persistent buffers back on the meta device, so their memory is freed (once
     nothing else holds them); non-persistent buffers stay."""

@@ -1,11 +1,11 @@
 """`spp prune`: check inputs, calibrate, prune block by block, and write a checkpoint with its mask file.
 
 `run_prune(cfg)` reads top to bottom: input checks (before loading any weights), the
-calibration windows, the model on the CPU, then `prune_model`: a plain loop over
-`sequential.walk_blocks` (each block on the device with its statistics and routed tokens) that prunes
-each block's layers with the method picked from `METHODS`, then one atomic output
-directory holding the `save_pretrained` files, `spp/masks.safetensors`, the resolved config and
-the manifest. Every finished block is persisted in `OUTPUT.partial/` (`spp.io.progress`),
+calibration windows, the model as a skeleton on the meta device (`spp.io.stream`), then `prune_model`: a plain
+loop over `sequential.walk_blocks` (each block read from the checkpoint, on the device with its statistics and
+routed tokens, released once kept) that prunes each block's layers with the method picked from `METHODS`, then
+one atomic output directory holding the `save_pretrained` files (written from the kept blocks, byte for byte
+what `save_pretrained` writes), `spp/masks.safetensors`, the resolved config and the manifest. Every finished block is persisted in `OUTPUT.partial/` (`spp.io.progress`),
 so `--resume` continues a killed or interrupted run at its first unfinished block, with
 the same result bit for bit (it refuses other run conditions, `spp.io.conditions`). Which layers are
 pruned, and at what sparsity, is `plan.plan_layers` (--targets, --ignore, sparsity_overrides; a
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,7 +298,12 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
     checked = _check_inputs(cfg)
     if streaming:  # each tensor is checked for NaN and ±inf as it is read (`stream.load`)
         model = stream.skeleton(checked.checkpoint, resolve_dtype(cfg.dtype))
-    else:
+        unreadable = stream.unreadable(model, checked.checkpoint)
+        if unreadable is not None:
+            print(f"note: transformers builds {unreadable} of {checked.checkpoint.directory} with a weight conversion "
+                  "spp cannot read tensor by tensor; the whole model is loaded instead of streamed", file=sys.stderr)
+            streaming = False
+    if not streaming:
         model = load_model(str(checked.checkpoint.directory), cfg.dtype, "cpu")
         check_finite_model(model, f"model {checked.checkpoint.directory}")  # SparseGPT would spread a NaN along its row
     try:
