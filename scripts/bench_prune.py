@@ -34,6 +34,7 @@ pruned weights are deleted once evaluated (`--keep-models` keeps them). `--repor
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import resource
 import subprocess
@@ -108,8 +109,9 @@ def measure_prune_memory(model: str, output: str, streaming: bool, calib: str, n
 
 
 def bench_prune_memory(workdir: str, calib: str, layers=(8, 32), nsamples: int = 32, seqlen: int = 128,
-                       timeout: float = 3600) -> list[dict]:
-    """Peak RSS of streamed and in-memory SparseGPT prunes of random `MEMORY_WIDTH` LLaMAs of each depth."""
+                       timeout: float = 3 * 3600, parallel: bool = False) -> list[dict]:
+    """Peak RSS of streamed and in-memory SparseGPT prunes of random `MEMORY_WIDTH` LLaMAs of each depth, one child
+    process each (`parallel`: all at once, for a busy machine; the wall times are then not comparable)."""
     import shutil
     from pathlib import Path
 
@@ -122,14 +124,20 @@ def bench_prune_memory(workdir: str, calib: str, layers=(8, 32), nsamples: int =
             random_llama(n, **MEMORY_WIDTH).save_pretrained(model)
             for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):  # ids < 512 fit vocab 32000
                 shutil.copyfile(DATA / "stories260K-hf" / name, model / name)
-        weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-        for streaming in (True, False):
-            spec = dict(model=str(model), output=str(Path(workdir) / f"out-{n}"), streaming=streaming, calib=calib,
-                        nsamples=nsamples, seqlen=seqlen)
-            record = _run_child({"memory": spec}, timeout)
-            records.append(dict(layers=n, weights_mb=weights / 2**20, path="streamed" if streaming else "in memory",
-                                **record))
-            shutil.rmtree(spec["output"], ignore_errors=True)
+    specs = [dict(model=str(Path(workdir) / f"llama-{n}"), output=str(Path(workdir) / f"out-{n}-{streaming}"),
+                  streaming=streaming, calib=calib, nsamples=nsamples, seqlen=seqlen)
+             for n in layers for streaming in (True, False)]
+    if parallel:  # one process each, started together: peak RSS is per process; wall times then share the cores
+        with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
+            results = list(pool.map(lambda spec: _run_child({"memory": spec}, timeout), specs))
+    else:
+        results = [_run_child({"memory": spec}, timeout) for spec in specs]
+    for spec, result in zip(specs, results):
+        n = int(Path(spec["model"]).name.split("-")[1])
+        weights = sum(p.stat().st_size for p in Path(spec["model"]).glob("*.safetensors"))
+        records.append(dict(layers=n, weights_mb=weights / 2**20, path="streamed" if spec["streaming"] else "in memory",
+                            parallel=parallel, **result))
+        shutil.rmtree(spec["output"], ignore_errors=True)
     return records
 
 
@@ -376,6 +384,7 @@ def main(argv=None) -> None:
     parser.add_argument("--memory", action="store_true", help="streamed vs in-memory prune peak RSS (see above)")
     parser.add_argument("--workdir", default="/tmp/spp-bench-stream", help="--memory: where the models are saved")
     parser.add_argument("--machine", default="unnamed", help="--memory --report: the machine, in words")
+    parser.add_argument("--parallel", action="store_true", help="--memory: run the four prunes at once")
     args = parser.parse_args(argv)
     if args.compare:
         import os
@@ -391,7 +400,7 @@ def main(argv=None) -> None:
         return
     if args.memory:
         calib = args.calib if args.calib != parser.get_default("calib") else "../shared/data/tinystories/tinystories_val.txt"
-        records = bench_prune_memory(args.workdir, calib)
+        records = bench_prune_memory(args.workdir, calib, parallel=args.parallel)
         print(format_memory_table(records))
         if args.json:
             with open(args.json, "w") as f:

@@ -92,7 +92,8 @@ def test_mixtral_streamed_equals_in_memory_across_shards(mixtral, text, tmp_path
     dict(method="wanda", refine="dsnot", sparsity=0.6),
     dict(method="wanda", pattern="2:4", permute_channels=True),
     dict(method="wanda", targets=["mlp.*"], ignore=["mlp.down_proj"], sparsity=0.5),
-], ids=["owl-ria", "magnitude", "alps", "dsnot", "permute", "targets-ignore"])
+    dict(method="sparsegpt", sparsity=0.5, dtype="bfloat16", max_shard_size="40KB"),
+], ids=["owl-ria", "magnitude", "alps", "dsnot", "permute", "targets-ignore", "bf16-sharded"])
 def test_every_method_and_option_streamed_equals_in_memory(llama, text, tmp_path, settings):
     both_ways(tmp_path, model=str(llama), calib=str(text), nsamples=4, seqlen=32, blocksize=16, **settings)
 

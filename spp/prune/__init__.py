@@ -457,6 +457,8 @@ def prune_model(
     from spp.prune.experts import expert_targets
     from spp.prune.sequential import capture_block_inputs, walk_blocks
 
+    if checkpoint is not None and partial is None:
+        raise ValueError("a streamed prune_model needs `partial`: the pruned blocks are kept only there")
     method = layer_method(cfg)
     blocks_name, blocks = find_decoder_blocks(model)
     plan = plan or plan_layers(model, cfg)
