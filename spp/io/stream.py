@@ -8,7 +8,9 @@ and persistent buffers under `prefix` (one decoder block, `model.layers.3`; or e
 safetensors shards, by the saved-name correspondence `spp.io.reader.Checkpoint` resolved as transformers does, a
 fused mixture-of-experts weight put together from its saved per-expert pieces (`Checkpoint.join`), each cast as
 `from_pretrained` casts it; `release(module)` puts them back on the meta device. Values are bitwise those of
-`spp.models.load_model`. Nothing here knows about blocks or methods: callers pass the prefixes.
+`spp.models.load_model`. `save_streamed` writes the files `save_pretrained` would write for the model, byte for
+byte, reading one part at a time from wherever the caller keeps it. Nothing here knows about blocks or methods:
+callers pass the prefixes.
 """
 
 from __future__ import annotations

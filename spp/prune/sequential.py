@@ -8,7 +8,8 @@ passes some arguments positionally). Cache objects are dropped. `walk_blocks` th
 one block at a time on the device, after running it with hooks on its chosen linear layers
 to collect statistics (and a pre-hook on each experts module of its chosen expert weights recording the routed
 tokens: `spp.prune.experts`); once the caller has pruned it, the *pruned* block runs to produce the
-next block's inputs, as SparseGPT and Wanda do. Forwards are batched over windows. This
+next block's inputs, as SparseGPT and Wanda do. A streamed model's blocks stay on the meta device except while
+walked (`hold`: read, then released). Forwards are batched over windows. This
 module knows nothing about any pruning method: it takes an `accumulate` function
 (statistics from layer inputs) and leaves the pruning to its caller (`spp.prune.prune_model`).
 """
