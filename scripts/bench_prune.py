@@ -17,7 +17,7 @@ one record per measurement; `main` prints them side by side with ratios (baselin
 `--memory` (issue 26) measures the peak RSS of `spp prune --method sparsegpt` streamed (the default, one decoder block
 in memory) beside the in-memory path (`run_prune(streaming=False)`), on two random LLaMA models of one width (hidden
 1024, MLP 2816, vocab 32000, untied head, fp32) with 8 and 32 layers, saved under `--workdir`, 32 windows of 128
-tokens; each run in its own child process (`ru_maxrss`), run under `taskset -c 0` for one core:
+tokens; each run in its own child process (its `VmHWM`), run under `taskset -c 0` for one core:
 
     taskset -c 0 python scripts/bench_prune.py --memory --workdir /tmp/bench-stream
 
@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 
-from common import LLAMA_100M, format_owl_table, random_llama
+from common import LLAMA_100M, format_owl_table, proc_status, random_llama
 from reference import baseline_prune
 
 SETUPS = {"cpu": dict(nsamples=16, seqlen=256), "cuda": dict(nsamples=128, seqlen=2048)}
@@ -105,7 +105,8 @@ def measure_prune_memory(model: str, output: str, streaming: bool, calib: str, n
                       seqlen=seqlen, device="cpu", overwrite=True)
     start = time.perf_counter()
     run_prune(cfg, streaming=streaming)
-    return dict(seconds=time.perf_counter() - start, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM, not ru_maxrss: Linux carries a parent's peak into ru_maxrss across fork and exec
+    return dict(seconds=time.perf_counter() - start, peak_rss_mb=proc_status("VmHWM") / 2**20)
 
 
 def bench_prune_memory(workdir: str, calib: str, layers=(8, 32), nsamples: int = 32, seqlen: int = 128,
@@ -170,7 +171,7 @@ def write_memory_report(path: str, records: list[dict], machine: str) -> None:
         "Written by `taskset -c 0 python scripts/bench_prune.py --memory --report docs/results/streaming.md` "
         "(issue 26). `spp prune --method sparsegpt --sparsity 0.5` on random LLaMA models of one width (hidden 1024, "
         "MLP 2816, 16 heads, vocab 32000, untied head, float32) with 8 and 32 decoder blocks, 32 calibration windows "
-        "of 128 tokens of TinyStories, `--device cpu`; each run in its own process, peak RSS is its `ru_maxrss`. "
+        "of 128 tokens of TinyStories, `--device cpu`; each run in its own process, peak RSS is its `VmHWM`. "
         "`streamed` is `spp prune` as shipped; `in memory` is the same prune with the whole model loaded first "
         "(`run_prune(streaming=False)`, the path before issue 26), which writes the same bytes.",
         "",
