@@ -403,6 +403,7 @@ def save_streamed_output(model: nn.Module, checked, cfg: PruneConfig, tmp: Path)
 @dataclass
 class PrunedModel:
     """What `prune_model` changed: keep-masks (out, in) by parameter name ((E, out, in) for a fused expert weight),
+    bit-packed along `in` (`spp.io.maskfile.pack_bits`),
     layouts, counts, dampening retries, the layer plan it followed (OWL's block sparsities in it) and OWL's record
     (None without --owl)."""
 
@@ -416,8 +417,10 @@ class PrunedModel:
     def add_block(self, masks: dict[str, torch.Tensor], record, targets) -> None:
         """Take in one finished block: its keep-masks by block-relative name, its `spp.io.progress.BlockRecord`,
         and its targets by block-relative name (`spp.models.block_targets`), whose `param` keys each mask."""
-        for name, keep in masks.items():
-            self.masks[targets[name].param] = keep
+        from spp.io.maskfile import pack_bits
+
+        for name, keep in masks.items():  # packed, 1 bit a weight: held for every block until the mask file
+            self.masks[targets[name].param] = pack_bits(keep)
         self.layouts.update(record.layouts)
         self.module_stats.update(record.module_stats)
         self.retries.extend(record.retries)

@@ -58,7 +58,7 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
     from spp.io.checkpoint import RESOLVED_CONFIG_FILE, MASK_FILE, save_model
     from spp.io.reader import read_checkpoint
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
-    from spp.io.maskfile import save_masks
+    from spp.io.maskfile import save_packed_masks
 
     keep_by_param, layouts, module_stats, retries = pruned.masks, pruned.layouts, pruned.module_stats, pruned.retries
     plan = pruned.plan
@@ -71,11 +71,10 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
         save_model(model, checked.tokenizer, tmp, cfg.max_shard_size)
     written = read_checkpoint(tmp)  # the mask file and manifest name tensors as they were just saved
     stored, stored_layouts = {}, {}
-    for param, keep in keep_by_param.items():
-        keep = keep.t() if layouts[param] == "conv1d" else keep  # mask in the stored shape
-        for name, piece in written.split(param, keep).items():  # a fused expert weight: one per saved tensor
+    for param, packed in keep_by_param.items():  # (E?, out, ceil(in / 8)): a fused weight splits along E and out
+        for name, piece in written.split(param, packed).items():  # a fused expert weight: one per saved tensor
             stored[name], stored_layouts[name] = piece, layouts[param]
-    save_masks(tmp / MASK_FILE, stored, stored_layouts)
+    save_packed_masks(tmp / MASK_FILE, stored, {name: written.tensors[name].shape for name in stored}, stored_layouts)
     modules = module_records(written, module_stats, requested, layouts)
     errors = [(param, r["reconstruction_error"]) for param, s in module_stats.items()  # an expert weight: per piece
               for r in s.get("pieces", [s]) if "reconstruction_error" in r]
