@@ -110,9 +110,10 @@ def measure_prune_memory(model: str, output: str, streaming: bool, calib: str, n
 
 
 def bench_prune_memory(workdir: str, calib: str, layers=(8, 32), nsamples: int = 32, seqlen: int = 128,
-                       timeout: float = 3 * 3600, parallel: bool = False) -> list[dict]:
+                       timeout: float = 3 * 3600, parallel: bool = False, paths: str | None = None) -> list[dict]:
     """Peak RSS of streamed and in-memory SparseGPT prunes of random `MEMORY_WIDTH` LLaMAs of each depth, one child
-    process each (`parallel`: all at once, for a busy machine; the wall times are then not comparable)."""
+    process each (`parallel`: all at once, for a busy machine; the wall times are then not comparable; `paths`:
+    only "streamed" or only "in memory")."""
     import shutil
     from pathlib import Path
 
@@ -127,7 +128,7 @@ def bench_prune_memory(workdir: str, calib: str, layers=(8, 32), nsamples: int =
                 shutil.copyfile(DATA / "stories260K-hf" / name, model / name)
     specs = [dict(model=str(Path(workdir) / f"llama-{n}"), output=str(Path(workdir) / f"out-{n}-{streaming}"),
                   streaming=streaming, calib=calib, nsamples=nsamples, seqlen=seqlen)
-             for n in layers for streaming in (True, False)]
+             for n in layers for streaming in (True, False) if paths is None or streaming == (paths == "streamed")]
     if parallel:  # one process each, started together: peak RSS is per process; wall times then share the cores
         with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
             results = list(pool.map(lambda spec: _run_child({"memory": spec}, timeout), specs))
@@ -386,6 +387,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default="/tmp/spp-bench-stream", help="--memory: where the models are saved")
     parser.add_argument("--machine", default="unnamed", help="--memory --report: the machine, in words")
     parser.add_argument("--parallel", action="store_true", help="--memory: run the four prunes at once")
+    parser.add_argument("--paths", choices=["streamed", "in memory"], help="--memory: measure only this path")
     args = parser.parse_args(argv)
     if args.compare:
         import os
@@ -401,7 +403,7 @@ def main(argv=None) -> None:
         return
     if args.memory:
         calib = args.calib if args.calib != parser.get_default("calib") else "../shared/data/tinystories/tinystories_val.txt"
-        records = bench_prune_memory(args.workdir, calib, parallel=args.parallel)
+        records = bench_prune_memory(args.workdir, calib, parallel=args.parallel, paths=args.paths)
         print(format_memory_table(records))
         if args.json:
             with open(args.json, "w") as f:

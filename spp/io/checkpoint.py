@@ -529,6 +529,7 @@ def save_tensors_streamed(specs: dict, chunks, path: Path, metadata: dict | None
                     raise RuntimeError(f"streamed tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match "
                                        f"the header's next entry {want} {shape} {dtype}; this is a bug in spp")
                 f.write(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())  # no copy of the bytes
+            chunk = tensor = None  # freed before the next group is made
         if next(expected, None) is not None:
             raise RuntimeError(f"{path}: fewer tensors arrived than the header lists; this is a bug in spp")
     follow_umask(Path(path))

@@ -132,6 +132,20 @@ def release(module: nn.Module) -> None:
         for name, buffer in owner.named_buffers(recurse=False):
             if name not in owner._non_persistent_buffers_set and buffer is not None and not buffer.is_meta:
                 owner._buffers[name] = torch.empty_like(buffer, device="meta")
+    released.clear()
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap memory just freed back to the OS (glibc's `malloc_trim`; elsewhere nothing). glibc raises its
+    mmap threshold after a large free, so the next block's tensors come from the heap, whose free holes it keeps:
+    without this, a streamed prune's resident set grows by tens of MB a block (measured: 40 MB a block of 51 MB)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def save_streamed(model: nn.Module, directory: Path, max_shard_size: str,

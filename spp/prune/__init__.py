@@ -385,17 +385,18 @@ def save_streamed_output(model: nn.Module, checked, cfg: PruneConfig, tmp: Path)
 
     blocks_name, blocks = find_decoder_blocks(model)
     parts = {f"{blocks_name}.{i}.": i for i in range(len(blocks))}
+    outside = [name for name in model.state_dict() if not name.startswith(f"{blocks_name}.")]  # one part each
 
     def read_part(prefix: str) -> dict[str, torch.Tensor]:
-        if prefix:
+        if prefix in parts:
             return {prefix + name: tensor for name, tensor in load_block(tmp, parts[prefix]).items()}
-        stream.load(model, checkpoint, "", skip=(f"{blocks_name}.",))
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{blocks_name}.")}
+        stream.load(model, checkpoint, prefix, skip=(f"{blocks_name}.",))  # one tensor outside the blocks, or all
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{blocks_name}.") and not v.is_meta}
         stream.release(model)
         return state
 
     checkpoint = checked.checkpoint
-    stream.save_streamed(model, tmp, cfg.max_shard_size, read_part, list(parts))
+    stream.save_streamed(model, tmp, cfg.max_shard_size, read_part, list(parts) + outside)
     save_tokenizer(checked.tokenizer, tmp)
     follow_umask(*(p for p in tmp.iterdir() if p.is_file()))
 
