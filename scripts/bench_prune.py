@@ -14,6 +14,13 @@ one record per measurement; `main` prints them side by side with ratios (baselin
     python scripts/bench_prune.py --owl --methods wanda --patterns unstructured --sparsity 0.7
                                                   # spp with OWL against spp without (ratio = OWL / plain)
 
+`--memory` (issue 26) measures the peak RSS of `spp prune --method sparsegpt` streamed (the default, one decoder block
+in memory) beside the in-memory path (`run_prune(streaming=False)`), on two random LLaMA models of one width (hidden
+1024, MLP 2816, vocab 32000, untied head, fp32) with 8 and 32 layers, saved under `--workdir`, 32 windows of 128
+tokens; each run in its own child process (its `VmHWM`), run under `taskset -c 0` for one core:
+
+    taskset -c 0 python scripts/bench_prune.py --memory --workdir /tmp/bench-stream
+
 `--compare` (issue 25) instead runs the method comparison on a real model through the CLI, one cell (method +
 refinement, sparsity or N:M) at a time: `spp prune` (CPU and wall time of the process), `spp verify`, `spp eval
 --ppl`, and the manifest's achieved sparsity, mean layer reconstruction error and DSnoT totals. Each finished
@@ -27,13 +34,14 @@ pruned weights are deleted once evaluated (`--keep-models` keeps them). `--repor
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import resource
 import subprocess
 import sys
 import time
 
-from common import LLAMA_100M, format_owl_table, random_llama
+from common import LLAMA_100M, format_owl_table, proc_status, random_llama
 from reference import baseline_prune
 
 SETUPS = {"cpu": dict(nsamples=16, seqlen=256), "cuda": dict(nsamples=128, seqlen=2048)}
@@ -82,6 +90,103 @@ def measure(impl: str, method: str, pattern: str, device: str, nsamples: int, se
     if dev.type == "cuda":
         record["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return record
+
+
+MEMORY_WIDTH = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
+                    vocab_size=32000, tie_word_embeddings=False)
+
+
+def measure_prune_memory(model: str, output: str, streaming: bool, calib: str, nsamples: int, seqlen: int) -> dict:
+    """One `run_prune` of SparseGPT at 50% (streamed or in memory) in this process: wall time and peak RSS."""
+    from spp.config import PruneConfig
+    from spp.prune import run_prune
+
+    cfg = PruneConfig(model=model, output=output, method="sparsegpt", sparsity=0.5, calib=calib, nsamples=nsamples,
+                      seqlen=seqlen, device="cpu", overwrite=True)
+    start = time.perf_counter()
+    run_prune(cfg, streaming=streaming)
+    # VmHWM, not ru_maxrss: Linux carries a parent's peak into ru_maxrss across fork and exec
+    return dict(seconds=time.perf_counter() - start, peak_rss_mb=proc_status("VmHWM") / 2**20)
+
+
+def bench_prune_memory(workdir: str, calib: str, layers=(8, 32), nsamples: int = 32, seqlen: int = 128,
+                       timeout: float = 3 * 3600, parallel: bool = False, paths: str | None = None) -> list[dict]:
+    """Peak RSS of streamed and in-memory SparseGPT prunes of random `MEMORY_WIDTH` LLaMAs of each depth, one child
+    process each (`parallel`: all at once, for a busy machine; the wall times are then not comparable; `paths`:
+    only "streamed" or only "in memory")."""
+    import shutil
+    from pathlib import Path
+
+    from common import DATA
+
+    records = []
+    for n in layers:
+        model = Path(workdir) / f"llama-{n}"
+        if not (model / "config.json").is_file():
+            random_llama(n, **MEMORY_WIDTH).save_pretrained(model)
+            for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):  # ids < 512 fit vocab 32000
+                shutil.copyfile(DATA / "stories260K-hf" / name, model / name)
+    specs = [dict(model=str(Path(workdir) / f"llama-{n}"), output=str(Path(workdir) / f"out-{n}-{streaming}"),
+                  streaming=streaming, calib=calib, nsamples=nsamples, seqlen=seqlen)
+             for n in layers for streaming in (True, False) if paths is None or streaming == (paths == "streamed")]
+    if parallel:  # one process each, started together: peak RSS is per process; wall times then share the cores
+        with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
+            results = list(pool.map(lambda spec: _run_child({"memory": spec}, timeout), specs))
+    else:
+        results = [_run_child({"memory": spec}, timeout) for spec in specs]
+    for spec, result in zip(specs, results):
+        n = int(Path(spec["model"]).name.split("-")[1])
+        weights = sum(p.stat().st_size for p in Path(spec["model"]).glob("*.safetensors"))
+        records.append(dict(layers=n, weights_mb=weights / 2**20, path="streamed" if spec["streaming"] else "in memory",
+                            parallel=parallel, **result))
+        shutil.rmtree(spec["output"], ignore_errors=True)
+    return records
+
+
+def format_memory_table(records: list[dict]) -> str:
+    rows = ["| layers | fp32 weights (MiB) | path | peak RSS (MiB) | peak RSS / weights | wall (s) |",
+            "|---:|---:|---|---:|---:|---:|"]
+    for r in records:
+        rows.append(f"| {r['layers']} | {r['weights_mb']:.0f} | {r['path']} | {r['peak_rss_mb']:.0f} | "
+                    f"{r['peak_rss_mb'] / r['weights_mb']:.2f} | {r['seconds']:.0f} |")
+    streamed = {r["layers"]: r["peak_rss_mb"] for r in records if r["path"] == "streamed"}
+    if len(streamed) == 2:
+        small, big = sorted(streamed)
+        rows.append(f"\nstreamed peak RSS, {big} layers / {small} layers: {streamed[big] / streamed[small]:.3f}")
+    return "\n".join(rows)
+
+
+def write_memory_report(path: str, records: list[dict], machine: str) -> None:
+    """docs/results/streaming.md: the table, the run's conditions and issue 26's bar, checked."""
+    import platform
+
+    import torch
+
+    streamed = {r["layers"]: r for r in records if r["path"] == "streamed"}
+    small, big = sorted(streamed)
+    ratio = streamed[big]["peak_rss_mb"] / streamed[small]["peak_rss_mb"]
+    half = streamed[big]["peak_rss_mb"] / streamed[big]["weights_mb"]
+    lines = [
+        "# Streaming prune: peak host memory against depth",
+        "",
+        "Written by `taskset -c 0 python scripts/bench_prune.py --memory --report docs/results/streaming.md` "
+        "(issue 26). `spp prune --method sparsegpt --sparsity 0.5` on random LLaMA models of one width (hidden 1024, "
+        "MLP 2816, 16 heads, vocab 32000, untied head, float32) with 8 and 32 decoder blocks, 32 calibration windows "
+        "of 128 tokens of TinyStories, `--device cpu`; each run in its own process, peak RSS is its `VmHWM`. "
+        "`streamed` is `spp prune` as shipped; `in memory` is the same prune with the whole model loaded first "
+        "(`run_prune(streaming=False)`, the path before issue 26), which writes the same bytes.",
+        "",
+        f"Machine: {machine}; torch {torch.__version__}, Python {platform.python_version()}, one thread.",
+        "",
+        format_memory_table(records),
+        "",
+        f"Bar: streamed peak RSS within 15% between {small} and {big} layers: {ratio:.3f} "
+        f"({'met' if abs(ratio - 1) <= 0.15 else 'NOT met'}); {big} layers below half the fp32 weights: "
+        f"{half:.2f} of them ({'met' if half < 0.5 else 'NOT met'}).",
+        "",
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
 
 
 def _run_child(spec: dict, timeout: float) -> dict:
@@ -278,7 +383,13 @@ def main(argv=None) -> None:
     parser.add_argument("--ppl-seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--keep-models", action="store_true")
-    parser.add_argument("--report", help="--compare: write the Markdown table here after every cell")
+    parser.add_argument("--report", help="--compare: write the Markdown table here after every cell; "
+                        "--memory: write the results page here")
+    parser.add_argument("--memory", action="store_true", help="streamed vs in-memory prune peak RSS (see above)")
+    parser.add_argument("--workdir", default="/tmp/spp-bench-stream", help="--memory: where the models are saved")
+    parser.add_argument("--machine", default="unnamed", help="--memory --report: the machine, in words")
+    parser.add_argument("--parallel", action="store_true", help="--memory: run the four prunes at once")
+    parser.add_argument("--paths", choices=["streamed", "in memory"], help="--memory: measure only this path")
     args = parser.parse_args(argv)
     if args.compare:
         import os
@@ -289,7 +400,18 @@ def main(argv=None) -> None:
         compare(args)
         return
     if args.child:
-        print(json.dumps(measure(**json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(measure_prune_memory(**spec["memory"]) if "memory" in spec else measure(**spec)))
+        return
+    if args.memory:
+        calib = args.calib if args.calib != parser.get_default("calib") else "../shared/data/tinystories/tinystories_val.txt"
+        records = bench_prune_memory(args.workdir, calib, parallel=args.parallel, paths=args.paths)
+        print(format_memory_table(records))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=2)
+        if args.report:
+            write_memory_report(args.report, records, args.machine)
         return
     records = bench_prune(args.methods.split(","), args.patterns.split(","), args.device, args.nsamples, args.seqlen,
                           args.layers, args.threads, args.repeats, owl=args.owl, sparsity=args.sparsity)

@@ -116,6 +116,33 @@ def load_generation_config(model, directory) -> None:
            local_files_only=True, token=None, revision="main", subfolder="", trust_remote_code=False)
 
 
+def state_to_save(model, state: dict) -> dict:
+    """What `save_pretrained` writes from `state` (the model's state dict, or a part of it): without the keys it
+    ignores on save and without tied duplicates, each fused weight split back into the saved layout it was loaded
+    from, in the order `save_pretrained` shards it. Works on meta tensors (a plan) as on real ones (one part).
+
+    Internals: `PreTrainedModel._keys_to_ignore_on_save`, `modeling_utils.remove_tied_weights_from_state_dict`,
+    `core_model_loading.revert_weight_conversion`.
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError as exc:
+        raise moved("modeling_utils.remove_tied_weights_from_state_dict / revert_weight_conversion", exc) from exc
+    state = {k: v for k, v in state.items() if k not in (model._keys_to_ignore_on_save or ())}
+    return revert_weight_conversion(model, remove_tied_weights_from_state_dict(state, model))
+
+
+def save_configs(model, directory) -> None:
+    """Write `config.json` (with the weights' dtype and the class, as `save_pretrained` records them) and, for a
+    generative model, `generation_config.json`: every file of `save_pretrained` but the weights."""
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)
+
+
 def weight_conversions(model) -> tuple[list, list]:
     """(renamings, converters) transformers applies when it loads saved tensors into `model`.
 

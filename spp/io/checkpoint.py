@@ -401,13 +401,20 @@ def save_model(model, tokenizer, directory: Path, max_shard_size: str = "2GB") -
     """
     directory = Path(directory)
     model.save_pretrained(str(directory), max_shard_size=max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-        drop_tokenizer_load_options(directory)
-        for source in tokenizer_source_files(tokenizer):
-            if not (directory / source.name).exists():
-                shutil.copyfile(source, directory / source.name)
+    save_tokenizer(tokenizer, directory)
     follow_umask(*(p for p in directory.iterdir() if p.is_file()))
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """`save_model`'s tokenizer files (nothing for None): `save_pretrained`'s, the source directory's other tokenizer
+    files copied as they are, and `tokenizer_config.json` without loading options."""
+    if tokenizer is None:
+        return
+    tokenizer.save_pretrained(str(directory))
+    drop_tokenizer_load_options(directory)
+    for source in tokenizer_source_files(tokenizer):
+        if not (directory / source.name).exists():
+            shutil.copyfile(source, directory / source.name)
 
 
 def tokenizer_source_files(tokenizer) -> list[Path]:
@@ -478,7 +485,7 @@ def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> Non
 
 
 SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "uint8": "U8",
-                      "int64": "I64", "bool": "BOOL"}
+                      "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "bool": "BOOL"}
 
 
 def save_tensors_streamed(specs: dict, chunks, path: Path, metadata: dict | None = None) -> None:
@@ -521,7 +528,8 @@ def save_tensors_streamed(specs: dict, chunks, path: Path, metadata: dict | None
                 if name != want or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
                     raise RuntimeError(f"streamed tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match "
                                        f"the header's next entry {want} {shape} {dtype}; this is a bug in spp")
-                f.write(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+                f.write(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())  # no copy of the bytes
+            chunk = tensor = None  # freed before the next group is made
         if next(expected, None) is not None:
             raise RuntimeError(f"{path}: fewer tensors arrived than the header lists; this is a bug in spp")
     follow_umask(Path(path))

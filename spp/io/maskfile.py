@@ -29,11 +29,11 @@ _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a bool (out, in) matrix along `in` into uint8 (out, ceil(in / 8)), little bit order."""
-    out_features, in_features = mask.shape
+    """Pack a bool (..., out, in) mask along `in` into uint8 (..., out, ceil(in / 8)), little bit order."""
+    in_features = mask.shape[-1]
     pad = (-in_features) % 8
     bits = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad))
-    bits = bits.view(out_features, -1, 8)  # (out, in/8, 8)
+    bits = bits.view(*mask.shape[:-1], -1, 8)  # (..., out, in/8, 8)
     return (bits * _BIT_WEIGHTS).sum(dim=-1, dtype=torch.uint8)
 
 
@@ -51,16 +51,33 @@ def save_masks(path: Path, masks: dict[str, torch.Tensor], layouts: dict[str, st
         masks: saved tensor name -> bool mask shaped like the stored weight.
         layouts: saved tensor name -> "linear" or "conv1d".
     """
-    tensors, metadata = {}, {"format": FORMAT, "version": VERSION}
-    for name in sorted(masks):
-        mask, layout = masks[name].detach().to("cpu", torch.bool), layouts[name]
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r} for {name}")
-        out_in = mask.t() if layout == "conv1d" else mask
-        tensors[name] = pack_bits(out_in).contiguous()
-        metadata[name] = json.dumps({"shape": list(mask.shape), "layout": layout, "bitorder": "little"})
+    packed = {}
+    for name, mask in masks.items():
+        mask = mask.detach().to("cpu", torch.bool)
+        packed[name] = pack_bits(mask.t() if layouts[name] == "conv1d" else mask)
+    save_packed_masks(path, packed, {name: tuple(mask.shape) for name, mask in masks.items()}, layouts)
+
+
+def save_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                      layouts: dict[str, str]) -> None:
+    """`save_masks` for masks already packed (`pack_bits` of the (out, in) view), written without a copy.
+
+    Args:
+        path: as `save_masks`'s.
+        packed: saved tensor name -> uint8 (out, ceil(in / 8)).
+        shapes: saved tensor name -> the stored weight's shape. layouts: as `save_masks`'s.
+    """
+    from spp.io.checkpoint import save_tensors_streamed
+
+    metadata = {"format": FORMAT, "version": VERSION}
+    for name in packed:
+        if layouts[name] not in LAYOUTS:
+            raise ValueError(f"unknown layout {layouts[name]!r} for {name}")
+        metadata[name] = json.dumps({"shape": list(shapes[name]), "layout": layouts[name], "bitorder": "little"})
+    names = sorted(packed)  # safetensors' order for tensors of one dtype; metadata keys sorted (`_sorted_metadata`)
+    specs = {name: (torch.uint8, tuple(packed[name].shape)) for name in names}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(_sorted_metadata(save(tensors, metadata=metadata)))
+    save_tensors_streamed(specs, ({name: packed[name]} for name in names), Path(path), dict(sorted(metadata.items())))
 
 
 def _sorted_metadata(blob: bytes) -> bytes:

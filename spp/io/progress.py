@@ -152,9 +152,19 @@ def save_block(partial: Path, index: int, block: nn.Module, masks: dict[str, tor
     (directory / f"hidden-{index}.safetensors").unlink(missing_ok=True)  # block index's inputs are spent
 
 
+def load_block(partial: Path, index: int) -> dict[str, torch.Tensor]:
+    """Finished block `index`'s parameters and buffers as `save_block` kept them, by block-relative name.
+
+    Raises:
+        SppError: the file is missing or corrupt.
+    """
+    return _load_tensors(progress_dir(partial) / f"block-{index}.safetensors")
+
+
 def restore_blocks(partial: Path, blocks: nn.ModuleList, blocks_done: int, calibrated: bool,
-                   storage: torch.device) -> Restored:
-    """Load finished blocks 0 .. blocks_done - 1 into `blocks` (in place) and block `blocks_done`'s inputs.
+                   storage: torch.device, load_weights: bool = True) -> Restored:
+    """Load finished blocks 0 .. blocks_done - 1 into `blocks` (in place; not with `load_weights=False`, for a
+    streamed model, whose output is written from the progress) and block `blocks_done`'s inputs.
 
     Raises:
         SppError: a progress file is missing or corrupt, or a stored block does not fit the model.
@@ -163,12 +173,12 @@ def restore_blocks(partial: Path, blocks: nn.ModuleList, blocks_done: int, calib
     progress = read_json(directory / PRUNE_PROGRESS_FILE, what="prune progress")
     masks, records = [], []
     for index in range(blocks_done):
-        state = _load_tensors(directory / f"block-{index}.safetensors")
-        try:
-            blocks[index].load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise SppError(f"--resume: {directory / f'block-{index}.safetensors'} does not fit block {index} "
-                           f"of the model: {str(exc).splitlines()[0]}") from exc
+        if load_weights:
+            try:
+                blocks[index].load_state_dict(load_block(partial, index), strict=True)
+            except RuntimeError as exc:
+                raise SppError(f"--resume: {directory / f'block-{index}.safetensors'} does not fit block {index} "
+                               f"of the model: {str(exc).splitlines()[0]}") from exc
         masks.append({k: v.to(torch.bool) for k, v in _load_tensors(directory / f"masks-{index}.safetensors").items()})
         records.append(BlockRecord(**progress["blocks"][index]))
     hidden = None

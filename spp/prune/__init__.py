@@ -1,11 +1,11 @@
 """`spp prune`: check inputs, calibrate, prune block by block, and write a checkpoint with its mask file.
 
 `run_prune(cfg)` reads top to bottom: input checks (before loading any weights), the
-calibration windows, the model on the CPU, then `prune_model`: a plain loop over
-`sequential.walk_blocks` (each block on the device with its statistics and routed tokens) that prunes
-each block's layers with the method picked from `METHODS`, then one atomic output
-directory holding the `save_pretrained` files, `spp/masks.safetensors`, the resolved config and
-the manifest. Every finished block is persisted in `OUTPUT.partial/` (`spp.io.progress`),
+calibration windows, the model as a skeleton on the meta device (`spp.io.stream`), then `prune_model`: a plain
+loop over `sequential.walk_blocks` (each block read from the checkpoint, on the device with its statistics and
+routed tokens, released once kept) that prunes each block's layers with the method picked from `METHODS`, then
+one atomic output directory holding the `save_pretrained` files (written from the kept blocks, byte for byte
+what `save_pretrained` writes), `spp/masks.safetensors`, the resolved config and the manifest. Every finished block is persisted in `OUTPUT.partial/` (`spp.io.progress`),
 so `--resume` continues a killed or interrupted run at its first unfinished block, with
 the same result bit for bit (it refuses other run conditions, `spp.io.conditions`). Which layers are
 pruned, and at what sparsity, is `plan.plan_layers` (--targets, --ignore, sparsity_overrides; a
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,12 +266,20 @@ def resume_settings(cfg: PruneConfig, windows: torch.Tensor | None) -> dict:
 # --------------------------------------------------------------------------- the stage
 
 
-def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | None = None) -> PruneReport:
+def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | None = None,
+              streaming: bool = True) -> PruneReport:
     """Prune `cfg.model` with `cfg.method` at `cfg.pattern` and write the checkpoint to `cfg.output`.
+
+    Streaming (the default) holds one decoder block's weights at a time (`spp.io.stream`): the model is a skeleton on
+    the meta device; the embeddings are read for the calibration capture, each block when it is processed, and the
+    output is written from the finished blocks kept for --resume. Peak memory: the embeddings (or one block, the
+    larger), plus the calibration activations. `streaming=False` loads the whole model first (the same bytes out;
+    the tests compare the two).
 
     Args:
         cfg: the resolved settings.
         on_module: progress callback (block index, number of blocks, module name) before each layer.
+        streaming: hold one block at a time (see above).
 
     Returns:
         The report: sparsity per block and in total, kept zeros, wall time, dampening retries.
@@ -279,24 +288,36 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
         SppError: any bad input (checked before the weights are loaded), a NaN or ±inf weight (checked right
             after they are, before calibration), or a singular Hessian.
     """
+    from spp.io import stream
     from spp.io.checkpoint import partial_path
     from spp.io.finite import check_finite_model
     from spp.io.progress import progress_dir, start_progress
-    from spp.models import find_decoder_blocks, load_model
+    from spp.models import find_decoder_blocks, load_model, resolve_dtype
 
     start = time.perf_counter()
     checked = _check_inputs(cfg)
-    model = load_model(str(checked.checkpoint.directory), cfg.dtype, "cpu")
-    check_finite_model(model, f"model {checked.checkpoint.directory}")  # SparseGPT would spread a NaN along its row
+    if streaming:  # each tensor is checked for NaN and ±inf as it is read (`stream.load`)
+        model = stream.skeleton(checked.checkpoint, resolve_dtype(cfg.dtype))
+        unreadable = stream.unreadable(model, checked.checkpoint)
+        if unreadable is not None:
+            print(f"note: transformers builds {unreadable} of {checked.checkpoint.directory} with a weight conversion "
+                  "spp cannot read tensor by tensor; the whole model is loaded instead of streamed", file=sys.stderr)
+            streaming = False
+    if not streaming:
+        model = load_model(str(checked.checkpoint.directory), cfg.dtype, "cpu")
+        check_finite_model(model, f"model {checked.checkpoint.directory}")  # SparseGPT would spread a NaN along its row
     try:
         with _workdir(cfg) as tmp:
             if not checked.blocks_done:
                 start_progress(tmp, resume_settings(cfg, checked.windows), len(find_decoder_blocks(model)[1]),
                                checked.conditions, checked.inputs)
             pruned = prune_model(model, checked.windows, cfg, checked.device, on_module, partial=tmp,
-                                 blocks_done=checked.blocks_done, pieces=checked.checkpoint.pieces, plan=checked.plan)
+                                 blocks_done=checked.blocks_done, pieces=checked.checkpoint.pieces, plan=checked.plan,
+                                 checkpoint=checked.checkpoint if streaming else None)
+            if streaming:
+                save_streamed_output(model, checked, cfg, tmp)
             shutil.rmtree(progress_dir(tmp))
-            return write_output(cfg, checked, model, pruned, start, tmp)
+            return write_output(cfg, checked, None if streaming else model, pruned, start, tmp)
     except KeyboardInterrupt:
         raise SppInterrupted(f"interrupted; the finished blocks are kept in {partial_path(Path(cfg.output))}: "
                              "run the same command with --resume to continue") from None
@@ -319,9 +340,71 @@ def _workdir(cfg: PruneConfig):
             raise
 
 
+def _holding(model: nn.Module, checkpoint, blocks_name: str):
+    """`walk_blocks`'s `hold` for a streamed model: block i's tensors read from the checkpoint (on the CPU) for the
+    time it is processed, then released (after the caller has persisted it)."""
+    from spp.io import stream
+
+    @contextlib.contextmanager
+    def hold(index: int):
+        stream.load(model, checkpoint, f"{blocks_name}.{index}.")
+        try:
+            yield
+        finally:
+            stream.release(model.get_submodule(f"{blocks_name}.{index}"))
+
+    return hold
+
+
+@contextlib.contextmanager
+def _outside_blocks(model: nn.Module, checkpoint, blocks_name: str):
+    """For a streamed model (`checkpoint` given), the tensors outside the decoder blocks that the capture runs
+    (embeddings; not the output head, which it never reaches, unless tied to them), released afterwards."""
+    if checkpoint is None:
+        yield
+        return
+    from spp.io import stream
+
+    head = model.get_output_embeddings()
+    head_name = next((f"{name}." for name, module in model.named_modules() if module is head), None)
+    stream.load(model, checkpoint, "", skip=(f"{blocks_name}.",) + ((head_name,) if head_name else ()))
+    try:
+        yield
+    finally:
+        stream.release(model)
+
+
+def save_streamed_output(model: nn.Module, checked, cfg: PruneConfig, tmp: Path) -> None:
+    """Write what `spp.io.checkpoint.save_model` writes for the pruned model into `tmp`, byte for byte, from the
+    pruned blocks `prune_model` kept in `tmp`'s progress and the unchanged rest of the input checkpoint, one part at
+    a time (`spp.io.stream.save_streamed`)."""
+    from spp.io import stream
+    from spp.io.checkpoint import follow_umask, save_tokenizer
+    from spp.io.progress import load_block
+    from spp.models import find_decoder_blocks
+
+    blocks_name, blocks = find_decoder_blocks(model)
+    parts = {f"{blocks_name}.{i}.": i for i in range(len(blocks))}
+    outside = [name for name in model.state_dict() if not name.startswith(f"{blocks_name}.")]  # one part each
+
+    def read_part(prefix: str) -> dict[str, torch.Tensor]:
+        if prefix in parts:
+            return {prefix + name: tensor for name, tensor in load_block(tmp, parts[prefix]).items()}
+        stream.load(model, checkpoint, prefix, skip=(f"{blocks_name}.",))  # one tensor outside the blocks, or all
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{blocks_name}.") and not v.is_meta}
+        stream.release(model)
+        return state
+
+    checkpoint = checked.checkpoint
+    stream.save_streamed(model, tmp, cfg.max_shard_size, read_part, list(parts) + outside)
+    save_tokenizer(checked.tokenizer, tmp)
+    follow_umask(*(p for p in tmp.iterdir() if p.is_file()))
+
+
 @dataclass
 class PrunedModel:
     """What `prune_model` changed: keep-masks (out, in) by parameter name ((E, out, in) for a fused expert weight),
+    bit-packed along `in` (`spp.io.maskfile.pack_bits`),
     layouts, counts, dampening retries, the layer plan it followed (OWL's block sparsities in it) and OWL's record
     (None without --owl)."""
 
@@ -335,8 +418,10 @@ class PrunedModel:
     def add_block(self, masks: dict[str, torch.Tensor], record, targets) -> None:
         """Take in one finished block: its keep-masks by block-relative name, its `spp.io.progress.BlockRecord`,
         and its targets by block-relative name (`spp.models.block_targets`), whose `param` keys each mask."""
-        for name, keep in masks.items():
-            self.masks[targets[name].param] = keep
+        from spp.io.maskfile import pack_bits
+
+        for name, keep in masks.items():  # packed, 1 bit a weight: held for every block until the mask file
+            self.masks[targets[name].param] = pack_bits(keep)
         self.layouts.update(record.layouts)
         self.module_stats.update(record.module_stats)
         self.retries.extend(record.retries)
@@ -352,6 +437,7 @@ def prune_model(
     blocks_done: int = 0,
     pieces: dict | None = None,
     plan: LayerPlan | None = None,
+    checkpoint=None,
 ) -> PrunedModel:
     """Prune `model` in place, block by block: the in-memory half of `run_prune`.
 
@@ -366,19 +452,26 @@ def prune_model(
         pieces: fused expert weight -> its saved per-expert tensors (`spp.io.reader.Checkpoint.pieces`), needed
             when expert weights are pruned (each piece is pruned as its own matrix).
         plan: the layer plan (`plan.plan_layers`) when the caller already made it, before OWL.
+        checkpoint: stream `model` from this `spp.io.reader.Checkpoint`: `model` is its `spp.io.stream.skeleton`;
+            the embeddings are read for the capture, each block while it is processed (`partial` then holds the
+            pruned blocks, for `save_streamed_output`).
     """
     from spp.io.progress import BlockRecord, load_owl, restore_blocks, save_block, save_owl
     from spp.models import decoder_targets, find_decoder_blocks
     from spp.prune.experts import expert_targets
     from spp.prune.sequential import capture_block_inputs, walk_blocks
 
+    if checkpoint is not None and partial is None:
+        raise ValueError("a streamed prune_model needs `partial`: the pruned blocks are kept only there")
     method = layer_method(cfg)
-    _, blocks = find_decoder_blocks(model)
+    blocks_name, blocks = find_decoder_blocks(model)
     plan = plan or plan_layers(model, cfg)
     storage = torch.device("cpu") if cfg.offload_activations else device
+    hold = None if checkpoint is None else _holding(model, checkpoint, blocks_name)
     inputs = None
     if windows is not None and needs_calibration(cfg):
-        inputs = capture_block_inputs(model, blocks, windows, cfg.batch_size, storage)
+        with _outside_blocks(model, checkpoint, blocks_name):
+            inputs = capture_block_inputs(model, blocks, windows, cfg.batch_size, storage)
     if inputs is None and (cfg.refine != "none" or cfg.record_error):
         flag = f"--refine {cfg.refine}" if cfg.refine != "none" else "--record-error"
         raise SppError(f"{flag} needs calibration windows (it uses each layer's inputs), even with --method "
@@ -389,7 +482,7 @@ def prune_model(
         if owl is None:
             if inputs is None:
                 raise SppError("--owl needs calibration windows (its outlier shares are Wanda scores)")
-            owl = owl_block_sparsities(model, inputs, plan, cfg, device)
+            owl = owl_block_sparsities(model, inputs, plan, cfg, device, hold)
             if partial is not None:
                 save_owl(partial, owl)
         plan = plan.with_block_sparsities({i: s for i, s in enumerate(owl["sparsity"]) if s is not None})
@@ -397,14 +490,15 @@ def prune_model(
     result = PrunedModel(masks={}, layouts={}, module_stats={}, retries=[], plan=plan, owl=owl)
     targets = decoder_targets(model)
     if partial is not None and blocks_done:
-        restored = restore_blocks(partial, blocks, blocks_done, calibrated is not None, storage)
+        restored = restore_blocks(partial, blocks, blocks_done, calibrated is not None, storage,
+                                  load_weights=checkpoint is None)  # streamed: written from `partial` at the end
         if restored.hidden is not None:
             calibrated.hidden = restored.hidden
         for index, (masks, record) in enumerate(zip(restored.masks, restored.records)):
             result.add_block(masks, record, targets[index])
     chosen = [{name: t for name, t in block.items() if t.name in plan.sparsity} for block in targets]
     for block in walk_blocks(blocks, calibrated, method.accumulate, device, chosen,
-                             start=blocks_done if partial is not None else 0):
+                             start=blocks_done if partial is not None else 0, hold=hold):
         experts = expert_targets(block.targets)
         if cfg.permute_channels:  # before any of the block's weights is pruned; its function is unchanged
             permute_block(block.module, block.targets, block.stats, cfg.method, cfg.n_m)
@@ -455,11 +549,12 @@ def prune_layer(target, state, method: Method, cfg: PruneConfig, sparsity: float
     return keep, info
 
 
-def owl_block_sparsities(model: nn.Module, inputs, plan: LayerPlan, cfg: PruneConfig, device: torch.device) -> dict:
+def owl_block_sparsities(model: nn.Module, inputs, plan: LayerPlan, cfg: PruneConfig, device: torch.device,
+                         hold=None) -> dict:
     """OWL's statistics pass over the dense model and the block sparsities it gives (`spp.prune.owl`).
 
     Only the layers at the default sparsity take part (not ignored, not overridden); a block with none
-    gets None. Returns {"m", "lmbda", "outlier_share": [D_l or None], "sparsity": [s_l or None]}.
+    gets None. `hold`: as `walk_blocks`'s (a streamed model: each block read for its pass, then released). Returns {"m", "lmbda", "outlier_share": [D_l or None], "sparsity": [s_l or None]}.
 
     Raises:
         SppError: a layer saw no calibration input, or a block sparsity falls outside [0, 1).
@@ -471,7 +566,7 @@ def owl_block_sparsities(model: nn.Module, inputs, plan: LayerPlan, cfg: PruneCo
     voting = [{name: t for name, t in targets.items() if t.name in plan.in_block(i, default_only=True)}
               for i, targets in enumerate(decoder_targets(model))]
     shares: list[float | None] = []
-    for block in walk_blocks(blocks, inputs, accumulate_sq_norms, device, voting, dense=True):
+    for block in walk_blocks(blocks, inputs, accumulate_sq_norms, device, voting, dense=True, hold=hold):
         missing = [t.name for name, t in block.targets.items() if name not in block.stats]
         if missing:
             raise SppError(f"module {missing[0]} received no calibration input; OWL needs it")

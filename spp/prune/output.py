@@ -32,7 +32,7 @@ class PruneReport:
     kept_zero: int
     wall_time_s: float
     dampening_retries: list[dict] = field(default_factory=list)
-    model: nn.Module | None = field(default=None, repr=False)  # the pruned model, still in memory
+    _model: nn.Module | None = field(default=None, repr=False)  # the pruned model, when still in memory
     requested_blocks: dict[str, float] = field(default_factory=dict)  # block -> requested sparsity (its weights' mean)
     dense_layers: list[str] = field(default_factory=list)  # decoder-block linears left dense (--targets/--ignore)
     expert_fallbacks: int = 0  # saved expert tensors pruned by magnitude: too few routed tokens (expert_min_tokens)
@@ -41,16 +41,24 @@ class PruneReport:
     mean_error: float | None = None  # over every layer with an error
     refine: dict | None = None  # --refine's totals: method, guard, swaps, layers changed, error before/after
 
+    @property
+    def model(self) -> nn.Module:
+        """The pruned model: the one pruned in memory, or (streamed) loaded from the output on first use."""
+        if self._model is None:
+            from spp.models import load_model
+
+            self._model = load_model(str(self.output))
+        return self._model
 
 
 
 def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
-    """Save the pruned model, masks (keyed by saved tensor name, in stored shape), config and manifest into
-    `tmp` (the partial directory, renamed by the caller)."""
+    """Save the pruned model (unless `model` is None: already written), masks (keyed by saved tensor name, in stored
+    shape), config and manifest into `tmp` (the partial directory, renamed by the caller)."""
     from spp.io.checkpoint import RESOLVED_CONFIG_FILE, MASK_FILE, save_model
     from spp.io.reader import read_checkpoint
     from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
-    from spp.io.maskfile import save_masks
+    from spp.io.maskfile import save_packed_masks
 
     keep_by_param, layouts, module_stats, retries = pruned.masks, pruned.layouts, pruned.module_stats, pruned.retries
     plan = pruned.plan
@@ -59,14 +67,14 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
     blocks = [(name, row["numel"], row["pruned"]) for name, row in block_details.items()]
     totals = tally(module_stats.values())
     kept_zero = totals["kept_zero"]
-    save_model(model, checked.tokenizer, tmp, cfg.max_shard_size)
+    if model is not None:  # a streamed prune has written the model already (`spp.prune.save_streamed_output`)
+        save_model(model, checked.tokenizer, tmp, cfg.max_shard_size)
     written = read_checkpoint(tmp)  # the mask file and manifest name tensors as they were just saved
     stored, stored_layouts = {}, {}
-    for param, keep in keep_by_param.items():
-        keep = keep.t() if layouts[param] == "conv1d" else keep  # mask in the stored shape
-        for name, piece in written.split(param, keep).items():  # a fused expert weight: one per saved tensor
+    for param, packed in keep_by_param.items():  # (E?, out, ceil(in / 8)): a fused weight splits along E and out
+        for name, piece in written.split(param, packed).items():  # a fused expert weight: one per saved tensor
             stored[name], stored_layouts[name] = piece, layouts[param]
-    save_masks(tmp / MASK_FILE, stored, stored_layouts)
+    save_packed_masks(tmp / MASK_FILE, stored, {name: written.tensors[name].shape for name in stored}, stored_layouts)
     modules = module_records(written, module_stats, requested, layouts)
     errors = [(param, r["reconstruction_error"]) for param, s in module_stats.items()  # an expert weight: per piece
               for r in s.get("pieces", [s]) if "reconstruction_error" in r]
@@ -103,7 +111,7 @@ def write_output(cfg, checked, model, pruned, start, tmp: Path) -> PruneReport:
     return PruneReport(output=Path(cfg.output), method=cfg.method, pattern=cfg.pattern,
                        requested_sparsity=cfg.sparsity, blocks=blocks, total_sparsity=totals["sparsity"],
                        kept_zero=kept_zero, wall_time_s=time.perf_counter() - start, dampening_retries=retries,
-                       model=model, requested_blocks={b: d["requested"] for b, d in block_details.items()},
+                       _model=model, requested_blocks={b: d["requested"] for b, d in block_details.items()},
                        dense_layers=list(plan.dense), expert_fallbacks=fallbacks, block_errors=block_errors,
                        mean_error=mean_error, refine=refine)
 

@@ -8,7 +8,8 @@ passes some arguments positionally). Cache objects are dropped. `walk_blocks` th
 one block at a time on the device, after running it with hooks on its chosen linear layers
 to collect statistics (and a pre-hook on each experts module of its chosen expert weights recording the routed
 tokens: `spp.prune.experts`); once the caller has pruned it, the *pruned* block runs to produce the
-next block's inputs, as SparseGPT and Wanda do. Forwards are batched over windows. This
+next block's inputs, as SparseGPT and Wanda do. A streamed model's blocks stay on the meta device except while
+walked (`hold`: read, then released). Forwards are batched over windows. This
 module knows nothing about any pruning method: it takes an `accumulate` function
 (statistics from layer inputs) and leaves the pruning to its caller (`spp.prune.prune_model`).
 """
@@ -222,6 +223,7 @@ def walk_blocks(
     chosen: list[dict[str, Target]] | None = None,
     start: int = 0,
     dense: bool = False,
+    hold: Callable[[int], contextlib.AbstractContextManager] | None = None,
 ) -> Iterator[Block]:
     """Yield each decoder block on `device` with the statistics of its chosen layers, calibration flowing block to block.
 
@@ -243,6 +245,9 @@ def walk_blocks(
         start: the first block to yield (a resumed run: blocks before it are already pruned and `inputs.hidden`
             holds block `start`'s inputs).
         dense: the statistics pass described above.
+        hold: block index -> a context entered before the block is used and left once the caller is done with it
+            (after `finish`): a streamed model's blocks are read from the checkpoint and released there
+            (`spp.prune.prune_model`). None: the blocks are all in memory.
     """
     state = inputs
     if dense and inputs is not None:
@@ -253,21 +258,27 @@ def walk_blocks(
             if state is not None:
                 state.calls[index] = []
             continue
-        home = next(module.parameters()).device
-        module.to(device)
-        targets = block_targets(module) if chosen is None else chosen[index]
-        experts = expert_targets(targets)
-        last = index + 1 == len(blocks)
-        stats, routes = {}, None
-        if state is not None and accumulate is not None:
-            layers = {n: t.module for n, t in targets.items() if n not in experts}
-            modules = {n.rsplit(".", 1)[0]: t.module for n, t in experts.items()}
-            with _recording(layers, accumulate) as stats, recording_routes(modules, state.storage) as routes:
-                outputs = run_block(module, index, state, device, keep_outputs=dense and not last)
-            if dense and not last:
-                state.hidden = outputs
-        block = Block(index, module, targets, stats, routes, _inputs=None if dense else state, _last=last,
-                      _device=device, _home=home)
-        del stats, routes  # the block holds them, and drops them before it runs again
-        yield block
-        block.finish()
+        with hold(index) if hold is not None else contextlib.nullcontext():
+            yield from _walk_one(index, module, state, accumulate, device, chosen, dense, len(blocks))
+
+
+def _walk_one(index, module, state, accumulate, device, chosen, dense, n_blocks) -> Iterator[Block]:
+    """`walk_blocks` for one block: its statistics pass, the yield, then `finish`."""
+    home = next(module.parameters()).device
+    module.to(device)
+    targets = block_targets(module) if chosen is None else chosen[index]
+    experts = expert_targets(targets)
+    last = index + 1 == n_blocks
+    stats, routes = {}, None
+    if state is not None and accumulate is not None:
+        layers = {n: t.module for n, t in targets.items() if n not in experts}
+        modules = {n.rsplit(".", 1)[0]: t.module for n, t in experts.items()}
+        with _recording(layers, accumulate) as stats, recording_routes(modules, state.storage) as routes:
+            outputs = run_block(module, index, state, device, keep_outputs=dense and not last)
+        if dense and not last:
+            state.hidden = outputs
+    block = Block(index, module, targets, stats, routes, _inputs=None if dense else state, _last=last,
+                  _device=device, _home=home)
+    del stats, routes  # the block holds them, and drops them before it runs again
+    yield block
+    block.finish()
