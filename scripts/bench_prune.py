@@ -278,6 +278,8 @@ def compare_cell(args, cell: str, pattern: str) -> dict:
     key = f"{cell}@{pattern}".replace("/", "-").replace(":", "of")
     record_path = cells / f"{key}.json"
     out = cells / key
+    if args.report_only and not record_path.is_file():
+        return None
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if cell != "dense" and "stage_s" not in record:  # a record of an earlier version of this script
@@ -326,8 +328,10 @@ def compare(args) -> list[dict]:
     print(f"  dense ppl {records[0]['ppl']:.2f}", file=sys.stderr, flush=True)
     for pattern in args.patterns.split(","):  # a column at a time: the first patterns given finish first
         for cell in args.cells.split(","):
-            records.append(compare_cell(args, cell, pattern))
-            r = records[-1]
+            r = compare_cell(args, cell, pattern)
+            if r is None:  # --report-only: a cell not run yet
+                continue
+            records.append(r)
             print(f"  {cell:22s} {pattern:4s} ppl {r['ppl']:9.2f}  error {r['error'] or float('nan'):.4f}  "
                   f"cpu {r['cpu_s']:7.1f} s  wall {r['wall_s']:7.1f} s  verify {r['verify']}", file=sys.stderr,
                   flush=True)
@@ -383,6 +387,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ppl-seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--keep-models", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="--compare: report the finished cells, run none")
     parser.add_argument("--report", help="--compare: write the Markdown table here after every cell; "
                         "--memory: write the results page here")
     parser.add_argument("--memory", action="store_true", help="streamed vs in-memory prune peak RSS (see above)")
