@@ -102,19 +102,6 @@ def _task_instances(setup, limit: int | None) -> dict[str, list]:
     return out
 
 
-def _answers(instances, scores) -> dict[int, tuple[int, float]]:
-    """doc id -> (argmax choice, margin between the two best log-likelihoods)."""
-    docs: dict[int, list] = {}
-    for inst, (ll, _) in zip(instances, scores):
-        docs.setdefault(inst.doc_id, []).append((inst.idx, ll))
-    out = {}
-    for doc, choices in docs.items():
-        lls = [ll for _, ll in sorted(choices)]
-        ranked = sorted(lls, reverse=True)
-        out[doc] = (lls.index(ranked[0]), ranked[0] - ranked[1] if len(ranked) > 1 else float("inf"))
-    return out
-
-
 def bench_zeroshot(model_path: str, task_data: str, limit: int | None = 500, old_items: int = 40,
                    batch_size: int | None = None, sweep: tuple[int, ...] = (), progress=lambda line, partial: print(line)) -> dict:
     """Seconds, tokens and tokens/s of lm-eval's batch_size=1, a plain forward and spp's default, per task.
@@ -127,7 +114,7 @@ def bench_zeroshot(model_path: str, task_data: str, limit: int | None = 500, old
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from spp.eval.loglikelihood import CPU_BATCH, SharedContextLM, context_groups
+    from spp.eval.loglikelihood import CPU_BATCH, SharedContextLM, chosen_answers, context_groups
     from spp.eval.zeroshot import LOCAL_TASKS, prepare_tasks
     from spp.io.reader import read_checkpoint
     from spp.models import load_model, load_tokenizer
@@ -175,7 +162,7 @@ def bench_zeroshot(model_path: str, task_data: str, limit: int | None = 500, old
             pairs = encoded(shared)[0]
             t_plain, _ = _timed(lambda: _plain_forward(model, groups, pairs, batch_size), "cpu")
             t_new, ours = _timed(lambda: new.loglikelihood(shared), "cpu")
-            a, b = _answers(shared, scores_old), _answers(shared, ours)
+            a, b = chosen_answers(shared, scores_old), chosen_answers(shared, ours)
             changed = [doc for doc in a if a[doc][0] != b[doc][0]]
             near = [doc for doc in changed if min(a[doc][1], b[doc][1]) < 1e-4]
             record = {

@@ -5,19 +5,6 @@ import pytest
 from spp.eval import zeroshot as Z
 
 
-def answers(instances, scores) -> dict[int, tuple[int, float]]:
-    """doc id -> (chosen answer, margin between the two best log-likelihoods), as lm-eval's `acc` picks it."""
-    docs: dict[int, list] = {}
-    for inst, (ll, _) in zip(instances, scores):
-        docs.setdefault(inst.doc_id, []).append((inst.idx, ll))
-    out = {}
-    for doc, choices in docs.items():
-        lls = [ll for _, ll in sorted(choices)]
-        ranked = sorted(lls, reverse=True)
-        out[doc] = (lls.index(ranked[0]), ranked[0] - ranked[1])
-    return out
-
-
 def test_batched_equals_batch_size_one_item_by_item(shared_data, tmp_path):
     """BoolQ (long passages, some truncated to the 512-token context; one-token answers) and ARC-Easy (3 to 5
     answers of several tokens: the cached second pass), 12 items each, 5 contexts per forward, against HFLM at
@@ -25,7 +12,7 @@ def test_batched_equals_batch_size_one_item_by_item(shared_data, tmp_path):
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from spp.eval.loglikelihood import SharedContextLM
+    from spp.eval.loglikelihood import SharedContextLM, chosen_answers
     from spp.models import load_model, load_tokenizer
 
     model_dir = shared_data / "stories260K-hf"
@@ -48,7 +35,7 @@ def test_batched_equals_batch_size_one_item_by_item(shared_data, tmp_path):
         for (ll, greedy), (ref_ll, ref_greedy) in zip(ours, theirs):
             assert ll == pytest.approx(ref_ll, rel=1e-5, abs=1e-4), name
             assert greedy == ref_greedy, name
-        a, b = answers(instances, theirs), answers(instances, ours)
+        a, b = chosen_answers(instances, theirs), chosen_answers(instances, ours)
         changed = [doc for doc in a if a[doc][0] != b[doc][0]]
         assert all(min(a[doc][1], b[doc][1]) < Z.NEAR_TIE for doc in changed), (name, changed)
         assert len(a) == 12

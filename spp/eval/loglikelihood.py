@@ -151,6 +151,20 @@ def continuation_logprobs(model, requests: list[Request], max_length: int, batch
     return results
 
 
+def chosen_answers(instances, scores: list[tuple[float, bool]]) -> dict[int, tuple[int, float]]:
+    """doc id -> (the choice lm-eval's `acc` picks, the margin between the two best log-likelihoods; inf for one
+    choice), from lm-eval's log-likelihood instances and their (log p, greedy) scores in the same order."""
+    docs: dict[int, list] = {}
+    for inst, (ll, _) in zip(instances, scores):
+        docs.setdefault(inst.doc_id, []).append((inst.idx, ll))
+    out = {}
+    for doc, choices in docs.items():
+        lls = [ll for _, ll in sorted(choices)]
+        ranked = sorted(lls, reverse=True)
+        out[doc] = (lls.index(ranked[0]), ranked[0] - ranked[1] if len(ranked) > 1 else float("inf"))
+    return out
+
+
 class SharedContextLM(HFLM):
     """lm-eval's `HFLM` on an in-memory model, with `continuation_logprobs` for its log-likelihood requests.
 
