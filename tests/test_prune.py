@@ -415,7 +415,7 @@ from safetensors.torch import load_file  # noqa: E402
 from conftest import MOE_CONFIGS, make_moe_model  # noqa: E402
 from spp.io.checkpoint import PRUNE_PROGRESS_DIR, PRUNE_PROGRESS_FILE, partial_path  # noqa: E402
 from spp.prune import METHODS  # noqa: E402
-from spp.prune.alps import alps_prune  # noqa: E402
+from spp.prune.alps import alps_prune, default_iters  # noqa: E402
 from spp.prune.experts import expert_down_inputs, prune_expert_weights, routed_inputs  # noqa: E402
 from spp.prune.masks import parse_pattern, select_mask  # noqa: E402
 from spp.prune.wanda import magnitude_scores  # noqa: E402
@@ -532,7 +532,7 @@ def reference_expert_masks(model_dir: Path, pruned_dir: Path, calib: Path, metho
                 out[name] = (keep, torch.where(keep, W, torch.zeros(())))
             elif method == "alps":  # the shipped settings (PruneConfig's alps_* defaults)
                 H = hessian_from_sum(*accumulate_hessian(None, X_e))
-                W_new, keep, _ = alps_prune(W, H, n_m, sparsity, max_iter=15)
+                W_new, keep, _ = alps_prune(W, H, n_m, sparsity, max_iter=default_iters(n_m))
                 out[name] = (keep, W_new)
             else:
                 H = hessian_from_sum(*accumulate_hessian(None, X_e))
