@@ -15,6 +15,7 @@ callers pass the prefixes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -134,6 +135,20 @@ def release(module: nn.Module) -> None:
                 owner._buffers[name] = torch.empty_like(buffer, device="meta")
     released.clear()
     _return_freed_memory()
+
+
+@contextlib.contextmanager
+def outside_blocks(model: nn.Module, checkpoint: Checkpoint, blocks_name: str):
+    """Hold the tensors outside the decoder blocks `blocks_name` (`model.layers`) on the CPU: the embeddings and
+    norms that capturing the blocks' inputs runs. The output head, which that never reaches, stays on meta (a head
+    tied to the embeddings is read under their name). Everything is released on exit."""
+    head = model.get_output_embeddings()
+    heads = tuple(f"{name}." for name, module in model.named_modules() if module is head and name)
+    load(model, checkpoint, "", "cpu", skip=(f"{blocks_name}.", *heads))
+    try:
+        yield
+    finally:
+        release(model)
 
 
 def _return_freed_memory() -> None:

@@ -5,8 +5,8 @@ calibration windows, the model as a skeleton on the meta device (`spp.io.stream`
 loop over `sequential.walk_blocks` (each block read from the checkpoint, on the device with its statistics and
 routed tokens, released once kept) that prunes each block's layers with the method picked from `METHODS`, then
 one atomic output directory holding the `save_pretrained` files (written from the kept blocks, byte for byte
-what `save_pretrained` writes), `spp/masks.safetensors`, the resolved config and the manifest. Every finished block is persisted in `OUTPUT.partial/` (`spp.io.progress`),
-so `--resume` continues a killed or interrupted run at its first unfinished block, with
+what `save_pretrained` writes), `spp/masks.safetensors`, the resolved config and the manifest. Every finished
+block is persisted in `OUTPUT.partial/` (`spp.io.progress`), so `--resume` continues a killed or interrupted run at its first unfinished block, with
 the same result bit for bit (it refuses other run conditions, `spp.io.conditions`). Which layers are
 pruned, and at what sparsity, is `plan.plan_layers` (--targets, --ignore, sparsity_overrides; a
 mixture-of-experts block's fused expert weights among them, pruned per saved tensor by `experts`); with
@@ -356,24 +356,6 @@ def _holding(model: nn.Module, checkpoint, blocks_name: str):
     return hold
 
 
-@contextlib.contextmanager
-def _outside_blocks(model: nn.Module, checkpoint, blocks_name: str):
-    """For a streamed model (`checkpoint` given), the tensors outside the decoder blocks that the capture runs
-    (embeddings; not the output head, which it never reaches, unless tied to them), released afterwards."""
-    if checkpoint is None:
-        yield
-        return
-    from spp.io import stream
-
-    head = model.get_output_embeddings()
-    head_name = next((f"{name}." for name, module in model.named_modules() if module is head), None)
-    stream.load(model, checkpoint, "", skip=(f"{blocks_name}.",) + ((head_name,) if head_name else ()))
-    try:
-        yield
-    finally:
-        stream.release(model)
-
-
 def save_streamed_output(model: nn.Module, checked, cfg: PruneConfig, tmp: Path) -> None:
     """Write what `spp.io.checkpoint.save_model` writes for the pruned model into `tmp`, byte for byte, from the
     pruned blocks `prune_model` kept in `tmp`'s progress and the unchanged rest of the input checkpoint, one part at
@@ -383,6 +365,7 @@ def save_streamed_output(model: nn.Module, checked, cfg: PruneConfig, tmp: Path)
     from spp.io.progress import load_block
     from spp.models import find_decoder_blocks
 
+    checkpoint = checked.checkpoint
     blocks_name, blocks = find_decoder_blocks(model)
     parts = {f"{blocks_name}.{i}.": i for i in range(len(blocks))}
     outside = [name for name in model.state_dict() if not name.startswith(f"{blocks_name}.")]  # one part each
@@ -395,7 +378,6 @@ def save_streamed_output(model: nn.Module, checked, cfg: PruneConfig, tmp: Path)
         stream.release(model)
         return state
 
-    checkpoint = checked.checkpoint
     stream.save_streamed(model, tmp, cfg.max_shard_size, read_part, list(parts) + outside)
     save_tokenizer(checked.tokenizer, tmp)
     follow_umask(*(p for p in tmp.iterdir() if p.is_file()))
@@ -470,7 +452,9 @@ def prune_model(
     hold = None if checkpoint is None else _holding(model, checkpoint, blocks_name)
     inputs = None
     if windows is not None and needs_calibration(cfg):
-        with _outside_blocks(model, checkpoint, blocks_name):
+        from spp.io.stream import outside_blocks
+
+        with contextlib.nullcontext() if checkpoint is None else outside_blocks(model, checkpoint, blocks_name):
             inputs = capture_block_inputs(model, blocks, windows, cfg.batch_size, storage)
     if inputs is None and (cfg.refine != "none" or cfg.record_error):
         flag = f"--refine {cfg.refine}" if cfg.refine != "none" else "--record-error"
@@ -554,7 +538,8 @@ def owl_block_sparsities(model: nn.Module, inputs, plan: LayerPlan, cfg: PruneCo
     """OWL's statistics pass over the dense model and the block sparsities it gives (`spp.prune.owl`).
 
     Only the layers at the default sparsity take part (not ignored, not overridden); a block with none
-    gets None. `hold`: as `walk_blocks`'s (a streamed model: each block read for its pass, then released). Returns {"m", "lmbda", "outlier_share": [D_l or None], "sparsity": [s_l or None]}.
+    gets None. `hold`: as `walk_blocks`'s (a streamed model: each block read for its pass, then released).
+    Returns {"m", "lmbda", "outlier_share": [D_l or None], "sparsity": [s_l or None]}.
 
     Raises:
         SppError: a layer saw no calibration input, or a block sparsity falls outside [0, 1).

@@ -90,7 +90,7 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
     from spp.adapter.model import add_block_adapter, adapter_state_dict, find_targets
     from spp.io.progress import recovered_inputs, save_recovered_block
     from spp.io.reader import read_checkpoint
-    from spp.io.stream import load, release, skeleton
+    from spp.io.stream import load, outside_blocks, release, skeleton
     from spp.models import find_decoder_blocks
 
     student = skeleton(checkpoint, dtype).requires_grad_(False)
@@ -103,10 +103,9 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
                        "(no entry in its mask file): nothing to adapt; set adapt_unpruned: true to adapt them anyway")
     prefix, blocks = find_decoder_blocks(student)
     teacher_prefix, teacher_blocks = find_decoder_blocks(teacher)
-    load(student, checkpoint, "", "cpu", skip=(f"{prefix}.", *_output_layer(student)))  # embeddings, norms
-    with torch.no_grad():  # block 0's inputs and every block's call arguments: the embeddings only
+    # block 0's inputs and every block's call arguments: the embeddings only
+    with outside_blocks(student, checkpoint, prefix), torch.no_grad():
         captured = capture_block_inputs(student, blocks, windows, cfg.micro_batch_size, device)
-    release(student)
     streams, records = {"student": captured.hidden}, []
     if blocks_done:
         streams, records = recovered_inputs(workdir, blocks_done, device)
@@ -136,14 +135,6 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
         blocks[index] = nn.Module()  # its adapter is in the progress now: drop the block with the adapter's state
         fault_point("block_done", index)
     return Recovered(adapted=targets, records=records)
-
-
-def _output_layer(model: nn.Module) -> tuple[str, ...]:
-    """The output layer's name prefix when it is not tied to the embeddings (capturing block inputs never runs it)."""
-    output = model.get_output_embeddings()
-    if output is None or output.weight is model.get_input_embeddings().weight:
-        return ()
-    return tuple(f"{name}." for name, module in model.named_modules() if module is output)
 
 
 def write_recovered_adapter(workdir: Path, adapter_cfg, n_blocks: int) -> int:
