@@ -571,19 +571,24 @@ def _hook_replace(monkeypatch, root: Path, code: int) -> None:
 
 
 def _hook_safetensors(monkeypatch, root: Path, code: int) -> None:
-    """Every safetensors write fails as safetensors' Rust writer does on a full disk (SafetensorError, not OSError)."""
+    """Every safetensors write fails: safetensors' Rust writer as it does on a full disk (SafetensorError, not
+    OSError), and spp's own streamed writer (streamed prune shards, the mask file, the block-wise adapter) with the
+    OSError its file write would raise."""
     import safetensors.torch
     import transformers.modeling_utils
     from safetensors import SafetensorError
 
-    import spp.io.maskfile
+    import spp.io.checkpoint
 
     def fail(*args, **kwargs):
         raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
 
+    def fail_streamed(specs, chunks, path, metadata=None):
+        raise OSError(code, os.strerror(code), str(path))
+
     monkeypatch.setattr(safetensors.torch, "save_file", fail)
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fail)
-    monkeypatch.setattr(spp.io.maskfile, "save", fail)
+    monkeypatch.setattr(spp.io.checkpoint, "save_tensors_streamed", fail_streamed)
 
 
 DISK_ERRORS = {"ENOSPC": (28, "no space left on device"), "EACCES": (13, "permission denied")}

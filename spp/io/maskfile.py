@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from spp.errors import SppError
 
@@ -74,26 +74,12 @@ def save_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[
         if layouts[name] not in LAYOUTS:
             raise ValueError(f"unknown layout {layouts[name]!r} for {name}")
         metadata[name] = json.dumps({"shape": list(shapes[name]), "layout": layouts[name], "bitorder": "little"})
-    names = sorted(packed)  # safetensors' order for tensors of one dtype; metadata keys sorted (`_sorted_metadata`)
+    # safetensors' order for tensors of one dtype, and sorted metadata keys: equal masks give equal files, so equal
+    # sha256 (the mask's identity)
+    names = sorted(packed)
     specs = {name: (torch.uint8, tuple(packed[name].shape)) for name in names}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_tensors_streamed(specs, ({name: packed[name]} for name in names), Path(path), dict(sorted(metadata.items())))
-
-
-def _sorted_metadata(blob: bytes) -> bytes:
-    """The same safetensors bytes with the header's `__metadata__` keys sorted.
-
-    safetensors writes metadata from a Rust HashMap, whose order changes from one process to
-    the next; sorting makes equal masks give equal files, and so equal sha256 (the mask's identity).
-    The header keeps its length (same keys, same values), so the tensor data does not move.
-    """
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + n])
-    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    if len(text) > n:  # cannot happen for a reordering; keep safetensors' own bytes rather than guess
-        return blob
-    return blob[:8] + text + b" " * (n - len(text)) + blob[8 + n :]
 
 
 def load_masks(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
