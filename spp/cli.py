@@ -21,8 +21,8 @@ from typing import Optional
 import typer
 
 from spp import __version__
-from spp.config import (EvalConfig, ExportConfig, MergeConfig, PruneConfig, TrainConfig, merge_into, parse_set,
-                        read_train_config, read_yaml)
+from spp.config import (EvalConfig, ExportConfig, MergeConfig, PruneConfig, TrainConfig, flag_of, merge_into,
+                        parse_set, read_train_config, read_yaml)
 from spp.errors import SppError
 from spp.quiet import quiet_output
 
@@ -77,7 +77,7 @@ class ConfigFlags:
                 hint = next(t for t in typing.get_args(hint) if t is not type(None))
             if typing.get_origin(hint) is typing.Literal:
                 hint = str
-            flag = field.metadata["flag"] or "--" + field.name.replace("_", "-")
+            flag = flag_of(field)
             if field.default is True and "/" not in flag:  # a default-on switch is turned off by its --no- form
                 flag += "/--no-" + flag[2:]
             if self.layered or field.name in self.optional:

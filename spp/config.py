@@ -50,13 +50,17 @@ def option(default=dataclasses.MISSING, help: str = "", flag: str = "", **field_
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag}, **field_kwargs)
 
 
+def flag_of(field: dataclasses.Field) -> str:
+    """A flagged field's flag declaration: `--name`, or the `flag` given to `option` (`--compressed/--dense`)."""
+    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
+
+
 def flag_names(cls) -> dict[str, str]:
     """Config key -> its `spp <stage>` flag (`max_shard_size` -> `--max-shard-size`), for every key that has one.
 
     The one source both `spp.cli` (which builds its flags from it) and `spp run`'s reproduce commands rely on.
     """
-    return {f.name: (f.metadata["flag"] or "--" + f.name.replace("_", "-")).split("/")[0]
-            for f in dataclasses.fields(cls) if "help" in f.metadata}
+    return {f.name: flag_of(f).split("/")[0] for f in dataclasses.fields(cls) if "help" in f.metadata}
 
 
 def read_yaml(path: Path) -> dict:
