@@ -194,12 +194,13 @@ def run_blockwise(cfg: TrainConfig, checkpoint, output: Path, start: float) -> T
             (workdir / TRAIN_LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in recovered.records))
             shutil.rmtree(progress_dir(workdir, BLOCKWISE_PROGRESS_DIR))
             finals = [r["epoch_losses"][-1] for r in recovered.records if "epoch_losses" in r]
-            report = TrainReport(output=output, steps=sum(r.get("steps", 0) for r in recovered.records),
+            steps = sum(r.get("steps", 0) for r in recovered.records)
+            report = TrainReport(output=output, steps=steps,
                                  train_loss=sum(finals) / len(finals) if finals else None, val_loss=None,
                                  trainable_params=trainable,
                                  adapted_modules=len(recovered.adapted), train_examples=cfg.nsamples, val_examples=0,
                                  world_size=1, resumed_from=blocks_done,
-                                 tokens_seen=sum(r.get("steps", 0) for r in recovered.records) * cfg.batch_size * cfg.cutoff_len,
+                                 tokens_seen=steps * cfg.batch_size * cfg.cutoff_len,
                                  wall_time_s=time.time() - start)
             write_train_manifest(workdir, cfg, checkpoint.directory, checkpoint.mask_sha256, report, conditions,
                                  data_hashes)
