@@ -135,15 +135,21 @@ def main():
         cell = "2:4" if pattern else f"{int(sparsity * 100)}%"
         print(f"\n## {cell}")
         totals: dict[str, float] = {}
+        at_most: dict[str, int] = {}  # layers where a method's error is at most SparseGPT's
         for key, W, H, sums in layers:
             row, t = run_cell(W, H, sums, pattern, sparsity, [int(n) for n in args.iters.split(",")])
             for k, v in t.items():
                 totals[k] = totals.get(k, 0.0) + v
+            for k, v in row.items():
+                if isinstance(v, float):
+                    at_most[k] = at_most.get(k, 0) + (v <= row["sparsegpt"])
             print(f"{key:28s} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in row.items()))
             print(f"{'':28s} time(s) " + " ".join(f"{k}={v:.3f}" for k, v in t.items()))
         print(f"{'all layers':28s} CPU time / SparseGPT's: "
               + " ".join(f"{k}={v / totals['sparsegpt']:.2f}x" for k, v in totals.items()))
+        print(f"{'all layers':28s} error at most SparseGPT's on: "
+              + " ".join(f"{k}={n}/{len(layers)}" for k, n in at_most.items()))
 
 
 if __name__ == "__main__":
