@@ -174,8 +174,9 @@ def dsnot_refine(
                 rise = (Wj**2 * H[j, j] + Wk**2 * H[k, k] - 2 * Wj * G[rows, j] + 2 * Wk * G[rows, k]
                         - 2 * Wj * Wk * H[j, k])
             accept &= rise <= 0
-            if G is not None:
-                G += torch.where(accept, Wk, 0.0)[:, None] * H[k] - torch.where(accept, Wj, 0.0)[:, None] * H[j]
+            if G is not None:  # only the accepted rows change: a fraction of them after the first cycles
+                at = accept.nonzero()[:, 0]
+                G[at] += Wk[at, None] * H[k[at]] - Wj[at, None] * H[j[at]]
         keep[rows[accept], j[accept]] = True
         keep[rows[accept], k[accept]] = False
         eps = torch.where(accept, eps_after, eps)
