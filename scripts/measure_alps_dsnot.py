@@ -6,10 +6,11 @@ CPU time of ALPS at several iteration caps (--iters) against SparseGPT, side by 
 summed over the layers.
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/measure_alps_dsnot.py --model ../shared/data/stories260K-hf
-    # SmolLM2-135M's layers (the timing in docs/pruning-methods.md):
+    # SmolLM2-135M's layers (the timing in docs/results/pruning_methods.md): 56 layers, every projection of 8 blocks
     python scripts/measure_alps_dsnot.py --model ../shared/data/smollm2-135m \
-        --gguf SmolLM2-135M-Instruct.Q4_1.gguf --blocks 0,15,28 --windows 8 --seqlen 512 \
-        --synthetic "" --iters 15,30,50,300
+        --gguf SmolLM2-135M-Instruct.Q4_1.gguf --blocks 0,4,8,12,16,20,24,29 \
+        --names q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --windows 8 --seqlen 512 \
+        --synthetic "" --iters 15,30
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--synthetic", default="256x512,512x256")
     ap.add_argument("--iters", default=",".join(map(str, ITERS)), help="ALPS iteration caps to time")
+    ap.add_argument("--patterns", default="0.5,0.6,0.7,2:4", help="sparsities and N:M patterns, in CELLS")
     args = ap.parse_args()
     layers = []
     if args.model:
@@ -133,6 +135,8 @@ def main():
         layers += synthetic_layers(0, [tuple(int(v) for v in s.split("x")) for s in args.synthetic.split(",")], 4096)
     for pattern, sparsity in CELLS:
         cell = "2:4" if pattern else f"{int(sparsity * 100)}%"
+        if ("2:4" if pattern else f"{sparsity:g}") not in args.patterns.split(","):
+            continue
         print(f"\n## {cell}")
         totals: dict[str, float] = {}
         at_most: dict[str, int] = {}  # layers where a method's error is at most SparseGPT's

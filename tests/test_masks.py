@@ -88,13 +88,15 @@ def test_nm_ties_prune_lower_index_first(n, m, data):
 
 @pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (3, 4), (4, 8), (7, 8), (8, 16)])  # both sides of SMALL_GROUP
 @pytest.mark.parametrize("ties", [False, True])
-def test_nm_equals_stable_sort(n, m, ties):
+@pytest.mark.parametrize("rows", [5, 2048])  # few groups (kthvalue) and many (pairwise ranks, up to M = 8)
+def test_nm_equals_stable_sort(n, m, ties, rows):
     """The mask equals pruning the first M − N of each group's stable ascending sort, by either ranking path."""
     g = torch.Generator().manual_seed(n * 100 + m)
-    scores = torch.randint(0, 3, (5, 6 * m), generator=g).float() if ties else torch.randn(5, 6 * m, generator=g)
-    order = scores.reshape(5, 6, m).argsort(dim=-1, stable=True)
-    expected = torch.ones(5, 6, m, dtype=torch.bool).scatter_(-1, order[..., : m - n], False)
-    assert torch.equal(nm_mask(scores, n, m), expected.reshape(5, 6 * m))
+    shape = (rows, 6 * m)
+    scores = torch.randint(0, 3, shape, generator=g).float() if ties else torch.randn(shape, generator=g)
+    order = scores.reshape(rows, 6, m).argsort(dim=-1, stable=True)
+    expected = torch.ones(rows, 6, m, dtype=torch.bool).scatter_(-1, order[..., : m - n], False)
+    assert torch.equal(nm_mask(scores, n, m), expected.reshape(shape))
 
 
 @settings(max_examples=40, deadline=None)
