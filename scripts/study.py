@@ -3,7 +3,7 @@
 
     python scripts/study.py                              # stories: the recovery study (docs/results/study.md)
     python scripts/study.py --preset bar                 # issue 10's bar, about 10 minutes (recovery_bar.md)
-    python scripts/study.py --preset smollm2             # SmolLM2-135M from GGUF, about 90 minutes (smollm2.md)
+    python scripts/study.py --preset smollm2             # SmolLM2-135M from GGUF, issue 28: many CPU-hours (smollm2.md)
     python scripts/study.py --preset owl_ria --bench docs/results/bench_owl.json --machine "..."   # owl_ria.md
     python scripts/study.py --preset NAME --grid tiny --out DIR --work DIR   # a few cells of a few steps
     python scripts/study.py --pairs wanda-2:4,sparsegpt-2:4  # stories: more pruned models
@@ -22,8 +22,15 @@ The presets (`PRESETS`):
   characters) of the TinyStories text, each sparsity-preserving kind at `tinystories.yaml`'s default rate for it
   (150 steps of 8 × 256 tokens), PEFT LoRA at four rates; perplexity over 200 windows of 256 tokens of the
   second half. Writes recovery_bar.md and .json.
-- `smollm2`: SmolLM2-135M-Instruct from its GGUF file, `SMOLLM2_CELLS` with `smollm2.yaml`; WikiText-2 perplexity
-  and lm-eval zero-shot on eight local tasks. Writes smollm2.md and .json.
+- `smollm2`: issue 28's study of SmolLM2-135M-Instruct from its GGUF file (`plan_smollm2`): Wanda, SparseGPT and
+  ALPS at 2:4, 70% and 50%; the best-pruned base of 70% and 2:4 (from the cache) recovered with `smollm2.yaml` by
+  full / SPP / masked LoRA + KD, block-wise `full` and PEFT LoRA + KD, each at the best of 3 rates
+  (`SMOLLM2_RECIPES`, extended along `SMOLLM2_LADDER`) on a validation slice of the C4 recovery text; the Alpaca
+  cell. WikiText-2 perplexity of every model; the zero-shot suite (8 local tasks, 500 items) as a cell of its own
+  on dense, the pruned models and each recipe's chosen rate only (rate-selection runs keep their merge in
+  `--work/kept` until a rate is chosen). Writes smollm2.md and .json, whose `summary` the README's headline block
+  is rendered from (`study_report.smollm2_headline`). Its cost and the commands that start and resume it in the
+  background: docs/real-model.md.
 - `owl_ria`: issue 14's bar: Wanda+OWL vs uniform Wanda at 70%, RIA 2:4 vs Wanda 2:4 and context rows
   (`OWL_CELLS`), each for three calibration seeds, four of them recovered with `tinystories.yaml`. Writes
   owl_ria.md and .json (with `--bench`, `scripts/bench_prune.py --owl`'s timing records).
@@ -33,9 +40,10 @@ PEFT reference (LoRA, HiRA), which `spp train` does not train: `common.train_pef
 schedule and optimizer settings that the same `spp train` command resolves, merged with `merge_and_unload`; then
 `spp eval` of the final model. LoRA unmerged (stories) is measured in this process on the ids `spp eval` builds.
 Every final model is checked against the pruned model's mask file: entries the mask prunes are bitwise +0.0.
-The commands run in this process (`common.run`), each logged in its cell's record. Each finished cell is cached
-as JSON under `--work`, keyed by the settings' sha256, so an interrupted study resumes where it stopped and
-`--report-only` writes the page from a partial study. Nothing in the pages is typed in by hand.
+The commands run in this process (`common.run`), each logged in its cell's record with the process's CPU seconds.
+Each finished cell is cached as JSON under `--work`, keyed by the settings' sha256, and the grid is planned again
+from the cache after every cell (`run_grid`), so an interrupted study resumes where it stopped, in priority order,
+and `--report-only` writes the page from a partial study. Nothing in the pages is typed in by hand.
 """
 
 from __future__ import annotations
@@ -413,6 +421,7 @@ def prepare_data(s: StudySettings, work: Path) -> StudyData:
             than `eval_windows`.
     """
     from spp.eval.perplexity import ppl_text, set_ids
+    from spp.io.reader import local_directory
     from spp.models import load_tokenizer
 
     path = Path(s.text)
@@ -444,7 +453,7 @@ def prepare_data(s: StudySettings, work: Path) -> StudyData:
                      split={"text_chars": len(text), "cut_at_char": len(first), "val_at_char": len(train)})
     if not val:
         return data
-    tokenizer = load_tokenizer(s.model)
+    tokenizer = load_tokenizer(str(local_directory(s.model)))  # a .gguf: its dequantized directory
     val_tokens = set_ids(tokenizer, ppl_text(data.val), s.seqlen).numel()
     if val_tokens < 2 * s.seqlen:
         raise SppError(f"the validation slice (--val-share {s.val_share}) has {val_tokens} tokens, fewer than two "
@@ -498,6 +507,7 @@ def measure(model, s: StudySettings, data: StudyData, out: Path, log: list[str])
     measured in this process, on the ids `spp eval` builds (`ppl_text`, `set_ids`). The zero-shot tasks are a cell
     of their own (`zeroshot_scores`)."""
     from spp.eval.perplexity import perplexity, ppl_text, set_ids
+    from spp.io.reader import local_directory
     from spp.models import load_tokenizer
 
     groups = ([({"val": data.val}, s.seqlen, None)] if data.val else []) + [(data.eval_sets, s.eval_seqlen,
@@ -505,7 +515,7 @@ def measure(model, s: StudySettings, data: StudyData, out: Path, log: list[str])
     found = {"ppl": {}, "nll": {}}
     for i, (sets, seqlen, windows) in enumerate(groups):
         if not isinstance(model, (str, Path)):
-            tokenizer = load_tokenizer(s.model)
+            tokenizer = load_tokenizer(str(local_directory(s.model)))  # a .gguf: its dequantized directory
             entries = {name: dataclasses.asdict(perplexity(model, set_ids(tokenizer, ppl_text(spec), seqlen), seqlen,
                                                            s.eval_batch_size, windows)) for name, spec in sets.items()}
         else:
@@ -772,7 +782,7 @@ PRESETS = {  # name: (settings, settings of --grid tiny, default --kinds, defaul
             dict(calib_nsamples=4, calib_seqlen=128, steps=2, eval_windows=2), "spp,masked_lora,full,lora", "0",
             plan_bar),
     "smollm2": (dict(model=str(DATA / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                     calib=str(DATA / "c4" / "c4_sample.jsonl"), calib_nsamples=32, calib_seqlen=512, val_share=0.05,
+                     calib=str(DATA / "c4" / "c4_sample.jsonl"), calib_nsamples=32, calib_seqlen=512, val_share=0.02,
                      config="smollm2.yaml", train_sets=("save_steps={steps}", "eval_steps={steps}"), steps=40,
                      eval_sets="wikitext", eval_windows=40, eval_seqlen=512, tasks=SMOLLM2_TASKS, limit=500),
                 dict(calib_nsamples=4, steps=2, eval_windows=2, limit=4), "full,spp,masked_lora,lora", "0",
