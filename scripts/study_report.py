@@ -778,9 +778,11 @@ def smollm2_headline(report: dict) -> str:
     s, tasks = report["settings"], summary["headline_tasks"]
     lines = [f"WikiText-2 perplexity: protocol text, seqlen {s['eval_seqlen']}, first {s['eval_windows']} windows. "
              f"Zero-shot: the mean accuracy over the {len(tasks)} tasks where dense is above chance by 2 stderr "
-             f"({', '.join(tasks)}), the first {s['limit']} items of each; Δ: paired difference on the same items "
+             f"({', '.join(tasks)}), the first {s['limit']} items of each (all of a smaller task); Δ: paired "
+             "difference on the same items "
              "with its 95% interval, \"noise\" when it holds 0.", "",
-             "| pattern | model | sparsity after merge | WikiText-2 ppl @512 | mean acc | Δ vs dense | Δ vs PEFT LoRA |",
+             "| pattern | model | sparsity after merge | WikiText-2 ppl @512 | mean acc | Δ vs dense "
+             "| Δ vs PEFT LoRA |",
              "|---|---|---:|---:|---:|---:|---:|"]
     sentences = []
     for pattern, top in summary["headline"].items():
@@ -794,7 +796,8 @@ def smollm2_headline(report: dict) -> str:
             sparsity = "0%" if role == "dense" else f"{m['sparsity']:.1%}"
             lines.append(f"| {pattern} | {label} | {sparsity} | "
                          f"{m['ppl']:.1f} | " + ("–" if m["headline_mean"] is None else f"{m['headline_mean']:.3f}")
-                         + f" | {_diff((m['vs_dense'] or {}).get('mean'))} | {_diff((m['vs_lora'] or {}).get('mean'))} |")
+                         + f" | {_diff((m['vs_dense'] or {}).get('mean'))} | "
+                         + f"{_diff((m['vs_lora'] or {}).get('mean'))} |")
         best, lora = by_key[top["best"]], by_key.get(top["lora"])
         d = (best["vs_lora"] or {}).get("mean")
         if lora and d:
@@ -815,7 +818,8 @@ def smollm2_markdown(report: dict, s) -> str:
         f"# SmolLM2-135M-Instruct: dense → pruned → recovered ({m['cpu_cores']}-core CPU, {m['torch_threads']} "
         f"threads, {platform.machine()})", "",
         f"From `{Path(s.model).name}` (GGUF Q4_1, dequantized by `spp` to float32). Pruning: Wanda, SparseGPT and ALPS "
-        f"(spp's defaults), calibrated on {s.calib_nsamples} windows of {s.calib_seqlen} tokens of `{Path(s.calib).name}`."
+        f"(spp's defaults), calibrated on {s.calib_nsamples} windows of {s.calib_seqlen} tokens of "
+        f"`{Path(s.calib).name}`."
         f" WikiText-2 perplexity: protocol text, seqlen {s.eval_seqlen}, first {s.eval_windows} windows. Recovery of "
         f"the best-pruned base (lowest WikiText-2 perplexity before recovery) with every recipe on the same "
         f"{s.steps * s.batch_size * s.seqlen:,} tokens of C4 (documents 200–999 less the last {s.val_share:.0%}, "
