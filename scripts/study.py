@@ -3,7 +3,7 @@
 
     python scripts/study.py                              # stories: the recovery study (docs/results/study.md)
     python scripts/study.py --preset bar                 # issue 10's bar, about 10 minutes (recovery_bar.md)
-    python scripts/study.py --preset smollm2             # SmolLM2-135M from GGUF, issue 28: many CPU-hours (smollm2.md)
+    python scripts/study.py --preset smollm2             # SmolLM2-135M from GGUF, issue 28: ~22 CPU-hours (smollm2.md)
     python scripts/study.py --preset owl_ria --bench docs/results/bench_owl.json --machine "..."   # owl_ria.md
     python scripts/study.py --preset NAME --grid tiny --out DIR --work DIR   # a few cells of a few steps
     python scripts/study.py --pairs wanda-2:4,sparsegpt-2:4  # stories: more pruned models
