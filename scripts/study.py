@@ -859,7 +859,8 @@ def main(argv: list[str] | None = None) -> dict:
             "missing": [c.key for c in cells if c.key not in records], "split": data.split}
     if args.preset != "stories":
         bench = json.loads(Path(args.bench).read_text()) if args.bench else None
-        return study_report.write_page(args.preset, Path(args.out), settings, records, runs, span, bench, args.machine)
+        return study_report.write_page(args.preset, Path(args.out), settings, records, runs, span, bench, args.machine,
+                                       sweeps)
     return study_report.write_report(Path(args.out), settings, cells, records, runs, span, sweeps, args.note,
                                      grids=LR_GRIDS, common_rate=COMMON_RATE)
 
