@@ -3,7 +3,7 @@
 
     python scripts/study.py                              # stories: the recovery study (docs/results/study.md)
     python scripts/study.py --preset bar                 # issue 10's bar, about 10 minutes (recovery_bar.md)
-    python scripts/study.py --preset smollm2             # SmolLM2-135M from GGUF, about 90 minutes (smollm2.md)
+    python scripts/study.py --preset smollm2             # SmolLM2-135M from GGUF, issue 28: ~22 CPU-hours (smollm2.md)
     python scripts/study.py --preset owl_ria --bench docs/results/bench_owl.json --machine "..."   # owl_ria.md
     python scripts/study.py --preset NAME --grid tiny --out DIR --work DIR   # a few cells of a few steps
     python scripts/study.py --pairs wanda-2:4,sparsegpt-2:4  # stories: more pruned models
@@ -22,8 +22,15 @@ The presets (`PRESETS`):
   characters) of the TinyStories text, each sparsity-preserving kind at `tinystories.yaml`'s default rate for it
   (150 steps of 8 × 256 tokens), PEFT LoRA at four rates; perplexity over 200 windows of 256 tokens of the
   second half. Writes recovery_bar.md and .json.
-- `smollm2`: SmolLM2-135M-Instruct from its GGUF file, `SMOLLM2_CELLS` with `smollm2.yaml`; WikiText-2 perplexity
-  and lm-eval zero-shot on eight local tasks. Writes smollm2.md and .json.
+- `smollm2`: issue 28's study of SmolLM2-135M-Instruct from its GGUF file (`plan_smollm2`): Wanda, SparseGPT and
+  ALPS at 2:4, 70% and 50%; the best-pruned base of 70% and 2:4 (from the cache) recovered with `smollm2.yaml` by
+  full / SPP / masked LoRA + KD, block-wise `full` and PEFT LoRA + KD, each at the best of 3 rates
+  (`SMOLLM2_RECIPES`, extended along `SMOLLM2_LADDER`) on a validation slice of the C4 recovery text; the Alpaca
+  cell. WikiText-2 perplexity of every model; the zero-shot suite (8 local tasks, 500 items) as a cell of its own
+  on dense, the pruned models and each recipe's chosen rate only (rate-selection runs keep their merge in
+  `--work/kept` until a rate is chosen). Writes smollm2.md and .json, whose `summary` the README's headline block
+  is rendered from (`study_report.smollm2_headline`). Its cost and the commands that start and resume it in the
+  background: docs/real-model.md.
 - `owl_ria`: issue 14's bar: Wanda+OWL vs uniform Wanda at 70%, RIA 2:4 vs Wanda 2:4 and context rows
   (`OWL_CELLS`), each for three calibration seeds, four of them recovered with `tinystories.yaml`. Writes
   owl_ria.md and .json (with `--bench`, `scripts/bench_prune.py --owl`'s timing records).
@@ -33,9 +40,10 @@ PEFT reference (LoRA, HiRA), which `spp train` does not train: `common.train_pef
 schedule and optimizer settings that the same `spp train` command resolves, merged with `merge_and_unload`; then
 `spp eval` of the final model. LoRA unmerged (stories) is measured in this process on the ids `spp eval` builds.
 Every final model is checked against the pruned model's mask file: entries the mask prunes are bitwise +0.0.
-The commands run in this process (`common.run`), each logged in its cell's record. Each finished cell is cached
-as JSON under `--work`, keyed by the settings' sha256, so an interrupted study resumes where it stopped and
-`--report-only` writes the page from a partial study. Nothing in the pages is typed in by hand.
+The commands run in this process (`common.run`), each logged in its cell's record with the process's CPU seconds.
+Each finished cell is cached as JSON under `--work`, keyed by the settings' sha256, and the grid is planned again
+from the cache after every cell (`run_grid`), so an interrupted study resumes where it stopped, in priority order,
+and `--report-only` writes the page from a partial study. Nothing in the pages is typed in by hand.
 """
 
 from __future__ import annotations
@@ -76,7 +84,6 @@ LR_GRIDS = {  # the first grid of each recovery (every one holds COMMON_RATE); e
 MAX_EXTENSIONS = 2  # per grid edge
 HEADLINE_KINDS = ("spp", "masked_lora", "full", "lora")  # candidates of the answer table: these get 3 seeds
 BAR_LORA_RATES = (4e-3, 1e-2, 2e-2, 4e-2)  # PEFT LoRA's rates in the bar; its best is taken
-SMOLLM2_LORA_RATE = 1e-3  # as masked LoRA's in smollm2.yaml
 SMOLLM2_TASKS = "piqa,arc_easy,arc_challenge,boolq,winogrande,hellaswag,openbookqa,rte"
 # (method, pattern, owl): the bar's cells first, then context rows; OWL_RECOVERED also train and merge
 OWL_CELLS = (("wanda", "70%", False), ("wanda", "70%", True), ("wanda", "2:4", False), ("ria", "2:4", False),
@@ -84,6 +91,21 @@ OWL_CELLS = (("wanda", "70%", False), ("wanda", "70%", True), ("wanda", "2:4", F
              ("magnitude", "70%", False), ("magnitude", "70%", True), ("wanda", "50%", False),
              ("wanda", "50%", True), ("ria", "50%", False))
 OWL_RECOVERED = OWL_CELLS[:4]
+# smollm2 (issue 28): every method at every pattern; the best-pruned base of each recovered pattern (in run order)
+# recovered by each recipe at its best of 3 rates on the validation slice of the C4 recovery text
+SMOLLM2_METHODS = ("wanda", "sparsegpt", "alps")
+SMOLLM2_PATTERNS = ("2:4", "70%", "50%")
+SMOLLM2_RECOVERED = ("70%", "2:4")
+SMOLLM2_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 4e-3, 1.2e-2, 4e-2, 1.2e-1)  # about x3 apart, through the defaults
+SMOLLM2_RECIPES = {  # (adapter, distill, objective): its first grid, whose middle rung is the default rate
+    ("full", "kd", ""): (3e-5, 1e-4, 3e-4),  # smollm2.yaml's rates: full 1e-4, spp 4e-3, masked LoRA 1e-3
+    ("spp", "kd", ""): (1e-3, 4e-3, 1.2e-2),
+    ("masked_lora", "kd", ""): (3e-4, 1e-3, 4e-3),
+    ("full", "", "blockwise"): (3e-4, 1e-3, 4e-3),  # the best block-wise `full` rate on stories260K (recovery.md)
+    ("lora", "kd", ""): (3e-4, 1e-3, 4e-3),  # PEFT LoRA, as masked LoRA; the same distillation as the others
+}
+ALPACA_SHRINK = ("precision=fp32", "batch_size=16", "micro_batch_size=16", "val_set_size=100")  # alpaca.yaml's note
+ALPACA_STEPS = 20  # x 16 examples: the 320 sequences of 40 x 8 windows
 
 
 # --------------------------------------------------------------------------- settings and cells
@@ -149,7 +171,9 @@ class Cell:
 
     `method` "dense" is the unpruned model; `pattern` "N:M" or "P%" (unstructured), `owl` with OWL's layerwise
     sparsity; `lr` None means the settings' rate (the study's config) or the config's rate for the kind;
-    `distill` "kd" adds logit distillation from the dense model; `data` names the recovery text ("" the first half).
+    `distill` "kd" adds logit distillation from the dense model; `data` names the recovery text ("" the first half);
+    `objective` "blockwise" trains block by block (`spp train --set objective=blockwise`); `zeroshot` is the zero-shot
+    suite (`StudySettings.tasks`) on the final model of the same cell without it, which a study with tasks keeps.
     """
 
     method: str
@@ -160,6 +184,8 @@ class Cell:
     distill: str = ""
     owl: bool = False
     data: str = ""
+    objective: str = ""
+    zeroshot: bool = False
 
     @property
     def prune_key(self) -> str:
@@ -169,7 +195,8 @@ class Cell:
     @property
     def key(self) -> str:
         return (f"{self.prune_key}-{self.adapter}" + (f"-lr{self.lr:g}" if self.lr is not None else "")
-                + (f"-{self.distill}" if self.distill else "") + (f"-{self.data}" if self.data else ""))
+                + (f"-{self.distill}" if self.distill else "") + (f"-{self.data}" if self.data else "")
+                + (f"-{self.objective}" if self.objective else "") + ("-zeroshot" if self.zeroshot else ""))
 
     @property
     def recipe(self) -> tuple[str, str, str, str]:
@@ -210,12 +237,14 @@ def kd_grid(plain_best: float) -> tuple[float, ...]:
     return LADDER[max(i - 1, 0): i + 2]
 
 
-def sweep(recipe: tuple, records: dict[str, dict], seed: int, grid: tuple[float, ...] | None = None) -> dict:
+def sweep(recipe: tuple, records: dict[str, dict], seed: int, grid: tuple[float, ...] | None = None, *,
+          ladder: tuple[float, ...] = LADDER, base: Cell | None = None, max_extensions: int = MAX_EXTENSIONS) -> dict:
     """The learning-rate sweep of one recipe at `seed`, as far as `records` allow.
 
     Starts from `grid` (default `LR_GRIDS[adapter]`); while every rate so far is recorded and the
-    best validation NLL sits at an edge with a further rung of `LADDER`, adds that rung (at most
-    MAX_EXTENSIONS per edge).
+    best validation NLL sits at an edge with a further rung of `ladder`, adds that rung (at most
+    `max_extensions` per edge). The sweep's cells are `base` (default the recipe's plain cell at
+    `seed`) at each rate.
 
     Returns:
         {"rates": rates to run (sorted), "best": the chosen rate or None while some are missing,
@@ -223,20 +252,20 @@ def sweep(recipe: tuple, records: dict[str, dict], seed: int, grid: tuple[float,
          "grid": the first grid, "val_nll": by rate, once chosen}.
     """
     method, pattern, adapter, distill = recipe
+    base = base or Cell(method, pattern, adapter, seed, None, distill)
     rates = sorted(LR_GRIDS[adapter] if grid is None else grid)
     first = list(rates)
     added = {"low": 0, "high": 0}
     while True:
-        vals = {lr: validation_nll(records.get(Cell(method, pattern, adapter, seed, lr, distill).key))
-                for lr in rates}
-        if any(Cell(method, pattern, adapter, seed, lr, distill).key not in records for lr in rates):
+        vals = {lr: validation_nll(records.get(dataclasses.replace(base, lr=lr).key)) for lr in rates}
+        if any(dataclasses.replace(base, lr=lr).key not in records for lr in rates):
             return {"rates": rates, "best": None, "edge": None, "extended": added, "grid": first}
         best = min(rates, key=lambda lr: (vals[lr], lr))  # ties: the smaller rate
-        i = LADDER.index(best)
-        if best == rates[-1] and i + 1 < len(LADDER) and added["high"] < MAX_EXTENSIONS:
-            rates, added["high"] = rates + [LADDER[i + 1]], added["high"] + 1
-        elif best == rates[0] and i > 0 and added["low"] < MAX_EXTENSIONS:
-            rates, added["low"] = [LADDER[i - 1]] + rates, added["low"] + 1
+        i = ladder.index(best)
+        if best == rates[-1] and i + 1 < len(ladder) and added["high"] < max_extensions:
+            rates, added["high"] = rates + [ladder[i + 1]], added["high"] + 1
+        elif best == rates[0] and i > 0 and added["low"] < max_extensions:
+            rates, added["low"] = [ladder[i - 1]] + rates, added["low"] + 1
         else:
             edge = best in (rates[0], rates[-1]) and math.isfinite(vals[best])
             return {"rates": rates, "best": best if math.isfinite(vals[best]) else None, "edge": edge,
@@ -306,27 +335,68 @@ def plan(name: str, records: dict[str, dict], seeds: tuple[int, ...] = (0, 1, 2)
 # --------------------------------------------------------------------------- the other presets' grids
 
 
-def plan_bar(grid: str, kinds: tuple[str, ...], seeds: tuple[int, ...]) -> list[Cell]:
+def plan_bar(grid: str, kinds: tuple[str, ...], seeds: tuple[int, ...], records: dict) -> tuple[list[Cell], dict]:
     """Dense, Wanda 2:4, each of spp's kinds at the config's rate for it, PEFT LoRA at each of `BAR_LORA_RATES`."""
     cells = [Cell("dense", "0%"), Cell("wanda", "2:4")] + [Cell("wanda", "2:4", k) for k in kinds if k in SPARSE_KINDS]
-    return cells + [Cell("wanda", "2:4", "lora", lr=lr) for lr in BAR_LORA_RATES if "lora" in kinds]
+    return cells + [Cell("wanda", "2:4", "lora", lr=lr) for lr in BAR_LORA_RATES if "lora" in kinds], {}
 
 
-def plan_smollm2(grid: str, kinds: tuple[str, ...], seeds: tuple[int, ...]) -> list[Cell]:
-    """In run order, most important first; `tiny`: the first four (dense, Wanda 2:4, two recoveries)."""
-    cells = [Cell("dense", "0%"), Cell("wanda", "2:4"), Cell("wanda", "2:4", "full", distill="kd", data="c4"),
-             Cell("wanda", "2:4", "spp", distill="kd", data="c4"),
-             Cell("wanda", "2:4", "lora", lr=SMOLLM2_LORA_RATE, data="c4"), Cell("sparsegpt", "2:4"),
-             Cell("wanda", "2:4", "full", distill="kd", data="alpaca"),
-             Cell("sparsegpt", "2:4", "full", distill="kd", data="c4"), Cell("wanda", "50%"),
-             Cell("sparsegpt", "50%"), Cell("wanda", "70%")]
-    return cells[:4] if grid == "tiny" else cells
+def best_pruned(records: dict[str, dict], pattern: str, methods: tuple[str, ...] = SMOLLM2_METHODS) -> str | None:
+    """The method whose pruned model at `pattern` has the lowest WikiText-2 perplexity before recovery (ties: the
+    first in `methods`), from the cached cells; None while one of them is not recorded."""
+    found = [records.get(Cell(m, pattern).key) for m in methods]
+    if any(r is None or not r.get("rows") for r in found):
+        return None
+    return min(zip(methods, found), key=lambda x: x[1]["rows"][0]["ppl"]["wikitext"])[0]
 
 
-def plan_owl_ria(grid: str, kinds: tuple[str, ...], seeds: tuple[int, ...]) -> list[Cell]:
+def plan_smollm2(grid: str, kinds: tuple[str, ...], seeds: tuple[int, ...], records: dict) -> tuple[list[Cell], dict]:
+    """Issue 28's SmolLM2 grid, as far as the cache (`records`) makes it known, most valuable first.
+
+    0: dense and every `SMOLLM2_METHODS` x `SMOLLM2_PATTERNS` pruned model (perplexities); 1: the best-pruned base
+    (`best_pruned`) of each `SMOLLM2_RECOVERED` pattern recovered by every `SMOLLM2_RECIPES` recipe (of `kinds`) at
+    its default rate; 2: the zero-shot suite of dense and of those bases; 3: the zero-shot suite of each recipe at the
+    rate its sweep chose (`sweep` on `SMOLLM2_LADDER`, extended at an edge at most `MAX_EXTENSIONS` times); 4: the
+    other rates of the sweeps; 5: the Alpaca cell (`alpaca.yaml` shrunk: SPP on the best 2:4 base) and its zero-shot
+    suite; 6: the zero-shot suite of the other pruned models. `tiny`: Wanda and SparseGPT at 2:4 only, each recipe
+    at its default rate alone (no sweep), for the test.
+
+    Returns:
+        (cells in the order to run them, {"PATTERN/adapter/distill/objective": sweep}).
+    """
+    tiny = grid == "tiny"
+    methods, patterns = (("wanda", "sparsegpt"), ("2:4",)) if tiny else (SMOLLM2_METHODS, SMOLLM2_PATTERNS)
+    stages: list[list[Cell]] = [[] for _ in range(7)]
+    stages[0] = [Cell("dense", "0%")] + [Cell(m, p) for p in patterns for m in methods]
+    stages[2].append(Cell("dense", "0%", zeroshot=True))
+    sweeps, bases = {}, {}
+    for pattern in [p for p in SMOLLM2_RECOVERED if p in patterns]:
+        if (best := bases.setdefault(pattern, best_pruned(records, pattern, methods))) is None:
+            continue
+        stages[2].append(Cell(best, pattern, zeroshot=True))
+        for (adapter, distill, objective), rates in SMOLLM2_RECIPES.items():
+            if adapter not in kinds:
+                continue
+            base = Cell(best, pattern, adapter, seeds[0], None, distill, data="c4", objective=objective)
+            middle = rates[len(rates) // 2]
+            found = sweep((best, pattern, adapter, distill), records, seeds[0], (middle,) if tiny else rates,
+                          ladder=SMOLLM2_LADDER, base=base, max_extensions=0 if tiny else MAX_EXTENSIONS)
+            sweeps["/".join((pattern, adapter, distill, objective))] = found
+            stages[1].append(dataclasses.replace(base, lr=middle))
+            stages[4] += [dataclasses.replace(base, lr=lr) for lr in found["rates"] if lr != middle]
+            if found["best"] is not None:
+                stages[3].append(dataclasses.replace(base, lr=found["best"], zeroshot=True))
+    if bases.get("2:4") and "spp" in kinds and not tiny:
+        alpaca = Cell(bases["2:4"], "2:4", "spp", seeds[0], data="alpaca")
+        stages[5] += [alpaca, dataclasses.replace(alpaca, zeroshot=True)]
+    stages[6] = [Cell(m, p, zeroshot=True) for p in patterns for m in methods if bases.get(p) != m]
+    return [c for stage in stages for c in stage], sweeps
+
+
+def plan_owl_ria(grid: str, kinds: tuple[str, ...], seeds: tuple[int, ...], records: dict) -> tuple[list[Cell], dict]:
     """Every `OWL_CELLS` pruned model per calibration seed, then `OWL_RECOVERED` recovered by each of `kinds`."""
     cells = [Cell("dense", "0%")] + [Cell(m, p, seed=s, owl=o) for s in seeds for m, p, o in OWL_CELLS]
-    return cells + [Cell(m, p, k, s, owl=o) for s in seeds for m, p, o in OWL_RECOVERED for k in kinds]
+    return cells + [Cell(m, p, k, s, owl=o) for s in seeds for m, p, o in OWL_RECOVERED for k in kinds], {}
 
 
 # --------------------------------------------------------------------------- data
@@ -351,6 +421,7 @@ def prepare_data(s: StudySettings, work: Path) -> StudyData:
             than `eval_windows`.
     """
     from spp.eval.perplexity import ppl_text, set_ids
+    from spp.io.reader import local_directory
     from spp.models import load_tokenizer
 
     path = Path(s.text)
@@ -358,14 +429,18 @@ def prepare_data(s: StudySettings, work: Path) -> StudyData:
         raise SppError(f"--text {path} does not exist")
     text = path.read_text(encoding="utf-8")
     first, second = split_halves(text) if s.split == "line" else (text[: len(text) // 2], text[len(text) // 2:])
-    cut = first.find("\n", int(len(first) * (1 - s.val_share))) if s.val_share else -1
-    train, val = (first, "") if cut < 0 else (first[: cut + 1], first[cut + 1:])
-    work.mkdir(parents=True, exist_ok=True)
-    files = {"calib_first_half.txt": first, "train_text.txt": train, "val_text.txt": val,
-             "heldout_second_half.txt": second}
-    if s.calib.endswith(".jsonl"):  # C4 documents: the calibration sample; from document 200 on, the recovery text
+
+    def less_val(part: str) -> tuple[str, str]:  # (training text, its last `val_share` from a line break on)
+        cut = part.find("\n", int(len(part) * (1 - s.val_share))) if s.val_share else -1
+        return (part, "") if cut < 0 else (part[: cut + 1], part[cut + 1:])
+
+    train, val = less_val(first)
+    files = {"calib_first_half.txt": first, "train_text.txt": train, "heldout_second_half.txt": second}
+    if s.calib.endswith(".jsonl"):  # C4 documents: the calibration sample; from document 200 on, the recovery text,
         docs = [json.loads(line)["text"] for line in Path(s.calib).read_text(encoding="utf-8").splitlines() if line]
-        files["c4_train.txt"] = "\n\n".join(docs[200:])
+        files["c4_train.txt"], val = less_val("\n\n".join(docs[200:]))  # whose last share is the validation slice
+    files["val_text.txt"] = val
+    work.mkdir(parents=True, exist_ok=True)
     for name, part in files.items():
         if part and (not (work / name).is_file() or (work / name).read_text(encoding="utf-8") != part):
             (work / name).write_text(part, encoding="utf-8")
@@ -378,7 +453,7 @@ def prepare_data(s: StudySettings, work: Path) -> StudyData:
                      split={"text_chars": len(text), "cut_at_char": len(first), "val_at_char": len(train)})
     if not val:
         return data
-    tokenizer = load_tokenizer(s.model)
+    tokenizer = load_tokenizer(str(local_directory(s.model)))  # a .gguf: its dequantized directory
     val_tokens = set_ids(tokenizer, ppl_text(data.val), s.seqlen).numel()
     if val_tokens < 2 * s.seqlen:
         raise SppError(f"the validation slice (--val-share {s.val_share}) has {val_tokens} tokens, fewer than two "
@@ -427,10 +502,12 @@ def prune(cell: Cell, s: StudySettings, data: StudyData, work: Path, log: list[s
 
 
 def measure(model, s: StudySettings, data: StudyData, out: Path, log: list[str]) -> dict:
-    """`spp eval` of a saved model: perplexity and mean NLL per set (`val`: the validation slice at every `seqlen`
-    window; the others at the first `eval_windows` of `eval_seqlen`), zero-shot `tasks`. A model in memory (PEFT
-    LoRA unmerged) is measured in this process, on the ids `spp eval` builds (`ppl_text`, `set_ids`)."""
+    """`spp eval` perplexities of a saved model and mean NLL per set (`val`: the validation slice at every `seqlen`
+    window; the others at the first `eval_windows` of `eval_seqlen`). A model in memory (PEFT LoRA unmerged) is
+    measured in this process, on the ids `spp eval` builds (`ppl_text`, `set_ids`). The zero-shot tasks are a cell
+    of their own (`zeroshot_scores`)."""
     from spp.eval.perplexity import perplexity, ppl_text, set_ids
+    from spp.io.reader import local_directory
     from spp.models import load_tokenizer
 
     groups = ([({"val": data.val}, s.seqlen, None)] if data.val else []) + [(data.eval_sets, s.eval_seqlen,
@@ -438,22 +515,28 @@ def measure(model, s: StudySettings, data: StudyData, out: Path, log: list[str])
     found = {"ppl": {}, "nll": {}}
     for i, (sets, seqlen, windows) in enumerate(groups):
         if not isinstance(model, (str, Path)):
-            tokenizer = load_tokenizer(s.model)
+            tokenizer = load_tokenizer(str(local_directory(s.model)))  # a .gguf: its dequantized directory
             entries = {name: dataclasses.asdict(perplexity(model, set_ids(tokenizer, ppl_text(spec), seqlen), seqlen,
                                                            s.eval_batch_size, windows)) for name, spec in sets.items()}
         else:
             run(["eval", "--model", str(model), *[a for spec in sets.values() for a in ("--ppl", spec)],
                  "--seqlen", str(seqlen), *(["--max-windows", str(windows)] if windows else []),
-                 *(["--tasks", s.tasks, "--task-data", str(DATA / "eval"), "--limit", str(s.limit)] if s.tasks
-                   and sets is data.eval_sets else []), "--batch-size", str(s.eval_batch_size), "--device", s.device,
-                 "--dtype", "float32", "--output", str(out / f"eval{i}"), "--overwrite"], log)
+                 "--batch-size", str(s.eval_batch_size), "--device", s.device, "--dtype", "float32",
+                 "--output", str(out / f"eval{i}"), "--overwrite"], log)
             results = json.loads((out / f"eval{i}" / "results.json").read_text())
             entries = dict(zip(sets, results["perplexity"].values()))
-            if results.get("zeroshot"):
-                found.update(zeroshot=results["zeroshot"]["tasks"], mean_acc=results["zeroshot"]["mean_acc"])
         for name, entry in entries.items():
             found["ppl"][name], found["nll"][name] = entry["ppl"], entry["nll_sum"] / entry["predicted_tokens"]
     return found
+
+
+def zeroshot_scores(model: Path | str, s: StudySettings, out: Path, log: list[str]) -> dict:
+    """`spp eval --tasks` of a saved model on the local task copies, the first `limit` items of each, at `spp eval`'s
+    own batch size for the device. Returns results.json's `zeroshot` (per task acc, stderr, item_acc, baseline)."""
+    run(["eval", "--model", str(model), "--tasks", s.tasks, "--task-data", str(DATA / "eval"),
+         *(["--limit", str(s.limit)] if s.limit else []), "--device", s.device, "--dtype", "float32",
+         "--output", str(out), "--overwrite"], log)
+    return json.loads((out / "results.json").read_text())["zeroshot"]
 
 
 def train_command(cell: Cell, s: StudySettings, data: StudyData, pruned: Path, output: Path, config: str) -> list[str]:
@@ -466,11 +549,16 @@ def train_command(cell: Cell, s: StudySettings, data: StudyData, pruned: Path, o
         sets.append(f"seed={cell.seed}")
     if cell.distill:
         sets.append(f"kd_weight={s.kd_weight:g}")
-    if cell.data == "alpaca":
-        sets.append("data_format=alpaca")
+    steps = s.steps
+    if cell.objective == "blockwise":  # the end-to-end cells' windows (steps x batch_size), drawn from the same text
+        sets += ["objective=blockwise", f"nsamples={s.steps * s.batch_size}"]
+        steps = 0  # block_epochs passes per block instead
+    if cell.data == "alpaca":  # alpaca.yaml, shrunk as its header says (fp32, global batch 16, 100 held out)
+        config, steps, sets = "alpaca.yaml", ALPACA_STEPS, sets + list(ALPACA_SHRINK)
     return (["train", "--config", config, "--model", str(pruned), "--data", data.train[cell.data],
-             "--output", str(output)] + (["--max-steps", str(s.steps)] if s.steps else [])
-            + (["--teacher", s.model] if cell.distill else []) + [a for x in sets for a in ("--set", x)])
+             "--output", str(output)] + (["--max-steps", str(steps)] if steps else [])
+            + (["--teacher", s.model] if cell.distill or cell.objective else [])
+            + [a for x in sets for a in ("--set", x)])
 
 
 def train_log(output: Path) -> dict:
@@ -492,7 +580,9 @@ def run_cell(cell: Cell, s: StudySettings, data: StudyData, work: Path, config: 
     """
     from spp.config import read_yaml
 
-    start, log = time.perf_counter(), []
+    if cell.zeroshot:
+        return score_cell(cell, s, work)
+    start, cpu, log = time.perf_counter(), time.process_time(), []
     lr = s.learning_rate if cell.lr is None and not s.config else cell.lr
     record = {"key": cell.key, "cell": asdict(cell), "settings_sha256": s.sha256(), "rows": [], "learning_rate": lr}
     pruned = None if cell.method == "dense" else prune(cell, s, data, work, log)
@@ -547,11 +637,15 @@ def run_cell(cell: Cell, s: StudySettings, data: StudyData, work: Path, config: 
                    f"steps in this process (common.train_peft, resolved as `spp {' '.join(args)}`) -> {merged} (merged)")
         train = {**peft_log, "steps": len(peft_log["losses"])}, trainable
         if peft_log["diverged_at"] is None:
-            if cell.adapter == "lora" and data.val:
+            if cell.adapter == "lora" and data.val and not s.tasks:  # (stories; a zero-shot study scores the merge)
                 # unmerged: the sparse base runs as pruned, plus a dense rank-r branch of `trainable` weights
                 row("lora-unmerged", model, trainable, dense_adapter_params=trainable)
             save_merged(model, base, merged)  # HiRA: W + W ⊙ (B·A), the zeros of W survive the merge; LoRA: they don't
             row("lora-merged" if cell.adapter == "lora" else "hira", merged, trainable)
+    if s.tasks and merged.is_dir():  # its zero-shot cell scores it, if its rate is chosen (`tidy_kept`)
+        shutil.rmtree(kept_dir(work, cell), ignore_errors=True)
+        kept_dir(work, cell).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(merged), kept_dir(work, cell))
     shutil.rmtree(scratch, ignore_errors=True)
     if cell.adapter != "none":
         trained, trainable = train
@@ -560,8 +654,55 @@ def run_cell(cell: Cell, s: StudySettings, data: StudyData, work: Path, config: 
         record.update(train=trained, trainable=trainable)
         if trained["diverged_at"] is not None:
             record["diverged"] = trained["diverged_at"]
-    record.update(base_sparsity=zeros["sparsity"], wall_s=time.perf_counter() - start, commands=log)
+    record.update(base_sparsity=zeros["sparsity"], wall_s=time.perf_counter() - start,
+                  cpu_s=time.process_time() - cpu, commands=log)
     return record
+
+
+def kept_dir(work: Path, cell: Cell) -> Path:
+    """Where a recovered cell's merged model waits for its zero-shot cell (a study with `tasks`)."""
+    return work / "kept" / cell.key
+
+
+def score_cell(cell: Cell, s: StudySettings, work: Path) -> dict:
+    """A `zeroshot` cell: the zero-shot suite on its twin's final model (the dense model, the cached pruned model,
+    or the kept merge). Its record has no rows; the report joins it to the twin's (`of`).
+
+    Raises:
+        SppError: the twin's kept model is gone (its record is there, so the study would not train it again).
+    """
+    start, cpu, log = time.perf_counter(), time.process_time(), []
+    twin = dataclasses.replace(cell, zeroshot=False)
+    model = (Path(s.model) if cell.method == "dense" else prune_dir(work, cell, s) if cell.adapter == "none"
+             else kept_dir(work, twin))
+    if not model.exists():
+        raise SppError(f"{model} is gone: remove {work / 'cells' / twin.key}.json to compute {twin.key} again")
+    out = work / "scratch" / cell.key
+    found = zeroshot_scores(model, s, out, log)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"key": cell.key, "cell": asdict(cell), "settings_sha256": s.sha256(), "of": twin.key, "rows": [],
+            "zeroshot": found, "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
+            "commands": log}
+
+
+def tidy_kept(work: Path, records: dict[str, dict]) -> None:
+    """Remove the kept merged models no zero-shot cell will need: of each recipe (a cell less its rate) all but the
+    one of lowest validation NLL so far (ties: the smaller rate, as `sweep` chooses), and those already scored."""
+    if not (work / "kept").is_dir():
+        return
+    best: dict[str, tuple] = {}
+    for record in records.values():
+        cell = Cell(**record["cell"])
+        if cell.zeroshot or cell.adapter == "none":
+            continue
+        rank = (validation_nll(record), cell.lr or 0.0)
+        family = dataclasses.replace(cell, lr=None).key
+        if family not in best or rank < best[family][0]:
+            best[family] = (rank, cell)
+    keep = {c.key for _, c in best.values() if dataclasses.replace(c, zeroshot=True).key not in records}
+    for path in (work / "kept").iterdir():
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the grid, cached
@@ -589,28 +730,45 @@ def save_record(work: Path, cell: Cell, record: dict) -> None:
     tmp.replace(path)
 
 
-def run_grid(cells: list[Cell], s: StudySettings, work: Path, data: StudyData, config: str, log=print) -> dict:
-    """Run every cell, one after another; each record is cached as it finishes.
+def run_grid(planned, s: StudySettings, work: Path, data: StudyData, config: str, log=print) -> dict:
+    """Run the first planned cell the cache lacks, cache its record, plan again from the cache, until none is
+    missing. Planning after every cell keeps the plan's priority order while sweeps choose rates, edges extend and
+    the best-pruned bases become known, so a study cut short has its most valuable cells.
+
+    Args:
+        planned: cache records -> (cells in run order, sweeps).
 
     Returns:
-        This run's timing: wall seconds, cells computed, threads, load, the data split.
+        This run's timing: wall seconds, cells computed, threads, load, the data split, the final plan's size.
     """
     import torch
 
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
-    log(f"running {len(cells)} cells, {torch.get_num_threads()} thread(s)")
-    for cell in cells:
+    start, load_start, computed = time.perf_counter(), os.getloadavg()[0], 0
+    records = cached_records(work, s)
+    log(f"{torch.get_num_threads()} thread(s)")
+    while True:
+        cells = planned(records)[0]
+        if not (todo := [c for c in cells if c.key not in records]):
+            break
+        cell = todo[0]
+        log(f"  {len(todo)} planned cells to run; next: {cell.key}")
         record = run_cell(cell, s, data, work, config)
         save_record(work, cell, record)
+        records, computed = cached_records(work, s), computed + 1
+        tidy_kept(work, records)
+        if cell.zeroshot:
+            log(f"  {cell.key:44s} {record['wall_s']:6.1f} s  mean acc {record['zeroshot']['mean_acc']:.4f}")
+            continue
         if record.get("diverged"):
             log(f"  {cell.key:44s} {record['wall_s']:6.1f} s  diverged at step {record['diverged']}")
             continue
         ppl = ", ".join(f"{r['recovery']} " + "/".join(f"{v:.3f}" for k, v in r["ppl"].items() if k != "val")
                         for r in record["rows"])
         log(f"  {cell.key:44s} {record['wall_s']:6.1f} s  ppl {'/'.join(data.eval_sets)}: {ppl}")
-    return {"wall_s": time.perf_counter() - start, "cells_computed": len(cells), "threads": torch.get_num_threads(),
+    return {"wall_s": time.perf_counter() - start, "cells_computed": computed, "threads": torch.get_num_threads(),
             "settings_sha256": s.sha256(), "load_avg_1min_start": load_start, "load_avg_1min_end": os.getloadavg()[0],
-            "device": s.device, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"), "split": data.split}
+            "device": s.device, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"), "split": data.split,
+            "grid_cells": len(cells)}
 
 
 # --------------------------------------------------------------------------- presets and main
@@ -624,10 +782,11 @@ PRESETS = {  # name: (settings, settings of --grid tiny, default --kinds, defaul
             dict(calib_nsamples=4, calib_seqlen=128, steps=2, eval_windows=2), "spp,masked_lora,full,lora", "0",
             plan_bar),
     "smollm2": (dict(model=str(DATA / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                     calib=str(DATA / "c4" / "c4_sample.jsonl"), calib_nsamples=32, calib_seqlen=512, val_share=0.0,
+                     calib=str(DATA / "c4" / "c4_sample.jsonl"), calib_nsamples=32, calib_seqlen=512, val_share=0.02,
                      config="smollm2.yaml", train_sets=("save_steps={steps}", "eval_steps={steps}"), steps=40,
-                     eval_sets="wikitext", eval_windows=40, eval_seqlen=512, tasks=SMOLLM2_TASKS, limit=100),
-                dict(calib_nsamples=4, steps=2, eval_windows=2, limit=4), "", "0", plan_smollm2),
+                     eval_sets="wikitext", eval_windows=40, eval_seqlen=512, tasks=SMOLLM2_TASKS, limit=500),
+                dict(calib_nsamples=4, steps=2, eval_windows=2, limit=4), "full,spp,masked_lora,lora", "0",
+                plan_smollm2),
     "owl_ria": (dict(val_share=0.0, config="tinystories.yaml", steps=0, eval_sets="tinystories", eval_batch_size=8),
                 dict(calib_nsamples=4, calib_seqlen=128, steps=2, eval_windows=2, eval_seqlen=128), "full,spp",
                 "0,1,2", plan_owl_ria),
@@ -672,7 +831,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def planned(records):
         cells, sweeps = (plan(args.grid, records, seeds, pairs, kinds, distills) if cells_of is None
-                         else (cells_of(args.grid, kinds, seeds), {}))
+                         else cells_of(args.grid, kinds, seeds, records))
         if args.only:
             from fnmatch import fnmatchcase
 
@@ -684,17 +843,13 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = parse_pairs(args.pairs)
         data = prepare_data(settings, work)
         config = settings.config or train_config_yaml(settings, work)
-        records = cached_records(work, settings)
-        cells, sweeps = planned(records)
         runs = json.loads(runs_path.read_text()) if runs_path.is_file() else []
         # --report-only: tables from whatever the cache holds; the cells not run are listed in the report
-        while not args.report_only and (todo := [c for c in cells if c.key not in records]):
-            timing = run_grid(todo, settings, work, data, config)
-            records = cached_records(work, settings)
-            runs.append({**timing, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         "grid_cells": len(cells)})
+        if not args.report_only and (timing := run_grid(planned, settings, work, data, config))["cells_computed"]:
+            runs.append({**timing, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             runs_path.write_text(json.dumps(runs, indent=1))
-            cells, sweeps = planned(records)  # finished sweeps choose rates, edges extend: plan again
+        records = cached_records(work, settings)
+        cells, sweeps = planned(records)
     except SppError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -704,7 +859,8 @@ def main(argv: list[str] | None = None) -> dict:
             "missing": [c.key for c in cells if c.key not in records], "split": data.split}
     if args.preset != "stories":
         bench = json.loads(Path(args.bench).read_text()) if args.bench else None
-        return study_report.write_page(args.preset, Path(args.out), settings, records, runs, span, bench, args.machine)
+        return study_report.write_page(args.preset, Path(args.out), settings, records, runs, span, bench, args.machine,
+                                       sweeps)
     return study_report.write_report(Path(args.out), settings, cells, records, runs, span, sweeps, args.note,
                                      grids=LR_GRIDS, common_rate=COMMON_RATE)
 

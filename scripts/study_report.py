@@ -525,8 +525,6 @@ def study_markdown(settings, summary: list[dict], rows: list[dict], entries: lis
 
 PAGES = {"bar": "recovery_bar", "smollm2": "smollm2", "owl_ria": "owl_ria"}  # preset -> the page's file stem
 BARS = {"spp": 0.75, "masked_lora": 0.78}  # adapter: KIND at the config's default rate must recover at least this
-CHANCE = {"piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "boolq": 0.5, "winogrande": 0.5, "hellaswag": 0.25,
-          "openbookqa": 0.25, "rte": 0.5}
 
 
 def cell_name(cell: dict) -> str:
@@ -534,7 +532,8 @@ def cell_name(cell: dict) -> str:
     if cell["method"] == "dense":
         return "dense"
     return (f"{cell['method']}-{cell['pattern']}" + (f"+{cell['adapter']}" if cell["adapter"] != "none" else "")
-            + ("+kd" if cell.get("distill") else "") + (f"/{cell['data']}" if cell.get("data") else ""))
+            + ("+kd" if cell.get("distill") else "") + (f"+{cell['objective']}" if cell.get("objective") else "")
+            + (f"/{cell['data']}" if cell.get("data") else ""))
 
 
 def owl_label(cell: dict) -> str:
@@ -554,12 +553,15 @@ def _machine(settings, runs: list[dict]) -> dict:
 
 
 def write_page(preset: str, out: Path, settings, records: dict[str, dict], runs: list[dict], span: dict,
-               bench: list[dict] | None = None, machine: str = "unstated") -> dict:
-    """Write PAGE.md and PAGE.json (`PAGES`) of a preset other than the stories study into `out`. Returns the JSON."""
+               bench: list[dict] | None = None, machine: str = "unstated", sweeps: dict | None = None) -> dict:
+    """Write PAGE.md and PAGE.json (`PAGES`) of a preset other than the stories study into `out`. Returns the JSON
+    (for smollm2 with `summary`, `smollm2_summary`'s tables and headline, from which the README block is rendered)."""
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in runs if r.get("settings_sha256") == settings.sha256()]
     report = {"preset": preset, "settings": asdict(settings), "settings_sha256": settings.sha256(), **span,
-              "machine": _machine(settings, runs), "runs": runs, "records": records}
+              "machine": _machine(settings, runs), "runs": runs, "sweeps": sweeps or {}, "records": records}
+    if preset == "smollm2":
+        report["summary"] = smollm2_summary(records, sweeps or {})
     text = (owl_markdown(report, settings, bench, machine) if preset == "owl_ria" else
             {"bar": bar_markdown, "smollm2": smollm2_markdown}[preset](report, settings))
     _write_text(out / f"{PAGES[preset]}.json", json.dumps(report, indent=1, default=str))
@@ -635,32 +637,203 @@ def bar_markdown(report: dict, s) -> str:
         "## Commands", "", "```", *[c for rec in recs for c in rec["commands"]], "```", ""])
 
 
-def smollm2_markdown(report: dict, s) -> str:
-    """smollm2.md: one row per finished cell (perplexity, zero-shot accuracies), how it was made."""
-    m, tasks = report["machine"], s.tasks.split(",")
+SMOLLM2_PATTERN_ORDER = ("2:4", "70%", "50%")
+HEADLINE_PATTERNS = ("2:4", "70%")
+
+
+def _interval(d) -> dict:
+    return {"diff": d.diff, "stderr": d.stderr, "low": d.low, "high": d.high, "n": d.n, "within_noise": d.within_noise}
+
+
+def paired_against(reference: dict | None, tasks: dict | None, headline: list[str]) -> dict | None:
+    """Paired differences (`spp.eval.uncertainty`) of `tasks` from `reference` (results.json `zeroshot.tasks`) on the
+    same items: per task, and `mean` over the `headline` tasks; None without both, a task left out where the items
+    differ in number. Each: {diff, stderr, low, high (95%), n, within_noise}."""
+    from spp.eval.uncertainty import mean_difference, paired_difference
+
+    if not reference or not tasks:
+        return None
+    per = {name: paired_difference(ref["item_acc"], tasks[name]["item_acc"]) for name, ref in reference.items()
+           if len(ref.get("item_acc") or []) > 1 and len((tasks.get(name) or {}).get("item_acc") or []) ==
+           len(ref["item_acc"])}
+    out = {name: _interval(d) for name, d in per.items()}
+    if headline and all(n in per for n in headline):
+        out["mean"] = _interval(mean_difference([per[n] for n in headline]))
+    return out
+
+
+def smollm2_summary(records: dict[str, dict], sweeps: dict) -> dict:
+    """The study's models, their roles and comparisons, from the cell records and the sweeps (`plan_smollm2`).
+
+    Each measured model: WikiText-2 perplexity, validation NLL, sparsity after merge, pruned entries ≠ +0.0, `spp
+    verify`'s exit, CPU seconds (training, merge, measuring and its zero-shot cell), its zero-shot tasks (from the
+    `zeroshot` cell of the same key), their mean over the headline tasks (those where dense is above its baseline by
+    2 stderr, `spp.eval.uncertainty.headline_tasks`) and paired differences against dense and against the same
+    pattern's PEFT LoRA at its chosen rate. Roles: dense, pruned, `chosen` (a recovery at its sweep's best rate),
+    `selection` (the sweep's other rates), alpaca. `headline[pattern]`: the sparsity-preserving recovery with the
+    lowest validation NLL among the chosen (the reported text plays no part in choosing), with dense, its pruned
+    base and PEFT LoRA.
+    """
+    from spp.eval.uncertainty import headline_tasks
+
+    scored = {r["of"]: r for r in records.values() if r["cell"].get("zeroshot")}
+    models = []
+    for key, rec in records.items():
+        cell = rec["cell"]
+        rows = [r for r in rec.get("rows", []) if r["recovery"] != "lora-unmerged"]
+        if cell.get("zeroshot") or not rows:
+            continue
+        row, zs = rows[0], scored.get(key)
+        recipe = "/".join((cell["pattern"], cell["adapter"], cell.get("distill", ""), cell.get("objective", "")))
+        role = ("dense" if cell["method"] == "dense" else "pruned" if cell["adapter"] == "none" else "alpaca"
+                if cell.get("data") == "alpaca" else "chosen" if (sweeps.get(recipe) or {}).get("best") == cell["lr"]
+                else "selection")
+        models.append({"key": key, "name": cell_name(cell), "role": role, "recipe": recipe, "method": cell["method"],
+                       "pattern": cell["pattern"], "adapter": cell["adapter"], "objective": cell.get("objective", ""),
+                       "lr": rec.get("learning_rate") if cell["adapter"] != "none" else None,
+                       "ppl": row["ppl"]["wikitext"], "val_nll": row["nll"].get("val"),
+                       "sparsity": row["sparsity"], "pruned_not_plus_zero": row["pruned_not_plus_zero"],
+                       "verify_exit": row.get("verify_exit"),
+                       "cpu_s": rec.get("cpu_s", float("nan")) + (zs or {}).get("cpu_s", 0.0),
+                       "zeroshot": (zs or {}).get("zeroshot", {}).get("tasks")})
+    dense = next((m for m in models if m["role"] == "dense"), None)
+    headline = headline_tasks(dense["zeroshot"]) if dense and dense["zeroshot"] else []
+    lora = {m["pattern"]: m for m in models if m["role"] == "chosen" and m["adapter"] == "lora"}
+    for m in models:
+        m["headline_mean"] = (sum(m["zeroshot"][t]["acc"] for t in headline) / len(headline)
+                              if headline and m["zeroshot"] and all(t in m["zeroshot"] for t in headline) else None)
+        m["vs_dense"] = paired_against(dense and dense["zeroshot"], m["zeroshot"], headline) if m is not dense else None
+        reference = lora.get(m["pattern"])
+        m["vs_lora"] = (paired_against(reference["zeroshot"], m["zeroshot"], headline)
+                        if reference and m is not reference else None)
+    top = {}
+    for pattern in HEADLINE_PATTERNS:
+        sparse = [m for m in models if m["pattern"] == pattern and m["role"] == "chosen" and m["adapter"] in SPARSE
+                  and m["zeroshot"] and m["val_nll"] is not None]
+        if not sparse:
+            continue
+        best = min(sparse, key=lambda m: m["val_nll"])
+        base = next((m for m in models if m["role"] == "pruned" and m["pattern"] == pattern
+                     and m["method"] == best["method"]), None)
+        top[pattern] = {"best": best["key"], "base": base and base["key"], "lora": lora.get(pattern, {}).get("key"),
+                        "dense": dense and dense["key"]}
+    return {"headline_tasks": headline, "models": models, "headline": top}
+
+
+def _acc(task: dict | None) -> str:
+    return "–" if not task else f"{task['acc']:.3f} ± {task.get('acc_stderr', 0):.3f}"
+
+
+def _diff(d: dict | None) -> str:
+    return "–" if not d else f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" + (" noise" if d["within_noise"]
+                                                                                      else "")
+
+
+def _rate(m: dict, sweeps: dict) -> str:
+    if m["lr"] is None:
+        return "–"
+    found = sweeps.get(m["recipe"]) or {}
+    return f"{m['lr']:g}" + (" (edge)" if found.get("edge") and found.get("best") == m["lr"] else "")
+
+
+def smollm2_tables(summary: dict, tasks: list[str], sweeps: dict) -> list[str]:
+    """Markdown: per pattern the dense row, the pruned models and the recoveries at their chosen rates (and Alpaca);
+    then each sweep's rates with validation NLL and perplexity."""
+    models, headline = summary["models"], summary["headline_tasks"]
+    dense = [m for m in models if m["role"] == "dense"]
     lines = []
-    for rec, r in _rows(report["records"]):
-        accs = [f"{r['zeroshot'][t]['acc']:.3f} ± {r['zeroshot'][t].get('acc_stderr', 0):.3f}" for t in tasks]
-        sparsity = ("0%" if rec["cell"]["method"] == "dense" else "as pruned" if rec["cell"]["adapter"] == "none"
-                    else f"{r['sparsity']:.1%}")
-        lines.append([cell_name(rec["cell"]), sparsity, f"{r['ppl']['wikitext']:.2f}", *accs, f"{r['mean_acc']:.3f}"])
-    recovered = [(rec, r) for rec, r in _rows(report["records"]) if rec["cell"]["adapter"] != "none"]
+    for pattern in [p for p in SMOLLM2_PATTERN_ORDER if any(m["pattern"] == p for m in models)]:
+        shown = dense + [m for m in models if m["pattern"] == pattern and m["role"] in ("pruned", "chosen", "alpaca")]
+        table = [[m["name"], _rate(m, sweeps), "–" if m["val_nll"] is None else f"{m['val_nll']:.4f}",
+                  f"{m['ppl']:.2f}", "0%" if m["role"] == "dense" else f"{m['sparsity']:.1%}",
+                  f"{m['pruned_not_plus_zero']:,}", "–" if m["verify_exit"] is None else str(m["verify_exit"]),
+                  f"{m['cpu_s'] / 60:.0f}", *(_acc((m["zeroshot"] or {}).get(t)) for t in tasks),
+                  "–" if m["headline_mean"] is None else f"{m['headline_mean']:.3f}",
+                  _diff((m["vs_dense"] or {}).get("mean")), _diff((m["vs_lora"] or {}).get("mean"))] for m in shown]
+        lines += [f"### {pattern}", "", markdown_table(
+            ["model", "lr", "val NLL", "wiki ppl @512", "sparsity after merge", "pruned ≠ +0.0", "verify", "CPU min",
+             *tasks, f"mean ({len(headline)} tasks)", "Δ vs dense [95%]", "Δ vs PEFT LoRA [95%]"], table,
+            "--" + "r" * (len(tasks) + 9)), ""]
+    sweep_rows = []
+    for recipe, found in sweeps.items():
+        runs = {m["lr"]: m for m in models if m["recipe"] == recipe and m["role"] in ("chosen", "selection")}
+        sweep_rows += [[recipe, "{" + ", ".join(f"{x:g}" for x in found["grid"]) + "}", f"{lr:g}",
+                        "–" if lr not in runs else f"{runs[lr]['val_nll']:.4f}",
+                        "–" if lr not in runs else f"{runs[lr]['ppl']:.2f}",
+                        "chosen" + (" (edge)" if found.get("edge") else "") if lr == found.get("best") else ""]
+                       for lr in found["rates"]]
+    if sweep_rows:
+        lines += ["### Learning-rate sweeps (validation slice of the C4 recovery text)", "",
+                  markdown_table(["recipe", "first grid", "lr", "val NLL", "wiki ppl @512", ""], sweep_rows, "---rr-"),
+                  ""]
+    return lines
+
+
+def smollm2_headline(report: dict) -> str:
+    """The README's headline block from the study JSON (`write_page`'s smollm2 report): at 2:4 and 70%, dense, the
+    best-pruned base, the best sparsity-preserving recovery and PEFT LoRA, with the paired zero-shot differences of
+    the headline-task mean against dense and against PEFT LoRA, and one sentence per pattern for a user choosing."""
+    summary = report["summary"]
+    by_key = {m["key"]: m for m in summary["models"]}
+    s, tasks = report["settings"], summary["headline_tasks"]
+    lines = [f"WikiText-2 perplexity: protocol text, seqlen {s['eval_seqlen']}, first {s['eval_windows']} windows. "
+             f"Zero-shot: the mean accuracy over the {len(tasks)} tasks where dense is above chance by 2 stderr "
+             f"({', '.join(tasks)}), the first {s['limit']} items of each (all of a smaller task); Δ: paired "
+             "difference on the same items "
+             "with its 95% interval, \"noise\" when it holds 0.", "",
+             "| pattern | model | sparsity after merge | WikiText-2 ppl @512 | mean acc | Δ vs dense "
+             "| Δ vs PEFT LoRA |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    sentences = []
+    for pattern, top in summary["headline"].items():
+        for role in ("dense", "base", "best", "lora"):
+            m = by_key.get(top[role])
+            if m is None:
+                continue
+            label = ("dense" if role == "dense" else f"{m['method']} (no recovery)" if role == "base" else
+                     "PEFT LoRA + KD, merged" if role == "lora" else
+                     m["name"].split("+", 1)[1].replace("/c4", "") + f" (lr {m['lr']:g})")
+            sparsity = "0%" if role == "dense" else f"{m['sparsity']:.1%}"
+            lines.append(f"| {pattern} | {label} | {sparsity} | "
+                         f"{m['ppl']:.1f} | " + ("–" if m["headline_mean"] is None else f"{m['headline_mean']:.3f}")
+                         + f" | {_diff((m['vs_dense'] or {}).get('mean'))} | "
+                         + f"{_diff((m['vs_lora'] or {}).get('mean'))} |")
+        best, lora = by_key[top["best"]], by_key.get(top["lora"])
+        d = (best["vs_lora"] or {}).get("mean")
+        if lora and d:
+            verdict = ("is within noise of" if d["within_noise"] else "trails" if d["diff"] < 0 else "beats")
+            sentences.append(
+                f"At {pattern}, {best['name']} {verdict} PEFT LoRA on the zero-shot mean ({_diff(d)}) and keeps every "
+                f"pruned entry +0.0, where LoRA's merge fills {lora['pruned_not_plus_zero']:,} of them"
+                + (": for a model that must stay sparse it is the recipe to use." if d["within_noise"] or d["diff"] > 0
+                   else ": that gap is what keeping the sparsity costs here."))
+    return "\n".join(lines + [""] + sentences) + "\n"
+
+
+def smollm2_markdown(report: dict, s) -> str:
+    """smollm2.md: the tables per pattern, the sweeps, the README headline block, how it was made."""
+    m, tasks = report["machine"], s.tasks.split(",")
+    summary = report["summary"]
     return "\n".join([
         f"# SmolLM2-135M-Instruct: dense → pruned → recovered ({m['cpu_cores']}-core CPU, {m['torch_threads']} "
         f"threads, {platform.machine()})", "",
-        f"From `{Path(s.model).name}` (GGUF Q4_1, dequantized by `spp` to float32). WikiText-2 perplexity: protocol "
-        f"text, seqlen {s.eval_seqlen}, first {s.eval_windows} windows. Zero-shot: lm-eval "
-        f"{m['libraries'].get('lm_eval')} on the local task copies, first {s.limit} items per task, 0-shot, `acc` "
-        f"(± lm-eval's stderr). Recovery: {s.steps} steps of 8 × 256 tokens (C4 documents 200–999, or the Alpaca "
-        "sample). Sparsity is of the decoder linears, counted after merge. Written by "
+        f"From `{Path(s.model).name}` (GGUF Q4_1, dequantized by `spp` to float32). Pruning: Wanda, SparseGPT and ALPS "
+        f"(spp's defaults), calibrated on {s.calib_nsamples} windows of {s.calib_seqlen} tokens of "
+        f"`{Path(s.calib).name}`."
+        f" WikiText-2 perplexity: protocol text, seqlen {s.eval_seqlen}, first {s.eval_windows} windows. Recovery of "
+        f"the best-pruned base (lowest WikiText-2 perplexity before recovery) with every recipe on the same "
+        f"{s.steps * s.batch_size * s.seqlen:,} tokens of C4 (documents 200–999 less the last {s.val_share:.0%}, "
+        f"{s.steps} steps of {s.batch_size} × {s.seqlen}; block-wise: the same count of windows, its default epochs), "
+        "each at the best of its rates on the validation slice (that last share), never on WikiText-2. Zero-shot: "
+        f"lm-eval {m['libraries'].get('lm_eval')} on the local task copies, first {s.limit} items per task, 0-shot, "
+        f"`acc` ± stderr; the mean over the tasks where dense is above chance by 2 stderr "
+        f"({', '.join(summary['headline_tasks']) or 'dense not scored yet'}); Δ: paired differences with 95% "
+        "intervals (`spp.eval.uncertainty`). CPU min: the cell's process CPU time, zero-shot included. Written by "
         "`python scripts/study.py --preset smollm2`.", "",
-        markdown_table(["model", "sparsity", "wiki ppl", *tasks, "mean acc"], lines, "-" + "r" * (len(tasks) + 3)), "",
-        "Recovery cells: " + "; ".join(
-            f"{cell_name(rec['cell'])}: rate {rec['learning_rate']:g}, {rec['wall_s'] / 60:.1f} min, pruned entries "
-            f"not +0.0 after merge: {r['pruned_not_plus_zero']}"
-            + (f", spp verify exit {r['verify_exit']}" if "verify_exit" in r else "") for rec, r in recovered), "",
-        f"Chance: {', '.join(f'{t} {p:.2f}' for t, p in CHANCE.items())}. HellaSwag is approximate (see "
-        "`spp eval`'s note on the local copy).", "",
+        *smollm2_tables(summary, tasks, report.get("sweeps") or {}),
+        "## README headline block", "", smollm2_headline(report) if summary["headline"] else "(not measured yet)", "",
+        f"Not run yet: {len(report['missing'])} cells" + (f" ({', '.join(report['missing'])})" if report["missing"]
+                                                         else "") + ".", "",
         f"Report written {m['finished']}; the cells took {report['cell_minutes']:.0f} min in all; versions "
         f"{m['libraries']}.", ""])
 

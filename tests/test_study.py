@@ -248,3 +248,182 @@ def test_the_bar_and_owl_ria_presets_write_their_pages_through_the_cli(study, sh
     assert page.count("**met**") + page.count("**not met**") == 3
     owl = next(r for r in report["records"].values() if r["cell"]["owl"])
     assert owl["prune"]["owl"]["outlier_share"] and "| model.layers.0 |" in page
+
+
+# --------------------------------------------------------------------------- the SmolLM2 study (issue 28), on fixtures
+
+
+def smollm2_record(study, cell, ppl=None, val_nll=None, sparsity=0.5, bad=0, items=None):
+    """A cell record as `run_cell` / `score_cell` write it: a model row, or (zeroshot) its tasks from 0/1 `items`."""
+    record = {"key": cell.key, "cell": study.asdict(cell), "rows": [], "learning_rate": cell.lr, "cpu_s": 60.0}
+    if cell.zeroshot:
+        tasks = {}
+        for name, (acc, baseline) in items.items():
+            n, mean = len(acc), sum(acc) / len(acc)
+            tasks[name] = {"acc": mean, "acc_stderr": math.sqrt(mean * (1 - mean) / (n - 1)), "item_acc": acc,
+                           "baseline": baseline}
+        record.update(of=study.dataclasses.replace(cell, zeroshot=False).key, zeroshot={"tasks": tasks})
+    else:
+        record["rows"] = [{"recovery": cell.adapter if cell.adapter != "lora" else "lora-merged",
+                           "ppl": {"wikitext": ppl, "val": math.exp(val_nll or 3.0)},
+                           "nll": {"val": val_nll, "wikitext": math.log(ppl)}, "val_nll": val_nll,
+                           "sparsity": sparsity, "pruned_not_plus_zero": bad, "verify_exit": 0}]
+    return record
+
+
+def test_the_smollm2_base_of_each_pattern_is_the_best_pruned_in_the_cache(study):
+    records = {}
+    for method, ppl in (("wanda", 212.5), ("sparsegpt", 116.5), ("alps", 101.9)):
+        assert study.best_pruned(records, "2:4") is None  # until every method's pruned model is measured
+        records[study.Cell(method, "2:4").key] = smollm2_record(study, study.Cell(method, "2:4"), ppl)
+    assert study.best_pruned(records, "2:4") == "alps"
+    records[study.Cell("alps", "2:4").key]["rows"][0]["ppl"]["wikitext"] = 300.0
+    assert study.best_pruned(records, "2:4") == "sparsegpt"  # read from the cache, not fixed
+    cells, _ = study.plan_smollm2("full", ("full", "spp", "masked_lora", "lora"), (0,), records)
+    recovered = {c.method for c in cells if c.adapter != "none" and c.pattern == "2:4"}
+    assert recovered == {"sparsegpt"}
+    assert not any(c.adapter != "none" for c in cells if c.pattern == "70%")  # its pruned cells are not in yet
+
+
+def test_the_smollm2_plan_runs_defaults_first_then_sweeps_then_scores_the_chosen_rate(study):
+    from spp.config import read_yaml
+
+    kinds = ("full", "spp", "masked_lora", "lora")
+    cells, _ = study.plan_smollm2("full", kinds, (0,), {})
+    pruned = [c for c in cells if not c.zeroshot]
+    assert len(pruned) == 1 + 9 and {(c.method, c.pattern) for c in pruned[1:]} == {
+        (m, p) for m in study.SMOLLM2_METHODS for p in study.SMOLLM2_PATTERNS}
+    rates = read_yaml(REPO / "configs" / "smollm2.yaml")["learning_rate"]
+    for (adapter, _, objective), grid in study.SMOLLM2_RECIPES.items():
+        assert len(grid) == 3 and all(lr in study.SMOLLM2_LADDER for lr in grid)
+        if not objective and adapter in rates:
+            assert grid[1] == rates[adapter]  # the middle rung is the config's default rate
+    records = {c.key: smollm2_record(study, c, 100.0 if c.method == "alps" else 200.0) for c in pruned}
+    cells, sweeps = study.plan_smollm2("full", kinds, (0,), records)
+    todo = [c for c in cells if c.key not in records]
+    defaults = todo[:len(study.SMOLLM2_RECIPES) * 2]
+    assert [c.pattern for c in defaults] == ["70%"] * 5 + ["2:4"] * 5  # 70% first, every recipe at its default rate
+    assert all(c.method == "alps" and c.lr == study.SMOLLM2_RECIPES[(c.adapter, c.distill, c.objective)][1]
+               and not c.zeroshot for c in defaults)
+    assert todo[10:13] == [study.Cell("dense", "0%", zeroshot=True), study.Cell("alps", "70%", zeroshot=True),
+                           study.Cell("alps", "2:4", zeroshot=True)]
+    # no rate chosen yet: no recovery scored but Alpaca's (one cell, at alpaca.yaml's rate)
+    assert [c.key for c in todo if c.zeroshot and c.adapter != "none"] == ["alps-2of4-s0-spp-alpaca-zeroshot"]
+    assert todo[-1].zeroshot and todo[-1].adapter == "none"  # the other pruned models are scored last
+    # every rate runs; the spp sweep's best is its top rung each time: extended twice upwards, then chosen at the edge
+    for _ in range(4):
+        runs = [c for c in cells if c.lr is not None and not c.zeroshot and c.key not in records]
+        records.update({c.key: smollm2_record(study, c, 80.0, (-c.lr if c.adapter == "spp" else abs(
+            math.log(c.lr / study.SMOLLM2_RECIPES[(c.adapter, c.distill, c.objective)][1])))) for c in runs})
+        cells, sweeps = study.plan_smollm2("full", kinds, (0,), records)
+    spp = sweeps["2:4/spp/kd/"]
+    assert spp["rates"] == [1e-3, 4e-3, 1.2e-2, 4e-2, 1.2e-1] and spp["best"] == 1.2e-1 and spp["edge"]
+    assert sweeps["70%/full//blockwise"]["best"] == 1e-3 and not sweeps["70%/full//blockwise"]["edge"]
+    scored = [c for c in cells if c.zeroshot and c.adapter != "none"]
+    assert {(c.pattern, c.adapter, c.objective, c.lr) for c in scored if c.data == "c4"} == {
+        (p, a, o, 1.2e-1 if a == "spp" else g[1]) for p in ("70%", "2:4") for (a, _, o), g in
+        study.SMOLLM2_RECIPES.items()}
+    (alpaca,) = [c for c in cells if c.data == "alpaca" and not c.zeroshot]
+    assert (alpaca.method, alpaca.pattern, alpaca.adapter) == ("alps", "2:4", "spp")
+    settings = study.StudySettings(**study.PRESETS["smollm2"][0])
+    data = study.StudyData("calib", {"c4": "c4_train.txt", "alpaca": "alpaca.json"}, "val.txt", {}, {})
+    argv = " ".join(study.train_command(alpaca, settings, data, Path("p"), Path("o"), "smollm2.yaml"))
+    assert "--config alpaca.yaml" in argv and "--max-steps 20" in argv and "--teacher" not in argv
+    assert all(f"--set {x}" in argv for x in study.ALPACA_SHRINK)
+    blockwise = next(c for c in cells if c.objective == "blockwise")
+    argv = " ".join(study.train_command(blockwise, settings, data, Path("p"), Path("o"), "smollm2.yaml"))
+    assert "--set objective=blockwise --set nsamples=320" in argv and "--max-steps" not in argv  # 320 x 256 tokens
+    assert f"--teacher {settings.model}" in argv and "kd_weight" not in argv
+
+
+def test_kept_models_are_the_best_rate_of_each_recipe_until_scored(study, tmp_path):
+    cells = [study.Cell("alps", "2:4", "spp", lr=lr, distill="kd", data="c4") for lr in (1e-3, 4e-3, 1.2e-2)]
+    for c in cells:
+        (tmp_path / "kept" / c.key).mkdir(parents=True)
+    records = {c.key: smollm2_record(study, c, 80.0, abs(math.log(c.lr / 4e-3))) for c in cells}
+    study.tidy_kept(tmp_path, records)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == [cells[1].key]
+    final = study.dataclasses.replace(cells[1], zeroshot=True)
+    records[final.key] = smollm2_record(study, final, items={"piqa": ([1, 0], 0.5)})
+    study.tidy_kept(tmp_path, records)
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+def smollm2_fixture(study):
+    """Dense, two pruned 2:4 models, three chosen recoveries of the best and PEFT LoRA, each scored on 3 tasks."""
+    import random
+
+    rng = random.Random(0)
+
+    def items(p, n=200):
+        return [int(rng.random() < p) for _ in range(n)]
+
+    dense_items = {"piqa": (items(0.65), 0.5), "arc_easy": (items(0.5), 0.25), "boolq": (items(0.5), 0.62)}
+    models = [(study.Cell("dense", "0%"), 29.2, None, 0.0, 0, 1.0),
+              (study.Cell("wanda", "2:4"), 212.5, None, 0.5, 0, 0.8),
+              (study.Cell("alps", "2:4"), 101.9, None, 0.5, 0, 0.85),
+              (study.Cell("alps", "2:4", "full", lr=1e-4, distill="kd", data="c4"), 70.0, 3.30, 0.5, 0, 0.95),
+              (study.Cell("alps", "2:4", "spp", lr=1.2e-2, distill="kd", data="c4"), 60.0, 3.35, 0.5, 0, 0.97),
+              (study.Cell("alps", "2:4", "full", lr=1e-3, data="c4", objective="blockwise"), 90.0, 3.50, 0.5, 0, 0.9),
+              (study.Cell("alps", "2:4", "lora", lr=1e-3, distill="kd", data="c4"), 65.0, 3.32, 0.0, 53084160, 0.96)]
+    records, sweeps = {}, {}
+    for cell, ppl, val, sparsity, bad, keep in models:
+        records[cell.key] = smollm2_record(study, cell, ppl, val, sparsity, bad)
+        scored = study.dataclasses.replace(cell, zeroshot=True)
+        # each model answers like dense on a share `keep` of the items, otherwise wrong
+        tasks = {t: ([a if rng.random() < keep else 0 for a in acc], b) for t, (acc, b) in dense_items.items()}
+        records[scored.key] = smollm2_record(study, scored, items=tasks)
+        if cell.lr is not None:
+            sweeps["/".join((cell.pattern, cell.adapter, cell.distill, cell.objective))] = {
+                "rates": [cell.lr], "best": cell.lr, "edge": False, "grid": [cell.lr]}
+    return records, sweeps
+
+
+def test_the_smollm2_report_pairs_every_model_with_dense_and_lora_and_picks_the_best_on_validation(study):
+    import study_report
+
+    from spp.eval.uncertainty import paired_difference
+
+    records, sweeps = smollm2_fixture(study)
+    summary = study_report.smollm2_summary(records, sweeps)
+    dense = next(m for m in summary["models"] if m["role"] == "dense")
+    t = dense["zeroshot"]
+    expected = [n for n in t if t[n]["acc"] - t[n]["baseline"] >= 2 * t[n]["acc_stderr"]]
+    assert summary["headline_tasks"] == expected and "boolq" not in expected  # boolq's majority rate is 0.62
+    by_key = {m["key"]: m for m in summary["models"]}
+    spp = by_key["alps-2of4-s0-spp-lr0.012-kd-c4"]
+    lora = by_key["alps-2of4-s0-lora-lr0.001-kd-c4"]
+    for task in ("piqa", "arc_easy", "boolq"):  # against a hand computation of the paired difference
+        d = [b - a for a, b in zip(t[task]["item_acc"], spp["zeroshot"][task]["item_acc"])]
+        mean = sum(d) / len(d)
+        se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+        got = spp["vs_dense"][task]
+        assert got["diff"] == pytest.approx(mean) and got["low"] == pytest.approx(mean - 1.959963984540054 * se)
+    parts = [paired_difference(lora["zeroshot"][n]["item_acc"], spp["zeroshot"][n]["item_acc"]) for n in expected]
+    assert spp["vs_lora"]["mean"]["diff"] == pytest.approx(sum(p.diff for p in parts) / len(parts))
+    assert spp["headline_mean"] == pytest.approx(sum(spp["zeroshot"][n]["acc"] for n in expected) / len(expected))
+    # the best sparsity-preserving recipe is chosen on validation NLL (full, 3.30), not on WikiText-2 (spp's 60.0)
+    assert summary["headline"]["2:4"] == {"best": "alps-2of4-s0-full-lr0.0001-kd-c4", "base": "alps-2of4-s0-none",
+                                          "lora": lora["key"], "dense": "dense-0pct-s0-none"}
+    assert lora["vs_lora"] is None and dense["vs_dense"] is None
+    assert {m["role"] for m in summary["models"]} == {"dense", "pruned", "chosen"}
+
+
+def test_the_readme_headline_block_is_rendered_from_the_study_json(study, tmp_path):
+    import study_report
+
+    records, sweeps = smollm2_fixture(study)
+    settings = study.StudySettings(**study.PRESETS["smollm2"][0])
+    span = {"span_minutes": 1.0, "cell_minutes": 2.0, "missing": ["x"], "split": {}}
+    report = study_report.write_page("smollm2", tmp_path, settings, records, [], span, sweeps=sweeps)
+    saved = json.loads((tmp_path / "smollm2.json").read_text())
+    block = study_report.smollm2_headline(saved)
+    assert block == study_report.smollm2_headline(report)  # the JSON alone renders it
+    by_key = {m["key"]: m for m in saved["summary"]["models"]}
+    best = by_key[saved["summary"]["headline"]["2:4"]["best"]]
+    d = best["vs_lora"]["mean"]
+    assert f"| 2:4 | full+kd (lr 0.0001) | 50.0% | {best['ppl']:.1f} | {best['headline_mean']:.3f} |" in block
+    assert f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" in block
+    assert "53,084,160" in block and "70%" not in block  # only the patterns measured
+    assert block in (tmp_path / "smollm2.md").read_text()
+    assert "### 2:4" in (tmp_path / "smollm2.md").read_text()
