@@ -3,8 +3,9 @@
 For each depth (default 8 and 32 decoder blocks; hidden 1024, intermediate 2816, vocab 32000, untied head, fp32)
 this saves a seeded random dense model with the stories260K tokenizer, prunes it to 50% by magnitude (`spp prune`,
 in a child process), then runs `spp train --set objective=blockwise` (spp adapter, one epoch over 32 windows of 128
-tokens) in a child process and reads the peak RSS its manifest records (`peak_memory.host_rss`, the process's
-`ru_maxrss`), beside the fp32 weight size and the prune's own peak. Prints one Markdown table.
+tokens) in a child process and reads the peak RSS its manifest records (`peak_memory.host_rss`, the process's own
+`VmHWM`), beside the fp32 weight size and the prune's own peak (streamed, as `spp prune` ships). Prints one Markdown
+table.
 
     taskset -c 0 python scripts/blockwise_memory.py --work /tmp/blockwise-memory
 """

@@ -240,6 +240,20 @@ def test_manifest_roundtrip_and_mask_hash(tmp_path):
         read_manifest(tmp_path)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="VmHWM is Linux's")
+def test_a_stage_started_by_a_larger_process_records_its_own_peak_memory():
+    import subprocess
+    import sys
+
+    held = torch.ones(64 * 2**20, dtype=torch.uint8)  # this process's peak: 64 MiB above a child's that holds nothing
+    child = "import json; from spp.io.manifest import peak_memory_bytes; print(json.dumps(peak_memory_bytes()))"
+    peak = json.loads(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True,
+                                     env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout)["host_rss"]
+    here = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    assert 0 < peak < here - 48 * 2**20  # ru_maxrss would report at least this process's peak
+    del held
+
+
 # --------------------------------------------------------------------------- what the writers leave on disk
 
 

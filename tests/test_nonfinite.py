@@ -81,6 +81,16 @@ def test_check_finite_counts_only_what_is_not_finite_and_names_the_first():
             check_finite(torch.tensor([math.nan]).to(torch.float8_e4m3fn), "w", "here")
 
 
+def test_check_finite_finds_an_entry_past_its_first_chunk():
+    from spp.io.finite import _CHUNK
+
+    weight = torch.zeros(3, _CHUNK // 2 + 1)  # checked in chunks; the last one is short
+    check_finite(weight, "w", "here")
+    weight[2, -1] = math.inf
+    with pytest.raises(SppError, match=rf"has 1 non-finite entry \(0 NaN, 1 ±inf; first at \(2, {_CHUNK // 2}\)\)"):
+        check_finite(weight, "w", "here")
+
+
 # --------------------------------------------------------------------------- prune
 
 

@@ -41,6 +41,22 @@ def test_the_mask_file_is_decoded_once_per_checkpoint(pruned_tiny_dir, monkeypat
     assert all(keep.dtype == torch.bool for keep in masks.values())
 
 
+def test_one_blocks_masks_are_decoded_alone_and_not_kept(pruned_tiny_dir, monkeypatch):
+    import spp.io.maskfile as maskfile
+
+    whole = read_checkpoint(pruned_tiny_dir).masks_by_parameter()
+    decoded = []
+    real = maskfile.load_masks
+    monkeypatch.setattr(maskfile, "load_masks", lambda path, names=None: decoded.append(r := real(path, names)) or r)
+    checkpoint = read_checkpoint(pruned_tiny_dir)
+    block = checkpoint.masks_by_parameter("model.layers.1.")
+    assert block.keys() == {name for name in whole if name.startswith("model.layers.1.")} and block
+    assert all(torch.equal(keep, whole[name]) for name, keep in block.items())
+    assert set(decoded[0][0]) == {checkpoint.saved_name(name) for name in block}  # only that block's entries read
+    assert checkpoint._masks is None  # nothing kept: the next block's call decodes its own
+    assert {checkpoint.owner(saved) for saved in checkpoint.mask_names} == set(whole)
+
+
 # --------------------------------------------------------------------------- the shard index
 
 
@@ -191,6 +207,7 @@ def test_masks_by_parameter_joins_the_per_expert_entries(tmp_path):
     save_masks(tmp_path / "m" / "masks.safetensors", entries, {k: "linear" for k in entries})
     ckpt = read_checkpoint(tmp_path / "m")
     assert torch.equal(ckpt.masks_by_parameter()[name], keep)
+    assert torch.equal(ckpt.masks_by_parameter("model.layers.0.")[name], keep)  # one block's: its pieces joined too
     del entries[next(iter(entries))]  # one expert's piece missing: refused, not silently dense
     save_masks(tmp_path / "m" / "masks.safetensors", entries, {k: "linear" for k in entries})
     with pytest.raises(SppError, match="some experts of .*gate_up_proj"):

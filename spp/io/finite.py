@@ -3,7 +3,7 @@
 One NaN in a weight does not stay put: SparseGPT's error feedback spreads it along its row, a merge
 copies it into the served model, and perplexity comes out `nan`. So every stage that reads weights
 passes each tensor through `check_finite` as it reads it (`check_finite_model` for a model just
-loaded): one `isfinite` pass per tensor, no copy of the model, and the entries are counted only
+loaded): one `isfinite` pass per tensor, in chunks, no copy of the model, and the entries are counted only
 when the check has already failed. A weight written in another dtype (`--dtype`) goes through
 `cast_weight`, which refuses a finite value that the cast would turn into an infinity.
 """
@@ -19,6 +19,12 @@ from spp.errors import SppError
 _NO_INF = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2fnuz")
            if hasattr(torch, name)}
 DEFAULT_ADVICE = "spp does not run on NaN or infinite weights: use a copy saved before they appeared"
+_CHUNK = 1 << 22  # entries checked at a time: `isfinite` makes |x| and two bool tensors (2.75x an fp32 tensor's
+# size), which for a whole embedding matrix would set a streamed stage's peak memory
+
+
+def _finite(tensor: torch.Tensor) -> torch.Tensor:
+    return ~torch.isnan(tensor) if tensor.dtype in _NO_INF else torch.isfinite(tensor)
 
 
 def check_finite(tensor: torch.Tensor, name: str, where: str, advice: str = DEFAULT_ADVICE) -> None:
@@ -36,10 +42,9 @@ def check_finite(tensor: torch.Tensor, name: str, where: str, advice: str = DEFA
     """
     if not tensor.is_floating_point():
         return
-    finite = ~torch.isnan(tensor) if tensor.dtype in _NO_INF else torch.isfinite(tensor)
-    if bool(finite.all()):
+    if all(bool(_finite(part).all()) for part in tensor.reshape(-1).split(_CHUNK)):
         return
-    bad = ~finite
+    bad = ~_finite(tensor)
     count, nan = int(bad.sum()), int(torch.isnan(tensor).sum())
     first = tuple(int(i) for i in torch.unravel_index(bad.flatten().to(torch.uint8).argmax(), tensor.shape))
     dtype = str(tensor.dtype).removeprefix("torch.")

@@ -48,9 +48,16 @@ def library_versions() -> dict[str, str]:
 
 
 def peak_memory_bytes() -> dict[str, int]:
-    """Peak host RSS of this process and, when CUDA is in use, peak device memory allocated."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"host_rss": rss if sys.platform == "darwin" else rss * 1024}
+    """Peak host RSS of this process and, when CUDA is in use, peak device memory allocated.
+
+    On Linux the RSS is the process's own high-water mark (`VmHWM`): `ru_maxrss` carries the parent's peak across
+    fork and exec, so a stage started by a large process (a script that built the model) would report that."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        out = {"host_rss": next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))}
+    except (OSError, StopIteration, ValueError):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = {"host_rss": rss if sys.platform == "darwin" else rss * 1024}
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():

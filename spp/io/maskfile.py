@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from spp.errors import SppError
 
@@ -82,8 +82,13 @@ def save_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[
     save_tensors_streamed(specs, ({name: packed[name]} for name in names), Path(path), dict(sorted(metadata.items())))
 
 
-def load_masks(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_masks(path: Path, names: Callable[[str], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a mask file back into bool masks in the stored weight's shape.
+
+    Args:
+        path: the mask file.
+        names: decode only the entries whose saved name it accepts (one block's, 1 byte a weight while held);
+            None: every entry.
 
     Returns:
         (masks, layouts), both keyed by saved tensor name.
@@ -95,9 +100,9 @@ def load_masks(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise SppError(f"mask file {path} does not exist (is this an `spp prune` output?)")
     try:
-        packed = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
+            packed = {name: f.get_tensor(name) for name in f.keys() if names is None or names(name)}
     except (SafetensorError, OSError, ValueError) as exc:
         raise SppError(f"mask file {path} is corrupt or truncated: {exc}") from exc
     if metadata.get("format") != FORMAT:

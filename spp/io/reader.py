@@ -79,6 +79,7 @@ class Checkpoint:
             has none).
         manifest: the directory's `spp_manifest.json`, or None when it has none.
         mask_sha256: sha256 of the mask file (`mask_file`), or None when there is none.
+        mask_names: the saved tensors the mask file holds a mask for (read from its header; empty without one).
         source: for a directory dequantized from a GGUF file, its `spp_source.json` record (file, sha256,
             tensor types); None otherwise.
         pieces: fused parameter name (`model.layers.0.mlp.experts.gate_up_proj`, (E, out, in)) -> its saved
@@ -93,6 +94,7 @@ class Checkpoint:
     saved_names: dict[str, str]
     manifest: Any = None
     mask_sha256: str | None = None
+    mask_names: list[str] = field(default_factory=list)
     source: dict | None = None
     pieces: dict[str, list[Piece]] = field(default_factory=dict)
     _masks: tuple | None = field(default=None, repr=False, compare=False)  # the mask file, decoded once
@@ -130,6 +132,11 @@ class Checkpoint:
     def piece_of(self, saved: str) -> tuple[str, Piece] | None:
         """(the fused parameter, the piece) a saved tensor makes up, or None."""
         return self._piece_index.get(saved)
+
+    def owner(self, saved: str) -> str:
+        """The parameter a saved tensor is loaded into, alone or as a piece of a fused one ("" for neither)."""
+        piece = self.piece_of(saved)
+        return piece[0] if piece is not None else self.parameter_name(saved) or ""
 
     def split(self, parameter: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """A parameter-shaped tensor (a weight or its mask) cut into its saved tensors: saved name -> view.
@@ -180,10 +187,16 @@ class Checkpoint:
             self._masks = load_masks(self.mask_file)
         return self._masks
 
-    def masks_by_parameter(self) -> dict[str, torch.Tensor]:
+    def masks_by_parameter(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The mask file keyed by in-memory parameter name (masks in the stored weight's shape, True = keep),
-        from `read_masks` (decoded once)."""
-        masks, _ = self.read_masks()
+        from `read_masks` (decoded once); with a `prefix` (`model.layers.3.`), only the parameters under it,
+        decoded for this call and not kept (one block's masks at a time)."""
+        from spp.io.maskfile import load_masks
+
+        if prefix:
+            masks, _ = load_masks(self.mask_file, lambda saved: self.owner(saved).startswith(prefix))
+        else:
+            masks, _ = self.read_masks()
         out, fused = {}, {}
         for saved, keep in masks.items():
             name, piece = self.parameter_name(saved), self.piece_of(saved)
@@ -465,7 +478,8 @@ def refuse_incomplete_load(directory: Path, info: dict, tensors: dict[str, Saved
 
 
 def _read_mask_header(ckpt: Checkpoint) -> None:
-    """Check each mask-file entry names a saved tensor of the shape it records (header only)."""
+    """Check each mask-file entry names a saved tensor of the shape it records, and keep their names in
+    `ckpt.mask_names` (header only)."""
     from safetensors import SafetensorError, safe_open
 
     path = ckpt.mask_file
@@ -475,6 +489,7 @@ def _read_mask_header(ckpt: Checkpoint) -> None:
             keys = list(f.keys())
     except (SafetensorError, OSError, ValueError) as exc:
         raise SppError(f"mask file {path} is corrupt or truncated: {exc}") from exc
+    ckpt.mask_names = keys
     for name in keys:
         try:
             shape = tuple(json.loads(metadata[name])["shape"])

@@ -71,6 +71,7 @@ def load(model: nn.Module, checkpoint: Checkpoint, prefix: str, device: torch.de
     """
     from safetensors import safe_open
 
+    _big_allocations_mapped()
     owners = defaultdict(list)  # id of a meta tensor -> (module, attribute) of every name sharing it
     wanted = {}  # state name -> its meta tensor; a tied parameter once, under its first name
     chosen = set()  # ids of the tensors in `wanted`
@@ -151,10 +152,28 @@ def outside_blocks(model: nn.Module, checkpoint: Checkpoint, blocks_name: str):
         release(model)
 
 
+_MMAP_THRESHOLD = 4 << 20  # bytes: glibc serves an allocation this large or larger with its own mmap
+
+
+def _big_allocations_mapped() -> None:
+    """Fix glibc's mmap threshold (`mallopt(M_MMAP_THRESHOLD)`, for the rest of the process; elsewhere nothing), so
+    every tensor of 4 MiB or more is its own mapping, unmapped when freed. By default glibc raises the threshold to
+    the size of each large allocation it frees (up to 32 MiB), after which a block's weights, Hessians and
+    activations come from the heap, whose free holes stay resident and fragment further with each block: a streamed
+    SparseGPT prune's peak RSS grew by about 10 MiB a block (measured, docs/results/streaming.md)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _return_freed_memory() -> None:
-    """Hand the heap memory just freed back to the OS (glibc's `malloc_trim`; elsewhere nothing). glibc raises its
-    mmap threshold after a large free, so the next block's tensors come from the heap, whose free holes it keeps:
-    without this, a streamed prune's resident set grows by tens of MB a block (measured: 40 MB a block of 51 MB)."""
+    """Hand the heap memory just freed back to the OS (glibc's `malloc_trim`; elsewhere nothing): what was allocated
+    below the mmap threshold (`_big_allocations_mapped`) comes from the heap, whose free pages glibc keeps resident
+    (measured before the threshold was fixed, when a block's tensors came from the heap too: without this, a streamed
+    prune's resident set grew by 40 MB a block of 51 MB)."""
     import ctypes
 
     try:

@@ -187,9 +187,8 @@ def run_blockwise(cfg: TrainConfig, checkpoint, output: Path, start: float) -> T
             if not blocks_done:
                 start_progress(workdir, settings, n_blocks, conditions, inputs, BLOCKWISE_PROGRESS_DIR)
                 write_yaml(workdir / RESOLVED_CONFIG_FILE, cfg)
-            masks = checkpoint.masks_by_parameter()
             recovered = recover_blocks(cfg, checkpoint, teacher_dir, windows, adapter_cfg, device, dtype, workdir,
-                                       blocks_done, lambda block, prefix: check_pruned_zeros(block, masks, prefix))
+                                       blocks_done, check_pruned_zeros)
             trainable = write_recovered_adapter(workdir, adapter_cfg, n_blocks)
             (workdir / TRAIN_LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in recovered.records))
             shutil.rmtree(progress_dir(workdir, BLOCKWISE_PROGRESS_DIR))

@@ -69,7 +69,8 @@ def blockwise_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: 
 
 
 def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, adapter_cfg, device: torch.device,
-                   dtype: str, workdir: Path, blocks_done: int, check_block: Callable[[nn.Module, str], None]) -> Recovered:
+                   dtype: str, workdir: Path, blocks_done: int,
+                   check_block: Callable[[nn.Module, dict, str], None]) -> Recovered:
     """Train every decoder block's adapter against the teacher's block, in order (the module docstring's loss),
     streaming both models: each is a skeleton on the meta device (`spp.io.stream`), and only the embeddings (for
     the calibration inputs), then one student block and one teacher block at a time, are read from their shards
@@ -82,7 +83,8 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
         device: where each block runs. dtype: the base dtype's name (`precision`).
         workdir: `OUTPUT.partial/`, whose progress holds the finished blocks. blocks_done: blocks a resumed run
             takes from there.
-        check_block: (trained block, its full-name prefix) -> None; raises if a pruned entry is not +0.0.
+        check_block: (trained block, its keep-masks by full parameter name, its full-name prefix) -> None; raises if
+            a pruned entry is not +0.0.
 
     Raises:
         SppError: a NaN or ±inf weight in the student or teacher, nothing to adapt, or a non-finite loss.
@@ -96,8 +98,8 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
     student = skeleton(checkpoint, dtype).requires_grad_(False)
     teacher_checkpoint = read_checkpoint(teacher_dir)
     teacher = skeleton(teacher_checkpoint, dtype).requires_grad_(False)
-    masks = checkpoint.masks_by_parameter()
-    targets = list(find_targets(student, adapter_cfg, masks))
+    # names only: the masks themselves are decoded one block at a time (1 byte a weight)
+    targets = list(find_targets(student, adapter_cfg, {checkpoint.owner(saved) for saved in checkpoint.mask_names}))
     if not targets:
         raise SppError(f"target_modules {cfg.target_modules} select only layers that {checkpoint.directory} left dense "
                        "(no entry in its mask file): nothing to adapt; set adapt_unpruned: true to adapt them anyway")
@@ -112,6 +114,7 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
     for index in range(blocks_done, len(blocks)):
         block, own = blocks[index], f"{prefix}.{index}."
         load(student, checkpoint, own, device)
+        masks = checkpoint.masks_by_parameter(own)
         torch.manual_seed(cfg.seed + index)  # the block's adapter init, whatever ran before it (a resumed run too)
         names = add_block_adapter(block, own, targets, adapter_cfg, masks)
         student_in = streams["student"]
@@ -121,7 +124,7 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
             release(teacher_blocks[index])
         record = train_block(block, student_in, target, captured, index, cfg, device) if names else {"block": index}
         block.requires_grad_(False)
-        check_block(block, own)
+        check_block(block, masks, own)
         last = index + 1 == len(blocks)
         with torch.no_grad(), _autocast(cfg, device):
             after = [] if last else run_block(block, index, _inputs(captured, student_in), device)
@@ -132,7 +135,8 @@ def recover_blocks(cfg, checkpoint, teacher_dir: Path, windows: torch.Tensor, ad
         records.append(record)
         save_recovered_block(workdir, index, {own + k: v for k, v in adapter_state_dict(block).items()}, streams,
                              record)
-        blocks[index] = nn.Module()  # its adapter is in the progress now: drop the block with the adapter's state
+        release(block)  # its adapter is in the progress now: free the block, and what training it left on the heap
+        blocks[index] = nn.Module()  # drop the block with the adapter's state
         fault_point("block_done", index)
     return Recovered(adapted=targets, records=records)
 
