@@ -42,7 +42,7 @@ from spp.prune.reconstruction import resolve_on_support
 from spp.prune.sparsegpt import with_dampening
 
 # Default iteration caps, measured on SmolLM2-135M (docs/results/pruning_methods.md): 15 keep unstructured ALPS near
-# 8x SparseGPT's time and below its perplexity at 60-70%; N:M supports settle more slowly and need 30 to beat it (10x).
+# 8x SparseGPT's time and below its perplexity at 60-70%; N:M supports settle more slowly and need 30 to beat it (8.4x).
 ITERS_UNSTRUCTURED, ITERS_NM = 15, 30
 RHO_MAX = 1e6
 STALL = 3e-4  # a support change below this fraction of k after min_iter iterations ends ADMM
