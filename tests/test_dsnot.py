@@ -105,3 +105,20 @@ def test_dsnot_property_counts_direction_and_guard(out_features, groups, nm, spa
     if guard:
         before = row_errors(W, torch.where(keep, W, 0.0), H)
         assert (row_errors(W, torch.where(new, W, 0.0), H) <= before + 1e-9 * before.abs() + 1e-12).all()
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("descending", [False, True])
+def test_candidate_queue_top_k_reads_what_the_stable_sort_gives(ties, descending):
+    """The first max_cycles candidates of each row (all a run can read) are those of a stable sort, ties included."""
+    from spp.prune.dsnot import _Queue
+
+    g = torch.Generator().manual_seed(3)
+    key = torch.randint(0, 4, (16, 40), generator=g).float() if ties else torch.randn(16, 40, generator=g)
+    valid = torch.rand(16, 40, generator=g) > 0.3
+    fill = float("-inf") if descending else float("inf")
+    stable = torch.sort(torch.where(valid, key, fill), dim=1, descending=descending, stable=True).indices
+    queue = _Queue(key, valid, descending, depth=8)
+    for row in range(16):
+        n = min(int(valid[row].sum()), 8)
+        assert queue.order[row, :n].tolist() == stable[row, :n].tolist()

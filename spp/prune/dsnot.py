@@ -61,13 +61,26 @@ def accumulate_input_sums(state: tuple | None, X: torch.Tensor) -> tuple[torch.T
 
 
 class _Queue:
-    """Per-row candidate lists in a fixed order, with one read pointer per row."""
+    """Per-row candidate lists in a fixed order (a stable sort of `key`), with one read pointer per row.
 
-    def __init__(self, key: torch.Tensor, valid: torch.Tensor, descending: bool):
+    A pointer moves at most once a cycle, so only the first `depth` (= max_cycles) places are ever read: a top-k
+    finds them several times faster than sorting whole rows. Top-k leaves the order of equal keys open, so when a
+    real key repeats among them or just past them, the rows are sorted in full (stable: lower column first).
+    """
+
+    def __init__(self, key: torch.Tensor, valid: torch.Tensor, descending: bool, depth: int):
         fill = float("-inf") if descending else float("inf")
-        self.order = torch.sort(torch.where(valid, key, fill), dim=1, descending=descending, stable=True).indices
+        key = torch.where(valid, key, fill)
         self.count = valid.sum(dim=1)  # (out,)
         self.ptr = torch.zeros_like(self.count)
+        if 0 < depth < key.shape[1]:
+            top, self.order = key.topk(depth, dim=1, largest=descending)  # (out, depth), best first
+            last = top[:, -1:]
+            repeats = ((top[:, 1:] == top[:, :-1]) & (top[:, 1:] != fill)).any()
+            cut = ((last != fill) & ((key == last).sum(1, keepdim=True) > (top == last).sum(1, keepdim=True))).any()
+            if not (repeats or cut or top.isnan().any()):
+                return
+        self.order = torch.sort(key, dim=1, descending=descending, stable=True).indices
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(column at each row's pointer (out,), whether that row still has a candidate (out,))."""
@@ -123,11 +136,11 @@ def dsnot_refine(
     eps0 = eps.clone()
     rows = torch.arange(W.shape[0], device=W.device)
     ratio = c / var**var_power
-    grow_pos = _Queue(ratio, pruned0 & (c > 0), descending=True)
-    grow_neg = _Queue(ratio, pruned0 & (c < 0), descending=False)
+    grow_pos = _Queue(ratio, pruned0 & (c > 0), descending=True, depth=max_cycles)
+    grow_neg = _Queue(ratio, pruned0 & (c < 0), descending=False, depth=max_cycles)
     if group is None:
-        prune_pos = _Queue(wanda, ~pruned0 & (c > 0), descending=False)
-        prune_neg = _Queue(wanda, ~pruned0 & (c < 0), descending=False)
+        prune_pos = _Queue(wanda, ~pruned0 & (c > 0), descending=False, depth=max_cycles)
+        prune_neg = _Queue(wanda, ~pruned0 & (c < 0), descending=False, depth=max_cycles)
     else:
         offsets = torch.arange(group, device=W.device)
     if guard:
