@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -93,7 +92,7 @@ def measure_merge(impl: str, pruned: str, adapter: str, output: str) -> dict:
         merge_adapter(model, masks)
         save_model(model, None, Path(output), max_shard_size="100MB")
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = proc_status("VmHWM") / 2**20  # not ru_maxrss, which carries a parent's peak into a child
     return {"impl": impl, "seconds": seconds, "peak_rss_mb": peak, "increase_mb": peak - before}
 
 

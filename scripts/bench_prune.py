@@ -86,7 +86,7 @@ def measure(impl: str, method: str, pattern: str, device: str, nsamples: int, se
     achieved = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     record = dict(impl=impl, method=method, pattern=pattern, device=device, nsamples=nsamples, seqlen=seqlen,
                   params=params, layers=layers, threads=torch.get_num_threads(), seconds=seconds, sparsity=achieved,
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                  peak_rss_mb=proc_status("VmHWM") / 2**20)
     if dev.type == "cuda":
         record["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return record
