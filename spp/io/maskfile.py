@@ -82,7 +82,8 @@ def save_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[
     save_tensors_streamed(specs, ({name: packed[name]} for name in names), Path(path), dict(sorted(metadata.items())))
 
 
-def load_masks(path: Path, names: Callable[[str], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_masks(path: Path,
+               names: Callable[[str], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a mask file back into bool masks in the stored weight's shape.
 
     Args:

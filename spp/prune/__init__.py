@@ -6,8 +6,9 @@ loop over `sequential.walk_blocks` (each block read from the checkpoint, on the 
 routed tokens, released once kept) that prunes each block's layers with the method picked from `METHODS`, then
 one atomic output directory holding the `save_pretrained` files (written from the kept blocks, byte for byte
 what `save_pretrained` writes), `spp/masks.safetensors`, the resolved config and the manifest. Every finished
-block is persisted in `OUTPUT.partial/` (`spp.io.progress`), so `--resume` continues a killed or interrupted run at its first unfinished block, with
-the same result bit for bit (it refuses other run conditions, `spp.io.conditions`). Which layers are
+block is persisted in `OUTPUT.partial/` (`spp.io.progress`), so `--resume` continues a killed or interrupted run
+at its first unfinished block, with the same result bit for bit (it refuses other run conditions,
+`spp.io.conditions`). Which layers are
 pruned, and at what sparsity, is `plan.plan_layers` (--targets, --ignore, sparsity_overrides; a
 mixture-of-experts block's fused expert weights among them, pruned per saved tensor by `experts`); with
 --owl a statistics pass over the dense model (`owl_block_sparsities`) sets each block's sparsity
