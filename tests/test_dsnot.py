@@ -103,8 +103,9 @@ def test_dsnot_property_counts_direction_and_guard(out_features, groups, nm, spa
         assert (torch.sign(eps[changed]) == torch.sign(eps0[changed])).all()
         assert (eps.abs() <= eps0.abs() + 1e-12).all()
     if guard:
-        before = row_errors(W, torch.where(keep, W, 0.0), H)
-        assert (row_errors(W, torch.where(new, W, 0.0), H) <= before + 1e-9 * before.abs() + 1e-12).all()
+        before, after = row_errors(W, torch.where(keep, W, 0.0), H), row_errors(W, torch.where(new, W, 0.0), H)
+        assert (after <= before + 1e-9 * before.abs() + 1e-12).all()
+        assert info["squared_error"] == pytest.approx((float(before.sum()), float(after.sum())), rel=1e-6, abs=1e-12)
 
 
 @pytest.mark.parametrize("ties", [False, True])

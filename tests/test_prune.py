@@ -176,6 +176,37 @@ def test_captured_calls_reproduce_the_model(arch):
         torch.testing.assert_close(seen[i], expected[i + 1], rtol=1e-5, atol=1e-5)
 
 
+def test_layers_fed_one_input_share_their_statistics():
+    """q/k/v_proj (and gate/up_proj) get the same input tensor: it is folded once, and the layers share the sum,
+    which equals what each layer's own hook gathers."""
+    model = make_model("llama")
+    _, blocks = find_decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks, _windows(), batch_size=3, storage=torch.device("cpu"))
+    reference, handles = {}, []
+    for name, module in blocks[0].named_modules():
+        if isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, name=name: reference.__setitem__(name, accumulate_hessian(reference.get(name), args[0])[0])))
+    run_block(blocks[0], 0, inputs, torch.device("cpu"), keep_outputs=False)
+    for handle in handles:
+        handle.remove()
+    folded = []
+
+    def accumulate(state, X):
+        folded.append(X.shape)
+        return accumulate_hessian(state, X)[0]
+
+    block = next(walk_blocks(blocks, inputs, accumulate, torch.device("cpu")))
+    stats = block.stats
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    assert stats["self_attn.o_proj"] is not stats["self_attn.q_proj"]
+    assert len(folded) == 4 * len(inputs.hidden)  # q, o, gate, down: once per chunk of windows
+    assert set(stats) == set(reference)
+    for name, H in reference.items():
+        torch.testing.assert_close(stats[name], H, rtol=0, atol=0)
+
+
 def test_block1_inputs_change_when_block0_is_pruned():
     model = make_model("llama")
     _, blocks = find_decoder_blocks(model)

@@ -139,16 +139,20 @@ def layer_method(cfg: PruneConfig) -> Method:
         W_new, keep, record = base.prune(W, state.get("base"), cfg, sparsity)
         held = state["base"] if base.refits else state.get("hessian")
         H = None if held is None else hessian_from_sum(*held)
-        if H is not None and not base.refits:
-            record["reconstruction_error"] = reconstruction_error(W, W_new, H)
-        if "sums" in state:
-            damp = record.get("percdamp_used", cfg.percdamp)
-            W_new, keep, refined = _refine_dsnot(W, W_new, keep, state["sums"], H, base.refits, damp, cfg)
-            if H is not None:
-                refined["reconstruction_error_before"] = record["reconstruction_error"]
+        if "sums" not in state:
+            if H is not None and not base.refits:
                 record["reconstruction_error"] = reconstruction_error(W, W_new, H)
-            record["refine"] = refined
-        return W_new, keep, record
+            return W_new, keep, record
+        damp = record.get("percdamp_used", cfg.percdamp)
+        W_out, keep, refined = _refine_dsnot(W, W_new, keep, state["sums"], H, base.refits, damp, cfg)
+        squared = refined.pop("squared_error", (None, None))  # the full-H guard's, for the mask-only weights
+        before, after = (None, None) if base.refits else squared
+        if H is not None:
+            refined["reconstruction_error_before"] = (record["reconstruction_error"] if base.refits
+                                                      else reconstruction_error(W, W_new, H, before))
+            record["reconstruction_error"] = reconstruction_error(W, W_out, H, after)
+        record["refine"] = refined
+        return W_out, keep, record
 
     return Method(accumulate=accumulate, prune=prune, refits=base.refits)
 

@@ -122,7 +122,8 @@ def dsnot_refine(
 
     Returns:
         (refined keep-mask (out, in) bool, info) with info `cycles`, `swaps` (accepted, over all rows),
-        `rows_changed`, `expected_error_before` and `expected_error_after` (mean |ε_i|).
+        `rows_changed`, `expected_error_before` and `expected_error_after` (mean |ε_i|), and with the guard on a
+        full H, `squared_error`: tr(ΔW H ΔWᵀ) of the mask-only weights before and after, from the guard's ΔW H.
     """
     dtype = torch.promote_types(W.dtype, torch.float32)
     W = W.detach().to(dtype)
@@ -148,6 +149,7 @@ def dsnot_refine(
             H = 2.0 * sq_norm.to(dtype) / T
         H = H.to(device=W.device, dtype=dtype)
         G = torch.where(pruned0, W, 0.0) @ H if H.dim() == 2 else None  # (out, in): ΔW H, kept up to date
+        squared_before = (G * torch.where(pruned0, W, 0.0)).sum(dim=1).sum() if G is not None else None
     active = torch.ones_like(eps, dtype=torch.bool)
     swaps = torch.zeros_like(eps, dtype=torch.long)
     cycles = 0
@@ -201,4 +203,6 @@ def dsnot_refine(
         "expected_error_before": float(eps0.abs().mean()),
         "expected_error_after": float(eps.abs().mean()),
     }
+    if guard and G is not None:
+        info["squared_error"] = (float(squared_before), float((G * torch.where(keep, 0.0, W)).sum(dim=1).sum()))
     return keep, info

@@ -24,13 +24,15 @@ def row_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.T
     return ((Delta @ H.to(dtype)) * Delta).sum(dim=1)
 
 
-def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, squared: float | None = None) -> float:
     """Relative layer-wise reconstruction error tr((W − Ŵ)H(W − Ŵ)ᵀ) / tr(WHWᵀ) = ‖X(W − Ŵ)ᵀ‖²_F / ‖XWᵀ‖²_F.
 
     Args:
         W: (out, in) dense weight.
         W_hat: (out, in) pruned (and possibly updated) weight.
         H: (in, in) undamped Hessian ∝ XᵀX (any positive scale: it cancels).
+        squared: the numerator tr((W − Ŵ)H(W − Ŵ)ᵀ) with this H, when the caller holds it already (DSnoT's guard
+            keeps (W − Ŵ)H); None computes it.
 
     Returns:
         The ratio as a Python float; 0.0 when W·X is identically zero (nothing to reconstruct).
@@ -38,7 +40,7 @@ def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) 
     total = row_errors(W, torch.zeros_like(W), H).sum()
     if total <= 0:
         return 0.0
-    return float(row_errors(W, W_hat, H).sum() / total)
+    return float((row_errors(W, W_hat, H).sum() if squared is None else squared) / total)
 
 
 def resolve_on_support(

@@ -149,12 +149,29 @@ def call_block(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict],
 
 @contextlib.contextmanager
 def _recording(layers: dict[str, nn.Module], accumulate) -> Iterator[dict[str, Any]]:
-    """Forward hooks on `layers` that fold each call's input into `accumulate`; yields the statistics by name."""
+    """Forward hooks on `layers` that fold each call's input into `accumulate`; yields the statistics by name,
+    complete when the context exits.
+
+    A layer whose input is the very tensor, unchanged, that the layer recorded just before it got (q/k/v_proj,
+    gate/up_proj) shares that layer's statistics instead of folding the same numbers again: XᵀX is most of the
+    calibration cost of SparseGPT, ALPS and DSnoT's guard. Which layers share is fixed by their first call and
+    checked on every later one.
+    """
     stats: dict[str, Any] = {}
+    shares: dict[str, str] = {}  # layer name -> the layer whose statistics it shares
+    last: list = []  # [input tensor, its version counter, the name that folded it]
 
     def hook(name):
         def fn(module, args, output):
-            stats[name] = accumulate(stats.get(name), args[0].detach())
+            X = args[0]
+            same = bool(last) and last[0] is X and last[1] == X._version
+            if name in shares or (same and name not in stats):
+                if not same or shares.setdefault(name, last[2]) != last[2]:
+                    raise RuntimeError(f"{name} no longer gets the input of {shares[name]}: the block's forward "
+                                       f"changed between calls")
+                return
+            stats[name] = accumulate(stats.get(name), X.detach())
+            last[:] = X, X._version, name
 
         return fn
 
@@ -164,6 +181,9 @@ def _recording(layers: dict[str, nn.Module], accumulate) -> Iterator[dict[str, A
     finally:
         for handle in handles:
             handle.remove()
+        last.clear()
+        for name, owner in shares.items():
+            stats[name] = stats[owner]
 
 
 @dataclass
@@ -176,7 +196,8 @@ class Block:
         targets: the chosen weights (`spp.models.Target`, full names), by block-relative name (`self_attn.q_proj`,
             `mlp.experts.gate_up_proj`), in model order.
         stats: linear layer name -> the statistics `accumulate` folded from its inputs (empty without calibration;
-            none for expert weights, whose inputs are their routed tokens).
+            none for expert weights, whose inputs are their routed tokens); layers fed the same input tensor hold
+            one shared object, which consumers read and never change in place.
         routes: experts module name -> its (hidden (T, H), top_k_index (T, k)) per chunk of windows
             (`spp.prune.experts.recording_routes`), or None without calibration.
     """
