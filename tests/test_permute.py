@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 
 from conftest import TINY_CONFIGS, one_line_error
 from spp.models import decoder_targets, find_decoder_blocks
+from spp.prune.dsnot import accumulate_input_sums
 from spp.prune.permute import (assignment_refinement, channel_permutation, head_permutation, kept_score, legal_folds,
-                               permute_block)
+                               permute_block, permute_inputs)
+from spp.prune.sparsegpt import accumulate_hessian
 from test_owl_ria import calib, invoke, model_dir, prune_flags  # noqa: F401 (fixtures)
 from test_prune import saved_tensors
 
@@ -152,6 +154,31 @@ def test_prune_with_permuted_channels_saves_an_exact_n_m_pattern_that_verifies(m
     # block 0's residual readers saw the same inputs and were not permuted; later blocks see other pruned inputs
     assert not any(k in c for c in changed for k in ("layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj",
                                                        "embed", "norm"))
+
+
+def test_permuted_statistics_are_those_of_the_permuted_inputs():
+    """Every statistic a layer can hold (Σx², DSnoT's sums, the Hessian sum), permuted, equals the statistic of the
+    inputs with their channels in the new order."""
+    X = torch.randn(50, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    P = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    state = {"sums": accumulate_input_sums(None, X), "hessian": accumulate_hessian(None, X)}
+    moved, expected = permute_inputs(state, P), {"sums": accumulate_input_sums(None, X[:, P]),
+                                                  "hessian": accumulate_hessian(None, X[:, P])}
+    for key in expected:
+        for a, b in zip(moved[key], expected[key]):
+            assert a == b if isinstance(a, int) else torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("extra", [("--refine", "dsnot"), ("--record-error",)])
+def test_permute_channels_with_dsnot_or_the_recorded_error(extra, model_dir, calib, tmp_path):
+    """Both hold more than Σx² per layer (DSnoT's sums and H; H), all permuted with the channels: the run used to
+    stop with a traceback."""
+    out = tmp_path / "out"
+    result = invoke(*prune_flags(model_dir, calib, out, "--method", "wanda", "--pattern", "2:4", "--permute-channels",
+                                 *extra))
+    assert result.exit_code == 0, result.output
+    assert invoke("verify", out).exit_code == 0
+    assert "reconstruction error" in result.output
 
 
 @pytest.mark.parametrize("extra", [("--method", "ria"), ("--method", "sparsegpt", "--pattern", "2:4"),

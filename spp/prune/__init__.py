@@ -125,6 +125,8 @@ def layer_method(cfg: PruneConfig) -> Method:
     parts = {"base": base.accumulate} if base.accumulate is not None else {}
     if cfg.refine == "dsnot":
         parts["sums"] = accumulate_input_sums
+        if base.accumulate is accumulate_sq_norms:  # the sums hold the same Σx²: fold it once (`base_statistics`)
+            del parts["base"]
     if (cfg.record_error or cfg.refine == "dsnot" and cfg.dsnot_guard) and not base.refits:
         parts["hessian"] = _accumulate_hessian  # DSnoT's guard is exact with the full H (its diagonal rejects any swap
         # after Wanda: every pruned weight's score is below every kept one's in its row)
@@ -136,7 +138,7 @@ def layer_method(cfg: PruneConfig) -> Method:
         return {key: fn(state.get(key), X) for key, fn in parts.items()}
 
     def prune(W, state, cfg, sparsity):
-        W_new, keep, record = base.prune(W, state.get("base"), cfg, sparsity)
+        W_new, keep, record = base.prune(W, base_statistics(state), cfg, sparsity)
         held = state["base"] if base.refits else state.get("hessian")
         H = None if held is None else hessian_from_sum(*held)
         if "sums" not in state:
@@ -155,6 +157,15 @@ def layer_method(cfg: PruneConfig) -> Method:
         return W_out, keep, record
 
     return Method(accumulate=accumulate, prune=prune, refits=base.refits)
+
+
+def base_statistics(state):
+    """The base method's statistics within a layer's state: the state itself, or, in `layer_method`'s composite, its
+    "base" entry, or DSnoT's Σx² (`accumulate_input_sums`' second entry), which is Wanda's and RIA's statistics
+    bit for bit (the same float32 sums); None for magnitude."""
+    if not isinstance(state, dict):
+        return state
+    return state["base"] if "base" in state else state["sums"][1] if "sums" in state else None
 
 
 def dsnot_group(cfg: PruneConfig) -> int | None:
@@ -490,7 +501,7 @@ def prune_model(
                              start=blocks_done if partial is not None else 0, hold=hold):
         experts = expert_targets(block.targets)
         if cfg.permute_channels:  # before any of the block's weights is pruned; its function is unchanged
-            permute_block(block.module, block.targets, block.stats, cfg.method, cfg.n_m)
+            permute_block(block.module, block.targets, block.stats, cfg.method, cfg.n_m, base_statistics)
         pruned = {}  # block-relative name -> (keep-mask on the CPU, its statistics, its dampening retries)
         for name, target in block.targets.items():
             if on_module is not None:

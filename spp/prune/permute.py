@@ -177,10 +177,14 @@ def fold_permutation(consumer: nn.Linear, producers: list[nn.Linear], P: torch.T
                 producer.bias.copy_(producer.bias[rows])
 
 
-def permute_block(block: nn.Module, targets: dict[str, Target], stats: dict, method: str,
-                  n_m: tuple[int, int]) -> dict[str, torch.Tensor]:
+def permute_block(block: nn.Module, targets: dict[str, Target], stats: dict, method: str, n_m: tuple[int, int],
+                  sq_norm=lambda state: state) -> dict[str, torch.Tensor]:
     """Choose and fold P for each legal consumer among `targets` (the chosen weights, block-relative names), before
-    any of the block's weights is pruned; `stats[consumer]` (its (in,) Σ_t X_tj²) is permuted to match, in place.
+    any of the block's weights is pruned; `stats[consumer]` is replaced by its statistics with the input channels
+    permuted to match (`permute_inputs`).
+
+    Args:
+        sq_norm: a layer's (in,) Σ_t X_tj² from its `stats` entry (by default the entry itself).
 
     Returns:
         consumer's full name -> its P, for the consumers whose P is not the identity.
@@ -192,7 +196,7 @@ def permute_block(block: nn.Module, targets: dict[str, Target], stats: dict, met
         if fold.consumer not in targets or fold.consumer not in stats or (fold.head_dim or m) % m:
             continue
         consumer = modules[fold.consumer]
-        S = SCORES[method](consumer.weight, stats[fold.consumer])
+        S = SCORES[method](consumer.weight, sq_norm(stats[fold.consumer]))
         if fold.head_dim is None:
             P = R = channel_permutation(S, n, m)
         else:
@@ -200,6 +204,19 @@ def permute_block(block: nn.Module, targets: dict[str, Target], stats: dict, met
         if torch.equal(P, torch.arange(P.numel())):
             continue
         fold_permutation(consumer, [modules[p] for p in fold.producers], P, R)
-        stats[fold.consumer] = stats[fold.consumer][P.to(stats[fold.consumer].device)]
+        stats[fold.consumer] = permute_inputs(stats[fold.consumer], P)
         done[targets[fold.consumer].name] = P
     return done
+
+
+def permute_inputs(state, P: torch.Tensor):
+    """A layer's input statistics with its input channels in the order P (in,): each (in,) vector v[P], each
+    (in, in) matrix H[P][:, P], tuples and dicts item by item, anything else (a token count) as it is."""
+    if isinstance(state, torch.Tensor):
+        P = P.to(state.device)
+        return state[P][:, P] if state.dim() == 2 else state[P]
+    if isinstance(state, dict):
+        return {key: permute_inputs(value, P) for key, value in state.items()}
+    if isinstance(state, tuple):
+        return tuple(permute_inputs(value, P) for value in state)
+    return state
