@@ -41,7 +41,7 @@ from spp.prune.output import PruneReport, input_hashes, write_output
 from spp.prune.owl import outlier_share, owl_sparsities
 from spp.prune.permute import permute_block
 from spp.prune.plan import LayerPlan, plan_layers
-from spp.prune.reconstruction import reconstruction_error, resolve_on_support, row_errors
+from spp.prune.reconstruction import reconstruction_error, relative_errors, resolve_on_support, row_errors
 from spp.prune.ria import ria_scores
 from spp.prune.sparsegpt import accumulate_hessian, dampening_retry, hessian_from_sum, sparsegpt_prune
 from spp.prune.wanda import accumulate_sq_norms, magnitude_scores, wanda_scores
@@ -147,12 +147,14 @@ def layer_method(cfg: PruneConfig) -> Method:
             return W_new, keep, record
         damp = record.get("percdamp_used", cfg.percdamp)
         W_out, keep, refined = _refine_dsnot(W, W_new, keep, state["sums"], H, base.refits, damp, cfg)
-        squared = refined.pop("squared_error", (None, None))  # the full-H guard's, for the mask-only weights
-        before, after = (None, None) if base.refits else squared
+        squared = refined.pop("squared_error", None)  # the full-H guard's, for the mask-only weights
         if H is not None:
-            refined["reconstruction_error_before"] = (record["reconstruction_error"] if base.refits
-                                                      else reconstruction_error(W, W_new, H, before))
-            record["reconstruction_error"] = reconstruction_error(W, W_out, H, after)
+            if base.refits:
+                errors = record["reconstruction_error"], reconstruction_error(W, W_out, H)
+            else:
+                errors = relative_errors(W, H, squared or [row_errors(W, W_new, H).sum(),
+                                                           row_errors(W, W_out, H).sum()])
+            refined["reconstruction_error_before"], record["reconstruction_error"] = errors
         record["refine"] = refined
         return W_out, keep, record
 

@@ -24,23 +24,25 @@ def row_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.T
     return ((Delta @ H.to(dtype)) * Delta).sum(dim=1)
 
 
-def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, squared: float | None = None) -> float:
+def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """Relative layer-wise reconstruction error tr((W − Ŵ)H(W − Ŵ)ᵀ) / tr(WHWᵀ) = ‖X(W − Ŵ)ᵀ‖²_F / ‖XWᵀ‖²_F.
 
     Args:
         W: (out, in) dense weight.
         W_hat: (out, in) pruned (and possibly updated) weight.
         H: (in, in) undamped Hessian ∝ XᵀX (any positive scale: it cancels).
-        squared: the numerator tr((W − Ŵ)H(W − Ŵ)ᵀ) with this H, when the caller holds it already (DSnoT's guard
-            keeps (W − Ŵ)H); None computes it.
 
     Returns:
         The ratio as a Python float; 0.0 when W·X is identically zero (nothing to reconstruct).
     """
+    return relative_errors(W, H, [row_errors(W, W_hat, H).sum()])[0]
+
+
+def relative_errors(W: torch.Tensor, H: torch.Tensor, squared: list) -> list[float]:
+    """Each numerator tr((W − Ŵ)H(W − Ŵ)ᵀ) in `squared` (already computed, e.g. from DSnoT's guard, which keeps
+    (W − Ŵ)H) over tr(WHWᵀ), computed once; 0.0 each when W·X is identically zero."""
     total = row_errors(W, torch.zeros_like(W), H).sum()
-    if total <= 0:
-        return 0.0
-    return float((row_errors(W, W_hat, H).sum() if squared is None else squared) / total)
+    return [0.0 if total <= 0 else float(value / total) for value in squared]
 
 
 def resolve_on_support(
