@@ -214,10 +214,12 @@ def format_owl_table(records: list[dict]) -> str:
 
 def proc_status(key: str) -> int:
     """A /proc/self/status field in bytes: VmRSS (resident now) or VmHWM (the peak since the last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    from spp.io.checkpoint import proc_self_status
+
+    value = proc_self_status(key)
+    if value is None:
+        raise KeyError(key)
+    return int(value) * 1024
 
 
 def reset_peak_rss() -> None:

@@ -14,6 +14,7 @@ from spp.io.checkpoint import (
     MASK_FILE,
     atomic_dir,
     partial_path,
+    proc_self_status,
     read_json,
     safetensors_keys,
     sha256_file,
@@ -249,7 +250,7 @@ def test_a_stage_started_by_a_larger_process_records_its_own_peak_memory():
     child = "import json; from spp.io.manifest import peak_memory_bytes; print(json.dumps(peak_memory_bytes()))"
     peak = json.loads(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True,
                                      env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout)["host_rss"]
-    here = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    here = int(proc_self_status("VmHWM")) * 1024
     assert 0 < peak < here - 48 * 2**20  # ru_maxrss would report at least this process's peak
     del held
 

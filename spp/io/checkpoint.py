@@ -455,14 +455,21 @@ def set_config_dtype(directory: Path, dtype: str) -> None:
     write_json(path, config)
 
 
+def proc_self_status(key: str) -> str | None:
+    """The value of a field of Linux's /proc/self/status, without its unit ("0022" for Umask, "123456" for VmHWM,
+    in kB); None where the file or the field does not exist."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split()[1] for line in lines if line.startswith(key + ":")), None)
+
+
 def umask_file_mode() -> int:
     """The mode a newly created file gets from the process umask: 0o666 & ~umask (0o644 under 022)."""
-    try:  # Linux states it without changing it, so no other thread ever sees a zero umask
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
+    umask = proc_self_status("Umask")  # Linux states it without changing it, so no other thread sees a zero umask
+    if umask is not None:
+        return 0o666 & ~int(umask, 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask

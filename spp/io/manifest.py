@@ -23,7 +23,8 @@ from pathlib import Path
 
 from spp import __version__
 from spp.errors import SppError
-from spp.io.checkpoint import MANIFEST_FILE, MASK_FILE, read_json, safetensors_files, sha256_file, write_json
+from spp.io.checkpoint import (MANIFEST_FILE, MASK_FILE, proc_self_status, read_json, safetensors_files, sha256_file,
+                               write_json)
 
 SCHEMA_VERSION = 1
 
@@ -52,10 +53,10 @@ def peak_memory_bytes() -> dict[str, int]:
 
     On Linux the RSS is the process's own high-water mark (`VmHWM`): `ru_maxrss` carries the parent's peak across
     fork and exec, so a stage started by a large process (a script that built the model) would report that."""
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-        out = {"host_rss": next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))}
-    except (OSError, StopIteration, ValueError):
+    hwm = proc_self_status("VmHWM")
+    if hwm is not None:
+        out = {"host_rss": int(hwm) * 1024}
+    else:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out = {"host_rss": rss if sys.platform == "darwin" else rss * 1024}
     import torch

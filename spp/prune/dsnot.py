@@ -148,8 +148,11 @@ def dsnot_refine(
         if H is None:
             H = 2.0 * sq_norm.to(dtype) / T
         H = H.to(device=W.device, dtype=dtype)
-        G = torch.where(pruned0, W, 0.0) @ H if H.dim() == 2 else None  # (out, in): ΔW H, kept up to date
-        squared_before = (G * torch.where(pruned0, W, 0.0)).sum(dim=1).sum() if G is not None else None
+        G = None
+        if H.dim() == 2:
+            delta = torch.where(pruned0, W, 0.0)  # (out, in): ΔW of the base mask
+            G = delta @ H  # ΔW H, kept up to date
+            squared_before = (G * delta).sum(dim=1).sum()
     active = torch.ones_like(eps, dtype=torch.bool)
     swaps = torch.zeros_like(eps, dtype=torch.long)
     cycles = 0
