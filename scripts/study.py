@@ -43,7 +43,9 @@ Every final model is checked against the pruned model's mask file: entries the m
 The commands run in this process (`common.run`), each logged in its cell's record with the process's CPU seconds.
 Each finished cell is cached as JSON under `--work`, keyed by the settings' sha256, and the grid is planned again
 from the cache after every cell (`run_grid`), so an interrupted study resumes where it stopped, in priority order,
-and `--report-only` writes the page from a partial study. Nothing in the pages is typed in by hand.
+and `--report-only` writes the page from a partial study. Several processes may share one `--work` (one per core,
+say): each locks the cell it runs (`claim`) and takes the first cell no other holds. Nothing in the pages is typed in
+by hand.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ import study_report
 from common import DATA, REPO, cli_train_config, run, save_merged, saved_zeros, split_halves, train_peft
 
 from spp.errors import SppError
+from spp.io.checkpoint import lock_path, release_lock, take_lock
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "ria")
 SPARSE_KINDS = ("spp", "masked_lora", "full")  # spp's own sparsity-preserving recoveries (spp.adapter)
@@ -82,6 +85,7 @@ LR_GRIDS = {  # the first grid of each recovery (every one holds COMMON_RATE); e
     "hira": (4e-3, 2e-2, 4e-2, 8e-2),
 }
 MAX_EXTENSIONS = 2  # per grid edge
+CLAIM_POLL_S = 60  # a worker whose missing cells are all claimed by others plans again this often
 HEADLINE_KINDS = ("spp", "masked_lora", "full", "lora")  # candidates of the answer table: these get 3 seeds
 BAR_LORA_RATES = (4e-3, 1e-2, 2e-2, 4e-2)  # PEFT LoRA's rates in the bar; its best is taken
 SMOLLM2_TASKS = "piqa,arc_easy,arc_challenge,boolq,winogrande,hellaswag,openbookqa,rte"
@@ -701,7 +705,7 @@ def tidy_kept(work: Path, records: dict[str, dict]) -> None:
             best[family] = (rank, cell)
     keep = {c.key for _, c in best.values() if dataclasses.replace(c, zeroshot=True).key not in records}
     for path in (work / "kept").iterdir():
-        if path.name not in keep:
+        if path.name not in keep and path.name in records:  # no record yet: another worker's cell, still running
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -730,6 +734,17 @@ def save_record(work: Path, cell: Cell, record: dict) -> None:
     tmp.replace(path)
 
 
+def claim(work: Path, cell: Cell) -> Path | None:
+    """Take the cell's lock under `work/claims` (`spp.io.checkpoint.take_lock`), so that each of several `study.py`
+    processes on one `--work` runs other cells; None: a live process holds it."""
+    try:
+        return take_lock(work / "claims" / cell.key)
+    except SppError:
+        if not lock_path(work / "claims" / cell.key).is_file():  # not a held lock: an unwritable --work
+            raise
+        return None
+
+
 def run_grid(planned, s: StudySettings, work: Path, data: StudyData, config: str, log=print) -> dict:
     """Run the first planned cell the cache lacks, cache its record, plan again from the cache, until none is
     missing. Planning after every cell keeps the plan's priority order while sweeps choose rates, edges extend and
@@ -750,10 +765,19 @@ def run_grid(planned, s: StudySettings, work: Path, data: StudyData, config: str
         cells = planned(records)[0]
         if not (todo := [c for c in cells if c.key not in records]):
             break
-        cell = todo[0]
-        log(f"  {len(todo)} planned cells to run; next: {cell.key}")
-        record = run_cell(cell, s, data, work, config)
-        save_record(work, cell, record)
+        cell, lock = next(((c, lock) for c in todo if (lock := claim(work, c))), (None, None))
+        if cell is None:  # every missing cell is another worker's: wait for theirs to plan again
+            time.sleep(CLAIM_POLL_S)
+            records = cached_records(work, s)
+            continue
+        try:
+            if cell.key in (records := cached_records(work, s)):  # another worker saved it just now
+                continue
+            log(f"  {len(todo)} planned cells to run; next: {cell.key}")
+            record = run_cell(cell, s, data, work, config)
+            save_record(work, cell, record)
+        finally:
+            release_lock(lock)
         records, computed = cached_records(work, s), computed + 1
         tidy_kept(work, records)
         if cell.zeroshot:

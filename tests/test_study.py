@@ -5,8 +5,11 @@ outputs against each other and against formulas, never against stored numbers.""
 import importlib.util
 import json
 import math
+import os
+import socket
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -338,15 +341,45 @@ def test_the_smollm2_plan_runs_defaults_first_then_sweeps_then_scores_the_chosen
 
 def test_kept_models_are_the_best_rate_of_each_recipe_until_scored(study, tmp_path):
     cells = [study.Cell("alps", "2:4", "spp", lr=lr, distill="kd", data="c4") for lr in (1e-3, 4e-3, 1.2e-2)]
-    for c in cells:
+    running = study.Cell("alps", "2:4", "spp", lr=4e-2, distill="kd", data="c4")  # another worker's, unsaved
+    for c in cells + [running]:
         (tmp_path / "kept" / c.key).mkdir(parents=True)
     records = {c.key: smollm2_record(study, c, 80.0, abs(math.log(c.lr / 4e-3))) for c in cells}
     study.tidy_kept(tmp_path, records)
-    assert [p.name for p in (tmp_path / "kept").iterdir()] == [cells[1].key]
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == sorted([cells[1].key, running.key])
     final = study.dataclasses.replace(cells[1], zeroshot=True)
     records[final.key] = smollm2_record(study, final, items={"piqa": ([1, 0], 0.5)})
     study.tidy_kept(tmp_path, records)
-    assert list((tmp_path / "kept").iterdir()) == []
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == [running.key]
+
+
+def test_workers_sharing_a_work_directory_run_different_cells(study, tmp_path, monkeypatch):
+    cells = [study.Cell(m, "2:4", zeroshot=True) for m in ("wanda", "sparsegpt", "alps")]
+    s, ran = study.StudySettings(), []
+
+    def run_cell(cell, *args):
+        ran.append(cell.key)
+        return {**smollm2_record(study, cell, items={"piqa": ([1, 0], 0.5)}), "settings_sha256": s.sha256(),
+                "wall_s": 1.0, "zeroshot": {"mean_acc": 0.5}}
+
+    def other_worker_finishes(seconds):  # the fake clock: while this worker waits, the holder saves its cell
+        assert seconds == study.CLAIM_POLL_S
+        study.save_record(tmp_path, cells[0], run_cell(cells[0]) | {"by": "the other worker"})
+        held.unlink()
+
+    held = study.lock_path(tmp_path / "claims" / cells[0].key)  # as another live process (our parent) holds it
+    held.parent.mkdir()
+    held.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    assert study.claim(tmp_path, cells[0]) is None
+    monkeypatch.setattr(study, "run_cell", run_cell)
+    monkeypatch.setattr(study.time, "sleep", other_worker_finishes)
+    monkeypatch.setattr(study, "tidy_kept", lambda *a: None)
+    timing = study.run_grid(lambda records: (cells, {}), s, tmp_path, SimpleNamespace(split={}), "",
+                            log=lambda line: None)
+    assert ran == [cells[1].key, cells[2].key, cells[0].key]  # the held cell skipped, then run by the other
+    assert timing["cells_computed"] == 2
+    assert study.cached_records(tmp_path, s)[cells[0].key]["by"] == "the other worker"
+    assert not list((tmp_path / "claims").glob("*.lock"))  # every lock released
 
 
 def smollm2_fixture(study):

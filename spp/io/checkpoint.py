@@ -195,7 +195,7 @@ def _held(output: Path, owner: dict, flag: str = "--output") -> SppError:
                     f"gone, delete {lock})")
 
 
-def _take_lock(output: Path) -> Path:
+def take_lock(output: Path) -> Path:
     """Create `lock_path(output)` with O_CREAT | O_EXCL (of two runs exactly one creates it), recording this
     process's pid and host. A stale lock (`_lock_is_stale`) is taken over.
 
@@ -237,7 +237,8 @@ def _break_stale_lock(lock: Path, owner: dict) -> None:
         os.rename(claimed, lock)
 
 
-def _release_lock(lock: Path) -> None:
+def release_lock(lock: Path) -> None:
+    """Remove a lock `take_lock` returned, if this process still holds it."""
     owner = _read_lock(lock)
     if owner and (owner.get("pid"), owner.get("host")) == (os.getpid(), socket.gethostname()):
         lock.unlink(missing_ok=True)
@@ -269,7 +270,7 @@ def atomic_dir(output: Path, overwrite: bool = False, resume: bool = False,
     output = Path(os.path.abspath(output))  # `--output .`: the renames need the directory's name
     check_output_dir(output, overwrite)
     partial = partial_path(output)
-    lock = _take_lock(output)
+    lock = take_lock(output)
     try:
         if partial.exists() and not (resume if keep_partial is None else keep_partial):
             shutil.rmtree(partial)
@@ -297,7 +298,7 @@ def atomic_dir(output: Path, overwrite: bool = False, resume: bool = False,
                 raise SppError(describe_os_error(os_error, output)) from exc
             raise
     finally:
-        _release_lock(lock)
+        release_lock(lock)
 
 
 def write_json(path: Path, obj) -> None:
