@@ -23,7 +23,7 @@ from spp.models import block_targets, find_decoder_blocks
 from spp.prune import run_prune
 from spp.prune.masks import is_nm_valid, pruned_count
 from spp.prune.sequential import capture_block_inputs, run_block, walk_blocks
-from spp.prune.sparsegpt import accumulate_hessian, hessian_from_sum, sparsegpt_prune
+from spp.prune.sparsegpt import GRAM_MIN_WIDTH, GRAM_STRIPS, accumulate_hessian, gram, hessian_from_sum, sparsegpt_prune
 from spp.verify import verify_checkpoint
 
 CHARS = ["<unk>", "<eos>"] + list(string.ascii_letters + string.digits + " .,!?'\n")  # 71 < every tiny vocab
@@ -264,6 +264,21 @@ def reference_sparsegpt(W, H, sparsity, blocksize, n_m=None, percdamp=0.01):
                 W[:, k] -= err * Hinv[c, k]
             W[:, c] = q
     return W, keep
+
+
+@pytest.mark.parametrize("tokens,width", [(512, 576), (300, 600), (64, GRAM_MIN_WIDTH), (40, 64)])
+def test_gram_equals_the_full_product(tokens, width):
+    g = torch.Generator().manual_seed(width)
+    X = torch.randn(tokens, width, generator=g) * torch.rand(width, generator=g) * 3
+    exact = X.double().t() @ X.double()
+    for strips in (1, 2, GRAM_STRIPS, 7):
+        torch.testing.assert_close(gram(X, strips).double(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+    threads = torch.get_num_threads()
+    try:  # bitwise on one thread, where the BLAS sums every entry's tokens in one order (see `gram`)
+        torch.set_num_threads(1)
+        assert torch.equal(gram(X), X.t() @ X)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("n_m,sparsity", [(None, 0.5), (None, 0.3), ((2, 4), 0.5), ((1, 4), 0.75), ((4, 8), 0.5)])
