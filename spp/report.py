@@ -97,13 +97,14 @@ def adapter_label(train_dir: Path) -> str:
 
 
 def _eval_numbers(folder: Path) -> dict:
-    """{"ppl <set>": value, "<task> acc": value, ...} from an eval folder's results (empty if absent)."""
+    """{"ppl <set> @<seqlen>": value, "<task> acc": value, ...} from an eval folder's results (empty if absent); the
+    seqlen in the key keeps perplexities of different window lengths apart, as `spp eval` prints them."""
     if not (folder / RESULTS_FILE).is_file():
         return {}
     results = read_json(folder / RESULTS_FILE, what="results")
     out = {}
     for name, entry in (results.get("perplexity") or {}).items():
-        out[f"ppl {Path(name).name if '/' in name else name}"] = entry["ppl"]  # a local file by its base name
+        out[f"ppl {Path(name).name if '/' in name else name} @{entry['seqlen']}"] = entry["ppl"]  # a file: its base name
     for name, task in ((results.get("zeroshot") or {}).get("tasks") or {}).items():
         for metric in ("acc", "acc_norm"):
             if metric in task:

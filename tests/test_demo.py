@@ -143,7 +143,7 @@ def test_demo_table_has_the_shape_the_readme_shows(demo_run):
     a recovered share on the merged rows only. Its digits depend on the run conditions, so they are not checked."""
     _, _, report, _ = demo_run
     lines = report.table.strip().splitlines()
-    assert lines[0] == "| model | sparsity | ppl heldout.txt | gap recovered (ppl heldout.txt) |"
+    assert lines[0] == "| model | sparsity | ppl heldout.txt @128 | gap recovered (ppl heldout.txt @128) |"
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert [c[0] for c in cells] == ["dense", "wanda-2of4 pruned", "wanda-2of4 + SPP (merged)", "wanda-50pct pruned",
                                      "wanda-50pct + SPP (merged)"]

@@ -104,7 +104,8 @@ def test_first_run_writes_the_layout_and_a_consistent_report(first_run, fixture_
         # the report's numbers are the eval folders' numbers
         for kind, label in (("pruned", f"{setting} pruned"), ("merged", f"{setting} + SPP (merged)")):
             results = json.loads((run / setting / "eval" / kind / RESULTS_FILE).read_text())
-            assert rows[label]["ppl heldout.txt"] == next(iter(results["perplexity"].values()))["ppl"]
+            (entry,) = results["perplexity"].values()
+            assert rows[label][f"ppl heldout.txt @{entry['seqlen']}"] == entry["ppl"]
     # sparsity counted in the weights: pruned == merged == 1/2 for both settings
     by_setting = {s["setting"]: s for s in saved["settings"]}
     for setting in SETTINGS:
@@ -262,7 +263,7 @@ def test_reproduce_commands_rebuild_the_same_outputs(first_run, tmp_path):
     assert CliRunner().invoke(app, evaluate[1:]).exit_code == 0
     again = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())["perplexity"]
     first = {row["model"]: row for row in report.rows}["wanda-2of4 + SPP (merged)"]  # the first run's number
-    assert [v["ppl"] for v in again.values()] == [first["ppl heldout.txt"]]
+    assert [v["ppl"] for v in again.values()] == [first[f"ppl heldout.txt @{v['seqlen']}"] for v in again.values()]
 
 
 BAD = [
