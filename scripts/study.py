@@ -67,7 +67,7 @@ import study_report
 from common import DATA, REPO, cli_train_config, run, save_merged, saved_zeros, split_halves, train_peft
 
 from spp.errors import SppError
-from spp.io.checkpoint import lock_path, release_lock, take_lock
+from spp.io.checkpoint import lock_path, release_lock, take_lock, write_json
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "ria")
 SPARSE_KINDS = ("spp", "masked_lora", "full")  # spp's own sparsity-preserving recoveries (spp.adapter)
@@ -867,11 +867,12 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = parse_pairs(args.pairs)
         data = prepare_data(settings, work)
         config = settings.config or train_config_yaml(settings, work)
-        runs = json.loads(runs_path.read_text()) if runs_path.is_file() else []
         # --report-only: tables from whatever the cache holds; the cells not run are listed in the report
         if not args.report_only and (timing := run_grid(planned, settings, work, data, config))["cells_computed"]:
+            runs = json.loads(runs_path.read_text()) if runs_path.is_file() else []  # (read now: other workers')
             runs.append({**timing, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            runs_path.write_text(json.dumps(runs, indent=1))
+            write_json(runs_path, runs)
+        runs = json.loads(runs_path.read_text()) if runs_path.is_file() else []
         records = cached_records(work, settings)
         cells, sweeps = planned(records)
     except SppError as exc:

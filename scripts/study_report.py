@@ -816,7 +816,7 @@ def smollm2_markdown(report: dict, s) -> str:
     summary = report["summary"]
     return "\n".join([
         f"# SmolLM2-135M-Instruct: dense → pruned → recovered ({m['cpu_cores']}-core CPU, {m['torch_threads']} "
-        f"threads, {platform.machine()})", "",
+        f"torch thread(s) a worker, {platform.machine()})", "",
         f"From `{Path(s.model).name}` (GGUF Q4_1, dequantized by `spp` to float32). Pruning: Wanda, SparseGPT and ALPS "
         f"(spp's defaults), calibrated on {s.calib_nsamples} windows of {s.calib_seqlen} tokens of "
         f"`{Path(s.calib).name}`."
