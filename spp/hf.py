@@ -217,6 +217,15 @@ def drop_quantization_config(model) -> None:
         raise moved("hf_quantizer.remove_quantization_config", exc) from exc
 
 
+def scores_chosen_positions(model) -> bool:
+    """Whether the model's forward takes what `spp.eval.loglikelihood` passes: `logits_to_keep`, `position_ids` and a
+    key/value cache (`cache` or `past_key_values`). transformers' own models do; older remote code may not."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep", "position_ids"} <= params.keys() and bool({"cache", "past_key_values"} & params.keys())
+
+
 def forward_with_cache(model, cache=None, **kwargs):
     """`model(**kwargs, use_cache=True)` continuing the key/value cache `cache` (None: a new one).
 

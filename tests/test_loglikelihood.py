@@ -39,3 +39,31 @@ def test_batched_equals_batch_size_one_item_by_item(shared_data, tmp_path):
         changed = [doc for doc in a if a[doc][0] != b[doc][0]]
         assert all(min(a[doc][1], b[doc][1]) < Z.NEAR_TIE for doc in changed), (name, changed)
         assert len(a) == 12
+
+
+def test_a_forward_without_logits_to_keep_is_scored_by_lm_eval_itself(shared_data, tmp_path, monkeypatch):
+    """Older remote code takes neither `logits_to_keep` nor a cache: such a model gets HFLM's own path (the same
+    numbers as batch_size=1 HFLM) instead of a TypeError from the shared-context path."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from spp.eval import loglikelihood as L
+    from spp.hf import scores_chosen_positions
+    from spp.models import load_model, load_tokenizer
+
+    class OldForward(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    model_dir = shared_data / "stories260K-hf"
+    model = load_model(str(model_dir), "float32", torch.device("cpu"))
+    assert scores_chosen_positions(model) and not scores_chosen_positions(OldForward())
+    setup = Z.prepare_tasks(["boolq"], str(shared_data / "eval"), tmp_path)
+    task = setup.loaded[setup.lm_eval_names["boolq"]]
+    task.build_all_requests(limit=4, rank=0, world_size=1)
+    instances = [inst for inst in task.instances if inst.request_type == "loglikelihood"]
+    tokenizer = load_tokenizer(str(model_dir))
+    theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).loglikelihood(instances, disable_tqdm=True)
+    monkeypatch.setattr(L, "scores_chosen_positions", lambda model: False)
+    monkeypatch.setattr(L, "continuation_logprobs", lambda *a, **k: pytest.fail("the shared-context path ran"))
+    assert L.SharedContextLM(model, tokenizer, batch_size=1).loglikelihood(instances) == theirs

@@ -16,7 +16,8 @@ goes through the output head. With z_k the logits at input position k (from 0),
 Only the scored positions go through the output head (`logits_to_keep` as a boolean mask). An input longer than
 `max_length` + 1 tokens loses its start, as in `HFLM`. The sums equal `HFLM`'s up to float rounding (the matrix
 shapes differ), which tests/test_eval.py checks item by item against `batch_size=1`. `SharedContextLM` is `HFLM`
-with this path for `loglikelihood`, and one progress bar per task; rolling and generation requests stay lm-eval's.
+with this path for `loglikelihood`, and one progress bar per task; rolling and generation requests stay lm-eval's, as
+do all requests of a model whose forward lacks `logits_to_keep` or the cache arguments (`spp.hf.scores_chosen_positions`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from lm_eval.models.huggingface import HFLM, eval_logger
 
 from spp.errors import SppError
-from spp.hf import forward_with_cache, select_cache_rows
+from spp.hf import forward_with_cache, scores_chosen_positions, select_cache_rows
 
 CPU_BATCH = 4  # contexts per forward on a CPU: measured with scripts/bench_eval.py --zeroshot (docs/results/eval_speed.md)
 CUDA_BATCH = 256  # "auto" on CUDA starts here and halves on out-of-memory, as lm-eval's batch_size="auto" does
@@ -198,7 +199,8 @@ class SharedContextLM(HFLM):
         return results
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        if override_bs is not None:  # loglikelihood_rolling's windows (wikitext): lm-eval's own path
+        if override_bs is not None or not scores_chosen_positions(self.model):  # loglikelihood_rolling's windows
+            # (wikitext), or a model without the arguments the shared-context path needs: lm-eval's own path
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         pairs = [(context, continuation) for _, context, continuation in requests]
         for context, continuation in pairs:  # HFLM's warning, word for word: spp.quiet sums these into one line
