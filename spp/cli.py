@@ -395,6 +395,8 @@ def run(
     with quiet_output(lm_eval=True) as noise:
         report = run_pipeline(Path(pipeline), from_stage, until_stage, force)
     print(report.table)
+    if report.paired:
+        print("\nzero-shot, paired differences:\n" + report.paired)
     for line in noise.summary_lines():
         print(line, file=sys.stderr)
     print(f"report -> {report.output / REPORT_MD}")

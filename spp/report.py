@@ -20,6 +20,7 @@ from spp.io.text import markdown_table
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
+STDERR = "stderr"  # a row's "<task> acc stderr" key: shown as "acc ± stderr" in the results table
 
 
 @dataclass
@@ -59,6 +60,7 @@ class PipelineReport:
     markdown: str
     table: str  # just the results table (what `spp demo` prints)
     machine: str = ""  # the run conditions the stages' manifests record (spp.io.conditions), in words
+    paired: str = ""  # the zero-shot paired differences (`paired_table`), "" without per-item results
 
 
 def weight_sparsity(model_dir: Path, tensor_names: list[str]) -> float | None:
@@ -97,11 +99,10 @@ def adapter_label(train_dir: Path) -> str:
 
 
 def _eval_numbers(folder: Path) -> dict:
-    """{"ppl <set> @<seqlen>": value, "<task> acc": value, ...} from an eval folder's results (empty if absent); the
-    seqlen in the key keeps perplexities of different window lengths apart, as `spp eval` prints them."""
-    if not (folder / RESULTS_FILE).is_file():
-        return {}
-    results = read_json(folder / RESULTS_FILE, what="results")
+    """{"ppl <set> @<seqlen>": value, "<task> acc": value, "<task> acc stderr": value, ...} from an eval folder's
+    results (empty if absent); the seqlen in the key keeps perplexities of different window lengths apart, as `spp
+    eval` prints them."""
+    results = _results(folder)
     out = {}
     for name, entry in (results.get("perplexity") or {}).items():
         out[f"ppl {Path(name).name if '/' in name else name} @{entry['seqlen']}"] = entry["ppl"]  # a file: its base name
@@ -109,7 +110,31 @@ def _eval_numbers(folder: Path) -> dict:
         for metric in ("acc", "acc_norm"):
             if metric in task:
                 out[f"{name} {metric}"] = task[metric]
+                if task.get(f"{metric}_stderr") is not None:
+                    out[f"{name} {metric} {STDERR}"] = task[f"{metric}_stderr"]
     return out
+
+
+def _results(folder: Path) -> dict:
+    """An eval folder's results.json, {} if it has none."""
+    return read_json(folder / RESULTS_FILE, what="results") if (folder / RESULTS_FILE).is_file() else {}
+
+
+def paired_table(dense: Path, settings: list[str], run: Path) -> str:
+    """Zero-shot, per setting: the paired differences (`spp.eval.paired_rows`) of its pruned and merged models from
+    dense, and of merged from pruned, on the same items; each mean over the tasks where dense is above its baseline
+    by 2 stderr. "" when no eval holds per-item results."""
+    from spp.eval import paired_rows
+
+    reference, body = _results(dense), []
+    for name in settings:
+        pruned, merged = (_results(run / name / "eval" / kind) for kind in ("pruned", "merged"))
+        from_dense, from_pruned = paired_rows([reference, pruned, merged]), paired_rows([pruned, merged], reference)
+        if len(from_dense) == len(from_pruned):
+            body += [[name, *a, b[1]] for a, b in zip(from_dense, from_pruned)]
+    header = ["setting", "task", "pruned − dense", "merged − dense", "merged − pruned"]
+    return (markdown_table(header, body) + "\n\nOn the same items, with 95% intervals (`spp.eval.uncertainty`); "
+            "\"noise\": the interval holds 0.") if body else ""
 
 
 def gap_recovered(dense: float, pruned: float, recovered: float) -> float | None:
@@ -150,8 +175,10 @@ def build_report(run: Path, steps: list[Step], results: list[StepResult]) -> Pip
     first_prune = next(step for step in steps if step.stage == "prune")
     rows[0]["sparsity"] = weight_sparsity(Path(by_label["dense/eval"].config.model), _mask_names(first_prune.folder))
     table = results_table(rows, settings)
+    paired = paired_table(by_label["dense/eval"].folder, [s["setting"] for s in settings], run)
     machine = conditions_line([step.folder for step in steps])
     markdown = "\n\n".join([f"# spp run report: {run}", "## Results", table,
+                            *(["## Zero-shot: paired differences", paired] if paired else []),
                             "## Sparsity and trainable parameters", settings_table(settings),
                             "## Sparsity per block (requested, achieved)", block_table(settings),
                             "## Stages", stages_table(results),
@@ -159,7 +186,7 @@ def build_report(run: Path, steps: list[Step], results: list[StepResult]) -> Pip
                             f"(threads, device, dtype, processes, versions); these stages ran with: {machine}.",
                             "## Reproduce each stage alone", "```bash\n" + "\n".join(r.command for r in results) + "\n```"])
     return PipelineReport(output=run, steps=results, rows=rows, settings=settings, markdown=markdown + "\n", table=table,
-                          machine=machine)
+                          machine=machine, paired=paired)
 
 
 def _manifest(folder: Path) -> dict | None:
@@ -199,17 +226,23 @@ def _fmt(value, kind: str = "num") -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _with_stderr(row: dict, metric: str) -> str:
+    err = row.get(f"{metric} {STDERR}")
+    return _fmt(row.get(metric)) + ("" if err is None else f" ± {err:.4f}")
+
+
 def results_table(rows: list[dict], settings: list[dict]) -> str:
     """Perplexities and zero-shot accuracies side by side: dense, then pruned and merged SPP per setting."""
     metrics = []
     for row in rows:
-        metrics += [k for k in row if k not in ("model", "setting", "sparsity") and k not in metrics]
+        metrics += [k for k in row if k not in ("model", "setting", "sparsity") and not k.endswith(f" {STDERR}")
+                    and k not in metrics]
     first_ppl = next((m for m in metrics if m.startswith("ppl ")), None)
     recovered = {s["setting"]: s.get(f"recovered {first_ppl}") for s in settings}
     header = ["model", "sparsity", *metrics] + ([f"gap recovered ({first_ppl})"] if first_ppl else [])
     body = []
     for row in rows:
-        cells = [row["model"], _fmt(row.get("sparsity"), "pct"), *(_fmt(row.get(m)) for m in metrics)]
+        cells = [row["model"], _fmt(row.get("sparsity"), "pct"), *(_with_stderr(row, m) for m in metrics)]
         if first_ppl:
             spp_row = row["model"].endswith("(merged)")
             cells.append(_fmt(recovered.get(row["setting"]), "pct") if spp_row else "")

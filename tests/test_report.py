@@ -27,3 +27,46 @@ def test_sparsity_counts_the_weights_left_dense(tmp_path, shared_data, corpus):
     assert sparsity["sparsity"] == pytest.approx(expected) and sparsity["masked_sparsity"] == 0.5
     assert sparsity["dense_tensors"] == 2 * 3 * 4 and "24 tensors dense" in result.output
     assert weight_sparsity(tmp_path / "pruned", _mask_names(tmp_path / "pruned")) == pytest.approx(expected)
+
+
+def test_run_report_gives_each_accuracy_its_stderr_and_the_paired_differences(tmp_path):
+    """The results table shows "acc ± stderr"; the paired table has, per setting and task, pruned and merged against
+    dense and merged against pruned on the same items, and a mean over the tasks dense is above its baseline on."""
+    from spp.eval import _interval
+    from spp.eval.uncertainty import mean_difference, paired_difference
+    from spp.io.checkpoint import RESULTS_FILE
+    from spp.report import _eval_numbers, paired_table, results_table
+
+    def task(items, baseline):  # as results.json holds a zero-shot task
+        acc = sum(items) / len(items)
+        return {"acc": acc, "acc_stderr": (acc * (1 - acc) / (len(items) - 1)) ** 0.5, "baseline": baseline,
+                "item_acc": items, "files": {"test": "sha-of-the-items"}}
+
+    items = {"dense": ([1] * 30 + [0] * 10, [1, 0] * 20), "pruned": ([1] * 20 + [0] * 20, [0, 1] * 20),
+             "merged": ([1] * 28 + [0] * 12, [1, 1, 0, 0] * 10)}
+    folders = {"dense": tmp_path / "dense", "pruned": tmp_path / "w" / "eval" / "pruned",
+               "merged": tmp_path / "w" / "eval" / "merged"}
+    for kind, folder in folders.items():
+        folder.mkdir(parents=True)
+        piqa, boolq = items[kind]
+        tasks = {"piqa": task(piqa, 0.5), "boolq": task(boolq, 0.62)}
+        (folder / RESULTS_FILE).write_text(json.dumps({"zeroshot": {"tasks": tasks}}))
+
+    rows = [{"model": kind, "setting": "w", **_eval_numbers(folder)} for kind, folder in folders.items()]
+    table = results_table(rows, [{"setting": "w"}])
+    assert table.splitlines()[0] == "| model | sparsity | piqa acc | boolq acc |"  # no column of its own for stderr
+    assert f"| {0.75:.4f} ± {rows[0]['piqa acc stderr']:.4f} |" in table
+
+    lines = paired_table(folders["dense"], ["w"], tmp_path).splitlines()
+    assert lines[0] == "| setting | task | pruned − dense | merged − dense | merged − pruned |"
+    cells = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:6]] for line in lines[2:5]}
+    assert list(cells) == ["piqa acc", "boolq acc", "mean acc over piqa"]  # boolq: dense 0.5 is below 0.62
+
+    def pair(a, b, task):
+        return paired_difference(items[a][task], items[b][task])
+
+    assert cells["piqa acc"] == [_interval(pair("dense", "pruned", 0)), _interval(pair("dense", "merged", 0)),
+                                 _interval(pair("pruned", "merged", 0))]
+    assert cells["boolq acc"][2] == _interval(pair("pruned", "merged", 1))
+    assert cells["mean acc over piqa"][2] == _interval(mean_difference([pair("pruned", "merged", 0)]))
+    assert paired_table(tmp_path / "nowhere", ["w"], tmp_path) == ""  # no dense items: no table

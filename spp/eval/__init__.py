@@ -313,16 +313,18 @@ def compare_results(paths: list[str]) -> str:
     return table + note + markdown_table(["task", *columns[1:]], paired, "-" + "r" * (len(columns) - 1), pad=True)
 
 
-def paired_rows(runs: list[dict]) -> list[list[str]]:
+def paired_rows(runs: list[dict], headline_of: dict | None = None) -> list[list[str]]:
     """One row per accuracy task of the first run, then the headline mean: each later run's paired difference
-    from the first, "+0.012 [−0.020, +0.044] noise"; "—" where a run lacks that task's items (or has others)."""
+    from the first, "+0.012 [−0.020, +0.044] noise"; "—" where a run lacks that task's items (or has others).
+    The mean runs over the tasks where `headline_of` (default: the first run) is above its baseline by 2 stderr."""
     from spp.eval.uncertainty import headline_tasks, mean_difference, paired_difference
 
     reference = ((runs[0].get("zeroshot") or {}).get("tasks") or {}) if runs else {}
     names = [name for name, task in reference.items() if task.get("item_acc")]
     if len(runs) < 2 or not names:
         return []
-    headline = [name for name in headline_tasks(reference) if name in names]
+    chooser = reference if headline_of is None else (headline_of.get("zeroshot") or {}).get("tasks") or {}
+    headline = [name for name in headline_tasks(chooser) if name in names]
     rows, per_run = [], []
     for run in runs[1:]:
         tasks = (run.get("zeroshot") or {}).get("tasks") or {}
