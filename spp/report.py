@@ -133,7 +133,7 @@ def paired_table(dense: Path, settings: list[str], run: Path) -> str:
         if len(from_dense) == len(from_pruned):
             body += [[name, *a, b[1]] for a, b in zip(from_dense, from_pruned)]
     header = ["setting", "task", "pruned − dense", "merged − dense", "merged − pruned"]
-    return (markdown_table(header, body) + "\n\nOn the same items, with 95% intervals (`spp.eval.uncertainty`); "
+    return (markdown_table(header, body, "llrrr") + "\n\nOn the same items, with 95% intervals (`spp.eval.uncertainty`); "
             "\"noise\": the interval holds 0.") if body else ""
 
 

@@ -59,6 +59,7 @@ def test_run_report_gives_each_accuracy_its_stderr_and_the_paired_differences(tm
 
     lines = paired_table(folders["dense"], ["w"], tmp_path).splitlines()
     assert lines[0] == "| setting | task | pruned − dense | merged − dense | merged − pruned |"
+    assert lines[1] == "|:---|:---|---:|---:|---:|"
     cells = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:6]] for line in lines[2:5]}
     assert list(cells) == ["piqa acc", "boolq acc", "mean acc over piqa"]  # boolq: dense 0.5 is below 0.62
 
