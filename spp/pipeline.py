@@ -41,6 +41,7 @@ from spp.merge import run_merge
 from spp.prune import run_prune
 from spp.report import REPORT_JSON, REPORT_MD, PipelineReport, Step, StepResult, build_report, report_json
 from spp.train import RESUMABLE_CHANGES, run_train
+from spp.typed import coerce
 
 STAGES = ("prune", "train", "merge", "eval")
 # Keys that name where a stage writes or how it treats an existing output; they do not change its numbers.
@@ -98,7 +99,7 @@ def _train_config(cfg: PipelineConfig, source: str, base: Path, output: Path) ->
         path, values = read_train_config(config_name)
         layers.append((str(path), values))
     values = {k: v for _, layer in layers for k, v in layer.items()} | inline
-    weights = [values.get(k) for k in ("kd_weight", "squarehead_weight")]
+    weights = [coerce(values.get(k), float) for k in ("kd_weight", "squarehead_weight")]  # `1e-3` is a YAML string
     teaching = any(isinstance(w, (int, float)) and w > 0 for w in weights) or values.get("objective") == "blockwise"
     if not values.get("teacher") and teaching:
         inline["teacher"] = _absolute_if_local(cfg.model)  # distillation on: the teacher is the model that was pruned

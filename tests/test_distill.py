@@ -132,6 +132,9 @@ def test_spp_run_makes_the_model_that_was_pruned_the_teacher(tmp_path):
     assert _train_config(off, "test", tmp_path / "prune", tmp_path / "train")[0].teacher == ""
     own = PipelineConfig(**base_cfg, train={"data_path": "x.txt", "kd_weight": 1.0, "teacher": "/elsewhere"})
     assert _train_config(own, "test", tmp_path / "prune", tmp_path / "train")[0].teacher == "/elsewhere"
+    written = PipelineConfig(**base_cfg, train={"data_path": "x.txt", "kd_weight": "1e-3"})  # as PyYAML reads 1e-3
+    tcfg = _train_config(written, "test", tmp_path / "prune", tmp_path / "train")[0]
+    assert tcfg.kd_weight == 0.001 and tcfg.teacher == str(dense.resolve())
 
 
 # --------------------------------------------------------------------------- spp train with a teacher
