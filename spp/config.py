@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from spp.errors import SppError
+from spp.errors import SppError, first_line
 from spp.typed import merge_into, nearest  # noqa: F401 (re-exported: callers import them from here)
 
 
@@ -71,7 +71,7 @@ def read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise SppError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise SppError(f"config {path} is not valid YAML: {first_line(exc)}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from spp.errors import SppError
+from spp.errors import SppError, first_line
 
 
 def read_jsonl(path: Path) -> list:
@@ -175,7 +175,7 @@ def _load_hub_dataset(calib: str, *args, **kwargs):
     try:
         return datasets.load_dataset(name, *args, **kwargs)
     except Exception as exc:  # network, missing files, bad split: all mean "not loadable"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise SppError(f"--calib {calib}: cannot load {name} from the Hugging Face hub ({reason}); "
                        f"{CALIB_ALTERNATIVE}") from exc
 
@@ -267,7 +267,7 @@ def _load_hub_records(name: str, split: str) -> list[dict]:
 
         dataset = datasets.load_dataset(name, split=split)
     except Exception as exc:  # datasets raises many types for "not found / offline / bad split"
-        raise SppError(f"data {name!r} is neither a local file nor a loadable dataset: {str(exc).splitlines()[0]}") from exc
+        raise SppError(f"data {name!r} is neither a local file nor a loadable dataset: {first_line(exc)}") from exc
     return [dict(row) for row in dataset]
 
 

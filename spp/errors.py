@@ -11,6 +11,12 @@ class SppError(Exception):
     """A problem with the user's input or environment, reported as one line."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message, stripped, for an SppError that quotes a library's error;
+    the exception's type name when the message is blank."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 class SppInterrupted(SppError):
     """Ctrl-C (SIGINT) stopped a stage after it saved what it could; the message says how to resume.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spp.errors import SppError
+from spp.errors import SppError, first_line
 
 # The transformers releases the suite passed on (pyproject.toml admits this range, capped below the next minor).
 TESTED = "5.17–5.25"
@@ -31,14 +31,14 @@ def transformers_version() -> str:
 def moved(api: str, exc: BaseException | None = None) -> SppError:
     """The one-line error for a transformers internal that is gone or changed: names the API and the versions spp
     was tested with, and points to `spp env`."""
-    why = f": {str(exc).splitlines()[0]}" if exc is not None and str(exc) else ""
+    why = f": {first_line(exc)}" if exc is not None and str(exc) else ""
     return SppError(f"transformers {transformers_version()} changed {api}, which spp uses (tested with transformers "
                     f"{TESTED}){why}; install the pinned versions (constraints.txt) and see `spp env`")
 
 
 def transformers_failed(exc: BaseException, doing: str) -> SppError:
     """The one-line error for an exception raised inside transformers itself (not a verdict on the user's files)."""
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    first = first_line(exc)
     return SppError(f"transformers {transformers_version()} failed while {doing}: {type(exc).__name__}: {first} "
                     f"(spp is tested with transformers {TESTED}; `spp env` prints the versions for a bug report)")
 

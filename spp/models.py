@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from spp import hf
-from spp.errors import SppError
+from spp.errors import SppError, first_line
 from spp.io.reader import local_directory, refuse_incomplete_load
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,7 +61,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str | torch.devic
         model, info = hf.from_pretrained(AutoModelForCausalLM, directory, dtype=resolve_dtype(dtype),
                                          use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # SafetensorError: a corrupt shard
-        raise SppError(f"cannot load a causal LM from {name_or_path}: {str(exc).splitlines()[0]}") from exc
+        raise SppError(f"cannot load a causal LM from {name_or_path}: {first_line(exc)}") from exc
     refuse_incomplete_load(directory, info)  # never run on weights transformers initialised randomly
     return model.to(device).eval()
 
@@ -73,7 +73,7 @@ def load_tokenizer(name_or_path: str):
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, TypeError) as exc:
-        raise SppError(f"cannot load a tokenizer from {name_or_path}: {str(exc).splitlines()[0]}") from exc
+        raise SppError(f"cannot load a tokenizer from {name_or_path}: {first_line(exc)}") from exc
 
 
 def enable_checkpointing(model) -> None:

@@ -53,3 +53,17 @@ def test_gates_of_an_moe_block_are_not_targets():
     with pytest.raises(SppError, match="match no linear layer"):
         match_layers(model, ["mlp.shared_expert_gate"], "--targets")
     assert set(block_targets(torch.nn.ModuleDict({"gate": torch.nn.Linear(4, 4)}))) == {"gate"}  # MoE blocks only
+
+
+def test_a_library_error_without_a_message_still_gives_one_line(monkeypatch):
+    """The SppError quotes the first line of the library's message, or its type when it has none (an empty message
+    used to raise IndexError, a traceback)."""
+    import transformers
+
+    from spp.errors import SppError, first_line
+    from spp.models import load_tokenizer
+
+    assert first_line(ValueError("\n  bad value  \nmore detail")) == "bad value" and first_line(OSError()) == "OSError"
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    with pytest.raises(SppError, match=r"^cannot load a tokenizer from somewhere: OSError$"):
+        load_tokenizer("somewhere")

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from spp.errors import SppError
+from spp.errors import SppError, first_line
 from spp.io.checkpoint import sha256_file
 from spp.quiet import quiet_transformers
 
@@ -187,7 +187,7 @@ def _hub_rows(what: str, **kwargs):
     try:
         return datasets.load_dataset(**kwargs)
     except Exception as exc:  # offline, missing, or a script dataset: all mean "give a local copy"
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise SppError(
             f"cannot load {what} from the hub ({first}); pass a local copy as --ppl {what}:PATH"
         ) from exc

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from spp.data import read_jsonl
-from spp.errors import SppError
+from spp.errors import SppError, first_line
 
 LOCAL_SUFFIX = "_local"
 WORD_PPL_NOTE = "lm-eval's word perplexity over whole documents, not the Wanda/SparseGPT token perplexity"
@@ -340,7 +340,7 @@ def prepare_tasks(names: list[str], task_data: str | None, workdir: Path) -> Tas
     except SppError:
         raise
     except Exception as exc:  # hub unreachable, dataset missing: tell the user how to run offline
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         hint = "" if task_data is not None else "; without internet pass --task-data DIR (see README, spp eval)"
         raise SppError(f"cannot load the data of tasks {', '.join(names)}: {first}{hint}") from exc
     return TaskSetup(manager, mapping, sources, loaded)

@@ -22,7 +22,7 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-from spp.errors import SppError
+from spp.errors import SppError, first_line
 from spp.io.checkpoint import atomic_dir, read_json, save_model, sha256_file, write_json
 
 SOURCE_FILE = "spp_source.json"
@@ -93,7 +93,7 @@ def _load_dequantized(path: Path):
                                    quantization_config=GgufConfig(dequantize=True))
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise SppError(f"transformers cannot load {path} as a causal LM: {str(exc).splitlines()[0]}") from exc
+        raise SppError(f"transformers cannot load {path} as a causal LM: {first_line(exc)}") from exc
     hf.drop_quantization_config(model)  # the weights are plain floats now; this lets it be saved
     return model, tokenizer
 
@@ -109,7 +109,7 @@ def tensor_types(path: Path) -> dict[str, int]:
     try:
         tensors = GGUFReader(str(path)).tensors
     except (ValueError, KeyError, IndexError, OSError) as exc:
-        raise SppError(f"{path} is not a readable GGUF file: {str(exc).splitlines()[0]}") from exc
+        raise SppError(f"{path} is not a readable GGUF file: {first_line(exc)}") from exc
     return dict(sorted(Counter(t.tensor_type.name for t in tensors).items()))
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spp.errors import SppError
+from spp.errors import SppError, first_line
 from spp.io.checkpoint import BLOCKWISE_PROGRESS_DIR, PRUNE_PROGRESS_DIR, PRUNE_PROGRESS_FILE, read_json, save_tensors, write_json
 from spp.io.conditions import check_same_conditions, check_same_inputs
 from spp.io.manifest import settings_sha256
@@ -178,7 +178,7 @@ def restore_blocks(partial: Path, blocks: nn.ModuleList, blocks_done: int, calib
                 blocks[index].load_state_dict(load_block(partial, index), strict=True)
             except RuntimeError as exc:
                 raise SppError(f"--resume: {directory / f'block-{index}.safetensors'} does not fit block {index} "
-                               f"of the model: {str(exc).splitlines()[0]}") from exc
+                               f"of the model: {first_line(exc)}") from exc
         masks.append({k: v.to(torch.bool) for k, v in _load_tensors(directory / f"masks-{index}.safetensors").items()})
         records.append(BlockRecord(**progress["blocks"][index]))
     hidden = None

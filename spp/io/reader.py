@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spp.errors import SppError
+from spp.errors import SppError, first_line
 from spp.io.checkpoint import MANIFEST_FILE, MASK_FILE, mask_path, safetensors_files, safetensors_keys, sha256_file
 from spp.io.text import natural_key
 
@@ -274,7 +274,7 @@ def load_config(name_or_path: str):
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise SppError(f"cannot load a model config from {name_or_path}: {str(exc).splitlines()[0]}") from exc
+        raise SppError(f"cannot load a model config from {name_or_path}: {first_line(exc)}") from exc
 
 
 def local_directory(name_or_path: str) -> Path:
@@ -306,7 +306,7 @@ def local_directory(name_or_path: str) -> Path:
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as exc:  # noqa: BLE001 - hub errors have many types; all mean "cannot get this model"
-        raise SppError(f"cannot load a model config from {name_or_path}: {str(exc).splitlines()[0]}") from exc
+        raise SppError(f"cannot load a model config from {name_or_path}: {first_line(exc)}") from exc
 
 
 def saved_tensors(directory: Path) -> dict[str, SavedTensor]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from spp.config import TrainConfig, read_yaml, to_dict, write_yaml
-from spp.errors import SppError
+from spp.errors import SppError, first_line
 from spp.io.conditions import check_same_conditions, check_same_inputs, run_conditions
 from spp.io.checkpoint import (MASK_FILE, RESOLVED_CONFIG_FILE, TRAIN_LOG_FILE, atomic_dir, check_not_an_input,
                                check_output_dir, mask_path, partial_path, sha256_file)
@@ -347,7 +347,7 @@ def make_accelerator(cfg: TrainConfig):
     try:
         accelerator = Accelerator(mixed_precision=PRECISIONS[cfg.precision][0], cpu=cpu)
     except (ValueError, RuntimeError) as exc:
-        raise SppError(f"accelerate could not start (precision={cfg.precision}): {str(exc).splitlines()[0]}") from exc
+        raise SppError(f"accelerate could not start (precision={cfg.precision}): {first_line(exc)}") from exc
     refused = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.MEGATRON_LM: "Megatron-LM"}
     if accelerator.distributed_type in refused:
         raise SppError(f"{refused[accelerator.distributed_type]} is not supported by spp train; for a model that does "

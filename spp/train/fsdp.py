@@ -34,7 +34,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from spp.errors import SppError
+from spp.errors import SppError, first_line
 
 
 def start_process_group() -> bool:
@@ -376,7 +376,7 @@ class FSDP2:
         try:
             dcp.load(state, checkpoint_id=str(directory))
         except (RuntimeError, KeyError, ValueError) as exc:  # DCP wraps per-rank failures in a CheckpointException
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise SppError(f"checkpoint {directory} does not fit this model's adapter: {first}") from exc
         # strict=False: the frozen base is absent on purpose; dcp.load has already refused a checkpoint that
         # lacks any trainable tensor this model asked for.
