@@ -251,8 +251,8 @@ def atomic_dir(output: Path, overwrite: bool = False, resume: bool = False,
 
     A leftover `output.partial/` from an earlier crash is removed first, unless
     `keep_partial` (default: `resume`) asks to keep it (a resumable stage reads its progress from there).
-    On any exception the partial directory is removed, except for `KeyboardInterrupt`
-    in resumable mode, so that a later `--resume` can continue. With `overwrite`, an
+    On an exception the partial directory is removed, except in resumable mode (`resume`), where anything but a
+    write error (disk full, permissions) keeps it, so that a later `--resume` can continue. With `overwrite`, an
     existing `output` is replaced only after the new one is complete.
 
     While the block runs, the process holds `output.lock` (`lock_path`; beside the output, so never part of it,
