@@ -129,9 +129,8 @@ def paired_table(dense: Path, settings: list[str], run: Path) -> str:
     reference, body = _results(dense), []
     for name in settings:
         pruned, merged = (_results(run / name / "eval" / kind) for kind in ("pruned", "merged"))
-        from_dense, from_pruned = paired_rows([reference, pruned, merged]), paired_rows([pruned, merged], reference)
-        if len(from_dense) == len(from_pruned):
-            body += [[name, *a, b[1]] for a, b in zip(from_dense, from_pruned)]
+        from_pruned = {row[0]: row[1] for row in paired_rows([pruned, merged], reference)}  # by task label
+        body += [[name, *row, from_pruned.get(row[0], "—")] for row in paired_rows([reference, pruned, merged])]
     header = ["setting", "task", "pruned − dense", "merged − dense", "merged − pruned"]
     return (markdown_table(header, body, "llrrr") + "\n\nOn the same items, with 95% intervals (`spp.eval.uncertainty`); "
             "\"noise\": the interval holds 0.") if body else ""
