@@ -184,7 +184,7 @@ def check_stage_folders(cfg: PipelineConfig, steps: list[Step], path: Path) -> N
         if step.stage == "prune":
             inputs.append(("prune calib:", c.calib))
         elif step.stage == "train":
-            inputs += [("train data_path:", c.data_path), ("train teacher:", c.teacher)]
+            inputs += [("train data_path:", c.data_path), ("train teacher:", c.teacher), ("train calib:", c.calib)]
         elif step.stage == "eval":
             inputs += [("eval ppl:", p) for spec in c.ppl for p in (spec, spec.partition(":")[2])]
             inputs.append(("eval task_data:", c.task_data))

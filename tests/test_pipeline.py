@@ -296,6 +296,21 @@ def test_bad_input_is_one_line_before_any_work(fixture_dir, tmp_path, change, fl
     assert not (tmp_path / "run").exists()
 
 
+def test_a_train_calib_inside_a_stage_folder_is_refused_before_any_work(fixture_dir, tmp_path):
+    """Block-wise recovery reads `calib`: like every other input, it may not lie in a folder the run writes."""
+    pipeline = pipeline_dict(fixture_dir, tmp_path / "run")
+    inside = tmp_path / "run" / "wanda-2of4" / "prune" / "calib.txt"  # e.g. left there by hand
+    inside.parent.mkdir(parents=True)
+    inside.write_text((fixture_dir / "train.txt").read_text())
+    pipeline["train"] = {k: v for k, v in pipeline["train"].items() if k not in ("max_steps", "save_steps")} | {
+        "objective": "blockwise", "calib": str(inside)}
+    result = CliRunner().invoke(app, ["run", str(write(tmp_path / "p.yaml", pipeline))])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: the wanda-2of4/prune folder {inside.parent} ") and "train calib:" in lines[0]
+    assert [p.name for p in (tmp_path / "run").rglob("*") if p.is_file()] == ["calib.txt"]  # nothing ran
+
+
 def test_missing_pipeline_file(tmp_path):
     result = CliRunner().invoke(app, ["run", str(tmp_path / "nope.yaml")])
     lines = result.stderr.strip().splitlines()
