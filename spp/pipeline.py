@@ -41,7 +41,7 @@ from spp.merge import run_merge
 from spp.prune import run_prune
 from spp.report import REPORT_JSON, REPORT_MD, PipelineReport, Step, StepResult, build_report, report_json
 from spp.train import RESUMABLE_CHANGES, run_train
-from spp.typed import coerce
+from spp.typed import coerce, field_defaults
 
 STAGES = ("prune", "train", "merge", "eval")
 # Keys that name where a stage writes or how it treats an existing output; they do not change its numbers.
@@ -318,8 +318,7 @@ def stale_reason(step: Step) -> str | None:
     if manifest.stage != step.stage:
         return f"{step.folder} holds a {manifest.stage} output, not {step.stage}"
     # A setting added to spp after the folder was made was at its default then, as in a --resume of train.
-    defaults = {f.name: f.default for f in dataclasses.fields(step.config) if f.default is not dataclasses.MISSING}
-    recorded = comparable_settings({**defaults, **manifest.settings})
+    recorded = comparable_settings({**field_defaults(step.config), **manifest.settings})
     now = comparable_settings(to_dict(step.config))  # what the step's stage would record in its manifest
     if settings_sha256(recorded) != settings_sha256(now):
         changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))

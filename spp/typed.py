@@ -111,3 +111,9 @@ def merge_into(cls, layers: list[tuple[str, dict]]):
         return cls(**values)
     except TypeError as exc:  # a required field nobody supplied
         raise SppError(f"{cls.__name__}: {exc}") from exc
+
+
+def field_defaults(config) -> dict[str, Any]:
+    """Each field's default (fields without one left out) of a config dataclass or instance: the value a setting
+    added to spp after a run started had in that run, which `--resume` and `spp run`'s up-to-date check assume."""
+    return {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}

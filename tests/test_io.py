@@ -303,3 +303,18 @@ def test_outputs_follow_the_umask_and_keep_every_tokenizer_file(shared_data, tmp
         assert not {"local_files_only", "is_local"} & set(config)
         sample = "Once upon a time, there was a little girl."
         assert AutoTokenizer.from_pretrained(out)(sample).input_ids == AutoTokenizer.from_pretrained(dense)(sample).input_ids
+
+
+def test_a_resume_counts_a_setting_added_since_the_interruption_as_its_default(tmp_path):
+    """A prune or block-wise run interrupted before spp gained a setting resumes when that setting is at its default
+    (as a train --resume does), and names it when it is not."""
+    from spp.io.progress import check_resumable, start_progress
+
+    conditions = {"torch_threads": 1}
+    start_progress(tmp_path, {"method": "wanda", "nsamples": 4}, 3, conditions, {})  # recorded before `new_knob` existed
+    now = {"method": "wanda", "nsamples": 4, "new_knob": 0.5}
+    assert check_resumable(tmp_path, now, conditions, {}, defaults={"new_knob": 0.5, "unrelated": 1}) == 0
+    with pytest.raises(SppError, match=r"^--resume: new_knob was 0\.5 in the interrupted run but is 0\.7 now "):
+        check_resumable(tmp_path, {**now, "new_knob": 0.7}, conditions, {}, defaults={"new_knob": 0.5})
+    with pytest.raises(SppError, match=r"^--resume: new_knob was None in the interrupted run"):
+        check_resumable(tmp_path, now, conditions, {})  # no defaults given: the missing setting differs

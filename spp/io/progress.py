@@ -92,11 +92,13 @@ def start_progress(partial: Path, settings: dict, n_blocks: int, conditions: dic
 
 
 def check_resumable(partial: Path, settings: dict, conditions: dict, inputs: dict, name: str = PRUNE_PROGRESS_DIR,
-                    stage: str = "prune") -> int:
+                    stage: str = "prune", defaults: dict | None = None) -> int:
     """The number of finished blocks of the interrupted run in `partial`, if it used the same settings, read the
     same input files (`inputs`: path -> sha256) and ran under the same conditions
     (`spp.io.conditions.run_conditions`), so the result stays bit-exact. With no progress recorded there it
-    says so in a note on stderr and returns 0: the run starts from the beginning.
+    says so in a note on stderr and returns 0: the run starts from the beginning. A setting the interrupted run did
+    not record (added to spp since) counts as its value in `defaults` (`spp.typed.field_defaults`), as a train
+    --resume counts it.
 
     Raises:
         SppError: a setting differs (names the first differing key), an input file changed
@@ -108,8 +110,9 @@ def check_resumable(partial: Path, settings: dict, conditions: dict, inputs: dic
               "starting from the beginning", file=sys.stderr)
         return 0
     saved = read_json(path, what=f"{stage} progress")
-    if saved.get("settings_sha256") != settings_sha256(settings):
-        old = saved.get("settings", {})
+    # a setting added to spp after the interrupted run started was at its default (`defaults`) then, as in train
+    old = {**{k: v for k, v in (defaults or {}).items() if k in settings}, **saved.get("settings", {})}
+    if settings_sha256(old) != settings_sha256(settings):
         changed = sorted((k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k)),
                          key=lambda k: (k.endswith("_sha256"), k))  # the user's own settings first
         first = changed[0] if changed else "settings"

@@ -46,6 +46,7 @@ from spp.prune.ria import ria_scores
 from spp.prune.sparsegpt import accumulate_hessian, dampening_retry, hessian_from_sum, sparsegpt_prune
 from spp.prune.wanda import accumulate_sq_norms, magnitude_scores, wanda_scores
 from spp.sparsity import sparsity_stats
+from spp.typed import field_defaults
 
 
 # --------------------------------------------------------------------------- methods
@@ -260,7 +261,8 @@ def _check_inputs(cfg: PruneConfig) -> _Checked:
         from spp.io.checkpoint import partial_path
         from spp.io.progress import check_resumable
 
-        blocks_done = check_resumable(partial_path(Path(cfg.output)), resume_settings(cfg, windows), conditions, inputs)
+        blocks_done = check_resumable(partial_path(Path(cfg.output)), resume_settings(cfg, windows), conditions, inputs,
+                                      defaults=field_defaults(cfg))
     return _Checked(seqlen=seqlen, device=device, tokenizer=tokenizer, windows=windows, blocks_done=blocks_done,
                     conditions=conditions, checkpoint=checkpoint, plan=plan, inputs=inputs)
 

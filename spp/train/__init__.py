@@ -31,6 +31,7 @@ from spp.errors import SppError, first_line
 from spp.io.conditions import check_same_conditions, check_same_inputs, run_conditions
 from spp.io.checkpoint import (MASK_FILE, RESOLVED_CONFIG_FILE, TRAIN_LOG_FILE, atomic_dir, check_not_an_input,
                                check_output_dir, mask_path, partial_path, sha256_file)
+from spp.typed import field_defaults
 
 PRECISIONS = {"fp32": ("no", "float32"), "bf16": ("bf16", "bfloat16"), "fp16": ("fp16", "float16")}  # accelerate, base dtype
 # Keys that may change between a run and its --resume (they do not change the numbers).
@@ -179,7 +180,7 @@ def run_blockwise(cfg: TrainConfig, checkpoint, output: Path, start: float) -> T
     settings = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
     partial = partial_path(output)
     blocks_done = check_block_progress(partial, settings, conditions, inputs, BLOCKWISE_PROGRESS_DIR,
-                                       "block-wise train") if cfg.resume else 0
+                                       "block-wise train", field_defaults(cfg)) if cfg.resume else 0
     n_blocks = checkpoint.config.get_text_config().num_hidden_layers
     adapter_cfg = cfg.adapter_config(base_model=str(checkpoint.directory.resolve()), mask_sha256=checkpoint.mask_sha256)
     try:
@@ -265,12 +266,7 @@ def check_resumable(cfg: TrainConfig, partial: Path) -> None:
             print(f"note: --resume: nothing to resume in {partial} (no checkpoint was saved there); starting from "
                   "the beginning", file=sys.stderr)
         return
-    import dataclasses
-
-    saved = read_yaml(partial / RESOLVED_CONFIG_FILE)
-    # A key added to TrainConfig after the interrupted run started was at its default then.
-    saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
-                and f.name not in saved}, **saved}
+    saved = {**field_defaults(TrainConfig), **read_yaml(partial / RESOLVED_CONFIG_FILE)}
     now = to_dict(cfg)
     changed = sorted(k for k in now.keys() | saved.keys() if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if changed:
