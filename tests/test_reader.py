@@ -41,6 +41,23 @@ def test_the_mask_file_is_decoded_once_per_checkpoint(pruned_tiny_dir, monkeypat
     assert all(keep.dtype == torch.bool for keep in masks.values())
 
 
+def test_a_foreign_mask_file_is_refused_when_the_checkpoint_is_read(pruned_tiny_dir, tmp_path):
+    """A safetensors file in the mask file's place that is not spp's format is refused by `read_checkpoint` itself,
+    before any stage decodes it."""
+    from spp.io.checkpoint import mask_path
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pruned_tiny_dir, copy)
+    packed = load_file(str(mask_path(copy)))
+    with open(mask_path(copy), "rb") as f:  # the same tensors and per-entry metadata, without the format tag
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    metadata = {k: v for k, v in header["__metadata__"].items() if k != "format"}
+    save_file(packed, str(mask_path(copy)), metadata=metadata)
+    (copy / "spp_manifest.json").unlink()  # (its mask sha256 would be refused first)
+    with pytest.raises(SppError, match=r"is not an spp mask file \(metadata format=None\)"):
+        read_checkpoint(copy)
+
+
 def test_one_blocks_masks_are_decoded_alone_and_not_kept(pruned_tiny_dir, monkeypatch):
     import spp.io.maskfile as maskfile
 

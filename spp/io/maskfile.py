@@ -82,6 +82,16 @@ def save_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[
     save_tensors_streamed(specs, ({name: packed[name]} for name in names), Path(path), dict(sorted(metadata.items())))
 
 
+def check_format(path: Path, metadata: dict) -> None:
+    """Refuse a safetensors file whose metadata does not name spp's mask format (`FORMAT`).
+
+    Raises:
+        SppError: naming the file and the format it records.
+    """
+    if metadata.get("format") != FORMAT:
+        raise SppError(f"{path} is not an spp mask file (metadata format={metadata.get('format')!r})")
+
+
 def load_masks(path: Path,
                names: Callable[[str], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a mask file back into bool masks in the stored weight's shape.
@@ -106,8 +116,7 @@ def load_masks(path: Path,
             packed = {name: f.get_tensor(name) for name in f.keys() if names is None or names(name)}
     except (SafetensorError, OSError, ValueError) as exc:
         raise SppError(f"mask file {path} is corrupt or truncated: {exc}") from exc
-    if metadata.get("format") != FORMAT:
-        raise SppError(f"{path} is not an spp mask file (metadata format={metadata.get('format')!r})")
+    check_format(path, metadata)
     masks, layouts = {}, {}
     for name, bits in packed.items():
         try:

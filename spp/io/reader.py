@@ -34,6 +34,7 @@ from torch import nn
 
 from spp.errors import SppError, first_line
 from spp.io.checkpoint import MANIFEST_FILE, MASK_FILE, mask_path, safetensors_files, safetensors_keys, sha256_file
+from spp.io.maskfile import check_format
 from spp.io.text import natural_key
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -489,6 +490,7 @@ def _read_mask_header(ckpt: Checkpoint) -> None:
             keys = list(f.keys())
     except (SafetensorError, OSError, ValueError) as exc:
         raise SppError(f"mask file {path} is corrupt or truncated: {exc}") from exc
+    check_format(path, metadata)
     ckpt.mask_names = keys
     for name in keys:
         try:
