@@ -119,24 +119,25 @@ def test_one_rank_fsdp_in_process_equals_unsharded(pruned_tiny_dir, text_file, t
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
+    import spp.io.stream as stream
     import spp.models
-    import spp.train.fsdp as fsdp
 
     plain = run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "plain", max_steps=2, batch_size=4, adapter=kind))
-    materialise, seen, whole_before = fsdp._materialise, [], []
+    load, seen, whole_before = stream.load, [], []
 
-    def watching(module, prefix, checkpoint):
-        """Count the modules read earlier that are still whole (real, unsharded parameters) when the next is read."""
+    def watching(model, checkpoint, prefix, **kwargs):
+        """Count the blocks read earlier that are still whole (real, unsharded parameters) when the next part is read."""
         whole_before.append(sum(1 for m in seen if all(not isinstance(p, DTensor) and not p.is_meta
                                                        for p in m.parameters())))
-        materialise(module, prefix, checkpoint)
-        seen.append(module)
+        load(model, checkpoint, prefix, **kwargs)
+        if prefix:
+            seen.append(model.get_submodule(prefix.rstrip(".")))
 
     def refuse(*args, **kwargs):
         raise AssertionError("distributed: fsdp must not load the whole model")
 
     monkeypatch.setattr(spp.models, "load_model", refuse)
-    monkeypatch.setattr(fsdp, "_materialise", watching)
+    monkeypatch.setattr(stream, "load", watching)
     sharded = run_train(tiny_cfg(pruned_tiny_dir, text_file, tmp_path / "fsdp", max_steps=2, batch_size=4,
                                  distributed="fsdp", gradient_checkpointing=True, adapter=kind))
     assert len(whole_before) == 3 and max(whole_before) == 0  # 2 blocks, then the rest; each sharded before the next

@@ -136,44 +136,12 @@ def _outer_units(model: nn.Module) -> list[nn.Module]:
     return [m for m in (embeddings, output) if m is not None and any(True for _ in m.parameters())]
 
 
-def _materialise(module: nn.Module, prefix: str, checkpoint) -> None:
-    """Replace every meta parameter under `module` by its saved tensor (read from its shard, in the meta
-    parameter's dtype), through the checkpoint's saved-name correspondence (`spp.io.reader`): a fused expert
-    weight (E, out, in) is put together from its saved per-expert tensors (`Checkpoint.join`).
-
-    Raises:
-        SppError: a weight holds a NaN or ±inf in the meta parameter's dtype (`spp.io.finite`; no rank ever
-            holds the whole model to check after loading, so each parameter is checked as it is read).
-    """
-    from safetensors import safe_open
-
-    from spp.io.finite import check_finite
-
-    handles = {}
-
-    def read(saved: str) -> torch.Tensor:
-        shard = checkpoint.tensors[saved].shard
-        if shard not in handles:
-            handles[shard] = safe_open(str(shard), framework="pt")
-        return handles[shard].get_tensor(saved)
-
-    for sub_name, sub in module.named_modules():
-        for name, param in list(sub._parameters.items()):
-            if param is None or not param.is_meta:
-                continue
-            full = ".".join(part for part in (prefix, sub_name, name) if part)
-            by_saved = {saved: read(saved) for saved in checkpoint.saved_tensors_of(full)}
-            tensor = checkpoint.join(full, by_saved).to(param.dtype)
-            check_finite(tensor, full, f"model {checkpoint.directory}")  # as the unsharded load checks it
-            sub._parameters[name] = nn.Parameter(tensor, requires_grad=param.requires_grad)
-
-
 def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[str, torch.Tensor] | None,
                        cpu_offload: bool = False, checkpointing: bool = False) -> tuple[nn.Module, list[str]]:
     """The model of `checkpoint` with its adapter, sharded, without any rank holding the whole model.
 
-    The module tree is built on the meta device (buffers, such as rotary frequencies, are built for real);
-    then each decoder block in turn is read from the safetensors shards, adapted (`add_adapter` on that block,
+    The module tree is built on the meta device (`spp.io.stream.skeleton`); then each decoder block in turn is
+    read from the safetensors shards (`spp.io.stream.load`, which also checks every tensor is finite), adapted (`add_adapter` on that block,
     so α's random init draws the same numbers, in the same order, as adapting the whole model) and sharded,
     which frees all but this rank's share before the next block is read. The embeddings and output layer
     follow, then the root. Peak per rank while loading: its shards so far plus one whole block (and a whole
@@ -190,17 +158,13 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     Raises:
         SppError: as `add_adapter` (no target layer matches, a base weight breaks its mask, ...).
     """
-    from accelerate import init_empty_weights
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoModelForCausalLM
 
     from spp.adapter.model import add_block_adapter, find_targets
+    from spp.io import stream
     from spp.models import enable_checkpointing, find_decoder_blocks
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(checkpoint.config, dtype=dtype)
-    model.tie_weights()  # as from_pretrained does: inside the context each assigned parameter is re-created, untied
-    model.eval().requires_grad_(False)
+    model = stream.skeleton(checkpoint, dtype).requires_grad_(False)
     if checkpointing:
         enable_checkpointing(model)
     policy = _policy(cpu_offload)
@@ -209,29 +173,15 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     targets = list(find_targets(model, adapter_cfg, masks))
     prefix, blocks = find_decoder_blocks(model)
     for i, block in enumerate(blocks):
-        _materialise(block, f"{prefix}.{i}", checkpoint)
+        stream.load(model, checkpoint, f"{prefix}.{i}.")
         add_block_adapter(block, f"{prefix}.{i}.", targets, adapter_cfg, masks)
         masks_as_parameters(block)
         fully_shard(block, **policy)
-    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = output is not None and output.weight is embeddings.weight
-    if tied:
-        _materialise_tied(model, checkpoint)
-    else:
-        _materialise(model, "", checkpoint)
+    stream.load(model, checkpoint, "", skip=(f"{prefix}.",))  # the rest: embeddings, final norm, output layer
     for unit in _outer_units(model):
         fully_shard(unit, **policy)
     fully_shard(model, **policy)
     return model, targets
-
-
-def _materialise_tied(model: nn.Module, checkpoint) -> None:
-    """`_materialise` for a model whose output layer shares the embeddings' weight (saved once)."""
-    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
-    names = {id(m): n for n, m in model.named_modules()}
-    _materialise(embeddings, names[id(embeddings)], checkpoint)
-    output.weight = embeddings.weight
-    _materialise(model, "", checkpoint)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
