@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from spp.errors import SppError, first_line
+from spp.errors import SppError
 
 
 def read_jsonl(path: Path) -> list:
@@ -168,16 +168,12 @@ def _load_hub_dataset(calib: str, *args, **kwargs):
 
     Offline (`check_calib_source`) it fails at once, before `datasets` is imported.
     """
-    check_calib_source(calib)
-    import datasets
+    from spp import hub
 
+    check_calib_source(calib)
     name = HUB_CALIBRATION[calib]
-    try:
-        return datasets.load_dataset(name, *args, **kwargs)
-    except Exception as exc:  # network, missing files, bad split: all mean "not loadable"
-        reason = first_line(exc)
-        raise SppError(f"--calib {calib}: cannot load {name} from the Hugging Face hub ({reason}); "
-                       f"{CALIB_ALTERNATIVE}") from exc
+    return hub.load_dataset(lambda reason: f"--calib {calib}: cannot load {name} from the Hugging Face hub "
+                            f"({reason}); {CALIB_ALTERNATIVE}", name, *args, **kwargs)
 
 
 def c4_windows(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -261,13 +257,11 @@ def _load_hub_records(name: str, split: str) -> list[dict]:
     Raises:
         SppError: the hub cannot be used (at once, naming --data PATH), or the dataset does not load.
     """
-    check_data_source(name)
-    try:
-        import datasets
+    from spp import hub
 
-        dataset = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # datasets raises many types for "not found / offline / bad split"
-        raise SppError(f"data {name!r} is neither a local file nor a loadable dataset: {first_line(exc)}") from exc
+    check_data_source(name)
+    dataset = hub.load_dataset(lambda reason: f"data {name!r} is neither a local file nor a loadable dataset: "
+                               f"{reason}", name, split=split)
     return [dict(row) for row in dataset]
 
 

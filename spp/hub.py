@@ -18,7 +18,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from spp.errors import SppError
+from spp.errors import SppError, first_line
 
 PROBE_TIMEOUT_S = 1.5  # DNS + TCP connect; the hub answers in well under this where it is reachable
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -107,3 +107,15 @@ def require_hub(what: str, name: str, kind: str, alternative: str) -> None:
     reason = hub_unavailable()
     if reason and not is_cached(name, kind):
         raise SppError(f"{what} needs the Hugging Face hub ({name}), which cannot be used: {reason}; {alternative}")
+
+
+def load_dataset(refusal, *args, **kwargs):
+    """`datasets.load_dataset(*args, **kwargs)` in one attempt; any failure (network, missing files, a bad split:
+    all mean "not loadable") becomes one `SppError(refusal(reason))`, `reason` the failure's first line. Callers
+    pass `require_hub` first, so offline fails before `datasets` is imported."""
+    try:
+        import datasets
+
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:
+        raise SppError(refusal(first_line(exc))) from exc

@@ -114,6 +114,27 @@ def test_an_offline_variable_means_no_network_attempt(monkeypatch):
         assert hub.hub_unavailable() == f"{variable}=TRUE is set"
 
 
+def test_a_hub_dataset_that_does_not_load_is_one_line_after_one_attempt(monkeypatch):
+    """--data org/name with the hub reachable but the load failing: one attempt, one line quoting the first line
+    of the library's error (`spp.hub.load_dataset`, which every hub dataset load goes through)."""
+    import datasets
+
+    from spp.data import read_alpaca_records
+
+    attempts = []
+
+    def failing(name, **kwargs):
+        attempts.append((name, kwargs))
+        raise FileNotFoundError("\n  no such dataset on the hub\n  (details)")
+
+    monkeypatch.setattr("spp.hub.hub_unavailable", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", failing)
+    with pytest.raises(SppError) as exc:
+        read_alpaca_records("someone/missing", split="train")
+    assert str(exc.value) == "data 'someone/missing' is neither a local file nor a loadable dataset: no such dataset on the hub"
+    assert attempts == [("someone/missing", {"split": "train"})]
+
+
 def _online(monkeypatch, endpoint: str):
     for variable in (*hub.OFFLINE_VARIABLES, "http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
                      "ALL_PROXY"):

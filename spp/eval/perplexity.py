@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from spp.errors import SppError, first_line
+from spp.errors import SppError
 from spp.io.checkpoint import sha256_file
 from spp.quiet import quiet_transformers
 
@@ -181,16 +181,11 @@ def set_ids(tokenizer, text: PplText, seqlen: int) -> torch.Tensor:
 
 
 def _hub_rows(what: str, **kwargs):
-    check_ppl_source(what)
-    import datasets
+    from spp import hub
 
-    try:
-        return datasets.load_dataset(**kwargs)
-    except Exception as exc:  # offline, missing, or a script dataset: all mean "give a local copy"
-        first = first_line(exc)
-        raise SppError(
-            f"cannot load {what} from the hub ({first}); pass a local copy as --ppl {what}:PATH"
-        ) from exc
+    check_ppl_source(what)
+    return hub.load_dataset(lambda reason: f"cannot load {what} from the hub ({reason}); pass a local copy as "
+                            f"--ppl {what}:PATH", **kwargs)
 
 
 def wikitext2_text() -> PplText:
