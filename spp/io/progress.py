@@ -142,14 +142,23 @@ def load_owl(partial: Path) -> dict | None:
 def save_block(partial: Path, index: int, block: nn.Module, masks: dict[str, torch.Tensor],
                hidden: list[torch.Tensor] | None, record: BlockRecord) -> None:
     """Persist finished block `index` and the next block's inputs, then advance `progress.json`."""
-    directory = progress_dir(partial)
-    _save_tensors(directory / f"block-{index}.safetensors", block.state_dict())
-    _save_tensors(directory / f"masks-{index}.safetensors", masks)
+    _advance(progress_dir(partial), index, {"block": block.state_dict(), "masks": masks},
+             None if hidden is None else {f"chunk.{c}": h for c, h in enumerate(hidden)}, record.__dict__,
+             "prune progress")
+
+
+def _advance(directory: Path, index: int, files: dict[str, dict[str, torch.Tensor]],
+             hidden: dict[str, torch.Tensor] | None, record: dict, what: str) -> None:
+    """Write block `index`'s tensor files (`NAME-index.safetensors` for each of `files`) and the next block's inputs
+    (`hidden-(index+1)`, unless None), then advance `progress.json` to index + 1 with `record`, then delete the spent
+    `hidden-index`: a kill between two writes leaves `progress.json` pointing at complete files."""
+    for name, tensors in files.items():
+        _save_tensors(directory / f"{name}-{index}.safetensors", tensors)
     if hidden is not None:
-        _save_tensors(directory / f"hidden-{index + 1}.safetensors", {f"chunk.{c}": h for c, h in enumerate(hidden)})
+        _save_tensors(directory / f"hidden-{index + 1}.safetensors", hidden)
     path = directory / PRUNE_PROGRESS_FILE
-    progress = read_json(path, what="prune progress")
-    progress["blocks"] = progress["blocks"][:index] + [record.__dict__]
+    progress = read_json(path, what=what)
+    progress["blocks"] = progress["blocks"][:index] + [record]
     progress["blocks_done"] = index + 1
     write_json(path, progress)
     (directory / f"hidden-{index}.safetensors").unlink(missing_ok=True)  # block index's inputs are spent
@@ -203,17 +212,9 @@ def save_recovered_block(partial: Path, index: int, tensors: dict[str, torch.Ten
     dense targets, the teacher's), then `progress.json` (`blocks_done` = i + 1, the block's `record`), then deletes
     the spent `hidden-i`. As for prune, a kill between two writes leaves `progress.json` pointing at complete files.
     """
-    directory = progress_dir(partial, BLOCKWISE_PROGRESS_DIR)
-    _save_tensors(directory / f"adapter-{index}.safetensors", tensors)
-    if hidden:
-        _save_tensors(directory / f"hidden-{index + 1}.safetensors",
-                      {f"{stream}.{c}": h for stream, chunks in hidden.items() for c, h in enumerate(chunks)})
-    path = directory / PRUNE_PROGRESS_FILE
-    progress = read_json(path, what="train progress")
-    progress["blocks"] = progress["blocks"][:index] + [record]
-    progress["blocks_done"] = index + 1
-    write_json(path, progress)
-    (directory / f"hidden-{index}.safetensors").unlink(missing_ok=True)
+    _advance(progress_dir(partial, BLOCKWISE_PROGRESS_DIR), index, {"adapter": tensors},
+             {f"{stream}.{c}": h for stream, chunks in hidden.items() for c, h in enumerate(chunks)} if hidden else None,
+             record, "train progress")
 
 
 def recovered_adapter(partial: Path, index: int) -> dict[str, torch.Tensor]:
