@@ -65,6 +65,17 @@ class Method:
     prune: Callable[[torch.Tensor, Any, PruneConfig, float], tuple[torch.Tensor, torch.Tensor, dict]]
     refits: bool = False
 
+    def prune_in_place(self, W: torch.Tensor, state, cfg: PruneConfig, sparsity: float,
+                       name: str) -> tuple[torch.Tensor, dict]:
+        """Prune the weight view W (out, in) in place; (keep-mask (out, in), record). A failure names `name`."""
+        try:
+            W_new, keep, info = self.prune(W, state, cfg, sparsity)
+        except SppError as exc:
+            raise SppError(f"{name}: {exc}") from exc
+        with torch.no_grad():
+            W.copy_(W_new)
+        return keep, info
+
 
 def _accumulate_hessian(state, X):
     H, n_tokens = state if state is not None else (None, 0)
@@ -543,14 +554,7 @@ def prune_layer(target, state, method: Method, cfg: PruneConfig, sparsity: float
     """
     if method.accumulate is not None and state is None:
         raise SppError(f"module {target.name} received no calibration input; spp cannot prune it with {cfg.method}")
-    W = target.out_in()  # (out, in) view of the stored weight
-    try:
-        W_new, keep, info = method.prune(W, state, cfg, sparsity)
-    except SppError as exc:
-        raise SppError(f"module {target.name}: {exc}") from exc
-    with torch.no_grad():
-        W.copy_(W_new)
-    return keep, info
+    return method.prune_in_place(target.out_in(), state, cfg, sparsity, f"module {target.name}")
 
 
 def owl_block_sparsities(model: nn.Module, inputs, plan: LayerPlan, cfg: PruneConfig, device: torch.device,

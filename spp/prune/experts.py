@@ -229,12 +229,7 @@ def _prune_one_expert(done: ExpertPruned, weight, expert: int, X: list[torch.Ten
     W_all = weight.weight
     for piece in (p for p in pieces if p.expert == expert):
         W = W_all[expert, piece.rows[0]:piece.rows[1]]  # (rows, in) view of the saved tensor's values
-        try:
-            W_new, keep, info = used.prune(W, state, cfg, sparsity)
-        except SppError as exc:
-            raise SppError(f"{piece.saved}: {exc}") from exc
-        with torch.no_grad():
-            W.copy_(W_new)
+        keep, info = used.prune_in_place(W, state, cfg, sparsity, piece.saved)
         done.keep[expert, piece.rows[0]:piece.rows[1]] = keep.cpu()
         done.retries.extend({"piece": piece.saved, **r} for r in dampening_retry(info, cfg.percdamp))
         done.stats["pieces"].append({
