@@ -736,6 +736,14 @@ def _rate(m: dict, sweeps: dict) -> str:
     return f"{m['lr']:g}" + (" (edge)" if found.get("edge") and found.get("best") == m["lr"] else "")
 
 
+def sweep_label(recipe: str) -> str:
+    """A smollm2 sweep key "PATTERN/adapter/distill/objective" in words: "2:4 masked LoRA + KD", "70% masked full FT,
+    block-wise"."""
+    pattern, adapter, distill, objective = recipe.split("/")
+    return (f"{pattern} {KIND_LABELS[adapter]}" + (" + KD" if distill == "kd" else "")
+            + (f", {objective.replace('blockwise', 'block-wise')}" if objective else ""))
+
+
 def smollm2_tables(summary: dict, tasks: list[str], sweeps: dict) -> list[str]:
     """Markdown: per pattern the dense row, the pruned models and the recoveries at their chosen rates (and Alpaca);
     then each sweep's rates with validation NLL and perplexity."""
@@ -757,7 +765,7 @@ def smollm2_tables(summary: dict, tasks: list[str], sweeps: dict) -> list[str]:
     sweep_rows = []
     for recipe, found in sweeps.items():
         runs = {m["lr"]: m for m in models if m["recipe"] == recipe and m["role"] in ("chosen", "selection")}
-        sweep_rows += [[recipe, "{" + ", ".join(f"{x:g}" for x in found["grid"]) + "}", f"{lr:g}",
+        sweep_rows += [[sweep_label(recipe), "{" + ", ".join(f"{x:g}" for x in found["grid"]) + "}", f"{lr:g}",
                         "–" if lr not in runs else f"{runs[lr]['val_nll']:.4f}",
                         "–" if lr not in runs else f"{runs[lr]['ppl']:.2f}",
                         "chosen" + (" (edge)" if found.get("edge") else "") if lr == found.get("best") else ""]

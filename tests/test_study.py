@@ -460,3 +460,5 @@ def test_the_readme_headline_block_is_rendered_from_the_study_json(study, tmp_pa
     assert "53,084,160" in block and "70%" not in block  # only the patterns measured
     assert block in (tmp_path / "smollm2.md").read_text()
     assert "### 2:4" in (tmp_path / "smollm2.md").read_text()
+    assert "| 2:4 SPP + KD | {" in (tmp_path / "smollm2.md").read_text()  # each sweep named in words
+    assert study_report.sweep_label("70%/full//blockwise") == "70% masked full FT, block-wise"
