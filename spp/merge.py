@@ -35,7 +35,7 @@ from spp.io.finite import cast_weight
 from spp.io.manifest import Manifest, peak_memory_bytes, write_manifest
 from spp.io.reader import Checkpoint, read_checkpoint
 from spp.models import resolve_dtype
-from spp.sparsity import check_pruned_zero, sparsity_stats
+from spp.sparsity import check_base_weight, check_pruned_zero, sparsity_stats
 
 NOT_COPIED = {MANIFEST_FILE, RESOLVED_CONFIG_FILE, RESULTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
               LEGACY_MASK_FILE}  # an older base's mask file is copied to MASK_FILE
@@ -155,8 +155,9 @@ def merge_shard(shard: Path, destination: Path, targets: dict[str, MergeTarget],
                     W = W.to(torch.promote_types(W.dtype, torch.float32))
                 if keep is None:
                     keep = W != 0  # no mask (SPP only; checked before): keep every zero of W at +0.0
-                elif target.conv1d:
-                    keep = keep.t()
+                else:
+                    keep = keep.t() if target.conv1d else keep
+                    check_base_weight(name, W, keep)  # as training checks it: merge never re-masks a base
                 if target.rows is None:
                     merged = kind.merged_weight(W, keep, target.tensors, adapter_cfg.scale)
                 else:
@@ -245,7 +246,8 @@ def run_merge(cfg: MergeConfig) -> MergeReport:
     if not adapter_cfg.mask_sha256:
         raise SppError(f"{adapter_dir / ADAPTER_CONFIG_FILE} records no mask_sha256, so its base cannot be checked")
     base = read_checkpoint(model_dir)  # names as transformers resolves them, whole shards, mask = manifest's
-    mask_sha256 = base.check_mask_hash(adapter_cfg.mask_sha256, who=adapter_cfg.describe(adapter_dir))
+    mask_sha256 = base.check_adapter_base(adapter_cfg.mask_sha256, adapter_dir / ADAPTER_WEIGHTS_FILE,
+                                          adapter_cfg.describe(adapter_dir))
     masks, _ = base.read_masks()  # keyed by saved name, each naming a saved tensor of its shape
     shards = base.shards
     targets = {t.tensor: t for t in merge_targets(base, adapter_dir, adapter_cfg)}

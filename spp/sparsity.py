@@ -49,6 +49,20 @@ def check_pruned_zero(weight: torch.Tensor, keep: torch.Tensor, message: Callabl
         raise error(message(int(bad.sum()), tuple(bad.nonzero()[0].tolist())))
 
 
+def check_base_weight(name: str, weight: torch.Tensor, keep: torch.Tensor) -> None:
+    """The rule an adapter's base must meet before training or merging: `keep` has weight's shape and every entry
+    it prunes is +0.0 in weight. spp never re-masks a base, so one that breaks its mask is refused, not repaired.
+
+    Raises:
+        SppError: the shapes differ, or pruned entries are not +0.0 (how many, naming `name`).
+    """
+    if tuple(keep.shape) != tuple(weight.shape):
+        raise SppError(f"{name}: mask shape {tuple(keep.shape)} does not match weight shape {tuple(weight.shape)}")
+    check_pruned_zero(weight, keep, lambda count, _: (
+        f"{name}: {count} entries the mask marks pruned are not +0.0 in the base weight; "
+        "this base is not the pruned model the mask belongs to (spp never re-masks it)"))
+
+
 def fraction(part: float, whole: float) -> float:
     """part / whole, 0.0 for an empty whole."""
     return part / whole if whole else 0.0

@@ -413,6 +413,21 @@ def test_adapter_for_another_base_is_refused(pruned_adapter_merged, tiny_dir, te
     assert not out.exists()
 
 
+def test_an_adapter_is_not_applied_to_the_model_it_is_merged_into(pruned_adapter_merged, text_file, tmp_path):
+    """`spp merge` keeps the mask file byte for byte, so only the merge manifest's record of the adapter file tells
+    the merged model from its base: --adapter on it would add the adapter twice."""
+    from spp.config import MergeConfig
+    from spp.merge import run_merge
+
+    pruned, adapter, _ = pruned_adapter_merged
+    merged = tmp_path / "merged"
+    run_merge(MergeConfig(model=str(pruned), adapter=str(adapter), output=str(merged)))
+    out = tmp_path / "out"
+    _assert_one_error(cli("eval", "--model", merged, "--adapter", adapter, "--ppl", text_file, "--output", out),
+                      f"is already merged into {merged}")
+    assert not out.exists()
+
+
 def test_lm_eval_wikitext_is_labelled_word_perplexity():
     from spp.eval import results_rows
 

@@ -227,6 +227,26 @@ def _existing_output(tmp_path):
     (tmp_path / "merged").mkdir()
 
 
+def _base_breaks_its_mask(tmp_path):
+    """A weight of the base with its pruned entries set non-zero (a dense copy dropped in beside the mask)."""
+    from safetensors import safe_open
+
+    from spp.io.checkpoint import save_tensors
+    from spp.io.maskfile import load_masks
+
+    masks, _ = load_masks(tmp_path / "pruned" / MASK_FILE)
+    shard = next(s for s in safetensors_files(tmp_path / "pruned") if any(n in masks for n in safe_open(str(s), "pt").keys()))
+    with safe_open(str(shard), "pt") as f:
+        tensors, metadata = {n: f.get_tensor(n) for n in f.keys()}, f.metadata()
+    name = next(n for n in tensors if n in masks)
+    tensors[name] = torch.where(masks[name], tensors[name], torch.full_like(tensors[name], 0.25))
+    save_tensors(tensors, shard, metadata=metadata)
+
+
+def _already_merged(tmp_path):
+    run_merge(MergeConfig(model=str(tmp_path / "pruned"), adapter=str(tmp_path / "train"), output=str(tmp_path / "once")))
+
+
 BAD_INPUTS = {
     "missing adapter dir": (["--adapter", "nowhere"], None, "nowhere does not exist"),
     "corrupt adapter weights": ([], _corrupt_weights, "corrupt"),
@@ -238,6 +258,8 @@ BAD_INPUTS = {
     "adapter for another base": ([], _other_base, "different base"),
     "missing model": (["--model", "nothing"], None, "nothing does not exist"),
     "existing output": ([], _existing_output, "already exists"),
+    "base breaks its mask": ([], _base_breaks_its_mask, "entries the mask marks pruned are not +0.0 in the base weight"),
+    "adapter already merged into the base": (["--model", "once"], _already_merged, "is already merged into once"),
     "unknown dtype": (["--dtype", "int8"], None, "--dtype 'int8' is not one of auto, float32, bfloat16, float16"),
 }
 
@@ -256,6 +278,21 @@ def test_cli_bad_inputs_give_one_error_line_and_no_output(run, monkeypatch, case
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert (tmp_path / "merged").exists() == existed
     assert not (tmp_path / "merged.partial").exists()
+
+
+def test_an_adapter_trained_on_a_merged_model_merges_into_it(run):
+    """A second round of recovery: a merged model is a base like any other for an adapter trained on it; only the
+    adapter it already holds is refused (the mask file is the same, so its hash cannot tell)."""
+    tmp_path, pruned, _ = run
+    once = tmp_path / "once"
+    run_merge(MergeConfig(model=str(pruned), adapter=str(tmp_path / "train"), output=str(once)))
+    second_logits = make_adapter(once, tmp_path / "second", seed=1)
+    run_merge(MergeConfig(model=str(once), adapter=str(tmp_path / "second"), output=str(tmp_path / "twice")))
+    torch.testing.assert_close(logits(load(tmp_path / "twice")), second_logits, rtol=1e-4, atol=1e-5)
+    verify_checkpoint(tmp_path / "twice")
+    with pytest.raises(SppError, match="is already merged into"):
+        run_merge(MergeConfig(model=str(tmp_path / "twice"), adapter=str(tmp_path / "second"),
+                              output=str(tmp_path / "thrice")))
 
 
 def test_overwrite_replaces_an_existing_output(run):

@@ -22,7 +22,7 @@ from spp.errors import SppError
 from spp.io.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, read_json, write_json
 from spp.models import Target
 from spp.patterns import match_layers
-from spp.sparsity import check_pruned_zero
+from spp.sparsity import check_base_weight
 
 
 def find_targets(model: nn.Module, cfg: AdapterConfig, masks=None) -> dict[str, Target]:
@@ -44,14 +44,6 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, masks=None) -> dict[str, 
     if masks is None or cfg.adapt_unpruned:
         return found
     return {name: target for name, target in found.items() if target.param in masks}
-
-
-def _check_pruned_zeros(name: str, weight: torch.Tensor, keep: torch.Tensor) -> None:
-    if tuple(keep.shape) != tuple(weight.shape):
-        raise SppError(f"{name}: mask shape {tuple(keep.shape)} does not match weight shape {tuple(weight.shape)}")
-    check_pruned_zero(weight, keep, lambda count, _: (
-        f"{name}: {count} entries the mask marks pruned are not +0.0 in the base weight; "
-        "this base is not the pruned model the mask belongs to (spp never re-masks it)"))
 
 
 def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Tensor] | None = None) -> list[str]:
@@ -83,7 +75,7 @@ def add_adapter(model: nn.Module, cfg: AdapterConfig, masks: dict[str, torch.Ten
     masks = masks or {}
     for name, target in targets.items():
         if target.param in masks:
-            _check_pruned_zeros(name, target.weight, masks[target.param])
+            check_base_weight(name, target.weight, masks[target.param])
         elif ADAPTERS[cfg.kind].needs_mask:
             raise SppError(f"{name} has no entry in the keep-masks (masks.safetensors); adapter kind {cfg.kind!r} "
                            "needs the mask of every target layer")

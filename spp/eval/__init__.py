@@ -22,7 +22,7 @@ from spp.config import EvalConfig, to_dict
 from spp.errors import SppError
 from spp.eval.perplexity import check_ppl_source, ppl_text, set_ids
 from spp.eval.zeroshot import check_hub_tasks, evaluate_tasks, prepare_tasks
-from spp.io.checkpoint import RESULTS_FILE, atomic_dir, check_not_an_input, check_output_dir, read_json, write_json
+from spp.io.checkpoint import ADAPTER_WEIGHTS_FILE, RESULTS_FILE, atomic_dir, check_not_an_input, check_output_dir, read_json, write_json
 from spp.io.conditions import run_conditions
 from spp.io.finite import check_finite_model
 from spp.io.manifest import Manifest, library_versions, peak_memory_bytes, write_manifest
@@ -87,7 +87,8 @@ def _check_adapter(cfg: EvalConfig, checkpoint):
     adapter_cfg = read_adapter_config(Path(cfg.adapter))
     if not Path(cfg.model).is_dir():
         raise SppError(f"--adapter needs --model to be the local pruned directory it was trained on, not {cfg.model}")
-    checkpoint.check_mask_hash(adapter_cfg.mask_sha256 or None, who=adapter_cfg.describe(cfg.adapter))
+    checkpoint.check_adapter_base(adapter_cfg.mask_sha256 or None, Path(cfg.adapter) / ADAPTER_WEIGHTS_FILE,
+                                  adapter_cfg.describe(cfg.adapter))
     return adapter_cfg
 
 

@@ -228,6 +228,23 @@ class Checkpoint:
                            "the mask changed or this is a different base")
         return self.mask_sha256
 
+    def check_adapter_base(self, mask_sha256: str | None, adapter_weights: Path, who: str) -> str:
+        """`check_mask_hash` for an adapter applied to this base (merge, eval --adapter), refusing first a merged
+        model made from this very adapter file (its manifest records the file's sha256): merge keeps the mask
+        file byte for byte, so the hash alone cannot tell such a model from the pruned base, and applying the
+        adapter again would add it twice. A model merged from another adapter is a base like any other (an
+        adapter trained on it applies).
+
+        Raises:
+            SppError: as `check_mask_hash`, or the adapter is already merged into this model.
+        """
+        if self.manifest is not None and self.manifest.stage == "merge" and adapter_weights.is_file() \
+                and sha256_file(adapter_weights) in self.manifest.inputs.values():
+            raise SppError(f"{who} is already merged into {self.directory} (its manifest records the adapter's "
+                           "sha256), so applying it again would add it twice; use the pruned model it was trained on "
+                           f"as the base, or {self.directory} without the adapter")
+        return self.check_mask_hash(mask_sha256, who)
+
 
 def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoint:
     """Resolve a model directory (or a hub id) into a `Checkpoint`; see the module docstring.
