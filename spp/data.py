@@ -159,7 +159,7 @@ def check_data_source(source: str) -> None:
     """
     from spp.hub import require_hub
 
-    if source and not Path(source).expanduser().exists() and not _looks_like_path(source):
+    if source and not Path(source).expanduser().exists() and not looks_like_path(source):
         require_hub(f"--data {source}", source, "dataset", DATA_ALTERNATIVE)
 
 
@@ -247,7 +247,8 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return ALPACA_PROMPTS["no_input"].format(instruction=instruction)
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """Whether a data name is meant as a local file (starts with . / ~, or ends .json/.jsonl/.txt), not a hub name."""
     return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in (".json", ".jsonl", ".txt")
 
 
@@ -285,7 +286,7 @@ def read_alpaca_records(source: str, split: str = "train") -> list[dict]:
                 raise SppError(f"data file {path} is not valid JSON: {exc}") from exc
             if not isinstance(records, list):
                 raise SppError(f"data file {path} must hold a JSON list of Alpaca records")
-    elif path.exists() or _looks_like_path(source):
+    elif path.exists() or looks_like_path(source):
         raise SppError(f"data file {source} does not exist")
     else:
         records = _load_hub_records(source, split)

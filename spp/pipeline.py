@@ -168,17 +168,10 @@ def plan(cfg: PipelineConfig, source: str = "pipeline") -> list[Step]:
     return prunes + trains + merges + evals
 
 
-def check_stage_folders(cfg: PipelineConfig, steps: list[Step], path: Path) -> None:
-    """Refuse a stage folder that is, contains or lies inside one of the run's own inputs (symlinks resolved):
-    the model, a calibration file, the training data or teacher, a perplexity file or task data, the pipeline file.
-    Unlike `spp prune --output MODEL --overwrite`, a run never replaces its model in place.
-
-    Raises:
-        SppError: naming the stage folder and the input (`spp.io.checkpoint.check_not_an_input`).
-    """
-    from spp.io.checkpoint import check_not_an_input
-
-    inputs = [("model:", cfg.model), ("the pipeline file", path)]
+def run_inputs(cfg: PipelineConfig, steps: list[Step], path: Path) -> list[tuple[str, str]]:
+    """(what, path or name) of every input the run reads: the model, the pipeline file, each stage's calibration
+    text, training data, teacher, perplexity files and task data; each once, in run order."""
+    inputs = [("model:", cfg.model), ("the pipeline file", str(path))]
     for step in steps:
         c = step.config
         if step.stage == "prune":
@@ -186,9 +179,34 @@ def check_stage_folders(cfg: PipelineConfig, steps: list[Step], path: Path) -> N
         elif step.stage == "train":
             inputs += [("train data_path:", c.data_path), ("train teacher:", c.teacher), ("train calib:", c.calib)]
         elif step.stage == "eval":
-            inputs += [("eval ppl:", p) for spec in c.ppl for p in (spec, spec.partition(":")[2])]
+            inputs += [("eval ppl:", _ppl_file(spec)) for spec in c.ppl]
             inputs.append(("eval task_data:", c.task_data))
-    inputs = list(dict.fromkeys(inputs))
+    return [(what, value) for what, value in dict.fromkeys(inputs) if value]
+
+
+def _ppl_file(spec: str) -> str:
+    """The file (or set name) of a `--ppl` entry: PATH, NAME:PATH or NAME, as `spp.eval.perplexity.ppl_text` reads it."""
+    name, sep, rest = spec.partition(":")
+    return rest if sep and rest and not Path(spec).exists() else spec
+
+
+def check_run_inputs(cfg: PipelineConfig, steps: list[Step], path: Path) -> None:
+    """Before any stage runs: refuse a local input that does not exist (a value written as a path: `spp.data.
+    looks_like_path`; a name such as `c4` or a hub id is left to its stage), and a stage folder that is, contains or
+    lies inside one of the run's inputs (symlinks resolved). Unlike `spp prune --output MODEL --overwrite`, a run
+    never replaces its model in place.
+
+    Raises:
+        SppError: naming the input (`what: PATH does not exist`), or the stage folder and the input
+            (`spp.io.checkpoint.check_not_an_input`).
+    """
+    from spp.data import looks_like_path
+    from spp.io.checkpoint import check_not_an_input
+
+    inputs = run_inputs(cfg, steps, path)
+    for what, value in inputs:
+        if looks_like_path(value) and not Path(value).expanduser().exists():
+            raise SppError(f"{what} {value} does not exist")
     for step in steps:
         check_not_an_input(step.folder, inputs, flag=f"the {step.label} folder")
 
@@ -408,7 +426,7 @@ def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | N
     cfg = merge_into(PipelineConfig, [(str(path), read_yaml(path))])  # unknown top-level keys are errors
     in_range = stage_range(from_stage, until_stage)
     steps = plan(cfg, source=str(path))
-    check_stage_folders(cfg, steps, path)
+    check_run_inputs(cfg, steps, path)
     for step in steps:  # everything before the range must already be there
         if STAGES.index(step.stage) < STAGES.index(in_range[0]):
             reason = stale_reason(step)

@@ -276,6 +276,11 @@ BAD = [
     ({"sweep": [{"pattern": "2:4"}, {"pattern": "2:4", "nsamples": 4}]}, [], "would both write into", "name"),
     ({"sweep": [{"pattern": "2:4", "name": "dense"}]}, [], "cannot be a setting folder name", None),
     ({"sweep": [{"pattern": "3:2"}]}, [], "3:2", None),
+    ({"train": {"data_path": "/nonexistent/data.txt"}}, [], "train data_path: /nonexistent/data.txt does not exist",
+     None),
+    ({"prune": {"calib": "./missing.jsonl"}}, [], "prune calib: ./missing.jsonl does not exist", None),
+    ({"eval": {"ppl": ["wikitext2:/nonexistent/wiki.txt"]}}, [], "eval ppl: /nonexistent/wiki.txt does not exist",
+     None),
     ({}, ["--from", "trian"], "--from 'trian' is not a stage", "did you mean 'train'"),
     ({}, ["--until", "merge", "--from", "eval"], "--from eval comes after --until merge", None),
 ]
