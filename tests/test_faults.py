@@ -180,6 +180,31 @@ def test_ctrl_c_in_prune_keeps_the_finished_blocks_for_resume(model4, calib, tmp
     assert_bitwise_equal(saved_tensors(tmp_path / "straight"), saved_tensors(tmp_path / "out"))
 
 
+def test_prune_resume_takes_the_same_paths_spelled_another_way(model4, calib, tmp_path, monkeypatch):
+    """Interrupted as `--model model --output out`, resumed as `--model ./model/ --output /abs/out`: one run."""
+    from spp.config import PruneConfig
+    from spp.errors import SppInterrupted
+    from spp.prune import run_prune
+
+    shutil.copytree(model4, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+
+    def cfg(model, output, **flags):
+        return PruneConfig(model=model, output=str(output), method="wanda", calib=str(calib), nsamples=4, seqlen=16,
+                           batch_size=3, device="cpu", **flags)
+
+    def ctrl_c_at_block_2(index, n_blocks, name):
+        if index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(SppInterrupted):
+        run_prune(cfg("model", "out"), on_module=ctrl_c_at_block_2)
+    run_prune(cfg("./model/", tmp_path / "out", resume=True), on_module=lambda index, *_: index >= 2 or pytest.fail(
+        f"block {index} was pruned again"))
+    run_prune(cfg("model", "straight"))
+    assert_bitwise_equal(saved_tensors(tmp_path / "straight"), saved_tensors(tmp_path / "out"))
+
+
 def test_prune_resume_refuses_a_model_changed_since_the_interruption(model4, calib, tmp_path):
     """The input model's weights replaced (same path, same shapes) after the interruption: --resume is refused in
     one line naming the file whose sha256 changed, and the finished blocks are kept."""

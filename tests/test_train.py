@@ -599,6 +599,25 @@ def test_every_kind_resumes_bit_for_bit(pruned_tiny_dir, text_file, tmp_path, mo
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_resume_takes_the_same_paths_spelled_another_way(pruned_tiny_dir, text_file, tmp_path, monkeypatch):
+    """Interrupted with relative paths, resumed with `./base/` and absolute ones: the same run (the paths are
+    compared as the files they name, `spp.io.conditions.spelled_alike`), continued to the straight run's adapter."""
+    shutil.copytree(pruned_tiny_dir, tmp_path / "base")
+    shutil.copy(text_file, tmp_path / "text.txt")
+    monkeypatch.chdir(tmp_path)
+    settings = dict(max_steps=6, val_set_size=0)
+    interrupt_at_step_3(tiny_cfg("base", "text.txt", "out", **settings), monkeypatch)
+    report = run_train(tiny_cfg("./base/", tmp_path / "text.txt", tmp_path / "out", resume=True, **settings))
+    assert report.resumed_from == 3
+    run_train(tiny_cfg("base", "text.txt", "straight", **settings))
+    straight, resumed = adapter(tmp_path / "straight"), adapter(tmp_path / "out")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    shutil.copy(text_file, tmp_path / "other.txt")
+    interrupt_at_step_3(tiny_cfg("base", "text.txt", "again", **settings), monkeypatch)
+    with pytest.raises(SppError, match="data_path was 'text.txt' in the interrupted run but is 'other.txt'"):
+        run_train(tiny_cfg("base", "other.txt", "again", resume=True, **settings))  # another file: another setting
+
+
 @pytest.mark.parametrize("kind", ["spp", "masked_lora", "full"])
 def test_every_kind_evaluates_unmerged_as_merged_and_the_merge_verifies(pruned_tiny_dir, text_file, tmp_path, kind):
     from transformers import AutoModelForCausalLM

@@ -24,6 +24,7 @@ them changed, naming the file. `file_identity` is how a file spp does not hash i
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -144,6 +145,13 @@ def _then_now(old: str | None, new: str | None) -> str:
     return f"{words[0]} then, {words[1]} now"
 
 
+def spelled_alike(value):
+    """A setting or input path as a `--resume` compares it: a string as the absolute path it would name from this
+    directory (`pruned`, `./pruned/` and `/work/pruned` are one setting), anything else as it is. Applied to both
+    sides alike, so a string that is not a path (`wanda`, `2:4`) compares as itself."""
+    return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value else value
+
+
 def check_same_inputs(saved: dict | None, now: dict, what: str, start_over: str) -> None:
     """Refuse to continue `what` when an input it recorded changed since.
 
@@ -160,9 +168,13 @@ def check_same_inputs(saved: dict | None, now: dict, what: str, start_over: str)
     if saved is None:
         raise SppError(f"--resume: {what} recorded no identity of its inputs (it was made by an older spp), so "
                        f"spp cannot tell whether its model or data changed since; {start_over}")
+    spelled = {spelled_alike(k): k for k in (*saved, *now)}  # compared as the files they name, named as given
+    saved, now = ({spelled_alike(k): v for k, v in d.items()} for d in (saved, now))
     changed = [key for key in {**saved, **now} if saved.get(key) != now.get(key)]
     if not changed:
         return
+    saved, now = ({spelled[k]: v for k, v in d.items()} for d in (saved, now))
+    changed = [spelled[key] for key in changed]
     first, others = changed[0], changed[1:]
     also = ""
     if others:
