@@ -93,7 +93,8 @@ def merge_into(cls, layers: list[tuple[str, dict]]):
     """Build `cls` from layered dicts, later layers winning; each layer is (where it came from, values).
 
     Raises:
-        SppError: an unknown key (with the nearest valid one) or a value of the wrong type.
+        SppError: an unknown key (with the nearest valid one), a value of the wrong type, or a required field no
+            layer gives (named with the first layer's source).
     """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
@@ -107,10 +108,13 @@ def merge_into(cls, layers: list[tuple[str, dict]]):
                 if not _type_ok(value, hints[key]):
                     raise SppError(f"{source}: {key}={value!r} should be {_describe(hints[key])}")
                 values[key] = float(value) if hints[key] is float and isinstance(value, int) else value
-    try:
-        return cls(**values)
-    except TypeError as exc:  # a required field nobody supplied
-        raise SppError(f"{cls.__name__}: {exc}") from exc
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        where = layers[0][0] if layers else cls.__name__
+        raise SppError(f"{where}: {missing[0]} is required but not given" + (f" (nor {', '.join(missing[1:])})"
+                                                                              if missing[1:] else ""))
+    return cls(**values)
 
 
 def field_defaults(config) -> dict[str, Any]:

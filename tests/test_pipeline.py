@@ -268,6 +268,7 @@ def test_reproduce_commands_rebuild_the_same_outputs(first_run, tmp_path):
 
 BAD = [
     ({"modle": "x"}, [], "unknown key 'modle'", "did you mean 'model'"),
+    ({"model": None}, [], "p.yaml: model is required but not given", None),
     ({"prune": {"method": "wanda", "nsample": 4}}, [], "unknown key 'nsample'", "nsamples"),
     ({"prune": {"output": "elsewhere"}}, [], "prune.output is set by `spp run` itself", None),
     ({"train": {"max_step": 3}}, [], "unknown key 'max_step'", "max_steps"),
