@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer._click.exceptions
+import typer.core
+from typer import _click as click
 
 from spp import __version__
 from spp.config import (EvalConfig, ExportConfig, MergeConfig, PruneConfig, TrainConfig, flag_of, merge_into,
@@ -26,7 +29,30 @@ from spp.config import (EvalConfig, ExportConfig, MergeConfig, PruneConfig, Trai
 from spp.errors import SppError
 from spp.quiet import quiet_output
 
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """click's usage errors (an unknown option, a missing or malformed value) as one `error: ...` line on stderr,
+    exit code 2, like every other bad input; click itself prints the usage, a hint and the error on four lines."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare `spp`: the help, as click prints it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "spp"
+            print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except typer.Abort:  # end of input at a prompt
+            print("error: aborted", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)  # a command's typer.Exit(code) comes back as its code
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     help="Prune LLMs (Wanda, SparseGPT, RIA, ALPS, magnitude; OWL layerwise; DSnoT), fine-tune them with SPP, merge, export and evaluate, keeping every zero.",
     no_args_is_help=True,
     add_completion=False,

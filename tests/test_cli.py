@@ -104,3 +104,23 @@ def test_flags_override_the_config_file_only_where_given(tmp_path, monkeypatch):
     assert (seen["ExportConfig"].compressed, seen["ExportConfig"].dtype) == (False, "auto")
     result = CliRunner().invoke(app, ["export", "--model", "a"])
     assert result.exit_code == 2 and "Missing option '--output'" in result.output, result.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["prune", "--bogus"], "No such option: --bogus (see `spp prune --help`)"),
+    (["prune", "--sparsity", "abc"], "Invalid value for '--sparsity'"),
+    (["verify"], "Missing argument 'directory'"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_a_usage_error_is_one_line_and_exit_code_2(args, needle):
+    """click would print the usage, a hint, a blank line and the error; spp's contract is one `error:` line."""
+    from conftest import one_line_error
+
+    result = CliRunner().invoke(app, args, prog_name="spp")
+    assert result.exit_code == 2
+    one_line_error(result, needle)
+
+
+def test_a_bare_spp_still_prints_the_help():
+    result = CliRunner().invoke(app, [], prog_name="spp")
+    assert result.exit_code == 2 and "Usage: spp [OPTIONS] COMMAND" in result.output and "prune" in result.output
