@@ -430,7 +430,7 @@ def run(
 
 @command("demo")
 def demo(
-    output: str = typer.Option("spp-demo", "--output", help="The run directory (the demo model itself is cached in $XDG_CACHE_HOME/spp)."),
+    output: str = typer.Option("spp-demo", "--output", help="The run directory (the demo model itself is cached in $SPP_CACHE, default $XDG_CACHE_HOME/spp)."),
 ):
     """The whole method offline in a few CPU minutes: a built-in small LLaMA, Wanda 2:4 and 50%, SPP, merge, eval.
 
