@@ -40,7 +40,7 @@ def read_text_documents(path: Path, field: str = "text") -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise SppError(f"data file {path} does not exist")
+        raise SppError(f"data file {path} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
@@ -287,7 +287,7 @@ def read_alpaca_records(source: str, split: str = "train") -> list[dict]:
             if not isinstance(records, list):
                 raise SppError(f"data file {path} must hold a JSON list of Alpaca records")
     elif path.exists() or looks_like_path(source):
-        raise SppError(f"data file {source} does not exist")
+        raise SppError(f"data file {source} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
     else:
         records = _load_hub_records(source, split)
     if not records:

@@ -109,14 +109,16 @@ def check_output_dir(output: Path, overwrite: bool, flag: str = "--output") -> N
     owner = _read_lock(lock_path(output))
     if owner is not None and not _lock_is_stale(owner):
         raise _held(output, owner, flag)
+    if output.exists() and not output.is_dir():  # --overwrite would not help: say so at once
+        raise SppError(f"{flag} {output} exists and is not a directory")
     if output.exists() and not overwrite:
         raise SppError(f"{flag} {output} already exists; pass --overwrite to replace it")
-    if output.exists() and not output.is_dir():
-        raise SppError(f"{flag} {output} exists and is not a directory")
     probe = output.resolve().parent
     while not probe.exists():  # the first existing ancestor decides whether we can create the rest
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    if not probe.is_dir():
+        raise SppError(f"{flag} {output}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise SppError(f"{flag} {output}: cannot write into {probe} (permission denied)")
 
 
