@@ -20,7 +20,13 @@ def first_line(exc: BaseException) -> str:
 class SppInterrupted(SppError):
     """Ctrl-C (SIGINT) stopped a stage after it saved what it could; the message says how to resume.
 
-    The command line exits with 130, the shell's code for an interrupted command.
+    `kept` says where the stage stopped and what it kept, `resume` how to continue (a stage's command with
+    --resume; `spp run` puts its own advice in its place). The command line exits with 130, the shell's code for
+    an interrupted command.
     """
 
     exit_code = 130
+
+    def __init__(self, kept: str, resume: str = "run the same command with --resume to continue"):
+        self.kept = kept
+        super().__init__(f"{kept}: {resume}")

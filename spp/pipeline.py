@@ -32,7 +32,7 @@ from typing import Callable
 
 from spp.config import (EvalConfig, MergeConfig, PipelineConfig, PruneConfig, TrainConfig, find_config, flag_names,
                         merge_into, nearest, read_train_config, read_yaml, to_dict)
-from spp.errors import SppError
+from spp.errors import SppError, SppInterrupted
 from spp.eval import run_eval
 from spp.io.checkpoint import MANIFEST_FILE, RESOLVED_CONFIG_FILE, partial_path, sha256_file, write_json
 from spp.io.manifest import read_manifest, settings_sha256
@@ -456,7 +456,11 @@ def run_pipeline(path: Path, from_stage: str | None = None, until_stage: str | N
         why = "" if reason == NO_OUTPUT else f" ({reason})"  # why a step runs again; a first run needs no reason
         log(f"{step.label}: {'resuming where it stopped' if resume else 'running'}{why}")
         reset_peak_memory()
-        resumed = run_step(step, resume, log)
+        try:
+            resumed = run_step(step, resume, log)
+        except SppInterrupted as exc:  # the stage's own advice names its command; here the run file continues it
+            raise SppInterrupted(f"{step.label}: {exc.kept}", f"run `spp run {path}` again to continue where it "
+                                 "stopped") from None
         gc.collect()
         results.append(_result(step, "resumed" if resumed else "ran", reason))
     report = build_report(run, steps, results)

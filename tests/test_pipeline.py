@@ -205,6 +205,21 @@ def test_killed_during_training_resumes_to_the_same_adapter(first_run, fixture_d
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in straight.items() if k.endswith("beta"))
 
 
+def test_ctrl_c_during_training_says_to_run_the_file_again(fixture_dir, tmp_path, monkeypatch):
+    """The stage's own advice (`spp train ... --resume`) is not what continues a run: `spp run FILE` is."""
+    path = write(tmp_path / "p.yaml", pipeline_dict(fixture_dir, tmp_path / "run", sweep=[{"pattern": "2:4"}]))
+    monkeypatch.setenv("SPP_FAULT", "train_sigint:2")
+    result = CliRunner().invoke(app, ["run", str(path)])
+    line = result.stderr.strip().splitlines()[-1]  # after the stage's "interrupt: saving a checkpoint ..." note
+    assert line.startswith("error: wanda-2of4/train: interrupted at step 2 of") and "Traceback" not in result.output
+    assert line.endswith(f"run `spp run {path}` again to continue where it stopped") and "spp train" not in line
+    assert result.exit_code == 130
+    monkeypatch.delenv("SPP_FAULT")
+    lines: list[str] = []
+    report = run_pipeline(path, until_stage="train", log=lines.append)
+    assert statuses(report)["wanda-2of4/train"] == "resumed"
+
+
 def test_killed_during_pruning_resumes_at_the_next_block(first_run, fixture_dir, tmp_path):
     _, reference, _ = first_run
     path = write(tmp_path / "p.yaml", pipeline_dict(fixture_dir, tmp_path / "run", sweep=[{"pattern": "2:4"}]))

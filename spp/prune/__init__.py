@@ -350,8 +350,7 @@ def run_prune(cfg: PruneConfig, on_module: Callable[[int, int, str], None] | Non
             shutil.rmtree(progress_dir(tmp))
             return write_output(cfg, checked, None if streaming else model, pruned, start, tmp)
     except KeyboardInterrupt:
-        raise SppInterrupted(f"interrupted; the finished blocks are kept in {partial_path(Path(cfg.output))}: "
-                             "run the same command with --resume to continue") from None
+        raise SppInterrupted(f"interrupted; the finished blocks are kept in {partial_path(Path(cfg.output))}") from None
 
 
 @contextlib.contextmanager

@@ -208,8 +208,7 @@ def run_blockwise(cfg: TrainConfig, checkpoint, output: Path, start: float) -> T
     except KeyboardInterrupt:
         from spp.errors import SppInterrupted
 
-        raise SppInterrupted(f"interrupted; the recovered blocks are kept in {partial}: run the same command with "
-                             "--resume to continue") from None
+        raise SppInterrupted(f"interrupted; the recovered blocks are kept in {partial}") from None
 
 
 # --------------------------------------------------------------------------- steps of run_train

@@ -290,8 +290,8 @@ def train_loop(accelerator, model, optimizer, adapter_cfg, inputs: LoopInputs, s
                     save_checkpoint(accelerator, inputs.strategy, model, optimizer, adapter_cfg, state,
                                     inputs.workdir, cfg.save_total_limit, position)
                 raise SppInterrupted(f"interrupted at step {state.step} of {inputs.total_steps}; the checkpoint is "
-                                     f"in {inputs.workdir / CHECKPOINTS_DIR}: continue with the same `spp train ...` "
-                                     "command plus --resume")
+                                     f"in {inputs.workdir / CHECKPOINTS_DIR}",
+                                     "continue with the same `spp train ...` command plus --resume")
         if guard.requested and accelerator.is_main_process:
             print("interrupt: that was the last step; writing the output", file=sys.stderr)
     return state
