@@ -298,7 +298,7 @@ def test_the_smollm2_plan_runs_defaults_first_then_sweeps_then_scores_the_chosen
         (m, p) for m in study.SMOLLM2_METHODS for p in study.SMOLLM2_PATTERNS}
     rates = read_yaml(REPO / "configs" / "smollm2.yaml")["learning_rate"]
     for (adapter, _, objective), grid in study.SMOLLM2_RECIPES.items():
-        assert len(grid) == 3 and all(lr in study.SMOLLM2_LADDER for lr in grid)
+        assert len(grid) == (1 if objective == "blockwise" else 3) and all(lr in study.SMOLLM2_LADDER for lr in grid)
         if not objective and adapter in rates:
             assert grid[1] == rates[adapter]  # the middle rung is the config's default rate
     records = {c.key: smollm2_record(study, c, 100.0 if c.method == "alps" else 200.0) for c in pruned}
@@ -306,8 +306,9 @@ def test_the_smollm2_plan_runs_defaults_first_then_sweeps_then_scores_the_chosen
     todo = [c for c in cells if c.key not in records]
     defaults = todo[:len(study.SMOLLM2_RECIPES) * 2]
     assert [c.pattern for c in defaults] == ["70%"] * 5 + ["2:4"] * 5  # 70% first, every recipe at its default rate
-    assert all(c.method == "alps" and c.lr == study.SMOLLM2_RECIPES[(c.adapter, c.distill, c.objective)][1]
-               and not c.zeroshot for c in defaults)
+    middle = {recipe: grid[len(grid) // 2] for recipe, grid in study.SMOLLM2_RECIPES.items()}
+    assert all(c.method == "alps" and c.lr == middle[(c.adapter, c.distill, c.objective)] and not c.zeroshot
+               for c in defaults)
     assert todo[10:13] == [study.Cell("dense", "0%", zeroshot=True), study.Cell("alps", "70%", zeroshot=True),
                            study.Cell("alps", "2:4", zeroshot=True)]
     # no rate chosen yet: no recovery scored but Alpaca's (one cell, at alpaca.yaml's rate)
@@ -317,15 +318,16 @@ def test_the_smollm2_plan_runs_defaults_first_then_sweeps_then_scores_the_chosen
     for _ in range(4):
         runs = [c for c in cells if c.lr is not None and not c.zeroshot and c.key not in records]
         records.update({c.key: smollm2_record(study, c, 80.0, (-c.lr if c.adapter == "spp" else abs(
-            math.log(c.lr / study.SMOLLM2_RECIPES[(c.adapter, c.distill, c.objective)][1])))) for c in runs})
+            math.log(c.lr / middle[(c.adapter, c.distill, c.objective)])))) for c in runs})
         cells, sweeps = study.plan_smollm2("full", kinds, (0,), records)
     spp = sweeps["2:4/spp/kd/"]
     assert spp["rates"] == [1e-3, 4e-3, 1.2e-2, 4e-2, 1.2e-1] and spp["best"] == 1.2e-1 and spp["edge"]
-    assert sweeps["70%/full//blockwise"]["best"] == 1e-3 and not sweeps["70%/full//blockwise"]["edge"]
+    blockwise = sweeps["70%/full//blockwise"]  # one rate, not swept: never extended, though it is both edges
+    assert blockwise["rates"] == [1e-3] and blockwise["best"] == 1e-3 and not blockwise["edge"]
     scored = [c for c in cells if c.zeroshot and c.adapter != "none"]
     assert {(c.pattern, c.adapter, c.objective, c.lr) for c in scored if c.data == "c4"} == {
-        (p, a, o, 1.2e-1 if a == "spp" else g[1]) for p in ("70%", "2:4") for (a, _, o), g in
-        study.SMOLLM2_RECIPES.items()}
+        (p, a, o, 1.2e-1 if a == "spp" else middle[(a, d, o)]) for p in ("70%", "2:4") for (a, d, o) in
+        study.SMOLLM2_RECIPES}
     (alpaca,) = [c for c in cells if c.data == "alpaca" and not c.zeroshot]
     assert (alpaca.method, alpaca.pattern, alpaca.adapter) == ("alps", "2:4", "spp")
     settings = study.StudySettings(**study.PRESETS["smollm2"][0])
