@@ -15,6 +15,11 @@ import torch
 from spp.errors import SppError
 
 
+def not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as a file, for a message: `is a directory, not a file` or `does not exist`."""
+    return "is a directory, not a file" if Path(path).expanduser().is_dir() else "does not exist"
+
+
 def read_jsonl(path: Path) -> list:
     """One JSON value per non-empty line.
 
@@ -40,7 +45,7 @@ def read_text_documents(path: Path, field: str = "text") -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise SppError(f"data file {path} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
+        raise SppError(f"data file {path} {not_a_file(path)}")
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
@@ -287,7 +292,7 @@ def read_alpaca_records(source: str, split: str = "train") -> list[dict]:
             if not isinstance(records, list):
                 raise SppError(f"data file {path} must hold a JSON list of Alpaca records")
     elif path.exists() or looks_like_path(source):
-        raise SppError(f"data file {source} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
+        raise SppError(f"data file {source} {not_a_file(path)}")
     else:
         records = _load_hub_records(source, split)
     if not records:

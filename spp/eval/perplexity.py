@@ -311,6 +311,7 @@ def ppl_text(spec: str) -> PplText:
 def _existing(path: Path, what: str | None) -> Path:
     path = Path(path).expanduser()
     if not path.is_file():
-        raise SppError(f"--ppl {what + ': ' if what else ''}file {path} "
-                       f"{'is a directory, not a file' if path.is_dir() else 'does not exist'}")
+        from spp.data import not_a_file
+
+        raise SppError(f"--ppl {what + ': ' if what else ''}file {path} {not_a_file(path)}")
     return path
