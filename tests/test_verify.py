@@ -56,3 +56,25 @@ def test_verify_fails_on_a_non_finite_weight(pruned_tiny_dir, tmp_path, name, va
     broken = corrupt_copy(pruned_tiny_dir, tmp_path / "broken", name=name, value=value)
     write_manifest(broken, read_manifest(broken))  # re-hashed: only the value is wrong, as a buggy writer leaves it
     one_line_error(cli("verify", broken), name, "1 non-finite entry", str(broken / "model.safetensors"))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_model_declaring_a_sparsity_config_is_refused_as_input_and_by_verify(pruned_tiny_dir, tmp_path, nested):
+    """vLLM refuses a model whose config.json declares a sparsity_config; spp never lets one pass through."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from conftest import one_line_error
+    from spp.cli import app
+    from spp.io.reader import read_checkpoint
+
+    model = shutil.copytree(pruned_tiny_dir, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    declared = {"sparsity_config": {"format": "dense"}}
+    config.update({"quantization_config": declared} if nested else declared)
+    (model / "config.json").write_text(json.dumps(config))
+    where = "quantization_config.sparsity_config" if nested else "sparsity_config"
+    with pytest.raises(SppError, match=f"declares a {where}.*remove {where}"):
+        read_checkpoint(model)
+    one_line_error(CliRunner().invoke(app, ["verify", str(model)]), f"declares a {where}")

@@ -265,6 +265,7 @@ def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoi
         manifest = read_manifest(directory)
     if not (directory / CONFIG_FILE).is_file():
         raise SppError(f"model {source} holds no model (no {CONFIG_FILE})")
+    check_no_sparsity_config(directory / CONFIG_FILE)
     config = load_config(str(directory))
     tensors = saved_tensors(directory)
     model, saved_names, ignored, pieces = _resolve_names(directory, config, tensors)
@@ -280,6 +281,26 @@ def read_checkpoint(source: str | Path, need_manifest: bool = False) -> Checkpoi
             ckpt.check_mask_hash(manifest.mask_sha256, who=str(directory / MANIFEST_FILE))
         _read_mask_header(ckpt)
     return ckpt
+
+
+def check_no_sparsity_config(config_file: Path) -> None:
+    """spp writes plain checkpoints: a `sparsity_config` in config.json (compressed-tensors' declaration, top level or
+    in `quantization_config`) would pass into every output spp makes from it, and current vLLM refuses a model that
+    carries one. So a model that declares one is refused as input, and `spp verify` refuses it as output.
+
+    Raises:
+        SppError: config.json declares a sparsity_config (naming the file and what to remove).
+    """
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return  # not JSON: `load_config` says so
+    quantization = raw.get("quantization_config")
+    where = ("sparsity_config" if "sparsity_config" in raw else "quantization_config.sparsity_config"
+             if isinstance(quantization, dict) and "sparsity_config" in quantization else None)
+    if where is not None:
+        raise SppError(f"{config_file} declares a {where}: spp reads and writes plain checkpoints (vLLM refuses a "
+                       f"model that declares one); remove {where} from it")
 
 
 def load_config(name_or_path: str):
