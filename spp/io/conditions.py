@@ -152,6 +152,22 @@ def spelled_alike(value):
     return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value else value
 
 
+def check_same_settings(saved: dict, now: dict, start_over: str | None = None) -> None:
+    """Refuse a `--resume` whose settings differ from the interrupted run's, each compared by `spelled_alike`.
+
+    Raises:
+        SppError: one line naming the first differing setting (the user's own before the `*_sha256` ones), its
+            value then and now, and every differing setting; then `start_over` when given.
+    """
+    changed = sorted((k for k in saved.keys() | now.keys() if spelled_alike(saved.get(k)) != spelled_alike(now.get(k))),
+                     key=lambda k: (k.endswith("_sha256"), k))
+    if changed:
+        first = changed[0]
+        raise SppError(f"--resume: {first} was {saved.get(first)!r} in the interrupted run but is {now.get(first)!r} now "
+                       f"({len(changed)} setting(s) differ: {', '.join(changed)})" + (f"; {start_over}" if start_over
+                                                                                       else ""))
+
+
 def check_same_inputs(saved: dict | None, now: dict, what: str, start_over: str) -> None:
     """Refuse to continue `what` when an input it recorded changed since.
 
@@ -168,17 +184,15 @@ def check_same_inputs(saved: dict | None, now: dict, what: str, start_over: str)
     if saved is None:
         raise SppError(f"--resume: {what} recorded no identity of its inputs (it was made by an older spp), so "
                        f"spp cannot tell whether its model or data changed since; {start_over}")
-    spelled = {spelled_alike(k): k for k in (*saved, *now)}  # compared as the files they name, named as given
+    named = {spelled_alike(k): k for k in (*saved, *now)}  # each file as given (this run's spelling), by what it names
     saved, now = ({spelled_alike(k): v for k, v in d.items()} for d in (saved, now))
     changed = [key for key in {**saved, **now} if saved.get(key) != now.get(key)]
     if not changed:
         return
-    saved, now = ({spelled[k]: v for k, v in d.items()} for d in (saved, now))
-    changed = [spelled[key] for key in changed]
-    first, others = changed[0], changed[1:]
+    first, others = changed[0], [named[key] for key in changed[1:]]
     also = ""
     if others:
         more = f" and {len(others) - 3} more" if len(others) > 3 else ""
         also = f", and so did {', '.join(others[:3])}{more}"
-    raise SppError(f"--resume: {first} changed since {what} ({_then_now(saved.get(first), now.get(first))}){also}; "
-                   f"{start_over}")
+    raise SppError(f"--resume: {named[first]} changed since {what} ({_then_now(saved.get(first), now.get(first))})"
+                   f"{also}; {start_over}")

@@ -30,7 +30,7 @@ from torch import nn
 
 from spp.errors import SppError, first_line
 from spp.io.checkpoint import BLOCKWISE_PROGRESS_DIR, PRUNE_PROGRESS_DIR, PRUNE_PROGRESS_FILE, read_json, save_tensors, write_json
-from spp.io.conditions import check_same_conditions, check_same_inputs, spelled_alike
+from spp.io.conditions import check_same_conditions, check_same_inputs, check_same_settings
 from spp.io.manifest import settings_sha256
 
 
@@ -112,13 +112,7 @@ def check_resumable(partial: Path, settings: dict, conditions: dict, inputs: dic
     saved = read_json(path, what=f"{stage} progress")
     # a setting added to spp after the interrupted run started was at its default (`defaults`) then, as in train
     old = {**{k: v for k, v in (defaults or {}).items() if k in settings}, **saved.get("settings", {})}
-    changed = sorted((k for k in old.keys() | settings.keys()
-                      if spelled_alike(old.get(k)) != spelled_alike(settings.get(k))),
-                     key=lambda k: (k.endswith("_sha256"), k))  # the user's own settings first
-    if changed:
-        first = changed[0]
-        raise SppError(f"--resume: {first} was {old.get(first)!r} in the interrupted run but is {settings.get(first)!r} "
-                       f"now ({len(changed)} setting(s) differ: {', '.join(changed)}); run without --resume to start over")
+    check_same_settings(old, settings, "run without --resume to start over")
     check_same_inputs(saved.get("inputs"), inputs, "the interrupted run", "run without --resume to start over")
     check_same_conditions(saved.get("conditions"), conditions, "the interrupted run",
                           "run without --resume to start over")

@@ -28,7 +28,7 @@ import torch
 
 from spp.config import TrainConfig, read_yaml, to_dict, write_yaml
 from spp.errors import SppError, first_line
-from spp.io.conditions import check_same_conditions, check_same_inputs, run_conditions, spelled_alike
+from spp.io.conditions import check_same_conditions, check_same_inputs, check_same_settings, run_conditions
 from spp.io.checkpoint import (MASK_FILE, RESOLVED_CONFIG_FILE, TRAIN_LOG_FILE, atomic_dir, check_not_an_input,
                                check_output_dir, mask_path, partial_path, sha256_file)
 from spp.typed import field_defaults
@@ -266,13 +266,7 @@ def check_resumable(cfg: TrainConfig, partial: Path) -> None:
                   "the beginning", file=sys.stderr)
         return
     saved = {**field_defaults(TrainConfig), **read_yaml(partial / RESOLVED_CONFIG_FILE)}
-    now = to_dict(cfg)
-    changed = sorted(k for k in now.keys() | saved.keys()
-                     if k not in RESUMABLE_CHANGES and spelled_alike(saved.get(k)) != spelled_alike(now.get(k)))
-    if changed:
-        first = changed[0]
-        raise SppError(f"--resume: {first} was {saved.get(first)!r} in the interrupted run but is {now.get(first)!r} now "
-                       f"({len(changed)} setting(s) differ: {', '.join(changed)})")
+    check_same_settings(*({k: v for k, v in d.items() if k not in RESUMABLE_CHANGES} for d in (saved, to_dict(cfg))))
 
 
 def check_resumable_conditions(partial: Path, conditions: dict, inputs: dict) -> None:
