@@ -69,10 +69,9 @@ def _absolute_paths(values: dict, keys: tuple[str, ...]) -> dict:
 
 
 def _ppl_entry(spec: str) -> str:
-    name, sep, rest = spec.partition(":")
-    if sep and rest and not Path(spec).exists():
-        return f"{name}:{_absolute_if_local(rest)}"
-    return _absolute_if_local(spec)
+    """A `--ppl` entry with its file made absolute where it is local (`_ppl_file`: PATH, or NAME:PATH's PATH)."""
+    file = _ppl_file(spec)
+    return _absolute_if_local(spec) if file == spec else f"{spec.partition(':')[0]}:{_absolute_if_local(file)}"
 
 
 def _check_section(section: str, values: dict) -> None:
