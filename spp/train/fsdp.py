@@ -141,9 +141,9 @@ def load_sharded_model(checkpoint, dtype: torch.dtype, adapter_cfg, masks: dict[
     """The model of `checkpoint` with its adapter, sharded, without any rank holding the whole model.
 
     The module tree is built on the meta device (`spp.io.stream.skeleton`); then each decoder block in turn is
-    read from the safetensors shards (`spp.io.stream.load`, which also checks every tensor is finite), adapted (`add_adapter` on that block,
-    so α's random init draws the same numbers, in the same order, as adapting the whole model) and sharded,
-    which frees all but this rank's share before the next block is read. The embeddings and output layer
+    read from the safetensors shards (`spp.io.stream.load`, which also checks every tensor is finite), adapted
+    (`add_adapter` on that block, so α's random init draws the same numbers, in the same order, as adapting the
+    whole model) and sharded, which frees all but this rank's share before the next block is read. The embeddings and output layer
     follow, then the root. Peak per rank while loading: its shards so far plus one whole block (and a whole
     embedding or output layer).
 
